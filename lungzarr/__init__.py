@@ -1,0 +1,19 @@
+"""lungzarr: chest-CT DICOM cohorts to a Zarr store, with lung nodule detection.
+
+The read API for analysis code lives here; heavy modules (TensorFlow/Keras,
+pydicom, zarr) are imported lazily when a function needs them.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "open_cohort", "read_nodules", "read_patients", "read_failures"]
+
+
+def __getattr__(name):
+    # Keep `import lungzarr` cheap: the store layer pulls in zarr and xarray.
+    if name in {"open_cohort", "read_nodules", "read_patients", "read_failures"}:
+        from lungzarr import storage
+
+        return getattr(storage, name)
+    raise AttributeError(f"module 'lungzarr' has no attribute {name!r}")

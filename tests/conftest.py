@@ -1,0 +1,60 @@
+"""Shared test helpers.
+
+Real-data fixtures live in ``../shared/fixtures`` beside the checkout (or in
+``$LUNGZARR_SHARED``). They are never copied into the repository. Where the
+folder is absent the tests that need it are skipped with the reason — except
+under ``CI=true``, where a missing fixture is a failure, so real-data tests
+cannot vanish silently.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LUNGZARR_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+LIDC_DIR = FIXTURES / "lidc" / "LIDC-IDRI-0001"
+LIDC_XML = FIXTURES / "lidc" / "LIDC-IDRI-0001.xml"
+RICORD_DIR = FIXTURES / "ricord" / "RICORD-1A-chest"
+DSB_DIR = FIXTURES / "dsb2017"
+DSB_PATIENT = "0acbebb8d463b4b9ca88cf38431aac69"
+SHARED_WEIGHTS = SHARED / "models" / "d8_2x2x2_best_weights.h5"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def shared_path(path: Path) -> Path:
+    """Return ``path`` if it exists; otherwise skip (or fail under CI=true)."""
+    path = Path(path)
+    if not path.exists():
+        msg = (f"real-data fixture {str(path)!r} is missing: put the project's "
+               f"shared folder beside the checkout or set LUNGZARR_SHARED")
+        if in_ci():
+            pytest.fail(msg + " (CI=true: a missing fixture is a failure)")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def lidc_dir() -> Path:
+    return shared_path(LIDC_DIR)
+
+
+@pytest.fixture
+def ricord_dir() -> Path:
+    return shared_path(RICORD_DIR)
+
+
+@pytest.fixture
+def dsb_dir() -> Path:
+    return shared_path(DSB_DIR)
+
+
+@pytest.fixture
+def lidc_xml() -> Path:
+    return shared_path(LIDC_XML)
