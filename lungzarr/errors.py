@@ -36,6 +36,10 @@ class PatientError(LungzarrError):
         self.file = None if file is None else str(file)
         super().__init__(reason)
 
+    def __reduce__(self):
+        # Errors raised on dask workers travel back pickled: keep every field.
+        return (_rebuild_patient_error, (self.reason, self.patient, self.stage, self.file))
+
     def __str__(self) -> str:
         where = []
         if self.patient is not None:
@@ -55,3 +59,7 @@ class PatientError(LungzarrError):
 
 class StoreLockedError(LungzarrError):
     """Another lungzarr process is writing to the same store."""
+
+
+def _rebuild_patient_error(reason, patient, stage, file):
+    return PatientError(reason, patient=patient, stage=stage, file=file)

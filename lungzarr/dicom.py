@@ -1,0 +1,579 @@
+"""DICOM series discovery, validation and lazy decoding to Hounsfield units.
+
+The only module of lungzarr that imports pydicom. It turns one patient folder
+into a :class:`Series` (headers only, validated, the chosen series and why) and
+the series into a lazy dask array of HU, decoded a chunk of slices at a time
+(ALGORITHMS.md §1).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lungzarr.errors import PatientError
+from lungzarr.volume import Grid, z_chunks
+
+__all__ = [
+    "SliceHeader",
+    "Series",
+    "find_dicom_files",
+    "read_header",
+    "read_series",
+    "series_to_hu",
+    "decode_slices_to_hu",
+    "load_hu",
+    "write_series",
+    "PADDING_VALUE",
+]
+
+#: Stored value the original treated as cylinder padding and set to 0 (§1).
+PADDING_VALUE = -2000
+#: Relative tolerance on slice steps before lungzarr calls a series irregular.
+SPACING_RTOL = 0.05
+#: |cos| above which an orientation vector counts as aligned with an axis.
+AXIAL_COS_MIN = 0.99
+
+STAGE = "ingest"
+_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_DECODER_PACKAGES = {
+    # transfer syntax prefix -> what to install
+    "1.2.840.10008.1.2.4.5": "pylibjpeg pylibjpeg-libjpeg",  # JPEG baseline / lossless (4.50, 4.51, 4.57, 4.70)
+    "1.2.840.10008.1.2.4.7": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.8": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS
+    "1.2.840.10008.1.2.4.9": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.2": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",  # RLE (pydicom's numpy RLE decoder also works)
+}
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What lungzarr needs from one DICOM file's header."""
+
+    path: str
+    sop_uid: str
+    series_uid: str
+    series_number: int | None
+    acquisition: int | None
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    slope: float
+    intercept: float
+    rows: int
+    columns: int
+    transfer_syntax: str
+    image_type: tuple[str, ...]
+    sop_class: str
+    modality: str
+    patient_id: str
+
+
+@dataclass
+class Series:
+    """A validated, sorted axial CT series of one patient (headers only).
+
+    Attributes
+    ----------
+    patient : str
+        Patient identifier (the folder name).
+    folder : str
+        The patient folder.
+    headers : list of SliceHeader
+        The chosen slices, sorted by ``ImagePositionPatient[2]`` ascending.
+    grid : Grid
+        Native voxel grid in patient millimetres.
+    slice_spacing : float
+        ``|z(slice 0) - z(slice 1)|``, the spacing the original resampled with.
+    reason : str
+        Why this series/acquisition was chosen.
+    skipped : list of (str, str)
+        Files not used, with the reason.
+    """
+
+    patient: str
+    folder: str
+    headers: list[SliceHeader]
+    grid: Grid
+    slice_spacing: float
+    reason: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.grid.shape
+
+    @property
+    def paths(self) -> list[str]:
+        return [h.path for h in self.headers]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """(slice spacing, PixelSpacing[0], PixelSpacing[1]) as the original used."""
+        ps = self.headers[0].pixel_spacing
+        return (self.slice_spacing, float(ps[0]), float(ps[1]))
+
+    def provenance(self) -> dict:
+        """JSON-serialisable attrs describing where the volume came from."""
+        h0 = self.headers[0]
+        return {
+            "patient": self.patient,
+            "source_folder": self.folder,
+            "series_instance_uid": h0.series_uid,
+            "series_number": h0.series_number,
+            "acquisition_number": h0.acquisition,
+            "selection_reason": self.reason,
+            "orientation": list(h0.orientation),
+            "spacing_mm": list(self.spacing),
+            "origin_mm": list(self.grid.origin),
+            "step_mm": list(self.grid.step),
+            "rescale_slopes": sorted({h.slope for h in self.headers}),
+            "rescale_intercepts": sorted({h.intercept for h in self.headers}),
+            "transfer_syntax": h0.transfer_syntax,
+            "n_files_used": len(self.headers),
+            "n_files_skipped": len(self.skipped),
+            "skipped_files": [{"file": f, "reason": r} for f, r in self.skipped],
+            "warnings": list(self.warnings),
+        }
+
+
+# --------------------------------------------------------------------------
+# discovery and headers
+# --------------------------------------------------------------------------
+
+def _is_dicom_file(path: Path) -> bool:
+    """True when the file has the DICM preamble, or parses as implicit-VR DICOM."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    # Old files without preamble: let pydicom try on the header only.
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID", "Modality"])
+    except Exception:
+        return False
+    return "SOPClassUID" in ds or "Modality" in ds
+
+
+def find_dicom_files(folder, *, patient: str | None = None) -> tuple[list[Path], list[Path]]:
+    """All DICOM files below ``folder`` (recursively) and the other files found.
+
+    Parameters
+    ----------
+    folder : path
+        A patient folder; nested ``study/series`` folders are searched too.
+    patient : str, optional
+        Patient identifier used in error messages.
+
+    Raises
+    ------
+    PatientError
+        If the folder does not exist, is empty or holds no DICOM file.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise PatientError(f"folder does not exist: {str(folder)!r}; check the INPUT path",
+                           patient=patient, stage=STAGE, file=folder)
+    if not folder.is_dir():
+        raise PatientError(f"{str(folder)!r} is a file, not a patient folder; pass the folder that holds the "
+                           f"patient's DICOM files", patient=patient, stage=STAGE, file=folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise PatientError("the patient folder is empty; put the series' .dcm files in it or remove the folder",
+                           patient=patient, stage=STAGE, file=folder)
+    dicom, other = [], []
+    for p in files:
+        (dicom if _is_dicom_file(p) else other).append(p)
+    if not dicom:
+        raise PatientError(f"no DICOM file among the {len(files)} file(s) in the folder (e.g. {files[0].name!r}); "
+                           f"put the series' DICOM files in it", patient=patient, stage=STAGE, file=folder)
+    return dicom, other
+
+
+def _floats(value, n=None):
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if n is not None and len(out) != n:
+        return None
+    return out
+
+
+def _int_or_none(value):
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(path, *, patient: str | None = None) -> SliceHeader:
+    """Read the header of one DICOM file (no pixel data)."""
+    import pydicom
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as exc:  # pydicom raises many kinds on damaged headers
+        raise PatientError(f"cannot read the DICOM header ({exc}); the file is damaged: replace or remove it",
+                           patient=patient, stage=STAGE, file=path) from exc
+    tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+    return SliceHeader(
+        path=str(path),
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        acquisition=_int_or_none(ds.get("AcquisitionNumber")),
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
+        slope=float(ds.get("RescaleSlope", 1) or 1),
+        intercept=float(ds.get("RescaleIntercept", 0) or 0),
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
+        transfer_syntax=tsyntax,
+        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+        sop_class=str(ds.get("SOPClassUID", "")),
+        modality=str(ds.get("Modality", "")),
+        patient_id=str(ds.get("PatientID", "")),
+    )
+
+
+# --------------------------------------------------------------------------
+# series selection and validation
+# --------------------------------------------------------------------------
+
+def _not_axial_reason(h: SliceHeader) -> str | None:
+    if "LOCALIZER" in h.image_type or "SCOUT" in h.image_type:
+        return "localizer/scout image (ImageType says so)"
+    if h.rows == 0 or h.columns == 0:
+        return "no image (Rows/Columns missing)"
+    if h.orientation is None:
+        return None  # checked later, with the position, as a series-level error
+    row, col = np.asarray(h.orientation[:3]), np.asarray(h.orientation[3:])
+    if abs(row[0]) < AXIAL_COS_MIN or abs(col[1]) < AXIAL_COS_MIN:
+        return (f"not an axial image (ImageOrientationPatient {list(h.orientation)!r}); "
+                f"lungzarr reads axial series only")
+    return None
+
+
+def _choose_group(groups: dict, patient: str, folder: Path) -> tuple[tuple, str]:
+    """Pick (series_uid, acquisition) as the original did: most slices, later on a tie."""
+    def key(item):
+        (series_uid, acq), headers = item
+        # Missing AcquisitionNumber (LIDC) is one acquisition of its own, ranked lowest on a tie.
+        return (len(headers), -1 if acq is None else acq, headers[0].series_number or -1, series_uid)
+
+    ranked = sorted(groups.items(), key=key, reverse=True)
+    (series_uid, acq), headers = ranked[0]
+    if len(ranked) == 1:
+        reason = f"the only axial CT series/acquisition ({len(headers)} slices)"
+    else:
+        others = ", ".join(f"series {s[-12:]!s} acquisition {a} ({len(h)} slices)" for (s, a), h in ranked[1:])
+        tie = len(ranked[1][1]) == len(headers)
+        reason = (f"most slices ({len(headers)}){' and the later acquisition on a tie' if tie else ''}; "
+                  f"not used: {others}")
+    return (series_uid, acq), reason
+
+
+def read_series(folder, *, patient: str | None = None) -> Series:
+    """Find, group, choose and validate the axial CT series of one patient folder.
+
+    Only headers are read. Localizers, non-axial images, non-DICOM files and the
+    series/acquisitions not chosen are listed in ``Series.skipped``.
+
+    Raises
+    ------
+    PatientError
+        With the file and the fix, when no usable series can be built: empty
+        folder, no DICOM, no axial CT image, a single slice, a missing
+        ImagePositionPatient, duplicate positions from different images,
+        irregular slice spacing (a gap), mixed image sizes, or a compressed
+        transfer syntax with no decoder installed.
+    """
+    folder = Path(folder)
+    patient = patient if patient is not None else folder.name
+    dicom_files, other = find_dicom_files(folder, patient=patient)
+    skipped = [(str(p), "not a DICOM file") for p in other]
+    notes = []
+    if other:
+        msg = f"{patient}: ignored {len(other)} non-DICOM file(s), e.g. {other[0].name!r}"
+        warnings.warn(msg, stacklevel=2)
+        notes.append(msg)
+
+    groups: dict[tuple, list[SliceHeader]] = defaultdict(list)
+    for path in dicom_files:
+        h = read_header(path, patient=patient)
+        why = _not_axial_reason(h)
+        if why is None and h.modality and h.modality != "CT":
+            why = f"modality {h.modality!r} is not CT"
+        if why is not None:
+            skipped.append((h.path, why))
+            continue
+        groups[(h.series_uid, h.acquisition)].append(h)
+    if not groups:
+        first = skipped[0] if skipped else (str(folder), "no image")
+        raise PatientError(f"no axial CT image in the folder ({len(dicom_files)} DICOM file(s); e.g. "
+                           f"{Path(first[0]).name!r}: {first[1]}); lungzarr needs an axial chest CT series",
+                           patient=patient, stage=STAGE, file=first[0])
+
+    (series_uid, acq), reason = _choose_group(groups, patient, folder)
+    for key, hs in groups.items():
+        if key != (series_uid, acq):
+            skipped.extend((h.path, f"other series/acquisition {key[0]} / {key[1]} not chosen") for h in hs)
+    headers = groups[(series_uid, acq)]
+
+    headers = _check_positions(headers, patient, skipped)
+    _check_uniform_images(headers, patient)
+    _check_decodable(headers[0], patient)
+    grid, slice_spacing, extra_notes = _grid_from_headers(headers, patient)
+    notes.extend(extra_notes)
+    return Series(patient=patient, folder=str(folder), headers=headers, grid=grid,
+                  slice_spacing=slice_spacing, reason=reason, skipped=skipped, warnings=notes)
+
+
+def _check_positions(headers, patient, skipped):
+    missing = [h for h in headers if h.position is None]
+    if missing:
+        raise PatientError(f"{len(missing)} slice(s) have no ImagePositionPatient (0020,0032), e.g. "
+                           f"{Path(missing[0].path).name!r}: lungzarr cannot place them in z; fix the header or "
+                           f"remove the file(s)", patient=patient, stage=STAGE, file=missing[0].path)
+    headers = sorted(headers, key=lambda h: (h.position[2], h.path))
+    kept = [headers[0]]
+    for h in headers[1:]:
+        prev = kept[-1]
+        if abs(h.position[2] - prev.position[2]) < 1e-3:
+            if h.sop_uid and h.sop_uid == prev.sop_uid:
+                skipped.append((h.path, f"duplicate copy of {Path(prev.path).name} (same SOPInstanceUID)"))
+                continue
+            raise PatientError(f"two different images at the same slice position z={h.position[2]:g} mm: "
+                               f"{Path(prev.path).name!r} and {Path(h.path).name!r}; remove the wrong one or "
+                               f"split the series into two folders", patient=patient, stage=STAGE, file=h.path)
+        kept.append(h)
+    if len(kept) < 2:
+        raise PatientError(f"only one axial slice ({Path(kept[0].path).name!r}); lungzarr needs a volume of at "
+                           f"least two slices (and at least 9 at 2 mm for nodule detection)",
+                           patient=patient, stage=STAGE, file=kept[0].path)
+    return kept
+
+
+def _check_uniform_images(headers, patient):
+    ref = headers[0]
+    for h in headers[1:]:
+        if (h.rows, h.columns) != (ref.rows, ref.columns):
+            raise PatientError(f"slice size {h.rows}x{h.columns} differs from {ref.rows}x{ref.columns} of "
+                               f"{Path(ref.path).name!r}; the folder mixes images of different series: split it",
+                               patient=patient, stage=STAGE, file=h.path)
+        if h.pixel_spacing != ref.pixel_spacing:
+            raise PatientError(f"PixelSpacing {h.pixel_spacing!r} differs from {ref.pixel_spacing!r} of "
+                               f"{Path(ref.path).name!r}; split the folder by series",
+                               patient=patient, stage=STAGE, file=h.path)
+    if ref.pixel_spacing is None:
+        raise PatientError("no PixelSpacing (0028,0030) in the header; lungzarr cannot resample without it: fix the "
+                           "header", patient=patient, stage=STAGE, file=ref.path)
+
+
+def _check_decodable(h: SliceHeader, patient):
+    """Fail before any pixel is read when the transfer syntax has no decoder here."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(h.transfer_syntax)
+    except NotImplementedError:
+        raise PatientError(f"transfer syntax {h.transfer_syntax} is not supported by pydicom; convert the series "
+                           f"to an uncompressed syntax (e.g. `gdcmconv --raw`)",
+                           patient=patient, stage=STAGE, file=h.path) from None
+    if not decoder.is_available:
+        package = next((pkg for prefix, pkg in _DECODER_PACKAGES.items() if h.transfer_syntax.startswith(prefix)),
+                       "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+        raise PatientError(f"pixel data is compressed ({decoder.UID.name}, {h.transfer_syntax}) and no decoder "
+                           f"is installed: run `pip install {package}` (or python-gdcm)",
+                           patient=patient, stage=STAGE, file=h.path)
+
+
+def _grid_from_headers(headers, patient):
+    z = np.array([h.position[2] for h in headers])
+    steps = np.diff(z)
+    slice_spacing = float(abs(z[0] - z[1]))
+    median = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - median) > SPACING_RTOL * median)
+    if bad.size:
+        i = int(bad[0])
+        raise PatientError(f"slice spacing is not regular: {steps[i]:g} mm between {Path(headers[i].path).name!r} "
+                           f"(z={z[i]:g}) and {Path(headers[i + 1].path).name!r} (z={z[i + 1]:g}) where the series "
+                           f"has {median:g} mm; a slice is missing or the folder mixes series: add the missing "
+                           f"slice(s) or remove the stray file(s)", patient=patient, stage=STAGE,
+                           file=headers[i + 1].path)
+    notes = []
+    positions = np.array([h.position for h in headers])
+    drift = np.ptp(positions[:, :2], axis=0)
+    if np.any(drift > 1e-3):
+        notes.append(f"x/y of ImagePositionPatient drift by {drift.round(3).tolist()} mm across slices "
+                     f"(gantry tilt?); the volume is treated as a regular grid")
+    h0 = headers[0]
+    row_cos, col_cos = h0.orientation[:3], h0.orientation[3:]
+    dy = float(h0.pixel_spacing[0]) * float(np.sign(col_cos[1]))
+    dx = float(h0.pixel_spacing[1]) * float(np.sign(row_cos[0]))
+    dz = float((z[-1] - z[0]) / (len(z) - 1))
+    grid = Grid((len(headers), h0.rows, h0.columns), (float(z[0]), h0.position[1], h0.position[0]), (dz, dy, dx))
+    return grid, slice_spacing, notes
+
+
+# --------------------------------------------------------------------------
+# pixel decoding
+# --------------------------------------------------------------------------
+
+def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None) -> np.ndarray:
+    """Decode slices and convert them to int16 HU exactly as the original (§1).
+
+    Stack ``pixel_array`` as int16, set stored values of -2000 (cylinder
+    padding) to 0, then per slice: if the slope is not 1 multiply in float64
+    and cast back to int16; add ``int16(intercept)``.
+    """
+    import pydicom
+
+    arrays = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, force=True)
+            arrays.append(ds.pixel_array)
+        except Exception as exc:
+            raise PatientError(f"cannot decode the pixel data ({type(exc).__name__}: {exc}); the file is truncated "
+                               f"or damaged: replace it from the archive or remove it",
+                               patient=patient, stage=STAGE, file=path) from exc
+    image = np.stack(arrays).astype(np.int16)
+    image[image == PADDING_VALUE] = 0
+    for k, (slope, intercept) in enumerate(zip(slopes, intercepts)):
+        if slope != 1:
+            image[k] = (slope * image[k].astype(np.float64)).astype(np.int16)
+        image[k] += np.int16(intercept)
+    return image
+
+
+def _decode_block(*, paths, slopes, intercepts, patient, block_info=None):
+    (z0, z1), _, _ = block_info[None]["array-location"]
+    return decode_slices_to_hu(paths[z0:z1], slopes[z0:z1], intercepts[z0:z1], patient=patient)
+
+
+def series_to_hu(series: Series, *, chunk_slices: int = 16):
+    """The series as a lazy int16 dask array (z, y, x) of HU, ``chunk_slices`` slices a chunk.
+
+    Each chunk decodes only its own files when computed, so writing the
+    volume never holds more than a few chunks in memory.
+    """
+    import dask.array as da
+
+    nz, ny, nx = series.shape
+    return da.map_blocks(
+        _decode_block,
+        chunks=(z_chunks(nz, chunk_slices), (ny,), (nx,)),
+        dtype=np.int16,
+        meta=np.empty((0, 0, 0), dtype=np.int16),
+        name=f"decode-dicom-{series.headers[0].series_uid}-{chunk_slices}",
+        paths=tuple(series.paths),
+        slopes=tuple(h.slope for h in series.headers),
+        intercepts=tuple(h.intercept for h in series.headers),
+        patient=series.patient,
+    )
+
+
+def load_hu(folder, *, patient: str | None = None) -> tuple[np.ndarray, Grid]:
+    """Read a whole series into memory as int16 HU (for tests and baselines)."""
+    series = read_series(folder, patient=patient)
+    hu = decode_slices_to_hu(series.paths, [h.slope for h in series.headers],
+                             [h.intercept for h in series.headers], patient=series.patient)
+    return hu, series.grid
+
+
+def sop_uids(series: Series) -> list[str]:
+    """SOPInstanceUID of each slice, in z order (to map annotations onto slices)."""
+    return [h.sop_uid for h in series.headers]
+
+
+# --------------------------------------------------------------------------
+# writing (synthetic phantoms, test inputs)
+# --------------------------------------------------------------------------
+
+def write_series(volume_hu, folder, *, spacing, origin=(0.0, 0.0, 0.0), patient_id="PHANTOM",
+                 series_uid=None, study_uid=None, acquisition=1, slice_thickness=None,
+                 filename="{index:04d}.dcm") -> list[Path]:
+    """Write an int16 HU volume (z, y, x) as an axial CT series of real DICOM files.
+
+    Pixels are stored as unsigned 16-bit with RescaleIntercept -1024, the common
+    CT convention.
+
+    Parameters
+    ----------
+    volume_hu : ndarray
+        HU values, (z, y, x), in [-1024, 64511].
+    folder : path
+        Created if needed.
+    spacing : (float, float, float)
+        Slice spacing and PixelSpacing (row, column), in mm.
+    origin : (float, float, float)
+        Patient coordinate (z, y, x) of the first voxel.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    volume_hu = np.asarray(volume_hu)
+    if volume_hu.ndim != 3:
+        raise ValueError(f"volume_hu must be 3-D (z, y, x), got shape {volume_hu.shape!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    study_uid = study_uid or generate_uid()
+    frame_uid = generate_uid()
+    stored = np.clip(np.rint(volume_hu.astype(np.float64)) + 1024, 0, 65535).astype(np.uint16)
+    paths = []
+    for k in range(volume_hu.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = _CT_IMAGE_STORAGE
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = _CT_IMAGE_STORAGE
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CT"
+        ds.PatientID = patient_id
+        ds.PatientName = patient_id
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.SeriesNumber = 1
+        ds.AcquisitionNumber = acquisition
+        ds.InstanceNumber = k + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        z = origin[0] + k * spacing[0]
+        ds.ImagePositionPatient = [f"{origin[2]:.6f}", f"{origin[1]:.6f}", f"{z:.6f}"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceLocation = f"{z:.6f}"
+        ds.SliceThickness = f"{slice_thickness or spacing[0]:.6f}"
+        ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[2]:.6f}"]
+        ds.Rows, ds.Columns = volume_hu.shape[1:]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.PixelData = stored[k].tobytes()
+        path = folder / filename.format(index=k)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,417 @@
+"""The cohort store: one Zarr v3 store per cohort, one group per patient.
+
+The only module of lungzarr that imports zarr. Layout::
+
+    STORE/
+      patients/<id>/          xarray Dataset: hu, hu_2mm, lungs, segmented, nodule_prob
+      patients/<id>/nodules/  xarray Dataset with a ``nodule`` dimension
+      tables/patients         cohort-wide patient table (dimension ``patient``)
+      tables/nodules          cohort-wide nodule table (dimension ``nodule``)
+    STORE.lock                held while a run writes (refuses a second writer)
+
+A stage of a patient is *complete* only once all its arrays are written: the
+stage marker (group attribute ``lungzarr:stages``) is set after the write, so
+an interrupted write leaves an incomplete stage, which the next run removes and
+redoes. Failures are kept in the root attribute ``lungzarr:failures``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import os
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from lungzarr import __version__
+from lungzarr.errors import LungzarrError, PatientError, StoreLockedError
+
+__all__ = [
+    "CohortStore",
+    "open_cohort",
+    "read_nodules",
+    "read_patients",
+    "read_failures",
+    "STAGES",
+]
+
+#: Pipeline stages in order; each marks a patient group when complete.
+STAGES = ("ingest", "segment", "detect", "nodules", "features")
+STAGES_KEY = "lungzarr:stages"
+FAILURES_KEY = "lungzarr:failures"
+PATIENTS_GROUP = "patients"
+TABLES_GROUP = "tables"
+STAGING_GROUP = "staging"
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_patient_id(patient: str) -> str:
+    """Return ``patient`` if it can name a store group, else raise PatientError."""
+    if not isinstance(patient, str) or not _ID_PATTERN.match(patient) or patient.startswith("__"):
+        raise PatientError(f"patient id {patient!r} cannot name a store group: use letters, digits, '.', '_' "
+                           f"and '-' only, starting with a letter or digit (rename the folder)",
+                           patient=str(patient), stage="ingest")
+    return patient
+
+
+def _jsonable(value):
+    """Attrs must be JSON: numpy scalars and tuples become plain Python."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+class CohortStore:
+    """A cohort's Zarr v3 store.
+
+    Parameters
+    ----------
+    path : path
+        The store directory (created on first write).
+    mode : {"a", "r"}
+        ``"r"`` refuses to create the store when it does not exist.
+    """
+
+    def __init__(self, path, *, mode: str = "a"):
+        import zarr
+
+        if mode not in ("a", "r"):
+            raise ValueError(f"mode must be 'a' or 'r', got {mode!r}")
+        self.path = Path(path)
+        self.mode = mode
+        if mode == "r" and not (self.path / "zarr.json").exists():
+            raise LungzarrError(f"no lungzarr store at {str(self.path)!r}; run `lungzarr ingest INPUT "
+                                f"{self.path}` or `lungzarr run` first")
+        self._zarr = zarr
+        if mode == "a":
+            root = zarr.open_group(self.path, mode="a", zarr_format=3)
+            if "lungzarr:version" not in root.attrs:
+                root.attrs.update({"lungzarr:version": __version__, "lungzarr:created": _now()})
+            for name in (PATIENTS_GROUP, TABLES_GROUP, STAGING_GROUP):
+                if name not in root:
+                    root.create_group(name)
+            self._recover_staging()
+
+    def _recover_staging(self) -> None:
+        """Finish the swap of a staged patient that a killed run had completed; drop the rest."""
+        staging = self.path / STAGING_GROUP
+        for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
+            attrs = dict(self._group(f"{STAGING_GROUP}/{folder.name}", mode="r").attrs) \
+                if (folder / "zarr.json").exists() else {}
+            if "ingest" in attrs.get(STAGES_KEY, {}):
+                self._swap_in(folder.name)
+            else:
+                shutil.rmtree(folder)
+
+    def _swap_in(self, patient: str) -> None:
+        final = self.path / self.group_path(patient)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(self.path / STAGING_GROUP / patient, final)
+
+    # ------------------------------------------------------------------ groups
+    def _root(self, mode=None):
+        return self._zarr.open_group(self.path, mode=mode or ("r" if self.mode == "r" else "a"), zarr_format=3)
+
+    def _group(self, path: str, mode=None):
+        return self._zarr.open_group(self.path, path=path, mode=mode or ("r" if self.mode == "r" else "r+"),
+                                     zarr_format=3)
+
+    @staticmethod
+    def group_path(patient: str) -> str:
+        return f"{PATIENTS_GROUP}/{check_patient_id(patient)}"
+
+    def patients(self) -> list[str]:
+        """Identifiers of the patients with a group in the store, sorted."""
+        folder = self.path / PATIENTS_GROUP
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").exists())
+
+    def has_patient(self, patient: str) -> bool:
+        return (self.path / self.group_path(patient) / "zarr.json").exists()
+
+    def patient_attrs(self, patient: str) -> dict:
+        if not self.has_patient(patient):
+            return {}
+        return dict(self._group(self.group_path(patient), mode="r").attrs)
+
+    def stages(self, patient: str) -> dict:
+        """Completed stages of ``patient``: ``{stage: record}``."""
+        return dict(self.patient_attrs(patient).get(STAGES_KEY, {}))
+
+    def is_complete(self, patient: str, stage: str) -> bool:
+        return stage in self.stages(patient)
+
+    # ------------------------------------------------------------------ writes
+    def remove_patient(self, patient: str) -> None:
+        """Delete a patient's group (used to redo an incomplete ingest)."""
+        folder = self.path / self.group_path(patient)
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    def _remove_arrays(self, group_path: str, names) -> None:
+        folder = self.path / group_path
+        for name in names:
+            target = folder / name
+            if target.is_dir():
+                shutil.rmtree(target)
+
+    def write_stage(self, patient: str, stage: str, dataset, **kwargs) -> None:
+        """Write one stage's variables of a patient now, then mark the stage complete.
+
+        See :meth:`prepare_stage` for the arguments.
+        """
+        pending = self.prepare_stage(patient, stage, dataset, **kwargs)
+        pending.compute()
+        pending.commit()
+
+    def prepare_stage(self, patient: str, stage: str, dataset, *, record: dict | None = None,
+                      new_group: bool = False, subgroup: str | None = None) -> "PendingStage":
+        """Start writing one stage of a patient: metadata now, voxels when computed.
+
+        The stage is unmarked first, so a run killed before :meth:`PendingStage.commit`
+        leaves it incomplete and the next run redoes it.
+
+        Parameters
+        ----------
+        patient, stage : str
+        dataset : xarray.Dataset
+            The stage's variables; dask-backed ones are written chunk by chunk
+            when the returned object's ``delayed`` is computed.
+        record : dict, optional
+            Provenance of the stage, kept in the stage marker.
+        new_group : bool, optional
+            The stage creates the patient group (ingest): any previous group is
+            removed first, and ``dataset.attrs`` become the group attrs.
+        subgroup : str, optional
+            Write into a child group (e.g. ``"nodules"``), replacing it.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES!r}, got {stage!r}")
+        gpath = self.group_path(patient)
+        if new_group:
+            # A new patient group is written aside and swapped in on commit, so an
+            # existing group survives a failed or interrupted rewrite.
+            gpath = f"{STAGING_GROUP}/{patient}"
+            if (self.path / gpath).exists():
+                shutil.rmtree(self.path / gpath)
+            attrs = _jsonable(dict(dataset.attrs))
+        else:
+            if not self.has_patient(patient):
+                raise PatientError(f"patient {patient!r} is not in the store; ingest it first",
+                                   patient=patient, stage=stage)
+            attrs = self.patient_attrs(patient)
+            stages = dict(attrs.get(STAGES_KEY, {}))
+            if stage in stages:
+                stages.pop(stage)
+                attrs[STAGES_KEY] = stages
+                self._group(gpath).attrs.put(attrs)
+        if subgroup is not None:
+            target = f"{gpath}/{subgroup}"
+            if (self.path / target).exists():
+                shutil.rmtree(self.path / target)
+            mode = "w"
+        elif new_group:
+            target, mode = gpath, "w"
+        else:
+            target, mode = gpath, "a"
+            self._remove_arrays(target, list(dataset.data_vars))
+            # Coordinates written by an earlier stage stay as they are.
+            existing = {p.name for p in (self.path / gpath).iterdir()}
+            dataset = dataset.drop_vars([c for c in dataset.coords if c in existing])
+            dataset.attrs = {}
+        delayed = dataset.to_zarr(self.path, group=target, mode=mode, consolidated=False, zarr_format=3,
+                                  compute=False)
+        # xarray rewrites the group's attributes on every write: put ours back at once.
+        self._group(gpath).attrs.put(_jsonable(attrs))
+        return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath,
+                            staged=new_group)
+
+    def set_patient_attrs(self, patient: str, **values) -> None:
+        group = self._group(self.group_path(patient))
+        group.attrs.update(_jsonable(values))
+
+    # ------------------------------------------------------------------ reads
+    def open_patient(self, patient: str, *, subgroup: str | None = None):
+        """A patient's Dataset, lazily (dask arrays, nothing loaded)."""
+        import xarray as xr
+
+        if not self.has_patient(patient):
+            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                f"`lungzarr status {self.path}` lists the patients")
+        group = self.group_path(patient) + (f"/{subgroup}" if subgroup else "")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            return xr.open_dataset(self.path, group=group, engine="zarr", consolidated=False, chunks={},
+                                   zarr_format=3)
+
+    def has_subgroup(self, patient: str, subgroup: str) -> bool:
+        return (self.path / self.group_path(patient) / subgroup / "zarr.json").exists()
+
+    # ------------------------------------------------------------------ tables
+    def write_table(self, name: str, frame, *, dim: str) -> None:
+        """Store a pandas DataFrame as the Dataset ``tables/<name>`` (dimension ``dim``)."""
+        import xarray as xr
+
+        frame = frame.reset_index(drop=True)
+        ds = xr.Dataset.from_dataframe(frame.rename_axis(dim))
+        for col in frame.columns:
+            if frame[col].dtype == object or str(frame[col].dtype).startswith(("string", "str")):
+                ds[col] = ds[col].astype(object)
+        ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__}
+        ds.to_zarr(self.path, group=f"{TABLES_GROUP}/{name}", mode="w", consolidated=False, zarr_format=3)
+
+    def read_table(self, name: str):
+        """The table ``tables/<name>`` as a pandas DataFrame (empty if absent)."""
+        import pandas as pd
+        import xarray as xr
+
+        if not (self.path / TABLES_GROUP / name / "zarr.json").exists():
+            return pd.DataFrame()
+        ds = xr.open_dataset(self.path, group=f"{TABLES_GROUP}/{name}", engine="zarr", consolidated=False,
+                             zarr_format=3)
+        frame = ds.to_dataframe().reset_index(drop=True)
+        for col in frame.columns:
+            if frame[col].dtype == object or str(frame[col].dtype).startswith("str"):
+                frame[col] = frame[col].astype(object)
+        return frame
+
+    # ------------------------------------------------------------------ failures
+    def failures(self) -> list[dict]:
+        return list(self._root(mode="r").attrs.get(FAILURES_KEY, []))
+
+    def record_failure(self, error: PatientError, *, stage: str | None = None) -> None:
+        """Keep one failure record per (patient, stage): the latest."""
+        rec = error.as_record()
+        rec["stage"] = rec.get("stage") or stage
+        rec["time"] = _now()
+        root = self._root()
+        kept = [f for f in root.attrs.get(FAILURES_KEY, [])
+                if (f.get("patient"), f.get("stage")) != (rec["patient"], rec["stage"])]
+        kept.append(_jsonable(rec))
+        root.attrs.update({FAILURES_KEY: kept})
+
+    def clear_failure(self, patient: str, stage: str) -> None:
+        root = self._root()
+        old = root.attrs.get(FAILURES_KEY, [])
+        kept = [f for f in old if (f.get("patient"), f.get("stage")) != (patient, stage)]
+        if len(kept) != len(old):
+            root.attrs.update({FAILURES_KEY: kept})
+
+    # ------------------------------------------------------------------ misc
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    @contextmanager
+    def lock(self):
+        """Hold the store's writer lock; refuse when another process holds it.
+
+        An OS-level ``flock``: released by the kernel when the process dies,
+        so a killed run never leaves a stale lock behind.
+        """
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+")
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise StoreLockedError(
+                    f"store {str(self.path)!r} is being written by {holder}; wait for that run to finish "
+                    f"(or stop it) and run again — two runs on one store would interleave") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} since {_now()}")
+            fh.flush()
+            yield self
+        finally:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            finally:
+                fh.close()
+
+
+class PendingStage:
+    """A stage whose metadata is written; ``delayed`` writes the voxels, ``commit`` marks it complete."""
+
+    def __init__(self, store: CohortStore, patient: str, stage: str, delayed, record: dict, *,
+                 group_path: str, staged: bool = False):
+        self.store, self.patient, self.stage = store, patient, stage
+        self.delayed = delayed
+        self.record = record
+        self.group_path = group_path
+        self.staged = staged
+
+    def compute(self, **kwargs):
+        return self.delayed.compute(**kwargs)
+
+    def commit(self) -> None:
+        """Mark the stage complete (call only after ``delayed`` has been computed)."""
+        group = self.store._group(self.group_path)
+        attrs = dict(group.attrs)
+        stages = dict(attrs.get(STAGES_KEY, {}))
+        stages[self.stage] = _jsonable({"completed": _now(), "lungzarr_version": __version__, **self.record})
+        attrs[STAGES_KEY] = stages
+        group.attrs.put(_jsonable(attrs))
+        if self.staged:
+            self.store._swap_in(self.patient)
+        self.store.clear_failure(self.patient, self.stage)
+
+    def discard(self) -> None:
+        """Drop what a failed write left (staged groups only; stage arrays are redone next run)."""
+        if self.staged and (self.store.path / self.group_path).exists():
+            shutil.rmtree(self.store.path / self.group_path)
+
+
+# ---------------------------------------------------------------------- read API
+
+def open_cohort(path):
+    """The whole cohort as a lazy :class:`xarray.DataTree` (no voxel is loaded).
+
+    Examples
+    --------
+    >>> tree = lungzarr.open_cohort("cohort.zarr")            # doctest: +SKIP
+    >>> ds = tree["patients/LIDC-IDRI-0001"].to_dataset()     # doctest: +SKIP
+    >>> ds.hu_2mm.sel(z2=-116, method="nearest").plot()       # doctest: +SKIP
+    """
+    import xarray as xr
+
+    store = CohortStore(path, mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        return xr.open_datatree(store.path, engine="zarr", consolidated=False, chunks={}, zarr_format=3)
+
+
+def read_nodules(path):
+    """The cohort's nodule table (one row per candidate nodule) as a DataFrame."""
+    return CohortStore(path, mode="r").read_table("nodules")
+
+
+def read_patients(path):
+    """The cohort's patient table (lung measures, stage states) as a DataFrame."""
+    return CohortStore(path, mode="r").read_table("patients")
+
+
+def read_failures(path):
+    """Every recorded failure: patient, stage, file, reason, time."""
+    import pandas as pd
+
+    return pd.DataFrame(CohortStore(path, mode="r").failures(),
+                        columns=["patient", "stage", "file", "reason", "time"])
