@@ -274,3 +274,18 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
                             batch_size=batch_size, client=client, progress=progress)
     summary.failed = bad_ids + summary.failed
     return summary
+
+
+def store_status(store_path) -> dict:
+    """Per-stage counts, failures and size of a cohort store."""
+    from lungzarr.storage import STAGES, CohortStore
+
+    store = CohortStore(store_path, mode="r")
+    patients = store.patients()
+    failures = store.failures()
+    stages = {}
+    for stage in STAGES:
+        stages[stage] = {"complete": sum(store.is_complete(p, stage) for p in patients),
+                         "failed": sum(1 for f in failures if f.get("stage") == stage)}
+    return {"n_patients": len(patients), "stages": stages, "failures": failures,
+            "size_mb": store.size_bytes() / 1e6}
