@@ -54,7 +54,7 @@ def _stage_progress(titles):
 
 
 def _fail(exc: Exception):
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -70,7 +70,7 @@ def _print_summary(summaries) -> int:
     console.print(table)
     for rec in failed:
         console.print(f"[red]failed[/red] {rec['patient']} ({rec['stage']}): {rec['reason']}"
-                      + (f" [dim]file: {rec['file']}[/dim]" if rec.get("file") else ""))
+                      + (f" [dim]file: {rec['file']}[/dim]" if rec.get("file") else ""), soft_wrap=True)
     return 1 if failed else 0
 
 

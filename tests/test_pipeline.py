@@ -1,0 +1,146 @@
+"""Cohort runs: resumable after SIGKILL, a lock against concurrent runs, an external scheduler."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungzarr.demo import write_demo_cohort
+from lungzarr.storage import CohortStore
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def demo_input(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo") / "input"
+    write_demo_cohort(folder)
+    return folder
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([PY, "-m", "lungzarr.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+def _store_snapshot(path):
+    """Arrays and stage markers of every patient, without timestamps."""
+    store = CohortStore(path, mode="r")
+    snap = {}
+    for pid in store.patients():
+        ds = store.open_patient(pid).load()
+        stages = {k: {kk: vv for kk, vv in v.items() if kk != "completed"} for k, v in store.stages(pid).items()}
+        attrs = {k: v for k, v in store.patient_attrs(pid).items() if k not in ("lungzarr:stages", "source_folder")}
+        snap[pid] = (ds, stages, attrs)
+    return snap
+
+
+def _assert_same_store(a, b):
+    sa, sb = _store_snapshot(a), _store_snapshot(b)
+    assert sorted(sa) == sorted(sb)
+    for pid in sa:
+        ds_a, st_a, at_a = sa[pid]
+        ds_b, st_b, at_b = sb[pid]
+        assert st_a == st_b, pid
+        assert at_a == at_b, pid
+        assert set(ds_a.variables) == set(ds_b.variables)
+        for name in ds_a.variables:
+            np.testing.assert_array_equal(ds_a[name].values, ds_b[name].values, err_msg=f"{pid}/{name}")
+
+
+def test_ingest_killed_with_sigkill_resumes_to_identical_store(demo_input, tmp_path):
+    reference = tmp_path / "reference.zarr"
+    r = _cli("ingest", demo_input, reference, "--scheduler", "threads", "--batch-size", "1")
+    assert r.returncode == 0, r.stderr
+
+    store = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([PY, "-m", "lungzarr.cli", "ingest", str(demo_input), str(store),
+                             "--scheduler", "threads", "--batch-size", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill it once the first patient is complete, in the middle of the others.
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (store / "zarr.json").exists() and any(
+                CohortStore(store, mode="r").is_complete(p, "ingest") for p in CohortStore(store, mode="r").patients()):
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = [p for p in CohortStore(store, mode="r").patients()
+                   if CohortStore(store, mode="r").is_complete(p, "ingest")]
+    assert 1 <= len(done_before) < 3, "the kill should land mid-run"
+
+    r = _cli("ingest", demo_input, store, "--scheduler", "threads", "--batch-size", "1")
+    assert r.returncode == 0, r.stderr
+    _assert_same_store(reference, store)
+    # No patient lost or duplicated, nothing left in staging.
+    assert CohortStore(store, mode="r").patients() == ["DEMO-001", "DEMO-002", "DEMO-003"]
+    assert not [p for p in (store / "staging").iterdir() if p.is_dir()]
+
+
+def test_second_run_on_a_locked_store_is_refused(demo_input, tmp_path):
+    store = tmp_path / "locked.zarr"
+    CohortStore(store)
+    holder = subprocess.Popen([PY, "-c", (
+        "import sys, time\n"
+        "from lungzarr.storage import CohortStore\n"
+        f"with CohortStore({str(store)!r}).lock():\n"
+        "    print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = _cli("ingest", demo_input, store, "--scheduler", "threads")
+        assert r.returncode == 2
+        assert "is being written by pid" in r.stderr and "wait for that run" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel drops the lock of a killed holder: the next run goes through.
+    r = _cli("ingest", demo_input, store, "--scheduler", "threads", "--patients", "DEMO-003")
+    assert r.returncode == 0, r.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ingest_on_a_separately_started_scheduler_and_worker(demo_input, tmp_path):
+    dask_bin = shutil.which("dask") or str(Path(PY).with_name("dask"))
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    scheduler = subprocess.Popen([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--dashboard-address", ":0"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=env)
+    worker = subprocess.Popen([dask_bin, "worker", address, "--nworkers", "1", "--nthreads", "1",
+                               "--host", "127.0.0.1", "--dashboard-address", ":0"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    try:
+        from distributed import Client
+
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(1, timeout=60)
+            worker_pids = set(client.run(os.getpid).values())
+        store = tmp_path / "remote.zarr"
+        r = _cli("ingest", demo_input, store, "--scheduler", address, "--patients", "DEMO-001")
+        assert r.returncode == 0, r.stderr
+        assert f"dask scheduler {address}: 1 worker(s)" in r.stderr.replace("\n", " ")
+        assert CohortStore(store, mode="r").is_complete("DEMO-001", "ingest")
+        assert worker_pids and os.getpid() not in worker_pids
+    finally:
+        for p in (worker, scheduler):
+            p.terminate()
+        for p in (worker, scheduler):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
