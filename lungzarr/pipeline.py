@@ -163,7 +163,7 @@ def run_stage(store, stage: str, items, prepare: Callable, *, overwrite: bool = 
             for future in as_completed(futures):
                 pending = by_key[future.key]
                 try:
-                    future.result()
+                    pending.add_record(future.result())
                     pending.commit()
                     summary.done.append(pending.patient)
                     notify("done", pending.patient)
@@ -173,7 +173,7 @@ def run_stage(store, stage: str, items, prepare: Callable, *, overwrite: bool = 
         else:
             for pending in batch:
                 try:
-                    pending.compute()
+                    pending.add_record(pending.compute())
                     pending.commit()
                     summary.done.append(pending.patient)
                     notify("done", pending.patient)

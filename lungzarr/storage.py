@@ -104,7 +104,6 @@ class CohortStore:
             for name in (PATIENTS_GROUP, TABLES_GROUP, STAGING_GROUP):
                 if name not in root:
                     root.create_group(name)
-            self._recover_staging()
 
     def _recover_staging(self) -> None:
         """Finish the swap of a staged patient that a killed run had completed; drop the rest."""
@@ -242,6 +241,33 @@ class CohortStore:
         return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath,
                             staged=new_group)
 
+    def prepare_task(self, patient: str, stage: str, delayed, *, record: dict | None = None) -> "PendingStage":
+        """Like :meth:`prepare_stage` for a stage whose dask task writes its own output.
+
+        ``delayed`` must write through :meth:`write_subgroup` (on whichever
+        worker runs it) and return a dict merged into the stage record.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES!r}, got {stage!r}")
+        if not self.has_patient(patient):
+            raise PatientError(f"patient {patient!r} is not in the store; ingest it first", patient=patient,
+                               stage=stage)
+        gpath = self.group_path(patient)
+        attrs = self.patient_attrs(patient)
+        stages = dict(attrs.get(STAGES_KEY, {}))
+        if stage in stages:
+            stages.pop(stage)
+            attrs[STAGES_KEY] = stages
+            self._group(gpath).attrs.put(attrs)
+        return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath)
+
+    def write_subgroup(self, patient: str, name: str, dataset) -> None:
+        """Replace the child group ``patients/<id>/<name>`` with ``dataset`` (computed now)."""
+        target = f"{self.group_path(patient)}/{name}"
+        if (self.path / target).exists():
+            shutil.rmtree(self.path / target)
+        dataset.to_zarr(self.path, group=target, mode="w", consolidated=False, zarr_format=3)
+
     def set_patient_attrs(self, patient: str, **values) -> None:
         group = self._group(self.group_path(patient))
         group.attrs.update(_jsonable(values))
@@ -340,6 +366,9 @@ class CohortStore:
             fh.truncate()
             fh.write(f"pid {os.getpid()} since {_now()}")
             fh.flush()
+            # Only the lock holder may touch staged groups: finish or drop what a
+            # killed run left there.
+            self._recover_staging()
             yield self
         finally:
             try:
@@ -362,8 +391,15 @@ class PendingStage:
     def compute(self, **kwargs):
         return self.delayed.compute(**kwargs)
 
+    def add_record(self, result) -> None:
+        """Merge what the computed task returned (a dict) into the stage record."""
+        if isinstance(result, dict):
+            self.record.update(result)
+
     def commit(self) -> None:
         """Mark the stage complete (call only after ``delayed`` has been computed)."""
+        for hook in getattr(self, "before_commit", ()):
+            self.record.update(hook() or {})
         group = self.store._group(self.group_path)
         attrs = dict(group.attrs)
         stages = dict(attrs.get(STAGES_KEY, {}))
