@@ -289,3 +289,42 @@ def store_status(store_path) -> dict:
                          "failed": sum(1 for f in failures if f.get("stage") == stage)}
     return {"n_patients": len(patients), "stages": stages, "failures": failures,
             "size_mb": store.size_bytes() / 1e6}
+
+
+# ---------------------------------------------------------------------- later stages
+
+DIMS_2MM = ("z2", "y2", "x2")
+
+
+def _encoded(ds, chunk_slices):
+    for name, var in ds.data_vars.items():
+        if var.ndim == 3:
+            var.encoding["chunks"] = (min(chunk_slices, var.shape[0]),) + tuple(var.shape[1:])
+    return ds
+
+
+def _prepare_segment(chunk_slices):
+    def prepare(store, patient, _):
+        import xarray as xr
+
+        from lungzarr.crop import legacy_crop_box
+        from lungzarr.segment import segment_lungs
+
+        ds = store.open_patient(patient)
+        lungs, segmented = segment_lungs(ds.hu_2mm.data)
+        out = xr.Dataset({
+            "lungs": (DIMS_2MM, lungs, {"long_name": "lung mask (DSB2017 per-slice segmentation, ALGORITHMS.md §3)"}),
+            "segmented": (DIMS_2MM, segmented, {"units": "HU", "long_name": "hu_2mm inside the lungs, -2000 outside"}),
+        })
+        pending = store.prepare_stage(patient, "segment", _encoded(out, chunk_slices),
+                                      record={"algorithm": "seperate_lungs_cv2 (ALGORITHMS.md §3)"})
+        # The crop box needs the whole mask: take it from the written mask, cheaply (projections only).
+        pending.before_commit = [lambda: {"crop_box": _jsonable_box(
+            legacy_crop_box(store.open_patient(patient).lungs.data))}]
+        return pending
+    return prepare
+
+
+def _jsonable_box(box):
+    return {k: (v.item() if hasattr(v, "item") else (list(v) if isinstance(v, tuple) else v))
+            for k, v in dict(box).items()}
