@@ -1219,7 +1219,13 @@ def _nan_to_none(obj):
 
 
 def write_evaluation(result: EvaluationResult, out_dir, *, title: str = "lungzarr") -> dict:
-    """Write ``results.json``, ``nodules.csv``, ``detections.csv`` and ``froc.png``.
+    """Write ``results.json``, ``nodules.csv``, ``detections.csv``, ``froc.csv``, ``froc.png``.
+
+    ``nodules.csv`` has one row per truth nodule: status, centre, diameter,
+    readers, ``hit``, best ``prob``, ``distance_mm`` (of that hit, or of the
+    nearest detection for a miss). ``detections.csv`` labels each detection
+    ``tp``/``fp``/``ignored``. The plot is the FROC curve on a log2 axis from
+    1/8 to 8 FP/scan with the bootstrap band.
 
     Parameters
     ----------
@@ -1237,12 +1243,14 @@ def write_evaluation(result: EvaluationResult, out_dir, *, title: str = "lungzar
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "nodules": out_dir / "nodules.csv",
-             "detections": out_dir / "detections.csv", "froc_png": out_dir / "froc.png"}
+             "detections": out_dir / "detections.csv", "froc": out_dir / "froc.csv",
+             "froc_png": out_dir / "froc.png"}
     with open(paths["json"], "w") as fh:
         json.dump(_nan_to_none(result.to_dict()), fh, indent=2, default=_json_default)
         fh.write("\n")
     result.nodules.to_csv(paths["nodules"], index=False)
     result.detections.to_csv(paths["detections"], index=False)
+    result.froc.to_csv(paths["froc"], index=False)
     _plot_froc(result, paths["froc_png"], title=title)
     return {k: str(v) for k, v in paths.items()}
 
@@ -1287,7 +1295,7 @@ def _plot_froc(result, path, *, title):
         s = result.summary
         ax.set_title(f"FROC: {s['n_hit_targets']}/{s['n_targets']} nodules hit, "
                      f"{s['n_scans']} scan(s), {s['n_false_positives']} FP")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
         fig.savefig(path)
     finally:

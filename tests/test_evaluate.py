@@ -485,6 +485,7 @@ def test_evaluate_lidc_patient_synthetic_detections(lidc_xml, lidc_dir, tmp_path
     paths = write_evaluation(result, tmp_path / "out", title="synthetic")
     loaded = json.loads((tmp_path / "out" / "results.json").read_text())
     assert loaded["sensitivity"] == 1.0 and loaded["n_targets"] == 1 and len(loaded["froc"]) == 3
+    assert len(pd.read_csv(paths["froc"])) == 3
     nodules = pd.read_csv(paths["nodules"])
     target = nodules[nodules["status"] == "target"].iloc[0]
     assert bool(target["hit"]) and target["n_readers"] == 4
