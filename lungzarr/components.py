@@ -30,7 +30,9 @@ __all__ = [
     "legacy_diameter",
     "sphere_diameter",
     "box_shape",
+    "passes_dsb_filter",
     "MISSING",
+    "DSB_THRESHOLDS",
     "HU_STAT_NAMES",
     "DSB_MAX_MEAN_HU",
     "DSB_MIN_DIAMETER_MM",
@@ -38,6 +40,9 @@ __all__ = [
 
 #: The original's marker for a missing value (no nodule, empty selection).
 MISSING = -7777
+
+#: Probability thresholds of the DSB2017 tables (candidates are p > float32(t)).
+DSB_THRESHOLDS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.999, 0.9999, 0.99999, 0.999999, 0.9999999)
 
 #: Names of the seven HU statistics, in the order ``scipy.stats.describe`` gives them.
 HU_STAT_NAMES = ("vol", "min", "max", "mean", "variance", "skewness", "kurtosis")
@@ -340,3 +345,21 @@ def box_shape(extents, diameter) -> dict[str, np.ndarray]:
         "aspect": extents.min(axis=1) / extents.max(axis=1),
         "aspect_xy": extents[:, 1:].min(axis=1) / extents[:, 1:].max(axis=1),
     }
+
+
+def passes_dsb_filter(hu_per_component, voxels) -> np.ndarray:
+    """The original's nodule filter: mean HU < 396 and diameter > 3 mm.
+
+    Parameters
+    ----------
+    hu_per_component : sequence of float32 arrays
+        Each component's HU as the original saw them (:func:`pix_to_hu` of
+        the normalised pixels, i.e. :func:`legacy_hu` of integer HU).
+    voxels : ndarray of int
+        Voxel counts; the diameter is :func:`legacy_diameter` (0.3333
+        exponent, nominal 8 mm³ voxels), as in the original.
+    """
+    mean_hu = np.array([np.asarray(values).mean() for values in hu_per_component],
+                       dtype=np.float32)
+    diameter = legacy_diameter(np.asarray(voxels))
+    return (mean_hu < DSB_MAX_MEAN_HU) & (diameter > DSB_MIN_DIAMETER_MM)

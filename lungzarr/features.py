@@ -19,15 +19,15 @@ import numpy as np
 import pandas as pd
 
 from .components import (
+    DSB_THRESHOLDS,
     HU_STAT_NAMES,
     MISSING,
-    DSB_MAX_MEAN_HU,
-    DSB_MIN_DIAMETER_MM,
     above_threshold,
     box_shape,
     describe_legacy,
     find_components,
     legacy_diameter,
+    passes_dsb_filter,
     pix_to_hu,
 )
 from .volume import normalize_hu
@@ -45,8 +45,6 @@ __all__ = [
     "segment_ranges",
 ]
 
-#: Probability thresholds of the keras8_0313 / keras_0311 tables (strictly greater).
-DSB_THRESHOLDS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.999, 0.9999, 0.99999, 0.999999, 0.9999999)
 #: Thresholds of the base_8 table, in the original's order.
 BASE8_THRESHOLDS = (0.75, 0.9999999, 0.99999)
 #: Slices per network window and the window slice a prediction belongs to.
@@ -162,7 +160,6 @@ def legacy_nodules(pms, ims, threshold: float, *, centre=(0.0, 0.0, 0.0)) -> pd.
     shape = box_shape(extents, diameter)
     centres = (comps.start + comps.stop) / 2 - np.asarray(centre, dtype=np.float64)
     hu = [pix_to_hu(values) for values in comps.values(ims)]
-    mean_hu = np.array([values.mean() for values in hu], dtype=np.float32)
     table = pd.DataFrame({
         "label": np.arange(1, comps.count + 1),
         "area": comps.voxels,
@@ -171,7 +168,7 @@ def legacy_nodules(pms, ims, threshold: float, *, centre=(0.0, 0.0, 0.0)) -> pd.
         **shape,
         "extent": comps.voxels / np.prod(comps.stop - comps.start, axis=1),
         "hu": pd.Series(hu, dtype=object),
-        "kept": (mean_hu < DSB_MAX_MEAN_HU) & (diameter > DSB_MIN_DIAMETER_MM),
+        "kept": passes_dsb_filter(hu, comps.voxels),
     })
     return table
 
