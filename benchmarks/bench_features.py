@@ -36,7 +36,6 @@ DSB_PATIENT = "0acbebb8d463b4b9ca88cf38431aac69"
 
 def synthetic_patient(seed: int, shape=(180, 140, 140)):
     """HU, segmented HU and a full-volume probability map of a made-up chest."""
-    from lungzarr.volume import normalize_hu  # noqa: F401  (import cost outside the timing)
     rng = np.random.default_rng(seed)
     z, h, w = shape
     zz, yy, xx = np.ogrid[:z, :h, :w]

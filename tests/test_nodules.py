@@ -28,7 +28,7 @@ from lungzarr.nodules import (
     find_nodules_lazy,
     nodules_to_dataset,
 )
-from lungzarr.volume import Grid, normalize_hu
+from lungzarr.volume import Grid
 
 
 def nominal_grid(shape, origin=(0.0, 0.0, 0.0), step=(2.0, 2.0, 2.0)):
@@ -216,4 +216,3 @@ def test_input_checks():
         find_nodules(prob, hu, grid=(2, 2, 2))
     with pytest.raises(ValueError, match="lacks nodule table columns"):
         nodules_to_dataset(pd.DataFrame({"a": [1]}))
-    assert normalize_hu(np.array([-1000])).dtype == np.float32
