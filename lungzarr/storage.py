@@ -21,6 +21,7 @@ import fcntl
 import os
 import re
 import shutil
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,14 @@ def _jsonable(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+def _vlen_strings(dataset):
+    """Fixed-width unicode has no Zarr v3 spec yet: store strings as variable-length."""
+    for name, var in dataset.variables.items():
+        if var.dtype.kind == "U":
+            dataset[name] = var.astype(object)
+    return dataset
 
 
 class CohortStore:
@@ -234,7 +243,7 @@ class CohortStore:
             existing = {p.name for p in (self.path / gpath).iterdir()}
             dataset = dataset.drop_vars([c for c in dataset.coords if c in existing])
             dataset.attrs = {}
-        delayed = dataset.to_zarr(self.path, group=target, mode=mode, consolidated=False, zarr_format=3,
+        delayed = _vlen_strings(dataset).to_zarr(self.path, group=target, mode=mode, consolidated=False, zarr_format=3,
                                   compute=False)
         # xarray rewrites the group's attributes on every write: put ours back at once.
         self._group(gpath).attrs.put(_jsonable(attrs))
@@ -266,7 +275,8 @@ class CohortStore:
         target = f"{self.group_path(patient)}/{name}"
         if (self.path / target).exists():
             shutil.rmtree(self.path / target)
-        dataset.to_zarr(self.path, group=target, mode="w", consolidated=False, zarr_format=3)
+        _vlen_strings(dataset.copy()).to_zarr(self.path, group=target, mode="w", consolidated=False,
+                                              zarr_format=3)
 
     def set_patient_attrs(self, patient: str, **values) -> None:
         group = self._group(self.group_path(patient))
@@ -299,7 +309,8 @@ class CohortStore:
         for col in frame.columns:
             if frame[col].dtype == object or str(frame[col].dtype).startswith(("string", "str")):
                 ds[col] = ds[col].astype(object)
-        ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__}
+        ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__,
+                    "columns": [str(c) for c in frame.columns]}
         ds.to_zarr(self.path, group=f"{TABLES_GROUP}/{name}", mode="w", consolidated=False, zarr_format=3)
 
     def read_table(self, name: str):
@@ -312,6 +323,7 @@ class CohortStore:
         ds = xr.open_dataset(self.path, group=f"{TABLES_GROUP}/{name}", engine="zarr", consolidated=False,
                              zarr_format=3)
         frame = ds.to_dataframe().reset_index(drop=True)
+        frame = frame[[c for c in ds.attrs.get("columns", frame.columns) if c in frame.columns]]
         for col in frame.columns:
             if frame[col].dtype == object or str(frame[col].dtype).startswith("str"):
                 frame[col] = frame[col].astype(object)
@@ -403,7 +415,8 @@ class PendingStage:
         group = self.store._group(self.group_path)
         attrs = dict(group.attrs)
         stages = dict(attrs.get(STAGES_KEY, {}))
-        stages[self.stage] = _jsonable({"completed": _now(), "lungzarr_version": __version__, **self.record})
+        stages[self.stage] = _jsonable({"completed": _now(), "id": uuid.uuid4().hex,
+                                        "lungzarr_version": __version__, **self.record})
         attrs[STAGES_KEY] = stages
         group.attrs.put(_jsonable(attrs))
         if self.staged:
