@@ -267,7 +267,9 @@ def segment_lungs(hu_2mm):
     lungs : dask.array.Array of bool
     segmented : dask.array.Array of int16
         ``hu_2mm`` inside the lungs, -2000 outside; derived element-wise from
-        ``lungs`` so computing both runs the segmentation once.
+        ``lungs``, so computing or storing both in one call (``dask.compute``,
+        ``da.store([lungs, segmented], ...)``) runs the segmentation once per
+        chunk; two separate calls would run it twice.
     """
     import dask.array as da
 
