@@ -107,6 +107,139 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
     raise typer.Exit(_print_summary([summary]))
 
 
+WeightsOpt = typer.Option(None, "--weights", help="d8 weights (.h5); default the shipped file, sha256-checked.")
+PrecisionOpt = typer.Option("fp32", "--precision", help="UNet precision on GPU: fp32, bf16 or fp16.")
+LabelsOpt = typer.Option(None, "--labels", help="Labels CSV (id,cancer) for the DSB2017 'cancer' column.")
+
+
+def _gpu_flag(client) -> bool:
+    from lungzarr.cluster import gpu_worker_count
+
+    n = gpu_worker_count(client)
+    if n:
+        console.print(f"{n} GPU worker(s): the UNet runs there only")
+    return n > 0
+
+
+@app.command()
+def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
+        store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
+        labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
+        chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: str = PrecisionOpt,
+        patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
+        scheduler: str = SchedulerOpt):
+    """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
+    from lungzarr.cluster import dask_client
+    from lungzarr.pipeline import run as run_pipeline
+
+    try:
+        with dask_client(scheduler, echo=console.print) as client, _stage_progress([]) as bar:
+            summaries = run_pipeline(input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices,
+                                     batch_size=batch_size, precision=precision, patients=patients,
+                                     overwrite=overwrite, client=client, gpu=_gpu_flag(client),
+                                     progress=_progress_factory(bar))
+    except LungzarrError as exc:
+        _fail(exc)
+    raise typer.Exit(_print_summary(summaries))
+
+
+def _process(store, stages, **kwargs):
+    from lungzarr.cluster import dask_client
+    from lungzarr.pipeline import process
+
+    scheduler = kwargs.pop("scheduler")
+    try:
+        with dask_client(scheduler, echo=console.print) as client, _stage_progress([]) as bar:
+            summaries = process(store, stages, client=client, gpu=_gpu_flag(client),
+                                progress=_progress_factory(bar), **kwargs)
+    except LungzarrError as exc:
+        _fail(exc)
+    raise typer.Exit(_print_summary(summaries))
+
+
+@app.command()
+def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
+            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
+            scheduler: str = SchedulerOpt):
+    """Lung segmentation (and the crop box) of every ingested patient not yet segmented."""
+    _process(store, ["segment"], chunk_slices=chunk_slices, batch_size=batch_size, patients=patients,
+             overwrite=overwrite, scheduler=scheduler)
+
+
+@app.command()
+def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+           weights: Optional[Path] = WeightsOpt, precision: str = PrecisionOpt,
+           chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
+           patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
+           scheduler: str = SchedulerOpt):
+    """The d8 UNet: nodule probability maps of every segmented patient."""
+    _process(store, ["detect"], weights=weights, precision=precision, chunk_slices=chunk_slices,
+             batch_size=batch_size, patients=patients, overwrite=overwrite, scheduler=scheduler)
+
+
+@app.command()
+def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+            output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                                  help="Also export the table: .parquet or .csv"),
+            labels: Optional[Path] = LabelsOpt, batch_size: int = BatchOpt,
+            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
+            scheduler: str = SchedulerOpt):
+    """Per-nodule tables (and patient measures) of every detected patient; optionally export them."""
+    from lungzarr.cluster import dask_client
+    from lungzarr.pipeline import export_nodules, process
+
+    try:
+        with dask_client(scheduler, echo=console.print) as client, _stage_progress([]) as bar:
+            summaries = process(store, ["nodules", "features"], labels=labels, batch_size=batch_size,
+                                patients=patients, overwrite=overwrite, client=client,
+                                progress=_progress_factory(bar))
+        if output is not None:
+            table = export_nodules(store, output)
+            console.print(f"{len(table)} nodule rows written to {output}")
+    except LungzarrError as exc:
+        _fail(exc)
+    raise typer.Exit(_print_summary(summaries))
+
+
+@app.command()
+def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+           output: Path = typer.Option(..., "-o", "--output", help="CSV to write."),
+           fmt: str = typer.Option("keras8_0313", "--format",
+                                   help="keras8_0313 (2525 columns), keras_0311 or base_8."),
+           labels: Optional[Path] = LabelsOpt, patients: Optional[list[str]] = PatientsOpt,
+           scheduler: str = typer.Option("threads", "--scheduler", help="As for `run`; default threads.")):
+    """The original DSB2017 per-patient feature table, column for column."""
+    from lungzarr.cluster import dask_client
+    from lungzarr.pipeline import export_dsb2017
+
+    try:
+        with dask_client(scheduler, echo=console.print) as client:
+            table = export_dsb2017(store, output, fmt=fmt, labels=labels, patients=patients, client=client)
+    except (LungzarrError, ValueError) as exc:
+        _fail(exc)
+    console.print(f"{len(table)} patient row(s) x {table.shape[1]} columns written to {output}")
+
+
+@app.command("import-legacy")
+def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's input/ folder (stage1_* npz)."),
+                  store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+                  stage: str = typer.Option("stage1", "--stage", help="Folder prefix: stage1 or stage2."),
+                  overwrite: bool = OverwriteOpt):
+    """Bring the old pipeline's npz outputs into a store (then `nodules` and `export` work on them)."""
+    from lungzarr.legacy import list_legacy_patients
+    from lungzarr.pipeline import import_legacy as import_cohort
+
+    try:
+        total = len(list_legacy_patients(input_dir, stage=stage))
+        with _stage_progress([]) as bar:
+            summary = import_cohort(input_dir, store, stage=stage, overwrite=overwrite,
+                                    progress=_progress_factory(bar)("import", total))
+    except (LungzarrError, OSError, ValueError) as exc:
+        _fail(exc)
+    raise typer.Exit(_print_summary([summary]))
+
+
 @app.command()
 def status(store: Path = typer.Argument(..., help="The cohort's Zarr store.")):
     """Per-stage counts, failures with their reasons, and the store's size."""

@@ -58,18 +58,32 @@ def chest_phantom(*, shape=(64, 256, 256), spacing=(2.5, 1.4, 1.4), origin=None,
     if origin is None:
         origin = (-nz * dz, -(ny - 1) * dy / 2.0, -(nx - 1) * dx / 2.0)
     rng = np.random.default_rng(seed)
-    zz, yy, xx = np.meshgrid(origin[0] + np.arange(nz) * dz, origin[1] + np.arange(ny) * dy,
+    fov_y, fov_x = ny * dy, nx * dx
+    vessels = [(rng.uniform(-0.15, 0.12) * fov_y, rng.choice([-1, 1]) * rng.uniform(0.08, 0.28) * fov_x,
+                rng.uniform(1.0, 2.0), rng.uniform(-0.15, 0.15)) for _ in range(14)]
+    out = np.empty(shape, dtype=np.int16)
+    # Slabs of 16 slices keep the float64 temporaries small for 512 x 512 x 400 volumes.
+    for z0 in range(0, nz, 16):
+        z1 = min(nz, z0 + 16)
+        out[z0:z1] = _phantom_slab(np.arange(z0, z1), shape, spacing, origin, vessels, nodules, rng)
+    return out, tuple(float(o) for o in origin)
+
+
+def _phantom_slab(z_index, shape, spacing, origin, vessel_params, nodules, rng):
+    nz, ny, nx = shape
+    dz, dy, dx = spacing
+    zz, yy, xx = np.meshgrid(origin[0] + z_index * dz, origin[1] + np.arange(ny) * dy,
                              origin[2] + np.arange(nx) * dx, indexing="ij", sparse=True)
     z_mid = origin[0] + (nz - 1) * dz / 2.0
     z_len = nz * dz
-    hu = np.full(np.broadcast_shapes(zz.shape, yy.shape, xx.shape), -1000.0)
     fov_y, fov_x = ny * dy, nx * dx
+    hu = np.full(np.broadcast_shapes(zz.shape, yy.shape, xx.shape), -1000.0)
     # Body: an elliptic cylinder of fat with a soft-tissue core (muscle/mediastinum).
     body = (yy / (0.36 * fov_y)) ** 2 + (xx / (0.45 * fov_x)) ** 2 <= 1.0
     core = (yy / (0.32 * fov_y)) ** 2 + (xx / (0.41 * fov_x)) ** 2 <= 1.0
     hu = np.where(body, -90.0, hu)
     hu = np.where(core & body, 40.0, hu)
-    # Lungs: two ellipsoids longer than the slab, so every slice cuts both.
+    # Lungs: two ellipsoids longer than the volume, so every slice cuts both.
     lung_r = (0.8 * z_len, 0.22 * fov_y, 0.15 * fov_x)
     lung_dx = 0.19 * fov_x
     lungs = (_ellipsoid(zz, yy, xx, (z_mid, -0.02 * fov_y, -lung_dx), lung_r)
@@ -77,11 +91,7 @@ def chest_phantom(*, shape=(64, 256, 256), spacing=(2.5, 1.4, 1.4), origin=None,
     hu = np.where(lungs, -850.0, hu)
     # Vessels: thin soft-tissue tubes along z inside the lungs.
     vessels = np.zeros(hu.shape, dtype=bool)
-    for _ in range(14):
-        vy = rng.uniform(-0.15, 0.12) * fov_y
-        vx = rng.choice([-1, 1]) * rng.uniform(0.08, 0.28) * fov_x
-        r = rng.uniform(1.0, 2.0)
-        drift = rng.uniform(-0.15, 0.15)
+    for vy, vx, r, drift in vessel_params:
         vessels |= ((yy - vy - drift * (zz - z_mid)) ** 2 + (xx - vx) ** 2) <= r * r
     hu = np.where(lungs & vessels, 20.0, hu)
     # Trachea: an air tube at the midline, in front of the spine.
@@ -94,7 +104,7 @@ def chest_phantom(*, shape=(64, 256, 256), spacing=(2.5, 1.4, 1.4), origin=None,
         ball = _ellipsoid(zz, yy, xx, (n.z_mm, n.y_mm, n.x_mm), (n.diameter_mm / 2.0,) * 3)
         hu = np.where(ball, n.hu, hu)
     hu = hu + rng.normal(0.0, 12.0, size=hu.shape)
-    return np.clip(np.rint(hu), -1024, 3000).astype(np.int16), tuple(float(o) for o in origin)
+    return np.clip(np.rint(hu), -1024, 3000).astype(np.int16)
 
 
 #: The demo cohort: (patient id, nodules, seed). Nodules in patient mm for the default geometry.

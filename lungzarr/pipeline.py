@@ -163,7 +163,7 @@ def run_stage(store, stage: str, items, prepare: Callable, *, overwrite: bool = 
             for future in as_completed(futures):
                 pending = by_key[future.key]
                 try:
-                    future.result()
+                    pending.add_record(future.result())
                     pending.commit()
                     summary.done.append(pending.patient)
                     notify("done", pending.patient)
@@ -173,7 +173,7 @@ def run_stage(store, stage: str, items, prepare: Callable, *, overwrite: bool = 
         else:
             for pending in batch:
                 try:
-                    pending.compute()
+                    pending.add_record(pending.compute())
                     pending.commit()
                     summary.done.append(pending.patient)
                     notify("done", pending.patient)
@@ -289,3 +289,491 @@ def store_status(store_path) -> dict:
                          "failed": sum(1 for f in failures if f.get("stage") == stage)}
     return {"n_patients": len(patients), "stages": stages, "failures": failures,
             "size_mb": store.size_bytes() / 1e6}
+
+
+# ---------------------------------------------------------------------- later stages
+
+DIMS_2MM = ("z2", "y2", "x2")
+
+
+def _encoded(ds, chunk_slices):
+    for name, var in ds.data_vars.items():
+        if var.ndim == 3:
+            var.encoding["chunks"] = (min(chunk_slices, var.shape[0]),) + tuple(var.shape[1:])
+    return ds
+
+
+def _prepare_segment(chunk_slices):
+    def prepare(store, patient, _):
+        import xarray as xr
+
+        from lungzarr.crop import legacy_crop_box
+        from lungzarr.segment import segment_lungs
+
+        ds = store.open_patient(patient)
+        lungs, segmented = segment_lungs(ds.hu_2mm.data)
+        out = xr.Dataset({
+            "lungs": (DIMS_2MM, lungs, {"long_name": "lung mask (DSB2017 per-slice segmentation, ALGORITHMS.md §3)"}),
+            "segmented": (DIMS_2MM, segmented, {"units": "HU", "long_name": "hu_2mm inside the lungs, -2000 outside"}),
+        })
+        pending = store.prepare_stage(patient, "segment", _encoded(out, chunk_slices),
+                                      record={"algorithm": "seperate_lungs_cv2 (ALGORITHMS.md §3)"})
+        # The crop box needs the whole mask: take it from the written mask, cheaply (projections only).
+        pending.before_commit = [lambda: {"crop_box": _jsonable_box(
+            legacy_crop_box(store.open_patient(patient).lungs.data))}]
+        return pending
+    return prepare
+
+
+def _jsonable_box(box):
+    return {k: (v.item() if hasattr(v, "item") else (list(v) if isinstance(v, tuple) else v))
+            for k, v in dict(box).items()}
+
+
+def _prepare_detect(*, weights, precision, batch_size, chunk_slices, gpu):
+    def prepare(store, patient, _):
+        from contextlib import nullcontext
+
+        import xarray as xr
+
+        from lungzarr.infer import annotate_gpu, predict_nodule_prob, predicted_slices
+
+        ds = store.open_patient(patient)
+        hu_2mm = ds.hu_2mm.data
+        with (annotate_gpu() if gpu else nullcontext()):
+            prob = predict_nodule_prob(hu_2mm, weights=weights, batch_size=batch_size, precision=precision)
+        predicted = predicted_slices(hu_2mm.shape[0])
+        out = xr.Dataset({"nodule_prob": (DIMS_2MM, prob, {
+            "long_name": "d8 UNet nodule probability (values < 0.5 stored as 0)",
+            "predicted_slices": [int(predicted.start), int(predicted.stop)],
+            "detection_crop_rows_cols": [int(hu_2mm.shape[1] % 4), int(hu_2mm.shape[2] % 4)],
+        })})
+        record = {"precision": precision, "weights": str(weights or "default"),
+                  "predicted_slices": [int(predicted.start), int(predicted.stop)], "gpu": bool(gpu)}
+        return store.prepare_stage(patient, "detect", _encoded(out, chunk_slices), record=record)
+    return prepare
+
+
+def _unsegmented(ds):
+    """``hu_2mm``; for legacy imports that never kept it, the segmented volume as §7's stand-in."""
+    return ds.hu_2mm if "hu_2mm" in ds else ds.segmented
+
+
+def _nodule_task(store_path, patient):
+    """Compute one patient's nodule table on a worker and write it to the patient's ``nodules`` group."""
+    from lungzarr.nodules import find_nodules, nodules_to_dataset
+    from lungzarr.storage import CohortStore
+
+    store = CohortStore(store_path)
+    ds = store.open_patient(patient)
+    grid = grid_from_attrs(ds.attrs)
+    table = find_nodules(ds.nodule_prob.values, _unsegmented(ds).values, grid=grid, lungs=ds.lungs.values,
+                         patient=patient)
+    store.write_subgroup(patient, "nodules", nodules_to_dataset(table))
+    kept = table[(table.threshold == 0.5) & table.passes_dsb_filter]
+    return {"n_candidates": int(len(table)), "n_nodules_0.5_filtered": int(len(kept))}
+
+
+def _prepare_nodules(store, patient, _):
+    import dask
+
+    return store.prepare_task(patient, "nodules",
+                              dask.delayed(_nodule_task, pure=False)(str(store.path), patient),
+                              record={"thresholds": "DSB2017 (0.5 ... 0.9999999)"})
+
+
+def dsb2017_arrays(ds, *, patient: str | None = None):
+    """The original's feature inputs from one patient's Dataset (ALGORITHMS.md §6).
+
+    The unsegmented ``hu_2mm`` (or, for legacy imports without it, the
+    segmented volume as §7's stand-in), ``segmented`` and ``nodule_prob``
+    mapped back to windows (window i belongs to slice i + 4), cropped by the
+    detection box and normalised: ``(images_norm, segmented_norm, pmav)``.
+    """
+    from lungzarr.features import dsb2017_inputs
+
+    segmented = ds.segmented.values
+    hu = _unsegmented(ds).values
+    prob = ds.nodule_prob.values
+    nz, ny, nx = prob.shape
+    if nz < 9:
+        raise PatientError(f"{nz} slices at 2 mm: the d8 windows need at least 9, so there are no features",
+                           patient=patient, stage="features")
+    windows = prob[4:nz - 4, ny % 4:, nx % 4:]
+    return dsb2017_inputs(hu, segmented, windows)
+
+
+def dsb2017_row(ds, *, fmt: str = "keras8_0313", cancer: int = -777, patient: str | None = None):
+    """The original per-patient feature row (a 1-row DataFrame indexed by ``id``)."""
+    from lungzarr.features import dsb2017_features
+
+    images, segmented_norm, pmav = dsb2017_arrays(ds, patient=patient)
+    return dsb2017_features(images, segmented_norm, pmav, cancer=cancer, fmt=fmt, patient=patient)
+
+
+def _features_task(store_path, patient, cancer):
+    """Patient-level measures on a worker: lung measures and the DSB2017 row, as a child group."""
+    import xarray as xr
+
+    from lungzarr.features import dsb2017_features, lung_measures
+    from lungzarr.storage import CohortStore
+
+    store = CohortStore(store_path)
+    ds = store.open_patient(patient)
+    images, segmented_norm, pmav = dsb2017_arrays(ds, patient=patient)
+    row = dsb2017_features(images, segmented_norm, pmav, cancer=cancer, fmt="keras8_0313", patient=patient)
+    integer = [c for c in row.columns if np.issubdtype(row[c].dtype, np.integer)]
+    out = xr.Dataset({"value": (("feature",), row.iloc[0].to_numpy(dtype=np.float64))},
+                     coords={"feature": np.array(list(row.columns), dtype=object)},
+                     attrs={"format": "keras8_0313", "integer_features": integer, "cancer": int(cancer)})
+    store.write_subgroup(patient, "dsb2017", out)
+    measures = lung_measures(segmented_norm[4:-4])
+    centre = measures.pop("centre")
+    step = np.abs(grid_from_attrs(ds.attrs).step)
+    lungs_ml = float(ds.lungs.sum().values) * float(np.prod(step)) / 1000.0
+    return {"lung_volume_ml": lungs_ml, "cancer": int(cancer), **measures,
+            "lung_centre_vox": [float(c) for c in centre]}
+
+
+def _prepare_features(labels: dict | None):
+    def prepare(store, patient, _):
+        import dask
+
+        # A labels CSV wins; a legacy import carries the label it was imported with.
+        default = int(store.patient_attrs(patient).get("cancer", -777))
+        cancer = default if labels is None else int(labels.get(patient, default))
+        return store.prepare_task(patient, "features",
+                                  dask.delayed(_features_task, pure=False)(str(store.path), patient, cancer),
+                                  record={"format": "keras8_0313"})
+    return prepare
+
+
+def gather_tables(store) -> dict:
+    """Rebuild the cohort-wide ``tables/nodules`` and ``tables/patients`` from the patient groups."""
+    import pandas as pd
+
+    from lungzarr.nodules import concat_nodule_tables, dataset_to_nodules
+
+    nodule_tables, rows = [], []
+    for patient in store.patients():
+        attrs = store.patient_attrs(patient)
+        stages = attrs.get("lungzarr:stages", {})
+        if "nodules" in stages and store.has_subgroup(patient, "nodules"):
+            nodule_tables.append(dataset_to_nodules(store.open_patient(patient, subgroup="nodules").load()))
+        feat = stages.get("features", {})
+        grid2 = attrs.get("grid_2mm", {})
+        rows.append({
+            "patient": patient,
+            **{f"stage_{s}": s in stages for s in ("ingest", "segment", "detect", "nodules", "features")},
+            "series_instance_uid": attrs.get("series_instance_uid", ""),
+            "n_slices": int(attrs.get("grid_native", {}).get("shape", [0])[0]),
+            "slice_spacing_mm": float((attrs.get("spacing_mm") or [np.nan])[0]),
+            "shape_2mm": "x".join(str(n) for n in grid2.get("shape", [])),
+            "lung_volume_ml": float(feat.get("lung_volume_ml", np.nan)),
+            "n_nodules_0.5_filtered": int(stages.get("nodules", {}).get("n_nodules_0.5_filtered", -1)),
+            "cancer": int(feat.get("cancer", -777)),
+            **{k: float(feat.get(k, np.nan)) for k in
+               ("lvol_0", "lvol_1", "lvol_2", "emphy_0", "emphy_1", "emphy_2", "emphy2_0", "emphy2_1", "emphy2_2")},
+            **{f"lung_centre_{a}_vox": float((feat.get("lung_centre_vox") or [np.nan] * 3)[i])
+               for i, a in enumerate("zyx")},
+        })
+    nodules = concat_nodule_tables(nodule_tables)
+    patients = pd.DataFrame(rows)
+    store.write_table("nodules", nodules, dim="nodule")
+    store.write_table("patients", patients, dim="patient")
+    return {"nodules": len(nodules), "patients": len(patients)}
+
+
+#: The stages of a full run, in order.
+RUN_STAGES = ("ingest", "segment", "detect", "nodules", "features")
+
+
+def _stage_prepares(*, chunk_slices, weights, precision, infer_batch, gpu, label_map):
+    return {
+        "ingest": _prepare_ingest(chunk_slices),
+        "segment": _prepare_segment(chunk_slices),
+        "detect": _prepare_detect(weights=weights, precision=precision, batch_size=infer_batch,
+                                  chunk_slices=chunk_slices, gpu=gpu),
+        "nodules": _prepare_nodules,
+        "features": _prepare_features(label_map),
+    }
+
+
+def _run_stages(store, items, stages, prepares, *, overwrite, batch_size, client, progress):
+    """Run ``stages`` (in RUN_STAGES order) for ``items``; the caller holds the lock."""
+    summaries = []
+    ids = [pid for pid, _ in items]
+    for stage in stages:
+        previous = RUN_STAGES[RUN_STAGES.index(stage) - 1] if stage != "ingest" else None
+        if previous is None:
+            candidates = items
+        else:
+            candidates = [(pid, None) for pid in ids if store.is_complete(pid, previous)]
+        todo = [(pid, payload) for pid, payload in candidates
+                if overwrite or _needs_stage(store, pid, stage, previous)]
+        prepare = prepares[stage] if previous is None else _depending_on(prepares[stage], previous)
+        summary = run_stage(store, stage, todo, prepare, overwrite=True, batch_size=batch_size,
+                            client=client, progress=progress(stage, len(todo)))
+        done = {pid for pid, _ in todo}
+        summary.skipped = [pid for pid, _ in candidates if pid not in done]
+        summaries.append(summary)
+    gather_tables(store)
+    return summaries
+
+
+def _check_ids(store, items):
+    good, bad = [], []
+    for pid, folder in items:
+        try:
+            store.group_path(pid)
+            good.append((pid, folder))
+        except PatientError as exc:
+            exc.file = str(folder)
+            store.record_failure(exc, stage="ingest")
+            bad.append(exc.as_record())
+    return good, bad
+
+
+def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int = 16, batch_size: int = 4,
+        precision: str = "fp32", patients: Iterable[str] | None = None, overwrite: bool = False, client=None,
+        gpu: bool = False, infer_batch: int = 8, progress: Callable | None = None) -> list[StageSummary]:
+    """DICOM folders to nodule and patient tables: every stage for every patient.
+
+    Parameters
+    ----------
+    input_dir, store_path : path
+    labels : path, optional
+        A labels CSV (``id,cancer``) for the DSB2017 ``cancer`` column.
+    weights : path, optional
+        d8 weights; default the shipped file (sha256 checked).
+    chunk_slices, batch_size : int
+        Slices per chunk; patients computed at once (bounds each worker's memory).
+    precision : {"fp32", "bf16", "fp16"}
+    patients : iterable of str, optional
+    overwrite : bool
+        Redo every stage of the selected patients.
+    client : distributed.Client, optional
+    gpu : bool
+        Annotate the UNet tasks to run only on workers with a ``GPU`` resource.
+    infer_batch : int
+        8-slice windows per UNet call.
+    progress : callable, optional
+        ``progress(stage, total)`` returning the per-patient callback of that stage.
+
+    Returns
+    -------
+    list of StageSummary
+    """
+    from lungzarr.legacy import read_legacy_labels
+    from lungzarr.storage import CohortStore
+
+    items = find_patients(input_dir, patients=patients)
+    label_map = read_legacy_labels(labels) if labels is not None else None
+    prepares = _stage_prepares(chunk_slices=chunk_slices, weights=weights, precision=precision,
+                               infer_batch=infer_batch, gpu=gpu, label_map=label_map)
+    store = CohortStore(store_path)
+    with store.lock():
+        good, bad = _check_ids(store, items)
+        summaries = _run_stages(store, good, RUN_STAGES, prepares, overwrite=overwrite, batch_size=batch_size,
+                                client=client, progress=progress or (lambda stage, total: None))
+    summaries[0].failed = bad + summaries[0].failed
+    return summaries
+
+
+def process(store_path, stages, *, labels=None, weights=None, chunk_slices: int = 16, batch_size: int = 4,
+            precision: str = "fp32", patients: Iterable[str] | None = None, overwrite: bool = False,
+            client=None, gpu: bool = False, infer_batch: int = 8,
+            progress: Callable | None = None) -> list[StageSummary]:
+    """Run later stages (segment, detect, nodules, features) on the patients already in a store."""
+    from lungzarr.legacy import read_legacy_labels
+    from lungzarr.storage import CohortStore
+
+    unknown = [s for s in stages if s not in RUN_STAGES[1:]]
+    if unknown:
+        raise ValueError(f"stages must be among {RUN_STAGES[1:]!r}, got {unknown!r}")
+    store = CohortStore(store_path, mode="r")
+    store = CohortStore(store_path)
+    ids = store.patients()
+    if patients is not None:
+        missing = [p for p in patients if p not in ids]
+        if missing:
+            raise LungzarrError(f"--patients {missing!r} are not in store {str(store_path)!r}; ingest them first")
+        ids = [p for p in ids if p in set(patients)]
+    label_map = read_legacy_labels(labels) if labels is not None else None
+    prepares = _stage_prepares(chunk_slices=chunk_slices, weights=weights, precision=precision,
+                               infer_batch=infer_batch, gpu=gpu, label_map=label_map)
+    ordered = [s for s in RUN_STAGES if s in stages]
+    with store.lock():
+        return _run_stages(store, [(p, None) for p in ids], ordered, prepares, overwrite=overwrite,
+                           batch_size=batch_size, client=client,
+                           progress=progress or (lambda stage, total: None))
+
+
+def _needs_stage(store, patient, stage, previous) -> bool:
+    """A stage is due when it is not complete, or was computed from an older run of ``previous``."""
+    stages = store.stages(patient)
+    if stage not in stages:
+        return True
+    if previous is None:
+        return False
+    return stages[stage].get("depends_on") != stages.get(previous, {}).get("id")
+
+
+def _depending_on(prepare, previous):
+    """Record which completion of ``previous`` a stage was computed from."""
+    def wrapped(store, patient, payload):
+        dependency = store.stages(patient)[previous].get("id")
+        pending = prepare(store, patient, payload)
+        pending.record["depends_on"] = dependency
+        return pending
+    return wrapped
+
+
+# ---------------------------------------------------------------------- exports
+
+DSB2017_FORMATS = ("keras8_0313", "keras_0311", "base_8")
+
+
+def _dsb_row_task(store_path, patient, fmt, cancer):
+    from lungzarr.storage import CohortStore
+
+    return dsb2017_row(CohortStore(store_path, mode="r").open_patient(patient), fmt=fmt, cancer=cancer,
+                       patient=patient)
+
+
+def export_dsb2017(store_path, out, *, fmt: str = "keras8_0313", labels=None, patients=None, client=None):
+    """Write the original per-patient feature table (CSV, index ``id``) of every detected patient.
+
+    Parameters
+    ----------
+    store_path : path
+    out : path
+        The CSV to write.
+    fmt : {"keras8_0313", "keras_0311", "base_8"}
+    labels : path, optional
+        Labels CSV (``id,cancer``); patients not in it get ``cancer = -777``.
+    patients : list of str, optional
+    client : distributed.Client, optional
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table written.
+    """
+    import dask
+    import pandas as pd
+
+    from lungzarr.legacy import read_legacy_labels
+    from lungzarr.storage import CohortStore
+
+    if fmt not in DSB2017_FORMATS:
+        raise ValueError(f"fmt must be one of {DSB2017_FORMATS!r}, got {fmt!r}")
+    store = CohortStore(store_path, mode="r")
+    label_map = read_legacy_labels(labels) if labels is not None else {}
+    ids = [p for p in store.patients() if store.is_complete(p, "detect") and store.is_complete(p, "segment")
+           and (patients is None or p in set(patients))]
+    if not ids:
+        raise LungzarrError(f"no patient of {str(store_path)!r} has completed detection; run `lungzarr run` or "
+                            f"`lungzarr detect` first")
+    tasks = [dask.delayed(_dsb_row_task, pure=True)(str(store.path), p, fmt, int(label_map.get(p, -777)))
+             for p in ids]
+    rows = (client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks))
+    table = pd.concat(rows)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out)
+    return table
+
+
+def export_nodules(store_path, out, *, threshold: float | None = None, filtered: bool = False):
+    """Write the cohort nodule table to Parquet (``.parquet``) or CSV (any other suffix)."""
+    from lungzarr.storage import read_nodules
+
+    table = read_nodules(store_path)
+    if threshold is not None:
+        table = table[np.isclose(table["threshold"], threshold)]
+    if filtered:
+        table = table[table["passes_dsb_filter"]]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        table.to_parquet(out, index=False)
+    else:
+        table.to_csv(out, index=False)
+    return table
+
+
+# ---------------------------------------------------------------------- legacy import
+
+def _legacy_dataset(legacy):
+    """A patient Dataset from the old npz layout (2 mm grid only; positions in mm were never kept)."""
+    import xarray as xr
+
+    if legacy.segmented is None:
+        raise PatientError("no stage1_segmented_2x2x2 volume for this patient; the legacy import needs it",
+                           patient=legacy.patient, stage="ingest")
+    nz, ny, nx = legacy.segmented.shape
+    # The old layout lost ImagePositionPatient: index x 2 mm from 0 is the only honest grid.
+    grid = Grid((nz, ny, nx), (0.0, 0.0, 0.0), (2.0, 2.0, 2.0))
+    coords = {name: (name, grid.axis(i), {"units": "mm", "note": "legacy import: voxel index x 2 mm"})
+              for i, name in enumerate(DIMS_2MM)}
+    data = {"segmented": (DIMS_2MM, legacy.segmented.astype(np.int16)),
+            "lungs": (DIMS_2MM, legacy.segmented != -2000)}
+    if legacy.hu is not None:
+        data["hu_2mm"] = (DIMS_2MM, legacy.hu.astype(np.int16))
+    if legacy.prob_windows is not None:
+        prob = np.zeros((nz, ny, nx), dtype=np.float32)
+        windows = legacy.prob_windows[:, 0, 0] if legacy.prob_windows.ndim == 5 else legacy.prob_windows
+        box = legacy.box or {"by_min": ny % 4, "by_max": ny, "bx_min": nx % 4, "bx_max": nx}
+        prob[4:4 + windows.shape[0], box["by_min"]:box["by_max"], box["bx_min"]:box["bx_max"]] = windows
+        data["nodule_prob"] = (DIMS_2MM, prob, {"predicted_slices": [4, 4 + windows.shape[0]],
+                                                "source": "legacy stage1_2x2x2_mpred3_8 (un-flipped refactor)"})
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs = {"patient": legacy.patient, "source": "legacy DSB2017 layout", "cancer": int(legacy.cancer),
+                "grid_2mm": {"shape": [nz, ny, nx], "origin_mm": [0.0, 0.0, 0.0], "step_mm": [2.0, 2.0, 2.0]},
+                "hu_2mm_source": "stage1_2x2x2" if legacy.hu is not None else
+                "absent: features use the segmented volume as stand-in (ALGORITHMS.md §7)",
+                "lungzarr_version": __version__}
+    return ds
+
+
+def import_legacy(input_dir, store_path, *, stage: str = "stage1", overwrite: bool = False,
+                  progress: Callable | None = None) -> StageSummary:
+    """Read the old phase-2/3 outputs (``stage1_*`` npz folders, labels CSV) into a store.
+
+    Each patient gets ``segmented``, ``lungs``, ``hu_2mm`` where it was kept and
+    ``nodule_prob`` from the old window maps; its stages are marked as done
+    so ``lungzarr run``-style stages (nodules, features) and exports work on it.
+    """
+    from lungzarr.legacy import list_legacy_patients, read_legacy_patient
+    from lungzarr.storage import CohortStore
+
+    store = CohortStore(store_path)
+    summary = StageSummary("import-legacy")
+    start = time.perf_counter()
+    notify = progress or (lambda event, patient: None)
+    with store.lock():
+        for patient in list_legacy_patients(input_dir, stage=stage):
+            if not overwrite and store.is_complete(patient, "ingest"):
+                summary.skipped.append(patient)
+                notify("skipped", patient)
+                continue
+            try:
+                legacy = read_legacy_patient(input_dir, patient, stage=stage)
+                ds = _legacy_dataset(legacy)
+                pending = store.prepare_stage(patient, "ingest", ds, new_group=True,
+                                              record={"source": "import-legacy"})
+                pending.compute()
+                pending.commit()
+                marks = ["segment"] + (["detect"] if "nodule_prob" in ds else [])
+                for stage_name in marks:
+                    store.prepare_task(patient, stage_name, None, record={"source": "import-legacy"}).commit()
+                summary.done.append(patient)
+                notify("done", patient)
+            except Exception as exc:
+                err = _as_patient_error(exc, patient, "import-legacy")
+                store.record_failure(err, stage="import-legacy")
+                summary.failed.append(err.as_record())
+                notify("failed", patient)
+        gather_tables(store)
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -21,6 +21,7 @@ import fcntl
 import os
 import re
 import shutil
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,14 @@ def _jsonable(value):
     return value
 
 
+def _vlen_strings(dataset):
+    """Fixed-width unicode has no Zarr v3 spec yet: store strings as variable-length."""
+    for name, var in dataset.variables.items():
+        if var.dtype.kind == "U":
+            dataset[name] = var.astype(object)
+    return dataset
+
+
 class CohortStore:
     """A cohort's Zarr v3 store.
 
@@ -104,7 +113,6 @@ class CohortStore:
             for name in (PATIENTS_GROUP, TABLES_GROUP, STAGING_GROUP):
                 if name not in root:
                     root.create_group(name)
-            self._recover_staging()
 
     def _recover_staging(self) -> None:
         """Finish the swap of a staged patient that a killed run had completed; drop the rest."""
@@ -235,12 +243,40 @@ class CohortStore:
             existing = {p.name for p in (self.path / gpath).iterdir()}
             dataset = dataset.drop_vars([c for c in dataset.coords if c in existing])
             dataset.attrs = {}
-        delayed = dataset.to_zarr(self.path, group=target, mode=mode, consolidated=False, zarr_format=3,
+        delayed = _vlen_strings(dataset).to_zarr(self.path, group=target, mode=mode, consolidated=False, zarr_format=3,
                                   compute=False)
         # xarray rewrites the group's attributes on every write: put ours back at once.
         self._group(gpath).attrs.put(_jsonable(attrs))
         return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath,
                             staged=new_group)
+
+    def prepare_task(self, patient: str, stage: str, delayed, *, record: dict | None = None) -> "PendingStage":
+        """Like :meth:`prepare_stage` for a stage whose dask task writes its own output.
+
+        ``delayed`` must write through :meth:`write_subgroup` (on whichever
+        worker runs it) and return a dict merged into the stage record.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES!r}, got {stage!r}")
+        if not self.has_patient(patient):
+            raise PatientError(f"patient {patient!r} is not in the store; ingest it first", patient=patient,
+                               stage=stage)
+        gpath = self.group_path(patient)
+        attrs = self.patient_attrs(patient)
+        stages = dict(attrs.get(STAGES_KEY, {}))
+        if stage in stages:
+            stages.pop(stage)
+            attrs[STAGES_KEY] = stages
+            self._group(gpath).attrs.put(attrs)
+        return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath)
+
+    def write_subgroup(self, patient: str, name: str, dataset) -> None:
+        """Replace the child group ``patients/<id>/<name>`` with ``dataset`` (computed now)."""
+        target = f"{self.group_path(patient)}/{name}"
+        if (self.path / target).exists():
+            shutil.rmtree(self.path / target)
+        _vlen_strings(dataset.copy()).to_zarr(self.path, group=target, mode="w", consolidated=False,
+                                              zarr_format=3)
 
     def set_patient_attrs(self, patient: str, **values) -> None:
         group = self._group(self.group_path(patient))
@@ -273,7 +309,8 @@ class CohortStore:
         for col in frame.columns:
             if frame[col].dtype == object or str(frame[col].dtype).startswith(("string", "str")):
                 ds[col] = ds[col].astype(object)
-        ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__}
+        ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__,
+                    "columns": [str(c) for c in frame.columns]}
         ds.to_zarr(self.path, group=f"{TABLES_GROUP}/{name}", mode="w", consolidated=False, zarr_format=3)
 
     def read_table(self, name: str):
@@ -286,6 +323,7 @@ class CohortStore:
         ds = xr.open_dataset(self.path, group=f"{TABLES_GROUP}/{name}", engine="zarr", consolidated=False,
                              zarr_format=3)
         frame = ds.to_dataframe().reset_index(drop=True)
+        frame = frame[[c for c in ds.attrs.get("columns", frame.columns) if c in frame.columns]]
         for col in frame.columns:
             if frame[col].dtype == object or str(frame[col].dtype).startswith("str"):
                 frame[col] = frame[col].astype(object)
@@ -340,6 +378,9 @@ class CohortStore:
             fh.truncate()
             fh.write(f"pid {os.getpid()} since {_now()}")
             fh.flush()
+            # Only the lock holder may touch staged groups: finish or drop what a
+            # killed run left there.
+            self._recover_staging()
             yield self
         finally:
             try:
@@ -362,12 +403,20 @@ class PendingStage:
     def compute(self, **kwargs):
         return self.delayed.compute(**kwargs)
 
+    def add_record(self, result) -> None:
+        """Merge what the computed task returned (a dict) into the stage record."""
+        if isinstance(result, dict):
+            self.record.update(result)
+
     def commit(self) -> None:
         """Mark the stage complete (call only after ``delayed`` has been computed)."""
+        for hook in getattr(self, "before_commit", ()):
+            self.record.update(hook() or {})
         group = self.store._group(self.group_path)
         attrs = dict(group.attrs)
         stages = dict(attrs.get(STAGES_KEY, {}))
-        stages[self.stage] = _jsonable({"completed": _now(), "lungzarr_version": __version__, **self.record})
+        stages[self.stage] = _jsonable({"completed": _now(), "id": uuid.uuid4().hex,
+                                        "lungzarr_version": __version__, **self.record})
         attrs[STAGES_KEY] = stages
         group.attrs.put(_jsonable(attrs))
         if self.staged:

@@ -37,7 +37,7 @@ def _store_snapshot(path):
     snap = {}
     for pid in store.patients():
         ds = store.open_patient(pid).load()
-        stages = {k: {kk: vv for kk, vv in v.items() if kk != "completed"} for k, v in store.stages(pid).items()}
+        stages = {k: {kk: vv for kk, vv in v.items() if kk not in ("completed", "id", "depends_on")} for k, v in store.stages(pid).items()}
         attrs = {k: v for k, v in store.patient_attrs(pid).items() if k not in ("lungzarr:stages", "source_folder")}
         snap[pid] = (ds, stages, attrs)
     return snap
