@@ -1,0 +1,131 @@
+"""Quality-control picture of a patient: mid-planes with the lung mask outlined.
+
+Only the three mid-planes are read (from numpy, dask or xarray inputs), so a
+QC picture of a stored patient costs three slices, not the volume. matplotlib
+is imported when a picture is drawn, with the non-interactive Agg canvas and
+no pyplot state.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["qc_figure", "mid_planes"]
+
+#: Grey window (HU) of the pictures: lung to soft tissue.
+HU_WINDOW = (-1200, 400)
+_PLANES = ("axial", "coronal", "sagittal")
+_NODULE_COLUMNS = ("z_index", "y_index", "x_index", "diameter_mm")
+
+
+def _plain(arr):
+    """numpy or dask array under ``arr`` (an xarray.DataArray gives its data)."""
+    if type(arr).__module__.startswith("xarray") and hasattr(arr, "variable"):
+        return arr.data
+    return arr
+
+
+def mid_planes(volume, *, centre=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Axial (y, x), coronal (z, x) and sagittal (z, y) planes through ``centre``.
+
+    Parameters
+    ----------
+    volume : (z, y, x) numpy, dask or xarray array
+    centre : (int, int, int), optional
+        Voxel index the planes go through; default the middle voxel.
+    """
+    data = _plain(volume)
+    if getattr(data, "ndim", None) != 3:
+        raise ValueError(f"volume must be 3-D (z, y, x), got shape {getattr(data, 'shape', None)!r}")
+    if centre is None:
+        centre = tuple(n // 2 for n in data.shape)
+    kz, ky, kx = centre
+    planes = (data[kz, :, :], data[:, ky, :], data[:, :, kx])
+    # One compute per plane: computed together, the planes share their source
+    # chunks and dask reads those whole instead of fusing each slice into the read.
+    return tuple(np.asarray(p.compute() if hasattr(p, "dask") else p) for p in planes)
+
+
+def _check_nodules(nodules):
+    missing = [c for c in _NODULE_COLUMNS if c not in nodules.columns]
+    if missing:
+        raise ValueError(f"nodules lacks columns {missing!r}; it needs {list(_NODULE_COLUMNS)!r} "
+                         f"(voxel indices on the 2 mm grid and the diameter in mm)")
+
+
+def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), title=None) -> Path:
+    """Write a PNG with the axial, coronal and sagittal mid-planes.
+
+    Parameters
+    ----------
+    hu_2mm : (z, y, x) int16 array (numpy, dask or xarray)
+        The 2 mm volume in HU.
+    lungs : (z, y, x) bool array (numpy, dask or xarray)
+        The lung mask; its outline is drawn in red.
+    path : str or Path
+        Where the PNG goes (parent folders are created).
+    nodules : pandas.DataFrame, optional
+        One row per nodule with ``z_index, y_index, x_index`` (voxels of the
+        2 mm grid) and ``diameter_mm``; drawn as yellow circles, solid when
+        the nodule cuts the plane and dashed when only its projection does.
+    spacing : (float, float, float), optional
+        Voxel size in mm (z, y, x), for the aspect ratio and nodule radii.
+    title : str, optional
+        Figure title, e.g. the patient id.
+
+    Returns
+    -------
+    Path of the written PNG.
+    """
+    if tuple(np.shape(_plain(hu_2mm))) != tuple(np.shape(_plain(lungs))):
+        raise ValueError(f"hu_2mm shape {np.shape(_plain(hu_2mm))!r} and lungs shape "
+                         f"{np.shape(_plain(lungs))!r} differ; pass the mask of this volume")
+    if nodules is not None:
+        _check_nodules(nodules)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
+
+    shape = np.shape(_plain(hu_2mm))
+    centre = tuple(n // 2 for n in shape)
+    hu_planes = mid_planes(hu_2mm, centre=centre)
+    mask_planes = mid_planes(lungs, centre=centre)
+    sz, sy, sx = (float(s) for s in spacing)
+    # (plane, its (row, col) axes in the volume, aspect = row step / col step)
+    layout = [("axial", (1, 2), sy / sx), ("coronal", (0, 2), sz / sx), ("sagittal", (0, 1), sz / sy)]
+
+    fig = Figure(figsize=(12, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    for ax, (name, (row_axis, col_axis), aspect), image, mask in zip(axes, layout, hu_planes, mask_planes):
+        # z grows towards the head (slices sorted by ImagePositionPatient z),
+        # so coronal and sagittal planes put z = 0 at the bottom.
+        ax.imshow(image, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], aspect=aspect,
+                  interpolation="nearest", origin="upper" if name == "axial" else "lower")
+        if mask.any() and not mask.all():
+            # Data coordinates (x = column, y = row) match imshow whatever its origin.
+            ax.contour(mask.astype(np.uint8), levels=[0.5], colors="red", linewidths=0.8)
+        cut_axis = ({0, 1, 2} - {row_axis, col_axis}).pop()
+        ax.set_title(f"{name} ({'zyx'[cut_axis]} = {centre[cut_axis]}), lungs {int(mask.sum())} px")
+        ax.set_axis_off()
+        if nodules is not None:
+            steps = (sz, sy, sx)
+            for row in nodules.itertuples(index=False):
+                index = (row.z_index, row.y_index, row.x_index)
+                radius_mm = float(row.diameter_mm) / 2.0
+                offset_mm = abs(index[cut_axis] - centre[cut_axis]) * steps[cut_axis]
+                on_plane = offset_mm <= radius_mm
+                # matplotlib's circle is round in data units, so the radius is
+                # in column voxels; the aspect stretches rows to match.
+                ax.add_patch(Circle((index[col_axis], index[row_axis]),
+                                    max(radius_mm / steps[col_axis], 1.0) + 2.0, fill=False,
+                                    edgecolor="yellow", linewidth=1.2,
+                                    linestyle="-" if on_plane else "--"))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
