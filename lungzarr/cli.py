@@ -1,7 +1,6 @@
 """The ``lungzarr`` command line: thin, every command calls one library function."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -26,27 +25,8 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Redo patients already do
 PatientsOpt = typer.Option(None, "--patients", help="Only these patient ids (repeat the option).")
 
 
-@contextmanager
-def _progress(title: str, total: int):
-    """A rich progress bar fed by the library's ``progress(event, patient)`` callback."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(title, total=total, failed=0)
-        failed = 0
-
-        def update(event, patient):
-            nonlocal failed
-            if event == "failed":
-                failed += 1
-            bar.update(task, advance=1, failed=failed)
-
-        yield update
-
-
-def _stage_progress(titles):
-    """A rich Progress with one bar per stage; returns (context, factory)."""
+def _stage_progress(titles=()):
+    """A rich Progress that shows one bar per stage (see :func:`_progress_factory`)."""
     columns = (TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"),
                TimeRemainingColumn())
@@ -238,6 +218,33 @@ def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's 
     except (LungzarrError, OSError, ValueError) as exc:
         _fail(exc)
     raise typer.Exit(_print_summary([summary]))
+
+
+@app.command()
+def qc(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+       patient: str = typer.Argument(..., help="Patient id."),
+       output: Path = typer.Option(..., "-o", "--output", help="PNG to write.")):
+    """Axial, coronal and sagittal planes of one patient with the lung outline and nodules."""
+    from lungzarr.report import qc_patient
+
+    try:
+        path = qc_patient(store, patient, output)
+    except LungzarrError as exc:
+        _fail(exc)
+    console.print(f"QC picture written to {path}")
+
+
+@app.command()
+def report(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+           output: Path = typer.Option(..., "-o", "--output", help="HTML file; PNGs go to <name>_files/.")):
+    """A cohort QC report: per-patient views, nodule tables, cohort distributions, failures."""
+    from lungzarr.report import write_report
+
+    try:
+        path = write_report(store, output)
+    except LungzarrError as exc:
+        _fail(exc)
+    console.print(f"report written to {path}")
 
 
 @app.command()

@@ -54,7 +54,8 @@ def _check_nodules(nodules):
                          f"(voxel indices on the 2 mm grid and the diameter in mm)")
 
 
-def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), title=None) -> Path:
+def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), title=None,
+              centre=None) -> Path:
     """Write a PNG with the axial, coronal and sagittal mid-planes.
 
     Parameters
@@ -73,6 +74,9 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
         Voxel size in mm (z, y, x), for the aspect ratio and nodule radii.
     title : str, optional
         Figure title, e.g. the patient id.
+    centre : (int, int, int), optional
+        Voxel the three planes go through (e.g. the largest nodule); default
+        the middle of the volume.
 
     Returns
     -------
@@ -88,7 +92,7 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     from matplotlib.patches import Circle
 
     shape = np.shape(_plain(hu_2mm))
-    centre = tuple(n // 2 for n in shape)
+    centre = tuple(n // 2 for n in shape) if centre is None else tuple(int(c) for c in centre)
     hu_planes = mid_planes(hu_2mm, centre=centre)
     mask_planes = mid_planes(lungs, centre=centre)
     sz, sy, sx = (float(s) for s in spacing)

@@ -51,10 +51,9 @@ def _cohort_plots(patients, nodules, path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     kept = nodules[np.isclose(nodules.threshold, 0.5) & nodules.passes_dsb_filter] if len(nodules) else nodules
-    counts = (kept.groupby("patient").size().reindex(patients.patient, fill_value=0)
-              if len(patients) else np.array([]))
-    axes[0].hist(np.asarray(counts), bins=np.arange(0, max(5, int(np.max(counts, initial=0)) + 2)) - 0.5,
-                 color="tab:blue")
+    counts = (kept.groupby("patient").size().reindex(patients.patient, fill_value=0).to_numpy()
+              if len(patients) else np.zeros(0, dtype=int))
+    axes[0].hist(counts, bins=np.arange(0, max(5, int(counts.max(initial=0)) + 2)) - 0.5, color="tab:blue")
     axes[0].set_xlabel("nodules per patient (p > 0.5, DSB filter)")
     axes[0].set_ylabel("patients")
     volumes = patients.lung_volume_ml.dropna() if "lung_volume_ml" in patients else []

@@ -305,12 +305,16 @@ class CohortStore:
         import xarray as xr
 
         frame = frame.reset_index(drop=True)
-        ds = xr.Dataset.from_dataframe(frame.rename_axis(dim))
+        columns = [str(c) for c in frame.columns]
+        # A column named like the dimension (the patient id) becomes its coordinate.
+        indexed = frame.set_index(dim) if dim in frame.columns else frame.rename_axis(dim)
+        ds = xr.Dataset.from_dataframe(indexed)
         for col in frame.columns:
             if frame[col].dtype == object or str(frame[col].dtype).startswith(("string", "str")):
                 ds[col] = ds[col].astype(object)
-        ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__,
-                    "columns": [str(c) for c in frame.columns]}
+        if dim in frame.columns:
+            ds = ds.assign_coords({dim: ds[dim].astype(object)})
+        ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__, "columns": columns}
         ds.to_zarr(self.path, group=f"{TABLES_GROUP}/{name}", mode="w", consolidated=False, zarr_format=3)
 
     def read_table(self, name: str):
@@ -322,7 +326,9 @@ class CohortStore:
             return pd.DataFrame()
         ds = xr.open_dataset(self.path, group=f"{TABLES_GROUP}/{name}", engine="zarr", consolidated=False,
                              zarr_format=3)
-        frame = ds.to_dataframe().reset_index(drop=True)
+        columns = ds.attrs.get("columns")
+        frame = ds.to_dataframe()
+        frame = frame.reset_index(drop=not (columns and frame.index.name in columns))
         frame = frame[[c for c in ds.attrs.get("columns", frame.columns) if c in frame.columns]]
         for col in frame.columns:
             if frame[col].dtype == object or str(frame[col].dtype).startswith("str"):
