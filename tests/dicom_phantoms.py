@@ -7,12 +7,14 @@ broken archive would look.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
+from lungzarr import dicom
 from lungzarr.dicom import write_series
 
 #: (slice spacing, row spacing, column spacing) of the phantoms, in mm.
@@ -65,3 +67,16 @@ def truncate(path, *, keep_fraction: float = 0.99) -> int:
 def copy_tree(src, dst) -> Path:
     shutil.copytree(src, dst)
     return Path(dst)
+
+
+@functools.lru_cache(maxsize=2)
+def fixture_hu(folder: str):
+    """A real fixture's HU through the lazy chunked path, decoded once per test session.
+
+    Decoding the JPEG Lossless RICORD series costs ~3 s; several test modules use it.
+    The array is read-only.
+    """
+    series = dicom.read_series(folder)
+    hu = dicom.series_to_hu(series, chunk_slices=16).compute(scheduler="threads")
+    hu.setflags(write=False)
+    return hu, series.grid

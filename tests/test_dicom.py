@@ -1,7 +1,6 @@
 """DICOM reading: series choice, validation, HU conversion (ALGORITHMS.md §1), lazy decoding."""
 from __future__ import annotations
 
-import functools
 import warnings
 from pathlib import Path
 
@@ -13,20 +12,22 @@ import pytest
 from lungzarr import dicom
 from lungzarr.errors import PatientError
 
-from dicom_phantoms import SPACING, edit_header, make_patient, phantom_volume
+from dicom_phantoms import SPACING, edit_header, fixture_hu, make_patient, phantom_volume
 
 
 # ---------------------------------------------------------------------- an independent reference
 
-def reference_hu(folder) -> np.ndarray:
+def reference_hu(folder, *, every: int = 1) -> np.ndarray:
     """ALGORITHMS.md §1 written out straight with pydicom, as the original did it.
 
-    Reads every file of ``folder`` (one series, one acquisition), sorts by
+    Reads the files of ``folder`` (one series, one acquisition), sorts by
     ``float(ImagePositionPatient[2])``, stacks ``pixel_array`` as int16, sets
     stored -2000 to 0, then per slice: slope != 1 -> float64 multiply and back to
-    int16; add ``int16(intercept)``.
+    int16; add ``int16(intercept)``. ``every`` > 1 keeps every n-th slice in z
+    order (to spare decoding a long compressed series twice).
     """
-    slices = [pydicom.dcmread(p) for p in sorted(Path(folder).iterdir())]
+    slices = _files_in_z_order(folder)[::every]
+    slices = [pydicom.dcmread(s.filename) for s in slices]
     slices.sort(key=lambda s: float(s.ImagePositionPatient[2]))
     image = np.stack([s.pixel_array for s in slices]).astype(np.int16)
     image[image == -2000] = 0
@@ -37,15 +38,6 @@ def reference_hu(folder) -> np.ndarray:
             image[k] = image[k].astype(np.int16)
         image[k] += np.int16(intercept)
     return image
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_lazy_hu(folder: str):
-    """The fixture through the lazy path (decoding RICORD costs ~3 s: once per session)."""
-    series = dicom.read_series(folder)
-    hu = dicom.series_to_hu(series, chunk_slices=16).compute(scheduler="threads")
-    hu.setflags(write=False)
-    return hu, series.grid
 
 
 def _files_in_z_order(folder):
@@ -98,11 +90,13 @@ def test_lidc_has_no_acquisition_number_and_reads(lidc_dir):
 @pytest.mark.parametrize("which", ["lidc", "ricord"])
 def test_fixture_hu_equals_straight_computation(which, lidc_dir, ricord_dir):
     folder = {"lidc": lidc_dir, "ricord": ricord_dir}[which]
-    hu, grid = _cached_lazy_hu(str(folder))
-    expected = reference_hu(folder)
+    hu, grid = fixture_hu(str(folder))
+    every = {"lidc": 1, "ricord": 8}[which]
+    expected = reference_hu(folder, every=every)
     assert hu.dtype == np.int16
-    assert hu.shape == grid.shape == expected.shape
-    np.testing.assert_array_equal(hu, expected)
+    assert hu.shape == grid.shape
+    assert hu[::every].shape == expected.shape
+    np.testing.assert_array_equal(hu[::every], expected)
 
 
 @pytest.mark.requires_shared
@@ -110,7 +104,7 @@ def test_fixture_load_hu_equals_lazy_path(lidc_dir):
     # load_hu (whole series in memory) and series_to_hu (chunks) agree; RICORD is covered through
     # the straight computation above, which both paths equal.
     hu, grid = dicom.load_hu(lidc_dir)
-    lazy, lazy_grid = _cached_lazy_hu(str(lidc_dir))
+    lazy, lazy_grid = fixture_hu(str(lidc_dir))
     np.testing.assert_array_equal(hu, lazy)
     assert grid == lazy_grid
 
@@ -124,7 +118,7 @@ def test_ricord_padding_becomes_intercept(ricord_dir):
     stored = first.pixel_array
     padding = stored == dicom.PADDING_VALUE
     assert padding.any()
-    hu, _ = _cached_lazy_hu(str(ricord_dir))
+    hu, _ = fixture_hu(str(ricord_dir))
     assert np.all(hu[0][padding] == np.int16(first.RescaleIntercept))
     # Everywhere else it is stored + intercept (slope 1 on this series).
     np.testing.assert_array_equal(hu[0][~padding], (stored[~padding] + int(first.RescaleIntercept)).astype(np.int16))
