@@ -163,15 +163,13 @@ def test_resample_rejects_bad_arguments():
         resample_to_2mm(da.zeros((2, 1, 8), dtype=np.int16), Grid((2, 1, 8), (0.0, 0.0, 0.0), (2.5, 1.0, 1.0)))
 
 
-@pytest.mark.parametrize("n_slices", [1, 2, 3, 5, 9])
-@pytest.mark.parametrize("spacing", [1.0, 2.5, 5.0])
+@pytest.mark.parametrize("n_slices, spacing", [(n, s) for n in (1, 2, 3, 5, 9) for s in (1.0, 2.5, 5.0)
+                                               if round(n * s / 2) >= 1])
 def test_tiny_volumes_agree(n_slices, spacing):
     # Windows that reach both ends of the volume at once, single output slices, single input slices.
     rng = np.random.default_rng(n_slices)
     hu = rng.integers(-1000, 1500, size=(n_slices, 9, 10)).astype(np.int16)
     grid = Grid(hu.shape, (0.0, 0.0, 0.0), (spacing, 0.9, 0.8))
-    if resampled_shape(hu.shape, grid.spacing)[0] < 1:
-        pytest.skip("resamples to no slice")
     whole, _ = resample_to_2mm_numpy(hu, grid)
     for chunk_slices in (1, 3):
         lazy, _ = chunked(hu, grid, chunk_slices=chunk_slices, input_chunks=2)
