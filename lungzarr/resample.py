@@ -31,7 +31,7 @@ def spline_halo_depth(*, tolerance_hu: float = 0.01, value_range: float = _HU_RA
 
     A window edge perturbs the prefiltered coefficients by at most
     ``value_range * |pole|**k`` at ``k`` slices from the edge; the spline
-    support adds 2 slices. ``tolerance_hu=0.01`` gives 12 slices.
+    support adds 2 slices. ``tolerance_hu=0.01`` gives 13 slices.
     """
     if tolerance_hu <= 0:
         raise ValueError(f"tolerance_hu must be positive, got {tolerance_hu!r}")

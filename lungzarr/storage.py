@@ -12,7 +12,7 @@ The only module of lungzarr that imports zarr. Layout::
 A stage of a patient is *complete* only once all its arrays are written: the
 stage marker (group attribute ``lungzarr:stages``) is set after the write, so
 an interrupted write leaves an incomplete stage, which the next run removes and
-redoes. Failures are kept in the root attribute ``lungzarr:failures``.
+redoes (the next run that holds the writer lock: a refused writer touches nothing). Failures are kept in the root attribute ``lungzarr:failures``.
 """
 from __future__ import annotations
 
@@ -115,7 +115,11 @@ class CohortStore:
                     root.create_group(name)
 
     def _recover_staging(self) -> None:
-        """Finish the swap of a staged patient that a killed run had completed; drop the rest."""
+        """Finish the swap of a staged patient that a killed run had completed; drop the rest.
+
+        Called by :meth:`lock` once the lock is held: staged groups belong to
+        the run holding the lock, so only the next writer may clean them up.
+        """
         staging = self.path / STAGING_GROUP
         for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
             attrs = dict(self._group(f"{STAGING_GROUP}/{folder.name}", mode="r").attrs) \
@@ -386,7 +390,8 @@ class CohortStore:
             fh.flush()
             # Only the lock holder may touch staged groups: finish or drop what a
             # killed run left there.
-            self._recover_staging()
+            if self.mode == "a":
+                self._recover_staging()
             yield self
         finally:
             try:

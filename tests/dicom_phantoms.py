@@ -1,0 +1,82 @@
+"""Small synthetic DICOM patients for the ingest tests (not a test module).
+
+Volumes are tiny (12 slices of 64 x 64 by default) so a whole cohort of them
+ingests in well under a second. Every helper writes real DICOM files with
+:func:`lungzarr.dicom.write_series` and edits headers with pydicom, the way a
+broken archive would look.
+"""
+from __future__ import annotations
+
+import functools
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from lungzarr import dicom
+from lungzarr.dicom import write_series
+
+#: (slice spacing, row spacing, column spacing) of the phantoms, in mm.
+SPACING = (2.5, 0.75, 0.75)
+
+
+def phantom_volume(n_slices: int = 12, size: int = 64, *, seed: int = 0) -> np.ndarray:
+    """A chest-like int16 HU volume: air, a soft-tissue body, two dark lungs, noise."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[0:n_slices, 0:size, 0:size].astype(np.float64)
+    c = (size - 1) / 2.0
+    r = np.hypot(y - c, (x - c) * 0.8)
+    hu = np.full((n_slices, size, size), -1000.0)
+    hu[r < 0.45 * size] = 40.0
+    for side in (-1, 1):
+        lung = np.hypot(y - c, x - c - side * 0.2 * size) < 0.15 * size
+        hu[lung] = -850.0
+    hu += rng.normal(0.0, 20.0, hu.shape) + 3.0 * z
+    return np.clip(np.rint(hu), -1024, 3000).astype(np.int16)
+
+
+def make_patient(folder, *, n_slices: int = 12, size: int = 64, spacing=SPACING, origin=(-100.0, -20.0, -30.0),
+                 seed: int = 0, **kwargs) -> list[Path]:
+    """Write one phantom patient (an axial series) into ``folder``; return its files in z order."""
+    return write_series(phantom_volume(n_slices, size, seed=seed), folder, spacing=spacing, origin=origin,
+                        patient_id=Path(folder).name, **kwargs)
+
+
+def edit_header(path, **values) -> None:
+    """Set (or, with value None, delete) DICOM attributes of one file in place."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+def truncate(path, *, keep_fraction: float = 0.99) -> int:
+    """Cut the end off a file (its pixel data), as an interrupted download does; return the new size."""
+    path = Path(path)
+    data = path.read_bytes()
+    keep = int(len(data) * keep_fraction)
+    path.write_bytes(data[:keep])
+    return keep
+
+
+def copy_tree(src, dst) -> Path:
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+@functools.lru_cache(maxsize=2)
+def fixture_hu(folder: str):
+    """A real fixture's HU through the lazy chunked path, decoded once per test session.
+
+    Decoding the JPEG Lossless RICORD series costs ~3 s; several test modules use it.
+    The array is read-only.
+    """
+    series = dicom.read_series(folder)
+    hu = dicom.series_to_hu(series, chunk_slices=16).compute(scheduler="threads")
+    hu.setflags(write=False)
+    return hu, series.grid

@@ -1,0 +1,356 @@
+"""DICOM reading: series choice, validation, HU conversion (ALGORITHMS.md §1), lazy decoding."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import dask
+import numpy as np
+import pydicom
+import pytest
+
+from lungzarr import dicom
+from lungzarr.errors import PatientError
+
+from dicom_phantoms import SPACING, edit_header, fixture_hu, make_patient, phantom_volume
+
+
+# ---------------------------------------------------------------------- an independent reference
+
+def reference_hu(folder, *, every: int = 1) -> np.ndarray:
+    """ALGORITHMS.md §1 written out straight with pydicom, as the original did it.
+
+    Reads the files of ``folder`` (one series, one acquisition), sorts by
+    ``float(ImagePositionPatient[2])``, stacks ``pixel_array`` as int16, sets
+    stored -2000 to 0, then per slice: slope != 1 -> float64 multiply and back to
+    int16; add ``int16(intercept)``. ``every`` > 1 keeps every n-th slice in z
+    order (to spare decoding a long compressed series twice).
+    """
+    slices = _files_in_z_order(folder)[::every]
+    slices = [pydicom.dcmread(s.filename) for s in slices]
+    slices.sort(key=lambda s: float(s.ImagePositionPatient[2]))
+    image = np.stack([s.pixel_array for s in slices]).astype(np.int16)
+    image[image == -2000] = 0
+    for k, s in enumerate(slices):
+        slope, intercept = s.RescaleSlope, s.RescaleIntercept
+        if slope != 1:
+            image[k] = slope * image[k].astype(np.float64)
+            image[k] = image[k].astype(np.int16)
+        image[k] += np.int16(intercept)
+    return image
+
+
+def _files_in_z_order(folder):
+    files = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(Path(folder).iterdir())]
+    return sorted(files, key=lambda ds: float(ds.ImagePositionPatient[2]))
+
+
+# ---------------------------------------------------------------------- real fixtures
+
+@pytest.mark.requires_shared
+@pytest.mark.parametrize("which", ["lidc", "ricord"])
+def test_fixture_series_header_facts(which, lidc_dir, ricord_dir):
+    folder = {"lidc": lidc_dir, "ricord": ricord_dir}[which]
+    headers = _files_in_z_order(folder)
+    series = dicom.read_series(folder)
+
+    first = headers[0]
+    ipp = [float(v) for v in first.ImagePositionPatient]
+    row_mm, col_mm = (float(v) for v in first.PixelSpacing)
+    z = np.array([float(ds.ImagePositionPatient[2]) for ds in headers])
+
+    assert series.patient == Path(folder).name
+    assert series.shape == (len(headers), int(first.Rows), int(first.Columns))
+    assert series.slice_spacing == pytest.approx(abs(z[1] - z[0]))
+    assert series.spacing == pytest.approx((abs(z[1] - z[0]), row_mm, col_mm))
+    # Grid in patient millimetres: origin = IPP of the lowest slice (z, y, x), steps from IPP and PixelSpacing.
+    assert series.grid.origin == pytest.approx((z[0], ipp[1], ipp[0]))
+    assert series.grid.step == pytest.approx(((z[-1] - z[0]) / (len(z) - 1), row_mm, col_mm))
+    np.testing.assert_allclose(series.grid.axis(0), z, atol=1e-6)
+    assert dicom.sop_uids(series) == [str(ds.SOPInstanceUID) for ds in headers]
+    assert series.reason.startswith("the only axial CT series")
+    assert series.skipped == []
+    prov = series.provenance()
+    assert prov["series_instance_uid"] == str(first.SeriesInstanceUID)
+    assert prov["n_files_used"] == len(headers)
+    assert prov["transfer_syntax"] == str(first.file_meta.TransferSyntaxUID)
+
+
+@pytest.mark.requires_shared
+def test_lidc_has_no_acquisition_number_and_reads(lidc_dir):
+    # The original raised AttributeError here (x.AcquisitionNumber); lungzarr treats it as one acquisition.
+    assert all("AcquisitionNumber" not in ds for ds in _files_in_z_order(lidc_dir))
+    series = dicom.read_series(lidc_dir)
+    assert series.headers[0].acquisition is None
+    assert series.shape == (16, 512, 512)
+    assert series.spacing == pytest.approx((2.5, 0.703125, 0.703125))
+
+
+@pytest.mark.requires_shared
+@pytest.mark.parametrize("which", ["lidc", "ricord"])
+def test_fixture_hu_equals_straight_computation(which, lidc_dir, ricord_dir):
+    folder = {"lidc": lidc_dir, "ricord": ricord_dir}[which]
+    hu, grid = fixture_hu(str(folder))
+    every = {"lidc": 1, "ricord": 8}[which]
+    expected = reference_hu(folder, every=every)
+    assert hu.dtype == np.int16
+    assert hu.shape == grid.shape
+    assert hu[::every].shape == expected.shape
+    np.testing.assert_array_equal(hu[::every], expected)
+
+
+@pytest.mark.requires_shared
+def test_fixture_load_hu_equals_lazy_path(lidc_dir):
+    # load_hu (whole series in memory) and series_to_hu (chunks) agree; RICORD is covered through
+    # the straight computation above, which both paths equal.
+    hu, grid = dicom.load_hu(lidc_dir)
+    lazy, lazy_grid = fixture_hu(str(lidc_dir))
+    np.testing.assert_array_equal(hu, lazy)
+    assert grid == lazy_grid
+
+
+@pytest.mark.requires_shared
+def test_ricord_padding_becomes_intercept(ricord_dir):
+    # RICORD stores the cylinder padding as -2000 (signed, JPEG Lossless): it must become 0 + intercept.
+    headers = _files_in_z_order(ricord_dir)
+    first = pydicom.dcmread(headers[0].filename)
+    assert str(first.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+    stored = first.pixel_array
+    padding = stored == dicom.PADDING_VALUE
+    assert padding.any()
+    hu, _ = fixture_hu(str(ricord_dir))
+    assert np.all(hu[0][padding] == np.int16(first.RescaleIntercept))
+    # Everywhere else it is stored + intercept (slope 1 on this series).
+    np.testing.assert_array_equal(hu[0][~padding], (stored[~padding] + int(first.RescaleIntercept)).astype(np.int16))
+    assert hu.min() >= -1024  # nothing of the padding survives as -3024
+
+
+# ---------------------------------------------------------------------- HU conversion on hand-made files
+
+def _rewrite_pixels(path, stored, *, slope, intercept, signed=True):
+    """Replace a file's pixel data by ``stored`` values with the given rescale."""
+    ds = pydicom.dcmread(path)
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = np.asarray(stored, dtype=np.int16 if signed else np.uint16).tobytes()
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = intercept
+    ds.save_as(path)
+
+
+def test_hu_padding_rule_and_per_slice_slope(tmp_path):
+    folder = tmp_path / "P"
+    paths = make_patient(folder, n_slices=4, size=16)
+    rng = np.random.default_rng(3)
+    stored = rng.integers(-1500, 2500, size=(4, 16, 16)).astype(np.int16)
+    stored[:, 0, :3] = -2000           # cylinder padding in every slice
+    stored[:, 1, 0] = -3               # slope 0.5: -1.5 truncates to -1 (toward zero, not floor)
+    stored[:, 1, 1] = 7                # slope 0.5: 3.5 truncates to 3
+    rescale = [(1.0, -1024.0), (0.5, -1000.0), (2.0, 0.0), (1.0, -1024.0)]
+    for p, s, (slope, intercept) in zip(paths, stored, rescale):
+        _rewrite_pixels(p, s, slope=slope, intercept=intercept)
+
+    hu, _ = dicom.load_hu(folder)
+    np.testing.assert_array_equal(hu, reference_hu(folder))
+    # The rule spelled out on single voxels.
+    assert np.all(hu[:, 0, :3] == np.array([-1024, -1000, 0, -1024])[:, None])  # -2000 -> 0, then rescale
+    assert hu[1, 1, 0] == -1 - 1000 and hu[1, 1, 1] == 3 - 1000
+    assert hu[2, 1, 0] == -6 and hu[2, 1, 1] == 14
+    assert hu[0, 1, 0] == -3 - 1024
+    # Slopes are per slice (the original's 31.01.2017 fix), recorded in the provenance.
+    series = dicom.read_series(folder)
+    assert series.provenance()["rescale_slopes"] == [0.5, 1.0, 2.0]
+
+
+def test_hu_unsigned_storage_is_cast_to_int16_first(tmp_path):
+    # Unsigned stored values above 32767 wrap in the int16 cast, exactly as the original's astype(np.int16).
+    folder = tmp_path / "P"
+    volume = phantom_volume(3, 16).astype(np.int32)
+    volume[1, 5, 5] = 40000 - 1024      # stored 40000 (uint16)
+    dicom.write_series(volume, folder, spacing=SPACING)
+    hu, _ = dicom.load_hu(folder)
+    np.testing.assert_array_equal(hu, reference_hu(folder))
+    assert hu[1, 5, 5] == np.int16(np.uint16(40000).astype(np.int16) - 1024)
+    np.testing.assert_array_equal(hu[0], volume[0])     # ordinary values round-trip write_series
+
+
+def test_write_series_round_trips_hu_and_grid(tmp_path):
+    volume = phantom_volume(5, 20, seed=4)
+    dicom.write_series(volume, tmp_path / "P", spacing=(1.25, 0.8, 0.9), origin=(-50.0, 10.0, -20.0))
+    hu, grid = dicom.load_hu(tmp_path / "P")
+    np.testing.assert_array_equal(hu, volume)
+    assert grid.shape == volume.shape
+    assert grid.origin == pytest.approx((-50.0, 10.0, -20.0))
+    assert grid.step == pytest.approx((1.25, 0.8, 0.9))
+
+
+def test_slices_sorted_by_position_not_file_name(tmp_path):
+    folder = tmp_path / "P"
+    volume = phantom_volume(6, 16, seed=5)
+    # File names run against z: 0005.dcm is the lowest slice.
+    dicom.write_series(volume, folder, spacing=SPACING, filename="tmp{index:04d}.dcm")
+    for k in range(6):
+        (folder / f"tmp{k:04d}.dcm").rename(folder / f"{5 - k:04d}.dcm")
+    hu, grid = dicom.load_hu(folder)
+    np.testing.assert_array_equal(hu, volume)
+    assert grid.step[0] > 0
+
+
+# ---------------------------------------------------------------------- series choice
+
+def test_several_series_in_one_folder_most_slices_wins(tmp_path):
+    folder = tmp_path / "P"
+    thin = make_patient(folder, n_slices=12, filename="thin{index:03d}.dcm", series_uid="1.2.3.4.100")
+    thick = make_patient(folder, n_slices=5, spacing=(5.0, 0.75, 0.75), filename="thick{index:03d}.dcm",
+                         series_uid="1.2.3.4.200")
+    series = dicom.read_series(folder)
+    assert series.paths == [str(p) for p in thin]
+    assert series.headers[0].series_uid == "1.2.3.4.100"
+    assert "most slices (12)" in series.reason and "5 slices" in series.reason
+    skipped = dict(series.skipped)
+    assert set(skipped) == {str(p) for p in thick}
+    assert all("not chosen" in why for why in skipped.values())
+
+
+@pytest.mark.parametrize("sizes, expected", [((6, 9), 2), ((9, 6), 1), ((7, 7), 2)])
+def test_two_acquisitions_most_slices_then_later(tmp_path, sizes, expected):
+    folder = tmp_path / "P"
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    made = {}
+    for acq, n in zip((1, 2), sizes):
+        made[acq] = make_patient(folder, n_slices=n, acquisition=acq, series_uid=uid,
+                                 origin=(-100.0 + 0.3 * acq, -20.0, -30.0), filename=f"a{acq}_{{index:03d}}.dcm")
+    series = dicom.read_series(folder)
+    assert series.headers[0].acquisition == expected
+    assert series.paths == [str(p) for p in made[expected]]
+    if sizes[0] == sizes[1]:
+        assert "later acquisition on a tie" in series.reason
+
+
+@pytest.mark.requires_shared
+@pytest.mark.parametrize("other_slices, lidc_chosen", [(10, True), (16, False), (20, False)])
+def test_missing_acquisition_number_is_one_acquisition(tmp_path, lidc_dir, other_slices, lidc_chosen):
+    # LIDC files (no AcquisitionNumber) beside a numbered acquisition of the same series: the missing
+    # number is an acquisition of its own, ranked below any number on a tie.
+    folder = tmp_path / "P"
+    folder.mkdir()
+    lidc = _files_in_z_order(lidc_dir)
+    for ds in lidc:
+        (folder / Path(ds.filename).name).write_bytes(Path(ds.filename).read_bytes())
+    make_patient(folder, n_slices=other_slices, size=512, acquisition=3, series_uid=str(lidc[0].SeriesInstanceUID),
+                 spacing=(2.5, 0.703125, 0.703125), origin=(-400.0, -171.7, -166.0), filename="acq3_{index:03d}.dcm")
+    series = dicom.read_series(folder)
+    assert (series.headers[0].acquisition is None) == lidc_chosen
+    assert len(series.headers) == (16 if lidc_chosen else other_slices)
+    assert len(series.skipped) == (other_slices if lidc_chosen else 16)
+
+
+def test_localizer_and_non_axial_images_are_dropped(tmp_path):
+    folder = tmp_path / "P"
+    axial = make_patient(folder, n_slices=8)
+    scout = make_patient(tmp_path / "scout", n_slices=1, size=32, filename="scout.dcm")[0]
+    edit_header(scout, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    sagittal = make_patient(tmp_path / "sag", n_slices=3, filename="sag{index}.dcm")
+    for p in sagittal:
+        edit_header(p, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    for p in [scout, *sagittal]:
+        p.rename(folder / p.name)
+    series = dicom.read_series(folder)
+    assert series.paths == [str(p) for p in axial]
+    reasons = dict(series.skipped)
+    assert "localizer" in reasons[str(folder / "scout.dcm")]
+    assert all("not an axial image" in reasons[str(folder / p.name)] for p in sagittal)
+    assert series.provenance()["n_files_skipped"] == 4
+
+
+def test_nested_patient_study_series_tree(tmp_path):
+    patient = tmp_path / "P7"
+    main = make_patient(patient / "study1" / "series_axial", n_slices=10)
+    make_patient(patient / "study1" / "series_thick", n_slices=3, spacing=(5.0, 0.75, 0.75))
+    (patient / "study1" / "README.txt").write_text("exported by a PACS\n")
+    (patient / "DICOMDIR.json").write_text("{}")
+    with pytest.warns(UserWarning, match="ignored 2 non-DICOM file"):
+        series = dicom.read_series(patient)
+    assert series.patient == "P7"
+    assert series.paths == [str(p) for p in main]
+    reasons = dict(series.skipped)
+    assert reasons[str(patient / "study1" / "README.txt")] == "not a DICOM file"
+    assert len(series.skipped) == 2 + 3
+
+
+def test_exact_duplicate_file_is_skipped_not_an_error(tmp_path):
+    folder = tmp_path / "P"
+    paths = make_patient(folder, n_slices=6)
+    (folder / "copy_of_0002.dcm").write_bytes(paths[2].read_bytes())
+    series = dicom.read_series(folder)
+    assert len(series.headers) == 6
+    assert any("same SOPInstanceUID" in why for _, why in series.skipped)
+
+
+def test_read_series_errors_name_the_file(tmp_path):
+    folder = tmp_path / "P"
+    paths = make_patient(folder, n_slices=5)
+    edit_header(paths[3], ImagePositionPatient=None)
+    with pytest.raises(PatientError) as info:
+        dicom.read_series(folder)
+    assert info.value.file == str(paths[3])
+    assert info.value.patient == "P" and info.value.stage == "ingest"
+    assert "ImagePositionPatient" in str(info.value)
+
+
+# ---------------------------------------------------------------------- laziness
+
+def test_read_series_reads_headers_only(tmp_path, monkeypatch):
+    make_patient(tmp_path / "P", n_slices=6)
+    calls = []
+    real = pydicom.dcmread
+
+    def spy(path, *args, **kwargs):
+        calls.append(kwargs.get("stop_before_pixels", False))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", spy)
+    dicom.read_series(tmp_path / "P")
+    assert len(calls) >= 6 and all(calls)
+
+
+@pytest.mark.parametrize("chunk_slices", [1, 5, 16])
+def test_series_to_hu_is_lazy_and_equals_load_hu(tmp_path, monkeypatch, chunk_slices):
+    make_patient(tmp_path / "P", n_slices=12)
+    series = dicom.read_series(tmp_path / "P")
+    decoded = []
+    real = dicom.decode_slices_to_hu
+
+    def counting(paths, *args, **kwargs):
+        decoded.append(len(paths))
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(dicom, "decode_slices_to_hu", counting)
+    hu = dicom.series_to_hu(series, chunk_slices=chunk_slices)
+    assert isinstance(hu, dask.array.Array)
+    assert hu.dtype == np.int16 and hu.shape == series.shape
+    assert hu.chunks[0] == dicom.z_chunks(12, chunk_slices)
+    assert hu.chunks[1:] == ((64,), (64,))
+    assert decoded == []                       # building the graph decodes nothing
+    one_chunk = hu[:chunk_slices].compute(scheduler="sync")
+    assert decoded == [min(chunk_slices, 12)]  # a chunk decodes only its own files
+    values = hu.compute(scheduler="sync")
+    assert sum(decoded) == 12 + min(chunk_slices, 12)
+    monkeypatch.undo()
+    expected, _ = dicom.load_hu(tmp_path / "P")
+    np.testing.assert_array_equal(values, expected)
+    np.testing.assert_array_equal(one_chunk, expected[:chunk_slices])
+
+
+def test_decode_error_inside_a_chunk_names_the_file(tmp_path):
+    paths = make_patient(tmp_path / "P", n_slices=6)
+    series = dicom.read_series(tmp_path / "P")
+    data = paths[4].read_bytes()
+    paths[4].write_bytes(data[: len(data) - 1000])
+    hu = dicom.series_to_hu(series, chunk_slices=2)
+    hu[:4].compute(scheduler="sync")          # the other chunks still decode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(PatientError) as info:
+            hu.compute(scheduler="sync")
+    assert info.value.file == str(paths[4])
+    assert "truncated" in info.value.reason and "replace it" in info.value.reason
