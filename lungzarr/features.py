@@ -41,6 +41,7 @@ __all__ = [
     "lung_measures",
     "legacy_nodules",
     "dsb2017_features",
+    "dsb2017_table",
     "dsb2017_inputs",
     "segment_ranges",
 ]
@@ -176,11 +177,11 @@ def legacy_nodules(pms, ims, threshold: float, *, centre=(0.0, 0.0, 0.0)) -> pd.
 def _describe_columns(values, part: str) -> list[tuple[str, object]]:
     # hu_describe's keys came out in sorted order (old pandas sorted dict keys).
     stats = describe_legacy(values)
-    columns = []
-    for name in sorted(HU_STAT_NAMES):
-        value = stats[name]
-        columns.append((f"{name}_{part}", int(value) if name == "vol" else float(value)))
-    return columns
+    if len(values) == 0:
+        # hu_describe([]) filled its frame with the int -7777: int64 columns.
+        return [(f"{name}_{part}", int(MISSING)) for name in sorted(HU_STAT_NAMES)]
+    return [(f"{name}_{part}", int(stats[name]) if name == "vol" else float(stats[name]))
+            for name in sorted(HU_STAT_NAMES)]
 
 
 def _keras8_0313_columns(ims, ims_seg, pmav, measures) -> list[tuple[str, object]]:
@@ -197,12 +198,12 @@ def _keras8_0313_columns(ims, ims_seg, pmav, measures) -> list[tuple[str, object
                 # Area-weighted centres in label order (before the sort below).
                 area = kept["area"].to_numpy(dtype=np.float64)
                 weight = area.sum()
-                zrel = np.sum(area * kept["zcenter"].to_numpy()) / weight / seg_ims.shape[0]
+                zrel = float(np.sum(area * kept["zcenter"].to_numpy()) / weight / seg_ims.shape[0])
                 yweighted = np.sum(area * kept["ycenter"].to_numpy()) / weight
-                yrel = yweighted / height
-                xrel = yweighted / width  # quirk: the original used y for xrel
+                yrel = float(yweighted / height)
+                xrel = float(yweighted / width)  # quirk: the original used y for xrel
             else:
-                zrel = yrel = xrel = float(MISSING)
+                zrel = yrel = xrel = int(MISSING)  # the original's int -7777
             # Explicit stable sort: ties keep label order.
             order = np.argsort(-kept["diameter"].to_numpy(), kind="stable")
             kept = kept.iloc[order]
@@ -217,9 +218,9 @@ def _keras8_0313_columns(ims, ims_seg, pmav, measures) -> list[tuple[str, object
                     columns += [(f"{col}_{npart}", float(row[col])) for col in _NODULE_COLUMNS]
                 else:
                     columns += _describe_columns(np.zeros(0, dtype=np.float32), npart)
-                    columns += [(f"{col}_{npart}", float(MISSING)) for col in _NODULE_COLUMNS]
-            columns += [(f"zrel_{part}_ns", float(zrel)), (f"yrel_{part}_ns", float(yrel)),
-                        (f"xrel_{part}_ns", float(xrel)), (f"ncount_{part}", int(len(kept)))]
+                    columns += [(f"{col}_{npart}", int(MISSING)) for col in _NODULE_COLUMNS]
+            columns += [(f"zrel_{part}_ns", zrel), (f"yrel_{part}_ns", yrel),
+                        (f"xrel_{part}_ns", xrel), (f"ncount_{part}", int(len(kept)))]
         columns += [(f"{name}_{segment}", measures[f"{name}_{segment}"])
                     for name in ("lvol", "emphy", "emphy2")]
     return columns
@@ -243,13 +244,13 @@ def _base8_columns(ims, pmav, measures) -> list[tuple[str, object]]:
                 zcentres = cands["zcenter"].to_numpy()
                 # Python's sum over the components, in label order.
                 zweighted = sum(float(a) * float(z) for a, z in zip(area, zcentres)) / int(area.sum())
-                zrel = zweighted / seg_ims.shape[0]
+                zrel = float(zweighted / seg_ims.shape[0])
                 hu_largest = cands["hu"].iloc[largest]
             else:
-                zrel = -777.0
+                zrel = -777  # int, as the original's
                 hu_largest = np.zeros(0, dtype=np.float32)
             block += _describe_columns(hu_largest, f"{part}_n1")
-            block += [(f"zrel_{part}_n1", float(zrel)), (f"ncount_{part}", int(len(cands)))]
+            block += [(f"zrel_{part}_n1", zrel), (f"ncount_{part}", int(len(cands)))]
             accumulated += block
         columns += accumulated
         columns += [(f"{name}_{segment}", measures[f"{name}_{segment}"])
@@ -300,6 +301,11 @@ def dsb2017_features(images_norm, segmented_norm, pmav, *, cancer: int = -777,
         reference CSVs spell it). Counts are
         int64, everything else float64 holding the original's float32 or
         float64 values exactly; -7777 marks a missing nodule or statistic.
+        Column dtypes are those of the original's one-patient frame: a
+        missing value is the int -7777 (int64 column), as ``hu_describe([])``
+        and the original's ``= -7777`` assignments made it, and -777 for a
+        missing ``zrel_*_n1`` of base_8. Concatenate patients with
+        :func:`dsb2017_table`, which types the columns as the original's CSVs.
 
     Notes
     -----
@@ -341,6 +347,37 @@ def dsb2017_features(images_norm, segmented_norm, pmav, *, cancer: int = -777,
     row = pd.DataFrame([[value for _, value in columns]], columns=names,
                        index=pd.Index([patient], name="id"))
     return row
+
+
+def dsb2017_table(rows) -> pd.DataFrame:
+    """Patient rows of :func:`dsb2017_features` as one table, typed as the original's CSVs.
+
+    Parameters
+    ----------
+    rows : iterable of pandas.DataFrame
+        One-row frames of the same format, in the order to write.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The rows concatenated as the original's ``pd.concat(frames)``: a
+        column stays int64 only where it is int64 in every row, otherwise it
+        becomes float64. So a missing value prints as ``-7777`` in the CSV
+        only where no patient of the table has that value (say nodule n3 of
+        a (segment, threshold)) and as ``-7777.0`` where any other patient
+        has it. A patient's CSV text therefore depends on the cohort it was
+        written with; the values do not.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("rows is empty; pass at least one dsb2017_features row")
+    columns = rows[0].columns
+    for k, row in enumerate(rows):
+        if not isinstance(row, pd.DataFrame) or not row.columns.equals(columns):
+            raise ValueError(f"rows[{k}] must be a dsb2017_features frame with the columns of "
+                             f"rows[0]; mix no formats (got {type(row).__name__} with "
+                             f"{getattr(row, 'shape', None)!r})")
+    return pd.concat(rows)
 
 
 def dsb2017_inputs(hu, segmented, prob_windows, *, box=None):

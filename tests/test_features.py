@@ -9,17 +9,19 @@ refactor never found (-777) and the labels CSV gives (1).
 from __future__ import annotations
 
 import csv
+import io
 
 import numpy as np
 import pytest
 import scipy.stats
 
-from conftest import DSB_PATIENT
+from conftest import DSB_DIR, DSB_PATIENT, shared_path
 from lungzarr.components import describe_legacy, pix_to_hu
 from lungzarr.features import (
     DSB_THRESHOLDS,
     dsb2017_features,
     dsb2017_inputs,
+    dsb2017_table,
     lung_measures,
 )
 from lungzarr.legacy import read_legacy_patient
@@ -31,6 +33,11 @@ REFERENCES = {
     "base_8": "features_base_8.csv",
 }
 RTOL = 1e-6
+#: The other patient of the refactor's run: its CSVs (from which the reference
+#: rows come) are pd.concat of both patients' frames, and that fixes which
+#: -7777 print as integers. Its inputs, from tjvananne/kaggle_dsb2017
+#: tjv_materials/02_generate_features/input/, must sit beside DSB_PATIENT's.
+DSB_PARTNER = "0bd0e3056cbf23a1cb7f0f0b18446068"
 
 
 def read_reference(path):
@@ -43,7 +50,6 @@ def read_reference(path):
 
 @pytest.fixture(scope="module")
 def dsb_inputs(request):
-    from conftest import DSB_DIR, shared_path
     root = shared_path(DSB_DIR)
     patient = read_legacy_patient(root / "input", DSB_PATIENT)
     # §7: the unsegmented volume is not shipped; the segmented one stands in.
@@ -102,6 +108,58 @@ def test_refactor_label_reproduces_row_bit_for_bit(dsb_inputs):
     row = dsb2017_features(*inputs, fmt="keras8_0313", patient=uid)  # default cancer=-777
     exact, worst, failures = compare(row, names, values)
     assert failures == [] and exact == len(names) == 2525
+
+
+def reference_text(reference_dir, fmt):
+    with open(reference_dir / REFERENCES[fmt], newline="") as handle:
+        return handle.read()
+
+
+def csv_text(frame):
+    buffer = io.StringIO()
+    frame.to_csv(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.requires_shared
+@pytest.mark.parametrize("fmt", list(REFERENCES))
+def test_reference_text_differs_only_by_cohort_upcasts(dsb_inputs, fmt):
+    # Alone, the patient's row prints every missing value as the original's
+    # int -7777 (or -777). The reference row was written in a two-patient
+    # table, where pd.concat made float64 every column the other patient had
+    # a value in. Those upcasts must be the only difference, and only ever
+    # at missing values: promoting exactly them gives the reference text.
+    reference_dir, _, inputs = dsb_inputs
+    text = reference_text(reference_dir, fmt)
+    row = dsb2017_features(*inputs, cancer=-777, fmt=fmt, patient=DSB_PATIENT)
+    assert csv_text(dsb2017_table([row])) == csv_text(row) != text
+    _, ref_fields = list(csv.reader(io.StringIO(text)))
+    _, my_fields = list(csv.reader(io.StringIO(csv_text(row))))
+    upcast = [name for name, mine, ref in zip(row.columns, my_fields[1:], ref_fields[1:])
+              if mine != ref]
+    assert upcast, "the fixture must exercise the cohort upcast"
+    assert all(row[name].dtype == np.int64 for name in upcast)
+    assert set(row.iloc[0][upcast]) <= {-7777, -777}
+    assert csv_text(row.astype({name: np.float64 for name in upcast})) == text
+    # An integer in the reference is an integer in the row: concat never narrows.
+    integer_in_ref = [name for name, ref in zip(row.columns, ref_fields[1:])
+                      if ref.lstrip("-").isdigit()]
+    assert all(row[name].dtype == np.int64 for name in integer_in_ref)
+
+
+@pytest.mark.requires_shared
+@pytest.mark.parametrize("fmt", list(REFERENCES))
+def test_reference_text_exact_in_the_refactors_cohort(dsb_inputs, fmt):
+    reference_dir, _, inputs = dsb_inputs
+    partner_dir = reference_dir.parent / "input"
+    shared_path(partner_dir / "stage1_segmented_2x2x2" / f"{DSB_PARTNER}.npz")
+    partner = read_legacy_patient(partner_dir, DSB_PARTNER)
+    partner_inputs = dsb2017_inputs(partner.segmented, partner.segmented,
+                                    partner.prob_windows, box=partner.box)
+    rows = [dsb2017_features(*inputs, cancer=-777, fmt=fmt, patient=DSB_PATIENT),
+            dsb2017_features(*partner_inputs, cancer=-777, fmt=fmt, patient=DSB_PARTNER)]
+    table = dsb2017_table(rows)
+    assert csv_text(table.iloc[[0]]) == reference_text(reference_dir, fmt)
 
 
 @pytest.mark.requires_shared
@@ -206,6 +264,62 @@ def test_synthetic_sort_ties_quirks_and_missing():
     assert row["vol_2_0.5"] == 64 + 27 + 27
     assert (row["lvol_sct3"], row["lvol_sct6"]) == (row["lvol_2"], row["lvol_2"])
     assert (row["zshape"], row["yshape"], row["xshape"]) == (n, 32, 32)
+
+
+def _two_candidates_one_filtered(z=40, size=32):
+    """One kept cube and a single voxel that the diameter filter drops."""
+    hu = np.full((z, size, size), -800, dtype=np.int16)
+    prob = np.zeros((z - 8, size, size), dtype=np.float32)
+    prob[20:23, 10:13, 10:13] = 0.97
+    prob[5, 28, 28] = 0.97
+    norm = normalize_hu(hu)
+    return norm, norm.copy(), prob
+
+
+def test_missing_values_are_int_per_patient_and_upcast_per_cohort():
+    one = dsb2017_features(*_two_candidates_one_filtered(), fmt="keras8_0313", patient="b")
+    r = one.iloc[0]
+    # Two candidates, one kept: n0 is a value, n1 is missing although a
+    # second candidate existed -- typing follows the kept nodules.
+    assert r["ncount_2_0.5"] == 1
+    assert one["diameter_2_0.5_n0_0"].dtype == np.float64
+    assert one["zrel_2_0.5_ns"].dtype == np.float64
+    missing = [c for c in one.columns if one[c].iloc[0] == -7777]
+    assert "diameter_2_0.5_n1_0" in missing and "zrel_2_0.99_ns" in missing
+    assert all(one[c].dtype == np.int64 for c in missing)
+    assert all(one[c].dtype == np.float64 for c in one.columns
+               if c not in missing and not c.startswith(("vol_", "ncount_", "lvol"))
+               and c not in ("cancer", "zshape", "yshape", "xshape"))
+    # With a patient that has three kept nodules, n1 and n2 become float64
+    # for both patients; n3 stays int64 (missing in both).
+    three = dsb2017_features(*_synthetic_patient(), fmt="keras8_0313", patient="a")
+    table = dsb2017_table([three, one])
+    assert table["diameter_2_0.5_n1_0"].dtype == np.float64
+    assert table["diameter_2_0.5_n3_0"].dtype == np.int64
+    assert table["vol_2_0.5_n1_0"].dtype == np.int64  # counts stay int
+    header, _, line_b = list(csv.reader(io.StringIO(csv_text(table))))
+    field = dict(zip(header, line_b))
+    assert field["diameter_2_0.5_n1_0"] == "-7777.0" and field["diameter_2_0.5_n3_0"] == "-7777"
+    assert field["vol_2_0.5_n1_0"] == "-7777"
+    assert dict(zip(*csv.reader(io.StringIO(csv_text(one)))))["diameter_2_0.5_n1_0"] == "-7777"
+    # Values never change, only the column types.
+    assert (table.loc[["b"]].to_numpy(dtype=np.float64) == one.to_numpy(dtype=np.float64)).all()
+
+
+def test_base8_missing_zrel_is_int_minus_777():
+    row = dsb2017_features(*_two_candidates_one_filtered(), fmt="base_8", patient="b")
+    assert row["zrel_0_0.9999999_n1"].dtype == np.int64 and row.iloc[0]["zrel_0_0.9999999_n1"] == -777
+    # base_8 does not filter: the lone voxel of segment 0 is a value.
+    assert row["zrel_0_0.75_n1"].dtype == np.float64 and row.iloc[0]["ncount_0_0.75"] == 1
+
+
+def test_table_checks():
+    row = dsb2017_features(*_two_candidates_one_filtered(), fmt="keras8_0313", patient="b")
+    other = dsb2017_features(*_two_candidates_one_filtered(), fmt="keras_0311", patient="c")
+    with pytest.raises(ValueError, match="rows is empty"):
+        dsb2017_table([])
+    with pytest.raises(ValueError, match=r"rows\[1\] must be"):
+        dsb2017_table([row, other])
 
 
 def test_base8_layout_and_largest_nodule():
