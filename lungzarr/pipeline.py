@@ -72,7 +72,9 @@ def find_patients(input_dir, *, patients: Iterable[str] | None = None) -> list[t
     if not input_dir.is_dir():
         raise LungzarrError(f"INPUT {str(input_dir)!r} is a file; pass the folder that holds one sub-folder "
                             f"per patient")
-    subdirs = sorted(p for p in input_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # A dangling link to a patient folder is kept, so it is recorded as a failure, not lost.
+    subdirs = sorted(p for p in input_dir.iterdir()
+                     if (p.is_dir() or (p.is_symlink() and not p.exists())) and not p.name.startswith("."))
     if subdirs:
         found = [(p.name, p) for p in subdirs]
     elif any(p.is_file() for p in input_dir.iterdir()):
@@ -259,20 +261,11 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
 
     items = find_patients(input_dir, patients=patients)
     store = CohortStore(store_path)
-    bad_ids = []
-    good = []
-    for pid, folder in items:
-        try:
-            store.group_path(pid)
-            good.append((pid, folder))
-        except PatientError as exc:
-            exc.file = str(folder)
-            store.record_failure(exc, stage="ingest")
-            bad_ids.append(exc.as_record())
     with store.lock():
+        good, bad = _check_ids(store, items)
         summary = run_stage(store, "ingest", good, _prepare_ingest(chunk_slices), overwrite=overwrite,
                             batch_size=batch_size, client=client, progress=progress)
-    summary.failed = bad_ids + summary.failed
+    summary.failed = bad + summary.failed
     return summary
 
 
@@ -661,8 +654,8 @@ def export_dsb2017(store_path, out, *, fmt: str = "keras8_0313", labels=None, pa
         The table written.
     """
     import dask
-    import pandas as pd
 
+    from lungzarr.features import dsb2017_table
     from lungzarr.legacy import read_legacy_labels
     from lungzarr.storage import CohortStore
 
@@ -678,7 +671,8 @@ def export_dsb2017(store_path, out, *, fmt: str = "keras8_0313", labels=None, pa
     tasks = [dask.delayed(_dsb_row_task, pure=True)(str(store.path), p, fmt, int(label_map.get(p, -777)))
              for p in ids]
     rows = (client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks))
-    table = pd.concat(rows)
+    # One concat of all rows, as the original: a column is float where any patient has a value.
+    table = dsb2017_table(list(rows))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out)
     return table

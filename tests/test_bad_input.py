@@ -239,8 +239,6 @@ def test_patient_folder_that_does_not_exist():
     assert "does not exist" in info.value.reason and "check the INPUT path" in info.value.reason
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.find_patients drops a patient folder whose symlink target is "
-                                       "missing without a word; see the ingest-tests report for the fix")
 def test_dangling_patient_link_is_recorded(tmp_path):
     root = tmp_path / "input"
     make_patient(root / GOOD[0])

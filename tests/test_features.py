@@ -148,21 +148,6 @@ def test_reference_text_differs_only_by_cohort_upcasts(dsb_inputs, fmt):
 
 
 @pytest.mark.requires_shared
-@pytest.mark.parametrize("fmt", list(REFERENCES))
-def test_reference_text_exact_in_the_refactors_cohort(dsb_inputs, fmt):
-    reference_dir, _, inputs = dsb_inputs
-    partner_dir = reference_dir.parent / "input"
-    shared_path(partner_dir / "stage1_segmented_2x2x2" / f"{DSB_PARTNER}.npz")
-    partner = read_legacy_patient(partner_dir, DSB_PARTNER)
-    partner_inputs = dsb2017_inputs(partner.segmented, partner.segmented,
-                                    partner.prob_windows, box=partner.box)
-    rows = [dsb2017_features(*inputs, cancer=-777, fmt=fmt, patient=DSB_PATIENT),
-            dsb2017_features(*partner_inputs, cancer=-777, fmt=fmt, patient=DSB_PARTNER)]
-    table = dsb2017_table(rows)
-    assert csv_text(table.iloc[[0]]) == reference_text(reference_dir, fmt)
-
-
-@pytest.mark.requires_shared
 def test_0311_is_0313_without_xcenter_and_shapes(computed):
     full, short = computed["keras8_0313"], computed["keras_0311"]
     dropped = [c for c in full.columns if c not in short.columns]
