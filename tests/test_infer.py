@@ -108,14 +108,15 @@ def test_building_the_graph_computes_nothing(volume, monkeypatch):
     monkeypatch.setattr(infer, "get_model", lambda *a, **k: calls.append(a) or get_model(*a, **k))
     source = da.from_array(volume, chunks=(5, -1, -1))
     loads = []
-    source = source.map_blocks(lambda b: loads.append(1) or b, dtype=source.dtype)
+    source = source.map_blocks(lambda b: loads.append(1) or b, dtype=source.dtype,
+                               meta=np.empty((0, 0, 0), source.dtype))
     prob = infer.predict_nodule_prob(source)
     assert calls == [] and loads == []
     prob.compute(scheduler="sync")
     assert len(calls) == len(prob.chunks[0]) and len(loads) > 0
 
 
-def test_annotate_gpu_keeps_predictions_on_gpu_workers(volume):
+def test_annotate_gpu_keeps_predictions_on_gpu_workers(volume, expected):
     distributed = pytest.importorskip("distributed")
     spec = {"cpu": {"cls": distributed.Worker, "options": {"nthreads": 1}},
             "gpu": {"cls": distributed.Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
@@ -131,7 +132,7 @@ def test_annotate_gpu_keeps_predictions_on_gpu_workers(volume):
     predicted_on = {names[task["worker"]] for task in stream.data
                     if str(task["key"]).find("predict-nodule-prob") >= 0}
     assert predicted_on == {"gpu"}
-    assert np.array_equal(got, infer.predict_nodule_prob(volume).compute())
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
 def test_annotate_gpu_marks_the_prediction_layer():
