@@ -1,0 +1,218 @@
+"""Nodule probability maps: the d8 network as a dask stage over a 2 mm volume.
+
+ALGORITHMS.md §5: the unsegmented 2 mm volume loses its first ``H mod 4``
+rows and ``W mod 4`` columns (the detection crop), is normalised, and every
+window of 8 slices ``i … i+7`` (``i = 0 … Z-9``; the last possible window is
+not used, as in the original) gives the probability map of slice ``i + 4``.
+Probabilities below 0.5 are stored as 0; the dropped rows and columns and the
+slices without a window are 0 too (:func:`predicted_slices` says which slices
+have a prediction).
+
+The windows are cut with ``map_overlap`` along z (a halo of 4 slices below
+and 3 above), so a patient can be split into z-chunks over several workers;
+the model is built and its weights loaded once per worker process
+(:func:`lungzarr.model.get_model`).
+
+GPU workers
+-----------
+Build the graph inside :func:`annotate_gpu` to restrict the prediction tasks
+to workers started with ``--resources GPU=1``::
+
+    with annotate_gpu():
+        prob = predict_nodule_prob(hu_2mm)
+    prob = client.compute(prob, optimize_graph=False)
+
+Compute with ``optimize_graph=False``: graph optimisation (low-level task
+fusion) can merge annotated tasks with unannotated ones and drop the
+annotation, and the predictions would then run on any worker.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import dask
+import dask.array as da
+import numpy as np
+
+from lungzarr.errors import PatientError
+from lungzarr.model import WINDOW, _check_precision, get_model, model_lock, verify_weights
+from lungzarr.volume import normalize_hu
+
+__all__ = [
+    "THRESHOLD",
+    "WINDOW_CENTRE",
+    "detection_crop",
+    "predicted_slices",
+    "predict_nodule_prob",
+    "annotate_gpu",
+]
+
+#: Probabilities below this are stored as 0.
+THRESHOLD = 0.5
+#: Window ``i`` (slices ``i … i+7``) predicts slice ``i + WINDOW_CENTRE``.
+WINDOW_CENTRE = 4
+#: Slices a prediction needs below and above its own (the map_overlap halo).
+HALO = (WINDOW_CENTRE, WINDOW - 1 - WINDOW_CENTRE)
+
+
+def detection_crop(shape) -> tuple[int, int]:
+    """Rows and columns the detection crop drops from the start: ``(H mod 4, W mod 4)``.
+
+    The network halves y and x twice, so the original cropped the 2 mm slice
+    to multiples of 4 by dropping the *first* rows and columns.
+    """
+    _, h, w = shape
+    return h % 4, w % 4
+
+
+def predicted_slices(nz: int) -> slice:
+    """The slices of an ``nz``-slice volume that get a prediction.
+
+    Windows ``i = 0 … nz-9`` predict slices ``4 … nz-5``, so the first 4 and
+    the last 4 slices have none. Empty when ``nz <= 8``.
+    """
+    nz = int(nz)
+    if nz < 0:
+        raise ValueError(f"nz must be >= 0, got {nz!r}")
+    return slice(WINDOW_CENTRE, max(WINDOW_CENTRE, nz - WINDOW_CENTRE))
+
+
+def _check_volume(hu_2mm, patient):
+    if hu_2mm.ndim != 3:
+        raise ValueError(f"hu_2mm must be 3-D (z, y, x), got shape {hu_2mm.shape!r}")
+    nz, h, w = hu_2mm.shape
+    if nz <= WINDOW:
+        raise PatientError(
+            f"the 2 mm volume has {nz} slices; the nodule identifier needs at least "
+            f"{WINDOW + 1} (one window of {WINDOW} slices plus the unused last window). "
+            f"Use a series that covers at least {2 * (WINDOW + 1)} mm.",
+            patient=patient, stage="detect")
+    if h < 4 or w < 4:
+        raise PatientError(
+            f"the 2 mm slices are {h} x {w} voxels; the nodule identifier needs at least 4 x 4. "
+            f"Check the series' PixelSpacing and Rows/Columns.", patient=patient, stage="detect")
+
+
+def _z_chunks_at_least(chunks: tuple[int, ...], minimum: int) -> tuple[int, ...]:
+    """Merge z-chunks so that every one holds at least ``minimum`` slices.
+
+    map_overlap needs each neighbour to hold the whole halo; merging keeps the
+    caller's boundaries wherever they already allow it.
+    """
+    merged: list[int] = []
+    for size in chunks:
+        if merged and merged[-1] < minimum:
+            merged[-1] += size
+        else:
+            merged.append(size)
+    if len(merged) > 1 and merged[-1] < minimum:
+        last = merged.pop()
+        merged[-1] += last
+    return tuple(merged)
+
+
+def _predict_block(block, *, offsets, nz, weights, precision, batch_size, block_info=None):
+    """Probability maps of the slices of one z-chunk (called by map_overlap)."""
+    k = block_info[0]["chunk-location"][0]
+    start, stop = offsets[k], offsets[k + 1]
+    # boundary='none': the first chunk has no halo below, the last none above.
+    below = HALO[0] if k > 0 else 0
+    above = HALO[1] if k < len(offsets) - 2 else 0
+    if block.shape[0] != below + (stop - start) + above:
+        raise RuntimeError(f"chunk {k} has {block.shape[0]} slices with its halo, expected "
+                           f"{below + (stop - start) + above}")
+    out = np.zeros((stop - start,) + block.shape[1:], dtype=np.float32)
+    have = predicted_slices(nz)
+    first, last = max(start, have.start), min(stop, have.stop)
+    if first >= last:
+        return out
+    # Slice s is predicted by the window of slices s-4 … s+3; in block coordinates
+    # that window starts at s - 4 - (start - below).
+    origins = [s - WINDOW_CENTRE - (start - below) for s in range(first, last)]
+    windows = np.stack([block[o:o + WINDOW] for o in origins])[..., np.newaxis]
+    model = get_model(weights, precision)
+    with model_lock(model):
+        prob = model.predict(windows, batch_size=batch_size, verbose=0)
+    prob = np.asarray(prob, dtype=np.float32)[:, 0, :, :, 0]
+    prob[prob < THRESHOLD] = 0
+    out[first - start:last - start] = prob
+    return out
+
+
+def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
+                        precision: str = "fp32", patient: str | None = None) -> da.Array:
+    """Lazy nodule probability map of a 2 mm volume (the "detect" stage).
+
+    Parameters
+    ----------
+    hu_2mm : dask or numpy array, shape (Z, H, W)
+        The *unsegmented* 2 mm volume in HU (``hu_2mm`` of the store).
+    weights : str or path-like, optional
+        d8 weights file (see :func:`lungzarr.model.resolve_weights`); checked
+        now, loaded by each worker process on first use.
+    batch_size : int, optional
+        Windows per ``model.predict`` batch.
+    precision : {"fp32", "bf16", "fp16"}, optional
+        Compute precision (16-bit: GPU only).
+    patient : str, optional
+        Patient id for error messages.
+
+    Returns
+    -------
+    prob : dask.array.Array of float32, shape (Z, H, W)
+        Probabilities >= 0.5, else 0; 0 in the rows/columns dropped by the
+        detection crop and in the slices outside :func:`predicted_slices`.
+        Nothing is computed until you compute it.
+
+    Raises
+    ------
+    PatientError
+        When the volume has 8 slices or fewer (no window) or slices smaller
+        than 4 x 4.
+    """
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_precision(precision)
+    hu = da.asarray(hu_2mm)
+    _check_volume(hu, patient)
+    weights = str(verify_weights(weights))
+    nz, h, w = hu.shape
+    dy, dx = detection_crop(hu.shape)
+
+    # The network sees whole slices: one chunk in y and x, z-chunks >= the halo.
+    hu = hu[:, dy:, dx:]
+    z_chunks = _z_chunks_at_least(hu.chunks[0], max(HALO))
+    hu = hu.rechunk((z_chunks, -1, -1))
+    normalised = hu.map_blocks(normalize_hu, dtype=np.float32,
+                               meta=np.empty((0, 0, 0), dtype=np.float32))
+    offsets = tuple(int(o) for o in np.cumsum((0,) + z_chunks))
+    prob = normalised.map_overlap(
+        _predict_block, depth={0: HALO, 1: 0, 2: 0}, boundary="none", trim=False,
+        chunks=normalised.chunks, dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32),
+        offsets=offsets, nz=nz, weights=weights, precision=precision,
+        batch_size=int(batch_size), token="predict-nodule-prob")
+    prob = da.pad(prob, ((0, 0), (dy, 0), (dx, 0)), mode="constant", constant_values=0)
+    return prob.rechunk((z_chunks, -1, -1))
+
+
+@contextlib.contextmanager
+def annotate_gpu(gpus: int = 1):
+    """Restrict the tasks built inside the block to workers with a ``GPU`` resource.
+
+    Workers that should run inference are started with ``--resources GPU=1``;
+    CPU-only workers keep the other stages. Compute the result with
+    ``optimize_graph=False`` so fusion does not drop the annotation::
+
+        with annotate_gpu():
+            prob = predict_nodule_prob(hu_2mm)
+        client.compute(prob, optimize_graph=False)
+
+    Parameters
+    ----------
+    gpus : int, optional
+        GPU resource units each task holds while it runs.
+    """
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus!r}")
+    with dask.annotate(resources={"GPU": gpus}):
+        yield

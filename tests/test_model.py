@@ -1,0 +1,259 @@
+"""The d8 network, its legacy Theano weights and the kernel flip (ALGORITHMS.md §5)."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from conftest import DSB_PATIENT, REPO
+from lungzarr import model as d8
+from lungzarr.errors import LungzarrError
+from lungzarr.volume import normalize_hu
+
+WEIGHTS = REPO / "models" / "d8_2x2x2_best_weights.h5"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return d8.get_model()
+
+
+@pytest.fixture(scope="module")
+def unflipped():
+    return d8.build_d8(_flip_kernels=False)
+
+
+def _true_convolution(x, kernel, bias):
+    """Theano's conv3d with border 'same', by scipy: x (z, y, x, in), kernel (out, in, kz, ky, kx)."""
+    out = np.zeros(x.shape[:3] + (kernel.shape[0],), dtype=np.float64)
+    for o in range(kernel.shape[0]):
+        for i in range(kernel.shape[1]):
+            # ndimage.convolve is a true convolution (it mirrors the kernel),
+            # centred for odd sizes, with zeros outside: Theano's 'same' border.
+            out[..., o] += ndimage.convolve(x[..., i].astype(np.float64),
+                                            kernel[o, i].astype(np.float64),
+                                            mode="constant", cval=0.0)
+        out[..., o] += bias[o]
+    return out
+
+
+# --------------------------------------------------------------------------- file reader
+def test_read_theano_weights_layer_order_and_shapes():
+    layers = d8.read_theano_weights(WEIGHTS)
+    names = [name for name, _, _ in layers]
+    assert names == [f"convolution3d_{i}" for i in range(18, 33)]
+    shapes = [kernel.shape for _, kernel, _ in layers]
+    assert shapes[0] == (20, 1, 3, 3, 3)
+    assert shapes[6] == (40, 120, 3, 3, 3)  # [upsampled 80, skip 40]
+    assert shapes[8] == (20, 60, 3, 3, 3)   # [upsampled 40, skip 20]
+    assert shapes[10] == (40, 20, 3, 1, 1)
+    assert shapes[-1] == (1, 40, 1, 1, 1)
+    assert all(bias.shape == (kernel.shape[0],) for _, kernel, bias in layers)
+
+
+def test_to_keras_kernel_transposes_and_flips():
+    kernel = np.arange(2 * 3 * 3 * 1 * 2, dtype=np.float32).reshape(2, 1, 3, 3, 2)
+    flipped = d8.to_keras_kernel(kernel)
+    plain = d8.to_keras_kernel(kernel, flip=False)
+    assert flipped.shape == plain.shape == (3, 3, 2, 1, 2)
+    assert plain[0, 1, 1, 0, 1] == kernel[1, 0, 0, 1, 1]
+    assert flipped[0, 1, 1, 0, 1] == kernel[1, 0, 2, 1, 0]
+    with pytest.raises(ValueError, match="5-D"):
+        d8.to_keras_kernel(kernel[0])
+
+
+def test_unflipped_weights_have_no_public_switch():
+    public = {name for name in inspect.signature(d8.build_d8).parameters if not name.startswith("_")}
+    assert public == {"weights", "precision"}
+    assert set(inspect.signature(d8.get_model).parameters) == {"weights", "precision"}
+
+
+# --------------------------------------------------------------------------- framework-free proof of the flip
+@pytest.mark.parametrize("layer_index, layer_name, in_shape", [
+    (0, "down1_conv1", (8, 12, 16, 1)),    # the first layer, 3x3x3
+    (10, "zconv1a", (4, 6, 5, 20)),        # a z-only (3,1,1) layer
+])
+def test_layer_equals_numpy_true_convolution(trained, layer_index, layer_name, in_shape):
+    import keras
+
+    name, kernel, bias = d8.read_theano_weights(WEIGHTS)[layer_index]
+    rng = np.random.default_rng(layer_index)
+    x = rng.normal(0.3, 0.5, in_shape).astype(np.float32)
+    layer = trained.get_layer(layer_name)
+    got = keras.ops.convert_to_numpy(layer(x[np.newaxis]))[0]
+    pre_relu = _true_convolution(x, kernel, bias)
+    expected = np.maximum(pre_relu, 0)
+    # The test must be able to fail: a good share of outputs on both sides of the ReLU.
+    assert 0.1 < (pre_relu > 0).mean() < 0.9
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+
+    # Without the flip the same layer computes something else.
+    plain = _true_convolution(x, kernel[:, :, ::-1, ::-1, ::-1], bias)
+    assert np.abs(np.maximum(plain, 0) - expected).max() > 1e-2
+
+
+def test_architecture_shapes(trained):
+    assert trained.count_params() == sum(k.size + b.size for _, k, b in d8.read_theano_weights(WEIGHTS))
+    x = np.zeros((2, 8, 12, 20, 1), dtype=np.float32)
+    y = trained.predict(x, verbose=0)
+    assert y.shape == (2, 1, 12, 20, 1)
+    assert y.dtype == np.float32
+    assert np.all((y >= 0) & (y <= 1))
+
+
+def test_get_model_is_built_once_per_process(trained):
+    assert d8.get_model() is trained
+    assert d8.get_model(WEIGHTS, "fp32") is trained
+    with pytest.raises(ValueError, match="precision"):
+        d8.get_model(precision="fp8")
+
+
+# --------------------------------------------------------------------------- weights registry
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere.h5"
+    with pytest.raises(LungzarrError) as err:
+        d8.build_d8(weights=missing)
+    message = str(err.value)
+    assert str(missing) in message
+    assert d8.WEIGHTS_SHA256 in message
+    assert d8.WEIGHTS_ENV in message
+
+
+def test_damaged_weights_file_is_a_clear_error(tmp_path):
+    damaged = tmp_path / "d8.h5"
+    data = bytearray(WEIGHTS.read_bytes())
+    data[-100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(LungzarrError) as err:
+        d8.verify_weights(damaged)
+    message = str(err.value)
+    assert str(damaged) in message and d8.WEIGHTS_SHA256 in message and "damaged" in message
+
+
+def test_weights_resolution_order(tmp_path, monkeypatch):
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(WEIGHTS, copy)
+    monkeypatch.delenv(d8.WEIGHTS_ENV, raising=False)
+    assert d8.resolve_weights() == d8.DEFAULT_WEIGHTS
+    assert d8.verify_weights() == WEIGHTS.resolve()
+    monkeypatch.setenv(d8.WEIGHTS_ENV, str(copy))
+    assert d8.verify_weights() == copy.resolve()
+    assert d8.resolve_weights(WEIGHTS) == WEIGHTS.resolve()
+    monkeypatch.setenv(d8.WEIGHTS_ENV, str(tmp_path / "gone.h5"))
+    with pytest.raises(LungzarrError, match="gone.h5"):
+        d8.verify_weights()
+
+
+# --------------------------------------------------------------------------- the refactor's maps
+def _dsb_windows(dsb_dir):
+    segmented = np.load(dsb_dir / "input" / "stage1_segmented_2x2x2" / f"{DSB_PATIENT}.npz")["arr_0"]
+    mpred = np.load(dsb_dir / "input" / "stage1_2x2x2_mpred3_8" / f"{DSB_PATIENT}.npz")["arr_0"]
+    box = pd.read_csv(dsb_dir / "input" / "stage1_2x2x2_mpred3_8" / f"{DSB_PATIENT}.csv", index_col=0)
+    by_min, by_max = int(box.loc[DSB_PATIENT, "by_min"]), int(box.loc[DSB_PATIENT, "by_max"])
+    bx_min, bx_max = int(box.loc[DSB_PATIENT, "bx_min"]), int(box.loc[DSB_PATIENT, "bx_max"])
+    # The crop box is the detection crop of §5 (first H mod 4 rows, W mod 4 columns).
+    assert (by_min, bx_min) == (segmented.shape[1] % 4, segmented.shape[2] % 4)
+    images = normalize_hu(segmented[:, by_min:by_max, bx_min:bx_max])
+    assert mpred.shape == (images.shape[0] - 8, 1, 1) + images.shape[1:]
+    return images, mpred[:, 0, 0]
+
+
+def _compare_to_refactor(model, images, reference, windows):
+    """Agreement of the p > 0.5 decisions with the refactor's maps on ``windows``."""
+    x = np.stack([images[i:i + 8] for i in windows])[..., np.newaxis]
+    prob = model.predict(x, batch_size=4, verbose=0)[:, 0, :, :, 0]
+    ours, ref = prob > 0.5, reference[windows] > 0.5
+    both = ours & ref
+    return {
+        "agreement": float((ours == ref).mean()),
+        "mismatches": int((ours != ref).sum()),
+        "ours": int(ours.sum()), "refactor": int(ref.sum()),
+        # share of our p > 0.5 voxels that the refactor has too
+        "precision": float(both.sum() / max(1, ours.sum())),
+        "largest_difference_where_both": float(np.abs(prob - reference[windows])[both].max())
+        if both.any() else 0.0,
+        "largest_difference": float(np.abs(np.where(prob < 0.5, 0, prob) - reference[windows]).max()),
+    }
+
+
+def _report(label, stats):
+    return (f"{label}: agreement of p>0.5 {stats['agreement']:.5%} ({stats['mismatches']} voxels "
+            f"differ), p>0.5 voxels ours {stats['ours']} / refactor {stats['refactor']}, "
+            f"precision {stats['precision']:.3f}, largest |dp| where both >0.5 "
+            f"{stats['largest_difference_where_both']:.4f}, largest |dp| {stats['largest_difference']:.4f}")
+
+
+@pytest.mark.requires_shared
+def test_unflipped_kernels_reproduce_refactor_maps_at_its_nodule(dsb_dir, unflipped, trained, capsys):
+    images, reference = _dsb_windows(dsb_dir)
+    # Four windows through the middle of the refactor's one candidate (137-148 here).
+    windows = np.unique(np.nonzero(reference > 0.5)[0])[2:10:2]
+    assert windows.size >= 3
+    plain = _compare_to_refactor(unflipped, images, reference, windows)
+    flipped = _compare_to_refactor(trained, images, reference, windows)
+    with capsys.disabled():
+        print(f"\nmpred, windows {windows.tolist()}: " + _report("un-flipped", plain)
+              + "; " + _report("flipped", flipped))
+    # The stand-in input lacks the tissue outside the lungs, which lowers the
+    # probabilities around this juxtapleural candidate (fewer voxels > 0.5), but
+    # with the refactor's un-flipped kernels every voxel we mark is one it marked.
+    assert plain["agreement"] >= 0.998
+    assert plain["precision"] >= 0.95
+    assert plain["ours"] >= 0.3 * plain["refactor"]
+    # The true (flipped) network draws a different candidate.
+    assert flipped["precision"] < 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.requires_shared
+def test_unflipped_kernels_reproduce_refactor_maps_full_volume(dsb_dir, unflipped, trained, capsys):
+    images, reference = _dsb_windows(dsb_dir)
+    windows = np.arange(reference.shape[0])
+    plain = _compare_to_refactor(unflipped, images, reference, windows)
+    flipped = _compare_to_refactor(trained, images, reference, windows)
+    with capsys.disabled():
+        print("\nmpred, full volume: " + _report("un-flipped", plain) + "; " + _report("flipped", flipped))
+    # ALGORITHMS.md §5: 99.995 % of the p > 0.5 decisions agree on the stand-in.
+    assert plain["agreement"] >= 0.99994
+    assert plain["precision"] >= 0.8
+
+
+# --------------------------------------------------------------------------- other Keras backends
+_BACKEND_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import keras
+    from lungzarr.model import build_d8
+    assert keras.backend.backend() == sys.argv[1], keras.backend.backend()
+    x = np.load(sys.argv[2])
+    np.save(sys.argv[3], np.asarray(build_d8().predict(x, verbose=0)))
+""")
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_same_model_on_another_backend(backend, trained, tmp_path):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"KERAS_BACKEND={backend} not tested: {backend} is not installed in this "
+                    f"environment (it is optional; the GPU machines have it)")
+    rng = np.random.default_rng(5)
+    x = normalize_hu(rng.integers(-1100, 300, (2, 8, 16, 12, 1)))
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _BACKEND_SCRIPT, backend, str(tmp_path / "x.npy"),
+                          str(tmp_path / "y.npy")], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = np.load(tmp_path / "y.npy")
+    expected = trained.predict(x, verbose=0)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
