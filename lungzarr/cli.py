@@ -248,6 +248,30 @@ def report(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 
 @app.command()
+def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where the demo DICOM files go."),
+         store: Path = typer.Option(Path("demo.zarr"), "--store", help="The demo's Zarr store."),
+         scheduler: str = SchedulerOpt):
+    """Write a synthetic chest-CT cohort as DICOM and run the whole pipeline on it."""
+    from lungzarr.cluster import dask_client
+    from lungzarr.demo import run_demo
+
+    try:
+        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
+            result = run_demo(folder, store, client=client, progress=_progress_factory(bar))
+    except LungzarrError as exc:
+        _fail(exc)
+    code = _print_summary(result["summaries"])
+    out = Console()
+    cols = ["patient", "z_mm", "y_mm", "x_mm", "diameter_mm", "prob_max", "hu_mean", "lung_half"]
+    out.print("[bold]Nodules found[/bold] (p > 0.5, original filter; mm in patient coordinates)")
+    out.print(result["nodules"][cols].round(1).to_string(index=False))
+    out.print("[bold]Phantom nodules[/bold] and the nearest detection")
+    out.print(result["truth"].round(1).to_string(index=False))
+    out.print(f"store: {store}    QC report: {result['report']}")
+    raise typer.Exit(code)
+
+
+@app.command()
 def status(store: Path = typer.Argument(..., help="The cohort's Zarr store.")):
     """Per-stage counts, failures with their reasons, and the store's size."""
     from lungzarr.pipeline import store_status

@@ -41,3 +41,53 @@ def demo_truth() -> pd.DataFrame:
     rows = [{"patient": pid, "z_mm": n.z_mm, "y_mm": n.y_mm, "x_mm": n.x_mm, "diameter_mm": n.diameter_mm}
             for pid, nodules, _ in DEMO_PATIENTS for n in nodules]
     return pd.DataFrame(rows, columns=["patient", "z_mm", "y_mm", "x_mm", "diameter_mm"])
+
+
+def match_truth(nodules: pd.DataFrame, truth: pd.DataFrame, *, threshold: float = 0.5) -> pd.DataFrame:
+    """For each true nodule, the nearest detection (p > threshold, DSB filter) and whether it is a hit.
+
+    A hit is a detection whose centre lies within the true nodule's radius.
+    """
+    import numpy as np
+
+    found = nodules[np.isclose(nodules.threshold, threshold) & nodules.passes_dsb_filter]
+    rows = []
+    for t in truth.itertuples(index=False):
+        mine = found[found.patient == t.patient]
+        if len(mine):
+            d = np.sqrt((mine.z_mm - t.z_mm) ** 2 + (mine.y_mm - t.y_mm) ** 2 + (mine.x_mm - t.x_mm) ** 2)
+            best = int(np.argmin(d.to_numpy()))
+            hit = mine.iloc[best]
+            rows.append({**t._asdict(), "distance_mm": float(d.iloc[best]), "found": bool(d.iloc[best] <= t.diameter_mm / 2),
+                         "detected_diameter_mm": float(hit.diameter_mm), "prob_max": float(hit.prob_max)})
+        else:
+            rows.append({**t._asdict(), "distance_mm": float("nan"), "found": False,
+                         "detected_diameter_mm": float("nan"), "prob_max": float("nan")})
+    return pd.DataFrame(rows)
+
+
+def run_demo(folder="input/demo", store="demo.zarr", *, client=None, progress=None, report=True):
+    """Write the demo cohort, run the whole pipeline on it and write a QC report.
+
+    Returns
+    -------
+    dict
+        ``summaries`` (per stage), ``nodules`` (p > 0.5, DSB filter),
+        ``truth`` (each phantom nodule with its nearest detection) and
+        ``report`` (the HTML path, or None).
+    """
+    import numpy as np
+
+    from lungzarr.pipeline import run
+    from lungzarr.storage import read_nodules
+
+    write_demo_cohort(folder)
+    summaries = run(folder, store, client=client, progress=progress)
+    nodules = read_nodules(store)
+    kept = nodules[np.isclose(nodules.threshold, 0.5) & nodules.passes_dsb_filter] if len(nodules) else nodules
+    out = {"summaries": summaries, "nodules": kept, "truth": match_truth(nodules, demo_truth()), "report": None}
+    if report:
+        from lungzarr.report import write_report
+
+        out["report"] = write_report(store, Path(store).with_suffix("").as_posix() + "_report.html")
+    return out
