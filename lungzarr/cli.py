@@ -272,6 +272,34 @@ def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where 
 
 
 @app.command()
+def evaluate(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+             output: Path = typer.Option(..., "-o", "--output", help="Folder for results.json, CSVs and froc.png."),
+             lidc_xml: Optional[Path] = typer.Option(None, "--lidc-xml", help="LIDC-IDRI XML file or folder."),
+             luna_csv: Optional[Path] = typer.Option(None, "--luna-csv", help="LUNA16 annotations.csv."),
+             threshold: float = typer.Option(0.5, "--threshold", help="Nodule-table threshold of the detections."),
+             filtered: bool = typer.Option(False, "--filtered", help="Only detections passing the DSB filter."),
+             min_readers: int = typer.Option(3, "--min-readers", help="Readers needed for a target nodule."),
+             min_diameter: float = typer.Option(3.0, "--min-diameter", help="Smallest target diameter (mm)."),
+             n_bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap samples for the CPM interval.")):
+    """Sensitivity, false positives per scan, FROC and CPM against reader annotations."""
+    from lungzarr.pipeline import evaluate_store
+
+    try:
+        out = evaluate_store(store, output, lidc_xml=lidc_xml, luna_csv=luna_csv, threshold=threshold,
+                             filtered=filtered, min_readers=min_readers, min_diameter_mm=min_diameter,
+                             n_bootstrap=n_bootstrap)
+    except (LungzarrError, ValueError) as exc:
+        _fail(exc)
+    s = out["result"].summary
+    Console().print(f"{s['n_scans']} scan(s), {s['n_targets']} target nodule(s): sensitivity "
+                    f"{s['sensitivity']:.3f} at {s['fps_per_scan']:.2f} FP/scan; CPM {s['cpm']:.3f} "
+                    f"(CI {s['cpm_ci']})")
+    if out["unmatched"]:
+        console.print(f"no annotation for {len(out['unmatched'])} patient(s): {out['unmatched'][:5]}")
+    Console().print(f"written: {', '.join(str(v) for v in out['files'].values())}")
+
+
+@app.command()
 def status(store: Path = typer.Argument(..., help="The cohort's Zarr store.")):
     """Per-stage counts, failures with their reasons, and the store's size."""
     from lungzarr.pipeline import store_status
