@@ -239,6 +239,32 @@ def _d8_network(precision: str = "fp32"):
     return keras.Model(inputs, prob, name="d8")
 
 
+def _strict_fp32() -> None:
+    """Turn off TF32 in the active backend, so that "fp32" means float32 arithmetic.
+
+    TensorFlow, PyTorch (cuDNN convolutions) and JAX all run float32
+    convolutions in TF32 on recent NVIDIA GPUs by default; that moved d8
+    probabilities by up to 0.02 on an H100. This is a process-wide setting,
+    like the model cache; 16-bit precisions are unaffected.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+    elif backend == "torch":
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    elif backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+
 def _conv_layers(model):
     import keras
 
@@ -256,7 +282,9 @@ def build_d8(*, weights=None, precision: str = "fp32", _flip_kernels: bool = Tru
     precision : {"fp32", "bf16", "fp16"}, optional
         Compute precision, through a Keras mixed-precision dtype policy
         (variables stay float32; the output is float32). The 16-bit ones are
-        meant for GPUs.
+        meant for GPUs. "fp32" also turns TF32 off in the backend (see
+        ``_strict_fp32``): the default, until a benchmark shows that a lower
+        precision keeps the decisions.
 
     Returns
     -------
@@ -267,6 +295,8 @@ def build_d8(*, weights=None, precision: str = "fp32", _flip_kernels: bool = Tru
     # _flip_kernels=False reproduces the tjvananne refactor's lost flip; it exists
     # only for the tests that check the loader against that refactor's maps.
     path = verify_weights(weights)
+    if precision == "fp32":
+        _strict_fp32()
     model = _d8_network(precision)
     file_layers = read_theano_weights(path)
     model_layers = _conv_layers(model)
