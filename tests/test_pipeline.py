@@ -37,6 +37,10 @@ def _store_snapshot(path):
     snap = {}
     for pid in store.patients():
         ds = store.open_patient(pid).load()
+        for child in ("nodules", "dsb2017"):
+            if store.has_subgroup(pid, child):
+                sub = store.open_patient(pid, subgroup=child).load()
+                ds = ds.assign({f"{child}:{k}": v for k, v in sub.variables.items()})
         stages = {k: {kk: vv for kk, vv in v.items() if kk not in ("completed", "id", "depends_on")} for k, v in store.stages(pid).items()}
         attrs = {k: v for k, v in store.patient_attrs(pid).items() if k not in ("lungzarr:stages", "source_folder")}
         snap[pid] = (ds, stages, attrs)
@@ -144,3 +148,68 @@ def test_ingest_on_a_separately_started_scheduler_and_worker(demo_input, tmp_pat
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@pytest.fixture(scope="module")
+def small_input(tmp_path_factory):
+    """Two small phantom patients (fast through the UNet) as DICOM."""
+    from lungzarr.dicom import write_series
+    from lungzarr.phantom import PhantomNodule, chest_phantom
+
+    folder = tmp_path_factory.mktemp("small") / "input"
+    for pid, seed in (("SMALL-1", 1), ("SMALL-2", 2)):
+        hu, origin = chest_phantom(shape=(24, 96, 96), spacing=(2.5, 2.0, 2.0), seed=seed,
+                                   nodules=(PhantomNodule(-30.0, -5.0, -35.0, 12.0),))
+        write_series(hu, folder / pid, spacing=(2.5, 2.0, 2.0), origin=origin, patient_id=pid)
+    return folder
+
+
+def _run_cli(input_dir, store):
+    return [PY, "-m", "lungzarr.cli", "run", str(input_dir), str(store), "--scheduler", "threads",
+            "--batch-size", "1"]
+
+
+def _assert_same_tables(a, b):
+    import lungzarr
+
+    for read in (lungzarr.read_nodules, lungzarr.read_patients):
+        ta, tb = read(a), read(b)
+        assert list(ta.columns) == list(tb.columns)
+        assert ta.equals(tb), read.__name__
+
+
+@pytest.fixture(scope="module")
+def small_reference(small_input, tmp_path_factory):
+    reference = tmp_path_factory.mktemp("reference") / "reference.zarr"
+    r = subprocess.run(_run_cli(small_input, reference), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return reference
+
+
+@pytest.mark.parametrize("kill_when", ["SMALL-1 segmented", "SMALL-2 ingested"])
+def test_full_run_killed_with_sigkill_resumes_to_identical_store(small_input, small_reference, tmp_path,
+                                                                 kill_when):
+    reference = small_reference
+
+    patient, event = kill_when.split()
+    stage = {"segmented": "segment", "ingested": "ingest"}[event]
+    store = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(_run_cli(small_input, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if CohortStore(store, mode="r").is_complete(patient, stage):
+                break
+        except Exception:
+            pass  # the store is being created
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the kill point"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not CohortStore(store, mode="r").is_complete("SMALL-2", "features")
+
+    r = subprocess.run(_run_cli(small_input, store), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_same_store(reference, store)
+    _assert_same_tables(reference, store)
+    assert CohortStore(store, mode="r").patients() == ["SMALL-1", "SMALL-2"]
