@@ -261,13 +261,12 @@ def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where 
     except LungzarrError as exc:
         _fail(exc)
     code = _print_summary(result["summaries"])
-    out = Console()
     cols = ["patient", "z_mm", "y_mm", "x_mm", "diameter_mm", "prob_max", "hu_mean", "lung_half"]
-    out.print("[bold]Nodules found[/bold] (p > 0.5, original filter; mm in patient coordinates)")
-    out.print(result["nodules"][cols].round(1).to_string(index=False))
-    out.print("[bold]Phantom nodules[/bold] and the nearest detection")
-    out.print(result["truth"].round(1).to_string(index=False))
-    out.print(f"store: {store}    QC report: {result['report']}")
+    typer.echo("Nodules found (p > 0.5, original filter; mm in patient coordinates)")
+    typer.echo(result["nodules"][cols].round(1).to_string(index=False))
+    typer.echo("Phantom nodules and the nearest detection")
+    typer.echo(result["truth"].round(1).to_string(index=False))
+    typer.echo(f"store: {store}    QC report: {result['report']} (pictures in its _files folder)")
     raise typer.Exit(code)
 
 

@@ -9,9 +9,10 @@ from lungzarr.phantom import DEMO_PATIENTS, chest_phantom
 
 __all__ = ["write_demo_cohort", "demo_truth"]
 
-#: Geometry of the demo series: 64 slices of 2.5 mm, 256 x 256 pixels of 1.4 mm.
-DEMO_SHAPE = (64, 256, 256)
-DEMO_SPACING = (2.5, 1.4, 1.4)
+#: Geometry of the demo series: 48 slices of 2.5 mm, 192 x 192 pixels of 1.6 mm (small, so the
+#: UNet on 2 CPU cores takes a few minutes for the cohort).
+DEMO_SHAPE = (48, 192, 192)
+DEMO_SPACING = (2.5, 1.6, 1.6)
 
 
 def write_demo_cohort(folder="input/demo", *, n_patients: int | None = None) -> list[Path]:
