@@ -5,7 +5,7 @@ pydicom, zarr) are imported lazily when a function needs them.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from lungzarr._version import __version__
 
 __all__ = ["__version__", "open_cohort", "read_nodules", "read_patients", "read_failures"]
 

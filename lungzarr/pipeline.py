@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from lungzarr import __version__
+from lungzarr._version import __version__
 from lungzarr.errors import LungzarrError, PatientError
 from lungzarr.volume import Grid
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungzarr import __version__
+from lungzarr._version import __version__
 from lungzarr.errors import LungzarrError, PatientError, StoreLockedError
 
 __all__ = [
