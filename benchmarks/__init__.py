@@ -1,0 +1,1 @@
+"""lungzarr benchmarks: ``python -m benchmarks --help`` (not part of the installed package)."""
