@@ -162,26 +162,19 @@ def run_stage(store, stage: str, items, prepare: Callable, *, overwrite: bool = 
 
             futures = client.compute([p.delayed for p in batch], optimize_graph=False)
             by_key = {f.key: p for f, p in zip(futures, batch)}
-            for future in as_completed(futures):
-                pending = by_key[future.key]
-                try:
-                    pending.add_record(future.result())
-                    pending.commit()
-                    summary.done.append(pending.patient)
-                    notify("done", pending.patient)
-                except Exception as exc:
-                    pending.discard()
-                    fail(pending.patient, exc)
+            finished = ((by_key[f.key], f.result) for f in as_completed(futures))
         else:
-            for pending in batch:
-                try:
-                    pending.add_record(pending.compute())
-                    pending.commit()
-                    summary.done.append(pending.patient)
-                    notify("done", pending.patient)
-                except Exception as exc:
-                    pending.discard()
-                    fail(pending.patient, exc)
+            finished = ((p, p.compute) for p in batch)
+        for pending, result in finished:
+            # Each patient is committed as soon as its own voxels are written.
+            try:
+                pending.add_record(result())
+                pending.commit()
+                summary.done.append(pending.patient)
+                notify("done", pending.patient)
+            except Exception as exc:
+                pending.discard()
+                fail(pending.patient, exc)
     summary.seconds = time.perf_counter() - start
     return summary
 

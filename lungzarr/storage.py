@@ -238,15 +238,7 @@ class CohortStore:
                 shutil.rmtree(self.path / gpath)
             attrs = _jsonable(dict(dataset.attrs))
         else:
-            if not self.has_patient(patient):
-                raise PatientError(f"patient {patient!r} is not in the store; ingest it first",
-                                   patient=patient, stage=stage)
-            attrs = self.patient_attrs(patient)
-            stages = dict(attrs.get(STAGES_KEY, {}))
-            if stage in stages:
-                stages.pop(stage)
-                attrs[STAGES_KEY] = stages
-                self._group(gpath).attrs.put(attrs)
+            attrs = self._unmark_stage(patient, stage)
         if subgroup is not None:
             target = f"{gpath}/{subgroup}"
             if (self.path / target).exists():
@@ -261,8 +253,8 @@ class CohortStore:
             existing = {p.name for p in (self.path / gpath).iterdir()}
             dataset = dataset.drop_vars([c for c in dataset.coords if c in existing])
             dataset.attrs = {}
-        delayed = _voxel_compression(_vlen_strings(dataset)).to_zarr(self.path, group=target, mode=mode, consolidated=False, zarr_format=3,
-                                  compute=False)
+        delayed = _voxel_compression(_vlen_strings(dataset)).to_zarr(
+            self.path, group=target, mode=mode, consolidated=False, zarr_format=3, compute=False)
         # xarray rewrites the group's attributes on every write: put ours back at once.
         self._group(gpath).attrs.put(_jsonable(attrs))
         return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath,
@@ -276,17 +268,21 @@ class CohortStore:
         """
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES!r}, got {stage!r}")
+        self._unmark_stage(patient, stage)
+        return PendingStage(self, patient, stage, delayed, record or {}, group_path=self.group_path(patient))
+
+    def _unmark_stage(self, patient: str, stage: str) -> dict:
+        """Drop ``stage``'s completion marker on disk before redoing it; return the group attrs."""
         if not self.has_patient(patient):
             raise PatientError(f"patient {patient!r} is not in the store; ingest it first", patient=patient,
                                stage=stage)
-        gpath = self.group_path(patient)
         attrs = self.patient_attrs(patient)
         stages = dict(attrs.get(STAGES_KEY, {}))
         if stage in stages:
             stages.pop(stage)
             attrs[STAGES_KEY] = stages
-            self._group(gpath).attrs.put(attrs)
-        return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath)
+            self._group(self.group_path(patient)).attrs.put(attrs)
+        return attrs
 
     def write_subgroup(self, patient: str, name: str, dataset) -> None:
         """Replace the child group ``patients/<id>/<name>`` with ``dataset`` (computed now)."""
