@@ -336,7 +336,10 @@ def _prepare_detect(*, weights, precision, batch_size, chunk_slices, gpu):
         })})
         record = {"precision": precision, "weights": str(weights or "default"),
                   "predicted_slices": [int(predicted.start), int(predicted.stop)], "gpu": bool(gpu)}
-        return store.prepare_stage(patient, "detect", _encoded(out, chunk_slices), record=record)
+        # to_zarr(compute=False) optimises and re-wraps the graph, which drops the annotation made
+        # above: annotate the write too, so every task of the stage keeps the GPU restriction.
+        with (annotate_gpu() if gpu else nullcontext()):
+            return store.prepare_stage(patient, "detect", _encoded(out, chunk_slices), record=record)
     return prepare
 
 
