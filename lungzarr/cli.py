@@ -90,6 +90,7 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
 WeightsOpt = typer.Option(None, "--weights", help="d8 weights (.h5); default the shipped file, sha256-checked.")
 PrecisionOpt = typer.Option("fp32", "--precision", help="UNet precision on GPU: fp32, bf16 or fp16.")
 LabelsOpt = typer.Option(None, "--labels", help="Labels CSV (id,cancer) for the DSB2017 'cancer' column.")
+InferBatchOpt = typer.Option(8, "--infer-batch", min=1, help="8-slice windows per UNet batch (32 suits a GPU).")
 
 
 def _gpu_flag(client) -> bool:
@@ -106,8 +107,8 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
         store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: str = PrecisionOpt,
-        patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
-        scheduler: str = SchedulerOpt):
+        infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
+        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt):
     """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
     from lungzarr.cluster import dask_client
     from lungzarr.pipeline import run as run_pipeline
@@ -115,8 +116,9 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
     try:
         with dask_client(scheduler, echo=console.print) as client, _stage_progress([]) as bar:
             summaries = run_pipeline(input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices,
-                                     batch_size=batch_size, precision=precision, patients=patients,
-                                     overwrite=overwrite, client=client, gpu=_gpu_flag(client),
+                                     batch_size=batch_size, precision=precision, infer_batch=infer_batch,
+                                     patients=patients, overwrite=overwrite, client=client,
+                                     gpu=_gpu_flag(client),
                                      progress=_progress_factory(bar))
     except LungzarrError as exc:
         _fail(exc)
@@ -150,11 +152,12 @@ def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 @app.command()
 def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            weights: Optional[Path] = WeightsOpt, precision: str = PrecisionOpt,
-           chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
+           infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
            scheduler: str = SchedulerOpt):
     """The d8 UNet: nodule probability maps of every segmented patient."""
-    _process(store, ["detect"], weights=weights, precision=precision, chunk_slices=chunk_slices,
+    _process(store, ["detect"], weights=weights, precision=precision, infer_batch=infer_batch,
+             chunk_slices=chunk_slices,
              batch_size=batch_size, patients=patients, overwrite=overwrite, scheduler=scheduler)
 
 

@@ -316,6 +316,10 @@ def _jsonable_box(box):
             for k, v in dict(box).items()}
 
 
+#: Slices per UNet task: each task predicts that many windows in few large batches.
+INFER_CHUNK_SLICES = 64
+
+
 def _prepare_detect(*, weights, precision, batch_size, chunk_slices, gpu):
     def prepare(store, patient, _):
         from contextlib import nullcontext
@@ -327,7 +331,10 @@ def _prepare_detect(*, weights, precision, batch_size, chunk_slices, gpu):
         ds = store.open_patient(patient)
         hu_2mm = ds.hu_2mm.data
         with (annotate_gpu() if gpu else nullcontext()):
-            prob = predict_nodule_prob(hu_2mm, weights=weights, batch_size=batch_size, precision=precision)
+            # Few large predict calls (a GPU idles on 16-window calls); stored in the usual chunks.
+            prob = predict_nodule_prob(hu_2mm.rechunk({0: INFER_CHUNK_SLICES}), weights=weights,
+                                       batch_size=batch_size, precision=precision)
+            prob = prob.rechunk({0: chunk_slices})
         predicted = predicted_slices(hu_2mm.shape[0])
         out = xr.Dataset({"nodule_prob": (DIMS_2MM, prob, {
             "long_name": "d8 UNet nodule probability (values < 0.5 stored as 0)",
