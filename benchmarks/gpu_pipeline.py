@@ -290,7 +290,7 @@ def main():
     RESULT["worker_gpu_info"] = {("GPU " if a in gpu_addr else "cpu ") + a: v
                                  for a, v in client.run(worker_gpu_info).items()}
     print("placement", RESULT["task_placement"], flush=True)
-    from lungzarr.storage import read_nodules, read_patients
+    from lungzarr.storage import read_nodules
 
     nod = read_nodules(store)
     RESULT["nodules"] = {"rows": int(len(nod)),
@@ -305,7 +305,6 @@ def main():
 
     # ---- one patient: stored GPU nodule_prob vs a CPU prediction on a slab around the nodules
     if not args.skip_cpu_check:
-        import xarray as xr
 
         from lungzarr.storage import CohortStore
 

@@ -587,7 +587,7 @@ def process(store_path, stages, *, labels=None, weights=None, chunk_slices: int 
     unknown = [s for s in stages if s not in RUN_STAGES[1:]]
     if unknown:
         raise ValueError(f"stages must be among {RUN_STAGES[1:]!r}, got {unknown!r}")
-    store = CohortStore(store_path, mode="r")
+    CohortStore(store_path, mode="r")  # a clear error when there is no store yet
     store = CohortStore(store_path)
     ids = store.patients()
     if patients is not None:

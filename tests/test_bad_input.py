@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from lungzarr.errors import LungzarrError, PatientError
 from lungzarr.pipeline import ingest
 from lungzarr.storage import STAGING_GROUP, CohortStore, read_failures
 
-from dicom_phantoms import SPACING, copy_tree, edit_header, make_patient, truncate
+from dicom_phantoms import copy_tree, edit_header, make_patient, truncate
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = ("good_a", "good_b")
