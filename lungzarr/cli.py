@@ -25,7 +25,7 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Redo patients already do
 PatientsOpt = typer.Option(None, "--patients", help="Only these patient ids (repeat the option).")
 
 
-def _stage_progress(titles=()):
+def _stage_progress():
     """A rich Progress that shows one bar per stage (see :func:`_progress_factory`)."""
     columns = (TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -78,7 +78,7 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
 
     try:
         total = len(find_patients(input_dir, patients=patients))
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress(["ingest"]) as bar:
+        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
             summary = ingest_cohort(input_dir, store, chunk_slices=chunk_slices, overwrite=overwrite,
                                     patients=patients, batch_size=batch_size, client=client,
                                     progress=_progress_factory(bar)("ingest", total))
@@ -114,7 +114,7 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
     from lungzarr.pipeline import run as run_pipeline
 
     try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress([]) as bar:
+        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
             summaries = run_pipeline(input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices,
                                      batch_size=batch_size, precision=precision, infer_batch=infer_batch,
                                      patients=patients, overwrite=overwrite, client=client,
@@ -131,7 +131,7 @@ def _process(store, stages, **kwargs):
 
     scheduler = kwargs.pop("scheduler")
     try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress([]) as bar:
+        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
             summaries = process(store, stages, client=client, gpu=_gpu_flag(client),
                                 progress=_progress_factory(bar), **kwargs)
     except LungzarrError as exc:
@@ -173,7 +173,7 @@ def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     from lungzarr.pipeline import export_nodules, process
 
     try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress([]) as bar:
+        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
             summaries = process(store, ["nodules", "features"], labels=labels, batch_size=batch_size,
                                 patients=patients, overwrite=overwrite, client=client,
                                 progress=_progress_factory(bar))
@@ -215,7 +215,7 @@ def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's 
 
     try:
         total = len(list_legacy_patients(input_dir, stage=stage))
-        with _stage_progress([]) as bar:
+        with _stage_progress() as bar:
             summary = import_cohort(input_dir, store, stage=stage, overwrite=overwrite,
                                     progress=_progress_factory(bar)("import", total))
     except (LungzarrError, OSError, ValueError) as exc:

@@ -269,10 +269,10 @@ def store_status(store_path) -> dict:
     store = CohortStore(store_path, mode="r")
     patients = store.patients()
     failures = store.failures()
-    stages = {}
-    for stage in STAGES:
-        stages[stage] = {"complete": sum(store.is_complete(p, stage) for p in patients),
-                         "failed": sum(1 for f in failures if f.get("stage") == stage)}
+    done = [store.stages(p) for p in patients]
+    stages = {stage: {"complete": sum(stage in d for d in done),
+                      "failed": sum(1 for f in failures if f.get("stage") == stage)}
+              for stage in STAGES}
     return {"n_patients": len(patients), "stages": stages, "failures": failures,
             "size_mb": store.size_bytes() / 1e6}
 
@@ -305,15 +305,12 @@ def _prepare_segment(chunk_slices):
         pending = store.prepare_stage(patient, "segment", _encoded(out, chunk_slices),
                                       record={"algorithm": "seperate_lungs_cv2 (ALGORITHMS.md §3)"})
         # The crop box needs the whole mask: take it from the written mask, cheaply (projections only).
-        pending.before_commit = [lambda: {"crop_box": _jsonable_box(
-            legacy_crop_box(store.open_patient(patient).lungs.data))}]
+        pending.before_commit = [
+            lambda: {"crop_box": legacy_crop_box(store.open_patient(patient).lungs.data)}]
         return pending
     return prepare
 
 
-def _jsonable_box(box):
-    return {k: (v.item() if hasattr(v, "item") else (list(v) if isinstance(v, tuple) else v))
-            for k, v in dict(box).items()}
 
 
 #: Slices per UNet task: each task predicts that many windows in few large batches.

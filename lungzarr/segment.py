@@ -64,15 +64,18 @@ _BLACKHAT_PATTERN = np.array([[0, 0, 1, 1, 1, 0, 0],
                               [0, 0, 1, 1, 1, 0, 0]], dtype=bool)
 
 
+def _check_int16(name, arr) -> None:
+    if arr.dtype != np.int16:
+        # The Sobel step keeps the input dtype (int16 in the original): any
+        # other dtype changes the gradient and with it the mask.
+        raise TypeError(f"{name} must be int16 HU, got dtype {arr.dtype!r}; convert with .astype(np.int16)")
+
+
 def _check_slice(slice_hu) -> np.ndarray:
     slice_hu = np.asarray(slice_hu)
     if slice_hu.ndim != 2:
         raise ValueError(f"slice_hu must be a 2-D (y, x) slice, got shape {slice_hu.shape!r}")
-    if slice_hu.dtype != np.int16:
-        # The Sobel step keeps the input dtype (int16 in the original): any
-        # other dtype changes the gradient and with it the mask.
-        raise TypeError(f"slice_hu must be int16 HU, got dtype {slice_hu.dtype!r}; "
-                        f"convert with .astype(np.int16)")
+    _check_int16("slice_hu", slice_hu)
     if min(slice_hu.shape) < 2 * FRAME_WIDTH + 1:
         raise ValueError(f"slice_hu of shape {slice_hu.shape!r} is too small: the marker frame "
                          f"needs at least {2 * FRAME_WIDTH + 1} rows and columns")
@@ -276,9 +279,7 @@ def segment_lungs(hu_2mm):
     hu_2mm = da.asarray(hu_2mm)
     if hu_2mm.ndim != 3:
         raise ValueError(f"hu_2mm must be a 3-D (z, y, x) volume, got shape {hu_2mm.shape!r}")
-    if hu_2mm.dtype != np.int16:
-        raise TypeError(f"hu_2mm must be int16 HU, got dtype {hu_2mm.dtype!r}; "
-                        f"convert with .astype(np.int16)")
+    _check_int16("hu_2mm", hu_2mm)
     # Per-slice operation: whole slices per chunk, no halo along z.
     hu_2mm = hu_2mm.rechunk({1: -1, 2: -1})
     lungs = hu_2mm.map_blocks(_lung_mask_block, dtype=bool,

@@ -58,3 +58,22 @@ def dsb_dir() -> Path:
 @pytest.fixture
 def lidc_xml() -> Path:
     return shared_path(LIDC_XML)
+
+
+@pytest.fixture
+def cpu_gpu_cluster():
+    """An in-process cluster of one plain worker and one with a ``GPU`` resource.
+
+    Yields ``(client, names)`` with ``names`` mapping worker address to "cpu" or "gpu".
+    """
+    import logging
+
+    distributed = pytest.importorskip("distributed")
+    spec = {"cpu": {"cls": distributed.Worker, "options": {"nthreads": 1}},
+            "gpu": {"cls": distributed.Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
+    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None}}
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    with distributed.SpecCluster(workers=spec, scheduler=scheduler) as cluster, \
+            distributed.Client(cluster) as client:
+        names = {address: info["name"] for address, info in client.scheduler_info()["workers"].items()}
+        yield client, names

@@ -1,7 +1,6 @@
 """The detect stage: d8 windows over a 2 mm volume with dask (ALGORITHMS.md §5)."""
 from __future__ import annotations
 
-import logging
 
 import dask
 import dask.array as da
@@ -116,19 +115,14 @@ def test_building_the_graph_computes_nothing(volume, monkeypatch):
     assert len(calls) == len(prob.chunks[0]) and len(loads) > 0
 
 
-def test_annotate_gpu_keeps_predictions_on_gpu_workers(volume, expected):
-    distributed = pytest.importorskip("distributed")
-    spec = {"cpu": {"cls": distributed.Worker, "options": {"nthreads": 1}},
-            "gpu": {"cls": distributed.Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
-    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None}}
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    with distributed.SpecCluster(workers=spec, scheduler=scheduler) as cluster, \
-            distributed.Client(cluster) as client:
-        with infer.annotate_gpu():
-            prob = infer.predict_nodule_prob(da.from_array(volume, chunks=(4, -1, -1)))
-        names = {address: info["name"] for address, info in client.scheduler_info()["workers"].items()}
-        with distributed.get_task_stream(client) as stream:
-            got = client.compute(prob, optimize_graph=False).result()
+def test_annotate_gpu_keeps_predictions_on_gpu_workers(volume, expected, cpu_gpu_cluster):
+    import distributed
+
+    client, names = cpu_gpu_cluster
+    with infer.annotate_gpu():
+        prob = infer.predict_nodule_prob(da.from_array(volume, chunks=(4, -1, -1)))
+    with distributed.get_task_stream(client) as stream:
+        got = client.compute(prob, optimize_graph=False).result()
     predicted_on = {names[task["worker"]] for task in stream.data
                     if str(task["key"]).find("predict-nodule-prob") >= 0}
     assert predicted_on == {"gpu"}

@@ -215,10 +215,8 @@ def test_full_run_killed_with_sigkill_resumes_to_identical_store(small_input, sm
     assert CohortStore(store, mode="r").patients() == ["SMALL-1", "SMALL-2"]
 
 
-def test_detect_stage_runs_the_unet_only_on_gpu_workers(small_input, tmp_path):
+def test_detect_stage_runs_the_unet_only_on_gpu_workers(small_input, tmp_path, cpu_gpu_cluster):
     """Through the store write (to_zarr re-wraps the graph), predict tasks stay on GPU-resource workers."""
-    import logging
-
     import distributed
 
     from lungzarr.pipeline import ingest, process
@@ -226,15 +224,9 @@ def test_detect_stage_runs_the_unet_only_on_gpu_workers(small_input, tmp_path):
     store = tmp_path / "gpu.zarr"
     ingest(small_input, store, patients=["SMALL-1"])
     process(store, ["segment"])
-    spec = {"cpu": {"cls": distributed.Worker, "options": {"nthreads": 1}},
-            "gpu": {"cls": distributed.Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
-    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None}}
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    with distributed.SpecCluster(workers=spec, scheduler=scheduler) as cluster, \
-            distributed.Client(cluster) as client:
-        names = {address: info["name"] for address, info in client.scheduler_info()["workers"].items()}
-        with distributed.get_task_stream(client) as stream:
-            summaries = process(store, ["detect"], client=client, gpu=True, chunk_slices=8)
+    client, names = cpu_gpu_cluster
+    with distributed.get_task_stream(client) as stream:
+        summaries = process(store, ["detect"], client=client, gpu=True, chunk_slices=8)
     assert summaries[0].done == ["SMALL-1"], summaries[0].failed
     # The predict blocks are the map_overlap tasks (xarray fuses them with the store write).
     predicted_on = [names[t["worker"]] for t in stream.data if "overlap" in str(t["key"])]
