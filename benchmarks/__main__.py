@@ -101,7 +101,8 @@ def child_pipeline(args: dict) -> dict:
     opts = dict(batch_size=args["batch_size"], chunk_slices=args["chunk_slices"])
     stages = args.get("stages") or list(STAGES)
     t_start = time.perf_counter()
-    with dask_client("local", n_workers=args["workers"], threads_per_worker=1, echo=lambda s: None) as client:
+    with dask_client("local", n_workers=args["workers"], threads_per_worker=1, echo=lambda s: None,
+                     malloc_trim=args.get("malloc_trim", False)) as client:
         startup = time.perf_counter() - t_start
         pids = client.run(os.getpid)
         warm = client.run(_warm_model) if "detect" in stages else {"none": 0.0}
@@ -304,8 +305,9 @@ def cmd_stages(a) -> dict:
         specs, sizes = make_cohort(work, a.patients, small=a.small)
         folders = [[s.patient, str(work / "input" / s.patient)] for s in specs]
         rounds = []
+        kinds = ["baseline", "pipeline"] + (["pipeline_malloc_trim"] if a.compare_worker_env else [])
         for r in range(a.rounds):
-            order = ("baseline", "pipeline") if r % 2 == 0 else ("pipeline", "baseline")
+            order = tuple(kinds) if r % 2 == 0 else tuple(reversed(kinds))
             got = {}
             for kind in order:
                 if kind == "baseline":
@@ -315,13 +317,24 @@ def cmd_stages(a) -> dict:
                     got[kind] = spawn("pipeline", {"input": str(work / "input"), "store": str(store),
                                                    "workers": a.workers, "batch_size": a.batch_size,
                                                    "chunk_slices": a.chunk_slices, "mode": "stagewise",
-                                                   "stages": a.stages})
+                                                   "stages": a.stages,
+                                                   "malloc_trim": kind == "pipeline_malloc_trim"})
                     shutil.rmtree(store, ignore_errors=True)
                 print(f"round {r} {kind}: {got[kind]['process_wall_s']:.0f} s", flush=True)
             rows = summarise_stages(got["baseline"], got["pipeline"], sizes)
             rounds.append({"order": order, "table": rows, "agreement": agreement(got["baseline"], got["pipeline"]),
                            "raw": got, "load_average_after": os.getloadavg()})
             print(markdown_stage_table(rows), flush=True)
+            if a.compare_worker_env:
+                # distributed's default worker environment (MALLOC_TRIM_THRESHOLD_=65536) vs lungzarr's.
+                trim = summarise_stages(got["baseline"], got["pipeline_malloc_trim"], sizes)
+                rounds[-1]["table_malloc_trim"] = trim
+                rounds[-1]["worker_env_ratio_cpu"] = {
+                    st: _r(rows[st]["pipeline_cpu_s_per_patient"] / trim[st]["pipeline_cpu_s_per_patient"])
+                    for st in rows}
+                print("with distributed's MALLOC_TRIM_THRESHOLD_=65536:\n" + markdown_stage_table(trim), flush=True)
+                print("CPU-s lungzarr worker env / distributed default:",
+                      json.dumps(rounds[-1]["worker_env_ratio_cpu"]), flush=True)
         result = {"what": "per-stage and end-to-end: lungzarr pipeline (LocalCluster) vs the straight serial "
                           "in-memory baseline, same cohort, same run",
                   "machine": desc, "load_average_end": os.getloadavg(),
@@ -494,6 +507,9 @@ def main(argv=None):
     common(p)
     p.add_argument("--patients", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="baseline/pipeline pairs, order alternating")
+    p.add_argument("--compare-worker-env", action="store_true",
+                   help="also run the pipeline with distributed's default worker environment "
+                        "(MALLOC_TRIM_THRESHOLD_=65536), same run")
     p = sub.add_parser("scaling", help="1, 4, 16 patients; 1 vs 2 workers")
     common(p)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])

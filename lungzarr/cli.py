@@ -20,7 +20,8 @@ SchedulerOpt = typer.Option("local", "--scheduler",
                             help="'local' (a LocalCluster on this machine), 'threads' (no cluster), "
                                  "or the address of a running dask scheduler, e.g. tcp://127.0.0.1:8786")
 ChunkOpt = typer.Option(16, "--chunk-slices", min=1, help="Slices per chunk along z.")
-BatchOpt = typer.Option(4, "--batch-size", min=1, help="Patients computed at once (bounds memory).")
+BatchOpt = typer.Option(4, "--batch-size", min=1,
+                        help="Patients in flight per stage (bounds memory; stages of different patients overlap).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Redo patients already done.")
 PatientsOpt = typer.Option(None, "--patients", help="Only these patient ids (repeat the option).")
 

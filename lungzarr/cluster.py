@@ -11,7 +11,7 @@ import os
 from contextlib import contextmanager
 from typing import Callable
 
-__all__ = ["dask_client", "gpu_worker_count", "default_worker_layout"]
+__all__ = ["dask_client", "gpu_worker_count", "default_worker_layout", "worker_environ"]
 
 
 def default_worker_layout(n_cores: int | None = None) -> tuple[int, int]:
@@ -25,9 +25,36 @@ def default_worker_layout(n_cores: int | None = None) -> tuple[int, int]:
     return max(1, int(n_cores)), 1
 
 
+def worker_environ(*, malloc_trim: bool = False) -> dict:
+    """The environment LocalCluster worker processes start with.
+
+    distributed's default sets ``MALLOC_TRIM_THRESHOLD_=65536``. Setting it at
+    all switches off glibc's dynamic mmap threshold, so every temporary array
+    above 128 KiB (each 2 mm slice's float64 scratch arrays in the
+    segmentation) is a fresh ``mmap`` with its pages faulted in again: the
+    segmentation loop takes 1.3x the CPU-seconds of the same loop in a plain
+    Python process (``python -m benchmarks stages --compare-worker-env``
+    measures it). lungzarr drops that variable and keeps the others
+    (single-threaded BLAS/OpenMP per worker).
+
+    Parameters
+    ----------
+    malloc_trim : bool
+        Keep distributed's ``MALLOC_TRIM_THRESHOLD_`` (for comparison).
+    """
+    import dask
+    import distributed  # noqa: F401  (registers distributed's config defaults)
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    if not malloc_trim:
+        environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return environ
+
+
 @contextmanager
 def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threads_per_worker: int | None = None,
-                memory_limit: str | None = "auto", echo: Callable[[str], None] = print):
+                memory_limit: str | None = "auto", echo: Callable[[str], None] = print,
+                malloc_trim: bool = False):
     """Yield a ``distributed.Client`` (or None for ``scheduler='threads'``).
 
     Parameters
@@ -40,6 +67,10 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
         Per-worker memory limit of the LocalCluster.
     echo : callable
         Where the dashboard link is printed.
+    malloc_trim : bool
+        Start LocalCluster workers with distributed's ``MALLOC_TRIM_THRESHOLD_``
+        (see :func:`worker_environ`; slower, kept for benchmarks). An existing
+        cluster keeps the environment its workers were started with.
     """
     if scheduler == "threads":
         echo("scheduler: dask threads in this process (no dashboard)")
@@ -49,7 +80,8 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
     from distributed import Client, LocalCluster
 
     # Keep the UNet's GPU annotations: low-level fusion would drop them.
-    with dask.config.set({"optimization.fuse.active": False}):
+    with dask.config.set({"optimization.fuse.active": False,
+                          "distributed.nanny.pre-spawn-environ": worker_environ(malloc_trim=malloc_trim)}):
         if scheduler in ("local", None, ""):
             workers, threads = default_worker_layout()
             cluster = LocalCluster(n_workers=n_workers or workers,

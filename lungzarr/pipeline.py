@@ -1,12 +1,13 @@
 """Cohort stages as dask graphs over patients, resumable, failures recorded.
 
-Every stage follows one pattern (:func:`run_stage`): for each patient not yet
-done, a *prepare* function reads what it needs lazily from the store (or the
-DICOM folder), builds the stage's lazy xarray Dataset and starts its write
-(metadata only); batches of at most ``batch_size`` patients are then computed
-together on the dask scheduler, and each patient's stage is marked complete as
-soon as its voxels are written. A patient that fails is recorded with the
-reason and the cohort goes on.
+Every stage follows one pattern: for each patient not yet done, a *prepare*
+function reads what it needs lazily from the store (or the DICOM folder),
+builds the stage's lazy xarray Dataset and starts its write (metadata only);
+the graph is computed on the dask scheduler and the patient's stage is marked
+complete as soon as its voxels are written. :func:`stream_stages` moves each
+patient on to its next stage at once, with at most ``batch_size`` patients in
+flight per stage, so stages of different patients overlap on a cluster. A
+patient that fails is recorded with the reason and the cohort goes on.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ __all__ = [
     "ingest_dataset",
     "ingest",
     "run_stage",
+    "stream_stages",
 ]
 
 
@@ -110,7 +112,7 @@ def _as_patient_error(exc: BaseException, patient: str, stage: str) -> PatientEr
 
 def run_stage(store, stage: str, items, prepare: Callable, *, overwrite: bool = False, batch_size: int = 4,
               client=None, progress: Callable | None = None) -> StageSummary:
-    """Run one stage for many patients, a bounded batch at a time.
+    """Run one stage for many patients, at most ``batch_size`` patients at a time.
 
     Parameters
     ----------
@@ -130,53 +132,162 @@ def run_stage(store, stage: str, items, prepare: Callable, *, overwrite: bool = 
     progress : callable, optional
         ``progress(event, patient)`` with event in {"done", "skipped", "failed"}.
     """
+    def decide(patient, _):
+        return "run" if overwrite or not store.is_complete(patient, stage) else "skip"
+
+    (summary,) = stream_stages(store, items, [stage], {stage: prepare}, decide=decide, batch_size=batch_size,
+                               client=client, progress=lambda _, total: progress)
+    return summary
+
+
+def stream_stages(store, items, stages, prepares: dict, *, decide: Callable, batch_size: int = 4, client=None,
+                  progress: Callable | None = None, compute_options: dict | None = None) -> list[StageSummary]:
+    """Stream patients through several stages, each patient as soon as its previous stage is committed.
+
+    A patient's next stage is submitted the moment its previous one is
+    committed, while other patients are still in earlier stages, so on a
+    cluster the stages overlap: the UNet of one patient runs on the GPU
+    worker while the CPU workers ingest and segment the next ones. Each stage
+    has at most ``batch_size`` patients in flight, so what the workers hold
+    does not grow with the cohort (patients between stages wait on disk).
+
+    Parameters
+    ----------
+    store : CohortStore
+    items : list of (patient_id, payload)
+        ``payload`` goes to the first stage's prepare; later stages get None.
+    stages : list of str
+        In order.
+    prepares : dict
+        ``prepares[stage](store, patient, payload) -> PendingStage``.
+    decide : callable
+        ``decide(patient, stage)`` returns ``"run"``, ``"skip"`` (done
+        already: go on to the next stage) or ``"blocked"`` (a stage it needs
+        is missing: not run, nor any later stage).
+    batch_size : int
+        Patients in flight per stage.
+    client : distributed.Client, optional
+        Without one, each patient's stage is computed in turn on the current
+        dask scheduler (same order, no overlap).
+    progress : callable, optional
+        ``progress(stage, total)`` returning that stage's
+        ``callback(event, patient)``, event in {"done", "skipped", "failed",
+        "blocked"}; every patient gives each stage exactly one event.
+    compute_options : dict, optional
+        ``compute_options[stage]``: extra keyword arguments of
+        ``client.compute`` for that stage (e.g. ``workers=``).
+
+    Returns
+    -------
+    list of StageSummary, one per stage
+    """
+    from collections import deque
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    summary = StageSummary(stage)
-    start = time.perf_counter()
-    notify = progress or (lambda event, patient: None)
+    items = list(items)
+    summaries = [StageSummary(stage) for stage in stages]
+    notify = [(progress(stage, len(items)) if progress else None) or (lambda event, patient: None)
+              for stage in stages]
+    queues = [deque() for _ in stages]
+    queues[0].extend(items)
+    in_flight = [0] * len(stages)
+    first_start = [None] * len(stages)
+    last_end = [None] * len(stages)
+    ready = deque()  # (stage index, pending, get_result) of finished computations without a client
+    if client is not None:
+        from distributed import as_completed
 
-    def fail(patient, exc):
-        err = _as_patient_error(exc, patient, stage)
-        store.record_failure(err, stage=stage)
-        summary.failed.append(err.as_record())
-        notify("failed", patient)
+        finished = as_completed()
+        by_key = {}
 
-    todo = []
-    for patient, payload in items:
-        if not overwrite and store.is_complete(patient, stage):
-            summary.skipped.append(patient)
-            notify("skipped", patient)
-        else:
-            todo.append((patient, payload))
+    def forward(i, patient):
+        if i + 1 < len(stages):
+            queues[i + 1].append((patient, None))
 
-    for b in range(0, len(todo), batch_size):
-        batch = []
-        for patient, payload in todo[b:b + batch_size]:
-            try:
-                batch.append(prepare(store, patient, payload))
-            except Exception as exc:  # one broken patient never stops the cohort
-                fail(patient, exc)
+    def drop(i, patient):
+        for j in range(i + 1, len(stages)):
+            notify[j]("blocked", patient)
+
+    def fail(i, patient, exc):
+        err = _as_patient_error(exc, patient, stages[i])
+        store.record_failure(err, stage=stages[i])
+        summaries[i].failed.append(err.as_record())
+        notify[i]("failed", patient)
+        drop(i, patient)
+
+    def submit(i, pending):
+        first_start[i] = first_start[i] or time.perf_counter()
+        in_flight[i] += 1
         if client is not None:
-            from distributed import as_completed
+            options = (compute_options or {}).get(stages[i], {})
+            future = client.compute(pending.delayed, optimize_graph=False, **options)
+            by_key[future.key] = (i, pending)
+            finished.add(future)
+            return
+        try:
+            result = pending.compute()
+            ready.append((i, pending, lambda: result))
+        except Exception as exc:  # raised again where the result is taken
+            ready.append((i, pending, _raiser(exc)))
 
-            futures = client.compute([p.delayed for p in batch], optimize_graph=False)
-            by_key = {f.key: p for f, p in zip(futures, batch)}
-            finished = ((by_key[f.key], f.result) for f in as_completed(futures))
+    def admit():
+        # Later stages first: patients already in flight finish before new ones start.
+        for i in reversed(range(len(stages))):
+            while queues[i] and in_flight[i] < batch_size:
+                patient, payload = queues[i].popleft()
+                try:
+                    decision = decide(patient, stages[i])
+                    if decision == "blocked":
+                        notify[i]("blocked", patient)
+                        drop(i, patient)
+                        continue
+                    if decision == "skip":
+                        summaries[i].skipped.append(patient)
+                        notify[i]("skipped", patient)
+                        forward(i, patient)
+                        continue
+                    pending = prepares[stages[i]](store, patient, payload)
+                except Exception as exc:  # one broken patient never stops the cohort
+                    fail(i, patient, exc)
+                    continue
+                submit(i, pending)
+
+    while True:
+        admit()
+        if not any(in_flight):
+            if any(queues):
+                continue  # skipped patients moved on to a later stage's queue
+            break
+        if client is not None:
+            future = next(finished)
+            i, pending = by_key.pop(future.key)
+            get_result = future.result
         else:
-            finished = ((p, p.compute) for p in batch)
-        for pending, result in finished:
-            # Each patient is committed as soon as its own voxels are written.
-            try:
-                pending.add_record(result())
-                pending.commit()
-                summary.done.append(pending.patient)
-                notify("done", pending.patient)
-            except Exception as exc:
-                pending.discard()
-                fail(pending.patient, exc)
-    summary.seconds = time.perf_counter() - start
-    return summary
+            i, pending, get_result = ready.popleft()
+        in_flight[i] -= 1
+        last_end[i] = time.perf_counter()
+        # Each patient's stage is committed as soon as its own voxels are written.
+        try:
+            pending.add_record(get_result())
+            pending.commit()
+        except Exception as exc:
+            pending.discard()
+            fail(i, pending.patient, exc)
+            continue
+        summaries[i].done.append(pending.patient)
+        notify[i]("done", pending.patient)
+        forward(i, pending.patient)
+    for i, summary in enumerate(summaries):
+        if first_start[i] is not None and last_end[i] is not None:
+            summary.seconds = last_end[i] - first_start[i]
+    return summaries
+
+
+def _raiser(exc):
+    def get_result():
+        raise exc
+    return get_result
 
 
 # ---------------------------------------------------------------------- ingest
@@ -293,7 +404,6 @@ def _prepare_segment(chunk_slices):
     def prepare(store, patient, _):
         import xarray as xr
 
-        from lungzarr.crop import legacy_crop_box
         from lungzarr.segment import segment_lungs
 
         ds = store.open_patient(patient)
@@ -304,11 +414,17 @@ def _prepare_segment(chunk_slices):
         })
         pending = store.prepare_stage(patient, "segment", _encoded(out, chunk_slices),
                                       record={"algorithm": "seperate_lungs_cv2 (ALGORITHMS.md §3)"})
-        # The crop box needs the whole mask: take it from the written mask, cheaply (projections only).
-        pending.before_commit = [
-            lambda: {"crop_box": legacy_crop_box(store.open_patient(patient).lungs.data)}]
-        return pending
+        # The crop box needs the whole mask: a worker takes it from the written mask once it is written
+        # (a few hundred kB of bool), in the same computation, so the client never waits on it.
+        return pending.then(_crop_box_task, str(store.path), patient)
     return prepare
+
+
+def _crop_box_task(store_path, patient):
+    from lungzarr.crop import legacy_crop_box
+    from lungzarr.storage import CohortStore
+
+    return {"crop_box": legacy_crop_box(CohortStore(store_path, mode="r").open_patient(patient).lungs.values)}
 
 
 
@@ -492,26 +608,40 @@ def _stage_prepares(*, chunk_slices, weights, precision, infer_batch, gpu, label
     }
 
 
-def _run_stages(store, items, stages, prepares, *, overwrite, batch_size, client, progress):
-    """Run ``stages`` (in RUN_STAGES order) for ``items``; the caller holds the lock."""
-    summaries = []
-    ids = [pid for pid, _ in items]
-    for stage in stages:
-        previous = RUN_STAGES[RUN_STAGES.index(stage) - 1] if stage != "ingest" else None
-        if previous is None:
-            candidates = items
-        else:
-            candidates = [(pid, None) for pid in ids if store.is_complete(pid, previous)]
-        todo = [(pid, payload) for pid, payload in candidates
-                if overwrite or _needs_stage(store, pid, stage, previous)]
-        prepare = prepares[stage] if previous is None else _depending_on(prepares[stage], previous)
-        summary = run_stage(store, stage, todo, prepare, overwrite=True, batch_size=batch_size,
-                            client=client, progress=progress(stage, len(todo)))
-        done = {pid for pid, _ in todo}
-        summary.skipped = [pid for pid, _ in candidates if pid not in done]
-        summaries.append(summary)
+def _run_stages(store, items, stages, prepares, *, overwrite, batch_size, client, progress, gpu=False):
+    """Stream ``items`` through ``stages`` (in RUN_STAGES order); the caller holds the lock."""
+    prepares = {stage: prepares[stage] if stage == "ingest" else _depending_on(prepares[stage], _previous(stage))
+                for stage in stages}
+
+    def decide(patient, stage):
+        previous = _previous(stage)
+        if previous is not None and not store.is_complete(patient, previous):
+            return "blocked"
+        return "run" if overwrite or _needs_stage(store, patient, stage, previous) else "skip"
+
+    summaries = stream_stages(store, items, list(stages), prepares, decide=decide, batch_size=batch_size,
+                              client=client, progress=progress, compute_options=_cpu_stage_placement(client, stages, gpu))
     gather_tables(store)
     return summaries
+
+
+def _previous(stage):
+    return RUN_STAGES[RUN_STAGES.index(stage) - 1] if stage != "ingest" else None
+
+
+def _cpu_stage_placement(client, stages, gpu):
+    """With GPU workers and CPU-only workers, keep the CPU stages off the GPU workers.
+
+    A GPU worker's threads then only run the UNet stage, so the CPU stages of
+    the next patients never delay a predict.
+    """
+    if client is None or not gpu:
+        return {}
+    workers = client.scheduler_info().get("workers", {})
+    cpu_only = [address for address, info in workers.items() if not info.get("resources", {}).get("GPU", 0)]
+    if not cpu_only:
+        return {}
+    return {stage: {"workers": cpu_only, "allow_other_workers": False} for stage in stages if stage != "detect"}
 
 
 def _check_ids(store, items):
@@ -532,6 +662,9 @@ def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int =
         gpu: bool = False, infer_batch: int = 8, progress: Callable | None = None) -> list[StageSummary]:
     """DICOM folders to nodule and patient tables: every stage for every patient.
 
+    Patients stream through the stages (:func:`stream_stages`): on a cluster,
+    one patient's UNet overlaps the next patients' CPU stages.
+
     Parameters
     ----------
     input_dir, store_path : path
@@ -540,14 +673,15 @@ def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int =
     weights : path, optional
         d8 weights; default the shipped file (sha256 checked).
     chunk_slices, batch_size : int
-        Slices per chunk; patients computed at once (bounds each worker's memory).
+        Slices per chunk; patients in flight per stage (bounds each worker's memory).
     precision : {"fp32", "bf16", "fp16"}
     patients : iterable of str, optional
     overwrite : bool
         Redo every stage of the selected patients.
     client : distributed.Client, optional
     gpu : bool
-        Annotate the UNet tasks to run only on workers with a ``GPU`` resource.
+        Annotate the UNet tasks to run only on workers with a ``GPU`` resource,
+        and keep the other stages on the CPU-only workers when there are any.
     infer_batch : int
         8-slice windows per UNet call.
     progress : callable, optional
@@ -568,7 +702,7 @@ def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int =
     with store.lock():
         good, bad = _check_ids(store, items)
         summaries = _run_stages(store, good, RUN_STAGES, prepares, overwrite=overwrite, batch_size=batch_size,
-                                client=client, progress=progress or (lambda stage, total: None))
+                                client=client, progress=progress, gpu=gpu)
     summaries[0].failed = bad + summaries[0].failed
     return summaries
 
@@ -598,8 +732,7 @@ def process(store_path, stages, *, labels=None, weights=None, chunk_slices: int 
     ordered = [s for s in RUN_STAGES if s in stages]
     with store.lock():
         return _run_stages(store, [(p, None) for p in ids], ordered, prepares, overwrite=overwrite,
-                           batch_size=batch_size, client=client,
-                           progress=progress or (lambda stage, total: None))
+                           batch_size=batch_size, client=client, progress=progress, gpu=gpu)
 
 
 def _needs_stage(store, patient, stage, previous) -> bool:

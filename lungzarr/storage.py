@@ -429,10 +429,23 @@ class PendingStage:
         if isinstance(result, dict):
             self.record.update(result)
 
+    def then(self, func, *args) -> "PendingStage":
+        """Run ``func(*args)`` as one more task after the voxels are written.
+
+        It runs on a worker, in the same computation, and the dict it returns
+        is merged into the stage record (for figures that need the written
+        arrays, such as the crop box, without a second round trip).
+        """
+        import dask
+
+        def after_write(_, *a):
+            return func(*a)
+
+        self.delayed = dask.delayed(after_write, pure=False)(self.delayed, *args)
+        return self
+
     def commit(self) -> None:
         """Mark the stage complete (call only after ``delayed`` has been computed)."""
-        for hook in getattr(self, "before_commit", ()):
-            self.record.update(hook() or {})
         group = self.store._group(self.group_path)
         attrs = dict(group.attrs)
         stages = dict(attrs.get(STAGES_KEY, {}))

@@ -231,3 +231,72 @@ def test_detect_stage_runs_the_unet_only_on_gpu_workers(small_input, tmp_path, c
     # The predict blocks are the map_overlap tasks (xarray fuses them with the store write).
     predicted_on = [names[t["worker"]] for t in stream.data if "overlap" in str(t["key"])]
     assert predicted_on and set(predicted_on) == {"gpu"}
+
+
+@pytest.fixture(scope="module")
+def three_small_patients(small_input, tmp_path_factory):
+    """small_input plus a third small patient."""
+    from lungzarr.dicom import write_series
+    from lungzarr.phantom import chest_phantom
+
+    folder = tmp_path_factory.mktemp("three") / "input"
+    shutil.copytree(small_input, folder)
+    hu, origin = chest_phantom(shape=(24, 96, 96), spacing=(2.5, 2.0, 2.0), seed=3)
+    write_series(hu, folder / "SMALL-3", spacing=(2.5, 2.0, 2.0), origin=origin, patient_id="SMALL-3")
+    return folder
+
+
+def _event_log():
+    events = []
+
+    def progress(stage, total):
+        def callback(event, patient):
+            events.append((stage, event, patient))
+        return callback
+    return events, progress
+
+
+def test_patients_stream_through_the_stages_without_a_cluster(three_small_patients, tmp_path):
+    """Each patient moves on as soon as its stage is committed: not every ingest before any segment."""
+    import dask
+
+    from lungzarr.pipeline import RUN_STAGES, run
+
+    events, progress = _event_log()
+    with dask.config.set(scheduler="threads"):
+        summaries = run(three_small_patients, tmp_path / "s.zarr", batch_size=1, progress=progress)
+    assert [s.done for s in summaries] == [["SMALL-1", "SMALL-2", "SMALL-3"]] * len(RUN_STAGES)
+    done = [(stage, patient) for stage, event, patient in events if event == "done"]
+    # Later stages first, one patient per stage in flight: a patient-major order.
+    assert done[:7] == [("ingest", "SMALL-1"), ("segment", "SMALL-1"), ("ingest", "SMALL-2"),
+                        ("detect", "SMALL-1"), ("segment", "SMALL-2"), ("ingest", "SMALL-3"),
+                        ("nodules", "SMALL-1")]
+
+
+def test_stages_overlap_on_a_cluster_and_cpu_stages_stay_off_the_gpu_worker(three_small_patients, tmp_path,
+                                                                           cpu_gpu_cluster):
+    import distributed
+
+    from lungzarr.pipeline import RUN_STAGES, run
+
+    client, names = cpu_gpu_cluster
+    events, progress = _event_log()
+    with distributed.get_task_stream(client) as stream:
+        summaries = run(three_small_patients, tmp_path / "s.zarr", batch_size=1, client=client, gpu=True,
+                        progress=progress)
+    assert [s.done for s in summaries] == [["SMALL-1", "SMALL-2", "SMALL-3"]] * len(RUN_STAGES), \
+        [s.failed for s in summaries]
+    done = [(stage, patient) for stage, event, patient in events if event == "done"]
+    first_segment = min(i for i, (stage, _) in enumerate(done) if stage == "segment")
+    last_ingest = max(i for i, (stage, _) in enumerate(done) if stage == "ingest")
+    assert first_segment < last_ingest, done  # a stage-by-stage run would ingest everyone first
+    # Every ingest/segment/nodules/features task ran on the CPU worker; every predict on the GPU worker.
+    on = {}
+    for task in stream.data:
+        key = str(task["key"])
+        kind = "predict" if "overlap" in key else "cpu" if any(
+            tag in key for tag in ("decode-dicom", "zoom", "segment-lungs", "_nodule_task", "_features_task",
+                                   "_crop_box_task")) else None
+        if kind:
+            on.setdefault(kind, set()).add(names[task["worker"]])
+    assert on == {"predict": {"gpu"}, "cpu": {"cpu"}}, on
