@@ -6,6 +6,7 @@ seconds, throughput, where the predict tasks ran, GPU/CPU utilisation, and a
 CPU-vs-GPU check of one patient's nodule_prob.
 
     python3 benchmarks/gpu_pipeline.py --out results/pipeline_gpu.json --n 16 --nz-min 200 --nz-max 300
+    python3 benchmarks/gpu_pipeline.py --out results/pipeline_gpu_stagewise.json --mode stagewise   # same, stage by stage
 
 On a machine without a package registry, carry wheels (cp312 for the GPU image) of what it lacks:
 zarr, numcodecs, donfig, google-crc32c, pydicom, xarray, keras, namex, optree, dask, distributed,
@@ -150,6 +151,11 @@ def main():
     ap.add_argument("--gen-procs", type=int, default=16)
     ap.add_argument("--skip-cpu-check", action="store_true")
     ap.add_argument("--hide-gpu-from-cpu-workers", type=int, default=1)
+    ap.add_argument("--mode", choices=("streamed", "stagewise"), default="streamed",
+                    help="streamed: one pipeline.run (stages of different patients overlap); stagewise: every "
+                         "patient through one stage before the next stage starts (the order before streaming)")
+    ap.add_argument("--malloc-trim", action="store_true",
+                    help="CPU workers with distributed's MALLOC_TRIM_THRESHOLD_=65536 (lungzarr drops it)")
     args = ap.parse_args()
     OUT_PATH = args.out
     RESULT["args"] = vars(args)
@@ -201,8 +207,12 @@ def main():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the LocalCluster worker processes only
     from distributed import Client, LocalCluster, get_task_stream
 
-    cluster = LocalCluster(n_workers=args.cpu_workers, threads_per_worker=1, processes=True,
-                           memory_limit="6GiB", dashboard_address=None)
+    from lungzarr.cluster import worker_environ
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(malloc_trim=args.malloc_trim),
+                          "optimization.fuse.active": False}):
+        cluster = LocalCluster(n_workers=args.cpu_workers, threads_per_worker=1, processes=True,
+                               memory_limit="6GiB", dashboard_address=None)
     client = Client(cluster)
     os.environ.clear()
     os.environ.update(gpu_env)
@@ -234,9 +244,20 @@ def main():
         return lambda event, patient: None
 
     t_run0 = time.time()
-    with get_task_stream(client) as ts:
-        summaries = pipeline.run(input_dir, store, client=client, gpu=True, batch_size=args.batch_size,
-                                 precision="fp32", infer_batch=args.infer_batch, progress=progress)
+    from benchmarks.bench_overlap import busy_seconds
+    from lungzarr.infer import predict_stats
+
+    client.run(predict_stats, True, workers=gpu_addr)  # reset=True: count this run only
+    opts = dict(client=client, gpu=True, batch_size=args.batch_size, precision="fp32",
+                infer_batch=args.infer_batch, progress=progress)
+    with get_task_stream(client) as ts, dask.config.set({"optimization.fuse.active": False}):
+        if args.mode == "streamed":
+            summaries = pipeline.run(input_dir, store, **opts)
+        else:
+            summaries = [pipeline.ingest(input_dir, store, client=client, batch_size=args.batch_size,
+                                         progress=progress("ingest", args.n))]
+            for stage in pipeline.RUN_STAGES[1:]:
+                summaries += pipeline.process(store, [stage], **opts)
     t_run1 = time.time()
     time.sleep(0.5)
     sampler.stop_flag = True
@@ -267,6 +288,7 @@ def main():
     by_worker = defaultdict(Counter)
     busy = defaultdict(float)
     predict_compute_s = 0.0
+    predict_intervals = []
     for rec in ts.data:
         key = rec["key"]
         name = key[0] if isinstance(key, tuple) else str(key)
@@ -278,12 +300,19 @@ def main():
                 busy[wk] += ss["stop"] - ss["start"]
                 if "predict-nodule-prob" in name and wk == "gpu":
                     predict_compute_s += ss["stop"] - ss["start"]
+                    predict_intervals.append((ss["start"], ss["stop"]))
     predict = {wk: sum(n for p, n in c.items() if "predict-nodule-prob" in p) for wk, c in by_worker.items()}
     RESULT["task_placement"] = {
         "predict_tasks_by_worker_kind": predict,
         "all_predict_on_gpu_worker": predict.get("cpu", 0) == 0 and predict.get("gpu", 0) > 0,
         "predict_compute_s_on_gpu_worker": round(predict_compute_s, 2),
         "compute_s_by_worker_kind": {k: round(v, 1) for k, v in busy.items()},
+        # The union of the predict intervals over the wall time: how busy the UNet kept the GPU worker.
+        "predict_busy_fraction_of_wall": round(busy_seconds(predict_intervals) / wall, 3),
+        "first_predict_after_s": round(min(a for a, _ in predict_intervals) - t_run0, 2) if predict_intervals
+        else None,
+        # model.predict itself (inside the tasks) on the GPU worker vs the predict tasks' compute time.
+        "model_predict_on_gpu_worker": list(client.run(predict_stats, workers=gpu_addr).values()),
         "task_counts_gpu_worker": dict(by_worker["gpu"].most_common(15)),
         "task_counts_cpu_workers": dict(by_worker["cpu"].most_common(15)),
     }

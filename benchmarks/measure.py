@@ -72,10 +72,12 @@ class Sampler:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds of every watched process so far (threads included)."""
+    def cpu_seconds(self, names=None) -> float:
+        """User + system CPU seconds of the watched processes (all, or ``names``) so far, threads included."""
         total = 0.0
-        for proc in self.procs.values():
+        for name, proc in self.procs.items():
+            if names is not None and name not in names:
+                continue
             try:
                 t = proc.cpu_times()
                 total += t.user + t.system

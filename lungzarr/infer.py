@@ -29,6 +29,7 @@ annotation, and the predictions would then run on any worker.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import dask
 import dask.array as da
@@ -45,6 +46,7 @@ __all__ = [
     "predicted_slices",
     "predict_nodule_prob",
     "annotate_gpu",
+    "predict_stats",
 ]
 
 #: Probabilities below this are stored as 0.
@@ -93,6 +95,22 @@ def _check_volume(hu_2mm, patient):
             f"Check the series' PixelSpacing and Rows/Columns.", patient=patient, stage="detect")
 
 
+#: This process's model.predict totals (read on a worker with ``client.run(predict_stats)``).
+_PREDICT_STATS = {"calls": 0, "windows": 0, "seconds": 0.0}
+
+
+def predict_stats(*, reset: bool = False) -> dict:
+    """``model.predict`` calls, windows and seconds in this process so far.
+
+    Profiling aid for GPU workers: compare with the predict tasks' compute
+    time to see how much of a task is the network itself.
+    """
+    stats = dict(_PREDICT_STATS)
+    if reset:
+        _PREDICT_STATS.update(calls=0, windows=0, seconds=0.0)
+    return stats
+
+
 def _z_chunks_at_least(chunks: tuple[int, ...], minimum: int) -> tuple[int, ...]:
     """Merge z-chunks so that every one holds at least ``minimum`` slices.
 
@@ -132,7 +150,11 @@ def _predict_block(block, *, offsets, nz, weights, precision, batch_size, block_
     windows = np.stack([block[o:o + WINDOW] for o in origins])[..., np.newaxis]
     model = get_model(weights, precision)
     with model_lock(model):
+        t0 = time.perf_counter()
         prob = model.predict(windows, batch_size=batch_size, verbose=0)
+        _PREDICT_STATS["seconds"] += time.perf_counter() - t0
+    _PREDICT_STATS["calls"] += 1
+    _PREDICT_STATS["windows"] += len(windows)
     prob = np.asarray(prob, dtype=np.float32)[:, 0, :, :, 0]
     prob[prob < THRESHOLD] = 0
     out[first - start:last - start] = prob

@@ -141,3 +141,14 @@ def test_annotate_gpu_marks_the_prediction_layer():
         with infer.annotate_gpu(0):
             pass
     assert dask.get_annotations() == {}
+
+
+def test_predict_stats_count_the_windows_of_a_computation():
+    """The profiling counters add up the windows every predict call saw."""
+    from lungzarr.infer import predict_nodule_prob, predict_stats
+
+    hu = np.full((20, 16, 16), -700, dtype=np.int16)
+    predict_stats(reset=True)
+    predict_nodule_prob(da.from_array(hu, chunks=(10, 16, 16)), batch_size=4).compute(scheduler="sync")
+    stats = predict_stats()
+    assert stats["windows"] == 20 - 8 and stats["calls"] == 2 and stats["seconds"] > 0
