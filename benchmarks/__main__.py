@@ -260,7 +260,7 @@ def summarise_stages(base: dict, pipe: dict, dicom_bytes: dict) -> dict:
             continue
         p_mem = max(v for k, v in st["peak_rss_mb"].items() if k.startswith("worker"))
         rows[stage] = {
-            # run_stage's own seconds; the stage-by-stage harness adds a gather_tables per process() call
+            # the stage's own seconds (StageSummary.seconds); the stage-by-stage harness adds a gather_tables per process() call
             # (in the CPU figure and end to end, not here).
             "baseline_s_per_patient": _r(b_s / n), "pipeline_s_per_patient": _r(st["summary_s"] / n),
             "ratio_time": _r(st["summary_s"] / b_s), "speedup": _r(b_s / st["summary_s"]),

@@ -155,6 +155,23 @@ def test_other_patients_of_the_run_are_ingested(broken_cohort):
     assert [p.name for p in (store / STAGING_GROUP).iterdir() if p.is_dir()] == []
 
 
+def test_on_a_cluster_headers_read_on_workers_give_the_same_failure_records(broken_cohort, tmp_path,
+                                                                           cpu_gpu_cluster):
+    """With a client, DICOM headers are read on the workers ahead of time: same records, same patients."""
+    root, _, summary, _ = broken_cohort
+    import distributed
+
+    client, _ = cpu_gpu_cluster
+    with distributed.get_task_stream(client) as stream:
+        on_cluster = ingest(root, tmp_path / "cluster.zarr", chunk_slices=4, client=client, batch_size=2)
+    header_reads = [t for t in stream.data if "_read_series_task" in str(t["key"])]
+    # Every patient folder, broken ones included, had its headers read once, on a worker.
+    assert len(header_reads) == len(summary.done) + len(summary.failed)
+    assert sorted(on_cluster.done) == sorted(summary.done)
+    key = lambda record: record["patient"]  # noqa: E731
+    assert sorted(on_cluster.failed, key=key) == sorted(summary.failed, key=key)
+
+
 def test_several_series_picks_the_right_one(broken_cohort):
     root, store, _, _ = broken_cohort
     attrs = CohortStore(store, mode="r").patient_attrs("several_series")
