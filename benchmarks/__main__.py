@@ -463,8 +463,12 @@ def projection(stages_result: dict, *, cores: int = 16) -> dict:
 
     CPU core-seconds per patient of each CPU stage (the pipeline's, workers +
     client summed; median over rounds) spread over ``cores`` cores with no
-    scaling loss; the UNet on the GPU at the anchor seconds per patient; the
-    run takes as long as the slower of the two.
+    scaling loss; the UNet on the GPU at the anchor seconds per patient (bare
+    network) and at the rate measured inside the whole pipeline on the H100
+    (``results/pipeline_gpu_chunk64.json``, when present). Patients stream
+    through the stages, so the run takes as long as the slowest of: the CPU
+    stages over the cores, the UNet on the GPU, and the client process (one
+    core: scheduler, graph building, commits).
     """
     rounds = stages_result["rounds"]
     cpu = {st: statistics.median(rd["table"][st]["pipeline_cpu_s_per_patient"] for rd in rounds)
@@ -472,6 +476,8 @@ def projection(stages_result: dict, *, cores: int = 16) -> dict:
     base_cpu = {st: statistics.median(rd["table"][st]["baseline_cpu_s_per_patient"] for rd in rounds)
                 for st in CPU_STAGES if st in rounds[0]["table"]}
     total = sum(cpu.values())
+    client = {st: statistics.median(rd["table"][st].get("pipeline_client_cpu_s_per_patient") or 0.0 for rd in rounds)
+              for st in CPU_STAGES if st in rounds[0]["table"]}
     out = {"assumptions": f"{cores} cores all on CPU stages, perfect scaling, same per-core speed as this machine; "
                           "UNet on one H100 at the anchor s/patient (bare network); the slower side bounds",
            "cohort_mean_shape_2mm": [round(statistics.mean(c["shape_2mm"][i] for c in stages_result["cohort"]))
@@ -479,13 +485,24 @@ def projection(stages_result: dict, *, cores: int = 16) -> dict:
            "cpu_core_s_per_patient": {k: round(v, 2) for k, v in cpu.items()},
            "cpu_core_s_per_patient_total": round(total, 2),
            "baseline_cpu_core_s_per_patient": {k: round(v, 2) for k, v in base_cpu.items()},
-           "baseline_cpu_core_s_per_patient_total": round(sum(base_cpu.values()), 2)}
-    for prec, gpu_s in GPU_S_PER_PATIENT.items():
+           "baseline_cpu_core_s_per_patient_total": round(sum(base_cpu.values()), 2),
+           "client_cpu_s_per_patient": {k: round(v, 3) for k, v in client.items()},
+           "client_cpu_s_per_patient_total_measured_stages": round(sum(client.values()), 3)}
+    gpu_rates = dict(GPU_S_PER_PATIENT)
+    measured = RESULTS / "pipeline_gpu_chunk64.json"
+    if measured.exists():
+        run = json.loads(measured.read_text())
+        n = run["cohort"]["n_patients"]
+        gpu_rates["fp32_measured_in_pipeline_h100"] = round(
+            run["task_placement"]["predict_compute_s_on_gpu_worker"] / n, 3)
+    client_s = sum(client.values())
+    for prec, gpu_s in gpu_rates.items():
         cpu_s = total / cores
-        bound = max(cpu_s, gpu_s)
+        sides = {"CPU stages": cpu_s, "GPU": gpu_s, "client": client_s}
+        bound = max(sides, key=sides.get)
         out[prec] = {"cpu_wall_s_per_patient": round(cpu_s, 3), "gpu_s_per_patient": gpu_s,
-                     "bound": "CPU stages" if cpu_s > gpu_s else "GPU",
-                     "minutes_for_1595": round(DSB_STAGE1 * bound / 60, 1),
+                     "client_s_per_patient": round(client_s, 3), "bound": bound,
+                     "minutes_for_1595": round(DSB_STAGE1 * sides[bound] / 60, 1),
                      "baseline_cpu_minutes_for_1595": round(DSB_STAGE1 * max(sum(base_cpu.values()) / cores,
                                                                              gpu_s) / 60, 1)}
     out["goal_minutes"] = 20

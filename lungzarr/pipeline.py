@@ -282,15 +282,34 @@ def _raiser(exc):
 
 # ---------------------------------------------------------------------- ingest
 
+#: Slices per dask task in the pipeline's stages, at least; the store keeps ``chunk_slices`` per chunk
+#: and each task writes whole chunks. Fewer, larger tasks: on 300-slice patients, 64-slice tasks cut the
+#: client process's CPU (it runs the scheduler) from 0.61 to 0.11 s per ingested patient and the workers'
+#: from 5.1 to 3.6 CPU-s (less halo recomputed, less per-task overhead).
+TASK_SLICES = 64
+
+
+def task_slices(chunk_slices: int) -> int:
+    """Slices per task for a store chunk of ``chunk_slices``: the smallest multiple >= TASK_SLICES."""
+    chunk_slices = int(chunk_slices)
+    if chunk_slices < 1:
+        raise ValueError(f"chunk_slices must be >= 1, got {chunk_slices!r}")
+    return chunk_slices * max(1, -(-TASK_SLICES // chunk_slices))
+
+
 def ingest_dataset(series, *, chunk_slices: int = 16):
-    """The lazy ``hu`` + ``hu_2mm`` Dataset of one series (nothing decoded yet)."""
+    """The lazy ``hu`` + ``hu_2mm`` Dataset of one series (nothing decoded yet).
+
+    Computed in tasks of :func:`task_slices` slices; stored in chunks of ``chunk_slices``.
+    """
     import xarray as xr
 
     from lungzarr import dicom
     from lungzarr.resample import resample_to_2mm
 
-    hu = dicom.series_to_hu(series, chunk_slices=chunk_slices)
-    hu_2mm, grid_2mm = resample_to_2mm(hu, series.grid, chunk_slices=chunk_slices)
+    per_task = task_slices(chunk_slices)
+    hu = dicom.series_to_hu(series, chunk_slices=per_task)
+    hu_2mm, grid_2mm = resample_to_2mm(hu, series.grid, chunk_slices=per_task)
     grid = series.grid
     z_positions = np.array([h.position[2] for h in series.headers], dtype=np.float64)
     coords = {
@@ -317,9 +336,7 @@ def ingest_dataset(series, *, chunk_slices: int = 16):
                      "step_mm": list(grid_2mm.step)},
         "lungzarr_version": __version__,
     }
-    for name in ("hu", "hu_2mm"):
-        ds[name].encoding["chunks"] = tuple(c[0] for c in ds[name].data.chunks)
-    return ds
+    return _encoded(ds, chunk_slices)
 
 
 def grid_from_attrs(attrs: dict, key: str = "grid_2mm") -> Grid:
@@ -420,7 +437,7 @@ def _prepare_segment(chunk_slices):
         from lungzarr.segment import segment_lungs
 
         ds = store.open_patient(patient)
-        lungs, segmented = segment_lungs(ds.hu_2mm.data)
+        lungs, segmented = segment_lungs(ds.hu_2mm.data.rechunk({0: task_slices(chunk_slices)}))
         out = xr.Dataset({
             "lungs": (DIMS_2MM, lungs, {"long_name": "lung mask (DSB2017 per-slice segmentation, ALGORITHMS.md §3)"}),
             "segmented": (DIMS_2MM, segmented, {"units": "HU", "long_name": "hu_2mm inside the lungs, -2000 outside"}),
@@ -442,10 +459,6 @@ def _crop_box_task(store_path, patient):
 
 
 
-#: Slices per UNet task: each task predicts that many windows in few large batches.
-INFER_CHUNK_SLICES = 64
-
-
 def _prepare_detect(*, weights, precision, batch_size, chunk_slices, gpu):
     def prepare(store, patient, _):
         from contextlib import nullcontext
@@ -458,9 +471,9 @@ def _prepare_detect(*, weights, precision, batch_size, chunk_slices, gpu):
         hu_2mm = ds.hu_2mm.data
         with (annotate_gpu() if gpu else nullcontext()):
             # Few large predict calls (a GPU idles on 16-window calls); stored in the usual chunks.
-            prob = predict_nodule_prob(hu_2mm.rechunk({0: INFER_CHUNK_SLICES}), weights=weights,
+            # Tasks of whole store chunks (the last one may take a short remainder): no rechunk to write.
+            prob = predict_nodule_prob(hu_2mm.rechunk({0: task_slices(chunk_slices)}), weights=weights,
                                        batch_size=batch_size, precision=precision)
-            prob = prob.rechunk({0: chunk_slices})
         predicted = predicted_slices(hu_2mm.shape[0])
         out = xr.Dataset({"nodule_prob": (DIMS_2MM, prob, {
             "long_name": "d8 UNet nodule probability (values < 0.5 stored as 0)",

@@ -300,3 +300,22 @@ def test_stages_overlap_on_a_cluster_and_cpu_stages_stay_off_the_gpu_worker(thre
         if kind:
             on.setdefault(kind, set()).add(names[task["worker"]])
     assert on == {"predict": {"gpu"}, "cpu": {"cpu"}}, on
+
+
+def test_tasks_are_whole_multiples_of_the_store_chunks(small_input, tmp_path):
+    """Stages compute in tasks of >= 64 slices but the store keeps chunk_slices per chunk."""
+    import dask
+
+    from lungzarr.pipeline import ingest, process, task_slices
+
+    assert [task_slices(c) for c in (1, 4, 16, 24, 64, 100)] == [64, 64, 64, 72, 64, 100]
+    with pytest.raises(ValueError, match="chunk_slices must be >= 1"):
+        task_slices(0)
+    store = tmp_path / "chunks.zarr"
+    with dask.config.set(scheduler="threads"):
+        ingest(small_input, store, chunk_slices=8, patients=["SMALL-1"])
+        process(store, ["segment"], chunk_slices=8)
+    ds = CohortStore(store, mode="r").open_patient("SMALL-1")
+    for name in ("hu", "hu_2mm", "lungs", "segmented"):
+        assert ds[name].encoding["chunks"][0] == 8, name
+        assert ds[name].data.chunks[0][0] == 8, name  # read back in stored chunks
