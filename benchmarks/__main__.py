@@ -21,56 +21,35 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "results"
+from benchmarks.harness import RESULTS, make_cohort, preimport, rounded, spawn, warm_model, write_result
 STAGES = ("ingest", "segment", "detect", "nodules", "features")
+#: Seconds of idle client CPU sampled before timing.
+IDLE_PROBE_S = 5.0
+#: Idle CPU of the client process of a 16-worker LocalCluster (core-seconds per second), measured on the
+#: 2-core benchmark machine: 0.096 with 2 workers, 0.157 with 8, 0.220 with 16.
+CLIENT_IDLE_16_WORKERS = 0.22
+#: Client-process CPU per extra patient, above idle, measured per thread (6 vs 2 realistic patients, 2 workers,
+#: 64-slice tasks): ingest 0.29 s, segment 0.26 s.
+CLIENT_MARGINAL_S = {"ingest": 0.29, "segment": 0.26}
 CPU_STAGES = ("ingest", "segment", "nodules", "features")
 
 
 # ====================================================================== child processes
 
-def _warm_model():
-    """Import TensorFlow, build the d8 model and run one tiny predict (per process, before timing)."""
-    import numpy as np
-
-    from lungzarr.model import get_model
-
-    t0 = time.perf_counter()
-    get_model().predict(np.zeros((1, 8, 32, 32, 1), np.float32), verbose=0)
-    return time.perf_counter() - t0
-
-
-def _preimport():
-    """Import what the stages use before any timing (one-off costs are not per-patient costs)."""
-    import pandas  # noqa: F401
-    import pydicom  # noqa: F401
-    import xarray  # noqa: F401
-
-    import lungzarr.crop  # noqa: F401
-    import lungzarr.dicom  # noqa: F401
-    import lungzarr.features  # noqa: F401
-    import lungzarr.nodules  # noqa: F401
-    import lungzarr.resample  # noqa: F401
-    import lungzarr.segment  # noqa: F401
-    import lungzarr.storage  # noqa: F401
-
-
 def child_baseline(args: dict) -> dict:
     import resource
 
-    _preimport()
+    preimport()
     from benchmarks.baseline import run_patient
     from benchmarks.measure import Sampler
 
     # TensorFlow and the model only where the UNet runs (they dominate a process's RSS).
-    warm = _warm_model() if "detect" in (args.get("stages") or STAGES) else 0.0
+    warm = warm_model() if "detect" in (args.get("stages") or STAGES) else 0.0
     rows = []
     with Sampler({"main": os.getpid()}) as sampler:
         for pid, folder in args["patients"]:
@@ -117,17 +96,23 @@ def child_pipeline(args: dict) -> dict:
     store = Path(args["store"])
     opts = dict(batch_size=args["batch_size"], chunk_slices=args["chunk_slices"])
     stages = args.get("stages") or list(STAGES)
-    _preimport()
+    preimport()
     t_start = time.perf_counter()
     with dask_client("local", n_workers=args["workers"], threads_per_worker=1, echo=lambda s: None,
                      malloc_trim=args.get("malloc_trim", False)) as client:
         startup = time.perf_counter() - t_start
         pids = client.run(os.getpid)
-        client.run(_preimport)
-        warm = client.run(_warm_model) if "detect" in stages else {"none": 0.0}
+        client.run(preimport)
+        warm = client.run(warm_model) if "detect" in stages else {"none": 0.0}
         names = {"main": os.getpid(), **{f"worker-{i}": pid for i, pid in enumerate(sorted(pids.values()))}}
+        # The client process (scheduler, nannies, comms) burns CPU even when idle: measure that rate, so
+        # the per-patient client figure can be told from the part that only grows with the wall time.
+        idle0 = Sampler({"main": os.getpid()}).cpu_seconds()
+        time.sleep(IDLE_PROBE_S)
+        client_idle_cpu_per_s = (Sampler({"main": os.getpid()}).cpu_seconds() - idle0) / IDLE_PROBE_S
         out = {"variant": f"pipeline-{args['workers']}w", "workers": args["workers"], "mode": args["mode"],
-               "cluster_start_s": startup, "warmup_s": max(warm.values()), **opts, "stages": {}}
+               "cluster_start_s": startup, "warmup_s": max(warm.values()), **opts, "stages": {},
+               "client_idle_cpu_per_s": client_idle_cpu_per_s}
         with Sampler(names) as sampler:
             t0 = time.perf_counter()
             if args["mode"] == "stagewise":
@@ -215,36 +200,7 @@ CHILDREN = {"baseline": child_baseline, "pipeline": child_pipeline, "profile": c
             "overlap": child_overlap}
 
 
-def spawn(kind: str, args: dict, *, env_extra: dict | None = None) -> dict:
-    """Run one variant in a fresh Python process; its JSON result."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "TF_CPP_MIN_LOG_LEVEL": "2", **(env_extra or {})}
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "_child", kind, json.dumps(args)],
-                          capture_output=True, text=True, env=env, cwd=REPO, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_wall_s"] = time.perf_counter() - t0
-    return result
-
-
 # ====================================================================== cohort and summaries
-
-def make_cohort(work: Path, n: int, *, small: bool, prefix: str = "SYN"):
-    from benchmarks.cohort import cohort_specs, write_cohort
-
-    specs = cohort_specs(n, small=small, prefix=prefix)
-    t0 = time.perf_counter()
-    sizes = write_cohort(specs, work / "input")
-    print(f"cohort: {n} patient(s), {sum(sizes.values()) / 1e6:.0f} MB of DICOM, written in "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
-    return specs, sizes
-
-
-def _r(x, n=3):
-    return None if x is None else round(float(x), n)
-
 
 def summarise_stages(base: dict, pipe: dict, dicom_bytes: dict) -> dict:
     """Per-stage and end-to-end figures of one baseline / pipeline pair and their ratios."""
@@ -262,34 +218,38 @@ def summarise_stages(base: dict, pipe: dict, dicom_bytes: dict) -> dict:
         rows[stage] = {
             # the stage's own seconds (StageSummary.seconds); the stage-by-stage harness adds a gather_tables per process() call
             # (in the CPU figure and end to end, not here).
-            "baseline_s_per_patient": _r(b_s / n), "pipeline_s_per_patient": _r(st["summary_s"] / n),
-            "ratio_time": _r(st["summary_s"] / b_s), "speedup": _r(b_s / st["summary_s"]),
-            "baseline_cpu_s_per_patient": _r(b_cpu / n), "pipeline_cpu_s_per_patient": _r(st["cpu_s"] / n),
-            "ratio_cpu": _r(st["cpu_s"] / b_cpu),
-            "pipeline_client_cpu_s_per_patient": _r(st["client_cpu_s"] / n) if "client_cpu_s" in st else None,
-            "baseline_patients_per_hour": _r(3600 * n / b_s, 1), "pipeline_patients_per_hour": _r(3600 * n / st["summary_s"], 1),
+            "baseline_s_per_patient": rounded(b_s / n), "pipeline_s_per_patient": rounded(st["summary_s"] / n),
+            "ratio_time": rounded(st["summary_s"] / b_s), "speedup": rounded(b_s / st["summary_s"]),
+            "baseline_cpu_s_per_patient": rounded(b_cpu / n), "pipeline_cpu_s_per_patient": rounded(st["cpu_s"] / n),
+            "ratio_cpu": rounded(st["cpu_s"] / b_cpu),
+            "pipeline_client_cpu_s_per_patient": rounded(st["client_cpu_s"] / n) if "client_cpu_s" in st else None,
+            # minus what the idle client burns over the stage's wall time: the part that scales with patients
+            "pipeline_client_cpu_s_per_patient_above_idle": rounded(
+                max(0.0, st["client_cpu_s"] - pipe.get("client_idle_cpu_per_s", 0.0) * st["wall_s"]) / n)
+            if "client_cpu_s" in st else None,
+            "baseline_patients_per_hour": rounded(3600 * n / b_s, 1), "pipeline_patients_per_hour": rounded(3600 * n / st["summary_s"], 1),
             "baseline_peak_rss_mb": b_mem, "pipeline_peak_rss_per_worker_mb": p_mem,
-            "ratio_peak_rss": _r(p_mem / b_mem) if b_mem else None,
+            "ratio_peak_rss": rounded(p_mem / b_mem) if b_mem else None,
         }
         if stage == "ingest":
-            rows[stage].update(baseline_mb_per_s=_r(mb / b_s, 1), pipeline_mb_per_s=_r(mb / st["summary_s"], 1))
+            rows[stage].update(baseline_mb_per_s=rounded(mb / b_s, 1), pipeline_mb_per_s=rounded(mb / st["summary_s"], 1))
     b_total = sum(p["wall_s"] for p in base["patients"])
     p_total = sum(st["wall_s"] for st in pipe["stages"].values())
     b_cpu = sum(sum(p["cpu_seconds"].values()) for p in base["patients"])
     p_cpu = sum(st["cpu_s"] for st in pipe["stages"].values())
     store_mb = [c["store_mb"] for c in pipe["checks"].values()]
     rows["end_to_end"] = {
-        "baseline_s_per_patient": _r(b_total / n), "pipeline_s_per_patient": _r(p_total / n),
-        "ratio_time": _r(p_total / b_total), "speedup": _r(b_total / p_total),
-        "baseline_cpu_s_per_patient": _r(b_cpu / n), "pipeline_cpu_s_per_patient": _r(p_cpu / n),
-        "ratio_cpu": _r(p_cpu / b_cpu),
-        "baseline_patients_per_hour": _r(3600 * n / b_total, 1), "pipeline_patients_per_hour": _r(3600 * n / p_total, 1),
-        "baseline_mb_per_s": _r(mb / b_total, 2), "pipeline_mb_per_s": _r(mb / p_total, 2),
+        "baseline_s_per_patient": rounded(b_total / n), "pipeline_s_per_patient": rounded(p_total / n),
+        "ratio_time": rounded(p_total / b_total), "speedup": rounded(b_total / p_total),
+        "baseline_cpu_s_per_patient": rounded(b_cpu / n), "pipeline_cpu_s_per_patient": rounded(p_cpu / n),
+        "ratio_cpu": rounded(p_cpu / b_cpu),
+        "baseline_patients_per_hour": rounded(3600 * n / b_total, 1), "pipeline_patients_per_hour": rounded(3600 * n / p_total, 1),
+        "baseline_mb_per_s": rounded(mb / b_total, 2), "pipeline_mb_per_s": rounded(mb / p_total, 2),
         "baseline_peak_rss_mb": base["peak_rss_mb"], "pipeline_peak_rss_per_worker_mb": pipe["peak_rss_per_worker_mb"],
-        "ratio_peak_rss": _r(pipe["peak_rss_per_worker_mb"] / base["peak_rss_mb"]),
-        "pipeline_store_mb_per_patient": _r(statistics.mean(store_mb), 1),
-        "dicom_mb_per_patient": _r(mb / n, 1),
-        "ratio_store_to_dicom": _r(statistics.mean(store_mb) / (mb / n)),
+        "ratio_peak_rss": rounded(pipe["peak_rss_per_worker_mb"] / base["peak_rss_mb"]),
+        "pipeline_store_mb_per_patient": rounded(statistics.mean(store_mb), 1),
+        "dicom_mb_per_patient": rounded(mb / n, 1),
+        "ratio_store_to_dicom": rounded(statistics.mean(store_mb) / (mb / n)),
     }
     return rows
 
@@ -313,14 +273,6 @@ def markdown_stage_table(rows: dict) -> str:
                      f"{r['baseline_patients_per_hour']} → {r['pipeline_patients_per_hour']} | "
                      f"{r['baseline_peak_rss_mb']} → {r['pipeline_peak_rss_per_worker_mb']} | {r['ratio_peak_rss']} |")
     return "\n".join(lines)
-
-
-def write_result(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(f"wrote {path}", flush=True)
-    return path
 
 
 # ====================================================================== commands
@@ -360,7 +312,7 @@ def cmd_stages(a) -> dict:
                 trim = summarise_stages(got["baseline"], got["pipeline_malloc_trim"], sizes)
                 rounds[-1]["table_malloc_trim"] = trim
                 rounds[-1]["worker_env_ratio_cpu"] = {
-                    st: _r(rows[st]["pipeline_cpu_s_per_patient"] / trim[st]["pipeline_cpu_s_per_patient"])
+                    st: rounded(rows[st]["pipeline_cpu_s_per_patient"] / trim[st]["pipeline_cpu_s_per_patient"])
                     for st in rows}
                 print("with distributed's MALLOC_TRIM_THRESHOLD_=65536:\n" + markdown_stage_table(trim), flush=True)
                 print("CPU-s lungzarr worker env / distributed default:",
@@ -404,19 +356,19 @@ def cmd_cohort_series(a, *, default_name: str) -> dict:
             store = work / f"store-{n}-{w}.zarr"
             res = spawn("pipeline", {"input": str(folder), "store": str(store), "workers": w,
                                      "batch_size": a.batch_size, "chunk_slices": a.chunk_slices, "mode": "run",
-                                     "stages": a.stages})
+                                     "stages": a.stages, "malloc_trim": a.malloc_trim})
             shutil.rmtree(store, ignore_errors=True)
-            row = {"patients": n, "workers": w, "wall_s": _r(res["wall_s"], 2),
-                   "s_per_patient": _r(res["wall_s"] / n), "ratio_to_baseline_time": _r(res["wall_s"] / (n * base_s)),
-                   "patients_per_hour": _r(3600 * n / res["wall_s"], 1),
-                   "cpu_s_per_patient": _r(res["cpu_s"] / n),
+            row = {"patients": n, "workers": w, "wall_s": rounded(res["wall_s"], 2),
+                   "s_per_patient": rounded(res["wall_s"] / n), "ratio_to_baseline_time": rounded(res["wall_s"] / (n * base_s)),
+                   "patients_per_hour": rounded(3600 * n / res["wall_s"], 1),
+                   "cpu_s_per_patient": rounded(res["cpu_s"] / n),
                    "peak_rss_per_worker_mb": res["peak_rss_per_worker_mb"],
-                   "ratio_peak_rss_to_baseline": _r(res["peak_rss_per_worker_mb"] / base["peak_rss_mb"]),
+                   "ratio_peak_rss_to_baseline": rounded(res["peak_rss_per_worker_mb"] / base["peak_rss_mb"]),
                    "peak_rss_mb": res["peak_rss_mb"],
-                   "stage_s": {k: _r(v["summary_s"], 2) for k, v in res["stages"].items()},
+                   "stage_s": {k: rounded(v["summary_s"], 2) for k, v in res["stages"].items()},
                    "failed": sum(len(v["failed"]) for v in res["stages"].values()),
-                   "store_mb_per_patient": _r(res["store_total_mb"] / n, 2),
-                   "cluster_start_s": _r(res["cluster_start_s"], 1), "warmup_s": _r(res["warmup_s"], 1),
+                   "store_mb_per_patient": rounded(res["store_total_mb"] / n, 2),
+                   "cluster_start_s": rounded(res["cluster_start_s"], 1), "warmup_s": rounded(res["warmup_s"], 1),
                    "load_average": os.getloadavg()}
             runs.append(row)
             print(json.dumps({k: row[k] for k in ("patients", "workers", "wall_s", "s_per_patient",
@@ -424,9 +376,9 @@ def cmd_cohort_series(a, *, default_name: str) -> dict:
                                                   "failed")}), flush=True)
         result = {"what": "end-to-end lungzarr run (LocalCluster) vs cohort size and worker count; ratios to the "
                           "serial baseline's seconds per patient x N (same stages)",
-                  "stages": a.stages,
+                  "stages": a.stages, "malloc_trim": a.malloc_trim,
                   "machine": desc, "load_average_end": os.getloadavg(), "small": a.small,
-                  "patient": specs[0].as_dict(), "baseline": {"s_per_patient": _r(base_s),
+                  "patient": specs[0].as_dict(), "baseline": {"s_per_patient": rounded(base_s),
                                                               "peak_rss_mb": base["peak_rss_mb"],
                                                               "stage_s": base["patients"][0]["seconds"]},
                   "runs": runs}
@@ -476,10 +428,16 @@ def projection(stages_result: dict, *, cores: int = 16) -> dict:
     base_cpu = {st: statistics.median(rd["table"][st]["baseline_cpu_s_per_patient"] for rd in rounds)
                 for st in CPU_STAGES if st in rounds[0]["table"]}
     total = sum(cpu.values())
-    client = {st: statistics.median(rd["table"][st].get("pipeline_client_cpu_s_per_patient") or 0.0 for rd in rounds)
+    def client_figure(row):
+        above = row.get("pipeline_client_cpu_s_per_patient_above_idle")
+        return above if above is not None else (row.get("pipeline_client_cpu_s_per_patient") or 0.0)
+
+    client = {st: statistics.median(client_figure(rd["table"][st]) for rd in rounds)
               for st in CPU_STAGES if st in rounds[0]["table"]}
     out = {"assumptions": f"{cores} cores all on CPU stages, perfect scaling, same per-core speed as this machine; "
-                          "UNet on one H100 at the anchor s/patient (bare network); the slower side bounds",
+                          "UNet on one H100 at the anchor s/patient (bare network) or as measured in the pipeline; "
+                          "the client process on one core (per-patient CPU above its idle rate, its idle load at "
+                          "16 workers taken off that core); patients stream, so the slowest of the three bounds",
            "cohort_mean_shape_2mm": [round(statistics.mean(c["shape_2mm"][i] for c in stages_result["cohort"]))
                                      for i in range(3)],
            "cpu_core_s_per_patient": {k: round(v, 2) for k, v in cpu.items()},
@@ -495,14 +453,30 @@ def projection(stages_result: dict, *, cores: int = 16) -> dict:
         n = run["cohort"]["n_patients"]
         gpu_rates["fp32_measured_in_pipeline_h100"] = round(
             run["task_placement"]["predict_compute_s_on_gpu_worker"] / n, 3)
-    client_s = sum(client.values())
+    # The detect stage's client work (open, graph, write setup, commit) is taken as segment's: same pattern.
+    if "segment" in client and "detect" not in client:
+        client["detect (as segment)"] = client["segment"]
+        out["client_cpu_s_per_patient"]["detect (as segment)"] = round(client["segment"], 3)
+    # The client core also carries its idle load (scheduler, 16 nannies): what is left of it for patients.
+    # Two estimates: from the stage runs (2-4 patients: per-call constants included, an upper bound), and
+    # the marginal cost per extra patient measured per thread (6 vs 2 realistic patients; detect, nodules and
+    # features taken as segment's).
+    client_s = sum(client.values()) / (1.0 - CLIENT_IDLE_16_WORKERS)
+    marginal = {st: CLIENT_MARGINAL_S.get(st, CLIENT_MARGINAL_S["segment"])
+                for st in ("ingest", "segment", "detect", "nodules", "features")}
+    client_marginal_s = sum(marginal.values()) / (1.0 - CLIENT_IDLE_16_WORKERS)
+    out["client_s_per_patient_upper_bound"] = round(client_s, 3)
+    out["client_s_per_patient_marginal"] = round(client_marginal_s, 3)
+    out["client_marginal_s_per_stage"] = marginal
     for prec, gpu_s in gpu_rates.items():
         cpu_s = total / cores
-        sides = {"CPU stages": cpu_s, "GPU": gpu_s, "client": client_s}
+        sides = {"CPU stages": cpu_s, "GPU": gpu_s, "client": client_marginal_s}
         bound = max(sides, key=sides.get)
         out[prec] = {"cpu_wall_s_per_patient": round(cpu_s, 3), "gpu_s_per_patient": gpu_s,
-                     "client_s_per_patient": round(client_s, 3), "bound": bound,
+                     "client_s_per_patient_marginal": round(client_marginal_s, 3), "bound": bound,
                      "minutes_for_1595": round(DSB_STAGE1 * sides[bound] / 60, 1),
+                     "minutes_per_side": {k: round(DSB_STAGE1 * v / 60, 1) for k, v in sides.items()},
+                     "minutes_if_client_at_upper_bound": round(DSB_STAGE1 * max(cpu_s, gpu_s, client_s) / 60, 1),
                      "baseline_cpu_minutes_for_1595": round(DSB_STAGE1 * max(sum(base_cpu.values()) / cores,
                                                                              gpu_s) / 60, 1)}
     out["goal_minutes"] = 20
@@ -559,10 +533,13 @@ def main(argv=None):
                         "(MALLOC_TRIM_THRESHOLD_=65536), same run")
     p = sub.add_parser("scaling", help="1, 4, 16 patients; 1 vs 2 workers")
     common(p)
+    p.set_defaults(malloc_trim=False)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--strong", type=int, nargs="*", default=[4], help="cohort sizes run with 1 and 2 workers")
     p = sub.add_parser("memory", help="peak RSS per worker for 2, 8, 32 patients")
     common(p)
+    p.add_argument("--malloc-trim", action="store_true",
+                   help="workers with distributed's MALLOC_TRIM_THRESHOLD_=65536 (returns freed memory to the OS)")
     p.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 32])
     p.add_argument("--strong", type=int, nargs="*", default=[])
     p = sub.add_parser("profile", help="cProfile one stage on one patient")

@@ -53,11 +53,11 @@ def child_overlap(args: dict) -> dict:
     import dask
     import distributed
 
-    from benchmarks.__main__ import _preimport, _warm_model
+    from benchmarks.harness import preimport, warm_model
     from lungzarr import pipeline
     from lungzarr.cluster import worker_environ
 
-    _preimport()
+    preimport()
     store = Path(args["store"])
     opts = dict(batch_size=args["batch_size"], chunk_slices=args["chunk_slices"], gpu=True)
     with dask.config.set({"optimization.fuse.active": False,
@@ -70,9 +70,9 @@ def child_overlap(args: dict) -> dict:
             info = client.scheduler_info()["workers"]
             names = {address: w["name"] for address, w in info.items()}
             gpu = [a for a, n in names.items() if n == "gpu"]
-            client.run(_preimport)
+            client.run(preimport)
             client.run(_limit_tf_threads, workers=gpu)
-            client.run(_warm_model, workers=gpu)
+            client.run(warm_model, workers=gpu)
             t0 = time.perf_counter()
             with distributed.get_task_stream(client) as stream:
                 if args["mode"] == "streamed":
@@ -113,7 +113,7 @@ def cmd_overlap(a) -> dict:
     import shutil
     import tempfile
 
-    from benchmarks.__main__ import _r, make_cohort, spawn, write_result
+    from benchmarks.harness import make_cohort, rounded, spawn, write_result
     from benchmarks.measure import machine
 
     work = Path(tempfile.mkdtemp(prefix="lungzarr-bench-", dir=a.workdir))
@@ -135,8 +135,8 @@ def cmd_overlap(a) -> dict:
                           "(TensorFlow UNet, 1 thread); same cohort, same run",
                   "machine": desc, "load_average_end": os.getloadavg(), "small": a.small,
                   "cohort": [s.as_dict() for s in specs], "runs": runs,
-                  "ratio_wall_streamed_to_stagewise": _r(st["wall_s"] / sw["wall_s"]),
-                  "predict_fraction": {"stagewise": _r(sw["predict_fraction"]), "streamed": _r(st["predict_fraction"])},
+                  "ratio_wall_streamed_to_stagewise": rounded(st["wall_s"] / sw["wall_s"]),
+                  "predict_fraction": {"stagewise": rounded(sw["predict_fraction"]), "streamed": rounded(st["predict_fraction"])},
                   "same_nodule_counts": st["nodules_0.5_filtered"] == sw["nodules_0.5_filtered"]}
         print({k: result[k] for k in ("ratio_wall_streamed_to_stagewise", "predict_fraction", "same_nodule_counts")})
         write_result(a.name or ("overlap_small" if a.small else "overlap"), result)

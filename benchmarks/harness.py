@@ -1,0 +1,76 @@
+"""What the benchmark commands share: child processes, the synthetic cohort, results files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+
+
+def warm_model():
+    """Import TensorFlow, build the d8 model and run one tiny predict (per process, before timing)."""
+    import numpy as np
+
+    from lungzarr.model import get_model
+
+    t0 = time.perf_counter()
+    get_model().predict(np.zeros((1, 8, 32, 32, 1), np.float32), verbose=0)
+    return time.perf_counter() - t0
+
+
+def preimport():
+    """Import what the stages use before any timing (one-off costs are not per-patient costs)."""
+    import pandas  # noqa: F401
+    import pydicom  # noqa: F401
+    import xarray  # noqa: F401
+
+    import lungzarr.crop  # noqa: F401
+    import lungzarr.dicom  # noqa: F401
+    import lungzarr.features  # noqa: F401
+    import lungzarr.nodules  # noqa: F401
+    import lungzarr.resample  # noqa: F401
+    import lungzarr.segment  # noqa: F401
+    import lungzarr.storage  # noqa: F401
+
+
+def spawn(kind: str, args: dict, *, env_extra: dict | None = None) -> dict:
+    """Run one variant in a fresh Python process; its JSON result."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TF_CPP_MIN_LOG_LEVEL": "2", **(env_extra or {})}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "_child", kind, json.dumps(args)],
+                          capture_output=True, text=True, env=env, cwd=REPO, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def make_cohort(work: Path, n: int, *, small: bool, prefix: str = "SYN"):
+    from benchmarks.cohort import cohort_specs, write_cohort
+
+    specs = cohort_specs(n, small=small, prefix=prefix)
+    t0 = time.perf_counter()
+    sizes = write_cohort(specs, work / "input")
+    print(f"cohort: {n} patient(s), {sum(sizes.values()) / 1e6:.0f} MB of DICOM, written in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return specs, sizes
+
+
+def rounded(x, n=3):
+    return None if x is None else round(float(x), n)
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"wrote {path}", flush=True)
+    return path
