@@ -220,21 +220,33 @@ def _read_characteristics(element):
     return chars
 
 
+def _mark_id(element, tag, fallback, notes):
+    """The mark's id, or ``fallback`` (numbered by position) with a note."""
+    mark_id = _text(element, tag)
+    if mark_id is None:
+        notes.append(f"no {tag}: numbered by position")
+        return fallback
+    return mark_id
+
+
+def _slice_reference(element, notes, where=""):
+    """``(imageZposition, imageSOP_UID)`` of a roi or locus, noting what is missing."""
+    z = _float_or_none(_text(element, "imageZposition"))
+    sop = _text(element, "imageSOP_UID")
+    if z is None:
+        notes.append(f"{where}no imageZposition")
+    if sop is None:
+        notes.append(f"{where}no imageSOP_UID")
+    return z, sop
+
+
 def _read_nodule(element, *, reader, session, series_uid, index):
     notes = []
-    mark_id = _text(element, "noduleID")
-    if mark_id is None:
-        mark_id = f"session{session}-nodule{index}"
-        notes.append("no noduleID: numbered by position")
+    mark_id = _mark_id(element, "noduleID", f"session{session}-nodule{index}", notes)
     rois = []
     for k, roi in enumerate(element.findall("n:roi", _NS)):
-        z = _float_or_none(_text(roi, "imageZposition"))
-        sop = _text(roi, "imageSOP_UID")
+        z, sop = _slice_reference(roi, notes, where=f"roi {k}: ")
         inclusion_text = _text(roi, "inclusion")
-        if z is None:
-            notes.append(f"roi {k}: no imageZposition")
-        if sop is None:
-            notes.append(f"roi {k}: no imageSOP_UID")
         if inclusion_text is None:
             notes.append(f"roi {k}: no inclusion flag, taken as TRUE")
         inclusion = (inclusion_text or "TRUE").upper() != "FALSE"
@@ -258,16 +270,8 @@ def _read_nodule(element, *, reader, session, series_uid, index):
 
 def _read_non_nodule(element, *, reader, session, series_uid, index):
     notes = []
-    mark_id = _text(element, "nonNoduleID")
-    if mark_id is None:
-        mark_id = f"session{session}-nonnodule{index}"
-        notes.append("no nonNoduleID: numbered by position")
-    z = _float_or_none(_text(element, "imageZposition"))
-    sop = _text(element, "imageSOP_UID")
-    if z is None:
-        notes.append("no imageZposition")
-    if sop is None:
-        notes.append("no imageSOP_UID")
+    mark_id = _mark_id(element, "nonNoduleID", f"session{session}-nonnodule{index}", notes)
+    z, sop = _slice_reference(element, notes)
     cols, rows, bad = _points(element, "locus")
     if bad:
         notes.append(f"{bad} locus point(s) without xCoord/yCoord skipped")

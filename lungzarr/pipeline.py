@@ -396,7 +396,7 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
         good, bad = _check_ids(store, items)
         (summary,) = stream_stages(
             store, good, ["ingest"], {"ingest": _prepare_ingest(chunk_slices)},
-            decide=lambda patient, stage: "run" if overwrite or not store.is_complete(patient, stage) else "skip",
+            decide=lambda patient, stage: _stage_decision(store, patient, stage, overwrite=overwrite),
             batch_size=batch_size, client=client, progress=lambda stage, total: progress,
             prefetch=_series_prefetch(client))
     summary.failed = bad + summary.failed
@@ -641,10 +641,7 @@ def _run_stages(store, items, stages, prepares, *, overwrite, batch_size, client
                 for stage in stages}
 
     def decide(patient, stage):
-        previous = _previous(stage)
-        if previous is not None and not store.is_complete(patient, previous):
-            return "blocked"
-        return "run" if overwrite or _needs_stage(store, patient, stage, previous) else "skip"
+        return _stage_decision(store, patient, stage, overwrite=overwrite)
 
     placement = _cpu_stage_placement(client, stages, gpu)
     prefetch = _series_prefetch(client, placement.get("ingest")) if stages[0] == "ingest" else None
@@ -764,14 +761,21 @@ def process(store_path, stages, *, labels=None, weights=None, chunk_slices: int 
                            batch_size=batch_size, client=client, progress=progress, gpu=gpu)
 
 
-def _needs_stage(store, patient, stage, previous) -> bool:
-    """A stage is due when it is not complete, or was computed from an older run of ``previous``."""
+def _stage_decision(store, patient, stage, *, overwrite: bool) -> str:
+    """``"blocked"`` when the stage before is not complete; ``"run"`` when the stage is not complete, was
+    computed from an older run of the stage before, or ``overwrite``; else ``"skip"``.
+
+    The patient's stage markers are read once (the client process makes this call for every patient and stage).
+    """
     stages = store.stages(patient)
-    if stage not in stages:
-        return True
-    if previous is None:
-        return False
-    return stages[stage].get("depends_on") != stages.get(previous, {}).get("id")
+    previous = _previous(stage)
+    if previous is not None and previous not in stages:
+        return "blocked"
+    if overwrite or stage not in stages:
+        return "run"
+    if previous is not None and stages[stage].get("depends_on") != stages[previous].get("id"):
+        return "run"
+    return "skip"
 
 
 def _depending_on(prepare, previous):
