@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from lungzarr._version import __version__
 
-__all__ = ["__version__", "open_cohort", "read_nodules", "read_patients", "read_failures"]
+__all__ = ["__version__", "open_cohort", "read_nodules", "read_patients", "read_failures",
+           "read_warnings"]
 
 
 def __getattr__(name):
     # Keep `import lungzarr` cheap: the store layer pulls in zarr and xarray.
-    if name in {"open_cohort", "read_nodules", "read_patients", "read_failures"}:
+    if name in {"open_cohort", "read_nodules", "read_patients", "read_failures", "read_warnings"}:
         from lungzarr import storage
 
         return getattr(storage, name)

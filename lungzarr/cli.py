@@ -321,6 +321,9 @@ def status(store: Path = typer.Argument(..., help="The cohort's Zarr store.")):
     for rec in info["failures"]:
         Console().print(f"failed {rec['patient']} ({rec['stage']}): {rec['reason']}"
                         + (f" — file: {rec['file']}" if rec.get("file") else ""))
+    for rec in info["warnings"]:
+        Console().print(f"warning {rec['patient']} ({rec['stage']}): {rec['reason']}"
+                        + (f" — file: {rec['file']}" if rec.get("file") else ""))
 
 
 def main():  # pragma: no cover - console entry point

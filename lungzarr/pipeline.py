@@ -415,7 +415,7 @@ def store_status(store_path) -> dict:
                       "failed": sum(1 for f in failures if f.get("stage") == stage)}
               for stage in STAGES}
     return {"n_patients": len(patients), "stages": stages, "failures": failures,
-            "size_mb": store.size_bytes() / 1e6}
+            "warnings": store.warnings(), "size_mb": store.size_bytes() / 1e6}
 
 
 # ---------------------------------------------------------------------- later stages

@@ -37,6 +37,7 @@ __all__ = [
     "read_nodules",
     "read_patients",
     "read_failures",
+    "read_warnings",
     "STAGES",
 ]
 
@@ -44,6 +45,7 @@ __all__ = [
 STAGES = ("ingest", "segment", "detect", "nodules", "features")
 STAGES_KEY = "lungzarr:stages"
 FAILURES_KEY = "lungzarr:failures"
+WARNINGS_KEY = "lungzarr:warnings"
 PATIENTS_GROUP = "patients"
 TABLES_GROUP = "tables"
 STAGING_GROUP = "staging"
@@ -371,6 +373,29 @@ class CohortStore:
         if len(kept) != len(old):
             root.attrs.update({FAILURES_KEY: kept})
 
+    # ------------------------------------------------------------------ warnings
+    def warnings(self) -> list[dict]:
+        """Every recorded warning: patient, stage, file, reason, time."""
+        return list(self._root(mode="r").attrs.get(WARNINGS_KEY, []))
+
+    def record_warnings(self, patient: str, stage: str, records) -> None:
+        """Replace the warnings of (``patient``, ``stage``) with ``records``.
+
+        Each record is a dict with ``file`` (or None) and ``reason``: something
+        a user should know that did not stop the patient (another patient's
+        files skipped, a damaged edge slice dropped, an INPUT entry not used).
+        Recording an empty list clears them, so a re-run leaves only what is
+        still true.
+        """
+        now = _now()
+        new = [_jsonable({"patient": patient, "stage": stage, "file": None if r.get("file") is None
+                          else str(r["file"]), "reason": str(r["reason"]), "time": now}) for r in records]
+        root = self._root()
+        old = list(root.attrs.get(WARNINGS_KEY, []))
+        kept = [w for w in old if (w.get("patient"), w.get("stage")) != (patient, stage)]
+        if new or len(kept) != len(old):
+            root.attrs.update({WARNINGS_KEY: kept + new})
+
     # ------------------------------------------------------------------ misc
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
@@ -497,4 +522,12 @@ def read_failures(path):
     import pandas as pd
 
     return pd.DataFrame(CohortStore(path, mode="r").failures(),
+                        columns=["patient", "stage", "file", "reason", "time"])
+
+
+def read_warnings(path):
+    """Every recorded warning (nothing stopped, but a user should know): patient, stage, file, reason, time."""
+    import pandas as pd
+
+    return pd.DataFrame(CohortStore(path, mode="r").warnings(),
                         columns=["patient", "stage", "file", "reason", "time"])

@@ -164,6 +164,22 @@ def test_read_failures_of_a_clean_store(tmp_path):
     assert frame.empty and list(frame.columns) == ["patient", "stage", "file", "reason", "time"]
 
 
+def test_warnings_are_replaced_per_patient_and_stage(tmp_path):
+    from lungzarr.storage import read_warnings
+
+    make_patient(tmp_path / "in" / "P1")
+    ingest(tmp_path / "in", tmp_path / "s.zarr")
+    store = CohortStore(tmp_path / "s.zarr")
+    store.record_warnings("P1", "ingest", [{"file": tmp_path / "a.dcm", "reason": "edge slice dropped"}])
+    store.record_warnings("P2", "input", [{"file": None, "reason": "hidden folder"}])
+    frame = read_warnings(tmp_path / "s.zarr").fillna({"file": ""})
+    assert list(frame.columns) == ["patient", "stage", "file", "reason", "time"]
+    assert frame[["patient", "stage", "file", "reason"]].values.tolist() == [
+        ["P1", "ingest", str(tmp_path / "a.dcm"), "edge slice dropped"], ["P2", "input", "", "hidden folder"]]
+    store.record_warnings("P1", "ingest", [])      # what is no longer true goes away
+    assert read_warnings(tmp_path / "s.zarr").patient.tolist() == ["P2"]
+
+
 # ---------------------------------------------------------------------- the writer lock
 
 _HOLD_LOCK = """
