@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import RESULTS, make_cohort, preimport, rounded, spawn, warm_model, write_result
+
 STAGES = ("ingest", "segment", "detect", "nodules", "features")
 #: Seconds of idle client CPU sampled before timing.
 IDLE_PROBE_S = 5.0
@@ -66,7 +67,7 @@ def child_baseline(args: dict) -> dict:
 
 
 def _store_checks(store_path, patients) -> dict:
-    from lungzarr.storage import CohortStore
+    from lungzarr.io.storage import CohortStore
 
     from benchmarks.cohort import folder_bytes
 

@@ -34,12 +34,12 @@ def run_patient(folder, *, patient: str, batch_size: int = 8, timer=None, stages
     """
     from contextlib import nullcontext
 
-    from lungzarr.dicom import load_hu
-    from lungzarr.features import dsb2017_features, dsb2017_inputs, lung_measures
-    from lungzarr.model import get_model
-    from lungzarr.nodules import find_nodules
-    from lungzarr.resample import resample_to_2mm_numpy
-    from lungzarr.segment import OUTSIDE_LUNG_HU, segment_lung_slice
+    from lungzarr.algorithms.features import dsb2017_features, dsb2017_inputs, lung_measures
+    from lungzarr.algorithms.nodules import find_nodules
+    from lungzarr.algorithms.resample import resample_to_2mm_numpy
+    from lungzarr.algorithms.segment import OUTSIDE_LUNG_HU, segment_lung_slice
+    from lungzarr.io.dicom import load_hu
+    from lungzarr.model.d8 import get_model
     from lungzarr.volume import normalize_hu
 
     timer = timer or (lambda stage: nullcontext())

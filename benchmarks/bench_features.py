@@ -69,8 +69,8 @@ def synthetic_patient(seed: int, shape=(180, 140, 140)):
 
 def patient_row(seed: int):
     """One task of the graph: make a patient, return its feature row and nodule count."""
-    from lungzarr.features import dsb2017_features, dsb2017_inputs
-    from lungzarr.nodules import find_nodules
+    from lungzarr.algorithms.features import dsb2017_features, dsb2017_inputs
+    from lungzarr.algorithms.nodules import find_nodules
     from lungzarr.volume import Grid
     hu, segmented, prob = synthetic_patient(seed)
     z = hu.shape[0]
@@ -110,9 +110,10 @@ def run_cohort(n: int, workers: int) -> dict:
     """N synthetic patients through dask, in this process (called in a child)."""
     import dask
     import pandas as pd
-    import lungzarr.features  # noqa: F401  import before the baseline
-    import lungzarr.nodules  # noqa: F401
     import psutil
+
+    import lungzarr.algorithms.features  # noqa: F401  import before the baseline
+    import lungzarr.algorithms.nodules  # noqa: F401
     baseline = psutil.Process().memory_info().rss
     tasks = [dask.delayed(patient_row, pure=True)(seed) for seed in range(n)]
     start = time.perf_counter()
@@ -130,9 +131,9 @@ def run_cohort(n: int, workers: int) -> dict:
 
 
 def bench_fixture(repeats: int) -> dict:
-    from lungzarr.features import FORMATS, dsb2017_features, dsb2017_inputs
-    from lungzarr.legacy import read_legacy_patient
-    from lungzarr.nodules import find_nodules
+    from lungzarr.algorithms.features import FORMATS, dsb2017_features, dsb2017_inputs
+    from lungzarr.algorithms.nodules import find_nodules
+    from lungzarr.io.legacy import read_legacy_patient
     from lungzarr.volume import Grid
     root = SHARED / "fixtures" / "dsb2017" / "input"
     if not root.exists():

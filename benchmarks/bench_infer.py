@@ -20,8 +20,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from lungzarr import infer
-from lungzarr.model import get_model
+from lungzarr.model import infer
+from lungzarr.model.d8 import get_model
 from lungzarr.volume import normalize_hu
 
 HERE = Path(__file__).resolve().parent

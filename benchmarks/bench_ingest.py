@@ -1,7 +1,7 @@
 """Peak memory of ingesting one patient: chunks of 16 slices vs the whole series at once.
 
 Synthesises a realistic chest CT (300 slices of 512 x 512, 1 mm, uncompressed
-DICOM written with :func:`lungzarr.dicom.write_series`) into a temporary folder,
+DICOM written with :func:`lungzarr.io.dicom.write_series`) into a temporary folder,
 then ingests it in fresh subprocesses, one per variant and measurement:
 
 * ``baseline``      imports only (Python, numpy, dask, xarray, zarr, pydicom);
@@ -67,7 +67,7 @@ def synthesise(folder: Path, *, n_slices: int, size: int, spacing=(1.0, 0.7, 0.7
     sys.path.insert(0, str(REPO))
     from pydicom.uid import generate_uid
 
-    from lungzarr.dicom import write_series
+    from lungzarr.io.dicom import write_series
 
     rng = np.random.default_rng(2017)
     series_uid, study_uid = generate_uid(), generate_uid()
@@ -93,9 +93,9 @@ def run_variant(variant: str, input_dir: Path, store: Path, *, chunk_slices: int
     import xarray as xr
     import zarr  # noqa: F401
 
-    from lungzarr import dicom
+    from lungzarr.algorithms.resample import resample_to_2mm_numpy
+    from lungzarr.io import dicom
     from lungzarr.pipeline import ingest
-    from lungzarr.resample import resample_to_2mm_numpy
 
     start = time.perf_counter()
     if variant == "chunked16":

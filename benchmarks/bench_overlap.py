@@ -53,9 +53,10 @@ def child_overlap(args: dict) -> dict:
     import dask
     import distributed
 
-    from benchmarks.harness import preimport, warm_model
     from lungzarr import pipeline
     from lungzarr.cluster import worker_environ
+
+    from benchmarks.harness import preimport, warm_model
 
     preimport()
     store = Path(args["store"])
@@ -104,7 +105,7 @@ def child_overlap(args: dict) -> dict:
 
 
 def pipeline_nodule_count(store, patient):
-    from lungzarr.storage import CohortStore
+    from lungzarr.io.storage import CohortStore
 
     return CohortStore(store, mode="r").stages(patient).get("nodules", {}).get("n_nodules_0.5_filtered")
 

@@ -11,9 +11,9 @@ Each mode runs in a fresh Python process so that its peak resident memory
 (``ru_maxrss``) is its own:
 
 * ``loop``: the straight whole-volume loop, as the original ran it — the
-  whole 2 mm volume in memory, :func:`lungzarr.segment.segment_lung_slices`
+  whole 2 mm volume in memory, :func:`lungzarr.algorithms.segment.segment_lung_slices`
   over every slice, both outputs in memory;
-* ``dask-threads-N``: :func:`lungzarr.segment.segment_lungs` on a lazy input
+* ``dask-threads-N``: :func:`lungzarr.algorithms.segment.segment_lungs` on a lazy input
   whose z-chunks are made on demand (as chunks read from a Zarr store would
   be), reduced chunk by chunk (as a store write would consume them), with the
   threaded scheduler and N threads.
@@ -88,7 +88,7 @@ def run_mode(mode: str, n_slices: int, size: int, chunk: int, repeat: int = 1) -
     """One measurement in this process (called in a fresh child process)."""
     import dask
 
-    from lungzarr.segment import segment_lung_slice, segment_lung_slices, segment_lungs
+    from lungzarr.algorithms.segment import segment_lung_slice, segment_lung_slices, segment_lungs
 
     # Warm up imports and lazily loaded submodules on one slice, and dask's
     # (array, threaded scheduler) on a one-chunk volume, so the RSS increase

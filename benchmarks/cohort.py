@@ -1,8 +1,8 @@
 """Synthetic DICOM cohorts of realistic geometry, written into a temporary folder.
 
-Each patient is a :func:`lungzarr.phantom.chest_phantom` volume (body, two
+Each patient is a :func:`lungzarr.algorithms.phantom.chest_phantom` volume (body, two
 lungs with vessels, trachea, spine, two spherical nodules) written as real
-uncompressed DICOM with :func:`lungzarr.dicom.write_series`. Nothing here is
+uncompressed DICOM with :func:`lungzarr.io.dicom.write_series`. Nothing here is
 committed: the folders live under a ``tempfile`` directory.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def cohort_specs(n: int, *, small: bool = False, prefix: str = "SYN") -> list[Pa
 
 
 def _nodules(spec: PatientSpec, origin):
-    from lungzarr.phantom import PhantomNodule
+    from lungzarr.algorithms.phantom import PhantomNodule
 
     nz, ny, nx = spec.shape
     dz, dy, dx = spec.spacing
@@ -63,8 +63,8 @@ def _nodules(spec: PatientSpec, origin):
 
 def write_patient(spec: PatientSpec, folder: Path) -> Path:
     """Write one synthetic series into ``folder/<patient>/``; returns that folder."""
-    from lungzarr.dicom import write_series
-    from lungzarr.phantom import chest_phantom
+    from lungzarr.algorithms.phantom import chest_phantom
+    from lungzarr.io.dicom import write_series
 
     nz, ny, nx = spec.shape
     dz, dy, dx = spec.spacing

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 os.environ.setdefault("KERAS_BACKEND", "torch")
 RESULT: dict = {}
 OUT_PATH = None
@@ -41,8 +40,8 @@ def dump():
 
 def make_patient(job):
     pid, nz, dz, seed, root = job
-    from lungzarr.dicom import write_series
-    from lungzarr.phantom import DEMO_PATIENTS, chest_phantom
+    from lungzarr.algorithms.phantom import DEMO_PATIENTS, chest_phantom
+    from lungzarr.io.dicom import write_series
 
     t0 = time.perf_counter()
     hu, origin = chest_phantom(shape=(nz, 512, 512), spacing=(dz, 0.7, 0.7), nodules=DEMO_PATIENTS[0][1],
@@ -124,8 +123,8 @@ try:
     import torch
 except ImportError:
     torch = None
-from lungzarr.storage import CohortStore
-from lungzarr.infer import predict_nodule_prob
+from lungzarr.io.storage import CohortStore
+from lungzarr.model.infer import predict_nodule_prob
 ds = CohortStore(store_path, mode="r").open_patient(patient)
 slab = ds.hu_2mm.values[z0:z1]
 with dask.config.set(scheduler="threads"):
@@ -244,8 +243,9 @@ def main():
         return lambda event, patient: None
 
     t_run0 = time.time()
+    from lungzarr.model.infer import predict_stats
+
     from benchmarks.bench_overlap import busy_seconds
-    from lungzarr.infer import predict_stats
 
     client.run(predict_stats, True, workers=gpu_addr)  # reset=True: count this run only
     opts = dict(client=client, gpu=True, batch_size=args.batch_size, precision="fp32",
@@ -319,7 +319,7 @@ def main():
     RESULT["worker_gpu_info"] = {("GPU " if a in gpu_addr else "cpu ") + a: v
                                  for a, v in client.run(worker_gpu_info).items()}
     print("placement", RESULT["task_placement"], flush=True)
-    from lungzarr.storage import read_nodules
+    from lungzarr.io.storage import read_nodules
 
     nod = read_nodules(store)
     RESULT["nodules"] = {"rows": int(len(nod)),
@@ -335,7 +335,7 @@ def main():
     # ---- one patient: stored GPU nodule_prob vs a CPU prediction on a slab around the nodules
     if not args.skip_cpu_check:
 
-        from lungzarr.storage import CohortStore
+        from lungzarr.io.storage import CohortStore
 
         pid = jobs[0][0]
         ds = CohortStore(store, mode="r").open_patient(pid)

@@ -17,7 +17,7 @@ def warm_model():
     """Import TensorFlow, build the d8 model and run one tiny predict (per process, before timing)."""
     import numpy as np
 
-    from lungzarr.model import get_model
+    from lungzarr.model.d8 import get_model
 
     t0 = time.perf_counter()
     get_model().predict(np.zeros((1, 8, 32, 32, 1), np.float32), verbose=0)
@@ -30,13 +30,13 @@ def preimport():
     import pydicom  # noqa: F401
     import xarray  # noqa: F401
 
-    import lungzarr.crop  # noqa: F401
-    import lungzarr.dicom  # noqa: F401
-    import lungzarr.features  # noqa: F401
-    import lungzarr.nodules  # noqa: F401
-    import lungzarr.resample  # noqa: F401
-    import lungzarr.segment  # noqa: F401
-    import lungzarr.storage  # noqa: F401
+    import lungzarr.algorithms.crop  # noqa: F401
+    import lungzarr.algorithms.features  # noqa: F401
+    import lungzarr.algorithms.nodules  # noqa: F401
+    import lungzarr.algorithms.resample  # noqa: F401
+    import lungzarr.algorithms.segment  # noqa: F401
+    import lungzarr.io.dicom  # noqa: F401
+    import lungzarr.io.storage  # noqa: F401
 
 
 def spawn(kind: str, args: dict, *, env_extra: dict | None = None) -> dict:

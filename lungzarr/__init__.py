@@ -14,7 +14,7 @@ __all__ = ["__version__", "open_cohort", "read_nodules", "read_patients", "read_
 def __getattr__(name):
     # Keep `import lungzarr` cheap: the store layer pulls in zarr and xarray.
     if name in {"open_cohort", "read_nodules", "read_patients", "read_failures", "read_warnings"}:
-        from lungzarr import storage
+        from lungzarr.io import storage
 
         return getattr(storage, name)
     raise AttributeError(f"module 'lungzarr' has no attribute {name!r}")

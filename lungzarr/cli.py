@@ -6,8 +6,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from lungzarr.errors import LungzarrError
@@ -75,7 +74,8 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
            patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt):
     """Read DICOM series into the store as HU volumes (native grid and 2 mm)."""
     from lungzarr.cluster import dask_client
-    from lungzarr.pipeline import find_patients, ingest as ingest_cohort
+    from lungzarr.pipeline import find_patients
+    from lungzarr.pipeline import ingest as ingest_cohort
 
     try:
         total = len(find_patients(input_dir, patients=patients))
@@ -211,7 +211,7 @@ def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's 
                   stage: str = typer.Option("stage1", "--stage", help="Folder prefix: stage1 or stage2."),
                   overwrite: bool = OverwriteOpt):
     """Bring the old pipeline's npz outputs into a store (then `nodules` and `export` work on them)."""
-    from lungzarr.legacy import list_legacy_patients
+    from lungzarr.io.legacy import list_legacy_patients
     from lungzarr.pipeline import import_legacy as import_cohort
 
     try:
@@ -229,7 +229,7 @@ def qc(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
        patient: str = typer.Argument(..., help="Patient id."),
        output: Path = typer.Option(..., "-o", "--output", help="PNG to write.")):
     """Axial, coronal and sagittal planes of one patient with the lung outline and nodules."""
-    from lungzarr.report import qc_patient
+    from lungzarr.reports.html import qc_patient
 
     try:
         path = qc_patient(store, patient, output)
@@ -242,7 +242,7 @@ def qc(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 def report(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            output: Path = typer.Option(..., "-o", "--output", help="HTML file; PNGs go to <name>_files/.")):
     """A cohort QC report: per-patient views, nodule tables, cohort distributions, failures."""
-    from lungzarr.report import write_report
+    from lungzarr.reports.html import write_report
 
     try:
         path = write_report(store, output)

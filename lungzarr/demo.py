@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lungzarr.phantom import DEMO_PATIENTS, chest_phantom
+from lungzarr.algorithms.phantom import DEMO_PATIENTS, chest_phantom
 
 __all__ = ["write_demo_cohort", "demo_truth"]
 
@@ -21,7 +21,7 @@ def write_demo_cohort(folder="input/demo", *, n_patients: int | None = None) -> 
     Existing patient folders are rewritten, so the demo always starts from the
     same input. Returns the patient folders.
     """
-    from lungzarr.dicom import write_series
+    from lungzarr.io.dicom import write_series
 
     folder = Path(folder)
     out = []
@@ -79,8 +79,8 @@ def run_demo(folder="input/demo", store="demo.zarr", *, client=None, progress=No
     """
     import numpy as np
 
+    from lungzarr.io.storage import read_nodules
     from lungzarr.pipeline import run
-    from lungzarr.storage import read_nodules
 
     write_demo_cohort(folder)
     summaries = run(folder, store, client=client, progress=progress)
@@ -88,7 +88,7 @@ def run_demo(folder="input/demo", store="demo.zarr", *, client=None, progress=No
     kept = nodules[np.isclose(nodules.threshold, 0.5) & nodules.passes_dsb_filter] if len(nodules) else nodules
     out = {"summaries": summaries, "nodules": kept, "truth": match_truth(nodules, demo_truth()), "report": None}
     if report:
-        from lungzarr.report import write_report
+        from lungzarr.reports.html import write_report
 
         out["report"] = write_report(store, Path(store).with_suffix("").as_posix() + "_report.html")
     return out

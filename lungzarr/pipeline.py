@@ -304,8 +304,8 @@ def ingest_dataset(series, *, chunk_slices: int = 16):
     """
     import xarray as xr
 
-    from lungzarr import dicom
-    from lungzarr.resample import resample_to_2mm
+    from lungzarr.algorithms.resample import resample_to_2mm
+    from lungzarr.io import dicom
 
     per_task = task_slices(chunk_slices)
     hu = dicom.series_to_hu(series, chunk_slices=per_task)
@@ -347,7 +347,7 @@ def grid_from_attrs(attrs: dict, key: str = "grid_2mm") -> Grid:
 
 def _read_series_task(folder, patient):
     """The series of a patient folder (headers only): on a worker when prefetched."""
-    from lungzarr import dicom
+    from lungzarr.io import dicom
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -388,7 +388,7 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
     Patients already ingested are skipped unless ``overwrite``; failures are
     recorded in the store and the others go on.
     """
-    from lungzarr.storage import CohortStore
+    from lungzarr.io.storage import CohortStore
 
     items = find_patients(input_dir, patients=patients)
     store = CohortStore(store_path)
@@ -405,7 +405,7 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
 
 def store_status(store_path) -> dict:
     """Per-stage counts, failures and size of a cohort store."""
-    from lungzarr.storage import STAGES, CohortStore
+    from lungzarr.io.storage import STAGES, CohortStore
 
     store = CohortStore(store_path, mode="r")
     patients = store.patients()
@@ -434,7 +434,7 @@ def _prepare_segment(chunk_slices):
     def prepare(store, patient, _):
         import xarray as xr
 
-        from lungzarr.segment import segment_lungs
+        from lungzarr.algorithms.segment import segment_lungs
 
         ds = store.open_patient(patient)
         lungs, segmented = segment_lungs(ds.hu_2mm.data.rechunk({0: task_slices(chunk_slices)}))
@@ -451,8 +451,8 @@ def _prepare_segment(chunk_slices):
 
 
 def _crop_box_task(store_path, patient):
-    from lungzarr.crop import legacy_crop_box
-    from lungzarr.storage import CohortStore
+    from lungzarr.algorithms.crop import legacy_crop_box
+    from lungzarr.io.storage import CohortStore
 
     return {"crop_box": legacy_crop_box(CohortStore(store_path, mode="r").open_patient(patient).lungs.values)}
 
@@ -465,7 +465,7 @@ def _prepare_detect(*, weights, precision, batch_size, chunk_slices, gpu):
 
         import xarray as xr
 
-        from lungzarr.infer import annotate_gpu, predict_nodule_prob, predicted_slices
+        from lungzarr.model.infer import annotate_gpu, predict_nodule_prob, predicted_slices
 
         ds = store.open_patient(patient)
         hu_2mm = ds.hu_2mm.data
@@ -496,8 +496,8 @@ def _unsegmented(ds):
 
 def _nodule_task(store_path, patient):
     """Compute one patient's nodule table on a worker and write it to the patient's ``nodules`` group."""
-    from lungzarr.nodules import find_nodules, nodules_to_dataset
-    from lungzarr.storage import CohortStore
+    from lungzarr.algorithms.nodules import find_nodules, nodules_to_dataset
+    from lungzarr.io.storage import CohortStore
 
     store = CohortStore(store_path)
     ds = store.open_patient(patient)
@@ -525,7 +525,7 @@ def dsb2017_arrays(ds, *, patient: str | None = None):
     mapped back to windows (window i belongs to slice i + 4), cropped by the
     detection box and normalised: ``(images_norm, segmented_norm, pmav)``.
     """
-    from lungzarr.features import dsb2017_inputs
+    from lungzarr.algorithms.features import dsb2017_inputs
 
     segmented = ds.segmented.values
     hu = _unsegmented(ds).values
@@ -540,7 +540,7 @@ def dsb2017_arrays(ds, *, patient: str | None = None):
 
 def dsb2017_row(ds, *, fmt: str = "keras8_0313", cancer: int = -777, patient: str | None = None):
     """The original per-patient feature row (a 1-row DataFrame indexed by ``id``)."""
-    from lungzarr.features import dsb2017_features
+    from lungzarr.algorithms.features import dsb2017_features
 
     images, segmented_norm, pmav = dsb2017_arrays(ds, patient=patient)
     return dsb2017_features(images, segmented_norm, pmav, cancer=cancer, fmt=fmt, patient=patient)
@@ -550,8 +550,8 @@ def _features_task(store_path, patient, cancer):
     """Patient-level measures on a worker: lung measures and the DSB2017 row, as a child group."""
     import xarray as xr
 
-    from lungzarr.features import dsb2017_features, lung_measures
-    from lungzarr.storage import CohortStore
+    from lungzarr.algorithms.features import dsb2017_features, lung_measures
+    from lungzarr.io.storage import CohortStore
 
     store = CohortStore(store_path)
     ds = store.open_patient(patient)
@@ -588,7 +588,7 @@ def gather_tables(store) -> dict:
     """Rebuild the cohort-wide ``tables/nodules`` and ``tables/patients`` from the patient groups."""
     import pandas as pd
 
-    from lungzarr.nodules import concat_nodule_tables, dataset_to_nodules
+    from lungzarr.algorithms.nodules import concat_nodule_tables, dataset_to_nodules
 
     nodule_tables, rows = [], []
     for patient in store.patients():
@@ -717,8 +717,8 @@ def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int =
     -------
     list of StageSummary
     """
-    from lungzarr.legacy import read_legacy_labels
-    from lungzarr.storage import CohortStore
+    from lungzarr.io.legacy import read_legacy_labels
+    from lungzarr.io.storage import CohortStore
 
     items = find_patients(input_dir, patients=patients)
     label_map = read_legacy_labels(labels) if labels is not None else None
@@ -738,8 +738,8 @@ def process(store_path, stages, *, labels=None, weights=None, chunk_slices: int 
             client=None, gpu: bool = False, infer_batch: int = 8,
             progress: Callable | None = None) -> list[StageSummary]:
     """Run later stages (segment, detect, nodules, features) on the patients already in a store."""
-    from lungzarr.legacy import read_legacy_labels
-    from lungzarr.storage import CohortStore
+    from lungzarr.io.legacy import read_legacy_labels
+    from lungzarr.io.storage import CohortStore
 
     unknown = [s for s in stages if s not in RUN_STAGES[1:]]
     if unknown:
@@ -794,7 +794,7 @@ DSB2017_FORMATS = ("keras8_0313", "keras_0311", "base_8")
 
 
 def _dsb_row_task(store_path, patient, fmt, cancer):
-    from lungzarr.storage import CohortStore
+    from lungzarr.io.storage import CohortStore
 
     return dsb2017_row(CohortStore(store_path, mode="r").open_patient(patient), fmt=fmt, cancer=cancer,
                        patient=patient)
@@ -821,9 +821,9 @@ def export_dsb2017(store_path, out, *, fmt: str = "keras8_0313", labels=None, pa
     """
     import dask
 
-    from lungzarr.features import dsb2017_table
-    from lungzarr.legacy import read_legacy_labels
-    from lungzarr.storage import CohortStore
+    from lungzarr.algorithms.features import dsb2017_table
+    from lungzarr.io.legacy import read_legacy_labels
+    from lungzarr.io.storage import CohortStore
 
     if fmt not in DSB2017_FORMATS:
         raise ValueError(f"fmt must be one of {DSB2017_FORMATS!r}, got {fmt!r}")
@@ -846,7 +846,7 @@ def export_dsb2017(store_path, out, *, fmt: str = "keras8_0313", labels=None, pa
 
 def export_nodules(store_path, out, *, threshold: float | None = None, filtered: bool = False):
     """Write the cohort nodule table to Parquet (``.parquet``) or CSV (any other suffix)."""
-    from lungzarr.storage import read_nodules
+    from lungzarr.io.storage import read_nodules
 
     table = read_nodules(store_path)
     if threshold is not None:
@@ -904,8 +904,8 @@ def import_legacy(input_dir, store_path, *, stage: str = "stage1", overwrite: bo
     ``nodule_prob`` from the old window maps; its stages are marked as done
     so ``lungzarr run``-style stages (nodules, features) and exports work on it.
     """
-    from lungzarr.legacy import list_legacy_patients, read_legacy_patient
-    from lungzarr.storage import CohortStore
+    from lungzarr.io.legacy import list_legacy_patients, read_legacy_patient
+    from lungzarr.io.storage import CohortStore
 
     store = CohortStore(store_path)
     summary = StageSummary("import-legacy")
@@ -942,7 +942,7 @@ def import_legacy(input_dir, store_path, *, stage: str = "stage1", overwrite: bo
 # ---------------------------------------------------------------------- evaluation
 
 def _store_detections(store, *, threshold: float, filtered: bool):
-    from lungzarr.storage import read_nodules
+    from lungzarr.io.storage import read_nodules
 
     nodules = read_nodules(store.path)
     if not len(nodules):
@@ -981,7 +981,7 @@ def evaluate_store(store_path, out_dir, *, lidc_xml=None, luna_csv=None, thresho
     import pandas as pd
 
     from lungzarr import evaluate as ev
-    from lungzarr.storage import CohortStore
+    from lungzarr.io.storage import CohortStore
 
     if (lidc_xml is None) == (luna_csv is None):
         raise LungzarrError("give exactly one of --lidc-xml DIR_OR_FILE and --luna-csv FILE")

@@ -2,7 +2,7 @@
 
 Volumes are tiny (12 slices of 64 x 64 by default) so a whole cohort of them
 ingests in well under a second. Every helper writes real DICOM files with
-:func:`lungzarr.dicom.write_series` and edits headers with pydicom, the way a
+:func:`lungzarr.io.dicom.write_series` and edits headers with pydicom, the way a
 broken archive would look.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from lungzarr import dicom
-from lungzarr.dicom import write_series
+from lungzarr.io import dicom
+from lungzarr.io.dicom import write_series
 
 #: (slice spacing, row spacing, column spacing) of the phantoms, in mm.
 SPACING = (2.5, 0.75, 0.75)

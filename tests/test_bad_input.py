@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lungzarr import dicom
 from lungzarr.cli import app
 from lungzarr.errors import LungzarrError, PatientError
+from lungzarr.io import dicom
+from lungzarr.io.storage import STAGING_GROUP, CohortStore, read_failures
 from lungzarr.pipeline import ingest
-from lungzarr.storage import STAGING_GROUP, CohortStore, read_failures
 
 from dicom_phantoms import copy_tree, edit_header, make_patient, truncate
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from skimage import measure
 
-from lungzarr.components import above_threshold, find_components, legacy_diameter, sphere_diameter
+from lungzarr.algorithms.components import above_threshold, find_components, legacy_diameter, sphere_diameter
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
+from lungzarr.algorithms.crop import crop_view, legacy_crop_box, mask_bbox
+from lungzarr.algorithms.segment import OUTSIDE_LUNG_HU
+
 from conftest import DSB_PATIENT
-from lungzarr.crop import crop_view, legacy_crop_box, mask_bbox
-from lungzarr.segment import OUTSIDE_LUNG_HU
 
 
 def _box_mask(shape, z, y, x):

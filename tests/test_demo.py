@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from lungzarr.algorithms.phantom import DEMO_PATIENTS
 from lungzarr.demo import DEMO_SPACING, demo_truth, match_truth, write_demo_cohort
-from lungzarr.dicom import load_hu, read_series
-from lungzarr.phantom import DEMO_PATIENTS
+from lungzarr.io.dicom import load_hu, read_series
 
 
 def test_demo_cohort_is_real_dicom_with_the_phantom_geometry(tmp_path):

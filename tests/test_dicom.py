@@ -9,11 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from lungzarr import dicom
 from lungzarr.errors import PatientError
+from lungzarr.io import dicom
 
 from dicom_phantoms import SPACING, edit_header, fixture_hu, make_patient, phantom_volume
-
 
 # ---------------------------------------------------------------------- an independent reference
 

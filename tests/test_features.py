@@ -15,17 +15,18 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from conftest import DSB_DIR, DSB_PATIENT, shared_path
-from lungzarr.components import describe_legacy, pix_to_hu
-from lungzarr.features import (
+from lungzarr.algorithms.components import describe_legacy, pix_to_hu
+from lungzarr.algorithms.features import (
     DSB_THRESHOLDS,
     dsb2017_features,
     dsb2017_inputs,
     dsb2017_table,
     lung_measures,
 )
-from lungzarr.legacy import read_legacy_patient
+from lungzarr.io.legacy import read_legacy_patient
 from lungzarr.volume import normalize_hu
+
+from conftest import DSB_DIR, DSB_PATIENT, shared_path
 
 REFERENCES = {
     "keras8_0313": "features_keras8_0313.csv",

@@ -1,15 +1,14 @@
 """The detect stage: d8 windows over a 2 mm volume with dask (ALGORITHMS.md §5)."""
 from __future__ import annotations
 
-
 import dask
 import dask.array as da
 import numpy as np
 import pytest
 
-from lungzarr import infer
 from lungzarr.errors import PatientError
-from lungzarr.model import get_model
+from lungzarr.model import infer
+from lungzarr.model.d8 import get_model
 from lungzarr.volume import normalize_hu
 
 
@@ -145,7 +144,7 @@ def test_annotate_gpu_marks_the_prediction_layer():
 
 def test_predict_stats_count_the_windows_of_a_computation():
     """The profiling counters add up the windows every predict call saw."""
-    from lungzarr.infer import predict_nodule_prob, predict_stats
+    from lungzarr.model.infer import predict_nodule_prob, predict_stats
 
     hu = np.full((20, 16, 16), -700, dtype=np.int16)
     predict_stats(reset=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import DSB_PATIENT
 from lungzarr.errors import PatientError
-from lungzarr.legacy import list_legacy_patients, read_legacy_labels, read_legacy_patient
+from lungzarr.io.legacy import list_legacy_patients, read_legacy_labels, read_legacy_patient
+
+from conftest import DSB_PATIENT
 
 
 @pytest.mark.requires_shared

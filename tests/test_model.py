@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from conftest import DSB_PATIENT, REPO
-from lungzarr import model as d8
 from lungzarr.errors import LungzarrError
+from lungzarr.model import d8 as d8
 from lungzarr.volume import normalize_hu
+
+from conftest import DSB_PATIENT, REPO
 
 WEIGHTS = REPO / "models" / "d8_2x2x2_best_weights.h5"
 
@@ -232,7 +233,7 @@ _BACKEND_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     import keras
-    from lungzarr.model import build_d8
+    from lungzarr.model.d8 import build_d8
     assert keras.backend.backend() == sys.argv[1], keras.backend.backend()
     x = np.load(sys.argv[2])
     np.save(sys.argv[3], np.asarray(build_d8().predict(x, verbose=0)))

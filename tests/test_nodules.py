@@ -8,9 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import DSB_PATIENT
-from lungzarr.components import box_shape, legacy_diameter, legacy_hu
-from lungzarr.features import (
+from lungzarr.algorithms.components import box_shape, legacy_diameter, legacy_hu
+from lungzarr.algorithms.features import (
     DSB_THRESHOLDS,
     MID,
     WINDOW,
@@ -18,8 +17,7 @@ from lungzarr.features import (
     dsb2017_inputs,
     lung_measures,
 )
-from lungzarr.legacy import read_legacy_patient
-from lungzarr.nodules import (
+from lungzarr.algorithms.nodules import (
     NODULE_COLUMNS,
     concat_nodule_tables,
     dataset_to_nodules,
@@ -28,7 +26,10 @@ from lungzarr.nodules import (
     find_nodules_lazy,
     nodules_to_dataset,
 )
+from lungzarr.io.legacy import read_legacy_patient
 from lungzarr.volume import Grid
+
+from conftest import DSB_PATIENT
 
 
 def nominal_grid(shape, origin=(0.0, 0.0, 0.0), step=(2.0, 2.0, 2.0)):

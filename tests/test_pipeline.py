@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lungzarr.demo import write_demo_cohort
-from lungzarr.storage import CohortStore
+from lungzarr.io.storage import CohortStore
 
 PY = sys.executable
 
@@ -95,7 +95,7 @@ def test_second_run_on_a_locked_store_is_refused(demo_input, tmp_path):
     CohortStore(store)
     holder = subprocess.Popen([PY, "-c", (
         "import sys, time\n"
-        "from lungzarr.storage import CohortStore\n"
+        "from lungzarr.io.storage import CohortStore\n"
         f"with CohortStore({str(store)!r}).lock():\n"
         "    print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
@@ -153,8 +153,8 @@ def test_ingest_on_a_separately_started_scheduler_and_worker(demo_input, tmp_pat
 @pytest.fixture(scope="module")
 def small_input(tmp_path_factory):
     """Two small phantom patients (fast through the UNet) as DICOM."""
-    from lungzarr.dicom import write_series
-    from lungzarr.phantom import PhantomNodule, chest_phantom
+    from lungzarr.algorithms.phantom import PhantomNodule, chest_phantom
+    from lungzarr.io.dicom import write_series
 
     folder = tmp_path_factory.mktemp("small") / "input"
     for pid, seed in (("SMALL-1", 1), ("SMALL-2", 2)):
@@ -236,8 +236,8 @@ def test_detect_stage_runs_the_unet_only_on_gpu_workers(small_input, tmp_path, c
 @pytest.fixture(scope="module")
 def three_small_patients(small_input, tmp_path_factory):
     """small_input plus a third small patient."""
-    from lungzarr.dicom import write_series
-    from lungzarr.phantom import chest_phantom
+    from lungzarr.algorithms.phantom import chest_phantom
+    from lungzarr.io.dicom import write_series
 
     folder = tmp_path_factory.mktemp("three") / "input"
     shutil.copytree(small_input, folder)

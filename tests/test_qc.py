@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lungzarr.qc import mid_planes, qc_figure
-from lungzarr.segment import segment_lung_slices
+from lungzarr.algorithms.segment import segment_lung_slices
+from lungzarr.reports.qc import mid_planes, qc_figure
 
 
 def _chest(shape=(24, 96, 96)):

@@ -9,7 +9,7 @@ import pytest
 from dask.callbacks import Callback
 from scipy import ndimage
 
-from lungzarr.resample import resample_to_2mm, resample_to_2mm_numpy, spline_halo_depth
+from lungzarr.algorithms.resample import resample_to_2mm, resample_to_2mm_numpy, spline_halo_depth
 from lungzarr.volume import Grid, resampled_shape
 
 from dicom_phantoms import fixture_hu, phantom_volume

@@ -7,11 +7,19 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import LIDC_DIR, RICORD_DIR, shared_path
-from lungzarr import segment
-from lungzarr.segment import (OUTSIDE_LUNG_HU, blackhat_footprint, blackhat_iterations, close_outline,
-                              segment_lung_slice, segment_lung_slices, segment_lungs)
+from lungzarr.algorithms import segment
+from lungzarr.algorithms.segment import (
+    OUTSIDE_LUNG_HU,
+    blackhat_footprint,
+    blackhat_iterations,
+    close_outline,
+    segment_lung_slice,
+    segment_lung_slices,
+    segment_lungs,
+)
 from lungzarr.volume import rescale_n
+
+from conftest import LIDC_DIR, RICORD_DIR, shared_path
 
 cv2 = pytest.importorskip("cv2")
 
@@ -202,8 +210,8 @@ def test_dask_stage_reads_only_its_chunk():
 # --- exactness on the real fixtures, every slice after 2 mm resampling ---
 
 def _hu_2mm(folder):
-    from lungzarr.dicom import load_hu
-    from lungzarr.resample import resample_to_2mm_numpy
+    from lungzarr.algorithms.resample import resample_to_2mm_numpy
+    from lungzarr.io.dicom import load_hu
 
     hu, grid = load_hu(shared_path(folder))
     return resample_to_2mm_numpy(hu, grid)[0]
@@ -227,7 +235,7 @@ def test_real_fixture_masks_equal_opencv_reference_on_every_slice(folder, record
 def test_native_512_and_256_slices_equal_opencv_reference():
     # LIDC is 512 x 512 natively: the 49x49 black-hat; every other pixel gives
     # 256 x 256 slices, which the 512/H scaling must treat as the original did.
-    from lungzarr.dicom import load_hu
+    from lungzarr.io.dicom import load_hu
 
     hu, _ = load_hu(shared_path(LIDC_DIR))
     for k in (0, hu.shape[0] // 2):

@@ -16,12 +16,12 @@ from dask.callbacks import Callback
 from typer.testing import CliRunner
 
 import lungzarr
-from lungzarr import dicom
+from lungzarr.algorithms.resample import resample_to_2mm_numpy
 from lungzarr.cli import app
 from lungzarr.errors import LungzarrError, StoreLockedError
+from lungzarr.io import dicom
+from lungzarr.io.storage import STAGING_GROUP, CohortStore, open_cohort, read_failures
 from lungzarr.pipeline import ingest
-from lungzarr.resample import resample_to_2mm_numpy
-from lungzarr.storage import STAGING_GROUP, CohortStore, open_cohort, read_failures
 
 from dicom_phantoms import make_patient
 
@@ -165,7 +165,7 @@ def test_read_failures_of_a_clean_store(tmp_path):
 
 
 def test_warnings_are_replaced_per_patient_and_stage(tmp_path):
-    from lungzarr.storage import read_warnings
+    from lungzarr.io.storage import read_warnings
 
     make_patient(tmp_path / "in" / "P1")
     ingest(tmp_path / "in", tmp_path / "s.zarr")
@@ -184,7 +184,7 @@ def test_warnings_are_replaced_per_patient_and_stage(tmp_path):
 
 _HOLD_LOCK = """
 import sys
-from lungzarr.storage import CohortStore
+from lungzarr.io.storage import CohortStore
 store = CohortStore(sys.argv[1])
 with store.lock():
     if len(sys.argv) > 2:

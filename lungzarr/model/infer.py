@@ -11,7 +11,7 @@ have a prediction).
 The windows are cut with ``map_overlap`` along z (a halo of 4 slices below
 and 3 above), so a patient can be split into z-chunks over several workers;
 the model is built and its weights loaded once per worker process
-(:func:`lungzarr.model.get_model`).
+(:func:`lungzarr.model.d8.get_model`).
 
 GPU workers
 -----------
@@ -36,7 +36,7 @@ import dask.array as da
 import numpy as np
 
 from lungzarr.errors import PatientError
-from lungzarr.model import WINDOW, _check_precision, get_model, model_lock, verify_weights
+from lungzarr.model.d8 import WINDOW, _check_precision, get_model, model_lock, verify_weights
 from lungzarr.volume import normalize_hu
 
 __all__ = [
@@ -170,7 +170,7 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
     hu_2mm : dask or numpy array, shape (Z, H, W)
         The *unsegmented* 2 mm volume in HU (``hu_2mm`` of the store).
     weights : str or path-like, optional
-        d8 weights file (see :func:`lungzarr.model.resolve_weights`); checked
+        d8 weights file (see :func:`lungzarr.model.d8.resolve_weights`); checked
         now, loaded by each worker process on first use.
     batch_size : int, optional
         Windows per ``model.predict`` batch.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .volume import normalize_hu
+from lungzarr.volume import normalize_hu
 
 __all__ = [
     "Components",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PatientError
+from lungzarr.errors import PatientError
 
 __all__ = [
     "LegacyPatient",

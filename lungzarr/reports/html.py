@@ -15,7 +15,7 @@ def _nodule_markers(store, patient, *, threshold=0.5):
     """The patient's filtered nodules at ``threshold`` as QC markers (voxel indices), or None."""
     if not store.has_subgroup(patient, "nodules"):
         return None
-    from lungzarr.nodules import dataset_to_nodules
+    from lungzarr.algorithms.nodules import dataset_to_nodules
 
     table = dataset_to_nodules(store.open_patient(patient, subgroup="nodules").load())
     table = table[np.isclose(table.threshold, threshold) & table.passes_dsb_filter]
@@ -24,9 +24,9 @@ def _nodule_markers(store, patient, *, threshold=0.5):
 
 def qc_patient(store_path, patient: str, output) -> Path:
     """Axial, coronal and sagittal mid-planes of a patient with the lung outline and nodules, as PNG."""
+    from lungzarr.io.storage import CohortStore
     from lungzarr.pipeline import grid_from_attrs
-    from lungzarr.qc import qc_figure
-    from lungzarr.storage import CohortStore
+    from lungzarr.reports.qc import qc_figure
 
     store = CohortStore(store_path, mode="r")
     if not store.is_complete(patient, "segment"):
@@ -73,7 +73,7 @@ def write_report(store_path, output) -> Path:
     patient's row; for the cohort: nodule-count and lung-volume distributions
     and the failures table.
     """
-    from lungzarr.storage import CohortStore, read_failures, read_nodules, read_patients
+    from lungzarr.io.storage import CohortStore, read_failures, read_nodules, read_patients
 
     output = Path(output)
     files = output.with_name(output.stem + "_files")

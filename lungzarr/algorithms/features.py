@@ -6,7 +6,7 @@ astoc/kaggle_dsb2017 wrote (ALGORITHMS.md §6): ``keras8_0313`` (2525 columns,
 ``keras_0311`` (the same without the ``xcenter_*_n*_0`` columns and the three
 shapes) and ``base_8`` (302 columns, ``calc_features_keras_3dx``). Every quirk
 of the original is kept on purpose, so models trained on its CSVs keep
-working; the per-nodule table (:mod:`lungzarr.nodules`) is the place without
+working; the per-nodule table (:mod:`lungzarr.algorithms.nodules`) is the place without
 quirks.
 
 Inputs are arrays, not files: the normalised float32 volumes cropped by the
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .components import (
+from lungzarr.algorithms.components import (
     DSB_THRESHOLDS,
     HU_STAT_NAMES,
     MISSING,
@@ -30,7 +30,7 @@ from .components import (
     passes_dsb_filter,
     pix_to_hu,
 )
-from .volume import normalize_hu
+from lungzarr.volume import normalize_hu
 
 __all__ = [
     "DSB_THRESHOLDS",

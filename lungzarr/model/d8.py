@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: The trained d8 weights shipped with the repository (``models/`` beside the package).
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "d8_2x2x2_best_weights.h5"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "d8_2x2x2_best_weights.h5"
 #: sha256 of ``d8_2x2x2_best_weights.h5`` as published in astoc/kaggle_dsb2017.
 WEIGHTS_SHA256 = "e43d6e5920eb5f5b85612a63c603f34ae0f5a9d1130bad8e7ca1b15e763e262e"
 #: Environment variable naming another copy of the weights file.

@@ -3,7 +3,7 @@
 One row per candidate: a 26-connected component of ``prob > float32(t)`` for
 each threshold ``t``, measured on the patient's 2 mm grid in patient
 coordinates (ALGORITHMS.md §8). Unlike the DSB2017 export
-(:mod:`lungzarr.features`), nothing here keeps the original's quirks: the
+(:mod:`lungzarr.algorithms.features`), nothing here keeps the original's quirks: the
 diameter uses the exact 1/3 exponent and the grid's true voxel volume, HU
 statistics come from the integer HU in float64, and positions are
 millimetres. The original's nodule filter is reported, not applied
@@ -21,17 +21,17 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .components import (
+from lungzarr.algorithms.components import (
     DSB_THRESHOLDS,
+    above_threshold,
     box_shape,
     describe_hu,
     find_components,
-    above_threshold,
     legacy_hu,
     passes_dsb_filter,
     sphere_diameter,
 )
-from .volume import Grid
+from lungzarr.volume import Grid
 
 __all__ = [
     "DSB_THRESHOLDS",

@@ -1,7 +1,7 @@
 """A synthetic chest-CT phantom with nodules of known size and position.
 
 Pure numpy (the volume layer): :func:`chest_phantom` returns HU and the ground
-truth; :func:`lungzarr.dicom.write_series` turns it into real DICOM files.
+truth; :func:`lungzarr.io.dicom.write_series` turns it into real DICOM files.
 The anatomy is coarse but has what the pipeline looks at: air around a body
 of soft tissue and fat, a spine, two lungs at lung density with vessels, a
 trachea, and spherical soft-tissue nodules inside the lungs.

@@ -1,0 +1,2 @@
+"""What a person looks at: QC pictures of one patient (``qc``) and the cohort's
+HTML report (``html``)."""
