@@ -53,3 +53,14 @@ def test_diameters():
     # The legacy 0.3333 exponent is slightly smaller than the true one.
     assert legacy_diameter(64) < sphere_diameter(64 * 8)
     assert legacy_diameter(64) == pytest.approx(2 * (3 * 512 / (4 * np.pi)) ** 0.3333)
+
+
+def test_legacy_diameter_uses_libm_pow_on_arrays_too():
+    # numpy >= 2 computes array ** 0.3333 with SIMD code that is one ulp off libm for 12 voxels;
+    # the original (and the DSB2017 reference rows) got libm's value.
+    import math
+
+    voxels = np.array([12, 1, 2383])
+    expected = [2 * math.pow(3 * (v * 8.0) / (4 * math.pi), 0.3333) for v in voxels]
+    assert legacy_diameter(voxels).tolist() == expected
+    assert float(legacy_diameter(12)) == expected[0]

@@ -1,8 +1,8 @@
 """Connected components of a thresholded map and their statistics.
 
 These are the building blocks shared by the per-nodule table
-(:mod:`lungzarr.nodules`) and the DSB2017 per-patient export
-(:mod:`lungzarr.features`): one labelling, one way of gathering a component's
+(:mod:`lungzarr.algorithms.nodules`) and the DSB2017 per-patient export
+(:mod:`lungzarr.algorithms.features`): one labelling, one way of gathering a component's
 voxels, one HU description. The legacy arithmetic of the original
 (``lungs_var3_d8g_222f.py``: float32 pixels, ``pix_to_hu``, the 2017
 ``scipy.stats.describe``) lives here too, so that both tables apply the
@@ -11,6 +11,8 @@ original's nodule filter in the same way (ALGORITHMS.md §6).
 Plain numpy / scipy on in-memory arrays; no I/O.
 """
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
@@ -311,7 +313,11 @@ def legacy_diameter(voxels, voxel_volume_mm3: float = 8) -> np.ndarray:
     ``V = voxels * 8`` mm³ on the nominal 2 mm grid.
     """
     volume = np.asarray(voxels) * voxel_volume_mm3
-    return 2 * (3 * volume / (4 * np.pi)) ** 0.3333
+    base = np.asarray(3 * volume / (4 * np.pi), dtype=np.float64)
+    # libm's pow per value, as the original's 2017 numpy computed it: numpy >= 2's SIMD pow on arrays
+    # differs by one ulp for some volumes (e.g. 12 voxels), which changes exported diameters.
+    powered = np.array([math.pow(float(b), 0.3333) for b in base.ravel()], dtype=np.float64).reshape(base.shape)
+    return 2 * powered
 
 
 def sphere_diameter(volume_mm3) -> np.ndarray:
