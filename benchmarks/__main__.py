@@ -124,7 +124,7 @@ def child_pipeline(args: dict) -> dict:
                         if stage == "ingest":
                             summary = pipeline.ingest(args["input"], store, client=client, **opts)
                         else:
-                            summary = pipeline.process(store, [stage], client=client, **opts)[0]
+                            summary = pipeline.run(None, store, stages=[stage], client=client, **opts)[0]
                     out["stages"][stage] = {"wall_s": time.perf_counter() - s0, "summary_s": summary.seconds,
                                             "cpu_s": sampler.cpu_seconds() - c0, "done": len(summary.done),
                                             # the client process: scheduler, graph building, commits
@@ -135,10 +135,10 @@ def child_pipeline(args: dict) -> dict:
                 c0 = sampler.cpu_seconds()
                 if list(stages) == list(STAGES):
                     summaries = pipeline.run(args["input"], store, client=client, **opts)
-                else:  # a prefix of the stages: ingest, then the rest in one process() call
+                else:  # a prefix of the stages: ingest, then the rest in one run() call
                     summaries = [pipeline.ingest(args["input"], store, client=client, **opts)]
                     if len(stages) > 1:
-                        summaries += pipeline.process(store, list(stages[1:]), client=client, **opts)
+                        summaries += pipeline.run(None, store, stages=list(stages[1:]), client=client, **opts)
                 for s in summaries:
                     out["stages"][s.stage] = {"summary_s": s.seconds, "done": len(s.done),
                                               "failed": s.failed[:3]}
@@ -170,14 +170,14 @@ def child_profile(args: dict) -> dict:
         if before:
             pipeline.ingest(args["input"], store, **opts)
             if len(before) > 1:
-                pipeline.process(store, list(before[1:]), **opts)
+                pipeline.run(None, store, stages=list(before[1:]), **opts)
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
         if stage == "ingest":
             summary = pipeline.ingest(args["input"], store, **opts)
         else:
-            summary = pipeline.process(store, [stage], **opts)[0]
+            summary = pipeline.run(None, store, stages=[stage], **opts)[0]
         prof.disable()
         wall = time.perf_counter() - t0
     text = io.StringIO()
@@ -217,7 +217,7 @@ def summarise_stages(base: dict, pipe: dict, dicom_bytes: dict) -> dict:
             continue
         p_mem = max(v for k, v in st["peak_rss_mb"].items() if k.startswith("worker"))
         rows[stage] = {
-            # the stage's own seconds (StageSummary.seconds); the stage-by-stage harness adds a gather_tables per process() call
+            # the stage's own seconds (StageSummary.seconds); the stage-by-stage harness adds a gather_tables per run() call
             # (in the CPU figure and end to end, not here).
             "baseline_s_per_patient": rounded(b_s / n), "pipeline_s_per_patient": rounded(st["summary_s"] / n),
             "ratio_time": rounded(st["summary_s"] / b_s), "speedup": rounded(b_s / st["summary_s"]),

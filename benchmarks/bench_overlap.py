@@ -81,8 +81,8 @@ def child_overlap(args: dict) -> dict:
                 else:
                     summaries = [pipeline.ingest(args["input"], store, client=client,
                                                  batch_size=opts["batch_size"], chunk_slices=opts["chunk_slices"])]
-                    for stage in pipeline.RUN_STAGES[1:]:
-                        summaries += pipeline.process(store, [stage], client=client, **opts)
+                    for stage in pipeline.STAGE_NAMES[1:]:
+                        summaries += pipeline.run(None, store, stages=[stage], client=client, **opts)
             wall = time.perf_counter() - t0
     t_start = min(t["startstops"][0]["start"] for t in stream.data)
     intervals = {"cpu": [], "gpu": []}

@@ -237,10 +237,10 @@ def main():
     sampler.start()
     stage_start = {}
 
-    def progress(stage, total):
-        stage_start[stage] = time.time()
-        print(f"{time.strftime('%H:%M:%S')} stage {stage} ({total} patients)", flush=True)
-        return lambda event, patient: None
+    def progress(event):
+        if event.event == "begin":
+            stage_start[event.stage] = time.time()
+            print(f"{time.strftime('%H:%M:%S')} stage {event.stage} ({event.total} patients)", flush=True)
 
     t_run0 = time.time()
     from lungzarr.model.infer import predict_stats
@@ -255,9 +255,9 @@ def main():
             summaries = pipeline.run(input_dir, store, **opts)
         else:
             summaries = [pipeline.ingest(input_dir, store, client=client, batch_size=args.batch_size,
-                                         progress=progress("ingest", args.n))]
-            for stage in pipeline.RUN_STAGES[1:]:
-                summaries += pipeline.process(store, [stage], **opts)
+                                         progress=progress)]
+            for stage in pipeline.STAGE_NAMES[1:]:
+                summaries += pipeline.run(None, store, stages=[stage], **opts)
     t_run1 = time.time()
     time.sleep(0.5)
     sampler.stop_flag = True

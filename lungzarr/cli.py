@@ -26,7 +26,7 @@ PatientsOpt = typer.Option(None, "--patients", help="Only these patient ids (rep
 
 
 def _stage_progress():
-    """A rich Progress that shows one bar per stage (see :func:`_progress_factory`)."""
+    """A rich Progress that shows one bar per stage (see :func:`_bar_progress`)."""
     columns = (TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"),
                TimeRemainingColumn())
@@ -54,17 +54,19 @@ def _print_summary(summaries) -> int:
     return 1 if failed else 0
 
 
-def _progress_factory(bar: Progress):
-    def make(stage: str, total: int):
-        task = bar.add_task(stage, total=total, failed=0)
-        count = {"failed": 0}
+def _bar_progress(bar: Progress):
+    """The pipeline's progress protocol drawn as one rich bar per stage."""
+    tasks, failed = {}, {}
 
-        def update(event, patient):
-            if event == "failed":
-                count["failed"] += 1
-            bar.update(task, advance=1, failed=count["failed"])
-        return update
-    return make
+    def progress(event):
+        if event.event == "begin":
+            tasks[event.stage] = bar.add_task(event.stage, total=event.total, failed=0)
+            failed[event.stage] = 0
+            return
+        if event.event == "failed":
+            failed[event.stage] += 1
+        bar.update(tasks[event.stage], advance=1, failed=failed[event.stage])
+    return progress
 
 
 @app.command()
@@ -74,15 +76,13 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
            patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt):
     """Read DICOM series into the store as HU volumes (native grid and 2 mm)."""
     from lungzarr.cluster import dask_client
-    from lungzarr.pipeline import find_patients
     from lungzarr.pipeline import ingest as ingest_cohort
 
     try:
-        total = len(find_patients(input_dir, patients=patients))
         with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
             summary = ingest_cohort(input_dir, store, chunk_slices=chunk_slices, overwrite=overwrite,
                                     patients=patients, batch_size=batch_size, client=client,
-                                    progress=_progress_factory(bar)("ingest", total))
+                                    progress=_bar_progress(bar))
     except LungzarrError as exc:
         _fail(exc)
     raise typer.Exit(_print_summary([summary]))
@@ -120,7 +120,7 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
                                      batch_size=batch_size, precision=precision, infer_batch=infer_batch,
                                      patients=patients, overwrite=overwrite, client=client,
                                      gpu=_gpu_flag(client),
-                                     progress=_progress_factory(bar))
+                                     progress=_bar_progress(bar))
     except LungzarrError as exc:
         _fail(exc)
     raise typer.Exit(_print_summary(summaries))
@@ -128,13 +128,13 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
 
 def _process(store, stages, **kwargs):
     from lungzarr.cluster import dask_client
-    from lungzarr.pipeline import process
+    from lungzarr.pipeline import run as run_pipeline
 
     scheduler = kwargs.pop("scheduler")
     try:
         with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
-            summaries = process(store, stages, client=client, gpu=_gpu_flag(client),
-                                progress=_progress_factory(bar), **kwargs)
+            summaries = run_pipeline(None, store, stages=stages, client=client, gpu=_gpu_flag(client),
+                                     progress=_bar_progress(bar), **kwargs)
     except LungzarrError as exc:
         _fail(exc)
     raise typer.Exit(_print_summary(summaries))
@@ -171,13 +171,14 @@ def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
             scheduler: str = SchedulerOpt):
     """Per-nodule tables (and patient measures) of every detected patient; optionally export them."""
     from lungzarr.cluster import dask_client
-    from lungzarr.pipeline import export_nodules, process
+    from lungzarr.pipeline import export_nodules
+    from lungzarr.pipeline import run as run_pipeline
 
     try:
         with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
-            summaries = process(store, ["nodules", "features"], labels=labels, batch_size=batch_size,
-                                patients=patients, overwrite=overwrite, client=client,
-                                progress=_progress_factory(bar))
+            summaries = run_pipeline(None, store, stages=["nodules", "features"], labels=labels,
+                                     batch_size=batch_size, patients=patients, overwrite=overwrite, client=client,
+                                     progress=_bar_progress(bar))
         if output is not None:
             table = export_nodules(store, output)
             console.print(f"{len(table)} nodule rows written to {output}")
@@ -211,14 +212,12 @@ def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's 
                   stage: str = typer.Option("stage1", "--stage", help="Folder prefix: stage1 or stage2."),
                   overwrite: bool = OverwriteOpt):
     """Bring the old pipeline's npz outputs into a store (then `nodules` and `export` work on them)."""
-    from lungzarr.io.legacy import list_legacy_patients
     from lungzarr.pipeline import import_legacy as import_cohort
 
     try:
-        total = len(list_legacy_patients(input_dir, stage=stage))
         with _stage_progress() as bar:
             summary = import_cohort(input_dir, store, stage=stage, overwrite=overwrite,
-                                    progress=_progress_factory(bar)("import", total))
+                                    progress=_bar_progress(bar))
     except (LungzarrError, OSError, ValueError) as exc:
         _fail(exc)
     raise typer.Exit(_print_summary([summary]))
@@ -261,7 +260,7 @@ def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where 
 
     try:
         with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
-            result = run_demo(folder, store, client=client, progress=_progress_factory(bar))
+            result = run_demo(folder, store, client=client, progress=_bar_progress(bar))
     except LungzarrError as exc:
         _fail(exc)
     code = _print_summary(result["summaries"])

@@ -111,7 +111,6 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
 
 def gpu_worker_count(client) -> int:
     """Workers that advertise a ``GPU`` resource (``dask worker --resources GPU=1``)."""
-    if client is None:
-        return 0
-    workers = client.scheduler_info().get("workers", {})
-    return sum(1 for w in workers.values() if w.get("resources", {}).get("GPU", 0) > 0)
+    from lungzarr.pipeline.placement import gpu_workers
+
+    return len(gpu_workers(client))

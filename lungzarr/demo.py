@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lungzarr.algorithms.nodules import REPORTED_THRESHOLD
 from lungzarr.algorithms.phantom import DEMO_PATIENTS, chest_phantom
 
 __all__ = ["write_demo_cohort", "demo_truth"]
@@ -44,14 +45,16 @@ def demo_truth() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["patient", "z_mm", "y_mm", "x_mm", "diameter_mm"])
 
 
-def match_truth(nodules: pd.DataFrame, truth: pd.DataFrame, *, threshold: float = 0.5) -> pd.DataFrame:
+def match_truth(nodules: pd.DataFrame, truth: pd.DataFrame, *, threshold: float = REPORTED_THRESHOLD) -> pd.DataFrame:
     """For each true nodule, the nearest detection (p > threshold, DSB filter) and whether it is a hit.
 
     A hit is a detection whose centre lies within the true nodule's radius.
     """
     import numpy as np
 
-    found = nodules[np.isclose(nodules.threshold, threshold) & nodules.passes_dsb_filter]
+    from lungzarr.algorithms.nodules import select_nodules
+
+    found = select_nodules(nodules, threshold=threshold)
     rows = []
     for t in truth.itertuples(index=False):
         mine = found[found.patient == t.patient]
@@ -77,15 +80,14 @@ def run_demo(folder="input/demo", store="demo.zarr", *, client=None, progress=No
         ``truth`` (each phantom nodule with its nearest detection) and
         ``report`` (the HTML path, or None).
     """
-    import numpy as np
-
+    from lungzarr.algorithms.nodules import select_nodules
     from lungzarr.io.storage import read_nodules
     from lungzarr.pipeline import run
 
     write_demo_cohort(folder)
     summaries = run(folder, store, client=client, progress=progress)
     nodules = read_nodules(store)
-    kept = nodules[np.isclose(nodules.threshold, 0.5) & nodules.passes_dsb_filter] if len(nodules) else nodules
+    kept = select_nodules(nodules)
     out = {"summaries": summaries, "nodules": kept, "truth": match_truth(nodules, demo_truth()), "report": None}
     if report:
         from lungzarr.reports.html import write_report

@@ -87,7 +87,7 @@ def resample_grid(grid: Grid, new_shape) -> Grid:
 
     zoom is corner-aligned: output voxel ``k`` sits at input position
     ``k * (n_in - 1) / (n_out - 1)``, so the true step is that factor times the
-    native step, not exactly the target spacing (ALGORITHMS.md §2).
+    native step, not exactly the target spacing (docs/algorithms.md §2).
     """
     steps = []
     for n_in, n_out, step in zip(grid.shape, new_shape, grid.step):

@@ -1,4 +1,4 @@
-"""The legacy DSB2017 crop rule (ALGORITHMS.md §4) and lazy cropped views."""
+"""The legacy DSB2017 crop rule (docs/algorithms.md §4) and lazy cropped views."""
 from __future__ import annotations
 
 import json

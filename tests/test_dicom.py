@@ -1,4 +1,4 @@
-"""DICOM reading: series choice, validation, HU conversion (ALGORITHMS.md §1), lazy decoding."""
+"""DICOM reading: series choice, validation, HU conversion (docs/algorithms.md §1), lazy decoding."""
 from __future__ import annotations
 
 import warnings
@@ -17,7 +17,7 @@ from dicom_phantoms import SPACING, edit_header, fixture_hu, make_patient, phant
 # ---------------------------------------------------------------------- an independent reference
 
 def reference_hu(folder, *, every: int = 1) -> np.ndarray:
-    """ALGORITHMS.md §1 written out straight with pydicom, as the original did it.
+    """docs/algorithms.md §1 written out straight with pydicom, as the original did it.
 
     Reads the files of ``folder`` (one series, one acquisition), sorts by
     ``float(ImagePositionPatient[2])``, stacks ``pixel_array`` as int16, sets

@@ -1,7 +1,7 @@
 """DSB2017 per-patient features: conformance with the reference rows and quirks.
 
 The reference rows in ../shared/fixtures/dsb2017/reference/ were written by
-the tjvananne refactor for patient 0acbeb...; ALGORITHMS.md §7: with the
+the tjvananne refactor for patient 0acbeb...; docs/algorithms.md §7: with the
 segmented volume standing in for the unsegmented one and the refactor's
 probability maps, every column must come back, except ``cancer``, which the
 refactor never found (-777) and the labels CSV gives (1).

@@ -1,4 +1,4 @@
-"""The detect stage: d8 windows over a 2 mm volume with dask (ALGORITHMS.md §5)."""
+"""The detect stage: d8 windows over a 2 mm volume with dask (docs/algorithms.md §5)."""
 from __future__ import annotations
 
 import dask
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lungzarr.errors import PatientError
-from lungzarr.model import infer
+from lungzarr.model import geometry, infer
 from lungzarr.model.d8 import get_model
 from lungzarr.volume import normalize_hu
 
@@ -48,10 +48,10 @@ def expected(volume):
 
 
 def test_predicted_slices():
-    assert infer.predicted_slices(183) == slice(4, 179)
-    assert infer.predicted_slices(9) == slice(4, 5)
-    assert len(range(200)[infer.predicted_slices(8)]) == 0
-    assert infer.detection_crop((5, 30, 35)) == (2, 3)
+    assert geometry.predicted_slices(183) == slice(4, 179)
+    assert geometry.predicted_slices(9) == slice(4, 5)
+    assert len(range(200)[geometry.predicted_slices(8)]) == 0
+    assert geometry.detection_crop((5, 30, 35)) == (2, 3)
 
 
 def test_matches_straight_loop_of_model_predict(volume, expected):
@@ -65,7 +65,7 @@ def test_matches_straight_loop_of_model_predict(volume, expected):
     # Below 0.5 is stored as 0; nothing outside the predicted slices or in the dropped rows/columns.
     assert not np.any((got > 0) & (got < 0.5))
     outside = np.ones(volume.shape[0], bool)
-    outside[infer.predicted_slices(volume.shape[0])] = False
+    outside[geometry.predicted_slices(volume.shape[0])] = False
     assert not got[outside].any()
     assert not got[:, :2].any() and not got[:, :, :3].any()
 

@@ -46,10 +46,27 @@ def test_export_reproduces_the_reference_rows(legacy_store, tmp_path, fmt, name)
     ref = _reference(dsb, name)
     assert list(got.columns) == list(ref.columns)
     assert list(got.index) == [DSB_PATIENT]
-    # The refactor never found the labels (ALGORITHMS.md §7): its rows say -777 where the label is 1.
+    # The refactor never found the labels (docs/algorithms.md §7): its rows say -777 where the label is 1.
     assert ref.loc[DSB_PATIENT, "cancer"] == -777 and got.loc[DSB_PATIENT, "cancer"] == 1
     cols = [c for c in ref.columns if c != "cancer"]
     np.testing.assert_array_equal(got[cols].to_numpy(), ref[cols].to_numpy())
+
+
+def test_export_without_labels_keeps_the_imported_label(legacy_store, tmp_path):
+    """One label rule for the features stage and export: --labels wins, else the imported label, else -777."""
+    store, dsb = legacy_store
+    out = tmp_path / "nolabels.csv"
+    r = runner.invoke(app, ["export", str(store), "-o", str(out), "--format", "keras8_0313"])
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(out, index_col="id").loc[DSB_PATIENT, "cancer"] == 1      # stage1_labels.csv says 1
+    other = tmp_path / "labels.csv"
+    other.write_text("id,cancer\nsomeone-else,0\n")
+    r = runner.invoke(app, ["export", str(store), "-o", str(out), "--labels", str(other)])
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(out, index_col="id").loc[DSB_PATIENT, "cancer"] == 1      # not in that CSV: imported one
+    other.write_text(f"id,cancer\n{DSB_PATIENT},0\n")
+    r = runner.invoke(app, ["export", str(store), "-o", str(out), "--labels", str(other)])
+    assert pd.read_csv(out, index_col="id").loc[DSB_PATIENT, "cancer"] == 0      # the CSV wins
 
 
 def test_patient_table_lung_measures_equal_the_reference(legacy_store):

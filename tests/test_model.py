@@ -1,4 +1,4 @@
-"""The d8 network, its legacy Theano weights and the kernel flip (ALGORITHMS.md §5)."""
+"""The d8 network, its legacy Theano weights and the kernel flip (docs/algorithms.md §5)."""
 from __future__ import annotations
 
 import importlib.util
@@ -223,7 +223,7 @@ def test_unflipped_kernels_reproduce_refactor_maps_full_volume(dsb_dir, unflippe
     flipped = _compare_to_refactor(trained, images, reference, windows)
     with capsys.disabled():
         print("\nmpred, full volume: " + _report("un-flipped", plain) + "; " + _report("flipped", flipped))
-    # ALGORITHMS.md §5: 99.995 % of the p > 0.5 decisions agree on the stand-in.
+    # docs/algorithms.md §5: 99.995 % of the p > 0.5 decisions agree on the stand-in.
     assert plain["agreement"] >= 0.99994
     assert plain["precision"] >= 0.8
 

@@ -2,8 +2,6 @@
 agreement with the DSB2017 patient row it summarises (issue 6, item 5)."""
 from __future__ import annotations
 
-import dask
-import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,8 +21,8 @@ from lungzarr.algorithms.nodules import (
     dataset_to_nodules,
     empty_nodule_table,
     find_nodules,
-    find_nodules_lazy,
     nodules_to_dataset,
+    select_nodules,
 )
 from lungzarr.io.legacy import read_legacy_patient
 from lungzarr.volume import Grid
@@ -190,18 +188,17 @@ def test_empty_table_and_dataset_round_trip():
     pd.testing.assert_frame_equal(both, df)
 
 
-def test_lazy_per_patient_across_chunk_borders():
+def test_select_nodules_is_threshold_and_filter():
     hu, prob = synthetic_patient()
-    # Chunks of 5 slices and 7 rows cut through every cube.
-    prob_da = da.from_array(prob, chunks=(5, 7, 9))
-    hu_da = da.from_array(hu, chunks=(5, 7, 9))
-    grid = nominal_grid(hu.shape)
-    lazy = [find_nodules_lazy(prob_da, hu_da, grid=grid, patient=f"p{i}") for i in range(3)]
-    tables = dask.compute(*lazy, scheduler="threads")
-    expected = find_nodules(prob, hu, grid=grid, patient="p0")
-    pd.testing.assert_frame_equal(tables[0], expected)
-    cohort = concat_nodule_tables(tables)
-    assert len(cohort) == 3 * len(expected) and set(cohort.patient) == {"p0", "p1", "p2"}
+    table = find_nodules(prob, hu, grid=nominal_grid(hu.shape), patient="p0")
+    chosen = select_nodules(table)
+    expected = table[(table.threshold == 0.5) & table.passes_dsb_filter]
+    assert len(chosen) and len(chosen) < len(table)
+    pd.testing.assert_frame_equal(chosen, expected)
+    assert len(select_nodules(table, dsb_filter=False)) == int((table.threshold == 0.5).sum())
+    assert len(select_nodules(table, threshold=None, dsb_filter=False)) == len(table)
+    assert select_nodules(table, threshold=0.9).threshold.eq(0.9).all()
+    assert select_nodules(empty_nodule_table()).empty
 
 
 def test_input_checks():

@@ -219,14 +219,14 @@ def test_detect_stage_runs_the_unet_only_on_gpu_workers(small_input, tmp_path, c
     """Through the store write (to_zarr re-wraps the graph), predict tasks stay on GPU-resource workers."""
     import distributed
 
-    from lungzarr.pipeline import ingest, process
+    from lungzarr.pipeline import ingest, run
 
     store = tmp_path / "gpu.zarr"
     ingest(small_input, store, patients=["SMALL-1"])
-    process(store, ["segment"])
+    run(None, store, stages=["segment"])
     client, names = cpu_gpu_cluster
     with distributed.get_task_stream(client) as stream:
-        summaries = process(store, ["detect"], client=client, gpu=True, chunk_slices=8)
+        summaries = run(None, store, stages=["detect"], client=client, gpu=True, chunk_slices=8)
     assert summaries[0].done == ["SMALL-1"], summaries[0].failed
     # The predict blocks are the map_overlap tasks (xarray fuses them with the store write).
     predicted_on = [names[t["worker"]] for t in stream.data if "overlap" in str(t["key"])]
@@ -249,10 +249,9 @@ def three_small_patients(small_input, tmp_path_factory):
 def _event_log():
     events = []
 
-    def progress(stage, total):
-        def callback(event, patient):
-            events.append((stage, event, patient))
-        return callback
+    def progress(event):
+        if event.event != "begin":
+            events.append((event.stage, event.event, event.patient))
     return events, progress
 
 
@@ -260,12 +259,12 @@ def test_patients_stream_through_the_stages_without_a_cluster(three_small_patien
     """Each patient moves on as soon as its stage is committed: not every ingest before any segment."""
     import dask
 
-    from lungzarr.pipeline import RUN_STAGES, run
+    from lungzarr.pipeline import STAGE_NAMES, run
 
     events, progress = _event_log()
     with dask.config.set(scheduler="threads"):
         summaries = run(three_small_patients, tmp_path / "s.zarr", batch_size=1, progress=progress)
-    assert [s.done for s in summaries] == [["SMALL-1", "SMALL-2", "SMALL-3"]] * len(RUN_STAGES)
+    assert [s.done for s in summaries] == [["SMALL-1", "SMALL-2", "SMALL-3"]] * len(STAGE_NAMES)
     done = [(stage, patient) for stage, event, patient in events if event == "done"]
     # Later stages first, one patient per stage in flight: a patient-major order.
     assert done[:7] == [("ingest", "SMALL-1"), ("segment", "SMALL-1"), ("ingest", "SMALL-2"),
@@ -277,14 +276,14 @@ def test_stages_overlap_on_a_cluster_and_cpu_stages_stay_off_the_gpu_worker(thre
                                                                            cpu_gpu_cluster):
     import distributed
 
-    from lungzarr.pipeline import RUN_STAGES, run
+    from lungzarr.pipeline import STAGE_NAMES, run
 
     client, names = cpu_gpu_cluster
     events, progress = _event_log()
     with distributed.get_task_stream(client) as stream:
         summaries = run(three_small_patients, tmp_path / "s.zarr", batch_size=1, client=client, gpu=True,
                         progress=progress)
-    assert [s.done for s in summaries] == [["SMALL-1", "SMALL-2", "SMALL-3"]] * len(RUN_STAGES), \
+    assert [s.done for s in summaries] == [["SMALL-1", "SMALL-2", "SMALL-3"]] * len(STAGE_NAMES), \
         [s.failed for s in summaries]
     done = [(stage, patient) for stage, event, patient in events if event == "done"]
     first_segment = min(i for i, (stage, _) in enumerate(done) if stage == "segment")
@@ -306,7 +305,7 @@ def test_tasks_are_whole_multiples_of_the_store_chunks(small_input, tmp_path):
     """Stages compute in tasks of >= 64 slices but the store keeps chunk_slices per chunk."""
     import dask
 
-    from lungzarr.pipeline import ingest, process, task_slices
+    from lungzarr.pipeline import ingest, run, task_slices
 
     assert [task_slices(c) for c in (1, 4, 16, 24, 64, 100)] == [64, 64, 64, 72, 64, 100]
     with pytest.raises(ValueError, match="chunk_slices must be >= 1"):
@@ -314,7 +313,7 @@ def test_tasks_are_whole_multiples_of_the_store_chunks(small_input, tmp_path):
     store = tmp_path / "chunks.zarr"
     with dask.config.set(scheduler="threads"):
         ingest(small_input, store, chunk_slices=8, patients=["SMALL-1"])
-        process(store, ["segment"], chunk_slices=8)
+        run(None, store, stages=["segment"], chunk_slices=8)
     ds = CohortStore(store, mode="r").open_patient("SMALL-1")
     for name in ("hu", "hu_2mm", "lungs", "segmented"):
         assert ds[name].encoding["chunks"][0] == 8, name

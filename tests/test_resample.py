@@ -1,4 +1,4 @@
-"""Resampling to 2 mm (ALGORITHMS.md §2): shape rule, true grid, mirror boundary, chunked vs whole volume."""
+"""Resampling to 2 mm (docs/algorithms.md §2): shape rule, true grid, mirror boundary, chunked vs whole volume."""
 from __future__ import annotations
 
 import functools
@@ -91,7 +91,7 @@ def test_default_halo_follows_the_tolerance():
 
 @pytest.mark.requires_shared
 def test_whole_volume_uses_mirror_boundary(lidc_dir):
-    # ALGORITHMS §2: the 2017 zoom equals today's mode='mirror'; 'nearest' changes many voxels.
+    # docs/algorithms.md §2: the 2017 zoom equals today's mode='mirror'; 'nearest' changes many voxels.
     hu, grid, whole, _ = _whole(str(lidc_dir), None)
     factor = np.array(whole.shape) / np.array(hu.shape)
     np.testing.assert_array_equal(whole, ndimage.zoom(hu, factor, order=3, mode="mirror"))
@@ -129,7 +129,7 @@ def test_grid_true_step(shape, step):
         assert grid_2mm.origin[axis] == origin[axis]
         # zoom is corner-aligned: first and last voxel centres coincide with the native ones.
         assert grid_2mm.axis(axis)[-1] == pytest.approx(grid.axis(axis)[-1])
-    if shape == (16, 512, 512):      # LIDC-0001: 1.974 mm in z, 2.007 mm in y/x (ALGORITHMS §2)
+    if shape == (16, 512, 512):      # LIDC-0001: 1.974 mm in z, 2.007 mm in y/x (docs/algorithms.md §2)
         assert grid_2mm.step == pytest.approx((1.9737, 2.0072, 2.0072), abs=1e-4)
 
 

@@ -1,4 +1,4 @@
-"""Lung segmentation (ALGORITHMS.md §3): exact against an OpenCV reference, lazy as a dask stage."""
+"""Lung segmentation (docs/algorithms.md §3): exact against an OpenCV reference, lazy as a dask stage."""
 from __future__ import annotations
 
 import warnings

@@ -6,14 +6,13 @@ These are the building blocks shared by the per-nodule table
 voxels, one HU description. The legacy arithmetic of the original
 (``lungs_var3_d8g_222f.py``: float32 pixels, ``pix_to_hu``, the 2017
 ``scipy.stats.describe``) lives here too, so that both tables apply the
-original's nodule filter in the same way (ALGORITHMS.md §6).
+original's nodule filter in the same way (docs/algorithms.md §6).
 
 Plain numpy / scipy on in-memory arrays; no I/O.
 """
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +33,7 @@ __all__ = [
     "box_shape",
     "passes_dsb_filter",
     "MISSING",
+    "NO_LABEL",
     "DSB_THRESHOLDS",
     "HU_STAT_NAMES",
     "DSB_MAX_MEAN_HU",
@@ -42,6 +42,8 @@ __all__ = [
 
 #: The original's marker for a missing value (no nodule, empty selection).
 MISSING = -7777
+#: The DSB2017 ``cancer`` of a patient without a label (not in the labels CSV, not imported with one).
+NO_LABEL = -777
 
 #: Probability thresholds of the DSB2017 tables (candidates are p > float32(t)).
 DSB_THRESHOLDS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.999, 0.9999, 0.99999, 0.999999, 0.9999999)
@@ -69,7 +71,7 @@ def above_threshold(prob, threshold: float) -> np.ndarray:
         Probability map.
     threshold : float
         Threshold; rounded to float32 before comparing, as NumPy did with a
-        float32 array and a Python float (ALGORITHMS.md §6).
+        float32 array and a Python float (docs/algorithms.md §6).
     """
     prob = np.asarray(prob)
     if prob.dtype != np.float32:

@@ -1,4 +1,4 @@
-"""The DSB2017 crop box of a 2 mm volume (ALGORITHMS.md §4) and lazy cropped views.
+"""The DSB2017 crop box of a 2 mm volume (docs/algorithms.md §4) and lazy cropped views.
 
 The legacy rule decides from the bounding box of the whole lung mask whether
 the segmented volume is cropped to a y/x square and in z, in z only, or not at
@@ -74,7 +74,7 @@ def mask_bbox(lungs) -> tuple[int, int, int, int, int, int] | None:
 
 
 def legacy_crop_box(lungs) -> dict:
-    """The DSB2017 ``_crop`` rule for a lung mask (ALGORITHMS.md §4).
+    """The DSB2017 ``_crop`` rule for a lung mask (docs/algorithms.md §4).
 
     Parameters
     ----------

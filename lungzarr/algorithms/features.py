@@ -1,7 +1,7 @@
 """The DSB2017 per-patient feature table, column for column.
 
 Re-implements the patient rows that ``lungs_var3_d8g_222f.py`` of
-astoc/kaggle_dsb2017 wrote (ALGORITHMS.md §6): ``keras8_0313`` (2525 columns,
+astoc/kaggle_dsb2017 wrote (docs/algorithms.md §6): ``keras8_0313`` (2525 columns,
 ``recalc_features_keras_3dx_0313`` with ``withinsegonly=False``),
 ``keras_0311`` (the same without the ``xcenter_*_n*_0`` columns and the three
 shapes) and ``base_8`` (302 columns, ``calc_features_keras_3dx``). Every quirk
@@ -30,27 +30,28 @@ from lungzarr.algorithms.components import (
     passes_dsb_filter,
     pix_to_hu,
 )
+from lungzarr.errors import PatientError
+from lungzarr.model.geometry import MIN_SLICES_2MM, WINDOW, detection_crop, window_maps
+from lungzarr.model.geometry import WINDOW_CENTRE as MID
 from lungzarr.volume import normalize_hu
 
 __all__ = [
     "DSB_THRESHOLDS",
     "BASE8_THRESHOLDS",
     "FORMATS",
-    "WINDOW",
-    "MID",
     "lung_measures",
     "legacy_nodules",
     "dsb2017_features",
     "dsb2017_table",
     "dsb2017_inputs",
+    "dsb2017_arrays",
+    "dsb2017_row",
+    "unsegmented",
     "segment_ranges",
 ]
 
 #: Thresholds of the base_8 table, in the original's order.
 BASE8_THRESHOLDS = (0.75, 0.9999999, 0.99999)
-#: Slices per network window and the window slice a prediction belongs to.
-WINDOW = 8
-MID = WINDOW // 2
 #: Table layouts :func:`dsb2017_features` can write.
 FORMATS = ("keras8_0313", "keras_0311", "base_8")
 
@@ -404,8 +405,8 @@ def dsb2017_inputs(hu, segmented, prob_windows, *, box=None):
         raise ValueError(f"hu {hu.shape!r} and segmented {segmented.shape!r} must be 3-D "
                          "volumes of the same shape")
     if box is None:
-        box = {"by_min": hu.shape[1] % 4, "by_max": hu.shape[1],
-               "bx_min": hu.shape[2] % 4, "bx_max": hu.shape[2]}
+        rows, cols = detection_crop(hu.shape)
+        box = {"by_min": rows, "by_max": hu.shape[1], "bx_min": cols, "bx_max": hu.shape[2]}
     ys = slice(int(box["by_min"]), int(box["by_max"]))
     xs = slice(int(box["bx_min"]), int(box["bx_max"]))
     pmav = np.asarray(prob_windows)
@@ -415,3 +416,29 @@ def dsb2017_inputs(hu, segmented, prob_windows, *, box=None):
                              f"got {pmav.shape!r}")
         pmav = pmav[:, 0, 0]
     return normalize_hu(hu[:, ys, xs]), normalize_hu(segmented[:, ys, xs]), pmav
+
+
+def unsegmented(ds):
+    """``hu_2mm`` of a patient Dataset; for legacy imports that never kept it, the segmented volume
+    as the stand-in of docs/algorithms.md §7."""
+    return ds.hu_2mm if "hu_2mm" in ds else ds.segmented
+
+
+def dsb2017_arrays(ds, *, patient: str | None = None):
+    """The original's feature inputs from one patient's Dataset (docs/algorithms.md §6).
+
+    The unsegmented volume (:func:`unsegmented`), ``segmented`` and
+    ``nodule_prob`` mapped back to windows (:func:`lungzarr.model.geometry.window_maps`),
+    cropped by the detection box and normalised: ``(images_norm, segmented_norm, pmav)``.
+    """
+    prob = ds.nodule_prob.values
+    if prob.shape[0] < MIN_SLICES_2MM:
+        raise PatientError(f"{prob.shape[0]} slices at 2 mm: the d8 windows need at least {MIN_SLICES_2MM}, so "
+                           f"there are no features", patient=patient, stage="features")
+    return dsb2017_inputs(unsegmented(ds).values, ds.segmented.values, window_maps(prob))
+
+
+def dsb2017_row(ds, *, fmt: str = "keras8_0313", cancer: int = -777, patient: str | None = None):
+    """The original per-patient feature row of a patient Dataset (a 1-row DataFrame indexed by ``id``)."""
+    images, segmented_norm, pmav = dsb2017_arrays(ds, patient=patient)
+    return dsb2017_features(images, segmented_norm, pmav, cancer=cancer, fmt=fmt, patient=patient)

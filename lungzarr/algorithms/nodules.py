@@ -2,7 +2,7 @@
 
 One row per candidate: a 26-connected component of ``prob > float32(t)`` for
 each threshold ``t``, measured on the patient's 2 mm grid in patient
-coordinates (ALGORITHMS.md §8). Unlike the DSB2017 export
+coordinates (docs/algorithms.md §8). Unlike the DSB2017 export
 (:mod:`lungzarr.algorithms.features`), nothing here keeps the original's quirks: the
 diameter uses the exact 1/3 exponent and the grid's true voxel volume, HU
 statistics come from the integer HU in float64, and positions are
@@ -11,12 +11,10 @@ millimetres. The original's nodule filter is reported, not applied
 
 Labelling is done on the whole patient volume in memory (one patient's 2 mm
 arrays are small: ~180 x 170 x 170 voxels), so components are never cut at
-chunk borders; :func:`find_nodules_lazy` makes that one task per patient of a
-dask graph.
+chunk borders: the pipeline's ``nodules`` stage is one task per patient.
 """
 from __future__ import annotations
 
-import dask
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -37,7 +35,8 @@ __all__ = [
     "DSB_THRESHOLDS",
     "NODULE_COLUMNS",
     "find_nodules",
-    "find_nodules_lazy",
+    "select_nodules",
+    "REPORTED_THRESHOLD",
     "empty_nodule_table",
     "concat_nodule_tables",
     "nodules_to_dataset",
@@ -223,27 +222,35 @@ def find_nodules(prob, hu, *, grid: Grid, lungs=None, thresholds=DSB_THRESHOLDS,
     return table.astype({name: dtype for name, (dtype, _) in NODULE_COLUMNS.items()})
 
 
-def find_nodules_lazy(prob_da, hu_da, *, grid: Grid, lungs=None, thresholds=DSB_THRESHOLDS,
-                      patient: str | None = None):
-    """:func:`find_nodules` as one task of a dask graph.
+#: The nodules a report, the demo and the DSB2017 counts show: components at this threshold ...
+REPORTED_THRESHOLD = 0.5
+
+
+def select_nodules(table: pd.DataFrame, *, threshold: float | None = REPORTED_THRESHOLD,
+                   dsb_filter: bool = True) -> pd.DataFrame:
+    """The rows of a nodule table at one threshold that pass the original's filter.
+
+    The one selection behind "nodules found": the demo, the report, the
+    patient table's ``n_nodules_0.5_filtered``, ``export_nodules`` and the
+    evaluation use it.
 
     Parameters
     ----------
-    prob_da, hu_da : dask.array.Array or ndarray
-        The patient's ``nodule_prob`` and ``hu_2mm``, chunked any way.
-    grid, lungs, thresholds, patient
-        As for :func:`find_nodules`; ``lungs`` may be a dask array too.
-
-    Returns
-    -------
-    dask.delayed.Delayed
-        Computes to the patient's nodule table. The task receives the whole
-        patient's arrays (dask concatenates the chunks), so components that
-        cross chunk borders are labelled once; memory is one patient's 2 mm
-        arrays per running task.
+    table : DataFrame
+        A nodule table (:data:`NODULE_COLUMNS`); may be empty.
+    threshold : float or None
+        Keep rows of this threshold (compared with ``np.isclose``); None keeps every threshold.
+    dsb_filter : bool
+        Keep only rows with ``passes_dsb_filter`` (mean HU < 396, diameter > 3 mm).
     """
-    return dask.delayed(find_nodules, pure=True)(
-        prob_da, hu_da, grid=grid, lungs=lungs, thresholds=tuple(thresholds), patient=patient)
+    if not len(table):
+        return table
+    keep = np.ones(len(table), dtype=bool)
+    if threshold is not None:
+        keep &= np.isclose(table["threshold"].to_numpy(dtype=np.float64), threshold)
+    if dsb_filter:
+        keep &= table["passes_dsb_filter"].to_numpy(dtype=bool)
+    return table[keep]
 
 
 def concat_nodule_tables(tables) -> pd.DataFrame:

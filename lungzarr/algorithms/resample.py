@@ -1,6 +1,6 @@
 """Resampling to 2 x 2 x 2 mm, whole-volume and as a lazy chunked dask stage.
 
-ALGORITHMS.md §2: ``new_shape = round(shape * spacing / 2)``, then a cubic
+docs/algorithms.md §2: ``new_shape = round(shape * spacing / 2)``, then a cubic
 spline ``zoom`` to ``new_shape / shape`` with the 2017 scipy boundary, which is
 ``mode='mirror'`` on today's scipy, output int16.
 

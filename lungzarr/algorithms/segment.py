@@ -1,6 +1,6 @@
 """Per-slice lung segmentation of 2 mm axial slices, and its lazy dask stage.
 
-ALGORITHMS.md §3, the original's ``seperate_lungs_cv2``: a marker-controlled
+docs/algorithms.md §3, the original's ``seperate_lungs_cv2``: a marker-controlled
 watershed of the Sobel gradient, whose outline is closed by a black-hat and
 two binary closings. The original ran OpenCV's black-hat; here it is done with
 scipy with OpenCV's border rule (pixels outside the slice are ignored), and a
@@ -192,7 +192,7 @@ def close_outline(outline: np.ndarray, iterations: int) -> np.ndarray:
 
 
 def segment_lung_slice(slice_hu: np.ndarray) -> np.ndarray:
-    """Lung filter of one 2 mm axial slice (ALGORITHMS.md §3).
+    """Lung filter of one 2 mm axial slice (docs/algorithms.md §3).
 
     Parameters
     ----------

@@ -3,7 +3,7 @@
 The only module of lungzarr that imports pydicom. It turns one patient folder
 into a :class:`Series` (headers only, validated, the chosen series and why) and
 the series into a lazy dask array of HU, decoded a chunk of slices at a time
-(ALGORITHMS.md §1).
+(docs/algorithms.md §1).
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ class LegacyPatient:
     segmented : ndarray of int16 or None
         Segmented 2 mm volume, -2000 outside the lungs.
     segmented_crop : ndarray of int16 or None
-        The segmented volume cropped to the lungs (ALGORITHMS.md §4).
+        The segmented volume cropped to the lungs (docs/algorithms.md §4).
     prob_windows : ndarray of float32 or None
         One probability map per 8-slice window, shape (Z-8, 1, 1, H', W');
         window ``i`` belongs to slice ``i + 4``; values < 0.5 were zeroed.

@@ -30,6 +30,7 @@ import numpy as np
 
 from lungzarr._version import __version__
 from lungzarr.errors import LungzarrError, PatientError, StoreLockedError
+from lungzarr.volume import Grid
 
 __all__ = [
     "CohortStore",
@@ -38,11 +39,9 @@ __all__ = [
     "read_patients",
     "read_failures",
     "read_warnings",
-    "STAGES",
+    "grid_from_attrs",
 ]
 
-#: Pipeline stages in order; each marks a patient group when complete.
-STAGES = ("ingest", "segment", "detect", "nodules", "features")
 STAGES_KEY = "lungzarr:stages"
 FAILURES_KEY = "lungzarr:failures"
 WARNINGS_KEY = "lungzarr:warnings"
@@ -61,7 +60,7 @@ def check_patient_id(patient: str) -> str:
     if not isinstance(patient, str) or not _ID_PATTERN.match(patient) or patient.startswith("__"):
         raise PatientError(f"patient id {patient!r} cannot name a store group: use letters, digits, '.', '_' "
                            f"and '-' only, starting with a letter or digit (rename the folder)",
-                           patient=str(patient), stage="ingest")
+                           patient=str(patient))
     return patient
 
 
@@ -76,6 +75,18 @@ def _jsonable(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+def _check_stage_name(stage) -> None:
+    # The stage list lives in the pipeline's registry; the store keeps a marker for any named stage.
+    if not isinstance(stage, str) or not stage:
+        raise ValueError(f"stage must be a non-empty string, got {stage!r}")
+
+
+def grid_from_attrs(attrs: dict, key: str = "grid_2mm") -> Grid:
+    """The :class:`~lungzarr.volume.Grid` a patient group recorded under ``key`` (``grid_2mm``, ``grid_native``)."""
+    g = attrs[key]
+    return Grid(tuple(g["shape"]), tuple(g["origin_mm"]), tuple(g["step_mm"]))
 
 
 def _vlen_strings(dataset):
@@ -140,7 +151,8 @@ class CohortStore:
         for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
             attrs = dict(self._group(f"{STAGING_GROUP}/{folder.name}", mode="r").attrs) \
                 if (folder / "zarr.json").exists() else {}
-            if "ingest" in attrs.get(STAGES_KEY, {}):
+            # The stage that creates a patient marks the staged group just before the swap.
+            if attrs.get(STAGES_KEY):
                 self._swap_in(folder.name)
             else:
                 shutil.rmtree(folder)
@@ -199,15 +211,6 @@ class CohortStore:
             if target.is_dir():
                 shutil.rmtree(target)
 
-    def write_stage(self, patient: str, stage: str, dataset, **kwargs) -> None:
-        """Write one stage's variables of a patient now, then mark the stage complete.
-
-        See :meth:`prepare_stage` for the arguments.
-        """
-        pending = self.prepare_stage(patient, stage, dataset, **kwargs)
-        pending.compute()
-        pending.commit()
-
     def prepare_stage(self, patient: str, stage: str, dataset, *, record: dict | None = None,
                       new_group: bool = False, subgroup: str | None = None) -> "PendingStage":
         """Start writing one stage of a patient: metadata now, voxels when computed.
@@ -229,8 +232,7 @@ class CohortStore:
         subgroup : str, optional
             Write into a child group (e.g. ``"nodules"``), replacing it.
         """
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES!r}, got {stage!r}")
+        _check_stage_name(stage)
         gpath = self.group_path(patient)
         if new_group:
             # A new patient group is written aside and swapped in on commit, so an
@@ -268,8 +270,7 @@ class CohortStore:
         ``delayed`` must write through :meth:`write_subgroup` (on whichever
         worker runs it) and return a dict merged into the stage record.
         """
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES!r}, got {stage!r}")
+        _check_stage_name(stage)
         self._unmark_stage(patient, stage)
         return PendingStage(self, patient, stage, delayed, record or {}, group_path=self.group_path(patient))
 
@@ -293,10 +294,6 @@ class CohortStore:
             shutil.rmtree(self.path / target)
         _vlen_strings(dataset.copy()).to_zarr(self.path, group=target, mode="w", consolidated=False,
                                               zarr_format=3)
-
-    def set_patient_attrs(self, patient: str, **values) -> None:
-        group = self._group(self.group_path(patient))
-        group.attrs.update(_jsonable(values))
 
     # ------------------------------------------------------------------ reads
     def open_patient(self, patient: str, *, subgroup: str | None = None):

@@ -6,7 +6,7 @@ Andre Stochniol), rebuilt channels-last with ``keras.layers`` only, so the same
 code runs on the TensorFlow, PyTorch and JAX backends (``KERAS_BACKEND``).
 Input: 8 consecutive normalised 2 mm slices ``(8, H, W, 1)`` with H and W
 multiples of 4; output: one probability map ``(1, H, W, 1)`` for the slice
-in the middle of the window (ALGORITHMS.md §5).
+in the middle of the window (docs/algorithms.md §5).
 
 The trained weights are a Keras-1 HDF5 file saved under Theano. Theano's
 ``conv3d`` is a true convolution, so every kernel is flipped along its three
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lungzarr.errors import LungzarrError
+from lungzarr.model.geometry import WINDOW
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -47,8 +48,6 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "d8_2x2x2_bes
 WEIGHTS_SHA256 = "e43d6e5920eb5f5b85612a63c603f34ae0f5a9d1130bad8e7ca1b15e763e262e"
 #: Environment variable naming another copy of the weights file.
 WEIGHTS_ENV = "LUNGZARR_WEIGHTS"
-#: Slices per input window of the network.
-WINDOW = 8
 #: ``--precision`` names and the Keras dtype policy each one uses.
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 

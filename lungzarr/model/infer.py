@@ -1,6 +1,6 @@
 """Nodule probability maps: the d8 network as a dask stage over a 2 mm volume.
 
-ALGORITHMS.md §5: the unsegmented 2 mm volume loses its first ``H mod 4``
+docs/algorithms.md §5: the unsegmented 2 mm volume loses its first ``H mod 4``
 rows and ``W mod 4`` columns (the detection crop), is normalised, and every
 window of 8 slices ``i … i+7`` (``i = 0 … Z-9``; the last possible window is
 not used, as in the original) gives the probability map of slice ``i + 4``.
@@ -36,14 +36,12 @@ import dask.array as da
 import numpy as np
 
 from lungzarr.errors import PatientError
-from lungzarr.model.d8 import WINDOW, _check_precision, get_model, model_lock, verify_weights
+from lungzarr.model.d8 import _check_precision, get_model, model_lock, verify_weights
+from lungzarr.model.geometry import HALO, MIN_SLICES_2MM, WINDOW, WINDOW_CENTRE, detection_crop, predicted_slices
 from lungzarr.volume import normalize_hu
 
 __all__ = [
     "THRESHOLD",
-    "WINDOW_CENTRE",
-    "detection_crop",
-    "predicted_slices",
     "predict_nodule_prob",
     "annotate_gpu",
     "predict_stats",
@@ -51,43 +49,17 @@ __all__ = [
 
 #: Probabilities below this are stored as 0.
 THRESHOLD = 0.5
-#: Window ``i`` (slices ``i … i+7``) predicts slice ``i + WINDOW_CENTRE``.
-WINDOW_CENTRE = 4
-#: Slices a prediction needs below and above its own (the map_overlap halo).
-HALO = (WINDOW_CENTRE, WINDOW - 1 - WINDOW_CENTRE)
-
-
-def detection_crop(shape) -> tuple[int, int]:
-    """Rows and columns the detection crop drops from the start: ``(H mod 4, W mod 4)``.
-
-    The network halves y and x twice, so the original cropped the 2 mm slice
-    to multiples of 4 by dropping the *first* rows and columns.
-    """
-    _, h, w = shape
-    return h % 4, w % 4
-
-
-def predicted_slices(nz: int) -> slice:
-    """The slices of an ``nz``-slice volume that get a prediction.
-
-    Windows ``i = 0 … nz-9`` predict slices ``4 … nz-5``, so the first 4 and
-    the last 4 slices have none. Empty when ``nz <= 8``.
-    """
-    nz = int(nz)
-    if nz < 0:
-        raise ValueError(f"nz must be >= 0, got {nz!r}")
-    return slice(WINDOW_CENTRE, max(WINDOW_CENTRE, nz - WINDOW_CENTRE))
 
 
 def _check_volume(hu_2mm, patient):
     if hu_2mm.ndim != 3:
         raise ValueError(f"hu_2mm must be 3-D (z, y, x), got shape {hu_2mm.shape!r}")
     nz, h, w = hu_2mm.shape
-    if nz <= WINDOW:
+    if nz < MIN_SLICES_2MM:
         raise PatientError(
             f"the 2 mm volume has {nz} slices; the nodule identifier needs at least "
-            f"{WINDOW + 1} (one window of {WINDOW} slices plus the unused last window). "
-            f"Use a series that covers at least {2 * (WINDOW + 1)} mm.",
+            f"{MIN_SLICES_2MM} (one window of {WINDOW} slices plus the unused last window). "
+            f"Use a series that covers at least {2 * MIN_SLICES_2MM} mm.",
             patient=patient, stage="detect")
     if h < 4 or w < 4:
         raise PatientError(

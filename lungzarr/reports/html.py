@@ -11,21 +11,20 @@ from lungzarr.errors import LungzarrError
 __all__ = ["qc_patient", "write_report"]
 
 
-def _nodule_markers(store, patient, *, threshold=0.5):
-    """The patient's filtered nodules at ``threshold`` as QC markers (voxel indices), or None."""
+def _nodule_markers(store, patient):
+    """The patient's reported nodules (:func:`~lungzarr.algorithms.nodules.select_nodules`) as QC markers
+    (voxel indices), or None."""
     if not store.has_subgroup(patient, "nodules"):
         return None
-    from lungzarr.algorithms.nodules import dataset_to_nodules
+    from lungzarr.algorithms.nodules import dataset_to_nodules, select_nodules
 
-    table = dataset_to_nodules(store.open_patient(patient, subgroup="nodules").load())
-    table = table[np.isclose(table.threshold, threshold) & table.passes_dsb_filter]
+    table = select_nodules(dataset_to_nodules(store.open_patient(patient, subgroup="nodules").load()))
     return table.assign(z_index=table.z_vox, y_index=table.y_vox, x_index=table.x_vox)
 
 
 def qc_patient(store_path, patient: str, output) -> Path:
     """Axial, coronal and sagittal mid-planes of a patient with the lung outline and nodules, as PNG."""
-    from lungzarr.io.storage import CohortStore
-    from lungzarr.pipeline import grid_from_attrs
+    from lungzarr.io.storage import CohortStore, grid_from_attrs
     from lungzarr.reports.qc import qc_figure
 
     store = CohortStore(store_path, mode="r")
@@ -49,8 +48,10 @@ def _cohort_plots(patients, nodules, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lungzarr.algorithms.nodules import select_nodules
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    kept = nodules[np.isclose(nodules.threshold, 0.5) & nodules.passes_dsb_filter] if len(nodules) else nodules
+    kept = select_nodules(nodules)
     counts = (kept.groupby("patient").size().reindex(patients.patient, fill_value=0).to_numpy()
               if len(patients) else np.zeros(0, dtype=int))
     axes[0].hist(counts, bins=np.arange(0, max(5, int(counts.max(initial=0)) + 2)) - 0.5, color="tab:blue")
@@ -73,6 +74,7 @@ def write_report(store_path, output) -> Path:
     patient's row; for the cohort: nodule-count and lung-volume distributions
     and the failures table.
     """
+    from lungzarr.algorithms.nodules import select_nodules
     from lungzarr.io.storage import CohortStore, read_failures, read_nodules, read_patients
 
     output = Path(output)
@@ -96,7 +98,7 @@ def write_report(store_path, output) -> Path:
             png = qc_patient(store_path, patient, files / f"{patient}.png")
             parts.append(f'<img src="{files.name}/{png.name}" alt="{html.escape(patient)} QC" width="900">')
         if len(nodules):
-            mine = nodules[(nodules.patient == patient) & np.isclose(nodules.threshold, 0.5)]
+            mine = select_nodules(nodules[nodules.patient == patient], dsb_filter=False)
             cols = ["label", "z_mm", "y_mm", "x_mm", "diameter_mm", "prob_max", "hu_mean", "lung_half",
                     "passes_dsb_filter"]
             parts.append(mine[cols].round(2).to_html(index=False) if len(mine) else "<p>no candidate at p &gt; 0.5</p>")

@@ -1,0 +1,197 @@
+"""The cohort entry points: :func:`run` (any stages, every patient), :func:`ingest` and :func:`store_status`."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from lungzarr.errors import LungzarrError, PatientError
+from lungzarr.pipeline.inputs import find_patients
+from lungzarr.pipeline.placement import compute_options
+from lungzarr.pipeline.runner import Progress, StageSummary, stream_stages
+from lungzarr.pipeline.stage import StageOptions
+from lungzarr.pipeline.stages import ordered_stages, stage_names
+from lungzarr.pipeline.tables import gather_tables
+
+__all__ = ["run", "ingest", "store_status", "stage_decision"]
+
+
+def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=None, weights=None,
+        chunk_slices: int = 16, batch_size: int = 4, precision: str = "fp32",
+        patients: Iterable[str] | None = None, overwrite: bool = False, client=None, gpu: bool = False,
+        infer_batch: int = 8, progress: Progress | None = None) -> list[StageSummary]:
+    """Run pipeline stages for every patient of a cohort; by default all of them, INPUT to tables.
+
+    Patients stream through the stages (:func:`~lungzarr.pipeline.runner.stream_stages`):
+    on a cluster, one patient's UNet overlaps the next patients' CPU stages.
+    A patient's stage already complete (and computed from the current
+    completion of the stages it requires) is skipped; the cohort tables are
+    rebuilt at the end.
+
+    Parameters
+    ----------
+    input_dir : path or None
+        The INPUT folder (one entry per patient). Needed when ``stages``
+        include one that creates patients (``ingest``); without it, the
+        patients are those already in the store, and ``input_dir`` must be None.
+    store_path : path
+    stages : iterable of str, optional
+        Names from the registry (:data:`lungzarr.pipeline.stages.STAGE_NAMES`);
+        run in registry order. Default: every stage.
+    labels : path, optional
+        A labels CSV (``id,cancer``) for the DSB2017 ``cancer`` column.
+    weights : path, optional
+        d8 weights; default the shipped file (sha256 checked).
+    chunk_slices, batch_size : int
+        Slices per chunk; patients in flight per stage (bounds each worker's memory).
+    precision : {"fp32", "bf16", "fp16"}
+    patients : iterable of str, optional
+        Only these patients (an unknown one is an error).
+    overwrite : bool
+        Redo the selected stages of the selected patients.
+    client : distributed.Client, optional
+    gpu : bool
+        Annotate the GPU stages to run only on workers with a ``GPU`` resource,
+        and keep the other stages on the CPU-only workers when there are any.
+    infer_batch : int
+        8-slice windows per UNet call.
+    progress : Progress, optional
+        Called with every :class:`~lungzarr.pipeline.runner.ProgressEvent`.
+
+    Returns
+    -------
+    list of StageSummary, one per stage run
+    """
+    from lungzarr.io.legacy import read_legacy_labels
+    from lungzarr.io.storage import CohortStore
+
+    chosen = ordered_stages(stages)
+    if not chosen:
+        raise LungzarrError(f"no stage to run: choose among {list(stage_names())!r}")
+    creates = [s.name for s in chosen if s.creates_patient]
+    if creates and input_dir is None:
+        raise LungzarrError(f"stage {creates[0]!r} reads the patients from INPUT: pass the INPUT folder")
+    if not creates and input_dir is not None:
+        raise LungzarrError(f"stages {[s.name for s in chosen]!r} work on the patients already in the store; "
+                            f"INPUT is only read by {[s.name for s in ordered_stages() if s.creates_patient]!r}")
+    options = StageOptions(chunk_slices=chunk_slices, weights=weights, precision=precision,
+                           infer_batch=infer_batch, gpu=gpu,
+                           labels=read_legacy_labels(labels) if labels is not None else None)
+    if creates:
+        items = find_patients(input_dir, patients=patients)
+    else:
+        CohortStore(store_path, mode="r")  # a clear error when there is no store yet
+    store = CohortStore(store_path)
+    with store.lock():
+        if creates:
+            items, bad = _check_ids(store, items, stage=creates[0])
+        else:
+            items, bad = [(p, None) for p in _stored_patients(store, store_path, patients)], []
+        summaries = _stream(store, items, chosen, options, overwrite=overwrite, batch_size=batch_size,
+                            client=client, progress=progress)
+        gather_tables(store)
+    summaries[0].failed = bad + summaries[0].failed
+    return summaries
+
+
+def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = False,
+           patients: Iterable[str] | None = None, batch_size: int = 4, client=None,
+           progress: Progress | None = None) -> StageSummary:
+    """Only the ``ingest`` stage: ``run(input_dir, store_path, stages=["ingest"])``, its one summary."""
+    (summary,) = run(input_dir, store_path, stages=["ingest"], chunk_slices=chunk_slices, overwrite=overwrite,
+                     patients=patients, batch_size=batch_size, client=client, progress=progress)
+    return summary
+
+
+def store_status(store_path) -> dict:
+    """Per-stage counts, failures, warnings and size of a cohort store."""
+    from lungzarr.io.storage import CohortStore
+
+    store = CohortStore(store_path, mode="r")
+    patients = store.patients()
+    failures = store.failures()
+    done = [store.stages(p) for p in patients]
+    stages = {stage: {"complete": sum(stage in d for d in done),
+                      "failed": sum(1 for f in failures if f.get("stage") == stage)}
+              for stage in stage_names()}
+    return {"n_patients": len(patients), "stages": stages, "failures": failures,
+            "warnings": store.warnings(), "size_mb": store.size_bytes() / 1e6}
+
+
+# ---------------------------------------------------------------------- decisions
+
+def stage_decision(done: dict, stage, *, overwrite: bool) -> str:
+    """``"blocked"``, ``"run"`` or ``"skip"`` for one patient's stage, from its completed stages ``done``.
+
+    Blocked when a stage it requires is not complete; run when it is not
+    complete, was computed from an older completion of a stage it requires,
+    or ``overwrite``; else skip.
+    """
+    if any(r not in done for r in stage.requires):
+        return "blocked"
+    if overwrite or stage.name not in done:
+        return "run"
+    if _recorded_dependencies(done[stage.name], stage) != _dependencies(done, stage):
+        return "run"
+    return "skip"
+
+
+def _dependencies(done: dict, stage) -> dict:
+    """``{required stage: id of its completion}``: what a stage is computed from."""
+    return {r: done[r].get("id") for r in stage.requires}
+
+
+def _recorded_dependencies(record: dict, stage) -> dict:
+    recorded = record.get("depends_on")
+    if isinstance(recorded, str) and len(stage.requires) == 1:  # stores written before the registry
+        return {stage.requires[0]: recorded}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _stream(store, items, stages, options, *, overwrite, batch_size, client, progress):
+    by_name = {s.name: s for s in stages}
+
+    def decide(patient, name):
+        # The patient's markers are read once per decision (the client makes one per patient and stage).
+        return stage_decision(store.stages(patient), by_name[name], overwrite=overwrite)
+
+    def prepare(name, patient, payload):
+        stage = by_name[name]
+        dependencies = _dependencies(store.stages(patient), stage) if stage.requires else None
+        pending = stage.prepare(store, patient, payload, options)
+        if dependencies is not None:
+            pending.record["depends_on"] = dependencies
+        return pending
+
+    placement = compute_options(client, stages, gpu=options.gpu)
+    first = stages[0]
+    prefetch = None
+    if client is not None and first.prefetch is not None:
+        def prefetch(patient, payload):
+            return first.prefetch(client, patient, payload, placement.get(first.name))
+    return stream_stages(store, items, [s.name for s in stages], prepare, decide=decide, batch_size=batch_size,
+                         client=client, progress=progress, compute_options=placement, prefetch=prefetch,
+                         requires={s.name: s.requires for s in stages})
+
+
+def _stored_patients(store, store_path, patients) -> list[str]:
+    ids = store.patients()
+    if patients is None:
+        return ids
+    missing = [p for p in patients if p not in ids]
+    if missing:
+        raise LungzarrError(f"--patients {missing!r} are not in store {str(store_path)!r}; ingest them first")
+    return [p for p in ids if p in set(patients)]
+
+
+def _check_ids(store, items, *, stage):
+    """Patients whose id can name a store group, and failure records for the others."""
+    good, bad = [], []
+    for pid, folder in items:
+        try:
+            store.group_path(pid)
+            good.append((pid, folder))
+        except PatientError as exc:
+            exc.file = str(folder)
+            exc.stage = exc.stage or stage
+            store.record_failure(exc, stage=stage)
+            bad.append(exc.as_record())
+    return good, bad

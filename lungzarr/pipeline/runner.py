@@ -1,0 +1,301 @@
+"""The streaming runner: patients through stages, each as soon as its previous stage is committed.
+
+Generic: it knows no stage. It is given stage names in order, a ``prepare``
+that starts a patient's stage (a :class:`~lungzarr.io.storage.PendingStage`
+whose ``delayed`` writes the voxels), and a ``decide`` that says whether a
+patient's stage runs, is skipped (done already) or is blocked (a stage it
+needs is missing). A patient that fails is recorded with its reason and the
+cohort goes on.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from lungzarr.errors import PatientError
+
+__all__ = ["StageSummary", "ProgressEvent", "Progress", "stream_stages", "as_patient_error", "EVENTS"]
+
+#: What can happen to one patient in one stage; each patient gives each stage exactly one of them.
+EVENTS = ("done", "skipped", "failed", "blocked")
+
+
+@dataclass
+class StageSummary:
+    """What a stage did for a cohort.
+
+    ``seconds`` is the stage's wall span (first start to last end; spans of
+    streamed stages overlap), ``work_seconds`` the sum of its patients' own
+    computations (submit to result, queueing included).
+    """
+
+    stage: str
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    work_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "done": len(self.done), "skipped": len(self.skipped),
+                "failed": len(self.failed), "seconds": round(self.seconds, 3),
+                "work_seconds": round(self.work_seconds, 3)}
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step of a long command.
+
+    ``event`` is ``"begin"`` once per stage (``total`` patients, no patient),
+    then one of :data:`EVENTS` per patient (``seconds``: that patient's
+    computation of the stage, for ``"done"`` and ``"failed"``).
+    """
+
+    stage: str
+    event: str
+    patient: str | None = None
+    total: int | None = None
+    seconds: float | None = None
+
+
+class Progress(Protocol):
+    """The one progress protocol of every long command: called with each :class:`ProgressEvent`."""
+
+    def __call__(self, event: ProgressEvent) -> None: ...
+
+
+def _no_progress(event: ProgressEvent) -> None:
+    return None
+
+
+def as_patient_error(exc: BaseException, patient: str, stage: str) -> PatientError:
+    """``exc`` as a PatientError of ``patient`` and ``stage`` (an unexpected one says so, with where)."""
+    if isinstance(exc, PatientError):
+        if exc.patient is None:
+            exc.patient = patient
+        if exc.stage is None:
+            exc.stage = stage
+        return exc
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    return PatientError(f"unexpected {type(exc).__name__}{at}: {exc} (please report this with the patient's data "
+                        f"description)", patient=patient, stage=stage)
+
+
+class _Stream:
+    """The state of one :func:`stream_stages` call (queues, counts, timings per stage)."""
+
+    def __init__(self, store, items, stages, prepare, decide, batch_size, client, progress, compute_options,
+                 prefetch, requires):
+        self.store, self.stages, self.prepare, self.decide = store, list(stages), prepare, decide
+        # Stages each stage needs, directly or not (default: every earlier stage).
+        requires = requires if requires is not None else {s: self.stages[:k] for k, s in enumerate(self.stages)}
+        self.needs = {s: _closure(s, requires) for s in self.stages}
+        self.failed_in_run = {}  # patient -> stages it failed in this run
+        self.batch_size, self.client = batch_size, client
+        self.progress = progress or _no_progress
+        self.compute_options = compute_options or {}
+        self.prefetch = prefetch
+        self.summaries = [StageSummary(stage) for stage in self.stages]
+        self.queues = [deque() for _ in self.stages]
+        self.queues[0].extend(items)
+        self.in_flight = [0] * len(self.stages)
+        self.first_start = [None] * len(self.stages)
+        self.last_end = [None] * len(self.stages)
+        self.prefetched = set()
+        self.ready = deque()  # (stage index, pending, started, get_result) without a client
+        if client is not None:
+            from distributed import as_completed
+
+            self.finished = as_completed()
+            self.by_key = {}
+        for stage in self.stages:
+            self.progress(ProgressEvent(stage, "begin", total=len(items)))
+
+    # ---------------------------------------------------------------- events
+    def notify(self, i, event, patient, seconds=None):
+        self.progress(ProgressEvent(self.stages[i], event, patient=patient, seconds=seconds))
+
+    def forward(self, i, patient):
+        # Every patient goes on: a later stage's decide() blocks it when a stage it needs is missing.
+        if i + 1 < len(self.stages):
+            self.queues[i + 1].append((patient, None))
+
+    def fail(self, i, patient, exc, seconds=None):
+        self.failed_in_run.setdefault(patient, set()).add(self.stages[i])
+        err = as_patient_error(exc, patient, self.stages[i])
+        self.store.record_failure(err, stage=self.stages[i])
+        self.summaries[i].failed.append(err.as_record())
+        self.notify(i, "failed", patient, seconds)
+        self.forward(i, patient)
+
+    # ---------------------------------------------------------------- submitting
+    def submit(self, i, pending):
+        started = time.perf_counter()
+        self.first_start[i] = self.first_start[i] or started
+        self.in_flight[i] += 1
+        if self.client is not None:
+            future = self.client.compute(pending.delayed, optimize_graph=False,
+                                         **self.compute_options.get(self.stages[i], {}))
+            self.by_key[future.key] = (i, pending, started)
+            self.finished.add(future)
+            return
+        try:
+            result = pending.compute()
+            self.ready.append((i, pending, started, lambda: result))
+        except Exception as exc:  # raised again where the result is taken
+            self.ready.append((i, pending, started, _raiser(exc)))
+
+    def prefetch_ahead(self):
+        """Start the first stage's slow per-patient reads for the next ``2 * batch_size`` patients due."""
+        queue = self.queues[0]
+        for k, (patient, payload) in enumerate(list(queue)[:2 * self.batch_size]):
+            if patient in self.prefetched:
+                continue
+            self.prefetched.add(patient)
+            try:
+                if self.decide(patient, self.stages[0]) == "run":
+                    queue[k] = (patient, self.prefetch(patient, payload))
+            except Exception:  # decided again, and reported, at the patient's turn
+                pass
+
+    def admit(self):
+        # Later stages first: patients already in flight finish before new ones start.
+        for i in reversed(range(len(self.stages))):
+            while self.queues[i] and self.in_flight[i] < self.batch_size:
+                if i == 0 and self.prefetch is not None:
+                    self.prefetch_ahead()
+                patient, payload = self.queues[i].popleft()
+                try:
+                    # A stage that failed in this run blocks what needs it, whatever its old marker says.
+                    failed = self.failed_in_run.get(patient, set()) & self.needs[self.stages[i]]
+                    decision = "blocked" if failed else self.decide(patient, self.stages[i])
+                    if decision in ("blocked", "skip"):
+                        if decision == "skip":
+                            self.summaries[i].skipped.append(patient)
+                        self.notify(i, "blocked" if decision == "blocked" else "skipped", patient)
+                        self.forward(i, patient)
+                        continue
+                    pending = self.prepare(self.stages[i], patient, payload)
+                except Exception as exc:  # one broken patient never stops the cohort
+                    self.fail(i, patient, exc)
+                    continue
+                self.submit(i, pending)
+
+    def next_finished(self):
+        if self.client is not None:
+            future = next(self.finished)
+            i, pending, started = self.by_key.pop(future.key)
+            return i, pending, started, future.result
+        return self.ready.popleft()
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> list[StageSummary]:
+        while True:
+            self.admit()
+            if not any(self.in_flight):
+                if any(self.queues):
+                    continue  # skipped patients moved on to a later stage's queue
+                break
+            i, pending, started, get_result = self.next_finished()
+            self.in_flight[i] -= 1
+            end = self.last_end[i] = time.perf_counter()
+            seconds = end - started
+            self.summaries[i].work_seconds += seconds
+            # Each patient's stage is committed as soon as its own voxels are written.
+            try:
+                pending.add_record(get_result())
+                pending.commit()
+            except Exception as exc:
+                pending.discard()
+                self.fail(i, pending.patient, exc, seconds)
+                continue
+            self.summaries[i].done.append(pending.patient)
+            self.notify(i, "done", pending.patient, seconds)
+            self.forward(i, pending.patient)
+        for i, summary in enumerate(self.summaries):
+            if self.first_start[i] is not None and self.last_end[i] is not None:
+                summary.seconds = self.last_end[i] - self.first_start[i]
+        return self.summaries
+
+
+def stream_stages(store, items, stages, prepare: Callable, *, decide: Callable, batch_size: int = 4, client=None,
+                  progress: Progress | None = None, compute_options: dict | None = None,
+                  prefetch: Callable | None = None, requires: dict | None = None) -> list[StageSummary]:
+    """Stream patients through several stages, each patient as soon as its previous stage is committed.
+
+    A patient's next stage is submitted the moment its previous one is
+    committed, while other patients are still in earlier stages, so on a
+    cluster the stages overlap: the UNet of one patient runs on the GPU
+    worker while the CPU workers ingest and segment the next ones. Each stage
+    has at most ``batch_size`` patients in flight, so what the workers hold
+    does not grow with the cohort (patients between stages wait on disk).
+
+    Parameters
+    ----------
+    store : CohortStore
+        Where failures are recorded.
+    items : list of (patient_id, payload)
+        ``payload`` goes to the first stage's prepare; later stages get None.
+    stages : list of str
+        In order.
+    prepare : callable
+        ``prepare(stage, patient, payload) -> PendingStage``.
+    decide : callable
+        ``decide(patient, stage)`` returns ``"run"``, ``"skip"`` (done
+        already: go on to the next stage) or ``"blocked"`` (a stage it needs
+        is missing: not run; the next stages decide for themselves).
+    batch_size : int
+        Patients in flight per stage.
+    client : distributed.Client, optional
+        Without one, each patient's stage is computed in turn on the current
+        dask scheduler (same order, no overlap).
+    progress : Progress, optional
+        Called with a ``"begin"`` :class:`ProgressEvent` per stage, then one
+        event per patient and stage.
+    compute_options : dict, optional
+        ``compute_options[stage]``: extra keyword arguments of
+        ``client.compute`` for that stage (e.g. ``workers=``).
+    prefetch : callable, optional
+        ``prefetch(patient, payload) -> payload`` for the first stage, called
+        for the next ``2 * batch_size`` waiting patients that are due, so
+        slow per-patient reads (the DICOM headers) start on the workers
+        before the patient's turn; its prepare gets what prefetch returned.
+    requires : dict, optional
+        ``requires[stage]``: the stages it needs. A patient that fails a
+        stage in this run is blocked in every stage that needs it, directly
+        or not. Default: each stage needs every earlier one.
+
+    Returns
+    -------
+    list of StageSummary, one per stage
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    return _Stream(store, list(items), stages, prepare, decide, batch_size, client, progress, compute_options,
+                   prefetch, requires).run()
+
+
+def _closure(stage, requires) -> set:
+    """Every stage ``stage`` needs, directly or through the stages it needs."""
+    out, todo = set(), list(requires.get(stage, ()))
+    while todo:
+        s = todo.pop()
+        if s not in out:
+            out.add(s)
+            todo.extend(requires.get(s, ()))
+    return out
+
+
+def _raiser(exc):
+    def get_result():
+        raise exc
+    return get_result

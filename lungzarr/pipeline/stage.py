@@ -1,0 +1,95 @@
+"""What a pipeline stage is: one :class:`Stage` per stage, the only description of it.
+
+The registry (:mod:`lungzarr.pipeline.stages`) lists them in run order; the
+runner, the store's markers, the CLI, ``status`` and the docs read it. Adding
+a stage means writing one module in ``stages/`` that defines its ``Stage``
+and naming it in the registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Stage", "StageOptions", "PLACEMENTS"]
+
+#: Where a stage's tasks may run: ``"cpu"`` (CPU-only workers when the cluster has GPU workers too) or
+#: ``"gpu"`` (workers with a ``GPU`` resource, when there are any).
+PLACEMENTS = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """The run's options that stages read (one object for every stage of a run).
+
+    Attributes
+    ----------
+    chunk_slices : int
+        Slices per store chunk along z.
+    weights : path or None
+        d8 weights; None is the shipped file.
+    precision : str
+        UNet precision (``fp32``, ``bf16``, ``fp16``).
+    infer_batch : int
+        8-slice windows per UNet call.
+    gpu : bool
+        The cluster has GPU workers: GPU stages are annotated to run there.
+    labels : dict or None
+        ``{patient: cancer}`` from ``--labels``.
+    strict : bool
+        Every broken DICOM file is an error (no edge slice is dropped).
+    """
+
+    chunk_slices: int = 16
+    weights: object = None
+    precision: str = "fp32"
+    infer_batch: int = 8
+    gpu: bool = False
+    labels: dict | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage.
+
+    Attributes
+    ----------
+    name : str
+        As in the store's stage markers, the CLI and ``status``.
+    requires : tuple of str
+        Stages that must be complete first. A stage is redone when one of
+        them was redone after it (its marker records which completion of
+        each it was computed from).
+    prepare : callable
+        ``prepare(store, patient, payload, options) -> PendingStage``: reads
+        what it needs lazily, starts the write (metadata only) and returns
+        the pending stage whose ``delayed`` writes the voxels on the workers.
+        ``payload`` is the INPUT entry for a stage that creates the patient.
+    summary : str
+        One line for ``--help``, ``status`` and the README.
+    placement : {"cpu", "gpu"}
+        Where its tasks may run.
+    arrays : tuple of str
+        Variables of the patient group it writes.
+    subgroups : tuple of str
+        Child groups of the patient group it writes.
+    creates_patient : bool
+        It builds the patient group from INPUT (a new group, swapped in on commit).
+    prefetch : callable, optional
+        ``prefetch(client, patient, payload, compute_options) -> payload``: slow
+        per-patient reads started on the workers before the patient's turn.
+    """
+
+    name: str
+    requires: tuple[str, ...]
+    prepare: Callable
+    summary: str
+    placement: str = "cpu"
+    arrays: tuple[str, ...] = ()
+    subgroups: tuple[str, ...] = ()
+    creates_patient: bool = False
+    prefetch: Callable | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS!r}, got {self.placement!r}")

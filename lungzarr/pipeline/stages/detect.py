@@ -1,0 +1,47 @@
+"""Stage ``detect``: the d8 UNet over every 8-slice window of ``hu_2mm`` → ``nodule_prob``."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from lungzarr.pipeline.stage import Stage
+from lungzarr.pipeline.stages._common import DIMS_2MM, encoded, task_slices
+
+__all__ = ["DETECT"]
+
+
+def _prepare(store, patient, _, options):
+    import xarray as xr
+
+    from lungzarr.model.geometry import detection_crop, predicted_slices
+    from lungzarr.model.infer import annotate_gpu, predict_nodule_prob
+
+    ds = store.open_patient(patient)
+    hu_2mm = ds.hu_2mm.data
+    gpu = annotate_gpu if options.gpu else nullcontext
+    with gpu():
+        # Few large predict calls (a GPU idles on 16-window calls); stored in the usual chunks.
+        # Tasks of whole store chunks (the last one may take a short remainder): no rechunk to write.
+        prob = predict_nodule_prob(hu_2mm.rechunk({0: task_slices(options.chunk_slices)}), weights=options.weights,
+                                   batch_size=options.infer_batch, precision=options.precision)
+    predicted = [int(predicted_slices(hu_2mm.shape[0]).start), int(predicted_slices(hu_2mm.shape[0]).stop)]
+    out = xr.Dataset({"nodule_prob": (DIMS_2MM, prob, {
+        "long_name": "d8 UNet nodule probability (values < 0.5 stored as 0)",
+        "predicted_slices": predicted,
+        "detection_crop_rows_cols": [int(n) for n in detection_crop(hu_2mm.shape)],
+    })})
+    record = {"precision": options.precision, "weights": str(options.weights or "default"),
+              "predicted_slices": predicted, "gpu": bool(options.gpu)}
+    # to_zarr(compute=False) optimises and re-wraps the graph, which drops the annotation made
+    # above: annotate the write too, so every task of the stage keeps the GPU restriction.
+    with gpu():
+        return store.prepare_stage(patient, "detect", encoded(out, options.chunk_slices), record=record)
+
+
+DETECT = Stage(
+    name="detect",
+    requires=("segment",),
+    prepare=_prepare,
+    summary="the d8 UNet over every 8-slice window of hu_2mm → nodule_prob (on GPU workers when there are any)",
+    placement="gpu",
+    arrays=("nodule_prob",),
+)

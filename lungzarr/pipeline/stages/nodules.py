@@ -1,0 +1,40 @@
+"""Stage ``nodules``: the per-nodule table of a patient (every threshold, millimetres) → subgroup ``nodules``."""
+from __future__ import annotations
+
+from lungzarr.pipeline.stage import Stage
+
+__all__ = ["NODULES"]
+
+
+def _nodule_task(store_path, patient):
+    """Compute one patient's nodule table on a worker and write it to the patient's ``nodules`` group.
+
+    One task per patient: components are labelled on the whole 2 mm volume, never cut at chunk borders.
+    """
+    from lungzarr.algorithms.features import unsegmented
+    from lungzarr.algorithms.nodules import find_nodules, nodules_to_dataset, select_nodules
+    from lungzarr.io.storage import CohortStore, grid_from_attrs
+
+    store = CohortStore(store_path)
+    ds = store.open_patient(patient)
+    table = find_nodules(ds.nodule_prob.values, unsegmented(ds).values, grid=grid_from_attrs(ds.attrs),
+                         lungs=ds.lungs.values, patient=patient)
+    store.write_subgroup(patient, "nodules", nodules_to_dataset(table))
+    return {"n_candidates": int(len(table)), "n_nodules_0.5_filtered": int(len(select_nodules(table)))}
+
+
+def _prepare(store, patient, _, options):
+    import dask
+
+    return store.prepare_task(patient, "nodules",
+                              dask.delayed(_nodule_task, pure=False)(str(store.path), patient),
+                              record={"thresholds": "DSB2017 (0.5 ... 0.9999999)"})
+
+
+NODULES = Stage(
+    name="nodules",
+    requires=("detect",),
+    prepare=_prepare,
+    summary="one row per candidate nodule and threshold, centres in patient mm → subgroup nodules",
+    subgroups=("nodules",),
+)
