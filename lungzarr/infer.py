@@ -42,6 +42,7 @@ from lungzarr.volume import normalize_hu
 __all__ = [
     "THRESHOLD",
     "WINDOW_CENTRE",
+    "MIN_SLICES_2MM",
     "detection_crop",
     "predicted_slices",
     "predict_nodule_prob",
@@ -55,6 +56,9 @@ THRESHOLD = 0.5
 WINDOW_CENTRE = 4
 #: Slices a prediction needs below and above its own (the map_overlap halo).
 HALO = (WINDOW_CENTRE, WINDOW - 1 - WINDOW_CENTRE)
+#: Fewest 2 mm slices a patient can have: one window of WINDOW slices plus the unused last window
+#: (the original's loop drops it), i.e. 9 for d8. Ingest refuses shorter series up front.
+MIN_SLICES_2MM = WINDOW + 1
 
 
 def detection_crop(shape) -> tuple[int, int]:
@@ -83,11 +87,11 @@ def _check_volume(hu_2mm, patient):
     if hu_2mm.ndim != 3:
         raise ValueError(f"hu_2mm must be 3-D (z, y, x), got shape {hu_2mm.shape!r}")
     nz, h, w = hu_2mm.shape
-    if nz <= WINDOW:
+    if nz < MIN_SLICES_2MM:
         raise PatientError(
             f"the 2 mm volume has {nz} slices; the nodule identifier needs at least "
-            f"{WINDOW + 1} (one window of {WINDOW} slices plus the unused last window). "
-            f"Use a series that covers at least {2 * (WINDOW + 1)} mm.",
+            f"{MIN_SLICES_2MM} (one window of {WINDOW} slices plus the unused last window). "
+            f"Use a series that covers at least {2 * MIN_SLICES_2MM} mm.",
             patient=patient, stage="detect")
     if h < 4 or w < 4:
         raise PatientError(

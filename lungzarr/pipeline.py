@@ -297,19 +297,35 @@ def task_slices(chunk_slices: int) -> int:
     return chunk_slices * max(1, -(-TASK_SLICES // chunk_slices))
 
 
-def ingest_dataset(series, *, chunk_slices: int = 16):
+def ingest_dataset(series, *, chunk_slices: int = 16, store=None):
     """The lazy ``hu`` + ``hu_2mm`` Dataset of one series (nothing decoded yet).
 
     Computed in tasks of :func:`task_slices` slices; stored in chunks of ``chunk_slices``.
+    ``store`` (the resolved store path) goes into the decode task names, so the same
+    files ingested into two stores in one session never share a key.
+
+    Raises
+    ------
+    PatientError
+        When the 2 mm grid has fewer than ``infer.MIN_SLICES_2MM`` slices: the
+        model's windows could never run on it, so the patient is refused here,
+        not after segmentation.
     """
     import xarray as xr
 
     from lungzarr import dicom
+    from lungzarr.infer import MIN_SLICES_2MM
     from lungzarr.resample import resample_to_2mm
 
     per_task = task_slices(chunk_slices)
-    hu = dicom.series_to_hu(series, chunk_slices=per_task)
+    hu = dicom.series_to_hu(series, chunk_slices=per_task, store=store)
     hu_2mm, grid_2mm = resample_to_2mm(hu, series.grid, chunk_slices=per_task)
+    if grid_2mm.shape[0] < MIN_SLICES_2MM:
+        extent = abs(series.grid.step[0]) * (series.shape[0] - 1)
+        raise PatientError(f"the series covers {extent:g} mm in z ({series.shape[0]} slices), "
+                           f"{grid_2mm.shape[0]} slices at 2 mm: the d8 nodule windows need at least "
+                           f"{MIN_SLICES_2MM} ({2 * MIN_SLICES_2MM} mm); use a series that covers the chest",
+                           patient=series.patient, stage="ingest", file=series.folder)
     grid = series.grid
     z_positions = np.array([h.position[2] for h in series.headers], dtype=np.float64)
     coords = {
@@ -345,34 +361,37 @@ def grid_from_attrs(attrs: dict, key: str = "grid_2mm") -> Grid:
     return Grid(tuple(g["shape"]), tuple(g["origin_mm"]), tuple(g["step_mm"]))
 
 
-def _read_series_task(folder, patient):
+def _read_series_task(folder, patient, strict=False):
     """The series of a patient folder (headers only): on a worker when prefetched."""
     from lungzarr import dicom
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return dicom.read_series(folder, patient=patient)
+        return dicom.read_series(folder, patient=patient, strict=strict)
 
 
-def _series_prefetch(client, options: dict | None = None):
+def _series_prefetch(client, options: dict | None = None, *, strict: bool = False):
     """Read the next patients' DICOM headers on the workers (~0.4 s of pydicom per 300 slices),
     so the client, which also runs the scheduler, only builds graphs."""
     if client is None:
         return None
 
     def prefetch(patient, folder):
-        return client.submit(_read_series_task, str(folder), patient, pure=False, **(options or {}))
+        return client.submit(_read_series_task, str(folder), patient, strict, pure=False, **(options or {}))
     return prefetch
 
 
-def _prepare_ingest(chunk_slices):
+def _prepare_ingest(chunk_slices, *, strict: bool = False):
     def prepare(store, patient, payload):
         # payload: the patient's folder, or a future of its series (see _series_prefetch)
         if hasattr(payload, "result"):
             series = payload.result()
         else:
-            series = _read_series_task(payload, patient)
-        ds = ingest_dataset(series, chunk_slices=chunk_slices)
+            series = _read_series_task(payload, patient, strict)
+        # What the user must see (another patient's files, dropped edge slices, ignored files):
+        # recorded now, replacing the last ingest's, so `lungzarr status` shows what is true.
+        store.record_warnings(patient, "ingest", series.warning_records())
+        ds = ingest_dataset(series, chunk_slices=chunk_slices, store=store.path.resolve())
         record = {"series_instance_uid": ds.attrs["series_instance_uid"],
                   "selection_reason": ds.attrs["selection_reason"], "chunk_slices": chunk_slices}
         return store.prepare_stage(patient, "ingest", ds, record=record, new_group=True)
@@ -381,12 +400,14 @@ def _prepare_ingest(chunk_slices):
 
 def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = False,
            patients: Iterable[str] | None = None, batch_size: int = 4, client=None,
-           progress: Callable | None = None) -> StageSummary:
+           progress: Callable | None = None, strict: bool = False) -> StageSummary:
     """Ingest every patient folder of ``input_dir`` into the cohort store.
 
     Writes ``hu`` (native grid) and ``hu_2mm`` per patient, chunk by chunk.
     Patients already ingested are skipped unless ``overwrite``; failures are
-    recorded in the store and the others go on.
+    recorded in the store and the others go on. ``strict``: every damaged
+    DICOM file is an error (by default a damaged slice at either end of the
+    stack is dropped with a warning, and an unreadable stray file skipped).
     """
     from lungzarr.storage import CohortStore
 
@@ -395,10 +416,10 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
     with store.lock():
         good, bad = _check_ids(store, items)
         (summary,) = stream_stages(
-            store, good, ["ingest"], {"ingest": _prepare_ingest(chunk_slices)},
+            store, good, ["ingest"], {"ingest": _prepare_ingest(chunk_slices, strict=strict)},
             decide=lambda patient, stage: _stage_decision(store, patient, stage, overwrite=overwrite),
             batch_size=batch_size, client=client, progress=lambda stage, total: progress,
-            prefetch=_series_prefetch(client))
+            prefetch=_series_prefetch(client, strict=strict))
     summary.failed = bad + summary.failed
     return summary
 
@@ -531,9 +552,11 @@ def dsb2017_arrays(ds, *, patient: str | None = None):
     hu = _unsegmented(ds).values
     prob = ds.nodule_prob.values
     nz, ny, nx = prob.shape
-    if nz < 9:
-        raise PatientError(f"{nz} slices at 2 mm: the d8 windows need at least 9, so there are no features",
-                           patient=patient, stage="features")
+    from lungzarr.infer import MIN_SLICES_2MM
+
+    if nz < MIN_SLICES_2MM:
+        raise PatientError(f"{nz} slices at 2 mm: the d8 windows need at least {MIN_SLICES_2MM}, so there are "
+                           f"no features", patient=patient, stage="features")
     windows = prob[4:nz - 4, ny % 4:, nx % 4:]
     return dsb2017_inputs(hu, segmented, windows)
 
@@ -624,9 +647,9 @@ def gather_tables(store) -> dict:
 RUN_STAGES = ("ingest", "segment", "detect", "nodules", "features")
 
 
-def _stage_prepares(*, chunk_slices, weights, precision, infer_batch, gpu, label_map):
+def _stage_prepares(*, chunk_slices, weights, precision, infer_batch, gpu, label_map, strict=False):
     return {
-        "ingest": _prepare_ingest(chunk_slices),
+        "ingest": _prepare_ingest(chunk_slices, strict=strict),
         "segment": _prepare_segment(chunk_slices),
         "detect": _prepare_detect(weights=weights, precision=precision, batch_size=infer_batch,
                                   chunk_slices=chunk_slices, gpu=gpu),
@@ -635,7 +658,8 @@ def _stage_prepares(*, chunk_slices, weights, precision, infer_batch, gpu, label
     }
 
 
-def _run_stages(store, items, stages, prepares, *, overwrite, batch_size, client, progress, gpu=False):
+def _run_stages(store, items, stages, prepares, *, overwrite, batch_size, client, progress, gpu=False,
+                strict=False):
     """Stream ``items`` through ``stages`` (in RUN_STAGES order); the caller holds the lock."""
     prepares = {stage: prepares[stage] if stage == "ingest" else _depending_on(prepares[stage], _previous(stage))
                 for stage in stages}
@@ -644,7 +668,7 @@ def _run_stages(store, items, stages, prepares, *, overwrite, batch_size, client
         return _stage_decision(store, patient, stage, overwrite=overwrite)
 
     placement = _cpu_stage_placement(client, stages, gpu)
-    prefetch = _series_prefetch(client, placement.get("ingest")) if stages[0] == "ingest" else None
+    prefetch = _series_prefetch(client, placement.get("ingest"), strict=strict) if stages[0] == "ingest" else None
     summaries = stream_stages(store, items, list(stages), prepares, decide=decide, batch_size=batch_size,
                               client=client, progress=progress, compute_options=placement, prefetch=prefetch)
     gather_tables(store)
@@ -685,7 +709,8 @@ def _check_ids(store, items):
 
 def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int = 16, batch_size: int = 4,
         precision: str = "fp32", patients: Iterable[str] | None = None, overwrite: bool = False, client=None,
-        gpu: bool = False, infer_batch: int = 8, progress: Callable | None = None) -> list[StageSummary]:
+        gpu: bool = False, infer_batch: int = 8, progress: Callable | None = None,
+        strict: bool = False) -> list[StageSummary]:
     """DICOM folders to nodule and patient tables: every stage for every patient.
 
     Patients stream through the stages (:func:`stream_stages`): on a cluster,
@@ -712,6 +737,8 @@ def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int =
         8-slice windows per UNet call.
     progress : callable, optional
         ``progress(stage, total)`` returning the per-patient callback of that stage.
+    strict : bool
+        Every damaged DICOM file is an error (see :func:`ingest`).
 
     Returns
     -------
@@ -723,12 +750,12 @@ def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int =
     items = find_patients(input_dir, patients=patients)
     label_map = read_legacy_labels(labels) if labels is not None else None
     prepares = _stage_prepares(chunk_slices=chunk_slices, weights=weights, precision=precision,
-                               infer_batch=infer_batch, gpu=gpu, label_map=label_map)
+                               infer_batch=infer_batch, gpu=gpu, label_map=label_map, strict=strict)
     store = CohortStore(store_path)
     with store.lock():
         good, bad = _check_ids(store, items)
         summaries = _run_stages(store, good, RUN_STAGES, prepares, overwrite=overwrite, batch_size=batch_size,
-                                client=client, progress=progress, gpu=gpu)
+                                client=client, progress=progress, gpu=gpu, strict=strict)
     summaries[0].failed = bad + summaries[0].failed
     return summaries
 
@@ -834,7 +861,8 @@ def export_dsb2017(store_path, out, *, fmt: str = "keras8_0313", labels=None, pa
     if not ids:
         raise LungzarrError(f"no patient of {str(store_path)!r} has completed detection; run `lungzarr run` or "
                             f"`lungzarr detect` first")
-    tasks = [dask.delayed(_dsb_row_task, pure=True)(str(store.path), p, fmt, int(label_map.get(p, -777)))
+    # pure=False: the key must not repeat when the store's arrays change between two exports of a session.
+    tasks = [dask.delayed(_dsb_row_task, pure=False)(str(store.path), p, fmt, int(label_map.get(p, -777)))
              for p in ids]
     rows = (client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks))
     # One concat of all rows, as the original: a column is float where any patient has a value.
