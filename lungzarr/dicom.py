@@ -597,6 +597,11 @@ def _check_positions(headers, patient, skipped):
 
 
 def _check_uniform_images(headers, patient):
+    for h in headers:
+        if h.pixel_spacing is not None and not all(np.isfinite(v) and v > 0 for v in h.pixel_spacing):
+            raise PatientError(f"PixelSpacing (0028,0030) is {list(h.pixel_spacing)!r}; it must be two positive "
+                               f"finite millimetre values: fix the header", patient=patient, stage=STAGE,
+                               file=h.path)
     ref = headers[0]
     for h in headers[1:]:
         if (h.rows, h.columns) != (ref.rows, ref.columns):
@@ -610,9 +615,6 @@ def _check_uniform_images(headers, patient):
     if ref.pixel_spacing is None:
         raise PatientError("no PixelSpacing (0028,0030) in the header; lungzarr cannot resample without it: fix the "
                            "header", patient=patient, stage=STAGE, file=ref.path)
-    if not all(np.isfinite(v) and v > 0 for v in ref.pixel_spacing):
-        raise PatientError(f"PixelSpacing (0028,0030) is {list(ref.pixel_spacing)!r}; it must be two positive "
-                           f"finite millimetre values: fix the header", patient=patient, stage=STAGE, file=ref.path)
 
 
 def _check_decodable(h: SliceHeader, patient):
