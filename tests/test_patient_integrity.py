@@ -17,6 +17,14 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
+from dicom_phantoms import (
+    SPACING,
+    copy_tree,
+    edit_header,
+    make_patient,
+    phantom_volume,
+    truncate,
+)
 from pydicom.encaps import encapsulate
 from typer.testing import CliRunner
 
@@ -26,8 +34,6 @@ from lungzarr.errors import PatientError
 from lungzarr.infer import MIN_SLICES_2MM
 from lungzarr.pipeline import ingest, ingest_dataset
 from lungzarr.storage import CohortStore, read_failures, read_warnings
-
-from dicom_phantoms import SPACING, copy_tree, edit_header, make_patient, phantom_volume, truncate
 
 
 def _flat(text: str) -> str:
