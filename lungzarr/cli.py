@@ -69,11 +69,16 @@ def _bar_progress(bar: Progress):
     return progress
 
 
+StrictOpt = typer.Option(False, "--strict", help="Every damaged DICOM file is an error (default: a damaged "
+                         "slice at either end of the stack is dropped with a warning).")
+
+
 @app.command()
 def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
            store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, overwrite: bool = OverwriteOpt,
-           patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt):
+           patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
+           strict: bool = StrictOpt):
     """Read DICOM series into the store as HU volumes (native grid and 2 mm)."""
     from lungzarr.cluster import dask_client
     from lungzarr.pipeline import ingest as ingest_cohort
@@ -82,7 +87,7 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
         with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
             summary = ingest_cohort(input_dir, store, chunk_slices=chunk_slices, overwrite=overwrite,
                                     patients=patients, batch_size=batch_size, client=client,
-                                    progress=_bar_progress(bar))
+                                    progress=_bar_progress(bar), strict=strict)
     except LungzarrError as exc:
         _fail(exc)
     raise typer.Exit(_print_summary([summary]))
@@ -109,7 +114,7 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: str = PrecisionOpt,
         infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
-        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt):
+        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt, strict: bool = StrictOpt):
     """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
     from lungzarr.cluster import dask_client
     from lungzarr.pipeline import run as run_pipeline
@@ -120,7 +125,7 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
                                      batch_size=batch_size, precision=precision, infer_batch=infer_batch,
                                      patients=patients, overwrite=overwrite, client=client,
                                      gpu=_gpu_flag(client),
-                                     progress=_bar_progress(bar))
+                                     progress=_bar_progress(bar), strict=strict)
     except LungzarrError as exc:
         _fail(exc)
     raise typer.Exit(_print_summary(summaries))

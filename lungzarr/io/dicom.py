@@ -26,6 +26,7 @@ __all__ = [
     "series_to_hu",
     "decode_slices_to_hu",
     "load_hu",
+    "files_token",
     "write_series",
     "PADDING_VALUE",
 ]
@@ -37,7 +38,19 @@ SPACING_RTOL = 0.05
 #: |cos| above which an orientation vector counts as aligned with an axis.
 AXIAL_COS_MIN = 0.99
 
+#: Plausible RescaleSlope range (0028,1053). CT stores HU as ``slope * stored + intercept`` with slope 1
+#: (rarely 0.5 or 2): a slope outside [1e-3, 100] multiplies 16-bit stored values out of int16 HU or into a
+#: handful of grey levels, so it is a damaged header, not a scanner choice; NaN/inf would flatten slices.
+RESCALE_SLOPE_RANGE = (1e-3, 100.0)
+#: Plausible RescaleIntercept range (0028,1052): CT intercepts are -1024, -1000 or 0; beyond +-10000 the
+#: converted values leave the range any tissue or metal has (and int16 HU).
+RESCALE_INTERCEPT_RANGE = (-10000.0, 10000.0)
+#: Photometric interpretations of a greyscale image (anything else is colour or palette: not CT).
+GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
 STAGE = "ingest"
+#: Transfer syntaxes whose pixel data lungzarr can size from the header (native, not deflated).
+_NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 _CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _DECODER_PACKAGES = {
     # transfer syntax prefix -> what to install
@@ -71,6 +84,11 @@ class SliceHeader:
     sop_class: str
     modality: str
     patient_id: str
+    samples_per_pixel: int = 1
+    photometric: str = "MONOCHROME2"
+    n_frames: int = 1
+    #: Why the file cannot give its pixels, judged from the header and the file size (None: looks whole).
+    damage: str | None = None
 
 
 @dataclass
@@ -103,6 +121,10 @@ class Series:
     reason: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: Broken slices dropped at either end of the stack: ``{"file", "reason"}``.
+    dropped: list[dict] = field(default_factory=list)
+    #: Records for the store's warnings table (see :meth:`warning_records`).
+    user_warnings: list[dict] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -139,7 +161,12 @@ class Series:
             "n_files_skipped": len(self.skipped),
             "skipped_files": [{"file": f, "reason": r} for f, r in self.skipped],
             "warnings": list(self.warnings),
+            "dropped_edge_slices": [dict(r) for r in self.dropped],
         }
+
+    def warning_records(self) -> list[dict]:
+        """What a user must see in ``lungzarr status``: ``{"file", "reason"}`` dicts."""
+        return [dict(r) for r in self.user_warnings]
 
 
 # --------------------------------------------------------------------------
@@ -219,36 +246,95 @@ def _int_or_none(value):
         return None
 
 
+def _number(value, default: float) -> float:
+    """A DS/IS value as float: ``default`` when absent or empty, NaN when it does not parse."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _pixel_damage(fh, ds, path: Path, tsyntax: str) -> str | None:
+    """Why the file cannot hold the pixels its header describes, or None.
+
+    ``fh`` stands where ``stop_before_pixels`` stopped: at the (7FE0,0010) tag.
+    For native (uncompressed) syntaxes the bytes the header needs
+    (Rows x Columns x frames x BitsAllocated/8 x SamplesPerPixel) are compared
+    with the bytes the file holds after the tag; compressed pixel data is
+    checked by decoding (see :func:`read_series`).
+    """
+    size = path.stat().st_size
+    head = fh.read(12)
+    implicit, little = getattr(ds, "original_encoding", (False, True))
+    implicit = implicit if implicit is not None else tsyntax == "1.2.840.10008.1.2"
+    little = little is not False
+    if len(head) < 8:
+        return "the file ends before its pixel data (7FE0,0010): it is truncated"
+    order = "little" if little else "big"
+    group, elem = int.from_bytes(head[0:2], order), int.from_bytes(head[2:4], order)
+    if (group, elem) != (0x7FE0, 0x0010):
+        return None  # no plain PixelData tag here (float pixel data, trailing tags...): left to the decoder
+    if tsyntax not in _NATIVE_SYNTAXES:
+        return None
+    if not implicit and len(head) == 12:  # explicit VR OB/OW: tag, VR, 2 reserved bytes, 4-byte length
+        length, offset = int.from_bytes(head[8:12], order), fh.tell()
+    else:  # implicit VR: a 4-byte length after the tag
+        length, offset = int.from_bytes(head[4:8], order), fh.tell() - 4
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = max(1, _int_or_none(ds.get("NumberOfFrames")) or 1)
+    if bits not in (8, 16, 32):
+        return None  # not sizeable here (packed or float pixels): the decoder judges
+    need = rows * cols * frames * samples * bits // 8
+    have = size - offset
+    if length == 0xFFFFFFFF:
+        return None
+    if have < need:
+        return (f"the file holds {have} vs {need} bytes of PixelData (7FE0,0010) that "
+                f"Rows x Columns x BitsAllocated/8 needs")
+    return None
+
+
 def read_header(path, *, patient: str | None = None) -> SliceHeader:
-    """Read the header of one DICOM file (no pixel data)."""
+    """Read the header of one DICOM file (no pixel data), and size its pixel data against the file."""
     import pydicom
 
     path = Path(path)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
+            tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+            damage = _pixel_damage(fh, ds, path, tsyntax)
+        header = SliceHeader(
+            path=str(path),
+            sop_uid=str(ds.get("SOPInstanceUID", "")),
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            series_number=_int_or_none(ds.get("SeriesNumber")),
+            acquisition=_int_or_none(ds.get("AcquisitionNumber")),
+            position=_floats(ds.get("ImagePositionPatient"), 3),
+            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+            pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
+            slope=_number(ds.get("RescaleSlope"), 1.0),
+            intercept=_number(ds.get("RescaleIntercept"), 0.0),
+            rows=_int_or_none(ds.get("Rows")) or 0,
+            columns=_int_or_none(ds.get("Columns")) or 0,
+            transfer_syntax=tsyntax,
+            image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+            sop_class=str(ds.get("SOPClassUID", "")),
+            modality=str(ds.get("Modality", "")),
+            patient_id=str(ds.get("PatientID", "")),
+            samples_per_pixel=_int_or_none(ds.get("SamplesPerPixel")) or 1,
+            photometric=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
+            n_frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
+            damage=damage,
+        )
     except Exception as exc:  # pydicom raises many kinds on damaged headers
-        raise PatientError(f"cannot read the DICOM header ({exc}); the file is damaged: replace or remove it",
-                           patient=patient, stage=STAGE, file=path) from exc
-    tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
-    return SliceHeader(
-        path=str(path),
-        sop_uid=str(ds.get("SOPInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        series_number=_int_or_none(ds.get("SeriesNumber")),
-        acquisition=_int_or_none(ds.get("AcquisitionNumber")),
-        position=_floats(ds.get("ImagePositionPatient"), 3),
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
-        slope=float(ds.get("RescaleSlope", 1) or 1),
-        intercept=float(ds.get("RescaleIntercept", 0) or 0),
-        rows=int(ds.get("Rows", 0) or 0),
-        columns=int(ds.get("Columns", 0) or 0),
-        transfer_syntax=tsyntax,
-        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
-        sop_class=str(ds.get("SOPClassUID", "")),
-        modality=str(ds.get("Modality", "")),
-        patient_id=str(ds.get("PatientID", "")),
-    )
+        raise PatientError(f"cannot read the DICOM header ({type(exc).__name__}: {exc}); the file is damaged: "
+                           f"replace or remove it", patient=patient, stage=STAGE, file=path) from exc
+    return header
 
 
 # --------------------------------------------------------------------------
@@ -256,12 +342,20 @@ def read_header(path, *, patient: str | None = None) -> SliceHeader:
 # --------------------------------------------------------------------------
 
 def _not_axial_reason(h: SliceHeader) -> str | None:
+    """Why a file is not a slice of an axial greyscale CT series (skipped, like a localizer), or None."""
     if "LOCALIZER" in h.image_type or "SCOUT" in h.image_type:
         return "localizer/scout image (ImageType says so)"
     if h.rows == 0 or h.columns == 0:
         return "no image (Rows/Columns missing)"
+    if h.samples_per_pixel != 1 or (h.photometric and h.photometric not in GREYSCALE):
+        return (f"not a greyscale CT image (SamplesPerPixel (0028,0002) {h.samples_per_pixel}, "
+                f"PhotometricInterpretation (0028,0004) {h.photometric!r}; CT slices are MONOCHROME1/2)")
+    if h.n_frames > 1:
+        return f"multi-frame image (NumberOfFrames {h.n_frames}); lungzarr reads one axial slice per file"
     if h.orientation is None:
         return None  # checked later, with the position, as a series-level error
+    if not np.all(np.isfinite(h.orientation)):
+        return f"ImageOrientationPatient (0020,0037) is {list(h.orientation)!r}, not finite"
     row, col = np.asarray(h.orientation[:3]), np.asarray(h.orientation[3:])
     if abs(row[0]) < AXIAL_COS_MIN or abs(col[1]) < AXIAL_COS_MIN:
         return (f"not an axial image (ImageOrientationPatient {list(h.orientation)!r}); "
@@ -288,34 +382,58 @@ def _choose_group(groups: dict, patient: str, folder: Path) -> tuple[tuple, str]
     return (series_uid, acq), reason
 
 
-def read_series(folder, *, patient: str | None = None) -> Series:
+def read_series(folder, *, patient: str | None = None, strict: bool = False) -> Series:
     """Find, group, choose and validate the axial CT series of one patient folder.
 
-    Only headers are read. Localizers, non-axial images, non-DICOM files and the
-    series/acquisitions not chosen are listed in ``Series.skipped``.
+    Only headers are read (and, for compressed transfer syntaxes, the two edge
+    slices decoded once to tell whether they are damaged). Localizers, non-axial
+    or non-greyscale images, files whose header cannot be read, non-DICOM files
+    and the series/acquisitions not chosen are listed in ``Series.skipped``.
+
+    Parameters
+    ----------
+    folder : path
+    patient : str, optional
+        Default the folder name.
+    strict : bool
+        Every damaged file (unreadable header, truncated or undecodable edge
+        slice) is an error instead of being skipped or dropped.
 
     Raises
     ------
     PatientError
         With the file and the fix, when no usable series can be built: empty
-        folder, no DICOM, no axial CT image, a single slice, a missing
-        ImagePositionPatient, duplicate positions from different images,
-        irregular slice spacing (a gap), mixed image sizes, or a compressed
-        transfer syntax with no decoder installed.
+        folder, no DICOM, no axial CT image, a single slice, a missing or
+        non-finite ImagePositionPatient, duplicate positions from different
+        images, irregular slice spacing (a gap), mixed image sizes, missing or
+        non-positive PixelSpacing, an implausible RescaleSlope/Intercept, a
+        damaged slice inside the stack, or a transfer syntax with no decoder.
     """
     folder = Path(folder)
     patient = patient if patient is not None else folder.name
     dicom_files, other = find_dicom_files(folder, patient=patient)
     skipped = [(str(p), "not a DICOM file") for p in other]
-    notes = []
+    notes, user = [], []
     if other:
         msg = f"{patient}: ignored {len(other)} non-DICOM file(s), e.g. {other[0].name!r}"
         warnings.warn(msg, stacklevel=2)
         notes.append(msg)
+        names = ", ".join(repr(p.name) for p in other[:5]) + (", ..." if len(other) > 5 else "")
+        user.append({"file": str(other[0]) if len(other) == 1 else str(folder),
+                     "reason": f"ignored {len(other)} non-DICOM file(s) in the folder: {names}"})
 
     groups: dict[tuple, list[SliceHeader]] = defaultdict(list)
+    unreadable = []
     for path in dicom_files:
-        h = read_header(path, patient=patient)
+        try:
+            h = read_header(path, patient=patient)
+        except PatientError as exc:
+            # A stray damaged file must not cost the patient; inside the series it shows as a gap.
+            if strict:
+                raise
+            unreadable.append(exc)
+            skipped.append((str(path), exc.reason))
+            continue
         why = _not_axial_reason(h)
         if why is None and h.modality and h.modality != "CT":
             why = f"modality {h.modality!r} is not CT"
@@ -324,24 +442,128 @@ def read_series(folder, *, patient: str | None = None) -> Series:
             continue
         groups[(h.series_uid, h.acquisition)].append(h)
     if not groups:
-        first = skipped[0] if skipped else (str(folder), "no image")
+        if unreadable and len(unreadable) == len(dicom_files):
+            raise unreadable[0]
+        first = skipped[len(other)] if len(skipped) > len(other) else (str(folder), "no image")
         raise PatientError(f"no axial CT image in the folder ({len(dicom_files)} DICOM file(s); e.g. "
                            f"{Path(first[0]).name!r}: {first[1]}); lungzarr needs an axial chest CT series",
                            patient=patient, stage=STAGE, file=first[0])
+    for exc in unreadable:
+        user.append({"file": exc.file, "reason": f"DICOM file skipped: {exc.reason}"})
 
     (series_uid, acq), reason = _choose_group(groups, patient, folder)
     for key, hs in groups.items():
         if key != (series_uid, acq):
             skipped.extend((h.path, f"other series/acquisition {key[0]} / {key[1]} not chosen") for h in hs)
     headers = groups[(series_uid, acq)]
+    user.extend(_patient_id_warnings(headers, groups, (series_uid, acq), folder))
 
     headers = _check_positions(headers, patient, skipped)
     _check_uniform_images(headers, patient)
-    _check_decodable(headers[0], patient)
+    _check_rescale(headers, patient)
+    for syntax in dict.fromkeys(h.transfer_syntax for h in headers):
+        _check_decodable(next(h for h in headers if h.transfer_syntax == syntax), patient)
+    headers, dropped = _drop_broken_edges(headers, patient, strict=strict)
+    for d in dropped:
+        skipped.append((d["file"], d["reason"]))
+        user.append(dict(d))
     grid, slice_spacing, extra_notes = _grid_from_headers(headers, patient)
     notes.extend(extra_notes)
     return Series(patient=patient, folder=str(folder), headers=headers, grid=grid,
-                  slice_spacing=slice_spacing, reason=reason, skipped=skipped, warnings=notes)
+                  slice_spacing=slice_spacing, reason=reason, skipped=skipped, warnings=notes,
+                  dropped=dropped, user_warnings=user)
+
+
+def _patient_id_warnings(headers, groups, chosen, folder) -> list[dict]:
+    """Warnings when the chosen series holds several PatientIDs, or the folder another patient's files."""
+    out = []
+    ids = sorted({h.patient_id for h in headers})
+    if len(ids) > 1:
+        out.append({"file": str(folder), "reason": f"the chosen series holds {len(ids)} PatientIDs "
+                    f"(0010,0020) {ids!r}: check that the folder holds one patient"})
+    foreign = [h for key, hs in groups.items() if key != chosen for h in hs if h.patient_id not in ids]
+    if foreign:
+        others = sorted({h.patient_id for h in foreign})
+        out.append({"file": foreign[0].path, "reason": f"skipped {len(foreign)} file(s) of another patient "
+                    f"(PatientID {others!r}, the chosen series has {ids!r}): move them to their own folder"})
+    return out
+
+
+def _damage_message(h: SliceHeader, damage: str) -> str:
+    return (f"cannot decode the pixel data: {damage}; the file is truncated or damaged: replace it from the "
+            f"archive or remove it")
+
+
+def _decode_damage(h: SliceHeader) -> str | None:
+    """Decode one compressed slice now; why it fails, or None."""
+    try:
+        _decode_one(h.path, h)
+    except PatientError as exc:
+        return exc.reason
+    return None
+
+
+def _drop_broken_edges(headers, patient, *, strict: bool):
+    """Drop damaged slices at either end of the sorted stack; a damaged slice inside is an error.
+
+    Native syntaxes are judged from the header and the file size
+    (:attr:`SliceHeader.damage`); compressed edge slices are decoded once.
+    Returns the kept headers and ``[{"file", "reason"}]`` of the dropped ones.
+    """
+    cache: dict[int, str | None] = {}
+
+    def broken(i):
+        if i not in cache:
+            h = headers[i]
+            if h.damage is not None:
+                cache[i] = _damage_message(h, h.damage)
+            elif h.transfer_syntax in _NATIVE_SYNTAXES:
+                cache[i] = None
+            else:
+                cache[i] = _decode_damage(h)
+        return cache[i]
+
+    lo, hi = 0, len(headers) - 1
+    while lo <= hi and broken(lo):
+        lo += 1
+    while hi >= lo and broken(hi):
+        hi -= 1
+    # Native slices are all judged from headers; compressed ones only where decoded (the edges).
+    judged = [i for i in range(len(headers)) if i in cache or headers[i].damage is not None]
+    first = next((i for i in judged if broken(i)), None)
+    if strict and first is not None:
+        raise PatientError(f"{cache[first]} (--strict: every damaged file is an error)", patient=patient,
+                           stage=STAGE, file=headers[first].path)
+    if lo > hi:
+        raise PatientError(cache[0], patient=patient, stage=STAGE, file=headers[0].path)
+    inside = next((i for i in range(lo, hi + 1) if headers[i].damage is not None), None)
+    if inside is not None:
+        raise PatientError(_damage_message(headers[inside], headers[inside].damage), patient=patient,
+                           stage=STAGE, file=headers[inside].path)
+    dropped = [{"file": headers[i].path,
+                "reason": f"damaged slice at the {'lower' if i < lo else 'upper'} end of the stack "
+                          f"(z={headers[i].position[2]:g} mm) dropped: {cache[i]}"}
+               for i in [*range(lo), *range(hi + 1, len(headers))]]
+    kept = headers[lo:hi + 1]
+    if len(kept) < 2:
+        raise PatientError(f"only one usable axial slice ({Path(kept[0].path).name!r}) once the damaged edge "
+                           f"slice(s) are dropped; replace the damaged files from the archive",
+                           patient=patient, stage=STAGE, file=dropped[0]["file"])
+    return kept, dropped
+
+
+def _check_rescale(headers, patient):
+    """Refuse RescaleSlope/Intercept no CT scanner writes (a NaN slope would flatten slices to -1024 HU)."""
+    (slo, shi), (ilo, ihi) = RESCALE_SLOPE_RANGE, RESCALE_INTERCEPT_RANGE
+    for h in headers:
+        if not (np.isfinite(h.slope) and slo <= h.slope <= shi):
+            raise PatientError(f"RescaleSlope (0028,1053) is {h.slope!r}; a CT slope must be finite and within "
+                               f"[{slo:g}, {shi:g}]: the header is damaged, fix it or remove the file",
+                               patient=patient, stage=STAGE, file=h.path)
+        if not (np.isfinite(h.intercept) and ilo <= h.intercept <= ihi):
+            raise PatientError(f"RescaleIntercept (0028,1052) is {h.intercept!r}; a CT intercept must be finite "
+                               f"and within [{ilo:g}, {ihi:g}]: the header is damaged, fix it or remove the file",
+                               patient=patient, stage=STAGE, file=h.path)
 
 
 def _check_positions(headers, patient, skipped):
@@ -350,6 +572,11 @@ def _check_positions(headers, patient, skipped):
         raise PatientError(f"{len(missing)} slice(s) have no ImagePositionPatient (0020,0032), e.g. "
                            f"{Path(missing[0].path).name!r}: lungzarr cannot place them in z; fix the header or "
                            f"remove the file(s)", patient=patient, stage=STAGE, file=missing[0].path)
+    bad = next((h for h in headers if not np.all(np.isfinite(h.position))), None)
+    if bad is not None:
+        raise PatientError(f"ImagePositionPatient (0020,0032) is {list(bad.position)!r}, not finite: lungzarr "
+                           f"cannot place the slice in z; fix the header or remove the file",
+                           patient=patient, stage=STAGE, file=bad.path)
     headers = sorted(headers, key=lambda h: (h.position[2], h.path))
     kept = [headers[0]]
     for h in headers[1:]:
@@ -370,6 +597,11 @@ def _check_positions(headers, patient, skipped):
 
 
 def _check_uniform_images(headers, patient):
+    for h in headers:
+        if h.pixel_spacing is not None and not all(np.isfinite(v) and v > 0 for v in h.pixel_spacing):
+            raise PatientError(f"PixelSpacing (0028,0030) is {list(h.pixel_spacing)!r}; it must be two positive "
+                               f"finite millimetre values: fix the header", patient=patient, stage=STAGE,
+                               file=h.path)
     ref = headers[0]
     for h in headers[1:]:
         if (h.rows, h.columns) != (ref.rows, ref.columns):
@@ -435,6 +667,24 @@ def _grid_from_headers(headers, patient):
 # pixel decoding
 # --------------------------------------------------------------------------
 
+def _decode_one(path, header: SliceHeader | None = None, *, patient: str | None = None) -> np.ndarray:
+    """One slice's stored pixel values (2-D), or a PatientError naming the file."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        array = ds.pixel_array
+    except Exception as exc:
+        raise PatientError(f"cannot decode the pixel data ({type(exc).__name__}: {exc}); the file is truncated "
+                           f"or damaged: replace it from the archive or remove it",
+                           patient=patient, stage=STAGE, file=path) from exc
+    if array.ndim != 2 or (header is not None and array.shape != (header.rows, header.columns)):
+        raise PatientError(f"the pixel data decodes to shape {array.shape!r}, not one {ds.get('Rows')}x"
+                           f"{ds.get('Columns')} greyscale slice; the file is damaged or not a CT slice: "
+                           f"remove it", patient=patient, stage=STAGE, file=path)
+    return array
+
+
 def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None) -> np.ndarray:
     """Decode slices and convert them to int16 HU exactly as the original (§1).
 
@@ -442,17 +692,11 @@ def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None
     padding) to 0, then per slice: if the slope is not 1 multiply in float64
     and cast back to int16; add ``int16(intercept)``.
     """
-    import pydicom
-
-    arrays = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, force=True)
-            arrays.append(ds.pixel_array)
-        except Exception as exc:
-            raise PatientError(f"cannot decode the pixel data ({type(exc).__name__}: {exc}); the file is truncated "
-                               f"or damaged: replace it from the archive or remove it",
-                               patient=patient, stage=STAGE, file=path) from exc
+    arrays = [_decode_one(path, patient=patient) for path in paths]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise PatientError(f"decoded slices have different sizes {sorted(shapes)!r}; the headers' Rows/Columns "
+                           f"are wrong: split or fix the series", patient=patient, stage=STAGE, file=paths[0])
     image = np.stack(arrays).astype(np.int16)
     image[image == PADDING_VALUE] = 0
     for k, (slope, intercept) in enumerate(zip(slopes, intercepts)):
@@ -467,31 +711,62 @@ def _decode_block(*, paths, slopes, intercepts, patient, block_info=None):
     return decode_slices_to_hu(paths[z0:z1], slopes[z0:z1], intercepts[z0:z1], patient=patient)
 
 
-def series_to_hu(series: Series, *, chunk_slices: int = 16):
+def files_token(paths) -> list[tuple[str, int, int]]:
+    """``(resolved path, st_size, st_mtime_ns)`` of each file: what a task key must depend on.
+
+    A header value (SeriesInstanceUID, SOPInstanceUID) is not enough: two folders
+    can hold copies of one series, one of them damaged, and dask merges equal keys
+    silently, so one patient would be stored with the other's pixels.
+    """
+    out = []
+    for path in paths:
+        resolved = Path(path).resolve()
+        st = resolved.stat()
+        out.append((str(resolved), int(st.st_size), int(st.st_mtime_ns)))
+    return out
+
+
+def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None):
     """The series as a lazy int16 dask array (z, y, x) of HU, ``chunk_slices`` slices a chunk.
 
     Each chunk decodes only its own files when computed, so writing the
     volume never holds more than a few chunks in memory.
+
+    Parameters
+    ----------
+    series : Series
+    chunk_slices : int
+    store : str or path, optional
+        Where the volume is written (the pipeline passes the resolved store
+        path). The task names are a ``tokenize`` of the patient, every file's
+        resolved path, size and mtime, the rescale values, the chunking and
+        this, so two patients, a rewritten file or another store never share
+        a key in one distributed session.
     """
     import dask.array as da
+    from dask.base import tokenize
 
     nz, ny, nx = series.shape
+    slopes = tuple(h.slope for h in series.headers)
+    intercepts = tuple(h.intercept for h in series.headers)
+    token = tokenize(series.patient, files_token(series.paths), slopes, intercepts, chunk_slices,
+                     None if store is None else str(store))
     return da.map_blocks(
         _decode_block,
         chunks=(z_chunks(nz, chunk_slices), (ny,), (nx,)),
         dtype=np.int16,
         meta=np.empty((0, 0, 0), dtype=np.int16),
-        name=f"decode-dicom-{series.headers[0].series_uid}-{chunk_slices}",
+        name=f"decode-dicom-{token}",
         paths=tuple(series.paths),
-        slopes=tuple(h.slope for h in series.headers),
-        intercepts=tuple(h.intercept for h in series.headers),
+        slopes=slopes,
+        intercepts=intercepts,
         patient=series.patient,
     )
 
 
-def load_hu(folder, *, patient: str | None = None) -> tuple[np.ndarray, Grid]:
+def load_hu(folder, *, patient: str | None = None, strict: bool = False) -> tuple[np.ndarray, Grid]:
     """Read a whole series into memory as int16 HU (for tests and baselines)."""
-    series = read_series(folder, patient=patient)
+    series = read_series(folder, patient=patient, strict=strict)
     hu = decode_slices_to_hu(series.paths, [h.slope for h in series.headers],
                              [h.intercept for h in series.headers], patient=series.patient)
     return hu, series.grid

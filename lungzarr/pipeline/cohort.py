@@ -17,7 +17,7 @@ __all__ = ["run", "ingest", "store_status", "stage_decision"]
 def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=None, weights=None,
         chunk_slices: int = 16, batch_size: int = 4, precision: str = "fp32",
         patients: Iterable[str] | None = None, overwrite: bool = False, client=None, gpu: bool = False,
-        infer_batch: int = 8, progress: Progress | None = None) -> list[StageSummary]:
+        infer_batch: int = 8, progress: Progress | None = None, strict: bool = False) -> list[StageSummary]:
     """Run pipeline stages for every patient of a cohort; by default all of them, INPUT to tables.
 
     Patients stream through the stages (:func:`~lungzarr.pipeline.runner.stream_stages`):
@@ -55,6 +55,10 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         8-slice windows per UNet call.
     progress : Progress, optional
         Called with every :class:`~lungzarr.pipeline.runner.ProgressEvent`.
+    strict : bool
+        Every damaged DICOM file is an error (by default a damaged slice at
+        either end of the stack is dropped with a warning, and an unreadable
+        stray file skipped).
 
     Returns
     -------
@@ -73,7 +77,7 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         raise LungzarrError(f"stages {[s.name for s in chosen]!r} work on the patients already in the store; "
                             f"INPUT is only read by {[s.name for s in ordered_stages() if s.creates_patient]!r}")
     options = StageOptions(chunk_slices=chunk_slices, weights=weights, precision=precision,
-                           infer_batch=infer_batch, gpu=gpu,
+                           infer_batch=infer_batch, gpu=gpu, strict=strict,
                            labels=read_legacy_labels(labels) if labels is not None else None)
     if creates:
         items = find_patients(input_dir, patients=patients)
@@ -94,10 +98,10 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
 
 def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = False,
            patients: Iterable[str] | None = None, batch_size: int = 4, client=None,
-           progress: Progress | None = None) -> StageSummary:
+           progress: Progress | None = None, strict: bool = False) -> StageSummary:
     """Only the ``ingest`` stage: ``run(input_dir, store_path, stages=["ingest"])``, its one summary."""
     (summary,) = run(input_dir, store_path, stages=["ingest"], chunk_slices=chunk_slices, overwrite=overwrite,
-                     patients=patients, batch_size=batch_size, client=client, progress=progress)
+                     patients=patients, batch_size=batch_size, client=client, progress=progress, strict=strict)
     return summary
 
 
@@ -166,7 +170,7 @@ def _stream(store, items, stages, options, *, overwrite, batch_size, client, pro
     prefetch = None
     if client is not None and first.prefetch is not None:
         def prefetch(patient, payload):
-            return first.prefetch(client, patient, payload, placement.get(first.name))
+            return first.prefetch(client, patient, payload, options.strict, placement.get(first.name))
     return stream_stages(store, items, [s.name for s in stages], prepare, decide=decide, batch_size=batch_size,
                          client=client, progress=progress, compute_options=placement, prefetch=prefetch,
                          requires={s.name: s.requires for s in stages})

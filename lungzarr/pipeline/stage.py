@@ -76,7 +76,7 @@ class Stage:
     creates_patient : bool
         It builds the patient group from INPUT (a new group, swapped in on commit).
     prefetch : callable, optional
-        ``prefetch(client, patient, payload, compute_options) -> payload``: slow
+        ``prefetch(client, patient, payload, strict, compute_options) -> payload``: slow
         per-patient reads started on the workers before the patient's turn.
     """
 

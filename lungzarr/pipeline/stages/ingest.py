@@ -6,16 +6,27 @@ import warnings
 import numpy as np
 
 from lungzarr._version import __version__
+from lungzarr.errors import PatientError
+from lungzarr.model.geometry import MIN_SLICES_2MM
 from lungzarr.pipeline.stage import Stage
 from lungzarr.pipeline.stages._common import encoded, task_slices
 
 __all__ = ["INGEST", "ingest_dataset"]
 
 
-def ingest_dataset(series, *, chunk_slices: int = 16):
+def ingest_dataset(series, *, chunk_slices: int = 16, store=None):
     """The lazy ``hu`` + ``hu_2mm`` Dataset of one series (nothing decoded yet).
 
     Computed in tasks of :func:`task_slices` slices; stored in chunks of ``chunk_slices``.
+    ``store`` (the resolved store path) goes into the decode task names, so the same
+    files ingested into two stores in one session never share a key.
+
+    Raises
+    ------
+    PatientError
+        When the 2 mm grid has fewer than :data:`~lungzarr.model.geometry.MIN_SLICES_2MM`
+        slices: the model's windows could never run on it, so the patient is
+        refused here, not after segmentation.
     """
     import xarray as xr
 
@@ -23,8 +34,14 @@ def ingest_dataset(series, *, chunk_slices: int = 16):
     from lungzarr.io import dicom
 
     per_task = task_slices(chunk_slices)
-    hu = dicom.series_to_hu(series, chunk_slices=per_task)
+    hu = dicom.series_to_hu(series, chunk_slices=per_task, store=store)
     hu_2mm, grid_2mm = resample_to_2mm(hu, series.grid, chunk_slices=per_task)
+    if grid_2mm.shape[0] < MIN_SLICES_2MM:
+        extent = abs(series.grid.step[0]) * (series.shape[0] - 1)
+        raise PatientError(f"the series covers {extent:g} mm in z ({series.shape[0]} slices), "
+                           f"{grid_2mm.shape[0]} slices at 2 mm: the d8 nodule windows need at least "
+                           f"{MIN_SLICES_2MM} ({2 * MIN_SLICES_2MM} mm); use a series that covers the chest",
+                           patient=series.patient, stage="ingest", file=series.folder)
     grid = series.grid
     z_positions = np.array([h.position[2] for h in series.headers], dtype=np.float64)
     coords = {
@@ -54,25 +71,31 @@ def ingest_dataset(series, *, chunk_slices: int = 16):
     return encoded(ds, chunk_slices)
 
 
-def _read_series_task(folder, patient):
+def _read_series_task(folder, patient, strict=False):
     """The series of a patient folder (headers only): on a worker when prefetched."""
     from lungzarr.io import dicom
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return dicom.read_series(folder, patient=patient)
+        return dicom.read_series(folder, patient=patient, strict=strict)
 
 
-def _prefetch(client, patient, folder, options):
+def _prefetch(client, patient, folder, strict, compute_options):
     """Read a patient's DICOM headers on the workers (~0.4 s of pydicom per 300 slices), so the
     client, which also runs the scheduler, only builds graphs."""
-    return client.submit(_read_series_task, str(folder), patient, pure=False, **(options or {}))
+    return client.submit(_read_series_task, str(folder), patient, strict, pure=False, **(compute_options or {}))
 
 
 def _prepare(store, patient, payload, options):
     # payload: the patient's folder, or a future of its series (see _prefetch)
-    series = payload.result() if hasattr(payload, "result") else _read_series_task(payload, patient)
-    ds = ingest_dataset(series, chunk_slices=options.chunk_slices)
+    if hasattr(payload, "result"):
+        series = payload.result()
+    else:
+        series = _read_series_task(payload, patient, options.strict)
+    # What the user must see (another patient's files, dropped edge slices, ignored files):
+    # recorded now, replacing the last ingest's, so `lungzarr status` shows what is true.
+    store.record_warnings(patient, "ingest", series.warning_records())
+    ds = ingest_dataset(series, chunk_slices=options.chunk_slices, store=store.path.resolve())
     record = {"series_instance_uid": ds.attrs["series_instance_uid"],
               "selection_reason": ds.attrs["selection_reason"], "chunk_slices": options.chunk_slices}
     return store.prepare_stage(patient, "ingest", ds, record=record, new_group=True)
