@@ -49,6 +49,8 @@ WARNINGS_KEY = "lungzarr:warnings"
 PATIENTS_GROUP = "patients"
 TABLES_GROUP = "tables"
 STAGING_GROUP = "staging"
+TABLE_POINTER_KEY = "lungzarr:tables"
+_TABLE_READ_ATTEMPTS = 20
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 
@@ -98,6 +100,38 @@ def _voxel_compression(dataset):
         if var.ndim >= 3 and "compressors" not in var.encoding:
             var.encoding["compressors"] = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
     return dataset
+
+
+#: Every chunk lungzarr writes ends in a CRC-32C of its encoded bytes (zarr v3's ``crc32c`` codec after the
+#: compressor), so a damaged chunk raises on read instead of decoding to wrong values. Only
+#: ``benchmarks/bench_checksum.py`` turns it off, for its with/without comparison.
+CHECKSUM_CHUNKS = True
+
+#: Keyword arguments of every ``to_zarr`` of lungzarr: every chunk is written, even one that holds only the
+#: fill value, so a missing chunk file is always damage (zarr would read it back as the fill value).
+_WRITE = {"consolidated": False, "zarr_format": 3, "write_empty_chunks": True}
+
+
+def _checksummed(dataset):
+    """Append the crc32c codec to every variable's compressors (coordinates included).
+
+    A variable without compressors in its encoding gets zarr's default
+    (zstd) first, so only the 4-byte checksum per chunk is added.
+    """
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    if not CHECKSUM_CHUNKS:
+        return dataset
+    for var in dataset.variables.values():
+        codecs = tuple(var.encoding.get("compressors") or (ZstdCodec(),))
+        if not any(isinstance(c, Crc32cCodec) for c in codecs):
+            var.encoding["compressors"] = codecs + (Crc32cCodec(),)
+    return dataset
+
+
+def _encoded_for_store(dataset):
+    """Strings variable-length, voxels Blosc-LZ4, every chunk checksummed."""
+    return _checksummed(_voxel_compression(_vlen_strings(dataset)))
 
 
 class CohortStore:
@@ -255,8 +289,7 @@ class CohortStore:
             existing = {p.name for p in (self.path / gpath).iterdir()}
             dataset = dataset.drop_vars([c for c in dataset.coords if c in existing])
             dataset.attrs = {}
-        delayed = _voxel_compression(_vlen_strings(dataset)).to_zarr(
-            self.path, group=target, mode=mode, consolidated=False, zarr_format=3, compute=False)
+        delayed = _encoded_for_store(dataset).to_zarr(self.path, group=target, mode=mode, compute=False, **_WRITE)
         # xarray rewrites the group's attributes on every write: put ours back at once.
         self._group(gpath).attrs.put(_jsonable(attrs))
         return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath,
@@ -291,8 +324,7 @@ class CohortStore:
         target = f"{self.group_path(patient)}/{name}"
         if (self.path / target).exists():
             shutil.rmtree(self.path / target)
-        _vlen_strings(dataset.copy()).to_zarr(self.path, group=target, mode="w", consolidated=False,
-                                              zarr_format=3)
+        _encoded_for_store(dataset.copy()).to_zarr(self.path, group=target, mode="w", **_WRITE)
 
     def set_patient_attrs(self, patient: str, **values) -> None:
         group = self._group(self.group_path(patient))
@@ -316,8 +348,49 @@ class CohortStore:
         return (self.path / self.group_path(patient) / subgroup / "zarr.json").exists()
 
     # ------------------------------------------------------------------ tables
+    # A cohort table is replaced atomically. Each write goes to a fresh group
+    # ``tables/<name>.<uuid>``; the ``tables`` group's attribute ``lungzarr:tables``
+    # ({name: group}) says which group is current and is switched by one
+    # ``os.replace`` of ``tables/zarr.json``; the old group is removed after the
+    # switch. A reader reads the pointer, loads that group whole, and reads the
+    # pointer again: unchanged means the group was current for the whole read (a
+    # group is removed only after the pointer moved away from it), so the reader
+    # saw one complete table; changed means it may have read a group being
+    # removed (zarr reads a vanished chunk as the fill value), so it reads the new
+    # one. Group names are never reused, so "unchanged" cannot be a new table of
+    # the same name. Stores written before this layout have ``tables/<name>``
+    # itself, read when the pointer does not name the table.
+
+    def _tables_meta_path(self) -> Path:
+        return self.path / TABLES_GROUP / "zarr.json"
+
+    def _table_pointer(self) -> dict:
+        import json
+
+        try:
+            meta = json.loads(self._tables_meta_path().read_text())
+        except FileNotFoundError:
+            return {}
+        return dict(meta.get("attributes", {}).get(TABLE_POINTER_KEY, {}))
+
+    def _switch_table(self, name: str, group: str) -> None:
+        """Point ``name`` at ``group`` with one atomic replace of the tables group's metadata."""
+        import json
+
+        meta_path = self._tables_meta_path()
+        meta = json.loads(meta_path.read_text())
+        attributes = dict(meta.get("attributes", {}))
+        attributes[TABLE_POINTER_KEY] = {**attributes.get(TABLE_POINTER_KEY, {}), name: group}
+        meta["attributes"] = attributes
+        tmp = meta_path.with_name(f".zarr.json.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, meta_path)
+
     def write_table(self, name: str, frame, *, dim: str) -> None:
-        """Store a pandas DataFrame as the Dataset ``tables/<name>`` (dimension ``dim``)."""
+        """Store a pandas DataFrame as the cohort table ``name`` (dimension ``dim``), replacing it atomically.
+
+        A concurrent :meth:`read_table` sees the old table or the new one, whole.
+        """
         import xarray as xr
 
         frame = frame.reset_index(drop=True)
@@ -331,17 +404,48 @@ class CohortStore:
         if dim in frame.columns:
             ds = ds.assign_coords({dim: ds[dim].astype(object)})
         ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__, "columns": columns}
-        ds.to_zarr(self.path, group=f"{TABLES_GROUP}/{name}", mode="w", consolidated=False, zarr_format=3)
+        group = f"{name}.{uuid.uuid4().hex}"
+        _checksummed(ds).to_zarr(self.path, group=f"{TABLES_GROUP}/{group}", mode="w", **_WRITE)
+        self._switch_table(name, group)
+        # Only now is the old group unreachable for a new reader; remove it, an old-layout
+        # tables/<name>, and any group a killed writer left before its switch.
+        for folder in (self.path / TABLES_GROUP).iterdir():
+            if folder.is_dir() and folder.name != group and (
+                    folder.name == name or (folder.name.startswith(name + ".")
+                                            and folder.name[len(name) + 1:].isalnum())):
+                shutil.rmtree(folder, ignore_errors=True)
 
-    def read_table(self, name: str):
-        """The table ``tables/<name>`` as a pandas DataFrame (empty if absent)."""
-        import pandas as pd
+    def _table_dataset(self, name: str):
+        """The current Dataset of table ``name``, loaded whole and checked to be current throughout; or None."""
         import xarray as xr
 
-        if not (self.path / TABLES_GROUP / name / "zarr.json").exists():
+        for _ in range(_TABLE_READ_ATTEMPTS):
+            group = self._table_pointer().get(name)
+            if group is None:
+                if not (self.path / TABLES_GROUP / name / "zarr.json").exists():
+                    return None
+                group = name  # a store written before the pointer
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", category=UserWarning)
+                    ds = xr.open_dataset(self.path, group=f"{TABLES_GROUP}/{group}", engine="zarr",
+                                         consolidated=False, zarr_format=3).load()
+            except (FileNotFoundError, KeyError, ValueError, self._zarr.errors.BaseZarrError):
+                if self._table_pointer().get(name, name) == group:
+                    raise  # the current table itself cannot be read: damage, not a race
+                continue  # replaced (and removed) while we opened it: read the new one
+            if self._table_pointer().get(name, name) == group:
+                return ds
+        raise LungzarrError(f"table {name!r} of {str(self.path)!r} was replaced {_TABLE_READ_ATTEMPTS} times "
+                            f"while being read; read it again once the run writing the store has finished")
+
+    def read_table(self, name: str):
+        """The cohort table ``name`` as a pandas DataFrame (empty if absent): the old or the new one, never torn."""
+        import pandas as pd
+
+        ds = self._table_dataset(name)
+        if ds is None:
             return pd.DataFrame()
-        ds = xr.open_dataset(self.path, group=f"{TABLES_GROUP}/{name}", engine="zarr", consolidated=False,
-                             zarr_format=3)
         columns = ds.attrs.get("columns")
         frame = ds.to_dataframe()
         frame = frame.reset_index(drop=not (columns and frame.index.name in columns))
@@ -350,6 +454,14 @@ class CohortStore:
             if frame[col].dtype == object or str(frame[col].dtype).startswith("str"):
                 frame[col] = frame[col].astype(object)
         return frame
+
+    def table_names(self) -> list[str]:
+        """Names of the cohort tables in the store."""
+        names = set(self._table_pointer())
+        folder = self.path / TABLES_GROUP
+        if folder.is_dir():
+            names.update(p.name for p in folder.iterdir() if "." not in p.name and (p / "zarr.json").exists())
+        return sorted(names)
 
     # ------------------------------------------------------------------ failures
     def failures(self) -> list[dict]:
@@ -400,25 +512,38 @@ class CohortStore:
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
+    @property
+    def lock_path(self) -> Path:
+        """``NAME.lock`` beside the store's resolved path (symlinks and ``..`` followed).
+
+        Every spelling of one store (a symlink to it, a relative or an absolute
+        path, ``a/../store``) names the same lock file, so two runs can never
+        write one store at once through two names.
+        """
+        real = Path(os.path.realpath(self.path))
+        return real.with_name(real.name + ".lock")
+
     @contextmanager
     def lock(self):
-        """Hold the store's writer lock; refuse when another process holds it.
+        """Hold the store's writer lock (:attr:`lock_path`); refuse when another process holds it.
 
         An OS-level ``flock``: released by the kernel when the process dies,
-        so a killed run never leaves a stale lock behind.
+        so a killed run never leaves a stale lock behind. The lock file names
+        the holder ("pid N since ...") while it is held and is emptied on release.
         """
-        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_path = self.lock_path
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(lock_path, "a+")
         try:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                raise StoreLockedError(
-                    f"store {str(self.path)!r} is being written by {holder}; wait for that run to finish "
-                    f"(or stop it) and run again — two runs on one store would interleave") from None
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StoreLockedError(
+                f"store {str(self.path)!r} is being written by {holder}; wait for that run to finish "
+                f"(or stop it) and run again — two runs on one store would interleave") from None
+        try:
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()} since {_now()}")
@@ -430,9 +555,16 @@ class CohortStore:
             yield self
         finally:
             try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                # Emptied, not removed, while still held: a waiting writer may have the file
+                # open already, and a new file of the same name would be a second lock.
+                fh.seek(0)
+                fh.truncate()
+                fh.flush()
             finally:
-                fh.close()
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                finally:
+                    fh.close()
 
 
 class PendingStage:
@@ -502,9 +634,17 @@ def open_cohort(path):
     import xarray as xr
 
     store = CohortStore(path, mode="r")
+    options = {"engine": "zarr", "consolidated": False, "chunks": {}, "zarr_format": 3}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        return xr.open_datatree(store.path, engine="zarr", consolidated=False, chunks={}, zarr_format=3)
+        root = xr.open_dataset(store.path, **options)
+        children = {name: xr.open_datatree(store.path, group=name, **options)
+                    for name in (PATIENTS_GROUP, STAGING_GROUP) if (store.path / name / "zarr.json").exists()}
+    # The cohort tables as ``tables/<name>``, each read whole through its pointer (small; never a
+    # torn or removed table group: see CohortStore.write_table).
+    tables = {name: xr.DataTree(dataset=store._table_dataset(name)) for name in store.table_names()}
+    children[TABLES_GROUP] = xr.DataTree(children=tables)
+    return xr.DataTree(dataset=root, children=children)
 
 
 def read_nodules(path):
