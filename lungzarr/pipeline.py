@@ -30,6 +30,8 @@ __all__ = [
     "ingest_dataset",
     "ingest",
     "stream_stages",
+    "verify_store",
+    "VerifyReport",
 ]
 
 
@@ -404,18 +406,133 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
 
 
 def store_status(store_path) -> dict:
-    """Per-stage counts, failures and size of a cohort store."""
+    """Per-stage counts, failures, damage found by :func:`verify_store`, and size of a cohort store."""
     from lungzarr.storage import STAGES, CohortStore
 
     store = CohortStore(store_path, mode="r")
     patients = store.patients()
     failures = store.failures()
+    damage = store.damage()
     done = [store.stages(p) for p in patients]
     stages = {stage: {"complete": sum(stage in d for d in done),
-                      "failed": sum(1 for f in failures if f.get("stage") == stage)}
+                      "failed": sum(1 for f in failures if f.get("stage") == stage),
+                      "damaged": len({d.get("patient") for d in damage if d.get("stage") == stage})}
               for stage in STAGES}
     return {"n_patients": len(patients), "stages": stages, "failures": failures,
-            "warnings": store.warnings(), "size_mb": store.size_bytes() / 1e6}
+            "warnings": store.warnings(), "damage": damage, "size_mb": store.size_bytes() / 1e6}
+
+
+# ---------------------------------------------------------------------- integrity
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_store` read and found."""
+
+    patients: list[str] = field(default_factory=list)
+    damage: list[dict] = field(default_factory=list)
+    arrays: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.damage
+
+    def damaged_stages(self) -> dict[str, str]:
+        """``{patient: the earliest damaged stage}``: what must be redone, with every later stage."""
+        first = {}
+        for rec in self.damage:
+            stage = rec["stage"]
+            known = first.get(rec["patient"])
+            if known is None or RUN_STAGES.index(stage) < RUN_STAGES.index(known):
+                first[rec["patient"]] = stage
+        return dict(sorted(first.items()))
+
+
+def _verify_task(store_path, patient):
+    from lungzarr.storage import CohortStore
+
+    return CohortStore(store_path, mode="r").verify_patient(patient)
+
+
+def _verify(store, patients, *, client=None) -> VerifyReport:
+    """Verify ``patients`` of ``store`` (the caller holds the lock): one dask task per patient."""
+    import os
+
+    import dask
+    from dask.base import tokenize
+
+    start = time.perf_counter()
+    real = os.path.realpath(store.path)
+    tasks = []
+    for patient in patients:
+        # Named from the resolved store, the patient and the stage completions it checks: two stores,
+        # two patients or two states of one patient never share a key.
+        ids = sorted((k, v.get("id")) for k, v in store.stages(patient).items())
+        key = f"verify-{patient}-{tokenize(real, patient, ids)}"
+        tasks.append(dask.delayed(_verify_task, pure=False)(real, patient, dask_key_name=key))
+    results = (client.gather(client.compute(tasks)) if client is not None and tasks
+               else list(dask.compute(*tasks)))
+    report = VerifyReport(patients=list(patients))
+    store.record_damage({result["patient"]: result["damage"] for result in results})
+    for result in results:
+        report.damage.extend(result["damage"])
+        report.arrays += result["arrays"]
+        report.chunks += result["chunks"]
+        report.bytes += result["bytes"]
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def verify_store(store_path, *, patients: Iterable[str] | None = None, client=None) -> VerifyReport:
+    """Read every chunk of every array of the completed stages; record and return what is damaged.
+
+    A chunk is damaged when its file is missing, its checksum (crc32c, on
+    every chunk lungzarr writes) does not match, or it cannot be decoded.
+    Each patient's findings replace its earlier ones in the store, so
+    ``lungzarr status`` lists what the last verification found;
+    ``run(..., verify=True)`` redoes the damaged stages.
+
+    Parameters
+    ----------
+    store_path : path
+    patients : iterable of str, optional
+        Only these patients (all of the store by default); an unknown one is an error.
+    client : distributed.Client, optional
+        One task per patient on the cluster; without one, the current dask scheduler.
+
+    Returns
+    -------
+    VerifyReport
+    """
+    from lungzarr.storage import CohortStore
+
+    CohortStore(store_path, mode="r")  # a clear error when there is no store
+    store = CohortStore(store_path)
+    with store.lock():  # recording the findings writes the store
+        ids = _select_stored(store, patients)
+        return _verify(store, ids, client=client)
+
+
+def _select_stored(store, patients):
+    ids = store.patients()
+    if patients is None:
+        return ids
+    missing = [p for p in patients if p not in ids]
+    if missing:
+        raise LungzarrError(f"--patients {missing!r} are not in store {str(store.path)!r}; "
+                            f"`lungzarr status {store.path}` lists the patients")
+    return [p for p in ids if p in set(patients)]
+
+
+def _redo_damaged(store, report: VerifyReport) -> dict[str, list[str]]:
+    """Unmark each damaged patient's earliest damaged stage and every later one, so the run redoes them."""
+    redo = {}
+    for patient, stage in report.damaged_stages().items():
+        later = RUN_STAGES[RUN_STAGES.index(stage):]
+        redo[patient] = store.unmark_stages(patient, later)
+    return redo
 
 
 # ---------------------------------------------------------------------- later stages
@@ -685,7 +802,8 @@ def _check_ids(store, items):
 
 def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int = 16, batch_size: int = 4,
         precision: str = "fp32", patients: Iterable[str] | None = None, overwrite: bool = False, client=None,
-        gpu: bool = False, infer_batch: int = 8, progress: Callable | None = None) -> list[StageSummary]:
+        gpu: bool = False, infer_batch: int = 8, progress: Callable | None = None,
+        verify: bool = False) -> list[StageSummary]:
     """DICOM folders to nodule and patient tables: every stage for every patient.
 
     Patients stream through the stages (:func:`stream_stages`): on a cluster,
@@ -712,6 +830,10 @@ def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int =
         8-slice windows per UNet call.
     progress : callable, optional
         ``progress(stage, total)`` returning the per-patient callback of that stage.
+    verify : bool
+        First :func:`verify_store` the run's patients already in the store and
+        redo each damaged stage with every later one (damage in ingest's
+        arrays: the patient again from its DICOM folder).
 
     Returns
     -------
@@ -727,6 +849,8 @@ def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int =
     store = CohortStore(store_path)
     with store.lock():
         good, bad = _check_ids(store, items)
+        if verify:
+            _redo_damaged(store, _verify(store, [p for p, _ in good if store.has_patient(p)], client=client))
         summaries = _run_stages(store, good, RUN_STAGES, prepares, overwrite=overwrite, batch_size=batch_size,
                                 client=client, progress=progress, gpu=gpu)
     summaries[0].failed = bad + summaries[0].failed

@@ -38,6 +38,7 @@ __all__ = [
     "read_patients",
     "read_failures",
     "read_warnings",
+    "read_damage",
     "STAGES",
 ]
 
@@ -46,11 +47,17 @@ STAGES = ("ingest", "segment", "detect", "nodules", "features")
 STAGES_KEY = "lungzarr:stages"
 FAILURES_KEY = "lungzarr:failures"
 WARNINGS_KEY = "lungzarr:warnings"
+DAMAGE_KEY = "lungzarr:damage"
 PATIENTS_GROUP = "patients"
 TABLES_GROUP = "tables"
 STAGING_GROUP = "staging"
 TABLE_POINTER_KEY = "lungzarr:tables"
 _TABLE_READ_ATTEMPTS = 20
+#: The arrays each stage writes into a patient group (checked by :meth:`CohortStore.verify_patient`). The
+#: coordinates and any other array of the group (a legacy import's) belong to ingest.
+STAGE_ARRAYS = {"ingest": ("hu", "hu_2mm"), "segment": ("lungs", "segmented"), "detect": ("nodule_prob",)}
+#: The child group each stage writes, whole.
+STAGE_SUBGROUPS = {"nodules": "nodules", "features": "dsb2017"}
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 
@@ -319,6 +326,16 @@ class CohortStore:
             self._group(self.group_path(patient)).attrs.put(attrs)
         return attrs
 
+    def unmark_stages(self, patient: str, stages) -> list[str]:
+        """Drop the completion markers of ``stages`` (one write); the ones that were set, in order."""
+        attrs = self.patient_attrs(patient)
+        marked = dict(attrs.get(STAGES_KEY, {}))
+        dropped = [s for s in STAGES if s in set(stages) and s in marked]
+        if dropped:
+            attrs[STAGES_KEY] = {k: v for k, v in marked.items() if k not in dropped}
+            self._group(self.group_path(patient)).attrs.put(_jsonable(attrs))
+        return dropped
+
     def write_subgroup(self, patient: str, name: str, dataset) -> None:
         """Replace the child group ``patients/<id>/<name>`` with ``dataset`` (computed now)."""
         target = f"{self.group_path(patient)}/{name}"
@@ -485,6 +502,142 @@ class CohortStore:
         if len(kept) != len(old):
             root.attrs.update({FAILURES_KEY: kept})
 
+    # ------------------------------------------------------------------ integrity
+    @staticmethod
+    def array_stage(name: str) -> str:
+        """The stage that writes the array ``name`` of a patient group (``"nodules/prob_max"`` for a child's)."""
+        head = name.split("/", 1)[0]
+        for stage, sub in STAGE_SUBGROUPS.items():
+            if head == sub:
+                return stage
+        for stage, names in STAGE_ARRAYS.items():
+            if head in names:
+                return stage
+        return "ingest"
+
+    def verify_patient(self, patient: str) -> dict:
+        """Read every chunk of every array of ``patient``'s completed stages.
+
+        A chunk is damaged when its file is missing (every chunk is written,
+        so none may be absent), when its checksum does not match its bytes, or
+        when it cannot be decoded; a stage's array or child group that is not
+        there at all is damaged too. Arrays of stages not marked complete are
+        not read (they are redone anyway).
+
+        Returns
+        -------
+        dict
+            ``patient``, ``arrays``, ``chunks`` and ``bytes`` read, and
+            ``damage``: one record per damaged chunk or array with
+            ``patient``, ``stage`` (the one that wrote it), ``array``,
+            ``chunk``, ``kind`` ("missing", "checksum" or "undecodable"),
+            ``file`` and ``reason``.
+        """
+        import json
+        import itertools
+
+        stages = self.stages(patient)
+        folder = self.path / self.group_path(patient)
+        report = {"patient": patient, "arrays": 0, "chunks": 0, "bytes": 0, "damage": []}
+
+        def damaged(stage, array, kind, file, reason, chunk=None):
+            report["damage"].append({"patient": patient, "stage": stage, "array": array, "chunk": chunk,
+                                     "kind": kind, "file": str(file),
+                                     "reason": f"{reason}; `lungzarr run --verify` redoes the {stage} stage"})
+
+        for stage, record in stages.items():
+            legacy = record.get("source") == "import-legacy"  # wrote what the old layout had, under ingest
+            expected = ([STAGE_SUBGROUPS[stage]] if stage in STAGE_SUBGROUPS
+                        else [] if legacy else list(STAGE_ARRAYS.get(stage, ())))
+            for name in expected:
+                if not (folder / name / "zarr.json").is_file():
+                    damaged(stage, name, "missing", folder / name, f"{name!r} is missing from the store")
+
+        arrays = []  # (name relative to the patient group, folder)
+        for entry in sorted(p for p in folder.iterdir() if p.is_dir()):
+            try:
+                node = json.loads((entry / "zarr.json").read_text()).get("node_type")
+            except FileNotFoundError:
+                continue  # not a zarr node (nothing lungzarr writes)
+            except (ValueError, UnicodeDecodeError) as exc:
+                stage = self.array_stage(entry.name)
+                if stage in stages:
+                    damaged(stage, entry.name, "undecodable", entry / "zarr.json",
+                            f"the metadata of {entry.name!r} cannot be read ({exc})")
+                continue
+            if node == "array":
+                arrays.append((entry.name, entry))
+            elif node == "group" and entry.name in STAGE_SUBGROUPS.values():
+                arrays.extend((f"{entry.name}/{child.name}", child)
+                              for child in sorted(entry.iterdir()) if (child / "zarr.json").is_file())
+
+        for name, array_dir in arrays:
+            stage = self.array_stage(name)
+            if stage not in stages:
+                continue
+            try:
+                array = self._zarr.open_array(array_dir, mode="r", zarr_format=3)
+            except Exception as exc:  # metadata that parses but does not describe an array
+                damaged(stage, name, "undecodable", array_dir / "zarr.json",
+                        f"{name!r} cannot be opened ({type(exc).__name__}: {exc})")
+                continue
+            report["arrays"] += 1
+            for coords in itertools.product(*(range(n) for n in array.cdata_shape)):
+                key = array.metadata.encode_chunk_key(coords)
+                file = array_dir / key
+                if not file.is_file():
+                    damaged(stage, name, "missing", file, f"chunk {key} of {name!r} is missing", chunk=key)
+                    continue
+                report["chunks"] += 1
+                report["bytes"] += file.stat().st_size
+                try:
+                    array.get_block_selection(coords)
+                except ValueError as exc:
+                    if "checksum" not in str(exc):
+                        damaged(stage, name, "undecodable", file,
+                                f"chunk {key} of {name!r} cannot be decoded ({exc})", chunk=key)
+                    else:
+                        damaged(stage, name, "checksum", file, f"chunk {key} of {name!r} fails its checksum "
+                                f"(its bytes changed after it was written)", chunk=key)
+                except Exception as exc:
+                    damaged(stage, name, "undecodable", file,
+                            f"chunk {key} of {name!r} cannot be decoded ({type(exc).__name__}: {exc})", chunk=key)
+        return report
+
+    def damage(self) -> list[dict]:
+        """Every damaged chunk or array the last verification of each patient found."""
+        return list(self._root(mode="r").attrs.get(DAMAGE_KEY, []))
+
+    def record_damage(self, found: dict) -> None:
+        """Replace the damage records of each patient of ``found`` (``{patient: records}``) in one write.
+
+        ``records`` as :meth:`verify_patient` returns them; an empty list says
+        the patient was verified and found whole.
+        """
+        now = _now()
+        root = self._root()
+        old = list(root.attrs.get(DAMAGE_KEY, []))
+        kept = [d for d in old if d.get("patient") not in found]
+        new = [_jsonable({**r, "patient": patient, "time": now}) for patient, records in found.items()
+               for r in records]
+        if new or len(kept) != len(old):
+            root.attrs.update({DAMAGE_KEY: kept + new})
+
+    def _clear_committed(self, patient: str, stage: str, *, whole_patient: bool) -> None:
+        """After a commit: drop the stage's failure and its damage (every damage of a new patient group)."""
+        root = self._root()
+        update = {}
+        failures = root.attrs.get(FAILURES_KEY, [])
+        kept = [f for f in failures if (f.get("patient"), f.get("stage")) != (patient, stage)]
+        if len(kept) != len(failures):
+            update[FAILURES_KEY] = kept
+        damage = root.attrs.get(DAMAGE_KEY, [])
+        kept = [d for d in damage if d.get("patient") != patient or not (whole_patient or d.get("stage") == stage)]
+        if len(kept) != len(damage):
+            update[DAMAGE_KEY] = kept
+        if update:
+            root.attrs.update(update)
+
     # ------------------------------------------------------------------ warnings
     def warnings(self) -> list[dict]:
         """Every recorded warning: patient, stage, file, reason, time."""
@@ -612,7 +765,7 @@ class PendingStage:
         group.attrs.put(_jsonable(attrs))
         if self.staged:
             self.store._swap_in(self.patient)
-        self.store.clear_failure(self.patient, self.stage)
+        self.store._clear_committed(self.patient, self.stage, whole_patient=self.staged)
 
     def discard(self) -> None:
         """Drop what a failed write left (staged groups only; stage arrays are redone next run)."""
@@ -671,3 +824,11 @@ def read_warnings(path):
 
     return pd.DataFrame(CohortStore(path, mode="r").warnings(),
                         columns=["patient", "stage", "file", "reason", "time"])
+
+
+def read_damage(path):
+    """Every damaged chunk or array found by ``lungzarr verify``: patient, stage, array, chunk, kind, file, reason, time."""
+    import pandas as pd
+
+    return pd.DataFrame(CohortStore(path, mode="r").damage(),
+                        columns=["patient", "stage", "array", "chunk", "kind", "file", "reason", "time"])
