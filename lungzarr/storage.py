@@ -5,9 +5,16 @@ The only module of lungzarr that imports zarr. Layout::
     STORE/
       patients/<id>/          xarray Dataset: hu, hu_2mm, lungs, segmented, nodule_prob
       patients/<id>/nodules/  xarray Dataset with a ``nodule`` dimension
-      tables/patients         cohort-wide patient table (dimension ``patient``)
-      tables/nodules          cohort-wide nodule table (dimension ``nodule``)
-    STORE.lock                held while a run writes (refuses a second writer)
+      tables/patients.<uuid>  cohort-wide patient table (dimension ``patient``)
+      tables/nodules.<uuid>   cohort-wide nodule table (dimension ``nodule``); the ``tables``
+                              group's attribute ``lungzarr:tables`` names each current group
+    STORE.lock                held while a run writes (refuses a second writer); beside the
+                              store's resolved path
+
+Every chunk of every array ends in a CRC-32C and every chunk is written (none
+left implicit as the fill value), so :meth:`CohortStore.verify_patient` finds a
+changed, undecodable or missing chunk; damage found is kept in the root attribute
+``lungzarr:damage``.
 
 A stage of a patient is *complete* only once all its arrays are written: the
 stage marker (group attribute ``lungzarr:stages``) is set after the write, so
