@@ -326,6 +326,10 @@ def verify(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
                   + (f"{len(damaged)} patient(s) damaged" if damaged else "no damage"))
     for rec in report.damage:
         Console().print(_damage_line(rec), soft_wrap=True)
+    if report.unchecksummed:
+        console.print(f"{len(report.unchecksummed)} array(s) were written before lungzarr checksummed every chunk "
+                      f"(e.g. {report.unchecksummed[0]}): read, but a missing chunk there is not seen as damage; "
+                      f"`lungzarr run INPUT STORE --overwrite` rewrites them with checksums", soft_wrap=True)
     if damaged:
         console.print("`lungzarr run INPUT STORE --verify` redoes the damaged stages (and every later one)")
     raise typer.Exit(1 if damaged else 0)

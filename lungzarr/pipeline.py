@@ -434,6 +434,8 @@ class VerifyReport:
     chunks: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    #: ``patient/array`` names written before lungzarr checksummed every chunk (see CohortStore.verify_patient).
+    unchecksummed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -481,6 +483,7 @@ def _verify(store, patients, *, client=None) -> VerifyReport:
         report.arrays += result["arrays"]
         report.chunks += result["chunks"]
         report.bytes += result["bytes"]
+        report.unchecksummed.extend(f"{result['patient']}/{name}" for name in result["unchecksummed"])
     report.seconds = time.perf_counter() - start
     return report
 

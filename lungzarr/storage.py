@@ -538,14 +538,16 @@ class CohortStore:
             ``damage``: one record per damaged chunk or array with
             ``patient``, ``stage`` (the one that wrote it), ``array``,
             ``chunk``, ``kind`` ("missing", "checksum" or "undecodable"),
-            ``file`` and ``reason``.
+            ``file`` and ``reason``; ``unchecksummed``: arrays written before
+            lungzarr checksummed every chunk (read, but a chunk file missing
+            there may be the fill value, so it is not counted as damage).
         """
         import json
         import itertools
 
         stages = self.stages(patient)
         folder = self.path / self.group_path(patient)
-        report = {"patient": patient, "arrays": 0, "chunks": 0, "bytes": 0, "damage": []}
+        report = {"patient": patient, "arrays": 0, "chunks": 0, "bytes": 0, "damage": [], "unchecksummed": []}
 
         def damaged(stage, array, kind, file, reason, chunk=None):
             report["damage"].append({"patient": patient, "stage": stage, "array": array, "chunk": chunk,
@@ -589,11 +591,18 @@ class CohortStore:
                         f"{name!r} cannot be opened ({type(exc).__name__}: {exc})")
                 continue
             report["arrays"] += 1
+            # Arrays written before lungzarr checksummed its chunks also left chunks of only the fill
+            # value unwritten: there a missing file is not damage, and a changed chunk may go unseen.
+            checksummed = any(getattr(c, "to_dict", lambda: {})().get("name") == "crc32c"
+                              for c in array.metadata.codecs)
+            if not checksummed:
+                report["unchecksummed"].append(name)
             for coords in itertools.product(*(range(n) for n in array.cdata_shape)):
                 key = array.metadata.encode_chunk_key(coords)
                 file = array_dir / key
                 if not file.is_file():
-                    damaged(stage, name, "missing", file, f"chunk {key} of {name!r} is missing", chunk=key)
+                    if checksummed:
+                        damaged(stage, name, "missing", file, f"chunk {key} of {name!r} is missing", chunk=key)
                     continue
                 report["chunks"] += 1
                 report["bytes"] += file.stat().st_size

@@ -93,7 +93,7 @@ def test_verify_of_a_clean_store(one_small, tmp_path):
     assert read_damage(store).empty
 
 
-def _damage_and_repair(input_dir, clean, store, damaged_array, expect_kind, redone):
+def _damage_and_repair(input_dir, clean, store, damaged_array, expect_kind, redone, *, cli=False):
     """verify names the damage (exit 1), status shows it, run --verify redoes it to the clean store."""
     before = CohortStore(store, mode="r").stages(PATIENT)
     result = runner.invoke(app, ["verify", str(store), "--scheduler", "threads"])
@@ -109,10 +109,15 @@ def _damage_and_repair(input_dir, clean, store, damaged_array, expect_kind, redo
     assert status.exit_code == 0, status.output
     assert f"damaged {PATIENT} ({redone[0]}) {damaged_array}:" in " ".join(status.output.split())
 
-    with dask.config.set(scheduler="threads"):
-        summaries = run(input_dir, store, chunk_slices=8, verify=True)
-    done = [s.stage for s in summaries if s.done == [PATIENT]]
-    assert done == list(redone), [s.as_dict() for s in summaries]
+    if cli:
+        result = runner.invoke(app, ["run", str(input_dir), str(store), "--verify", "--chunk-slices", "8",
+                                     "--scheduler", "threads"])
+        assert result.exit_code == 0, result.output
+    else:
+        with dask.config.set(scheduler="threads"):
+            summaries = run(input_dir, store, chunk_slices=8, verify=True)
+        done = [s.stage for s in summaries if s.done == [PATIENT]]
+        assert done == list(redone), [s.as_dict() for s in summaries]
     after = CohortStore(store, mode="r").stages(PATIENT)
     for stage in ("ingest", "segment", "detect", "nodules", "features"):
         assert (after[stage]["id"] != before[stage]["id"]) == (stage in redone), stage
@@ -142,7 +147,7 @@ def test_overwritten_bytes_in_segmented_fail_the_checksum_and_segment_is_redone(
     data[middle:middle + 64] = bytes(64)
     chunk.write_bytes(bytes(data))
     _damage_and_repair(input_dir, clean, store, "segmented", "checksum",
-                       ("segment", "detect", "nodules", "features"))
+                       ("segment", "detect", "nodules", "features"), cli=True)
 
 
 def test_verify_names_every_kind_of_damage(one_small, tmp_path):
@@ -254,3 +259,22 @@ def test_tables_of_a_store_written_before_the_pointer_are_read_and_replaced(tmp_
     store.write_table("nodules", _versioned_frame(4), dim="nodule")
     pd.testing.assert_frame_equal(lungzarr.read_nodules(store.path), _versioned_frame(4), check_dtype=False)
     assert not (store.path / "tables" / "nodules").exists()
+
+
+def test_arrays_written_before_checksums_are_read_but_missing_chunks_not_called_damage(tmp_path, monkeypatch):
+    """A store of the layout before: no crc32c, fill-value-only chunks never written."""
+    from lungzarr import storage
+    from lungzarr.pipeline import ingest
+
+    from dicom_phantoms import make_patient
+
+    make_patient(tmp_path / "in" / "P1")
+    monkeypatch.setattr(storage, "CHECKSUM_CHUNKS", False)
+    monkeypatch.setattr(storage, "_WRITE", {**storage._WRITE, "write_empty_chunks": False})
+    ingest(tmp_path / "in", tmp_path / "old.zarr", chunk_slices=4)
+    monkeypatch.undo()
+    report = verify_store(tmp_path / "old.zarr")
+    assert report.ok and report.arrays > 0
+    assert "P1/hu" in report.unchecksummed and "P1/hu_2mm" in report.unchecksummed
+    result = runner.invoke(app, ["verify", str(tmp_path / "old.zarr"), "--scheduler", "threads"])
+    assert result.exit_code == 0 and "written before lungzarr checksummed" in " ".join(result.output.split())
