@@ -114,7 +114,9 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: str = PrecisionOpt,
         infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
-        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt, strict: bool = StrictOpt):
+        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt, strict: bool = StrictOpt,
+        verify: bool = typer.Option(False, "--verify", help="First read every stored chunk of these patients "
+                                                            "and redo the damaged stages (see `lungzarr verify`).")):
     """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
     from lungzarr.cluster import dask_client
     from lungzarr.pipeline import run as run_pipeline
@@ -124,7 +126,7 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
             summaries = run_pipeline(input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices,
                                      batch_size=batch_size, precision=precision, infer_batch=infer_batch,
                                      patients=patients, overwrite=overwrite, client=client,
-                                     gpu=_gpu_flag(client),
+                                     gpu=_gpu_flag(client), verify=verify,
                                      progress=_bar_progress(bar), strict=strict)
     except LungzarrError as exc:
         _fail(exc)
@@ -306,6 +308,37 @@ def evaluate(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     Console().print(f"written: {', '.join(str(v) for v in out['files'].values())}")
 
 
+def _damage_line(rec) -> str:
+    return f"damaged {rec['patient']} ({rec['stage']}) {rec['array']}: {rec['reason']} — file: {rec['file']}"
+
+
+@app.command()
+def verify(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+           patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt):
+    """Read every chunk of every completed stage; list damaged patients and arrays (exit 1 if any)."""
+    from lungzarr.cluster import dask_client
+    from lungzarr.pipeline import verify_store
+
+    try:
+        with dask_client(scheduler, echo=console.print) as client:
+            report = verify_store(store, patients=patients, client=client)
+    except LungzarrError as exc:
+        _fail(exc)
+    damaged = report.damaged_stages()
+    console.print(f"{len(report.patients)} patient(s), {report.arrays} array(s), {report.chunks} chunk(s) "
+                  f"({report.bytes / 1e6:.1f} MB) read in {report.seconds:.1f} s: "
+                  + (f"{len(damaged)} patient(s) damaged" if damaged else "no damage"))
+    for rec in report.damage:
+        Console().print(_damage_line(rec), soft_wrap=True)
+    if report.unchecksummed:
+        console.print(f"{len(report.unchecksummed)} array(s) were written before lungzarr checksummed every chunk "
+                      f"(e.g. {report.unchecksummed[0]}): read, but a missing chunk there is not seen as damage; "
+                      f"`lungzarr run INPUT STORE --overwrite` rewrites them with checksums", soft_wrap=True)
+    if damaged:
+        console.print("`lungzarr run INPUT STORE --verify` redoes the damaged stages (and every later one)")
+    raise typer.Exit(1 if damaged else 0)
+
+
 @app.command()
 def status(store: Path = typer.Argument(..., help="The cohort's Zarr store.")):
     """Per-stage counts, failures with their reasons, and the store's size."""
@@ -319,12 +352,15 @@ def status(store: Path = typer.Argument(..., help="The cohort's Zarr store.")):
     table.add_column("stage")
     table.add_column("complete")
     table.add_column("failed")
+    table.add_column("damaged")
     for stage, row in info["stages"].items():
-        table.add_row(stage, str(row["complete"]), str(row["failed"]))
+        table.add_row(stage, str(row["complete"]), str(row["failed"]), str(row["damaged"]))
     Console().print(table)
     for rec in info["failures"]:
         Console().print(f"failed {rec['patient']} ({rec['stage']}): {rec['reason']}"
                         + (f" — file: {rec['file']}" if rec.get("file") else ""))
+    for rec in info["damage"]:
+        Console().print(_damage_line(rec), soft_wrap=True)
     for rec in info["warnings"]:
         Console().print(f"warning {rec['patient']} ({rec['stage']}): {rec['reason']}"
                         + (f" — file: {rec['file']}" if rec.get("file") else ""))

@@ -125,7 +125,7 @@ def test_a_new_stage_is_one_stage_object(monkeypatch, tmp_path):
         lungs = CohortStore(store, mode="r").open_patient("P1").lungs.values
         assert record["lung_voxels"] == int(np.count_nonzero(lungs)) > 0
         assert record["depends_on"] == {"segment": CohortStore(store, mode="r").stages("P1")["segment"]["id"]}
-        assert store_status(store)["stages"]["lung_voxels"] == {"complete": 1, "failed": 0}
+        assert store_status(store)["stages"]["lung_voxels"] == {"complete": 1, "failed": 0, "damaged": 0}
         assert bool(read_patients(store).stage_lung_voxels.iloc[0])
         again = run(tmp_path / "in", store)
         assert [s.skipped for s in again] == [["P1"]] * 3

@@ -242,3 +242,33 @@ def test_lock_is_released_when_the_holder_ends(tmp_path):
     proc.wait(timeout=30)
     make_patient(tmp_path / "input" / "P1")
     assert ingest(tmp_path / "input", store).done == ["P1"]
+
+
+def test_lock_follows_the_resolved_store(lock_holder, tmp_path, monkeypatch):
+    """A symlink to the store, a relative path or ``a/../store`` names the same lock."""
+    store, pid = lock_holder
+    (tmp_path / "link.zarr").symlink_to(store, target_is_directory=True)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spelling in (tmp_path / "link.zarr", Path("cohort.zarr"), Path("sub/../cohort.zarr"),
+                     Path("link.zarr"), tmp_path / "sub" / ".." / "link.zarr"):
+        with pytest.raises(StoreLockedError, match=f"pid {pid}"):
+            with CohortStore(spelling).lock():
+                pass
+    assert CohortStore(tmp_path / "link.zarr").lock_path == CohortStore(store).lock_path == \
+        tmp_path / "cohort.zarr.lock"
+    make_patient(tmp_path / "input" / "P1")
+    with pytest.raises(StoreLockedError):
+        ingest(tmp_path / "input", tmp_path / "link.zarr")
+    assert CohortStore(store, mode="r").patients() == []
+    assert not (tmp_path / "link.zarr.lock").exists()
+
+
+def test_lock_file_is_emptied_after_a_clean_run(tmp_path):
+    make_patient(tmp_path / "input" / "P1")
+    store = tmp_path / "cohort.zarr"
+    with CohortStore(store).lock():
+        assert (tmp_path / "cohort.zarr.lock").read_text().startswith(f"pid {os.getpid()} since ")
+    assert (tmp_path / "cohort.zarr.lock").read_text() == ""
+    assert ingest(tmp_path / "input", store).done == ["P1"]
+    assert (tmp_path / "cohort.zarr.lock").read_text() == ""

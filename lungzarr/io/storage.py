@@ -5,9 +5,16 @@ The only module of lungzarr that imports zarr. Layout::
     STORE/
       patients/<id>/          xarray Dataset: hu, hu_2mm, lungs, segmented, nodule_prob
       patients/<id>/nodules/  xarray Dataset with a ``nodule`` dimension
-      tables/patients         cohort-wide patient table (dimension ``patient``)
-      tables/nodules          cohort-wide nodule table (dimension ``nodule``)
-    STORE.lock                held while a run writes (refuses a second writer)
+      tables/patients.<uuid>  cohort-wide patient table (dimension ``patient``)
+      tables/nodules.<uuid>   cohort-wide nodule table (dimension ``nodule``); the ``tables``
+                              group's attribute ``lungzarr:tables`` names each current group
+    STORE.lock                held while a run writes (refuses a second writer); beside the
+                              store's resolved path
+
+Every chunk of every array ends in a CRC-32C and every chunk is written (none
+left implicit as the fill value), so :meth:`CohortStore.verify_patient` finds a
+changed, undecodable or missing chunk; damage found is kept in the root attribute
+``lungzarr:damage``.
 
 A stage of a patient is *complete* only once all its arrays are written: the
 stage marker (group attribute ``lungzarr:stages``) is set after the write, so
@@ -40,14 +47,18 @@ __all__ = [
     "read_failures",
     "read_warnings",
     "grid_from_attrs",
+    "read_damage",
 ]
 
 STAGES_KEY = "lungzarr:stages"
 FAILURES_KEY = "lungzarr:failures"
 WARNINGS_KEY = "lungzarr:warnings"
+DAMAGE_KEY = "lungzarr:damage"
 PATIENTS_GROUP = "patients"
 TABLES_GROUP = "tables"
 STAGING_GROUP = "staging"
+TABLE_POINTER_KEY = "lungzarr:tables"
+_TABLE_READ_ATTEMPTS = 20
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 
@@ -109,6 +120,38 @@ def _voxel_compression(dataset):
         if var.ndim >= 3 and "compressors" not in var.encoding:
             var.encoding["compressors"] = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
     return dataset
+
+
+#: Every chunk lungzarr writes ends in a CRC-32C of its encoded bytes (zarr v3's ``crc32c`` codec after the
+#: compressor), so a damaged chunk raises on read instead of decoding to wrong values. Only
+#: ``benchmarks/bench_checksum.py`` turns it off, for its with/without comparison.
+CHECKSUM_CHUNKS = True
+
+#: Keyword arguments of every ``to_zarr`` of lungzarr: every chunk is written, even one that holds only the
+#: fill value, so a missing chunk file is always damage (zarr would read it back as the fill value).
+_WRITE = {"consolidated": False, "zarr_format": 3, "write_empty_chunks": True}
+
+
+def _checksummed(dataset):
+    """Append the crc32c codec to every variable's compressors (coordinates included).
+
+    A variable without compressors in its encoding gets zarr's default
+    (zstd) first, so only the 4-byte checksum per chunk is added.
+    """
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    if not CHECKSUM_CHUNKS:
+        return dataset
+    for var in dataset.variables.values():
+        codecs = tuple(var.encoding.get("compressors") or (ZstdCodec(),))
+        if not any(isinstance(c, Crc32cCodec) for c in codecs):
+            var.encoding["compressors"] = codecs + (Crc32cCodec(),)
+    return dataset
+
+
+def _encoded_for_store(dataset):
+    """Strings variable-length, voxels Blosc-LZ4, every chunk checksummed."""
+    return _checksummed(_voxel_compression(_vlen_strings(dataset)))
 
 
 class CohortStore:
@@ -257,8 +300,7 @@ class CohortStore:
             existing = {p.name for p in (self.path / gpath).iterdir()}
             dataset = dataset.drop_vars([c for c in dataset.coords if c in existing])
             dataset.attrs = {}
-        delayed = _voxel_compression(_vlen_strings(dataset)).to_zarr(
-            self.path, group=target, mode=mode, consolidated=False, zarr_format=3, compute=False)
+        delayed = _encoded_for_store(dataset).to_zarr(self.path, group=target, mode=mode, compute=False, **_WRITE)
         # xarray rewrites the group's attributes on every write: put ours back at once.
         self._group(gpath).attrs.put(_jsonable(attrs))
         return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath,
@@ -287,13 +329,22 @@ class CohortStore:
             self._group(self.group_path(patient)).attrs.put(attrs)
         return attrs
 
+    def unmark_stages(self, patient: str, stages) -> list[str]:
+        """Drop the completion markers of ``stages`` (one write); the ones that were set, in order."""
+        attrs = self.patient_attrs(patient)
+        marked = dict(attrs.get(STAGES_KEY, {}))
+        dropped = [s for s in stages if s in marked]
+        if dropped:
+            attrs[STAGES_KEY] = {k: v for k, v in marked.items() if k not in dropped}
+            self._group(self.group_path(patient)).attrs.put(_jsonable(attrs))
+        return dropped
+
     def write_subgroup(self, patient: str, name: str, dataset) -> None:
         """Replace the child group ``patients/<id>/<name>`` with ``dataset`` (computed now)."""
         target = f"{self.group_path(patient)}/{name}"
         if (self.path / target).exists():
             shutil.rmtree(self.path / target)
-        _vlen_strings(dataset.copy()).to_zarr(self.path, group=target, mode="w", consolidated=False,
-                                              zarr_format=3)
+        _encoded_for_store(dataset.copy()).to_zarr(self.path, group=target, mode="w", **_WRITE)
 
     # ------------------------------------------------------------------ reads
     def open_patient(self, patient: str, *, subgroup: str | None = None):
@@ -313,8 +364,49 @@ class CohortStore:
         return (self.path / self.group_path(patient) / subgroup / "zarr.json").exists()
 
     # ------------------------------------------------------------------ tables
+    # A cohort table is replaced atomically. Each write goes to a fresh group
+    # ``tables/<name>.<uuid>``; the ``tables`` group's attribute ``lungzarr:tables``
+    # ({name: group}) says which group is current and is switched by one
+    # ``os.replace`` of ``tables/zarr.json``; the old group is removed after the
+    # switch. A reader reads the pointer, loads that group whole, and reads the
+    # pointer again: unchanged means the group was current for the whole read (a
+    # group is removed only after the pointer moved away from it), so the reader
+    # saw one complete table; changed means it may have read a group being
+    # removed (zarr reads a vanished chunk as the fill value), so it reads the new
+    # one. Group names are never reused, so "unchanged" cannot be a new table of
+    # the same name. Stores written before this layout have ``tables/<name>``
+    # itself, read when the pointer does not name the table.
+
+    def _tables_meta_path(self) -> Path:
+        return self.path / TABLES_GROUP / "zarr.json"
+
+    def _table_pointer(self) -> dict:
+        import json
+
+        try:
+            meta = json.loads(self._tables_meta_path().read_text())
+        except FileNotFoundError:
+            return {}
+        return dict(meta.get("attributes", {}).get(TABLE_POINTER_KEY, {}))
+
+    def _switch_table(self, name: str, group: str) -> None:
+        """Point ``name`` at ``group`` with one atomic replace of the tables group's metadata."""
+        import json
+
+        meta_path = self._tables_meta_path()
+        meta = json.loads(meta_path.read_text())
+        attributes = dict(meta.get("attributes", {}))
+        attributes[TABLE_POINTER_KEY] = {**attributes.get(TABLE_POINTER_KEY, {}), name: group}
+        meta["attributes"] = attributes
+        tmp = meta_path.with_name(f".zarr.json.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, meta_path)
+
     def write_table(self, name: str, frame, *, dim: str) -> None:
-        """Store a pandas DataFrame as the Dataset ``tables/<name>`` (dimension ``dim``)."""
+        """Store a pandas DataFrame as the cohort table ``name`` (dimension ``dim``), replacing it atomically.
+
+        A concurrent :meth:`read_table` sees the old table or the new one, whole.
+        """
         import xarray as xr
 
         frame = frame.reset_index(drop=True)
@@ -328,17 +420,48 @@ class CohortStore:
         if dim in frame.columns:
             ds = ds.assign_coords({dim: ds[dim].astype(object)})
         ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__, "columns": columns}
-        ds.to_zarr(self.path, group=f"{TABLES_GROUP}/{name}", mode="w", consolidated=False, zarr_format=3)
+        group = f"{name}.{uuid.uuid4().hex}"
+        _checksummed(ds).to_zarr(self.path, group=f"{TABLES_GROUP}/{group}", mode="w", **_WRITE)
+        self._switch_table(name, group)
+        # Only now is the old group unreachable for a new reader; remove it, an old-layout
+        # tables/<name>, and any group a killed writer left before its switch.
+        for folder in (self.path / TABLES_GROUP).iterdir():
+            if folder.is_dir() and folder.name != group and (
+                    folder.name == name or (folder.name.startswith(name + ".")
+                                            and folder.name[len(name) + 1:].isalnum())):
+                shutil.rmtree(folder, ignore_errors=True)
 
-    def read_table(self, name: str):
-        """The table ``tables/<name>`` as a pandas DataFrame (empty if absent)."""
-        import pandas as pd
+    def _table_dataset(self, name: str):
+        """The current Dataset of table ``name``, loaded whole and checked to be current throughout; or None."""
         import xarray as xr
 
-        if not (self.path / TABLES_GROUP / name / "zarr.json").exists():
+        for _ in range(_TABLE_READ_ATTEMPTS):
+            group = self._table_pointer().get(name)
+            if group is None:
+                if not (self.path / TABLES_GROUP / name / "zarr.json").exists():
+                    return None
+                group = name  # a store written before the pointer
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", category=UserWarning)
+                    ds = xr.open_dataset(self.path, group=f"{TABLES_GROUP}/{group}", engine="zarr",
+                                         consolidated=False, zarr_format=3).load()
+            except (FileNotFoundError, KeyError, ValueError, self._zarr.errors.BaseZarrError):
+                if self._table_pointer().get(name, name) == group:
+                    raise  # the current table itself cannot be read: damage, not a race
+                continue  # replaced (and removed) while we opened it: read the new one
+            if self._table_pointer().get(name, name) == group:
+                return ds
+        raise LungzarrError(f"table {name!r} of {str(self.path)!r} was replaced {_TABLE_READ_ATTEMPTS} times "
+                            f"while being read; read it again once the run writing the store has finished")
+
+    def read_table(self, name: str):
+        """The cohort table ``name`` as a pandas DataFrame (empty if absent): the old or the new one, never torn."""
+        import pandas as pd
+
+        ds = self._table_dataset(name)
+        if ds is None:
             return pd.DataFrame()
-        ds = xr.open_dataset(self.path, group=f"{TABLES_GROUP}/{name}", engine="zarr", consolidated=False,
-                             zarr_format=3)
         columns = ds.attrs.get("columns")
         frame = ds.to_dataframe()
         frame = frame.reset_index(drop=not (columns and frame.index.name in columns))
@@ -347,6 +470,14 @@ class CohortStore:
             if frame[col].dtype == object or str(frame[col].dtype).startswith("str"):
                 frame[col] = frame[col].astype(object)
         return frame
+
+    def table_names(self) -> list[str]:
+        """Names of the cohort tables in the store."""
+        names = set(self._table_pointer())
+        folder = self.path / TABLES_GROUP
+        if folder.is_dir():
+            names.update(p.name for p in folder.iterdir() if "." not in p.name and (p / "zarr.json").exists())
+        return sorted(names)
 
     # ------------------------------------------------------------------ failures
     def failures(self) -> list[dict]:
@@ -369,6 +500,157 @@ class CohortStore:
         kept = [f for f in old if (f.get("patient"), f.get("stage")) != (patient, stage)]
         if len(kept) != len(old):
             root.attrs.update({FAILURES_KEY: kept})
+
+    # ------------------------------------------------------------------ integrity
+    @staticmethod
+    def array_stage(name: str, owners: dict, creator: str) -> str:
+        """The stage that writes the array ``name`` of a patient group (``"nodules/prob_max"`` for a child's).
+
+        ``owners`` maps a stage to ``{"arrays": (...), "subgroups": (...)}`` (the
+        pipeline's stage registry says what each writes); every other array of
+        the group (coordinates, a legacy import's) belongs to ``creator``, the
+        stage that created the group.
+        """
+        head = name.split("/", 1)[0]
+        for stage, owned in owners.items():
+            if head in owned.get("subgroups", ()) or head in owned.get("arrays", ()):
+                return stage
+        return creator
+
+    def verify_patient(self, patient: str, *, owners: dict, creator: str) -> dict:
+        """Read every chunk of every array of ``patient``'s completed stages.
+
+        ``owners`` and ``creator`` say which stage wrote which array (see
+        :meth:`array_stage`).
+
+        A chunk is damaged when its file is missing (every chunk is written,
+        so none may be absent), when its checksum does not match its bytes, or
+        when it cannot be decoded; a stage's array or child group that is not
+        there at all is damaged too. Arrays of stages not marked complete are
+        not read (they are redone anyway).
+
+        Returns
+        -------
+        dict
+            ``patient``, ``arrays``, ``chunks`` and ``bytes`` read, and
+            ``damage``: one record per damaged chunk or array with
+            ``patient``, ``stage`` (the one that wrote it), ``array``,
+            ``chunk``, ``kind`` ("missing", "checksum" or "undecodable"),
+            ``file`` and ``reason``; ``unchecksummed``: arrays written before
+            lungzarr checksummed every chunk (read, but a chunk file missing
+            there may be the fill value, so it is not counted as damage).
+        """
+        import itertools
+        import json
+
+        stages = self.stages(patient)
+        folder = self.path / self.group_path(patient)
+        report = {"patient": patient, "arrays": 0, "chunks": 0, "bytes": 0, "damage": [], "unchecksummed": []}
+
+        def damaged(stage, array, kind, file, reason, chunk=None):
+            report["damage"].append({"patient": patient, "stage": stage, "array": array, "chunk": chunk,
+                                     "kind": kind, "file": str(file),
+                                     "reason": f"{reason}; `lungzarr run --verify` redoes the {stage} stage"})
+
+        for stage, record in stages.items():
+            legacy = record.get("source") == "import-legacy"  # wrote what the old layout had, under ingest
+            owned = owners.get(stage, {})
+            expected = list(owned.get("subgroups", ())) or ([] if legacy else list(owned.get("arrays", ())))
+            for name in expected:
+                if not (folder / name / "zarr.json").is_file():
+                    damaged(stage, name, "missing", folder / name, f"{name!r} is missing from the store")
+
+        arrays = []  # (name relative to the patient group, folder)
+        for entry in sorted(p for p in folder.iterdir() if p.is_dir()):
+            try:
+                node = json.loads((entry / "zarr.json").read_text()).get("node_type")
+            except FileNotFoundError:
+                continue  # not a zarr node (nothing lungzarr writes)
+            except (ValueError, UnicodeDecodeError) as exc:
+                stage = self.array_stage(entry.name, owners, creator)
+                if stage in stages:
+                    damaged(stage, entry.name, "undecodable", entry / "zarr.json",
+                            f"the metadata of {entry.name!r} cannot be read ({exc})")
+                continue
+            if node == "array":
+                arrays.append((entry.name, entry))
+            elif node == "group" and any(entry.name in o.get("subgroups", ()) for o in owners.values()):
+                arrays.extend((f"{entry.name}/{child.name}", child)
+                              for child in sorted(entry.iterdir()) if (child / "zarr.json").is_file())
+
+        for name, array_dir in arrays:
+            stage = self.array_stage(name, owners, creator)
+            if stage not in stages:
+                continue
+            try:
+                array = self._zarr.open_array(array_dir, mode="r", zarr_format=3)
+            except Exception as exc:  # metadata that parses but does not describe an array
+                damaged(stage, name, "undecodable", array_dir / "zarr.json",
+                        f"{name!r} cannot be opened ({type(exc).__name__}: {exc})")
+                continue
+            report["arrays"] += 1
+            # Arrays written before lungzarr checksummed its chunks also left chunks of only the fill
+            # value unwritten: there a missing file is not damage, and a changed chunk may go unseen.
+            checksummed = any(getattr(c, "to_dict", lambda: {})().get("name") == "crc32c"
+                              for c in array.metadata.codecs)
+            if not checksummed:
+                report["unchecksummed"].append(name)
+            for coords in itertools.product(*(range(n) for n in array.cdata_shape)):
+                key = array.metadata.encode_chunk_key(coords)
+                file = array_dir / key
+                if not file.is_file():
+                    if checksummed:
+                        damaged(stage, name, "missing", file, f"chunk {key} of {name!r} is missing", chunk=key)
+                    continue
+                report["chunks"] += 1
+                report["bytes"] += file.stat().st_size
+                try:
+                    array.get_block_selection(coords)
+                except ValueError as exc:
+                    if "checksum" not in str(exc):
+                        damaged(stage, name, "undecodable", file,
+                                f"chunk {key} of {name!r} cannot be decoded ({exc})", chunk=key)
+                    else:
+                        damaged(stage, name, "checksum", file, f"chunk {key} of {name!r} fails its checksum "
+                                f"(its bytes changed after it was written)", chunk=key)
+                except Exception as exc:
+                    damaged(stage, name, "undecodable", file,
+                            f"chunk {key} of {name!r} cannot be decoded ({type(exc).__name__}: {exc})", chunk=key)
+        return report
+
+    def damage(self) -> list[dict]:
+        """Every damaged chunk or array the last verification of each patient found."""
+        return list(self._root(mode="r").attrs.get(DAMAGE_KEY, []))
+
+    def record_damage(self, found: dict) -> None:
+        """Replace the damage records of each patient of ``found`` (``{patient: records}``) in one write.
+
+        ``records`` as :meth:`verify_patient` returns them; an empty list says
+        the patient was verified and found whole.
+        """
+        now = _now()
+        root = self._root()
+        old = list(root.attrs.get(DAMAGE_KEY, []))
+        kept = [d for d in old if d.get("patient") not in found]
+        new = [_jsonable({**r, "patient": patient, "time": now}) for patient, records in found.items()
+               for r in records]
+        if new or len(kept) != len(old):
+            root.attrs.update({DAMAGE_KEY: kept + new})
+
+    def _clear_committed(self, patient: str, stage: str, *, whole_patient: bool) -> None:
+        """After a commit: drop the stage's failure and its damage (every damage of a new patient group)."""
+        root = self._root()
+        update = {}
+        failures = root.attrs.get(FAILURES_KEY, [])
+        kept = [f for f in failures if (f.get("patient"), f.get("stage")) != (patient, stage)]
+        if len(kept) != len(failures):
+            update[FAILURES_KEY] = kept
+        damage = root.attrs.get(DAMAGE_KEY, [])
+        kept = [d for d in damage if d.get("patient") != patient or not (whole_patient or d.get("stage") == stage)]
+        if len(kept) != len(damage):
+            update[DAMAGE_KEY] = kept
+        if update:
+            root.attrs.update(update)
 
     # ------------------------------------------------------------------ warnings
     def warnings(self) -> list[dict]:
@@ -397,25 +679,38 @@ class CohortStore:
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
+    @property
+    def lock_path(self) -> Path:
+        """``NAME.lock`` beside the store's resolved path (symlinks and ``..`` followed).
+
+        Every spelling of one store (a symlink to it, a relative or an absolute
+        path, ``a/../store``) names the same lock file, so two runs can never
+        write one store at once through two names.
+        """
+        real = Path(os.path.realpath(self.path))
+        return real.with_name(real.name + ".lock")
+
     @contextmanager
     def lock(self):
-        """Hold the store's writer lock; refuse when another process holds it.
+        """Hold the store's writer lock (:attr:`lock_path`); refuse when another process holds it.
 
         An OS-level ``flock``: released by the kernel when the process dies,
-        so a killed run never leaves a stale lock behind.
+        so a killed run never leaves a stale lock behind. The lock file names
+        the holder ("pid N since ...") while it is held and is emptied on release.
         """
-        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_path = self.lock_path
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(lock_path, "a+")
         try:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                raise StoreLockedError(
-                    f"store {str(self.path)!r} is being written by {holder}; wait for that run to finish "
-                    f"(or stop it) and run again — two runs on one store would interleave") from None
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StoreLockedError(
+                f"store {str(self.path)!r} is being written by {holder}; wait for that run to finish "
+                f"(or stop it) and run again — two runs on one store would interleave") from None
+        try:
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()} since {_now()}")
@@ -427,9 +722,16 @@ class CohortStore:
             yield self
         finally:
             try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                # Emptied, not removed, while still held: a waiting writer may have the file
+                # open already, and a new file of the same name would be a second lock.
+                fh.seek(0)
+                fh.truncate()
+                fh.flush()
             finally:
-                fh.close()
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                finally:
+                    fh.close()
 
 
 class PendingStage:
@@ -477,7 +779,7 @@ class PendingStage:
         group.attrs.put(_jsonable(attrs))
         if self.staged:
             self.store._swap_in(self.patient)
-        self.store.clear_failure(self.patient, self.stage)
+        self.store._clear_committed(self.patient, self.stage, whole_patient=self.staged)
 
     def discard(self) -> None:
         """Drop what a failed write left (staged groups only; stage arrays are redone next run)."""
@@ -499,9 +801,17 @@ def open_cohort(path):
     import xarray as xr
 
     store = CohortStore(path, mode="r")
+    options = {"engine": "zarr", "consolidated": False, "chunks": {}, "zarr_format": 3}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        return xr.open_datatree(store.path, engine="zarr", consolidated=False, chunks={}, zarr_format=3)
+        root = xr.open_dataset(store.path, **options)
+        children = {name: xr.open_datatree(store.path, group=name, **options)
+                    for name in (PATIENTS_GROUP, STAGING_GROUP) if (store.path / name / "zarr.json").exists()}
+    # The cohort tables as ``tables/<name>``, each read whole through its pointer (small; never a
+    # torn or removed table group: see CohortStore.write_table).
+    tables = {name: xr.DataTree(dataset=store._table_dataset(name)) for name in store.table_names()}
+    children[TABLES_GROUP] = xr.DataTree(children=tables)
+    return xr.DataTree(dataset=root, children=children)
 
 
 def read_nodules(path):
@@ -528,3 +838,11 @@ def read_warnings(path):
 
     return pd.DataFrame(CohortStore(path, mode="r").warnings(),
                         columns=["patient", "stage", "file", "reason", "time"])
+
+
+def read_damage(path):
+    """Every damaged chunk or array found by ``lungzarr verify``: patient, stage, array, chunk, kind, file, reason, time."""
+    import pandas as pd
+
+    return pd.DataFrame(CohortStore(path, mode="r").damage(),
+                        columns=["patient", "stage", "array", "chunk", "kind", "file", "reason", "time"])

@@ -16,6 +16,8 @@ Read it in this order:
     skipped or is blocked.
 ``inputs``, ``placement``, ``tables``
     INPUT folders, which workers run which stage, the cohort tables.
+``verify``
+    Every chunk of the completed stages read back; what ``run --verify`` redoes.
 ``exports``, ``legacy_import``, ``evaluation``
     Tables out (DSB2017 CSV, nodules), the old npz layout in, scoring against
     reader annotations.
@@ -33,11 +35,12 @@ from lungzarr.pipeline.stages import STAGE_NAMES, STAGES, get_stage, ordered_sta
 from lungzarr.pipeline.stages._common import TASK_SLICES, task_slices
 from lungzarr.pipeline.stages.ingest import ingest_dataset
 from lungzarr.pipeline.tables import gather_tables
+from lungzarr.pipeline.verify import VerifyReport, verify_store
 
 __all__ = [
     "run", "ingest", "store_status", "stage_decision",
     "evaluate_store", "export_dsb2017", "export_nodules", "import_legacy", "find_patients", "gather_tables",
     "Stage", "StageOptions", "STAGES", "STAGE_NAMES", "get_stage", "ordered_stages",
     "StageSummary", "ProgressEvent", "Progress", "EVENTS", "stream_stages",
-    "TASK_SLICES", "task_slices", "ingest_dataset",
+    "TASK_SLICES", "task_slices", "ingest_dataset", "verify_store", "VerifyReport",
 ]

@@ -10,6 +10,7 @@ from lungzarr.pipeline.runner import Progress, StageSummary, stream_stages
 from lungzarr.pipeline.stage import StageOptions
 from lungzarr.pipeline.stages import ordered_stages, stage_names
 from lungzarr.pipeline.tables import gather_tables
+from lungzarr.pipeline.verify import redo_damaged, verify_patients
 
 __all__ = ["run", "ingest", "store_status", "stage_decision"]
 
@@ -17,7 +18,8 @@ __all__ = ["run", "ingest", "store_status", "stage_decision"]
 def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=None, weights=None,
         chunk_slices: int = 16, batch_size: int = 4, precision: str = "fp32",
         patients: Iterable[str] | None = None, overwrite: bool = False, client=None, gpu: bool = False,
-        infer_batch: int = 8, progress: Progress | None = None, strict: bool = False) -> list[StageSummary]:
+        infer_batch: int = 8, progress: Progress | None = None, strict: bool = False,
+        verify: bool = False) -> list[StageSummary]:
     """Run pipeline stages for every patient of a cohort; by default all of them, INPUT to tables.
 
     Patients stream through the stages (:func:`~lungzarr.pipeline.runner.stream_stages`):
@@ -59,6 +61,11 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         Every damaged DICOM file is an error (by default a damaged slice at
         either end of the stack is dropped with a warning, and an unreadable
         stray file skipped).
+    verify : bool
+        First verify the run's patients already in the store
+        (:func:`~lungzarr.pipeline.verify.verify_store`) and redo each damaged
+        stage with every later one (damage in ingest's arrays: the patient
+        again from its INPUT entry).
 
     Returns
     -------
@@ -89,6 +96,9 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
             items, bad = _check_ids(store, items, stage=creates[0])
         else:
             items, bad = [(p, None) for p in _stored_patients(store, store_path, patients)], []
+        if verify:
+            redo_damaged(store, verify_patients(store, [p for p, _ in items if store.has_patient(p)],
+                                                client=client))
         summaries = _stream(store, items, chosen, options, overwrite=overwrite, batch_size=batch_size,
                             client=client, progress=progress)
         gather_tables(store)
@@ -106,18 +116,21 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
 
 
 def store_status(store_path) -> dict:
-    """Per-stage counts, failures, warnings and size of a cohort store."""
+    """Per-stage counts, failures, warnings, damage found by :func:`~lungzarr.pipeline.verify.verify_store`,
+    and size of a cohort store."""
     from lungzarr.io.storage import CohortStore
 
     store = CohortStore(store_path, mode="r")
     patients = store.patients()
     failures = store.failures()
+    damage = store.damage()
     done = [store.stages(p) for p in patients]
     stages = {stage: {"complete": sum(stage in d for d in done),
-                      "failed": sum(1 for f in failures if f.get("stage") == stage)}
+                      "failed": sum(1 for f in failures if f.get("stage") == stage),
+                      "damaged": len({d.get("patient") for d in damage if d.get("stage") == stage})}
               for stage in stage_names()}
     return {"n_patients": len(patients), "stages": stages, "failures": failures,
-            "warnings": store.warnings(), "size_mb": store.size_bytes() / 1e6}
+            "warnings": store.warnings(), "damage": damage, "size_mb": store.size_bytes() / 1e6}
 
 
 # ---------------------------------------------------------------------- decisions
