@@ -1,11 +1,15 @@
 """The ``lungzarr`` command line: thin, every command calls one library function."""
 from __future__ import annotations
 
+import enum
+import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.table import Table
@@ -15,6 +19,15 @@ from lungzarr.errors import LungzarrError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Chest-CT DICOM cohorts to a Zarr store, with lung nodule detection.")
 console = Console(stderr=True)
+#: Set by the app callback: ``--debug`` or ``LUNGZARR_DEBUG=1`` shows the traceback of a run-level error.
+_debug = {"on": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", envvar="LUNGZARR_DEBUG",
+                                     help="Show the traceback of an error (also LUNGZARR_DEBUG=1).")):
+    """Chest-CT DICOM cohorts to a Zarr store, with lung nodule detection."""
+    _debug["on"] = debug
 
 SchedulerOpt = typer.Option("local", "--scheduler",
                             help="'local' (a LocalCluster on this machine), 'threads' (no cluster), "
@@ -22,6 +35,10 @@ SchedulerOpt = typer.Option("local", "--scheduler",
 ChunkOpt = typer.Option(16, "--chunk-slices", min=1, help="Slices per chunk along z.")
 BatchOpt = typer.Option(4, "--batch-size", min=1,
                         help="Patients in flight per stage (bounds memory; stages of different patients overlap).")
+DashboardOpt = typer.Option(None, "--dashboard-address",
+                            help="Where the local cluster's dashboard listens; default 127.0.0.1:0 (this machine "
+                                 "only: reach it through `ssh -L 8787:127.0.0.1:PORT host`). ':8787' listens on "
+                                 "every interface.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Redo patients already done.")
 PatientsOpt = typer.Option(None, "--patients", help="Only these patient ids (repeat the option).")
 
@@ -35,7 +52,10 @@ def _stage_progress():
 
 
 def _fail(exc: Exception):
-    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    """One message and exit code 2; the traceback too with ``--debug``."""
+    if _debug["on"]:
+        sys.stderr.write("".join(traceback.format_exception(exc)))
+    console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -49,6 +69,10 @@ def _print_summary(summaries) -> int:
         table.add_row(*(str(d[c]) for c in ("stage", "done", "skipped", "failed", "seconds")))
         failed.extend(s.failed)
     console.print(table)
+    for s in summaries:
+        for rec in s.ignored:
+            console.print(f"[yellow]not used[/yellow] {escape(str(rec['file']))}: {escape(rec['reason'])}",
+                          soft_wrap=True)
     for rec in failed:
         console.print(f"[red]failed[/red] {rec['patient']} ({rec['stage']}): {rec['reason']}"
                       + (f" [dim]file: {rec['file']}[/dim]" if rec.get("file") else ""), soft_wrap=True)
@@ -72,14 +96,19 @@ def _progress_factory(bar: Progress):
 def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
            store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, overwrite: bool = OverwriteOpt,
-           patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt):
+           patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
+           dashboard_address: Optional[str] = DashboardOpt):
     """Read DICOM series into the store as HU volumes (native grid and 2 mm)."""
+    from lungzarr.checks import check_run_config
     from lungzarr.cluster import dask_client
-    from lungzarr.pipeline import find_patients, ingest as ingest_cohort
+    from lungzarr.inputs import scan_input
+    from lungzarr.pipeline import ingest as ingest_cohort
 
     try:
-        total = len(find_patients(input_dir, patients=patients))
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
+        total = len(scan_input(input_dir, patients=patients).patients)
+        check_run_config(store=store, stages=["ingest"], scheduler=scheduler)
+        with dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address) as client, \
+                _stage_progress() as bar:
             summary = ingest_cohort(input_dir, store, chunk_slices=chunk_slices, overwrite=overwrite,
                                     patients=patients, batch_size=batch_size, client=client,
                                     progress=_progress_factory(bar)("ingest", total))
@@ -89,7 +118,18 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
 
 
 WeightsOpt = typer.Option(None, "--weights", help="d8 weights (.h5); default the shipped file, sha256-checked.")
-PrecisionOpt = typer.Option("fp32", "--precision", help="UNet precision on GPU: fp32, bf16 or fp16.")
+
+
+class Precision(str, enum.Enum):
+    """``--precision`` choices (lungzarr.model.PRECISIONS)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+PrecisionOpt = typer.Option(Precision.fp32, "--precision", case_sensitive=False,
+                            help="UNet precision on GPU: fp32 (the reference), bf16 or fp16.")
 LabelsOpt = typer.Option(None, "--labels", help="Labels CSV (id,cancer) for the DSB2017 'cancer' column.")
 InferBatchOpt = typer.Option(8, "--infer-batch", min=1, help="8-slice windows per UNet batch (32 suits a GPU).")
 
@@ -107,17 +147,25 @@ def _gpu_flag(client) -> bool:
 def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
         store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
-        chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: str = PrecisionOpt,
+        chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: Precision = PrecisionOpt,
         infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
-        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt):
+        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt,
+        dashboard_address: Optional[str] = DashboardOpt):
     """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
+    from lungzarr.checks import check_run_config
     from lungzarr.cluster import dask_client
-    from lungzarr.pipeline import run as run_pipeline
+    from lungzarr.inputs import scan_input
+    from lungzarr.pipeline import RUN_STAGES, run as run_pipeline
 
     try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
+        # Run-level mistakes stop here, before a cluster starts or a patient is read.
+        scan_input(input_dir, patients=patients)
+        check_run_config(store=store, stages=RUN_STAGES, weights=weights, precision=precision.value,
+                         scheduler=scheduler)
+        with dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address) as client, \
+                _stage_progress() as bar:
             summaries = run_pipeline(input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices,
-                                     batch_size=batch_size, precision=precision, infer_batch=infer_batch,
+                                     batch_size=batch_size, precision=precision.value, infer_batch=infer_batch,
                                      patients=patients, overwrite=overwrite, client=client,
                                      gpu=_gpu_flag(client),
                                      progress=_progress_factory(bar))
@@ -127,12 +175,17 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
 
 
 def _process(store, stages, **kwargs):
+    from lungzarr.checks import check_run_config
     from lungzarr.cluster import dask_client
     from lungzarr.pipeline import process
 
     scheduler = kwargs.pop("scheduler")
+    dashboard_address = kwargs.pop("dashboard_address")
     try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
+        check_run_config(store=store, stages=stages, weights=kwargs.get("weights"),
+                         precision=kwargs.get("precision", "fp32"), scheduler=scheduler, create=False)
+        with dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address) as client, \
+                _stage_progress() as bar:
             summaries = process(store, stages, client=client, gpu=_gpu_flag(client),
                                 progress=_progress_factory(bar), **kwargs)
     except LungzarrError as exc:
@@ -144,22 +197,22 @@ def _process(store, stages, **kwargs):
 def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
             chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
             patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
-            scheduler: str = SchedulerOpt):
+            scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
     """Lung segmentation (and the crop box) of every ingested patient not yet segmented."""
     _process(store, ["segment"], chunk_slices=chunk_slices, batch_size=batch_size, patients=patients,
-             overwrite=overwrite, scheduler=scheduler)
+             overwrite=overwrite, scheduler=scheduler, dashboard_address=dashboard_address)
 
 
 @app.command()
 def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
-           weights: Optional[Path] = WeightsOpt, precision: str = PrecisionOpt,
+           weights: Optional[Path] = WeightsOpt, precision: Precision = PrecisionOpt,
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
-           scheduler: str = SchedulerOpt):
+           scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
     """The d8 UNet: nodule probability maps of every segmented patient."""
-    _process(store, ["detect"], weights=weights, precision=precision, infer_batch=infer_batch,
-             chunk_slices=chunk_slices,
-             batch_size=batch_size, patients=patients, overwrite=overwrite, scheduler=scheduler)
+    _process(store, ["detect"], weights=weights, precision=precision.value, infer_batch=infer_batch,
+             chunk_slices=chunk_slices, batch_size=batch_size, patients=patients, overwrite=overwrite,
+             scheduler=scheduler, dashboard_address=dashboard_address)
 
 
 @app.command()
@@ -168,13 +221,16 @@ def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
                                                   help="Also export the table: .parquet or .csv"),
             labels: Optional[Path] = LabelsOpt, batch_size: int = BatchOpt,
             patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
-            scheduler: str = SchedulerOpt):
+            scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
     """Per-nodule tables (and patient measures) of every detected patient; optionally export them."""
+    from lungzarr.checks import check_run_config
     from lungzarr.cluster import dask_client
     from lungzarr.pipeline import export_nodules, process
 
     try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
+        check_run_config(store=store, stages=["nodules", "features"], scheduler=scheduler, create=False)
+        with dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address) as client, \
+                _stage_progress() as bar:
             summaries = process(store, ["nodules", "features"], labels=labels, batch_size=batch_size,
                                 patients=patients, overwrite=overwrite, client=client,
                                 progress=_progress_factory(bar))
@@ -192,13 +248,14 @@ def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            fmt: str = typer.Option("keras8_0313", "--format",
                                    help="keras8_0313 (2525 columns), keras_0311 or base_8."),
            labels: Optional[Path] = LabelsOpt, patients: Optional[list[str]] = PatientsOpt,
-           scheduler: str = typer.Option("threads", "--scheduler", help="As for `run`; default threads.")):
+           scheduler: str = typer.Option("threads", "--scheduler", help="As for `run`; default threads."),
+           dashboard_address: Optional[str] = DashboardOpt):
     """The original DSB2017 per-patient feature table, column for column."""
     from lungzarr.cluster import dask_client
     from lungzarr.pipeline import export_dsb2017
 
     try:
-        with dask_client(scheduler, echo=console.print) as client:
+        with dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address) as client:
             table = export_dsb2017(store, output, fmt=fmt, labels=labels, patients=patients, client=client)
     except (LungzarrError, ValueError) as exc:
         _fail(exc)
@@ -254,13 +311,17 @@ def report(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 @app.command()
 def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where the demo DICOM files go."),
          store: Path = typer.Option(Path("demo.zarr"), "--store", help="The demo's Zarr store."),
-         scheduler: str = SchedulerOpt):
+         scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
     """Write a synthetic chest-CT cohort as DICOM and run the whole pipeline on it."""
+    from lungzarr.checks import check_run_config
     from lungzarr.cluster import dask_client
     from lungzarr.demo import run_demo
+    from lungzarr.pipeline import RUN_STAGES
 
     try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
+        check_run_config(store=store, stages=RUN_STAGES, scheduler=scheduler)
+        with dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address) as client, \
+                _stage_progress() as bar:
             result = run_demo(folder, store, client=client, progress=_progress_factory(bar))
     except LungzarrError as exc:
         _fail(exc)

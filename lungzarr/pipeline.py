@@ -11,6 +11,7 @@ patient that fails is recorded with the reason and the cohort goes on.
 """
 from __future__ import annotations
 
+import os
 import time
 import traceback
 import warnings
@@ -42,6 +43,8 @@ class StageSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    #: INPUT entries not used as patients (``file``, ``reason``): set on the ingest stage's summary.
+    ignored: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -55,10 +58,8 @@ class StageSummary:
 def find_patients(input_dir, *, patients: Iterable[str] | None = None) -> list[tuple[str, Path]]:
     """Patient folders of an INPUT folder: ``[(patient_id, folder), ...]``.
 
-    Every sub-folder of ``input_dir`` is a patient (the old ``input/stage1/<patient>/``
-    layout; nested ``study/series`` folders below it are searched when the
-    patient is read). A folder that holds DICOM files directly and no
-    sub-folder is one patient itself.
+    The ``patients`` of :func:`lungzarr.inputs.scan_input`, which also
+    returns the entries not used (archives, hidden folders, loose files).
 
     Parameters
     ----------
@@ -66,32 +67,31 @@ def find_patients(input_dir, *, patients: Iterable[str] | None = None) -> list[t
     patients : iterable of str, optional
         Keep only these identifiers; an unknown one is an error.
     """
-    input_dir = Path(input_dir)
-    if not input_dir.exists():
-        raise LungzarrError(f"INPUT folder {str(input_dir)!r} does not exist; pass the folder that holds one "
-                            f"sub-folder per patient")
-    if not input_dir.is_dir():
-        raise LungzarrError(f"INPUT {str(input_dir)!r} is a file; pass the folder that holds one sub-folder "
-                            f"per patient")
-    # A dangling link to a patient folder is kept, so it is recorded as a failure, not lost.
-    subdirs = sorted(p for p in input_dir.iterdir()
-                     if (p.is_dir() or (p.is_symlink() and not p.exists())) and not p.name.startswith("."))
-    if subdirs:
-        found = [(p.name, p) for p in subdirs]
-    elif any(p.is_file() for p in input_dir.iterdir()):
-        found = [(input_dir.name, input_dir)]
-    else:
-        raise LungzarrError(f"INPUT folder {str(input_dir)!r} is empty; put one folder of DICOM files per "
-                            f"patient in it")
-    if patients is not None:
-        wanted = list(patients)
-        known = {pid for pid, _ in found}
-        unknown = [p for p in wanted if p not in known]
-        if unknown:
-            raise LungzarrError(f"--patients {unknown!r} not found in {str(input_dir)!r} "
-                                f"(it has {len(known)} patient folder(s), e.g. {sorted(known)[:3]!r})")
-        found = [(pid, folder) for pid, folder in found if pid in set(wanted)]
-    return found
+    from lungzarr.inputs import scan_input
+
+    return scan_input(input_dir, patients=patients).patients
+
+
+def _record_input(store, scan) -> list[dict]:
+    """Record what INPUT holds besides patient folders; return the archives' failure records.
+
+    Warnings (stage ``input``) of entries of this INPUT folder that are gone are cleared.
+    """
+    from lungzarr.inputs import INPUT_STAGE
+
+    current = {entry.name: entry for entry in scan.ignored}
+    folder = os.path.abspath(scan.input_dir)
+    for old in store.warnings():
+        if old.get("stage") == INPUT_STAGE and old.get("patient") not in current \
+                and os.path.dirname(os.path.abspath(old.get("file") or "")) == folder:
+            store.record_warnings(old["patient"], INPUT_STAGE, [])
+    for name, entry in current.items():
+        store.record_warnings(name, INPUT_STAGE, [entry.as_record()])
+    failed = []
+    for err in scan.archives:
+        store.record_failure(err, stage="ingest")
+        failed.append(err.as_record())
+    return failed
 
 
 # ---------------------------------------------------------------------- generic runner
@@ -388,18 +388,23 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
     Patients already ingested are skipped unless ``overwrite``; failures are
     recorded in the store and the others go on.
     """
+    from lungzarr.checks import check_store
+    from lungzarr.inputs import scan_input
     from lungzarr.storage import CohortStore
 
-    items = find_patients(input_dir, patients=patients)
+    scan = scan_input(input_dir, patients=patients)
+    check_store(store_path)
     store = CohortStore(store_path)
     with store.lock():
-        good, bad = _check_ids(store, items)
+        good, bad = _check_ids(store, scan.patients)
+        bad = _record_input(store, scan) + bad
         (summary,) = stream_stages(
             store, good, ["ingest"], {"ingest": _prepare_ingest(chunk_slices)},
             decide=lambda patient, stage: _stage_decision(store, patient, stage, overwrite=overwrite),
             batch_size=batch_size, client=client, progress=lambda stage, total: progress,
             prefetch=_series_prefetch(client))
     summary.failed = bad + summary.failed
+    summary.ignored = [entry.as_record() for entry in scan.ignored]
     return summary
 
 
@@ -717,19 +722,24 @@ def run(input_dir, store_path, *, labels=None, weights=None, chunk_slices: int =
     -------
     list of StageSummary
     """
+    from lungzarr.checks import check_run_config
+    from lungzarr.inputs import scan_input
     from lungzarr.legacy import read_legacy_labels
     from lungzarr.storage import CohortStore
 
-    items = find_patients(input_dir, patients=patients)
+    scan = scan_input(input_dir, patients=patients)
+    check_run_config(store=store_path, stages=RUN_STAGES, weights=weights, precision=precision)
     label_map = read_legacy_labels(labels) if labels is not None else None
     prepares = _stage_prepares(chunk_slices=chunk_slices, weights=weights, precision=precision,
                                infer_batch=infer_batch, gpu=gpu, label_map=label_map)
     store = CohortStore(store_path)
     with store.lock():
-        good, bad = _check_ids(store, items)
+        good, bad = _check_ids(store, scan.patients)
+        bad = _record_input(store, scan) + bad
         summaries = _run_stages(store, good, RUN_STAGES, prepares, overwrite=overwrite, batch_size=batch_size,
                                 client=client, progress=progress, gpu=gpu)
     summaries[0].failed = bad + summaries[0].failed
+    summaries[0].ignored = [entry.as_record() for entry in scan.ignored]
     return summaries
 
 
@@ -738,13 +748,15 @@ def process(store_path, stages, *, labels=None, weights=None, chunk_slices: int 
             client=None, gpu: bool = False, infer_batch: int = 8,
             progress: Callable | None = None) -> list[StageSummary]:
     """Run later stages (segment, detect, nodules, features) on the patients already in a store."""
+    from lungzarr.checks import check_run_config
     from lungzarr.legacy import read_legacy_labels
     from lungzarr.storage import CohortStore
 
     unknown = [s for s in stages if s not in RUN_STAGES[1:]]
     if unknown:
         raise ValueError(f"stages must be among {RUN_STAGES[1:]!r}, got {unknown!r}")
-    CohortStore(store_path, mode="r")  # a clear error when there is no store yet
+    # A clear error when there is no store yet, or it cannot be written, or the weights are wrong.
+    check_run_config(store=store_path, stages=stages, weights=weights, precision=precision, create=False)
     store = CohortStore(store_path)
     ids = store.patients()
     if patients is not None:
@@ -904,9 +916,11 @@ def import_legacy(input_dir, store_path, *, stage: str = "stage1", overwrite: bo
     ``nodule_prob`` from the old window maps; its stages are marked as done
     so ``lungzarr run``-style stages (nodules, features) and exports work on it.
     """
+    from lungzarr.checks import check_store
     from lungzarr.legacy import list_legacy_patients, read_legacy_patient
     from lungzarr.storage import CohortStore
 
+    check_store(store_path)
     store = CohortStore(store_path)
     summary = StageSummary("import-legacy")
     start = time.perf_counter()
