@@ -199,6 +199,43 @@ def _unreachable(scheduler, why) -> RunConfigError:
                           f"local cluster")
 
 
+def _identity(address: str, timeout: float) -> dict:
+    """Ask ``address`` who it is over dask's protocol, within ``timeout`` seconds in all.
+
+    Runs its own event loop in a daemon thread, so it also works where a loop
+    is running (a notebook) and a peer that never answers cannot hold the run.
+    """
+    import asyncio
+    import threading
+
+    from distributed.comm import connect
+
+    async def ask():
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    box = {}
+
+    def target():
+        try:
+            box["reply"] = asyncio.run(asyncio.wait_for(ask(), timeout))
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="lungzarr-scheduler-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["reply"]
+
+
 def _connect(scheduler: str, timeout: float):
     """A Client of the scheduler at ``scheduler``, or RunConfigError within about ``timeout`` seconds."""
     import dask
@@ -217,6 +254,18 @@ def _connect(scheduler: str, timeout: float):
             socket.create_connection((host, port), timeout=timeout).close()
         except (OSError, ValueError, TypeError) as exc:
             raise _unreachable(scheduler, getattr(exc, "strerror", None) or exc) from None
+    try:
+        reply = _identity(scheduler, timeout)
+    except (OSError, TimeoutError) as exc:
+        raise _unreachable(scheduler, str(exc) or f"no answer within {timeout:g} s") from None
+    except Exception as exc:  # something listens there, but does not speak dask's protocol
+        raise RunConfigError(f"{scheduler!r} answers, but not as a dask scheduler ({type(exc).__name__}); pass "
+                             f"the address `dask scheduler` printed (its port, 8786 by default, not the "
+                             f"dashboard's)") from None
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind != "Scheduler":
+        raise RunConfigError(f"{scheduler!r} is a dask {kind or 'peer'}, not the scheduler; pass the address "
+                             f"`dask scheduler` printed")
     try:
         with dask.config.set({"distributed.comm.timeouts.connect": f"{timeout}s"}):
             client = Client(scheduler, timeout=f"{timeout}s")
