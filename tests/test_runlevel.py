@@ -231,3 +231,60 @@ def test_local_dashboard_listens_on_loopback_unless_asked(address, expected):
         port = client.cluster.scheduler.http_server.port
         assert _listening(port) == expected
     assert f":{port}/status" in lines[0]
+
+
+# ---------------------------------------------------------------------- expected failures print no traceback
+
+def _raise_patient_error(patient):
+    from lungzarr.errors import PatientError
+
+    raise PatientError("expected, recorded failure", patient=patient, stage="ingest")
+
+
+def _raise_value_error(patient):
+    raise ValueError(f"a bug for {patient}")
+
+
+def _compute_failed(client):
+    return [msg for logs in client.get_worker_logs().values() for _, msg in logs if "Compute Failed" in msg]
+
+
+@pytest.mark.parametrize("kind", ["local", "existing"])
+def test_patient_errors_are_not_logged_by_workers_but_other_errors_are(kind):
+    from distributed import LocalCluster, wait
+
+    @contextmanager
+    def client_of(kind):
+        if kind == "local":
+            with dask_client("local", n_workers=1, threads_per_worker=1, echo=lambda s: None) as client:
+                yield client
+        else:
+            with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as c, \
+                    dask_client(c.scheduler_address, echo=lambda s: None) as client:
+                yield client
+
+    with client_of(kind) as client:
+        futures = [client.submit(_raise_patient_error, "P1", pure=False),
+                   client.submit(_raise_value_error, "P2", pure=False)]
+        wait(futures)
+        assert [type(f.exception()).__name__ for f in futures] == ["PatientError", "ValueError"]
+        logged = _compute_failed(client)
+    assert len(logged) == 1 and "ValueError" in logged[0] and "a bug for P2" in logged[0], logged
+
+
+def test_cli_on_a_local_cluster_prints_no_compute_failed_for_broken_patients(tmp_path):
+    from dicom_phantoms import truncate
+
+    root = tmp_path / "input"
+    make_patient(root / "good", seed=1)
+    truncate(make_patient(root / "truncated", seed=2)[7])      # fails in a decode task on a worker
+    make_patient(root / "gap", seed=3)[6].unlink()             # fails in the header read on a worker
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"}
+    proc = subprocess.run([sys.executable, "-m", "lungzarr.cli", "ingest", str(root), str(tmp_path / "s.zarr"),
+                           "--chunk-slices", "4"], capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    assert "dask LocalCluster" in proc.stderr                   # really on worker processes
+    assert "Compute Failed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    out = _flat(proc.stderr)
+    assert _flat("failed truncated (ingest): cannot decode the pixel data") in out
+    assert _flat("failed gap (ingest): slice spacing is not regular") in out
