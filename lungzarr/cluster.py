@@ -71,9 +71,18 @@ class QuietPatientErrors(WorkerPlugin):
             logger.addFilter(_FILTER)
 
 
-def _register_quiet_patient_errors(client) -> None:
+def _register_quiet_patient_errors(client, echo: Callable[[str], None] = print) -> None:
     # Registered on the scheduler: workers that join later get it too.
-    client.register_plugin(QuietPatientErrors(), name=QuietPatientErrors.name)
+    try:
+        client.register_plugin(QuietPatientErrors(), name=QuietPatientErrors.name)
+    except Exception as exc:  # workers with another lungzarr: the run goes on, only noisier
+        try:
+            client.unregister_worker_plugin(QuietPatientErrors.name)
+        except Exception:
+            pass
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        echo(f"note: the workers cannot load lungzarr's log filter ({first}); is the same lungzarr installed "
+             f"there? A patient's failure will also print distributed's 'Compute Failed' traceback on them")
 
 
 def default_worker_layout(n_cores: int | None = None) -> tuple[int, int]:
@@ -173,7 +182,7 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
                                    processes=True, memory_limit=memory_limit,
                                    dashboard_address=dashboard_address or DEFAULT_DASHBOARD_ADDRESS)
             client = Client(cluster)
-            _register_quiet_patient_errors(client)
+            _register_quiet_patient_errors(client, echo)
             echo(f"dask LocalCluster: {len(cluster.workers)} worker(s); dashboard {client.dashboard_link}")
             try:
                 yield client
@@ -185,6 +194,7 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
                 echo(f"note: --dashboard-address applies to a local cluster only; the scheduler at "
                      f"{scheduler} serves its dashboard where `dask scheduler --dashboard-address` put it")
             client = _connect(scheduler, connect_timeout)
+            _register_quiet_patient_errors(client, echo)
             n = len(client.scheduler_info().get("workers", {}))
             echo(f"dask scheduler {scheduler}: {n} worker(s); dashboard {client.dashboard_link}")
             try:
@@ -277,7 +287,6 @@ def _connect(scheduler: str, timeout: float):
         client.close()
         raise RunConfigError(f"the dask scheduler at {scheduler!r} has no worker (waited {timeout:g} s); start "
                              f"one with `dask worker {scheduler}`") from None
-    _register_quiet_patient_errors(client)
     return client
 
 
