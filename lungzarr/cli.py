@@ -1,11 +1,23 @@
-"""The ``lungzarr`` command line: thin, every command calls one library function."""
+"""The ``lungzarr`` command line: thin, every command calls one library function.
+
+Every long command goes through :func:`_execute`: run-level checks first (before
+a cluster starts), then the cluster, the progress bars and the library call; a
+:class:`~lungzarr.errors.LungzarrError` becomes one message and exit code 2.
+Progress and messages go to stderr; data a user may pipe (tables, the demo's
+verdict, evaluation figures) to stdout.
+"""
 from __future__ import annotations
 
+import enum
+import sys
+import traceback
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -13,7 +25,20 @@ from lungzarr.errors import LungzarrError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Chest-CT DICOM cohorts to a Zarr store, with lung nodule detection.")
+#: Progress and messages.
 console = Console(stderr=True)
+#: Data a user may pipe.
+out = Console()
+#: Set by the app callback: ``--debug`` or ``LUNGZARR_DEBUG=1`` shows the traceback of a run-level error.
+_debug = {"on": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", envvar="LUNGZARR_DEBUG",
+                                     help="Show the traceback of an error (also LUNGZARR_DEBUG=1).")):
+    """Chest-CT DICOM cohorts to a Zarr store, with lung nodule detection."""
+    _debug["on"] = debug
+
 
 SchedulerOpt = typer.Option("local", "--scheduler",
                             help="'local' (a LocalCluster on this machine), 'threads' (no cluster), "
@@ -21,41 +46,43 @@ SchedulerOpt = typer.Option("local", "--scheduler",
 ChunkOpt = typer.Option(16, "--chunk-slices", min=1, help="Slices per chunk along z.")
 BatchOpt = typer.Option(4, "--batch-size", min=1,
                         help="Patients in flight per stage (bounds memory; stages of different patients overlap).")
+DashboardOpt = typer.Option(None, "--dashboard-address",
+                            help="Where the local cluster's dashboard listens; default 127.0.0.1:0 (this machine "
+                                 "only: reach it through `ssh -L 8787:127.0.0.1:PORT host`). ':8787' listens on "
+                                 "every interface.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Redo patients already done.")
 PatientsOpt = typer.Option(None, "--patients", help="Only these patient ids (repeat the option).")
+StrictOpt = typer.Option(False, "--strict", help="Every damaged DICOM file is an error (default: a damaged "
+                         "slice at either end of the stack is dropped with a warning).")
+WeightsOpt = typer.Option(None, "--weights", help="d8 weights (.h5); default the shipped file, sha256-checked.")
+LabelsOpt = typer.Option(None, "--labels", help="Labels CSV (id,cancer) for the DSB2017 'cancer' column.")
+InferBatchOpt = typer.Option(8, "--infer-batch", min=1, help="8-slice windows per UNet batch (32 suits a GPU).")
 
+
+class Precision(str, enum.Enum):
+    """``--precision`` choices (lungzarr.model.d8.PRECISIONS)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+PrecisionOpt = typer.Option(Precision.fp32, "--precision", case_sensitive=False,
+                            help="UNet precision on GPU: fp32 (the reference), bf16 or fp16.")
+
+
+# ---------------------------------------------------------------------- the one way a command runs
 
 def _stage_progress():
-    """A rich Progress that shows one bar per stage (see :func:`_bar_progress`)."""
+    """A rich Progress that shows one bar per stage (fed by :func:`_bar_progress`)."""
     columns = (TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"),
                TimeRemainingColumn())
     return Progress(*columns, console=console)
 
 
-def _fail(exc: Exception):
-    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _print_summary(summaries) -> int:
-    table = Table(title="lungzarr")
-    for col in ("stage", "done", "skipped", "failed", "seconds"):
-        table.add_column(col)
-    failed = []
-    for s in summaries:
-        d = s.as_dict()
-        table.add_row(*(str(d[c]) for c in ("stage", "done", "skipped", "failed", "seconds")))
-        failed.extend(s.failed)
-    console.print(table)
-    for rec in failed:
-        console.print(f"[red]failed[/red] {rec['patient']} ({rec['stage']}): {rec['reason']}"
-                      + (f" [dim]file: {rec['file']}[/dim]" if rec.get("file") else ""), soft_wrap=True)
-    return 1 if failed else 0
-
-
 def _bar_progress(bar: Progress):
-    """The pipeline's progress protocol drawn as one rich bar per stage."""
+    """The pipeline's progress protocol (:class:`~lungzarr.pipeline.runner.ProgressEvent`) as rich bars."""
     tasks, failed = {}, {}
 
     def progress(event):
@@ -69,34 +96,54 @@ def _bar_progress(bar: Progress):
     return progress
 
 
-StrictOpt = typer.Option(False, "--strict", help="Every damaged DICOM file is an error (default: a damaged "
-                         "slice at either end of the stack is dropped with a warning).")
+def _fail(exc: Exception):
+    """One message and exit code 2; the traceback too with ``--debug``."""
+    if _debug["on"]:
+        sys.stderr.write("".join(traceback.format_exception(exc)))
+    console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
 
 
-@app.command()
-def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
-           store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
-           chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, overwrite: bool = OverwriteOpt,
-           patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
-           strict: bool = StrictOpt):
-    """Read DICOM series into the store as HU volumes (native grid and 2 mm)."""
-    from lungzarr.cluster import dask_client
-    from lungzarr.pipeline import ingest as ingest_cohort
+def _execute(work: Callable, *, scheduler: str | None = None, dashboard_address: str | None = None,
+             checks: Callable | None = None, progress: bool = False, errors=(LungzarrError,)):
+    """Run ``work(client, progress)``: checks first, then the cluster and the bars; errors → exit 2.
 
+    Parameters
+    ----------
+    work : callable
+        ``work(client, progress)`` calls one library function; ``client`` is
+        None without a ``scheduler``, ``progress`` None without ``progress=True``.
+    scheduler, dashboard_address : str, optional
+        Open a dask cluster (:func:`lungzarr.cluster.dask_client`) around the call.
+    checks : callable, optional
+        Run-level checks, called before the cluster starts.
+    progress : bool
+        Show one progress bar per stage.
+    errors : tuple of exception types
+        What becomes one message and exit code 2.
+    """
     try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
-            summary = ingest_cohort(input_dir, store, chunk_slices=chunk_slices, overwrite=overwrite,
-                                    patients=patients, batch_size=batch_size, client=client,
-                                    progress=_bar_progress(bar), strict=strict)
-    except LungzarrError as exc:
+        if checks is not None:
+            checks()
+        if scheduler is None:
+            cluster = nullcontext(None)
+        else:
+            from lungzarr.cluster import dask_client
+
+            cluster = dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address)
+        with cluster as client, (_stage_progress() if progress else nullcontext(None)) as bar:
+            return work(client, _bar_progress(bar) if bar is not None else None)
+    except errors as exc:
         _fail(exc)
-    raise typer.Exit(_print_summary([summary]))
 
 
-WeightsOpt = typer.Option(None, "--weights", help="d8 weights (.h5); default the shipped file, sha256-checked.")
-PrecisionOpt = typer.Option("fp32", "--precision", help="UNet precision on GPU: fp32, bf16 or fp16.")
-LabelsOpt = typer.Option(None, "--labels", help="Labels CSV (id,cancer) for the DSB2017 'cancer' column.")
-InferBatchOpt = typer.Option(8, "--infer-batch", min=1, help="8-slice windows per UNet batch (32 suits a GPU).")
+def _run_checks(store, stages, *, weights=None, precision="fp32", scheduler=None, create=True):
+    def checks():
+        from lungzarr.pipeline.checks import check_run_config
+
+        check_run_config(store=store, stages=stages, weights=weights, precision=precision, scheduler=scheduler,
+                         create=create)
+    return checks
 
 
 def _gpu_flag(client) -> bool:
@@ -108,42 +155,82 @@ def _gpu_flag(client) -> bool:
     return n > 0
 
 
+def _print_summary(summaries) -> int:
+    """The per-stage table, the INPUT entries not used and the failures; the exit code (1 if any failed)."""
+    table = Table(title="lungzarr")
+    for col in ("stage", "done", "skipped", "failed", "seconds"):
+        table.add_column(col)
+    failed = []
+    for s in summaries:
+        d = s.as_dict()
+        table.add_row(*(str(d[c]) for c in ("stage", "done", "skipped", "failed", "seconds")))
+        failed.extend(s.failed)
+    console.print(table)
+    for s in summaries:
+        for rec in s.ignored:
+            console.print(f"[yellow]not used[/yellow] {escape(str(rec['file']))}: {escape(rec['reason'])}",
+                          soft_wrap=True)
+    for rec in failed:
+        console.print(f"[red]failed[/red] {escape(str(rec['patient']))} ({rec['stage']}): {escape(rec['reason'])}"
+                      + (f" [dim]file: {escape(str(rec['file']))}[/dim]" if rec.get("file") else ""), soft_wrap=True)
+    return 1 if failed else 0
+
+
+def _stages(store, stages, **options):
+    """Later stages on the patients already in the store (segment, detect, nodules+features)."""
+    from lungzarr.pipeline import run as run_pipeline
+
+    scheduler, dashboard_address = options.pop("scheduler"), options.pop("dashboard_address")
+    summaries = _execute(
+        lambda client, progress: run_pipeline(None, store, stages=stages, client=client, gpu=_gpu_flag(client),
+                                              progress=progress, **options),
+        scheduler=scheduler, dashboard_address=dashboard_address, progress=True,
+        checks=_run_checks(store, stages, weights=options.get("weights"),
+                           precision=options.get("precision", "fp32"), scheduler=scheduler, create=False))
+    return summaries
+
+
+# ---------------------------------------------------------------------- commands
+
+@app.command()
+def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
+           store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
+           chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, overwrite: bool = OverwriteOpt,
+           patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
+           dashboard_address: Optional[str] = DashboardOpt, strict: bool = StrictOpt):
+    """Read DICOM series into the store as HU volumes (native grid and 2 mm)."""
+    from lungzarr.pipeline import ingest as ingest_cohort
+
+    summary = _execute(
+        lambda client, progress: ingest_cohort(input_dir, store, chunk_slices=chunk_slices, overwrite=overwrite,
+                                               patients=patients, batch_size=batch_size, client=client,
+                                               progress=progress, strict=strict),
+        scheduler=scheduler, dashboard_address=dashboard_address, progress=True,
+        checks=_run_checks(store, ["ingest"], scheduler=scheduler))
+    raise typer.Exit(_print_summary([summary]))
+
+
 @app.command()
 def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
         store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
-        chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: str = PrecisionOpt,
+        chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: Precision = PrecisionOpt,
         infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
-        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt, strict: bool = StrictOpt,
+        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt,
+        dashboard_address: Optional[str] = DashboardOpt, strict: bool = StrictOpt,
         verify: bool = typer.Option(False, "--verify", help="First read every stored chunk of these patients "
                                                             "and redo the damaged stages (see `lungzarr verify`).")):
     """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
-    from lungzarr.cluster import dask_client
     from lungzarr.pipeline import run as run_pipeline
+    from lungzarr.pipeline.stages import stage_names
 
-    try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
-            summaries = run_pipeline(input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices,
-                                     batch_size=batch_size, precision=precision, infer_batch=infer_batch,
-                                     patients=patients, overwrite=overwrite, client=client,
-                                     gpu=_gpu_flag(client), verify=verify,
-                                     progress=_bar_progress(bar), strict=strict)
-    except LungzarrError as exc:
-        _fail(exc)
-    raise typer.Exit(_print_summary(summaries))
-
-
-def _process(store, stages, **kwargs):
-    from lungzarr.cluster import dask_client
-    from lungzarr.pipeline import run as run_pipeline
-
-    scheduler = kwargs.pop("scheduler")
-    try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
-            summaries = run_pipeline(None, store, stages=stages, client=client, gpu=_gpu_flag(client),
-                                     progress=_bar_progress(bar), **kwargs)
-    except LungzarrError as exc:
-        _fail(exc)
+    summaries = _execute(
+        lambda client, progress: run_pipeline(
+            input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices, batch_size=batch_size,
+            precision=precision.value, infer_batch=infer_batch, patients=patients, overwrite=overwrite,
+            client=client, gpu=_gpu_flag(client), progress=progress, strict=strict, verify=verify),
+        scheduler=scheduler, dashboard_address=dashboard_address, progress=True,
+        checks=_run_checks(store, stage_names(), weights=weights, precision=precision.value, scheduler=scheduler))
     raise typer.Exit(_print_summary(summaries))
 
 
@@ -151,22 +238,24 @@ def _process(store, stages, **kwargs):
 def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
             chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
             patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
-            scheduler: str = SchedulerOpt):
+            scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
     """Lung segmentation (and the crop box) of every ingested patient not yet segmented."""
-    _process(store, ["segment"], chunk_slices=chunk_slices, batch_size=batch_size, patients=patients,
-             overwrite=overwrite, scheduler=scheduler)
+    raise typer.Exit(_print_summary(_stages(
+        store, ["segment"], chunk_slices=chunk_slices, batch_size=batch_size, patients=patients,
+        overwrite=overwrite, scheduler=scheduler, dashboard_address=dashboard_address)))
 
 
 @app.command()
 def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
-           weights: Optional[Path] = WeightsOpt, precision: str = PrecisionOpt,
+           weights: Optional[Path] = WeightsOpt, precision: Precision = PrecisionOpt,
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
-           scheduler: str = SchedulerOpt):
+           scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
     """The d8 UNet: nodule probability maps of every segmented patient."""
-    _process(store, ["detect"], weights=weights, precision=precision, infer_batch=infer_batch,
-             chunk_slices=chunk_slices,
-             batch_size=batch_size, patients=patients, overwrite=overwrite, scheduler=scheduler)
+    raise typer.Exit(_print_summary(_stages(
+        store, ["detect"], weights=weights, precision=precision.value, infer_batch=infer_batch,
+        chunk_slices=chunk_slices, batch_size=batch_size, patients=patients, overwrite=overwrite,
+        scheduler=scheduler, dashboard_address=dashboard_address)))
 
 
 @app.command()
@@ -175,22 +264,15 @@ def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
                                                   help="Also export the table: .parquet or .csv"),
             labels: Optional[Path] = LabelsOpt, batch_size: int = BatchOpt,
             patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
-            scheduler: str = SchedulerOpt):
+            scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
     """Per-nodule tables (and patient measures) of every detected patient; optionally export them."""
-    from lungzarr.cluster import dask_client
     from lungzarr.pipeline import export_nodules
-    from lungzarr.pipeline import run as run_pipeline
 
-    try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
-            summaries = run_pipeline(None, store, stages=["nodules", "features"], labels=labels,
-                                     batch_size=batch_size, patients=patients, overwrite=overwrite, client=client,
-                                     progress=_bar_progress(bar))
-        if output is not None:
-            table = export_nodules(store, output)
-            console.print(f"{len(table)} nodule rows written to {output}")
-    except LungzarrError as exc:
-        _fail(exc)
+    summaries = _stages(store, ["nodules", "features"], labels=labels, batch_size=batch_size, patients=patients,
+                        overwrite=overwrite, scheduler=scheduler, dashboard_address=dashboard_address)
+    if output is not None:
+        table = _execute(lambda client, progress: export_nodules(store, output))
+        console.print(f"{len(table)} nodule rows written to {output}")
     raise typer.Exit(_print_summary(summaries))
 
 
@@ -200,16 +282,14 @@ def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            fmt: str = typer.Option("keras8_0313", "--format",
                                    help="keras8_0313 (2525 columns), keras_0311 or base_8."),
            labels: Optional[Path] = LabelsOpt, patients: Optional[list[str]] = PatientsOpt,
-           scheduler: str = typer.Option("threads", "--scheduler", help="As for `run`; default threads.")):
+           scheduler: str = typer.Option("threads", "--scheduler", help="As for `run`; default threads."),
+           dashboard_address: Optional[str] = DashboardOpt):
     """The original DSB2017 per-patient feature table, column for column."""
-    from lungzarr.cluster import dask_client
     from lungzarr.pipeline import export_dsb2017
 
-    try:
-        with dask_client(scheduler, echo=console.print) as client:
-            table = export_dsb2017(store, output, fmt=fmt, labels=labels, patients=patients, client=client)
-    except (LungzarrError, ValueError) as exc:
-        _fail(exc)
+    table = _execute(lambda client, progress: export_dsb2017(store, output, fmt=fmt, labels=labels,
+                                                             patients=patients, client=client),
+                     scheduler=scheduler, dashboard_address=dashboard_address, errors=(LungzarrError, ValueError))
     console.print(f"{len(table)} patient row(s) x {table.shape[1]} columns written to {output}")
 
 
@@ -221,12 +301,9 @@ def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's 
     """Bring the old pipeline's npz outputs into a store (then `nodules` and `export` work on them)."""
     from lungzarr.pipeline import import_legacy as import_cohort
 
-    try:
-        with _stage_progress() as bar:
-            summary = import_cohort(input_dir, store, stage=stage, overwrite=overwrite,
-                                    progress=_bar_progress(bar))
-    except (LungzarrError, OSError, ValueError) as exc:
-        _fail(exc)
+    summary = _execute(lambda client, progress: import_cohort(input_dir, store, stage=stage, overwrite=overwrite,
+                                                              progress=progress),
+                       progress=True, errors=(LungzarrError, OSError, ValueError))
     raise typer.Exit(_print_summary([summary]))
 
 
@@ -237,10 +314,7 @@ def qc(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     """Axial, coronal and sagittal planes of one patient with the lung outline and nodules."""
     from lungzarr.reports.html import qc_patient
 
-    try:
-        path = qc_patient(store, patient, output)
-    except LungzarrError as exc:
-        _fail(exc)
+    path = _execute(lambda client, progress: qc_patient(store, patient, output))
     console.print(f"QC picture written to {path}")
 
 
@@ -250,26 +324,21 @@ def report(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     """A cohort QC report: per-patient views, nodule tables, cohort distributions, failures."""
     from lungzarr.reports.html import write_report
 
-    try:
-        path = write_report(store, output)
-    except LungzarrError as exc:
-        _fail(exc)
+    path = _execute(lambda client, progress: write_report(store, output))
     console.print(f"report written to {path}")
 
 
 @app.command()
 def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where the demo DICOM files go."),
          store: Path = typer.Option(Path("demo.zarr"), "--store", help="The demo's Zarr store."),
-         scheduler: str = SchedulerOpt):
+         scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
     """Write a synthetic chest-CT cohort as DICOM and run the whole pipeline on it."""
-    from lungzarr.cluster import dask_client
     from lungzarr.demo import run_demo
+    from lungzarr.pipeline.stages import stage_names
 
-    try:
-        with dask_client(scheduler, echo=console.print) as client, _stage_progress() as bar:
-            result = run_demo(folder, store, client=client, progress=_bar_progress(bar))
-    except LungzarrError as exc:
-        _fail(exc)
+    result = _execute(lambda client, progress: run_demo(folder, store, client=client, progress=progress),
+                      scheduler=scheduler, dashboard_address=dashboard_address, progress=True,
+                      checks=_run_checks(store, stage_names(), scheduler=scheduler))
     code = _print_summary(result["summaries"])
     cols = ["patient", "z_mm", "y_mm", "x_mm", "diameter_mm", "prob_max", "hu_mean", "lung_half"]
     typer.echo("Nodules found (p > 0.5, original filter; mm in patient coordinates)")
@@ -293,19 +362,17 @@ def evaluate(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     """Sensitivity, false positives per scan, FROC and CPM against reader annotations."""
     from lungzarr.pipeline import evaluate_store
 
-    try:
-        out = evaluate_store(store, output, lidc_xml=lidc_xml, luna_csv=luna_csv, threshold=threshold,
-                             filtered=filtered, min_readers=min_readers, min_diameter_mm=min_diameter,
-                             n_bootstrap=n_bootstrap)
-    except (LungzarrError, ValueError) as exc:
-        _fail(exc)
-    s = out["result"].summary
-    Console().print(f"{s['n_scans']} scan(s), {s['n_targets']} target nodule(s): sensitivity "
-                    f"{s['sensitivity']:.3f} at {s['fps_per_scan']:.2f} FP/scan; CPM {s['cpm']:.3f} "
-                    f"(CI {s['cpm_ci']})")
-    if out["unmatched"]:
-        console.print(f"no annotation for {len(out['unmatched'])} patient(s): {out['unmatched'][:5]}")
-    Console().print(f"written: {', '.join(str(v) for v in out['files'].values())}")
+    result = _execute(lambda client, progress: evaluate_store(
+        store, output, lidc_xml=lidc_xml, luna_csv=luna_csv, threshold=threshold, filtered=filtered,
+        min_readers=min_readers, min_diameter_mm=min_diameter, n_bootstrap=n_bootstrap),
+        errors=(LungzarrError, ValueError))
+    s = result["result"].summary
+    out.print(f"{s['n_scans']} scan(s), {s['n_targets']} target nodule(s): sensitivity "
+              f"{s['sensitivity']:.3f} at {s['fps_per_scan']:.2f} FP/scan; CPM {s['cpm']:.3f} "
+              f"(CI {s['cpm_ci']})")
+    if result["unmatched"]:
+        console.print(f"no annotation for {len(result['unmatched'])} patient(s): {result['unmatched'][:5]}")
+    console.print(f"written: {', '.join(str(v) for v in result['files'].values())}")
 
 
 def _damage_line(rec) -> str:
@@ -314,22 +381,20 @@ def _damage_line(rec) -> str:
 
 @app.command()
 def verify(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
-           patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt):
+           patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
+           dashboard_address: Optional[str] = DashboardOpt):
     """Read every chunk of every completed stage; list damaged patients and arrays (exit 1 if any)."""
-    from lungzarr.cluster import dask_client
     from lungzarr.pipeline import verify_store
 
-    try:
-        with dask_client(scheduler, echo=console.print) as client:
-            report = verify_store(store, patients=patients, client=client)
-    except LungzarrError as exc:
-        _fail(exc)
+    report = _execute(lambda client, progress: verify_store(store, patients=patients, client=client),
+                      scheduler=scheduler, dashboard_address=dashboard_address,
+                      checks=_run_checks(store, [], scheduler=scheduler, create=False))
     damaged = report.damaged_stages()
     console.print(f"{len(report.patients)} patient(s), {report.arrays} array(s), {report.chunks} chunk(s) "
                   f"({report.bytes / 1e6:.1f} MB) read in {report.seconds:.1f} s: "
                   + (f"{len(damaged)} patient(s) damaged" if damaged else "no damage"))
     for rec in report.damage:
-        Console().print(_damage_line(rec), soft_wrap=True)
+        out.print(_damage_line(rec), soft_wrap=True, markup=False, highlight=False)
     if report.unchecksummed:
         console.print(f"{len(report.unchecksummed)} array(s) were written before lungzarr checksummed every chunk "
                       f"(e.g. {report.unchecksummed[0]}): read, but a missing chunk there is not seen as damage; "
@@ -341,29 +406,24 @@ def verify(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 @app.command()
 def status(store: Path = typer.Argument(..., help="The cohort's Zarr store.")):
-    """Per-stage counts, failures with their reasons, and the store's size."""
+    """Per-stage counts, failures with their reasons, damage, warnings, and the store's size."""
     from lungzarr.pipeline import store_status
 
-    try:
-        info = store_status(store)
-    except LungzarrError as exc:
-        _fail(exc)
+    info = _execute(lambda client, progress: store_status(store))
     table = Table(title=f"{store} — {info['n_patients']} patient(s), {info['size_mb']:.1f} MB")
-    table.add_column("stage")
-    table.add_column("complete")
-    table.add_column("failed")
-    table.add_column("damaged")
+    for col in ("stage", "complete", "failed", "damaged"):
+        table.add_column(col)
     for stage, row in info["stages"].items():
         table.add_row(stage, str(row["complete"]), str(row["failed"]), str(row["damaged"]))
-    Console().print(table)
+    out.print(table)
     for rec in info["failures"]:
-        Console().print(f"failed {rec['patient']} ({rec['stage']}): {rec['reason']}"
-                        + (f" — file: {rec['file']}" if rec.get("file") else ""))
+        out.print(f"failed {rec['patient']} ({rec['stage']}): {rec['reason']}"
+                  + (f" — file: {rec['file']}" if rec.get("file") else ""), markup=False, highlight=False, soft_wrap=True)
     for rec in info["damage"]:
-        Console().print(_damage_line(rec), soft_wrap=True)
+        out.print(_damage_line(rec), soft_wrap=True, markup=False, highlight=False)
     for rec in info["warnings"]:
-        Console().print(f"warning {rec['patient']} ({rec['stage']}): {rec['reason']}"
-                        + (f" — file: {rec['file']}" if rec.get("file") else ""))
+        out.print(f"warning {rec['patient']} ({rec['stage']}): {rec['reason']}"
+                  + (f" — file: {rec['file']}" if rec.get("file") else ""), markup=False, highlight=False, soft_wrap=True)
 
 
 def main():  # pragma: no cover - console entry point

@@ -4,14 +4,85 @@
 this machine, dashboard link printed), ``threads`` (no cluster: dask's
 threaded scheduler in this process, for debugging and small runs) or the
 address of a running scheduler (``tcp://host:8786``).
+
+The LocalCluster's dashboard listens on the loopback interface only
+(:data:`DEFAULT_DASHBOARD_ADDRESS`): it shows file paths and patient ids and
+has no login, so it is reached from elsewhere through an SSH tunnel unless
+``dashboard_address`` asks for more.
 """
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from contextlib import contextmanager
 from typing import Callable
 
-__all__ = ["dask_client", "gpu_worker_count", "default_worker_layout", "worker_environ"]
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from lungzarr.errors import PatientError, RunConfigError
+
+__all__ = ["dask_client", "gpu_worker_count", "default_worker_layout", "worker_environ",
+           "QuietPatientErrors", "DEFAULT_DASHBOARD_ADDRESS", "CONNECT_TIMEOUT_S"]
+
+#: Where the LocalCluster's dashboard listens: loopback, a free port.
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:0"
+#: Seconds to wait for an existing scheduler to answer (and to have a worker) before giving up.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _patient_error_names() -> set[str]:
+    names, todo = set(), [PatientError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+class _DropPatientErrorFailures(logging.Filter):
+    """Drop distributed's "Compute Failed" record when the task raised a lungzarr PatientError.
+
+    A PatientError is an expected, recorded failure of one patient (the run's
+    summary and the store's failures table show it); any other exception of a
+    task still logs its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Compute Failed"):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        # distributed logs (key, state, task, repr(exception), traceback); repr starts with the class name.
+        text = str(args[3]) if len(args) > 3 else ""
+        return text.split("(", 1)[0] not in _patient_error_names()
+
+
+_FILTER = _DropPatientErrorFailures()
+
+
+class QuietPatientErrors(WorkerPlugin):
+    """Worker plugin: install :class:`_DropPatientErrorFailures` on the worker's ``distributed.worker`` logger."""
+
+    name = "lungzarr-quiet-patient-errors"
+
+    def setup(self, worker):
+        logger = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _DropPatientErrorFailures) for f in logger.filters):
+            logger.addFilter(_FILTER)
+
+
+def _register_quiet_patient_errors(client, echo: Callable[[str], None] = print) -> None:
+    # Registered on the scheduler: workers that join later get it too.
+    try:
+        client.register_plugin(QuietPatientErrors(), name=QuietPatientErrors.name)
+    except Exception as exc:  # workers with another lungzarr: the run goes on, only noisier
+        try:
+            client.unregister_worker_plugin(QuietPatientErrors.name)
+        except Exception:
+            pass
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        echo(f"note: the workers cannot load lungzarr's log filter ({first}); is the same lungzarr installed "
+             f"there? A patient's failure will also print distributed's 'Compute Failed' traceback on them")
 
 
 def default_worker_layout(n_cores: int | None = None) -> tuple[int, int]:
@@ -52,9 +123,30 @@ def worker_environ(*, malloc_trim: bool = False) -> dict:
 
 
 @contextmanager
+def _without_inherited_malloc_trim(malloc_trim: bool, default):
+    """Start workers without the ``MALLOC_TRIM_THRESHOLD_`` an earlier LocalCluster left in this process.
+
+    distributed puts its pre-spawn environment into the parent's ``os.environ``
+    when it starts worker processes, and leaves it there, so a second cluster's
+    workers (a notebook's, a test's) would inherit the slow setting. A value a
+    user set differently is kept.
+    """
+    inherited = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    drop = not malloc_trim and inherited is not None and inherited == str(default)
+    if drop:
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_")
+    try:
+        yield
+    finally:
+        if drop:
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = inherited
+
+
+@contextmanager
 def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threads_per_worker: int | None = None,
                 memory_limit: str | None = "auto", echo: Callable[[str], None] = print,
-                malloc_trim: bool = False):
+                malloc_trim: bool = False, dashboard_address: str | None = None,
+                connect_timeout: float = CONNECT_TIMEOUT_S):
     """Yield a ``distributed.Client`` (or None for ``scheduler='threads'``).
 
     Parameters
@@ -71,7 +163,28 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
         Start LocalCluster workers with distributed's ``MALLOC_TRIM_THRESHOLD_``
         (see :func:`worker_environ`; slower, kept for benchmarks). An existing
         cluster keeps the environment its workers were started with.
+    dashboard_address : str, optional
+        Where the LocalCluster's dashboard listens; default
+        :data:`DEFAULT_DASHBOARD_ADDRESS` (loopback only). ``":8787"`` listens
+        on every interface. An existing scheduler keeps its own.
+    connect_timeout : float
+        Seconds an existing scheduler has to answer and to have a worker.
+
+    Raises
+    ------
+    RunConfigError
+        ``scheduler`` is misspelt, does not answer within ``connect_timeout``
+        or has no worker.
+
+    Notes
+    -----
+    Workers get :class:`QuietPatientErrors`: a task that raises a
+    :class:`~lungzarr.errors.PatientError` does not print distributed's
+    "Compute Failed" traceback (the failure is in the run's summary).
     """
+    from lungzarr.pipeline.checks import check_scheduler
+
+    scheduler = check_scheduler(scheduler)
     if scheduler == "threads":
         echo("scheduler: dask threads in this process (no dashboard)")
         yield None
@@ -79,15 +192,19 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
     import dask
     from distributed import Client, LocalCluster
 
+    trim_default = worker_environ(malloc_trim=True).get("MALLOC_TRIM_THRESHOLD_")
     # Keep the UNet's GPU annotations: low-level fusion would drop them.
     with dask.config.set({"optimization.fuse.active": False,
                           "distributed.nanny.pre-spawn-environ": worker_environ(malloc_trim=malloc_trim)}):
         if scheduler in ("local", None, ""):
             workers, threads = default_worker_layout()
-            cluster = LocalCluster(n_workers=n_workers or workers,
-                                   threads_per_worker=threads_per_worker or threads,
-                                   processes=True, memory_limit=memory_limit, dashboard_address=":0")
+            with _without_inherited_malloc_trim(malloc_trim, trim_default):
+                cluster = LocalCluster(n_workers=n_workers or workers,
+                                       threads_per_worker=threads_per_worker or threads,
+                                       processes=True, memory_limit=memory_limit,
+                                       dashboard_address=dashboard_address or DEFAULT_DASHBOARD_ADDRESS)
             client = Client(cluster)
+            _register_quiet_patient_errors(client, echo)
             echo(f"dask LocalCluster: {len(cluster.workers)} worker(s); dashboard {client.dashboard_link}")
             try:
                 yield client
@@ -95,18 +212,104 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
                 client.close()
                 cluster.close()
         else:
-            try:
-                client = Client(scheduler, timeout="20s")
-            except OSError as exc:
-                raise OSError(f"cannot reach the dask scheduler at {scheduler!r} ({exc}); start it with "
-                              f"`dask scheduler` and at least one `dask worker {scheduler}`, or omit "
-                              f"--scheduler to use a local cluster") from exc
+            if dashboard_address is not None:
+                echo(f"note: --dashboard-address applies to a local cluster only; the scheduler at "
+                     f"{scheduler} serves its dashboard where `dask scheduler --dashboard-address` put it")
+            client = _connect(scheduler, connect_timeout)
+            _register_quiet_patient_errors(client, echo)
             n = len(client.scheduler_info().get("workers", {}))
             echo(f"dask scheduler {scheduler}: {n} worker(s); dashboard {client.dashboard_link}")
             try:
                 yield client
             finally:
                 client.close()
+
+
+def _unreachable(scheduler, why) -> RunConfigError:
+    return RunConfigError(f"cannot reach the dask scheduler at {scheduler!r} ({why}); start it with `dask "
+                          f"scheduler` and at least one `dask worker {scheduler}`, or omit --scheduler to use a "
+                          f"local cluster")
+
+
+def _identity(address: str, timeout: float) -> dict:
+    """Ask ``address`` who it is over dask's protocol, within ``timeout`` seconds in all.
+
+    Runs its own event loop in a daemon thread, so it also works where a loop
+    is running (a notebook) and a peer that never answers cannot hold the run.
+    """
+    import asyncio
+    import threading
+
+    from distributed.comm import connect
+
+    async def ask():
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    box = {}
+
+    def target():
+        try:
+            box["reply"] = asyncio.run(asyncio.wait_for(ask(), timeout))
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="lungzarr-scheduler-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["reply"]
+
+
+def _connect(scheduler: str, timeout: float):
+    """A Client of the scheduler at ``scheduler``, or RunConfigError within about ``timeout`` seconds."""
+    import dask
+    from distributed import Client
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    try:
+        protocol, location = parse_address(scheduler)
+    except ValueError as exc:
+        raise _unreachable(scheduler, exc) from None
+    if protocol in ("tcp", "tls"):
+        # A refused or unresolvable address answers at once; distributed would retry it until its timeout.
+        try:
+            host, port = parse_host_port(location)
+            socket.create_connection((host, port), timeout=timeout).close()
+        except (OSError, ValueError, TypeError) as exc:
+            raise _unreachable(scheduler, getattr(exc, "strerror", None) or exc) from None
+    try:
+        reply = _identity(scheduler, timeout)
+    except (OSError, TimeoutError) as exc:
+        raise _unreachable(scheduler, str(exc) or f"no answer within {timeout:g} s") from None
+    except Exception as exc:  # something listens there, but does not speak dask's protocol
+        raise RunConfigError(f"{scheduler!r} answers, but not as a dask scheduler ({type(exc).__name__}); pass "
+                             f"the address `dask scheduler` printed (its port, 8786 by default, not the "
+                             f"dashboard's)") from None
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind != "Scheduler":
+        raise RunConfigError(f"{scheduler!r} is a dask {kind or 'peer'}, not the scheduler; pass the address "
+                             f"`dask scheduler` printed")
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": f"{timeout}s"}):
+            client = Client(scheduler, timeout=f"{timeout}s")
+    except (OSError, TimeoutError) as exc:
+        raise _unreachable(scheduler, exc) from None
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except (TimeoutError, OSError):
+        client.close()
+        raise RunConfigError(f"the dask scheduler at {scheduler!r} has no worker (waited {timeout:g} s); start "
+                             f"one with `dask worker {scheduler}`") from None
+    return client
 
 
 def gpu_worker_count(client) -> int:

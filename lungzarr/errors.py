@@ -6,7 +6,7 @@ store's failures table and goes on with the next patient.
 """
 from __future__ import annotations
 
-__all__ = ["LungzarrError", "PatientError", "StoreLockedError"]
+__all__ = ["LungzarrError", "PatientError", "RunConfigError", "StoreLockedError"]
 
 
 class LungzarrError(Exception):
@@ -55,6 +55,14 @@ class PatientError(LungzarrError):
         """The error as a row of the failures table."""
         return {"patient": self.patient, "stage": self.stage,
                 "file": self.file, "reason": self.reason}
+
+
+class RunConfigError(LungzarrError):
+    """A run-level setting is wrong (store, weights, precision, scheduler).
+
+    Raised once, before any patient is read: the run stops with one message
+    (the CLI exits with code 2) instead of failing every patient alike.
+    """
 
 
 class StoreLockedError(LungzarrError):

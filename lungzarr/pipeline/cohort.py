@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from lungzarr.errors import LungzarrError, PatientError
-from lungzarr.pipeline.inputs import find_patients
+from lungzarr.pipeline.checks import check_run_config
+from lungzarr.pipeline.inputs import record_input, scan_input
 from lungzarr.pipeline.placement import compute_options
 from lungzarr.pipeline.runner import Progress, StageSummary, stream_stages
 from lungzarr.pipeline.stage import StageOptions
@@ -83,17 +84,18 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
     if not creates and input_dir is not None:
         raise LungzarrError(f"stages {[s.name for s in chosen]!r} work on the patients already in the store; "
                             f"INPUT is only read by {[s.name for s in ordered_stages() if s.creates_patient]!r}")
+    # Run-level mistakes stop here, once, before any patient is read.
+    scan = scan_input(input_dir, patients=patients) if creates else None
+    check_run_config(store=store_path, stages=[s.name for s in chosen], weights=weights, precision=precision,
+                     create=bool(creates))
     options = StageOptions(chunk_slices=chunk_slices, weights=weights, precision=precision,
                            infer_batch=infer_batch, gpu=gpu, strict=strict,
                            labels=read_legacy_labels(labels) if labels is not None else None)
-    if creates:
-        items = find_patients(input_dir, patients=patients)
-    else:
-        CohortStore(store_path, mode="r")  # a clear error when there is no store yet
     store = CohortStore(store_path)
     with store.lock():
         if creates:
-            items, bad = _check_ids(store, items, stage=creates[0])
+            items, bad = _check_ids(store, scan.patients, stage=creates[0])
+            bad = record_input(store, scan, stage=creates[0]) + bad
         else:
             items, bad = [(p, None) for p in _stored_patients(store, store_path, patients)], []
         if verify:
@@ -103,6 +105,8 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
                             client=client, progress=progress)
         gather_tables(store)
     summaries[0].failed = bad + summaries[0].failed
+    if scan is not None:
+        summaries[0].ignored = [entry.as_record() for entry in scan.ignored]
     return summaries
 
 

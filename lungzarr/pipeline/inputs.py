@@ -1,27 +1,133 @@
-"""What an INPUT folder holds: one entry per patient."""
+"""What an INPUT folder holds: the patient folders, and every other entry with why it is not used.
+
+Nothing in INPUT is dropped silently. A patient is a sub-folder of INPUT (or
+INPUT itself, when it holds files directly and no sub-folder). Every other
+entry is reported: an archive (``P1.zip``) is a failure of the patient it
+would be (``P1``), since its scan is missing from the run; a hidden folder, a
+loose file or anything else is a warning. The pipeline records both in the
+store, so ``lungzarr status`` shows them.
+"""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from lungzarr.errors import LungzarrError
+from lungzarr.errors import LungzarrError, PatientError
 
-__all__ = ["find_patients"]
+__all__ = ["InputEntry", "InputScan", "scan_input", "find_patients", "record_input", "ARCHIVE_SUFFIXES",
+           "INPUT_STAGE"]
+
+#: File name endings read as archives (longest first, so ``.tar.gz`` wins over ``.gz``).
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tgz", ".tbz2", ".txz", ".zip", ".tar",
+                    ".7z", ".rar", ".gz", ".bz2", ".xz", ".zst")
+#: The stage name under which INPUT entries that are not used are recorded as warnings.
+INPUT_STAGE = "input"
+
+_HIDDEN_FOLDER = "hidden folder: not read; rename it without the leading '.' to include it"
+_HIDDEN_FILE = "hidden file: not read (patients are the sub-folders of INPUT)"
 
 
-def find_patients(input_dir, *, patients: Iterable[str] | None = None) -> list[tuple[str, Path]]:
-    """Patient folders of an INPUT folder: ``[(patient_id, folder), ...]``.
+@dataclass(frozen=True)
+class InputEntry:
+    """An entry of INPUT that is not used as a patient folder.
 
-    Every sub-folder of ``input_dir`` is a patient (the old ``input/stage1/<patient>/``
-    layout; nested ``study/series`` folders below it are searched when the
-    patient is read). A folder that holds DICOM files directly and no
-    sub-folder is one patient itself.
+    Attributes
+    ----------
+    name : str
+        The entry's name in INPUT.
+    path : pathlib.Path
+    reason : str
+        Why it is not used and what to do to include it.
+    """
+
+    name: str
+    path: Path
+    reason: str
+
+    def as_record(self) -> dict:
+        """The entry as a warning record (``file``, ``reason``)."""
+        return {"file": str(self.path), "reason": self.reason}
+
+
+@dataclass
+class InputScan:
+    """The result of :func:`scan_input`.
+
+    Attributes
+    ----------
+    patients : list of (patient_id, folder)
+        The patient folders, sorted (what :func:`lungzarr.pipeline.find_patients` returns).
+    archives : list of PatientError
+        One per archive that stands where a patient folder should be: the
+        patient is the archive's stem, the file the archive.
+    ignored : list of InputEntry
+        Every other entry not used (hidden folders, loose files, archives
+        beside the folder they would unpack to).
+    """
+
+    input_dir: Path
+    patients: list[tuple[str, Path]] = field(default_factory=list)
+    archives: list[PatientError] = field(default_factory=list)
+    ignored: list[InputEntry] = field(default_factory=list)
+
+
+def archive_stem(name: str) -> str | None:
+    """The name without its archive ending (``P1.tar.gz`` -> ``P1``), or None when it is no archive."""
+    lower = name.lower()
+    for suffix in ARCHIVE_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return None
+
+
+def _is_patient_dir(p: Path) -> bool:
+    # A dangling link to a patient folder is kept, so it is recorded as a failure, not lost.
+    return p.is_dir() or (p.is_symlink() and not p.exists())
+
+
+def _archive_error(p: Path, stem: str, input_dir: Path) -> PatientError:
+    verb = "unzip" if p.name.lower().endswith(".zip") else "unpack"
+    return PatientError(f"{p.name!r} is an archive: lungzarr does not read archives; {verb} it into "
+                        f"{str(input_dir / stem)}/ and run again", patient=stem, stage="ingest", file=str(p))
+
+
+def _loose_file_reason(p: Path) -> str:
+    if p.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return ("a file directly in INPUT, beside the patient folders: not read; move it into its patient's "
+                "folder")
+    return "a file, not a patient folder: not read (patients are the sub-folders of INPUT)"
+
+
+def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan:
+    """Sort the entries of an INPUT folder into patients, archives and entries not used.
+
+    Every sub-folder of ``input_dir`` is a patient (the old
+    ``input/stage1/<patient>/`` layout; nested ``study/series`` folders below
+    it are searched when the patient is read), except hidden ones (name
+    starting with ``'.'``), which are listed as not used. A folder that holds
+    files directly and no (visible) sub-folder is one patient itself. An
+    archive (``.zip``, ``.tar``, ``.tgz`` ...) is never read: it is the
+    failure of the patient named by its stem, unless that patient's folder is
+    there too (then the archive is only listed as not used).
 
     Parameters
     ----------
     input_dir : path
     patients : iterable of str, optional
-        Keep only these identifiers; an unknown one is an error.
+        Keep only these identifiers (archives count as the patient they
+        would be); an unknown one is an error.
+
+    Returns
+    -------
+    InputScan
+
+    Raises
+    ------
+    LungzarrError
+        When ``input_dir`` does not exist, is a file, holds no patient or
+        ``patients`` names one it does not hold.
     """
     input_dir = Path(input_dir)
     if not input_dir.exists():
@@ -30,22 +136,86 @@ def find_patients(input_dir, *, patients: Iterable[str] | None = None) -> list[t
     if not input_dir.is_dir():
         raise LungzarrError(f"INPUT {str(input_dir)!r} is a file; pass the folder that holds one sub-folder "
                             f"per patient")
-    # A dangling link to a patient folder is kept, so it is recorded as a failure, not lost.
-    subdirs = sorted(p for p in input_dir.iterdir()
-                     if (p.is_dir() or (p.is_symlink() and not p.exists())) and not p.name.startswith("."))
-    if subdirs:
-        found = [(p.name, p) for p in subdirs]
-    elif any(p.is_file() for p in input_dir.iterdir()):
-        found = [(input_dir.name, input_dir)]
-    else:
+    entries = sorted(input_dir.iterdir())
+    if not entries:
         raise LungzarrError(f"INPUT folder {str(input_dir)!r} is empty; put one folder of DICOM files per "
                             f"patient in it")
+    scan = InputScan(input_dir)
+    hidden = [p for p in entries if p.name.startswith(".")]
+    visible = [p for p in entries if not p.name.startswith(".")]
+    subdirs = [p for p in visible if _is_patient_dir(p)]
+    archives = [(p, archive_stem(p.name)) for p in visible if p.is_file() and archive_stem(p.name)]
+    loose = [p for p in visible if p.is_file() and not archive_stem(p.name)]
+    if not subdirs and loose:
+        # The folder of one patient's files: everything in it belongs to that patient (the DICOM reader
+        # decides about each file), so nothing here is listed.
+        scan.patients = [(input_dir.name, input_dir)]
+    else:
+        scan.patients = [(p.name, p) for p in subdirs]
+        folders = {p.name for p in subdirs}
+        for p, stem in archives:
+            if stem in folders:
+                scan.ignored.append(InputEntry(p.name, p, f"archive beside the patient folder "
+                                                          f"{str(input_dir / stem)!r}, which is used: not read"))
+            elif any(err.patient == stem for err in scan.archives):
+                scan.ignored.append(InputEntry(p.name, p, f"a second archive of patient {stem!r}: not read"))
+            else:
+                scan.archives.append(_archive_error(p, stem, input_dir))
+        for p in loose:
+            scan.ignored.append(InputEntry(p.name, p, _loose_file_reason(p)))
+        for p in hidden:
+            scan.ignored.append(InputEntry(p.name, p, _HIDDEN_FOLDER if p.is_dir() else _HIDDEN_FILE))
+        for p in visible:
+            if not (_is_patient_dir(p) or p.is_file()):
+                scan.ignored.append(InputEntry(p.name, p, "neither a folder nor a regular file: not read"))
+        scan.ignored.sort(key=lambda e: e.name)
+        if not scan.patients and not scan.archives:
+            listed = ", ".join(repr(e.name) for e in scan.ignored[:5])
+            raise LungzarrError(f"INPUT folder {str(input_dir)!r} holds no patient folder, only entries that "
+                                f"are not read ({listed}); put one folder of DICOM files per patient in it")
     if patients is not None:
         wanted = list(patients)
-        known = {pid for pid, _ in found}
+        known = {pid for pid, _ in scan.patients} | {err.patient for err in scan.archives}
         unknown = [p for p in wanted if p not in known]
         if unknown:
             raise LungzarrError(f"--patients {unknown!r} not found in {str(input_dir)!r} "
                                 f"(it has {len(known)} patient folder(s), e.g. {sorted(known)[:3]!r})")
-        found = [(pid, folder) for pid, folder in found if pid in set(wanted)]
-    return found
+        keep = set(wanted)
+        scan.patients = [(pid, folder) for pid, folder in scan.patients if pid in keep]
+        scan.archives = [err for err in scan.archives if err.patient in keep]
+    return scan
+
+
+def find_patients(input_dir, *, patients: Iterable[str] | None = None) -> list[tuple[str, Path]]:
+    """Patient folders of an INPUT folder: ``[(patient_id, folder), ...]``.
+
+    The ``patients`` of :func:`scan_input`, which also returns the entries not
+    used (archives, hidden folders, loose files).
+
+    Parameters
+    ----------
+    input_dir : path
+    patients : iterable of str, optional
+        Keep only these identifiers; an unknown one is an error.
+    """
+    return scan_input(input_dir, patients=patients).patients
+
+
+def record_input(store, scan: InputScan, *, stage: str) -> list[dict]:
+    """Record what INPUT holds besides patient folders; return the archives' failure records (of ``stage``).
+
+    Warnings (stage :data:`INPUT_STAGE`) of entries of this INPUT folder that are gone are cleared.
+    """
+    current = {entry.name: entry for entry in scan.ignored}
+    folder = os.path.abspath(scan.input_dir)
+    for old in store.warnings():
+        if old.get("stage") == INPUT_STAGE and old.get("patient") not in current \
+                and os.path.dirname(os.path.abspath(old.get("file") or "")) == folder:
+            store.record_warnings(old["patient"], INPUT_STAGE, [])
+    for name, entry in current.items():
+        store.record_warnings(name, INPUT_STAGE, [entry.as_record()])
+    failed = []
+    for err in scan.archives:
+        store.record_failure(err, stage=stage)
+        failed.append(err.as_record())
+    return failed

@@ -64,8 +64,10 @@ def import_legacy(input_dir, store_path, *, stage: str = "stage1", overwrite: bo
     """
     from lungzarr.io.legacy import list_legacy_patients, read_legacy_patient
     from lungzarr.io.storage import CohortStore
+    from lungzarr.pipeline.checks import check_store
     from lungzarr.pipeline.tables import gather_tables
 
+    check_store(store_path)
     store = CohortStore(store_path)
     summary = StageSummary(IMPORT)
     start = time.perf_counter()

@@ -39,6 +39,8 @@ class StageSummary:
     failed: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     work_seconds: float = 0.0
+    #: INPUT entries not used as patients (``file``, ``reason``): set on the summary of the stage that read INPUT.
+    ignored: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -75,6 +75,8 @@ class Stage:
         Child groups of the patient group it writes.
     creates_patient : bool
         It builds the patient group from INPUT (a new group, swapped in on commit).
+    uses_model : bool
+        It runs the d8 network: the weights and precision are checked before any patient.
     prefetch : callable, optional
         ``prefetch(client, patient, payload, strict, compute_options) -> payload``: slow
         per-patient reads started on the workers before the patient's turn.
@@ -88,6 +90,7 @@ class Stage:
     arrays: tuple[str, ...] = ()
     subgroups: tuple[str, ...] = ()
     creates_patient: bool = False
+    uses_model: bool = False
     prefetch: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self):

@@ -43,5 +43,6 @@ DETECT = Stage(
     prepare=_prepare,
     summary="the d8 UNet over every 8-slice window of hu_2mm → nodule_prob (on GPU workers when there are any)",
     placement="gpu",
+    uses_model=True,
     arrays=("nodule_prob",),
 )
