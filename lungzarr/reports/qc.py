@@ -11,12 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["qc_figure", "mid_planes"]
+__all__ = ["qc_figure", "mid_planes", "LEGEND"]
 
 #: Grey window (HU) of the pictures: lung to soft tissue.
 HU_WINDOW = (-1200, 400)
 _PLANES = ("axial", "coronal", "sagittal")
 _NODULE_COLUMNS = ("z_index", "y_index", "x_index", "diameter_mm")
+#: Marker colours: detections (yellow circles) and true nodules (cyan squares).
+DETECTION_COLOUR, TRUTH_COLOUR = "yellow", "cyan"
+#: What the pictures draw, (kind, colour, line style, meaning): the PNG's legend and the report's.
+LEGEND = (
+    ("line", "red", "-", "lung mask outline"),
+    ("circle", DETECTION_COLOUR, "-", "detection (p > 0.5, DSB filter), its sphere cuts this plane"),
+    ("circle", DETECTION_COLOUR, "--", "detection off this plane (its projection)"),
+    ("square", TRUTH_COLOUR, "-", "true nodule, cuts this plane"),
+    ("square", TRUTH_COLOUR, ":", "true nodule off this plane (its projection)"),
+)
 
 
 def _plain(arr):
@@ -54,8 +64,17 @@ def _check_nodules(nodules):
                          f"(voxel indices on the 2 mm grid and the diameter in mm)")
 
 
+def _legend_handles(*, truth: bool):
+    from matplotlib.lines import Line2D
+
+    markers = {"line": None, "circle": "o", "square": "s"}
+    return [Line2D([], [], color=colour, linestyle=style if kind == "line" else "none", marker=markers[kind],
+                   markerfacecolor="none", markeredgecolor=colour, markersize=9, label=meaning)
+            for kind, colour, style, meaning in LEGEND if truth or kind != "square"]
+
+
 def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), title=None,
-              centre=None) -> Path:
+              centre=None, truth=None, grid=None) -> Path:
     """Write a PNG with the axial, coronal and sagittal mid-planes.
 
     Parameters
@@ -77,6 +96,13 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     centre : (int, int, int), optional
         Voxel the three planes go through (e.g. the largest nodule); default
         the middle of the volume.
+    truth : pandas.DataFrame, optional
+        True nodules (same columns as ``nodules``), drawn as cyan squares,
+        solid when the nodule cuts the plane and dotted otherwise.
+    grid : lungzarr.volume.Grid, optional
+        The volume's grid: plane positions in the titles are patient mm
+        (``grid.to_mm``) and ``spacing`` is ``grid.spacing``. Without it the
+        positions are mm from the first voxel.
 
     Returns
     -------
@@ -85,11 +111,15 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     if tuple(np.shape(_plain(hu_2mm))) != tuple(np.shape(_plain(lungs))):
         raise ValueError(f"hu_2mm shape {np.shape(_plain(hu_2mm))!r} and lungs shape "
                          f"{np.shape(_plain(lungs))!r} differ; pass the mask of this volume")
-    if nodules is not None:
-        _check_nodules(nodules)
+    for table in (nodules, truth):
+        if table is not None:
+            _check_nodules(table)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Circle
+    from matplotlib.patches import Circle, Rectangle
+
+    if grid is not None:
+        spacing = grid.spacing
 
     shape = np.shape(_plain(hu_2mm))
     centre = tuple(n // 2 for n in shape) if centre is None else tuple(int(c) for c in centre)
@@ -111,7 +141,10 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
             # Data coordinates (x = column, y = row) match imshow whatever its origin.
             ax.contour(mask.astype(np.uint8), levels=[0.5], colors="red", linewidths=0.8)
         cut_axis = ({0, 1, 2} - {row_axis, col_axis}).pop()
-        ax.set_title(f"{name} ({'zyx'[cut_axis]} = {centre[cut_axis]}), lungs {int(mask.sum())} px")
+        position = (grid.to_mm(centre)[cut_axis] if grid is not None
+                    else centre[cut_axis] * (sz, sy, sx)[cut_axis])
+        pixel_mm2 = (sz, sy, sx)[row_axis] * (sz, sy, sx)[col_axis]
+        ax.set_title(f"{name} {'zyx'[cut_axis]} = {position:.1f} mm, lungs {mask.sum() * pixel_mm2 / 100:.0f} cm²")
         ax.set_axis_off()
         if nodules is not None:
             steps = (sz, sy, sx)
@@ -126,9 +159,24 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
                                     max(radius_mm / steps[col_axis], 1.0) + 2.0, fill=False,
                                     edgecolor="yellow", linewidth=1.2,
                                     linestyle="-" if on_plane else "--"))
+        if truth is not None:
+            steps = (sz, sy, sx)
+            for row in truth.itertuples(index=False):
+                index = (row.z_index, row.y_index, row.x_index)
+                radius_mm = float(row.diameter_mm) / 2.0
+                on_plane = abs(index[cut_axis] - centre[cut_axis]) * steps[cut_axis] <= radius_mm
+                # A square a little outside the detection's circle, in mm on both axes.
+                half_col = max(radius_mm / steps[col_axis], 1.0) + 4.0
+                half_row = half_col * steps[col_axis] / steps[row_axis]
+                ax.add_patch(Rectangle((index[col_axis] - half_col, index[row_axis] - half_row), 2 * half_col,
+                                       2 * half_row, fill=False, edgecolor=TRUTH_COLOUR, linewidth=1.2,
+                                       linestyle="-" if on_plane else ":"))
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    handles = _legend_handles(truth=truth is not None)
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False,
+               fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
