@@ -22,10 +22,10 @@ DETECTION_COLOUR, TRUTH_COLOUR = "yellow", "cyan"
 #: What the pictures draw, (kind, colour, line style, meaning): the PNG's legend and the report's.
 LEGEND = (
     ("line", "red", "-", "lung mask outline"),
-    ("circle", DETECTION_COLOUR, "-", "detection (p > 0.5, DSB filter), its sphere cuts this plane"),
-    ("circle", DETECTION_COLOUR, "--", "detection off this plane (its projection)"),
-    ("square", TRUTH_COLOUR, "-", "true nodule, cuts this plane"),
-    ("square", TRUTH_COLOUR, ":", "true nodule off this plane (its projection)"),
+    ("circle", DETECTION_COLOUR, "-", "detection (p > 0.5, DSB filter) cutting this plane"),
+    ("circle", DETECTION_COLOUR, "--", "detection off this plane (projected)"),
+    ("square", TRUTH_COLOUR, "-", "true nodule cutting this plane"),
+    ("square", TRUTH_COLOUR, ":", "true nodule off this plane (projected)"),
 )
 
 
@@ -64,13 +64,29 @@ def _check_nodules(nodules):
                          f"(voxel indices on the 2 mm grid and the diameter in mm)")
 
 
-def _legend_handles(*, truth: bool):
+def _legend(fig, *, truth: bool) -> None:
+    """The figure's legend from :data:`LEGEND`: circles and squares with their line styles."""
+    from matplotlib.legend_handler import HandlerPatch
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Circle, Rectangle
 
-    markers = {"line": None, "circle": "o", "square": "s"}
-    return [Line2D([], [], color=colour, linestyle=style if kind == "line" else "none", marker=markers[kind],
-                   markerfacecolor="none", markeredgecolor=colour, markersize=9, label=meaning)
-            for kind, colour, style, meaning in LEGEND if truth or kind != "square"]
+    def circle(legend, orig_handle, xdescent, ydescent, width, height, fontsize):
+        return Circle((width / 2 - xdescent, height / 2 - ydescent), 0.5 * height)
+
+    def square(legend, orig_handle, xdescent, ydescent, width, height, fontsize):
+        return Rectangle((width / 2 - xdescent - 0.45 * height, 0.05 * height - ydescent), 0.9 * height,
+                         0.9 * height)
+
+    handles = []
+    for kind, colour, style, meaning in LEGEND:
+        if kind == "line":
+            handles.append(Line2D([], [], color=colour, linestyle=style, label=meaning))
+        elif truth or kind != "square":
+            style_kw = dict(fill=False, edgecolor=colour, linestyle=style, linewidth=1.2, label=meaning)
+            handles.append(Circle((0, 0), 1, **style_kw) if kind == "circle" else Rectangle((0, 0), 1, 1, **style_kw))
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9, handleheight=1.6,
+               handlelength=1.6, columnspacing=1.2,
+               handler_map={Circle: HandlerPatch(patch_func=circle), Rectangle: HandlerPatch(patch_func=square)})
 
 
 def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), title=None,
@@ -129,7 +145,7 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     # (plane, its (row, col) axes in the volume, aspect = row step / col step)
     layout = [("axial", (1, 2), sy / sx), ("coronal", (0, 2), sz / sx), ("sagittal", (0, 1), sz / sy)]
 
-    fig = Figure(figsize=(12, 4.4), dpi=100)
+    fig = Figure(figsize=(10, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     for ax, (name, (row_axis, col_axis), aspect), image, mask in zip(axes, layout, hu_planes, mask_planes):
@@ -173,9 +189,7 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
                                        linestyle="-" if on_plane else ":"))
     if title:
         fig.suptitle(title)
-    handles = _legend_handles(truth=truth is not None)
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False,
-               fontsize=8)
+    _legend(fig, truth=truth is not None)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
