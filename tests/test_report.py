@@ -7,6 +7,7 @@ content is known: one hit, one false positive, one patient without a nodule.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -172,3 +173,29 @@ def test_truth_needs_its_columns(report_store, tmp_path):
     with pytest.raises(ValueError, match=r"truth lacks columns \['diameter_mm'\]"):
         write_report(store, tmp_path / "r.html", truth=pd.DataFrame({"patient": ["R-1"], "z_mm": [0.0],
                                                                      "y_mm": [0.0], "x_mm": [0.0]}))
+
+
+def test_readme_example_plots_radiologically(report_store, monkeypatch):
+    """The README's plotting example runs on a store and draws y down, as the QC pictures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import lungzarr
+    from lungzarr.algorithms.nodules import select_nodules
+
+    store, _ = report_store
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(import lungzarr\n.*?)```", readme, re.S).group(1)
+    code = block.replace('"demo.zarr"', repr(str(store))).replace("DEMO-001", "R-1")
+    plt.close("all")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    ax = plt.gca()
+    assert ax.yaxis_inverted() and not ax.xaxis_inverted()
+    z = float(scope["plane"].z2)
+    kept = select_nodules(lungzarr.read_nodules(store))
+    cut = kept[(kept.patient == "R-1") & ((kept.z_mm - z).abs() <= kept.diameter_mm / 2)]
+    assert len(ax.patches) == len(cut) > 0
+    plt.close("all")
