@@ -79,12 +79,18 @@ class DemoVerdict:
     patients : tuple of str
         Every patient judged, including those without a true nodule.
     threshold : float
+    noun : str
+        What the truth is, in the text: "phantom nodule" (the demo) or "true nodule".
+    empty_reason : str
+        Why a patient has no true nodule, in the text: "by design" (DEMO-003).
     """
 
     truth: pd.DataFrame
     detections: pd.DataFrame
     patients: tuple[str, ...]
     threshold: float
+    noun: str = "phantom nodule"
+    empty_reason: str = "by design"
 
     @property
     def n_true(self) -> int:
@@ -117,7 +123,7 @@ class DemoVerdict:
     def summary(self) -> str:
         """One line, e.g. ``3/3 phantom nodules found, 2 false positives (DEMO-003 has no nodule by design: ...)``."""
         fp = self.false_positives
-        line = f"{self.n_found}/{self.n_true} phantom nodules found, {_count(len(fp), 'false positive')}"
+        line = f"{self.n_found}/{self.n_true} {self.noun}s found, {_count(len(fp), 'false positive')}"
         notes = []
         for patient in self.without_nodules():
             n = int((fp.patient == patient).sum()) if len(fp) else 0
@@ -129,7 +135,7 @@ class DemoVerdict:
                 what = "both of its detections are false positives"
             else:
                 what = f"all {_COUNT_WORDS.get(n, n)} of its detections are false positives"
-            notes.append(f"{patient} has no nodule by design: {what}")
+            notes.append(f"{patient} has no nodule {self.empty_reason}: {what}")
         return line + (f" ({'; '.join(notes)})" if notes else "")
 
     def patient_lines(self, patient: str) -> list[str]:
@@ -139,10 +145,10 @@ class DemoVerdict:
         fps = fps[fps.patient == patient] if len(fps) else fps
         found = int(truth.found.sum()) if len(truth) else 0
         if len(truth):
-            head = (f"{patient}: {found}/{len(truth)} phantom nodule(s) found, {len(truth) - found} missed, "
+            head = (f"{patient}: {found}/{len(truth)} {self.noun}(s) found, {len(truth) - found} missed, "
                     f"{_count(len(fps), 'false positive')}")
         else:
-            head = f"{patient}: no phantom nodule (by design), {_count(len(fps), 'false positive')}"
+            head = f"{patient}: no {self.noun} ({self.empty_reason}), {_count(len(fps), 'false positive')}"
         lines = [head]
         for t in truth.itertuples(index=False):
             where = f"{t.diameter_mm:.1f} mm nodule at (z {t.z_mm:.1f}, y {t.y_mm:.1f}, x {t.x_mm:.1f}) mm"
@@ -156,8 +162,8 @@ class DemoVerdict:
             else:
                 lines.append(f"  missed {where}: no detection in this patient")
         for d in fps.itertuples(index=False):
-            why = (f"within no phantom nodule (nearest centre {d.distance_mm:.1f} mm away)" if len(truth)
-                   else "this patient has no phantom nodule")
+            why = (f"within no {self.noun} (nearest centre {d.distance_mm:.1f} mm away)" if len(truth)
+                   else f"this patient has no {self.noun}")
             lines.append(f"  false positive {d.diameter_mm:.1f} mm at (z {d.z_mm:.1f}, y {d.y_mm:.1f}, "
                          f"x {d.x_mm:.1f}) mm, p {d.prob_max:.2f}: {why}")
         return lines
@@ -169,7 +175,7 @@ class DemoVerdict:
 
 
 def match_truth(nodules: pd.DataFrame, truth: pd.DataFrame, *, threshold: float = REPORTED_THRESHOLD,
-                patients=None) -> DemoVerdict:
+                patients=None, noun: str = "phantom nodule", empty_reason: str = "by design") -> DemoVerdict:
     """Judge the detections (p > ``threshold``, DSB filter) against true nodules.
 
     Parameters
@@ -183,6 +189,8 @@ def match_truth(nodules: pd.DataFrame, truth: pd.DataFrame, *, threshold: float 
     patients : sequence of str, optional
         The patients judged (a patient without a true nodule makes its every
         detection a false positive); default those in ``truth`` or the detections.
+    noun, empty_reason : str
+        Wording of the verdict's text (:class:`DemoVerdict`); the defaults are the demo's.
 
     Returns
     -------
@@ -227,7 +235,8 @@ def match_truth(nodules: pd.DataFrame, truth: pd.DataFrame, *, threshold: float 
                                  if len(truth) else np.full(len(found), -1))
     nearest = distance.min(axis=0) if len(truth) else np.full(len(found), np.inf)
     detections["distance_mm"] = np.where(np.isfinite(nearest), nearest, np.nan)
-    return DemoVerdict(truth=truth_out, detections=detections, patients=patients, threshold=float(threshold))
+    return DemoVerdict(truth=truth_out, detections=detections, patients=patients, threshold=float(threshold),
+                       noun=noun, empty_reason=empty_reason)
 
 
 def run_demo(folder="input/demo", store="demo.zarr", *, client=None, progress=None, report=True) -> dict:

@@ -81,7 +81,8 @@ def test_report_has_legend_mm_titles_described_columns_and_truth(report_store, t
     assert "-777 = no label: not in --labels nor imported with one" in text
     assert "cancer</code> -777 = no label" in text  # have no label
     # The truth: one hit on R-1, the sphere in the other lung a false positive, R-2 none.
-    assert "Against the truth: 1/1 phantom nodules found, 1 false positive" in text
+    assert ("Against the truth: 1/1 true nodules found, 1 false positive (R-2 has no nodule in the truth table: "
+            "nothing was detected there, as it should be)") in text
     assert re.search(r'<li class="hit">hit +12\.0 mm nodule at \(z -30\.0, y -5\.0, x -35\.0\) mm', text)
     assert re.search(r'<li class="fp">false positive [\d.]+ mm at \(z -30\.\d, y -\d\.\d, x 3\d\.\d\) mm', text)
     # A compact layout: patient cards in a CSS grid, sized for phones too.

@@ -112,7 +112,7 @@ def _cohort_plots(patients, nodules, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator, MultipleLocator
 
     from lungzarr.algorithms.nodules import select_nodules
 
@@ -125,16 +125,13 @@ def _cohort_plots(patients, nodules, path: Path) -> Path:
     axes[0].set_xlabel("nodules per patient (p > 0.5, DSB filter)")
     volumes = (patients.lung_volume_ml.dropna().to_numpy() / 1000.0 if "lung_volume_ml" in patients
                else np.zeros(0))
-    # Few patients: a bin per patient at most, and a range of at least 0.5 l, so close volumes
-    # do not make a histogram of 20 slivers with an offset axis.
-    lo, hi = (float(volumes.min()), float(volumes.max())) if len(volumes) else (0.0, 1.0)
-    mid, half = (lo + hi) / 2.0, max((hi - lo) / 2.0, 0.25)
-    axes[1].hist(volumes, bins=int(np.clip(len(volumes), 1, 20)), range=(mid - half, mid + half),
-                 color="tab:green", rwidth=0.85)
+    edges = _litre_bins(volumes)
+    axes[1].hist(volumes, bins=edges, color="tab:green", rwidth=0.85)
     axes[1].set_xlabel("lung volume (litres)")
-    plain = ScalarFormatter(useOffset=False)
-    plain.set_scientific(False)
-    axes[1].xaxis.set_major_formatter(plain)
+    # Ticks on the round bin edges (at most ~8), labelled plainly: no offset, no exponent.
+    width = edges[1] - edges[0]
+    axes[1].xaxis.set_major_locator(MultipleLocator(width * max(1, int(np.ceil((len(edges) - 1) / 8)))))
+    axes[1].xaxis.set_major_formatter(FormatStrFormatter("%g"))
     for ax in axes:
         ax.set_ylabel("patients")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -143,6 +140,18 @@ def _cohort_plots(patients, nodules, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _litre_bins(volumes) -> np.ndarray:
+    """Bin edges at round litres (0.1, 0.25 or 0.5 l wide) with an empty bin either side.
+
+    Round edges keep equal volumes in one bin, and the axis reads 2.2, 2.3 ...
+    rather than 20 slivers between 2.2984 and 2.2986.
+    """
+    lo, hi = (float(np.min(volumes)), float(np.max(volumes))) if len(volumes) else (0.0, 1.0)
+    width = 0.1 if hi - lo <= 2 else 0.25 if hi - lo <= 5 else 0.5
+    first, last = np.floor(lo / width) - 1, np.floor(hi / width) + 2
+    return np.arange(first, last + 1) * width
 
 
 def _svg_marker(kind, colour, style) -> str:
@@ -247,7 +256,7 @@ def write_report(store_path, output, *, truth=None) -> Path:
     if truth is not None:
         from lungzarr.demo import match_truth
 
-        verdict = match_truth(nodules, truth, patients=ids)
+        verdict = match_truth(nodules, truth, patients=ids, noun="true nodule", empty_reason="in the truth table")
     cohort_png = _cohort_plots(patients, nodules, files / "cohort.png")
     at_half = select_nodules(nodules, dsb_filter=False)
     reported = select_nodules(nodules)
