@@ -268,6 +268,10 @@ def write_report(store_path, output, *, truth=None) -> Path:
              f"passes; <b>{len(at_half)} shown</b> in the cards = p &gt; {REPORTED_THRESHOLD:g}; of those, "
              f"<b>{len(reported)} reported nodules</b> pass the DSB filter (mean HU &lt; 396, diameter &gt; 3 mm) "
              "and are drawn in the pictures. Positions are patient coordinates in mm.</p>"]
+    pending = [pid for pid in ids if not store.is_complete(pid, "nodules")]
+    if pending:
+        parts.append(f"<p><b>{len(pending)} patient(s) without the nodules stage yet</b> (no candidates to show): "
+                     f"{html.escape(', '.join(pending[:10]))}{' …' if len(pending) > 10 else ''}.</p>")
     if verdict is not None:
         parts.append(f'<p class="verdict">Against the truth: {html.escape(verdict.summary())}.</p>')
     parts.append('<div class="top">'
