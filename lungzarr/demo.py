@@ -41,10 +41,13 @@ def write_demo_cohort(folder="input/demo", *, n_patients: int | None = None) -> 
 
 
 def demo_truth() -> pd.DataFrame:
-    """The demo's nodules: patient, centre (mm) and diameter."""
+    """The demo's nodules: patient, centre (mm) and diameter (DEMO-003 has none, by design)."""
     rows = [{"patient": pid, "z_mm": n.z_mm, "y_mm": n.y_mm, "x_mm": n.x_mm, "diameter_mm": n.diameter_mm}
             for pid, nodules, _ in DEMO_PATIENTS for n in nodules]
-    return pd.DataFrame(rows, columns=["patient", "z_mm", "y_mm", "x_mm", "diameter_mm"])
+    truth = pd.DataFrame(rows, columns=["patient", "z_mm", "y_mm", "x_mm", "diameter_mm"])
+    # How the verdict names them (the report reads these): every patient without one is so by design.
+    truth.attrs.update(noun="phantom nodule", empty_reason="by design")
+    return truth
 
 
 #: Spelled-out counts for the verdict's sentences.

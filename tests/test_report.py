@@ -200,3 +200,17 @@ def test_readme_example_plots_radiologically(report_store, monkeypatch):
     cut = kept[(kept.patient == "R-1") & ((kept.z_mm - z).abs() <= kept.diameter_mm / 2)]
     assert len(ax.patches) == len(cut) > 0
     plt.close("all")
+
+
+def test_demo_truth_wording_and_truth_of_other_patients(report_store, tmp_path):
+    """demo_truth() speaks of phantom nodules; truth rows of patients not in the store are named, not matched."""
+    from lungzarr.demo import demo_truth
+    from lungzarr.reports.html import write_report
+
+    store, truth = report_store
+    mixed = pd.concat([demo_truth(), truth], ignore_index=True)
+    mixed.attrs.update(demo_truth().attrs)
+    text = write_report(store, tmp_path / "r.html", truth=mixed).read_text()
+    assert ("Against the truth: 1/1 phantom nodules found, 1 false positive (R-2 has no nodule by design: "
+            "nothing was detected there, as it should be)") in text
+    assert "2 patient(s) not in this store, left out: DEMO-001, DEMO-002." in text

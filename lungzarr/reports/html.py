@@ -37,7 +37,9 @@ th[title]{text-decoration:underline dotted;cursor:help}
 .legend svg{flex:none;background:#333;border-radius:3px}
 .verdict{font-weight:600} .hit{color:#17692b} .miss,.fp{color:#a31515}
 details{font-size:12px;margin:.3em 0} dt{font-family:monospace;font-weight:600} dd{margin:0 0 .2em 1.2em}
-.muted{color:#666;font-size:12px}
+.muted{color:#666;font-size:12px} .phone{display:none}
+/* Phones: the three planes would be ~120 px each at the screen's width; keep them legible and scroll sideways. */
+@media (max-width:600px){.pic a{display:block;overflow-x:auto}.pic img{max-width:none;width:760px}.phone{display:block}}
 """
 
 
@@ -256,7 +258,11 @@ def write_report(store_path, output, *, truth=None) -> Path:
     if truth is not None:
         from lungzarr.demo import match_truth
 
-        verdict = match_truth(nodules, truth, patients=ids, noun="true nodule", empty_reason="in the truth table")
+        # demo_truth() names its nodules in attrs ("phantom nodule", "by design"); other tables get plain words.
+        verdict = match_truth(nodules, truth[truth.patient.isin(ids)], patients=ids,
+                              noun=truth.attrs.get("noun", "true nodule"),
+                              empty_reason=truth.attrs.get("empty_reason", "in the truth table"))
+        elsewhere = sorted(set(truth.patient) - set(ids))
     cohort_png = _cohort_plots(patients, nodules, files / "cohort.png")
     at_half = select_nodules(nodules, dsb_filter=False)
     reported = select_nodules(nodules)
@@ -274,6 +280,10 @@ def write_report(store_path, output, *, truth=None) -> Path:
                      f"{html.escape(', '.join(pending[:10]))}{' …' if len(pending) > 10 else ''}.</p>")
     if verdict is not None:
         parts.append(f'<p class="verdict">Against the truth: {html.escape(verdict.summary())}.</p>')
+        if elsewhere:
+            parts.append(f"<p class='muted'>The truth table also has {len(elsewhere)} patient(s) not in this store, "
+                         f"left out: {html.escape(', '.join(elsewhere[:10]))}{' …' if len(elsewhere) > 10 else ''}."
+                         "</p>")
     parts.append('<div class="top">'
                  f"<div><h2>Legend</h2>{_legend_html(truth=truth is not None)}</div>"
                  f'<div><h2>Cohort</h2><img src="{files.name}/{cohort_png.name}" alt="cohort distributions: '
@@ -298,7 +308,8 @@ def write_report(store_path, output, *, truth=None) -> Path:
         if store.is_complete(patient, "segment"):
             png = qc_patient(store_path, patient, files / f"{patient}.png", truth=truth)
             card.append(f'<a href="{files.name}/{png.name}"><img src="{files.name}/{png.name}" '
-                        f'alt="{html.escape(patient)}: axial, coronal and sagittal planes"></a>')
+                        f'alt="{html.escape(patient)}: axial, coronal and sagittal planes"></a>'
+                        '<p class="muted phone">scroll the picture sideways, or tap it for full size</p>')
         else:
             card.append("<p>not segmented yet: no picture.</p>")
         card.append('</div><div class="info">')
