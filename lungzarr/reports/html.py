@@ -237,9 +237,12 @@ def write_report(store_path, output, *, truth=None) -> Path:
         Known nodules, one row each: ``patient, z_mm, y_mm, x_mm, diameter_mm``
         (patient mm; e.g. :func:`lungzarr.demo.demo_truth`). Drawn as squares
         in the pictures, and each patient's card lists its hits, misses and
-        false positives (:func:`lungzarr.demo.match_truth`).
+        false positives (:func:`lungzarr.demo.match_truth`). Rows of patients
+        not in the store are left out and named. ``truth.attrs`` ``noun`` and
+        ``empty_reason`` word the verdict (demo_truth: "phantom nodule", "by design").
     """
-    from lungzarr.algorithms.components import DSB_THRESHOLDS, MISSING, NO_LABEL
+    from lungzarr.algorithms.components import (DSB_MAX_MEAN_HU, DSB_MIN_DIAMETER_MM, DSB_THRESHOLDS, MISSING,
+                                                NO_LABEL)
     from lungzarr.algorithms.nodules import REPORTED_THRESHOLD, select_nodules
     from lungzarr.io.storage import CohortStore, read_failures, read_nodules, read_patients
     from lungzarr.pipeline.tables import PATIENT_COLUMNS
@@ -272,7 +275,8 @@ def write_report(store_path, output, *, truth=None) -> Path:
              f"<b>{len(nodules)} candidate rows</b> = every connected component at each of the "
              f"{len(DSB_THRESHOLDS)} thresholds ({thresholds}), so one nodule appears once per threshold it "
              f"passes; <b>{len(at_half)} shown</b> in the cards = p &gt; {REPORTED_THRESHOLD:g}; of those, "
-             f"<b>{len(reported)} reported nodules</b> pass the DSB filter (mean HU &lt; 396, diameter &gt; 3 mm) "
+             f"<b>{len(reported)} reported nodules</b> pass the DSB filter (mean HU &lt; {DSB_MAX_MEAN_HU:g}, "
+             f"diameter &gt; {DSB_MIN_DIAMETER_MM:g} mm) "
              "and are drawn in the pictures. Positions are patient coordinates in mm.</p>"]
     pending = [pid for pid in ids if not store.is_complete(pid, "nodules")]
     if pending:
