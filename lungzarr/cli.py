@@ -340,11 +340,13 @@ def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where 
                       scheduler=scheduler, dashboard_address=dashboard_address, progress=True,
                       checks=_run_checks(store, stage_names(), scheduler=scheduler))
     code = _print_summary(result["summaries"])
+    verdict = result["verdict"]
     cols = ["patient", "z_mm", "y_mm", "x_mm", "diameter_mm", "prob_max", "hu_mean", "lung_half"]
-    typer.echo("Nodules found (p > 0.5, original filter; mm in patient coordinates)")
-    typer.echo(result["nodules"][cols].round(1).to_string(index=False))
-    typer.echo("Phantom nodules and the nearest detection")
-    typer.echo(result["truth"].round(1).to_string(index=False))
+    typer.echo("Detections (p > 0.5, original filter; mm in patient coordinates), judged against the phantom")
+    detections = verdict.detections.assign(verdict=["hit" if h else "false positive" for h in verdict.detections.hit])
+    typer.echo(detections[cols + ["verdict"]].round(1).to_string(index=False) if len(detections) else "none")
+    typer.echo("Against the phantom's truth (a hit lies within a true nodule's radius)")
+    typer.echo(verdict.text())
     typer.echo(f"store: {store}    QC report: {result['report']} (pictures in its _files folder)")
     raise typer.Exit(code)
 

@@ -6,10 +6,33 @@ import numpy as np
 from lungzarr.algorithms.components import NO_LABEL
 from lungzarr.pipeline.stages import stage_names
 
-__all__ = ["gather_tables", "LUNG_MEASURES"]
+__all__ = ["gather_tables", "LUNG_MEASURES", "PATIENT_COLUMNS"]
 
 #: Lung measures of the features stage copied into the patient table (docs/algorithms.md §6).
 LUNG_MEASURES = ("lvol_0", "lvol_1", "lvol_2", "emphy_0", "emphy_1", "emphy_2", "emphy2_0", "emphy2_1", "emphy2_2")
+
+
+#: Columns of the patient table (``tables/patients``, :func:`lungzarr.read_patients`): name -> meaning.
+#: ``stage_<name>`` stands for one column per stage of the registry.
+PATIENT_COLUMNS: dict[str, str] = {
+    "patient": "patient id (the name of its INPUT folder)",
+    "stage_<name>": "True when that stage is complete for the patient (one column per stage)",
+    "series_instance_uid": "SeriesInstanceUID (0020,000E) of the series used",
+    "n_slices": "slices of the native series",
+    "slice_spacing_mm": "native slice spacing (mm)",
+    "shape_2mm": "shape z x y x x of the 2 x 2 x 2 mm grid",
+    "lung_volume_ml": "lung mask volume (ml) on the 2 mm grid; NaN before the features stage",
+    "n_nodules_0.5_filtered": "nodules at p > 0.5 passing the DSB filter (select_nodules); -1 before the "
+                              "nodules stage",
+    "cancer": f"DSB2017 label (1 cancer, 0 none); {NO_LABEL} = no label: not in --labels nor imported with one",
+    **{f"lvol_{s}": f"lung voxels (-990 < HU < -400) of segment {s} ({part})"
+       for s, part in enumerate(("first half of the predicted slices", "second half", "all"))},
+    **{f"emphy_{s}": f"(lvol_{s} - voxels with -950 < HU < -400) / (lvol_{s} + 1)" for s in range(3)},
+    **{f"emphy2_{s}": f"(lvol_{s} - voxels with -970 < HU < -400) / (lvol_{s} + 1)" for s in range(3)},
+    **{f"lung_centre_{a}_vox": f"lung voxels' centre of gravity along {a}, in voxels of the DSB2017 "
+                                  "feature volume (features.lung_measures)"
+       for a in "zyx"},
+}
 
 
 def gather_tables(store) -> dict:

@@ -11,12 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["qc_figure", "mid_planes"]
+__all__ = ["qc_figure", "mid_planes", "LEGEND"]
 
 #: Grey window (HU) of the pictures: lung to soft tissue.
 HU_WINDOW = (-1200, 400)
 _PLANES = ("axial", "coronal", "sagittal")
 _NODULE_COLUMNS = ("z_index", "y_index", "x_index", "diameter_mm")
+#: Marker colours: detections (yellow circles) and true nodules (cyan squares).
+DETECTION_COLOUR, TRUTH_COLOUR = "yellow", "cyan"
+#: What the pictures draw, (kind, colour, line style, meaning): the PNG's legend and the report's.
+LEGEND = (
+    ("line", "red", "-", "lung mask outline"),
+    ("circle", DETECTION_COLOUR, "-", "detection (p > 0.5, DSB filter) cutting this plane"),
+    ("circle", DETECTION_COLOUR, "--", "detection off this plane (projected)"),
+    ("square", TRUTH_COLOUR, "-", "true nodule cutting this plane"),
+    ("square", TRUTH_COLOUR, ":", "true nodule off this plane (projected)"),
+)
 
 
 def _plain(arr):
@@ -54,8 +64,33 @@ def _check_nodules(nodules):
                          f"(voxel indices on the 2 mm grid and the diameter in mm)")
 
 
+def _legend(fig, *, truth: bool) -> None:
+    """The figure's legend from :data:`LEGEND`: circles and squares with their line styles."""
+    from matplotlib.legend_handler import HandlerPatch
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Circle, Rectangle
+
+    def circle(legend, orig_handle, xdescent, ydescent, width, height, fontsize):
+        return Circle((width / 2 - xdescent, height / 2 - ydescent), 0.5 * height)
+
+    def square(legend, orig_handle, xdescent, ydescent, width, height, fontsize):
+        return Rectangle((width / 2 - xdescent - 0.45 * height, 0.05 * height - ydescent), 0.9 * height,
+                         0.9 * height)
+
+    handles = []
+    for kind, colour, style, meaning in LEGEND:
+        if kind == "line":
+            handles.append(Line2D([], [], color=colour, linestyle=style, label=meaning))
+        elif truth or kind != "square":
+            style_kw = dict(fill=False, edgecolor=colour, linestyle=style, linewidth=1.2, label=meaning)
+            handles.append(Circle((0, 0), 1, **style_kw) if kind == "circle" else Rectangle((0, 0), 1, 1, **style_kw))
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9, handleheight=1.6,
+               handlelength=1.6, columnspacing=1.2,
+               handler_map={Circle: HandlerPatch(patch_func=circle), Rectangle: HandlerPatch(patch_func=square)})
+
+
 def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), title=None,
-              centre=None) -> Path:
+              centre=None, truth=None, grid=None) -> Path:
     """Write a PNG with the axial, coronal and sagittal mid-planes.
 
     Parameters
@@ -77,6 +112,13 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     centre : (int, int, int), optional
         Voxel the three planes go through (e.g. the largest nodule); default
         the middle of the volume.
+    truth : pandas.DataFrame, optional
+        True nodules (same columns as ``nodules``), drawn as cyan squares,
+        solid when the nodule cuts the plane and dotted otherwise.
+    grid : lungzarr.volume.Grid, optional
+        The volume's grid: plane positions in the titles are patient mm
+        (``grid.to_mm``) and ``spacing`` is ``grid.spacing``. Without it the
+        positions are mm from the first voxel.
 
     Returns
     -------
@@ -85,11 +127,15 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     if tuple(np.shape(_plain(hu_2mm))) != tuple(np.shape(_plain(lungs))):
         raise ValueError(f"hu_2mm shape {np.shape(_plain(hu_2mm))!r} and lungs shape "
                          f"{np.shape(_plain(lungs))!r} differ; pass the mask of this volume")
-    if nodules is not None:
-        _check_nodules(nodules)
+    for table in (nodules, truth):
+        if table is not None:
+            _check_nodules(table)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Circle
+    from matplotlib.patches import Circle, Rectangle
+
+    if grid is not None:
+        spacing = grid.spacing
 
     shape = np.shape(_plain(hu_2mm))
     centre = tuple(n // 2 for n in shape) if centre is None else tuple(int(c) for c in centre)
@@ -99,7 +145,7 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     # (plane, its (row, col) axes in the volume, aspect = row step / col step)
     layout = [("axial", (1, 2), sy / sx), ("coronal", (0, 2), sz / sx), ("sagittal", (0, 1), sz / sy)]
 
-    fig = Figure(figsize=(12, 4.4), dpi=100)
+    fig = Figure(figsize=(10, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     for ax, (name, (row_axis, col_axis), aspect), image, mask in zip(axes, layout, hu_planes, mask_planes):
@@ -111,7 +157,10 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
             # Data coordinates (x = column, y = row) match imshow whatever its origin.
             ax.contour(mask.astype(np.uint8), levels=[0.5], colors="red", linewidths=0.8)
         cut_axis = ({0, 1, 2} - {row_axis, col_axis}).pop()
-        ax.set_title(f"{name} ({'zyx'[cut_axis]} = {centre[cut_axis]}), lungs {int(mask.sum())} px")
+        position = (grid.to_mm(centre)[cut_axis] if grid is not None
+                    else centre[cut_axis] * (sz, sy, sx)[cut_axis])
+        pixel_mm2 = (sz, sy, sx)[row_axis] * (sz, sy, sx)[col_axis]
+        ax.set_title(f"{name} {'zyx'[cut_axis]} = {position:.1f} mm, lungs {mask.sum() * pixel_mm2 / 100:.0f} cm²")
         ax.set_axis_off()
         if nodules is not None:
             steps = (sz, sy, sx)
@@ -126,9 +175,22 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
                                     max(radius_mm / steps[col_axis], 1.0) + 2.0, fill=False,
                                     edgecolor="yellow", linewidth=1.2,
                                     linestyle="-" if on_plane else "--"))
+        if truth is not None:
+            steps = (sz, sy, sx)
+            for row in truth.itertuples(index=False):
+                index = (row.z_index, row.y_index, row.x_index)
+                radius_mm = float(row.diameter_mm) / 2.0
+                on_plane = abs(index[cut_axis] - centre[cut_axis]) * steps[cut_axis] <= radius_mm
+                # A square a little outside the detection's circle, in mm on both axes.
+                half_col = max(radius_mm / steps[col_axis], 1.0) + 4.0
+                half_row = half_col * steps[col_axis] / steps[row_axis]
+                ax.add_patch(Rectangle((index[col_axis] - half_col, index[row_axis] - half_row), 2 * half_col,
+                                       2 * half_row, fill=False, edgecolor=TRUTH_COLOUR, linewidth=1.2,
+                                       linestyle="-" if on_plane else ":"))
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    _legend(fig, truth=truth is not None)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
