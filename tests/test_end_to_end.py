@@ -49,7 +49,7 @@ def test_annotated_nodule_is_found_in_millimetres(lidc_store):
 
 def test_store_is_complete_and_lazy_to_open(lidc_store):
     store = CohortStore(lidc_store, mode="r")
-    assert set(store.stages("LIDC-IDRI-0001")) == {"ingest", "segment", "detect", "nodules", "features"}
+    assert set(store.stages("LIDC-IDRI-0001")) == {"ingest", "segment", "lungs3d", "detect", "nodules", "features"}
     tree = lungzarr.open_cohort(lidc_store)
     ds = tree["patients/LIDC-IDRI-0001"]
     for name in ("hu", "hu_2mm", "lungs", "segmented", "nodule_prob"):

@@ -38,8 +38,10 @@ def qc_patient(store_path, patient: str, output) -> Path:
         centre = tuple(int(round(v)) for v in (top.z_vox, top.y_vox, top.x_vox))
     step = np.abs(grid_from_attrs(ds.attrs).step)
     hu = ds.hu_2mm if "hu_2mm" in ds else ds.segmented
+    # The 3-D mask (stage lungs3d) is outlined per side when the patient has it.
+    labels = ds.lung_labels.data if "lung_labels" in ds and store.is_complete(patient, "lungs3d") else None
     return qc_figure(hu.data, ds.lungs.data, path=output, nodules=markers, spacing=tuple(step),
-                     title=patient, centre=centre)
+                     title=patient, centre=centre, lung_labels=labels)
 
 
 def _cohort_plots(patients, nodules, path: Path) -> Path:
@@ -100,7 +102,8 @@ def write_report(store_path, output) -> Path:
         if len(nodules):
             mine = select_nodules(nodules[nodules.patient == patient], dsb_filter=False)
             cols = ["label", "z_mm", "y_mm", "x_mm", "diameter_mm", "prob_max", "hu_mean", "lung_half",
-                    "passes_dsb_filter"]
+                    "lung", "juxtapleural", "attenuation", "passes_dsb_filter"]
+            cols = [c for c in cols if c in mine.columns]  # tables of older stores lack the lung-mask columns
             parts.append(mine[cols].round(2).to_html(index=False) if len(mine) else "<p>no candidate at p &gt; 0.5</p>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>lungzarr report</title>"
             "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;font-size:12px}"

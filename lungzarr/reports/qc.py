@@ -54,8 +54,12 @@ def _check_nodules(nodules):
                          f"(voxel indices on the 2 mm grid and the diameter in mm)")
 
 
+#: Outline colours of the 3-D mask's sides (lung_labels 1 = right, 2 = left).
+SIDE_COLOURS = {1: "cyan", 2: "lime"}
+
+
 def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), title=None,
-              centre=None) -> Path:
+              centre=None, lung_labels=None) -> Path:
     """Write a PNG with the axial, coronal and sagittal mid-planes.
 
     Parameters
@@ -77,6 +81,9 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     centre : (int, int, int), optional
         Voxel the three planes go through (e.g. the largest nodule); default
         the middle of the volume.
+    lung_labels : (z, y, x) uint8 array (numpy, dask or xarray), optional
+        The 3-D mask of stage ``lungs3d``: its right lung (1) is outlined in
+        cyan and its left lung (2) in green, over the legacy mask's red.
 
     Returns
     -------
@@ -87,6 +94,9 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
                          f"{np.shape(_plain(lungs))!r} differ; pass the mask of this volume")
     if nodules is not None:
         _check_nodules(nodules)
+    if lung_labels is not None and tuple(np.shape(_plain(lung_labels))) != tuple(np.shape(_plain(hu_2mm))):
+        raise ValueError(f"lung_labels shape {np.shape(_plain(lung_labels))!r} and hu_2mm shape "
+                         f"{np.shape(_plain(hu_2mm))!r} differ; pass the lungs3d mask of this volume")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle
@@ -95,6 +105,7 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     centre = tuple(n // 2 for n in shape) if centre is None else tuple(int(c) for c in centre)
     hu_planes = mid_planes(hu_2mm, centre=centre)
     mask_planes = mid_planes(lungs, centre=centre)
+    label_planes = mid_planes(lung_labels, centre=centre) if lung_labels is not None else (None,) * 3
     sz, sy, sx = (float(s) for s in spacing)
     # (plane, its (row, col) axes in the volume, aspect = row step / col step)
     layout = [("axial", (1, 2), sy / sx), ("coronal", (0, 2), sz / sx), ("sagittal", (0, 1), sz / sy)]
@@ -102,7 +113,8 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     fig = Figure(figsize=(12, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    for ax, (name, (row_axis, col_axis), aspect), image, mask in zip(axes, layout, hu_planes, mask_planes):
+    for ax, (name, (row_axis, col_axis), aspect), image, mask, sides in zip(axes, layout, hu_planes, mask_planes,
+                                                                         label_planes):
         # z grows towards the head (slices sorted by ImagePositionPatient z),
         # so coronal and sagittal planes put z = 0 at the bottom.
         ax.imshow(image, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], aspect=aspect,
@@ -110,8 +122,15 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
         if mask.any() and not mask.all():
             # Data coordinates (x = column, y = row) match imshow whatever its origin.
             ax.contour(mask.astype(np.uint8), levels=[0.5], colors="red", linewidths=0.8)
+        if sides is not None:
+            for side, colour in SIDE_COLOURS.items():
+                part = sides == side
+                if part.any() and not part.all():
+                    ax.contour(part.astype(np.uint8), levels=[0.5], colors=colour, linewidths=0.8)
         cut_axis = ({0, 1, 2} - {row_axis, col_axis}).pop()
-        ax.set_title(f"{name} ({'zyx'[cut_axis]} = {centre[cut_axis]}), lungs {int(mask.sum())} px")
+        extra = "" if sides is None else f", R {int((sides == 1).sum())} / L {int((sides == 2).sum())}"
+        ax.set_title(f"{name} ({'zyx'[cut_axis]} = {centre[cut_axis]}), lungs {int(mask.sum())} px{extra}",
+                     fontsize=9)
         ax.set_axis_off()
         if nodules is not None:
             steps = (sz, sy, sx)
