@@ -156,6 +156,16 @@ def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 
 @app.command()
+def lungs3d(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
+            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
+            scheduler: str = SchedulerOpt):
+    """The 3-D lung mask (right/left, no airway, no bowel gas) → lung_labels, beside the legacy mask."""
+    _process(store, ["lungs3d"], chunk_slices=chunk_slices, batch_size=batch_size, patients=patients,
+             overwrite=overwrite, scheduler=scheduler)
+
+
+@app.command()
 def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            weights: Optional[Path] = WeightsOpt, precision: str = PrecisionOpt,
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,

@@ -73,6 +73,8 @@ MIN_FIELD_SHARE = 0.05
 #: the body's width).
 SEED_AREA_MM2 = (40.0, 700.0)
 SEED_MIDLINE_SHARE = 0.12
+#: ... and at least this share of its voxels below LUMEN_HU (an air tube, not a slice of lung).
+SEED_LUMEN_SHARE = 0.3
 #: A tracked airway component may be at most this many times the area of the previous slice's airway
 #: (and at most this many mm²): larger, it is the lung a bronchus opens into, and that branch stops.
 AIRWAY_GROWTH = 2.0
@@ -180,9 +182,10 @@ def track_airway(hu, fields, *, spacing) -> np.ndarray:
     Notes
     -----
     Seed: from the top slice down (at most the upper third), the first slice
-    with a 2-D component of ``fields & hu < LUMEN_HU`` of :data:`SEED_AREA_MM2`
-    whose centroid is within :data:`SEED_MIDLINE_SHARE` of the fields' width
-    from their midline (lung apices are lateral). Tracking: in each next slice
+    with a 2-D component of ``fields`` of :data:`SEED_AREA_MM2`, at least
+    :data:`SEED_LUMEN_SHARE` of it below :data:`LUMEN_HU`, whose centroid is
+    within :data:`SEED_MIDLINE_SHARE` of the fields' width from their midline
+    (lung apices are lateral); the seed is its part below LUMEN_HU. Tracking: in each next slice
     (down, then up from the seed), the lumen components overlapping the
     previous slice's airway dilated by one pixel are kept if their area is at
     most :data:`AIRWAY_GROWTH` x the previous slice's airway area (and
@@ -203,16 +206,21 @@ def track_airway(hu, fields, *, spacing) -> np.ndarray:
     nz = hu.shape[0]
     seed_k, seed = None, None
     for k in range(nz - 1, nz - 1 - max(1, nz // 3), -1):
-        labels, count = ndi.label(lumen[k], structure=eight)
+        # Candidates are 2-D air components of the fields (a trachea with its partial-volume rim), so a dark
+        # spot inside a lung section is never one; the seed is the candidate's lumen.
+        labels, count = ndi.label(fields[k], structure=eight)
         best = None
         for lab in range(1, count + 1):
             comp = labels == lab
             area = comp.sum() * pixel_mm2
             if not SEED_AREA_MM2[0] <= area <= SEED_AREA_MM2[1]:
                 continue
+            inner = comp & lumen[k]
+            if inner.sum() < SEED_LUMEN_SHARE * comp.sum():
+                continue
             off = abs(np.nonzero(comp)[1].mean() - mid)
             if off <= SEED_MIDLINE_SHARE * width and (best is None or off < best[0]):
-                best = (off, comp, area)
+                best = (off, inner)
         if best is not None:
             seed_k, seed = k, best[1]
             break

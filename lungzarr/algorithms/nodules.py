@@ -42,6 +42,7 @@ __all__ = [
     "nodules_to_dataset",
     "dataset_to_nodules",
     "SOLID_HU",
+    "GROUND_GLASS_HU",
     "attenuation_class",
     "longest_axial_diameter",
 ]
@@ -105,10 +106,13 @@ NODULE_COLUMNS: dict[str, tuple[str, str]] = {
     "juxtapleural": ("bool", "a voxel of the nodule has a face neighbour outside the lung mask (the "
                              "closing of lungs3d keeps such nodules inside): it touches the pleura"),
     # --- from the HU values of the nodule's voxels (no mask needed) ---
-    "solid_share": ("float64", "share of the nodule's voxels above -300 HU (soft tissue, not ground glass)"),
-    "attenuation": ("str", "'solid' (solid_share >= 0.8), 'part-solid' (0.2 <= solid_share < 0.8), "
-                           "'non-solid' (solid_share < 0.2); voxels of 2 mm, so small solid nodules lose "
-                           "their partial-volume rim to ground glass"),
+    "solid_share": ("float64", "share of the nodule's voxels above -300 HU (soft tissue)"),
+    "ground_glass_share": ("float64", "share of the nodule's voxels in (-800, -300] HU (ground glass); the rest, "
+                                      "at or below -800 HU, is aerated lung the candidate took in"),
+    "attenuation": ("str", "from the solid part of the nodule's tissue, s = solid_share / (solid_share + "
+                           "ground_glass_share): 'solid' (s >= 0.8), 'part-solid' (0.2 <= s < 0.8), "
+                           "'non-solid' (s < 0.2, or no voxel above -800 HU); on 2 mm voxels, so a small "
+                           "solid nodule's partial-volume rim counts as ground glass"),
     "longest_axial_diameter_mm": ("float64", "largest in-plane distance between the centres of two voxels "
                                              "of one axial slice of the nodule, plus one pixel (mm): what a "
                                              "radiologist measures on the axial slice"),
@@ -118,11 +122,14 @@ NODULE_COLUMNS: dict[str, tuple[str, str]] = {
 #: (as find_nodules without lung_labels); the attenuation columns are NaN/'unknown' there (not recomputed).
 _LATER_COLUMNS = {"lung": "unknown", "lung_mask_share": np.nan, "inside_lung_mask": False,
                   "distance_to_pleura_centre_mm": np.nan, "distance_to_pleura_edge_mm": np.nan,
-                  "juxtapleural": False, "solid_share": np.nan, "attenuation": "unknown",
+                  "juxtapleural": False, "solid_share": np.nan, "ground_glass_share": np.nan,
+                  "attenuation": "unknown",
                   "longest_axial_diameter_mm": np.nan}
 
-#: Attenuation classes: HU above which a voxel is solid, and the solid shares of the classes.
+#: Attenuation classes: HU above which a voxel is solid, above which it is tissue (ground glass or solid),
+#: and the solid shares of the tissue that make the classes.
 SOLID_HU = -300.0
+GROUND_GLASS_HU = -800.0
 SOLID_SHARE = 0.8
 PART_SOLID_SHARE = 0.2
 
@@ -133,9 +140,11 @@ def empty_nodule_table() -> pd.DataFrame:
                          for name, (dtype, _) in NODULE_COLUMNS.items()})
 
 
-def attenuation_class(solid_share) -> np.ndarray:
-    """'solid' / 'part-solid' / 'non-solid' from the share of voxels above :data:`SOLID_HU`."""
-    share = np.asarray(solid_share, dtype=np.float64)
+def attenuation_class(solid_share, ground_glass_share) -> np.ndarray:
+    """'solid' / 'part-solid' / 'non-solid' from the solid part of a nodule's tissue (voxels above -800 HU)."""
+    solid = np.asarray(solid_share, dtype=np.float64)
+    tissue = solid + np.asarray(ground_glass_share, dtype=np.float64)
+    share = np.divide(solid, tissue, out=np.zeros_like(solid), where=tissue > 0)
     return np.where(share >= SOLID_SHARE, "solid",
                     np.where(share >= PART_SOLID_SHARE, "part-solid", "non-solid")).astype(object)
 
@@ -315,6 +324,7 @@ def find_nodules(prob, hu, *, grid: Grid, lungs=None, lung_labels=None, threshol
         hu_stats = [describe_hu(values) for values in hu_values]
         prob_values = comps.values(prob)
         solid = np.array([float((v > SOLID_HU).mean()) for v in hu_values])
+        glass = np.array([float(((v > GROUND_GLASS_HU) & (v <= SOLID_HU)).mean()) for v in hu_values])
         axial = [longest_axial_diameter(np.stack(np.unravel_index(comps.flat_indices(k), comps.shape), axis=1),
                                         spacing) for k in range(comps.count)]
         if centre_x_mm is None:
@@ -351,7 +361,8 @@ def find_nodules(prob, hu, *, grid: Grid, lungs=None, lung_labels=None, threshol
                                                    comps.voxels),
             **_mask_columns(comps, centroid, mask_maps, spacing),
             "solid_share": solid,
-            "attenuation": attenuation_class(solid),
+            "ground_glass_share": glass,
+            "attenuation": attenuation_class(solid, glass),
             "longest_axial_diameter_mm": np.array(axial, dtype=np.float64),
         }
         frames.append(pd.DataFrame(columns))
