@@ -32,11 +32,14 @@ What needs the whole volume, and why: steps 2 and 4 are connectivity in 3-D
 (bowel gas is told from lung only by not touching it anywhere; two lungs are
 one component until they are split) and step 3 follows the airway from the
 top slice down, so they are one task per patient, on the whole 2 mm volume.
-Their memory is a few arrays of the 2 mm grid: for a 188 x 170 x 170 patient
-(5.4 M voxels) the int16 HU (11 MB), int32 labels (22 MB) and a float64
-distance map (43 MB), with skimage's watershed taking about as much again:
-~150 MB peak per task, measured in benchmarks/results/lungs3d.json. Steps 1
-and 5 are per slice and run per z-chunk (:func:`lung_labels_dask`).
+Their memory is a few arrays of the 2 mm grid at once: for a 188 x 170 x 170
+patient (5.4 M voxels) the int16 HU (11 MB), bool masks (5 MB each), int32
+component labels (22 MB) and, when the lungs touch, a float64 distance map of
+their bounding box (up to 43 MB) with skimage's watershed markers and queue:
+the RICORD slab (160 x 180 x 180, 5.2 M voxels) peaks at ~130 MB above the
+volume (benchmarks/results/lungs3d.json), against ~25 MB for the legacy
+per-slice segmentation. Steps 1 and 5 are per slice and run per z-chunk
+(:func:`lung_labels_dask`).
 """
 from __future__ import annotations
 
