@@ -246,6 +246,17 @@ def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 
 @app.command()
+def lungs3d(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
+            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
+            scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
+    """The 3-D lung mask (right/left, no airway, no bowel gas) → lung_labels, beside the legacy mask."""
+    raise typer.Exit(_print_summary(_stages(
+        store, ["lungs3d"], chunk_slices=chunk_slices, batch_size=batch_size, patients=patients,
+        overwrite=overwrite, scheduler=scheduler, dashboard_address=dashboard_address)))
+
+
+@app.command()
 def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            weights: Optional[Path] = WeightsOpt, precision: Precision = PrecisionOpt,
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,

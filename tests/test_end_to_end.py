@@ -45,11 +45,18 @@ def test_annotated_nodule_is_found_in_millimetres(lidc_store):
     assert distances.min() < 3.0
     assert 15 < best.diameter_mm < 35
     assert best.lung_half in {"left", "right"}
+    # The 3-D mask's columns (stage lungs3d): x > 0 is the patient's left (LPS).
+    cols = ["lung", "lung_mask_share", "inside_lung_mask", "distance_to_pleura_centre_mm",
+            "distance_to_pleura_edge_mm", "juxtapleural", "solid_share", "ground_glass_share", "attenuation", "longest_axial_diameter_mm"]
+    print(best[cols].to_dict())
+    assert best.lung == "left" and best.inside_lung_mask
+    assert best.distance_to_pleura_centre_mm > 0 and best.attenuation in {"solid", "part-solid", "non-solid"}
+    assert 10 < best.longest_axial_diameter_mm < 40
 
 
 def test_store_is_complete_and_lazy_to_open(lidc_store):
     store = CohortStore(lidc_store, mode="r")
-    assert set(store.stages("LIDC-IDRI-0001")) == {"ingest", "segment", "detect", "nodules", "features"}
+    assert set(store.stages("LIDC-IDRI-0001")) == {"ingest", "segment", "lungs3d", "detect", "nodules", "features"}
     tree = lungzarr.open_cohort(lidc_store)
     ds = tree["patients/LIDC-IDRI-0001"]
     for name in ("hu", "hu_2mm", "lungs", "segmented", "nodule_prob"):

@@ -79,9 +79,10 @@ def test_keras_is_imported_lazily_and_only_by_the_model():
 def test_registry_is_the_one_stage_list():
     from lungzarr.pipeline import stages
 
-    assert stages.stage_names() == ("ingest", "segment", "detect", "nodules", "features")
-    assert [s.requires for s in stages.STAGES] == [(), ("ingest",), ("segment",), ("detect",), ("nodules",)]
-    assert [s.placement for s in stages.STAGES] == ["cpu", "cpu", "gpu", "cpu", "cpu"]
+    assert stages.stage_names() == ("ingest", "segment", "lungs3d", "detect", "nodules", "features")
+    assert [s.requires for s in stages.STAGES] == [(), ("ingest",), ("ingest",), ("segment",), ("detect",),
+                                                   ("nodules",)]
+    assert [s.placement for s in stages.STAGES] == ["cpu", "cpu", "cpu", "gpu", "cpu", "cpu"]
     with pytest.raises(RuntimeError, match="requires"):
         stages.check_registry(stages.STAGES[::-1])
     from lungzarr.errors import LungzarrError

@@ -267,9 +267,10 @@ def test_patients_stream_through_the_stages_without_a_cluster(three_small_patien
     assert [s.done for s in summaries] == [["SMALL-1", "SMALL-2", "SMALL-3"]] * len(STAGE_NAMES)
     done = [(stage, patient) for stage, event, patient in events if event == "done"]
     # Later stages first, one patient per stage in flight: a patient-major order.
-    assert done[:7] == [("ingest", "SMALL-1"), ("segment", "SMALL-1"), ("ingest", "SMALL-2"),
-                        ("detect", "SMALL-1"), ("segment", "SMALL-2"), ("ingest", "SMALL-3"),
-                        ("nodules", "SMALL-1")]
+    assert done[:10] == [("ingest", "SMALL-1"), ("segment", "SMALL-1"), ("ingest", "SMALL-2"),
+                         ("lungs3d", "SMALL-1"), ("segment", "SMALL-2"), ("ingest", "SMALL-3"),
+                         ("detect", "SMALL-1"), ("lungs3d", "SMALL-2"), ("segment", "SMALL-3"),
+                         ("nodules", "SMALL-1")], done
 
 
 def test_stages_overlap_on_a_cluster_and_cpu_stages_stay_off_the_gpu_worker(three_small_patients, tmp_path,
@@ -295,7 +296,8 @@ def test_stages_overlap_on_a_cluster_and_cpu_stages_stay_off_the_gpu_worker(thre
         key = str(task["key"])
         kind = "predict" if "overlap" in key else "cpu" if any(
             tag in key for tag in ("decode-dicom", "zoom", "segment-lungs", "_nodule_task", "_features_task",
-                                   "_crop_box_task")) else None
+                                   "_crop_box_task", "air_in_body", "_whole_volume_steps", "close_lungs",
+                                   "_measures_task")) else None
         if kind:
             on.setdefault(kind, set()).add(names[task["worker"]])
     assert on == {"predict": {"gpu"}, "cpu": {"cpu"}}, on

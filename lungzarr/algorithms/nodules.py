@@ -41,6 +41,10 @@ __all__ = [
     "concat_nodule_tables",
     "nodules_to_dataset",
     "dataset_to_nodules",
+    "SOLID_HU",
+    "GROUND_GLASS_HU",
+    "attenuation_class",
+    "longest_axial_diameter",
 ]
 
 _AXES = ("z", "y", "x")
@@ -86,13 +90,133 @@ NODULE_COLUMNS: dict[str, tuple[str, str]] = {
     "lung_half": ("str", "'left' / 'right' of the lung mask centre (patient sides), "
                          "'outside' when no voxel is in the lung mask"),
     "passes_dsb_filter": ("bool", "the original's filter: mean HU < 396 and diameter > 3 mm"),
+    # --- from the 3-D lung mask (stage lungs3d, ``lung_labels``); without it: 'unknown', False, NaN ---
+    "lung": ("str", "'right' / 'left': the lung of lung_labels holding most of the nodule's voxels that "
+                    "lie in the mask; 'outside' when none does (kept, never dropped); 'unknown' without "
+                    "lung_labels"),
+    "lung_mask_share": ("float64", "share of the nodule's voxels inside lung_labels"),
+    "inside_lung_mask": ("bool", "the voxel at the rounded centroid is inside lung_labels"),
+    "distance_to_pleura_centre_mm": ("float64", "signed Euclidean distance (mm, true voxel size) from the "
+                                                "centroid's voxel to the mask's border: to the nearest voxel "
+                                                "outside the mask, > 0 inside; minus the distance to the "
+                                                "nearest voxel inside, < 0 outside"),
+    "distance_to_pleura_edge_mm": ("float64", "from the nodule's edge: the smallest inside distance over "
+                                              "its voxels in the mask, less one voxel (the largest step), "
+                                              "0 = touching; NaN when no voxel is in the mask"),
+    "juxtapleural": ("bool", "a voxel of the nodule has a face neighbour outside the lung mask (the "
+                             "closing of lungs3d keeps such nodules inside): it touches the pleura"),
+    # --- from the HU values of the nodule's voxels (no mask needed) ---
+    "solid_share": ("float64", "share of the nodule's voxels above -300 HU (soft tissue)"),
+    "ground_glass_share": ("float64", "share of the nodule's voxels in (-800, -300] HU (ground glass); the rest, "
+                                      "at or below -800 HU, is aerated lung the candidate took in"),
+    "attenuation": ("str", "from the solid part of the nodule's tissue, s = solid_share / (solid_share + "
+                           "ground_glass_share): 'solid' (s >= 0.8), 'part-solid' (0.2 <= s < 0.8), "
+                           "'non-solid' (s < 0.2, or no voxel above -800 HU); on 2 mm voxels, so a small "
+                           "solid nodule's partial-volume rim counts as ground glass"),
+    "longest_axial_diameter_mm": ("float64", "largest in-plane distance between the centres of two voxels "
+                                             "of one axial slice of the nodule, plus one pixel (mm): what a "
+                                             "radiologist measures on the axial slice"),
 }
+
+#: Columns added after stores were first written, and what a table read from such a store gets for them
+#: (as find_nodules without lung_labels); the attenuation columns are NaN/'unknown' there (not recomputed).
+_LATER_COLUMNS = {"lung": "unknown", "lung_mask_share": np.nan, "inside_lung_mask": False,
+                  "distance_to_pleura_centre_mm": np.nan, "distance_to_pleura_edge_mm": np.nan,
+                  "juxtapleural": False, "solid_share": np.nan, "ground_glass_share": np.nan,
+                  "attenuation": "unknown",
+                  "longest_axial_diameter_mm": np.nan}
+
+#: Attenuation classes: HU above which a voxel is solid, above which it is tissue (ground glass or solid),
+#: and the solid shares of the tissue that make the classes.
+SOLID_HU = -300.0
+GROUND_GLASS_HU = -800.0
+SOLID_SHARE = 0.8
+PART_SOLID_SHARE = 0.2
 
 
 def empty_nodule_table() -> pd.DataFrame:
     """A nodule table without rows, with every column and dtype."""
     return pd.DataFrame({name: pd.Series([], dtype=dtype)
                          for name, (dtype, _) in NODULE_COLUMNS.items()})
+
+
+def attenuation_class(solid_share, ground_glass_share) -> np.ndarray:
+    """'solid' / 'part-solid' / 'non-solid' from the solid part of a nodule's tissue (voxels above -800 HU)."""
+    solid = np.asarray(solid_share, dtype=np.float64)
+    tissue = solid + np.asarray(ground_glass_share, dtype=np.float64)
+    share = np.divide(solid, tissue, out=np.zeros_like(solid), where=tissue > 0)
+    return np.where(share >= SOLID_SHARE, "solid",
+                    np.where(share >= PART_SOLID_SHARE, "part-solid", "non-solid")).astype(object)
+
+
+def longest_axial_diameter(coords, spacing) -> float:
+    """Longest in-plane diameter (mm) of a component given its voxel indices.
+
+    Parameters
+    ----------
+    coords : ndarray of int, shape (n, 3)
+        (z, y, x) indices of the component's voxels.
+    spacing : (float, float, float)
+        Voxel size in mm.
+
+    Returns
+    -------
+    float
+        Over the axial slices, the largest distance between two voxel centres
+        of one slice, plus one pixel (so one voxel measures one pixel).
+    """
+    from scipy.spatial.distance import pdist
+
+    coords = np.asarray(coords)
+    sy, sx = float(spacing[1]), float(spacing[2])
+    best = 0.0
+    for z in np.unique(coords[:, 0]):
+        pts = coords[coords[:, 0] == z][:, 1:] * np.array([sy, sx])
+        if len(pts) > 1:
+            if len(pts) > 2000:
+                from scipy.spatial import ConvexHull
+
+                pts = pts[ConvexHull(pts).vertices]
+            best = max(best, float(pdist(pts).max()))
+    return best + max(sy, sx)
+
+
+def _mask_columns(comps, centroid, labels, spacing):
+    """The lung-mask columns of one threshold's components (see NODULE_COLUMNS)."""
+    n = comps.count
+    if labels is None:
+        return {"lung": np.full(n, "unknown", dtype=object), "lung_mask_share": np.full(n, np.nan),
+                "inside_lung_mask": np.zeros(n, dtype=bool),
+                "distance_to_pleura_centre_mm": np.full(n, np.nan),
+                "distance_to_pleura_edge_mm": np.full(n, np.nan), "juxtapleural": np.zeros(n, dtype=bool)}
+    lab, inside_dist, outside_dist = labels
+    flat_lab = lab.reshape(-1)
+    flat_in = inside_dist.reshape(-1)
+    step = float(max(spacing))
+    centre = np.clip(np.rint(centroid).astype(np.int64), 0, np.array(lab.shape) - 1)
+    centre_flat = np.ravel_multi_index(tuple(centre.T), lab.shape)
+    side, share, edge, touching = [], [], [], []
+    for k in range(n):
+        idx = comps.flat_indices(k)
+        values = flat_lab[idx]
+        in_mask = values > 0
+        share.append(float(in_mask.mean()))
+        if in_mask.any():
+            right, left = int((values == 1).sum()), int((values == 2).sum())
+            side.append("right" if right >= left else "left")
+            nearest = float(flat_in[idx[in_mask]].min())
+            edge.append(max(0.0, nearest - step))
+            # The inside distance of a voxel with a face neighbour outside is at most one (largest) step.
+            touching.append(nearest <= step * (1 + 1e-9) or bool((~in_mask).any()))
+        else:
+            side.append("outside")
+            edge.append(np.nan)
+            touching.append(False)
+    centre_in = flat_lab[centre_flat] > 0
+    signed = np.where(centre_in, inside_dist.reshape(-1)[centre_flat], -outside_dist.reshape(-1)[centre_flat])
+    return {"lung": np.array(side, dtype=object), "lung_mask_share": np.array(share),
+            "inside_lung_mask": centre_in, "distance_to_pleura_centre_mm": signed.astype(np.float64),
+            "distance_to_pleura_edge_mm": np.array(edge), "juxtapleural": np.array(touching, dtype=bool)}
 
 
 def _check_inputs(prob, hu, grid, lungs):
@@ -125,7 +249,7 @@ def _lung_centre_x_mm(grid: Grid, lungs) -> float | None:
     return float(grid.to_mm([0.0, 0.0, centre])[2])
 
 
-def find_nodules(prob, hu, *, grid: Grid, lungs=None, thresholds=DSB_THRESHOLDS,
+def find_nodules(prob, hu, *, grid: Grid, lungs=None, lung_labels=None, thresholds=DSB_THRESHOLDS,
                  patient: str | None = None) -> pd.DataFrame:
     """Nodule candidates of one patient, one row per (threshold, component).
 
@@ -140,6 +264,12 @@ def find_nodules(prob, hu, *, grid: Grid, lungs=None, thresholds=DSB_THRESHOLDS,
     lungs : ndarray of bool, optional
         Lung mask on the same grid. Gives ``lung_half``; without it the side
         is taken from the middle of the x axis and no candidate is 'outside'.
+    lung_labels : ndarray of uint8, optional
+        The 3-D lung mask of stage ``lungs3d`` (0 outside, 1 right, 2 left) on
+        the same grid. Gives ``lung``, ``lung_mask_share``,
+        ``inside_lung_mask``, the distances to the pleura and
+        ``juxtapleural``; without it those columns are 'unknown' / NaN /
+        False. Candidates outside the mask are kept and flagged.
     thresholds : sequence of float, optional
         Candidates are the 26-connected components of ``prob > float32(t)``.
     patient : str, optional
@@ -165,6 +295,18 @@ def find_nodules(prob, hu, *, grid: Grid, lungs=None, thresholds=DSB_THRESHOLDS,
     """
     prob, hu, lungs = _check_inputs(prob, hu, grid, lungs)
     spacing = np.asarray(grid.spacing, dtype=np.float64)
+    mask_maps = None
+    if lung_labels is not None:
+        lung_labels = np.asarray(lung_labels)
+        if lung_labels.shape != prob.shape:
+            raise ValueError(f"lung_labels shape {lung_labels.shape!r} must equal prob shape {prob.shape!r}; "
+                             "pass the lungs3d stage's lung_labels of this patient")
+        from scipy import ndimage as ndi
+
+        inside = lung_labels > 0
+        # Two distance maps of the whole volume, once per patient (float64, 8 bytes a voxel each).
+        mask_maps = (lung_labels, ndi.distance_transform_edt(inside, sampling=spacing),
+                     ndi.distance_transform_edt(~inside, sampling=spacing))
     centre_x_mm = _lung_centre_x_mm(grid, lungs)
     frames = []
     for threshold in thresholds:
@@ -181,6 +323,10 @@ def find_nodules(prob, hu, *, grid: Grid, lungs=None, thresholds=DSB_THRESHOLDS,
         hu_values = comps.values(hu)
         hu_stats = [describe_hu(values) for values in hu_values]
         prob_values = comps.values(prob)
+        solid = np.array([float((v > SOLID_HU).mean()) for v in hu_values])
+        glass = np.array([float(((v > GROUND_GLASS_HU) & (v <= SOLID_HU)).mean()) for v in hu_values])
+        axial = [longest_axial_diameter(np.stack(np.unravel_index(comps.flat_indices(k), comps.shape), axis=1),
+                                        spacing) for k in range(comps.count)]
         if centre_x_mm is None:
             side = np.full(comps.count, "outside", dtype=object)
         else:
@@ -213,6 +359,11 @@ def find_nodules(prob, hu, *, grid: Grid, lungs=None, thresholds=DSB_THRESHOLDS,
             "lung_half": side,
             "passes_dsb_filter": passes_dsb_filter([legacy_hu(v) for v in hu_values],
                                                    comps.voxels),
+            **_mask_columns(comps, centroid, mask_maps, spacing),
+            "solid_share": solid,
+            "ground_glass_share": glass,
+            "attenuation": attenuation_class(solid, glass),
+            "longest_axial_diameter_mm": np.array(axial, dtype=np.float64),
         }
         frames.append(pd.DataFrame(columns))
     if not frames:
@@ -285,10 +436,15 @@ def nodules_to_dataset(df: pd.DataFrame) -> xr.Dataset:
 
 def dataset_to_nodules(ds: xr.Dataset) -> pd.DataFrame:
     """Back from :func:`nodules_to_dataset` to the nodule table."""
-    missing = [name for name in NODULE_COLUMNS if name not in ds.variables]
+    missing = [name for name in NODULE_COLUMNS if name not in ds.variables and name not in _LATER_COLUMNS]
     if missing:
         raise ValueError(f"ds lacks nodule variables {missing!r}; was it written by "
                          "nodules_to_dataset?")
-    columns = {name: np.asarray(ds[name].values) for name in NODULE_COLUMNS}
+    n = ds.sizes.get("nodule", 0)
+    # A table written before the lung-mask columns existed reads with their 'not measured' values.
+    columns = {name: (np.asarray(ds[name].values) if name in ds.variables
+                      else np.full(n, _LATER_COLUMNS[name], dtype=object if isinstance(_LATER_COLUMNS[name], str)
+                                   else type(_LATER_COLUMNS[name])))
+               for name in NODULE_COLUMNS}
     table = pd.DataFrame(columns)
     return table.astype({name: dtype for name, (dtype, _) in NODULE_COLUMNS.items()})

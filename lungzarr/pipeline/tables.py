@@ -6,10 +6,14 @@ import numpy as np
 from lungzarr.algorithms.components import NO_LABEL
 from lungzarr.pipeline.stages import stage_names
 
-__all__ = ["gather_tables", "LUNG_MEASURES", "PATIENT_COLUMNS"]
+__all__ = ["gather_tables", "LUNG_MEASURES", "LUNG3D_MEASURES", "PATIENT_COLUMNS"]
 
 #: Lung measures of the features stage copied into the patient table (docs/algorithms.md §6).
 LUNG_MEASURES = ("lvol_0", "lvol_1", "lvol_2", "emphy_0", "emphy_1", "emphy_2", "emphy2_0", "emphy2_1", "emphy2_2")
+#: Per-side measures of the lungs3d stage's mask (its stage record; NaN without it): volume (ml), mean HU,
+#: emphysema share (HU < -950), and the two lungs' volume.
+LUNG3D_MEASURES = ("lung3d_right_ml", "lung3d_left_ml", "lung3d_ml", "lung3d_right_mean_hu", "lung3d_left_mean_hu",
+                   "lung3d_right_emphysema", "lung3d_left_emphysema")
 
 
 #: Columns of the patient table (``tables/patients``, :func:`lungzarr.read_patients`): name -> meaning.
@@ -32,6 +36,13 @@ PATIENT_COLUMNS: dict[str, str] = {
     **{f"lung_centre_{a}_vox": f"lung voxels' centre of gravity along {a}, in voxels of the DSB2017 "
                                   "feature volume (features.lung_measures)"
        for a in "zyx"},
+    "lung3d_right_ml": "right lung volume (ml) of the 3-D mask (stage lungs3d); NaN without it",
+    "lung3d_left_ml": "left lung volume (ml) of the 3-D mask",
+    "lung3d_ml": "both lungs' volume (ml) of the 3-D mask",
+    "lung3d_right_mean_hu": "mean HU of the right lung (3-D mask)",
+    "lung3d_left_mean_hu": "mean HU of the left lung (3-D mask)",
+    "lung3d_right_emphysema": "share of the right lung's voxels below -950 HU (3-D mask)",
+    "lung3d_left_emphysema": "share of the left lung's voxels below -950 HU (3-D mask)",
 }
 
 
@@ -61,6 +72,7 @@ def gather_tables(store) -> dict:
             "n_nodules_0.5_filtered": int(stages.get("nodules", {}).get("n_nodules_0.5_filtered", -1)),
             "cancer": int(feat.get("cancer", NO_LABEL)),
             **{k: float(feat.get(k, np.nan)) for k in LUNG_MEASURES},
+            **{k: float(stages.get("lungs3d", {}).get(k, np.nan)) for k in LUNG3D_MEASURES},
             **{f"lung_centre_{a}_vox": float((feat.get("lung_centre_vox") or [np.nan] * 3)[i])
                for i, a in enumerate("zyx")},
         })

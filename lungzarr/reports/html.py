@@ -12,7 +12,7 @@ __all__ = ["qc_patient", "write_report"]
 
 #: Nodule-table columns a patient card shows (their meanings come from NODULE_COLUMNS).
 _CARD_COLUMNS = ("label", "z_mm", "y_mm", "x_mm", "diameter_mm", "prob_max", "hu_mean", "lung_half",
-                 "passes_dsb_filter")
+                 "lung", "juxtapleural", "attenuation", "passes_dsb_filter")
 #: Patient-table columns of the cohort table (the rest are in the store's tables/patients).
 _PATIENT_TABLE_COLUMNS = ("patient", "n_slices", "slice_spacing_mm", "lung_volume_ml", "n_nodules_0.5_filtered",
                           "cancer")
@@ -105,8 +105,10 @@ def qc_patient(store_path, patient: str, output, *, truth=None) -> Path:
             centre = tuple(min(max(c, 0), n - 1) for c, n in zip(centre, grid.shape))
             break
     hu = ds.hu_2mm if "hu_2mm" in ds else ds.segmented
+    # The 3-D mask (stage lungs3d) is outlined per side when the patient has it.
+    labels = ds.lung_labels.data if "lung_labels" in ds and store.is_complete(patient, "lungs3d") else None
     return qc_figure(hu.data, ds.lungs.data, path=output, nodules=markers, truth=true_markers, grid=grid,
-                     title=patient, centre=centre)
+                     title=patient, centre=centre, lung_labels=labels)
 
 
 def _cohort_plots(patients, nodules, path: Path) -> Path:
@@ -158,18 +160,20 @@ def _litre_bins(volumes) -> np.ndarray:
 
 def _svg_marker(kind, colour, style) -> str:
     dash = {"-": "", "--": ' stroke-dasharray="4 3"', ":": ' stroke-dasharray="1.5 2"'}[style]
-    shape = {"line": f'<line x1="2" y1="10" x2="26" y2="10" stroke="{colour}" stroke-width="2"{dash}/>',
+    line = f'<line x1="2" y1="10" x2="26" y2="10" stroke="{colour}" stroke-width="2"{dash}/>'
+    shape = {"line": line, "side": line,
              "circle": f'<circle cx="14" cy="10" r="7" fill="none" stroke="{colour}" stroke-width="1.6"{dash}/>',
              "square": f'<rect x="6" y="2" width="16" height="16" fill="none" stroke="{colour}" '
                        f'stroke-width="1.6"{dash}/>'}[kind]
     return f'<svg width="28" height="20" viewBox="0 0 28 20" aria-hidden="true">{shape}</svg>'
 
 
-def _legend_html(*, truth: bool) -> str:
+def _legend_html(*, truth: bool, sides: bool = True) -> str:
     from lungzarr.reports.qc import LEGEND
 
     items = "".join(f"<li>{_svg_marker(kind, colour, style)}<span>{html.escape(meaning)}</span></li>"
-                    for kind, colour, style, meaning in LEGEND if truth or kind != "square")
+                    for kind, colour, style, meaning in LEGEND
+                    if (truth or kind != "square") and (sides or kind != "side"))
     return (f'<ul class="legend">{items}</ul><p class="muted">Each picture shows three planes through the largest '
             "nodule (else the middle of the volume); a plane's title gives its position in patient mm and "
             "the lung area it cuts. Axial planes are in radiological orientation: the patient's right on "
@@ -323,7 +327,7 @@ def write_report(store_path, output, *, truth=None) -> Path:
             n_pass = int(mine.passes_dsb_filter.sum())
             card.append(f"<p class='muted'>{len(mine)} candidate(s) at p &gt; {REPORTED_THRESHOLD:g}, "
                         f"{n_pass} passing the DSB filter (drawn in the picture).</p>"
-                        + _table_html(mine[list(_CARD_COLUMNS)], descriptions))
+                        + _table_html(mine[[c for c in _CARD_COLUMNS if c in mine.columns]], descriptions))
         else:
             card.append(f"<p class='muted'>no candidate at p &gt; {REPORTED_THRESHOLD:g}.</p>")
         card.append("</div></div>")

@@ -19,9 +19,13 @@ _PLANES = ("axial", "coronal", "sagittal")
 _NODULE_COLUMNS = ("z_index", "y_index", "x_index", "diameter_mm")
 #: Marker colours: detections (yellow circles) and true nodules (cyan squares).
 DETECTION_COLOUR, TRUTH_COLOUR = "yellow", "cyan"
+#: Outline colours of the 3-D mask's sides (lung_labels 1 = right, 2 = left); not the truth's cyan.
+SIDE_COLOURS = {1: "orange", 2: "lime"}
 #: What the pictures draw, (kind, colour, line style, meaning): the PNG's legend and the report's.
 LEGEND = (
-    ("line", "red", "-", "lung mask outline"),
+    ("line", "red", "-", "lung mask outline (legacy, per slice)"),
+    ("side", SIDE_COLOURS[1], "-", "right lung (3-D mask)"),
+    ("side", SIDE_COLOURS[2], "-", "left lung (3-D mask)"),
     ("circle", DETECTION_COLOUR, "-", "detection (p > 0.5, DSB filter) cutting this plane"),
     ("circle", DETECTION_COLOUR, "--", "detection off this plane (projected)"),
     ("square", TRUTH_COLOUR, "-", "true nodule cutting this plane"),
@@ -64,7 +68,7 @@ def _check_nodules(nodules):
                          f"(voxel indices on the 2 mm grid and the diameter in mm)")
 
 
-def _legend(fig, *, truth: bool) -> None:
+def _legend(fig, *, truth: bool, sides: bool = False) -> None:
     """The figure's legend from :data:`LEGEND`: circles and squares with their line styles."""
     from matplotlib.legend_handler import HandlerPatch
     from matplotlib.lines import Line2D
@@ -81,6 +85,9 @@ def _legend(fig, *, truth: bool) -> None:
     for kind, colour, style, meaning in LEGEND:
         if kind == "line":
             handles.append(Line2D([], [], color=colour, linestyle=style, label=meaning))
+        elif kind == "side":
+            if sides:
+                handles.append(Line2D([], [], color=colour, linestyle=style, label=meaning))
         elif truth or kind != "square":
             style_kw = dict(fill=False, edgecolor=colour, linestyle=style, linewidth=1.2, label=meaning)
             handles.append(Circle((0, 0), 1, **style_kw) if kind == "circle" else Rectangle((0, 0), 1, 1, **style_kw))
@@ -90,7 +97,7 @@ def _legend(fig, *, truth: bool) -> None:
 
 
 def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), title=None,
-              centre=None, truth=None, grid=None) -> Path:
+              centre=None, truth=None, grid=None, lung_labels=None) -> Path:
     """Write a PNG with the axial, coronal and sagittal mid-planes.
 
     Parameters
@@ -119,6 +126,9 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
         The volume's grid: plane positions in the titles are patient mm
         (``grid.to_mm``) and ``spacing`` is ``grid.spacing``. Without it the
         positions are mm from the first voxel.
+    lung_labels : (z, y, x) uint8 array (numpy, dask or xarray), optional
+        The 3-D mask of stage ``lungs3d``: its right lung (1) is outlined in
+        orange and its left lung (2) in green, over the legacy mask's red.
 
     Returns
     -------
@@ -130,6 +140,9 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     for table in (nodules, truth):
         if table is not None:
             _check_nodules(table)
+    if lung_labels is not None and tuple(np.shape(_plain(lung_labels))) != tuple(np.shape(_plain(hu_2mm))):
+        raise ValueError(f"lung_labels shape {np.shape(_plain(lung_labels))!r} and hu_2mm shape "
+                         f"{np.shape(_plain(hu_2mm))!r} differ; pass the lungs3d mask of this volume")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle, Rectangle
@@ -141,6 +154,7 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     centre = tuple(n // 2 for n in shape) if centre is None else tuple(int(c) for c in centre)
     hu_planes = mid_planes(hu_2mm, centre=centre)
     mask_planes = mid_planes(lungs, centre=centre)
+    label_planes = mid_planes(lung_labels, centre=centre) if lung_labels is not None else (None,) * 3
     sz, sy, sx = (float(s) for s in spacing)
     # (plane, its (row, col) axes in the volume, aspect = row step / col step)
     layout = [("axial", (1, 2), sy / sx), ("coronal", (0, 2), sz / sx), ("sagittal", (0, 1), sz / sy)]
@@ -148,7 +162,8 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     fig = Figure(figsize=(10, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    for ax, (name, (row_axis, col_axis), aspect), image, mask in zip(axes, layout, hu_planes, mask_planes):
+    for ax, (name, (row_axis, col_axis), aspect), image, mask, sides in zip(axes, layout, hu_planes, mask_planes,
+                                                                         label_planes):
         # z grows towards the head (slices sorted by ImagePositionPatient z),
         # so coronal and sagittal planes put z = 0 at the bottom.
         ax.imshow(image, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], aspect=aspect,
@@ -156,11 +171,17 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
         if mask.any() and not mask.all():
             # Data coordinates (x = column, y = row) match imshow whatever its origin.
             ax.contour(mask.astype(np.uint8), levels=[0.5], colors="red", linewidths=0.8)
+        if sides is not None:
+            for side, colour in SIDE_COLOURS.items():
+                part = sides == side
+                if part.any() and not part.all():
+                    ax.contour(part.astype(np.uint8), levels=[0.5], colors=colour, linewidths=0.8)
         cut_axis = ({0, 1, 2} - {row_axis, col_axis}).pop()
         position = (grid.to_mm(centre)[cut_axis] if grid is not None
                     else centre[cut_axis] * (sz, sy, sx)[cut_axis])
         pixel_mm2 = (sz, sy, sx)[row_axis] * (sz, sy, sx)[col_axis]
-        ax.set_title(f"{name} {'zyx'[cut_axis]} = {position:.1f} mm, lungs {mask.sum() * pixel_mm2 / 100:.0f} cm²")
+        extra = "" if sides is None else f" (R {(sides == 1).sum() * pixel_mm2 / 100:.0f} / L {(sides == 2).sum() * pixel_mm2 / 100:.0f})"
+        ax.set_title(f"{name} {'zyx'[cut_axis]} = {position:.1f} mm, lungs {mask.sum() * pixel_mm2 / 100:.0f} cm²{extra}")
         ax.set_axis_off()
         if nodules is not None:
             steps = (sz, sy, sx)
@@ -189,7 +210,7 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
                                        linestyle="-" if on_plane else ":"))
     if title:
         fig.suptitle(title)
-    _legend(fig, truth=truth is not None)
+    _legend(fig, truth=truth is not None, sides=lung_labels is not None)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,14 @@ from lungzarr.pipeline.stage import Stage
 from lungzarr.pipeline.stages.detect import DETECT
 from lungzarr.pipeline.stages.features import FEATURES
 from lungzarr.pipeline.stages.ingest import INGEST
+from lungzarr.pipeline.stages.lungs3d import LUNGS3D
 from lungzarr.pipeline.stages.nodules import NODULES
 from lungzarr.pipeline.stages.segment import SEGMENT
 
 __all__ = ["STAGES", "STAGE_NAMES", "stage_names", "get_stage", "ordered_stages", "check_registry"]
 
 #: Every stage, in run order (each after the stages it requires).
-STAGES: tuple[Stage, ...] = (INGEST, SEGMENT, DETECT, NODULES, FEATURES)
+STAGES: tuple[Stage, ...] = (INGEST, SEGMENT, LUNGS3D, DETECT, NODULES, FEATURES)
 #: The names of the stages shipped with lungzarr, in run order (:func:`stage_names` reads the registry as it is).
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 

@@ -17,10 +17,14 @@ def _nodule_task(store_path, patient):
 
     store = CohortStore(store_path)
     ds = store.open_patient(patient)
+    # The 3-D mask is used when the patient has it (stage lungs3d runs before nodules in `lungzarr run`);
+    # it is not required, so legacy imports (no hu_2mm, no ingest) still get their table.
+    lung_labels = ds.lung_labels.values if "lung_labels" in ds else None
     table = find_nodules(ds.nodule_prob.values, unsegmented(ds).values, grid=grid_from_attrs(ds.attrs),
-                         lungs=ds.lungs.values, patient=patient)
+                         lungs=ds.lungs.values, lung_labels=lung_labels, patient=patient)
     store.write_subgroup(patient, "nodules", nodules_to_dataset(table))
-    return {"n_candidates": int(len(table)), "n_nodules_0.5_filtered": int(len(select_nodules(table)))}
+    return {"n_candidates": int(len(table)), "n_nodules_0.5_filtered": int(len(select_nodules(table))),
+            "lung_labels": lung_labels is not None}
 
 
 def _prepare(store, patient, _, options):
