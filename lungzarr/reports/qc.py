@@ -180,8 +180,7 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
         position = (grid.to_mm(centre)[cut_axis] if grid is not None
                     else centre[cut_axis] * (sz, sy, sx)[cut_axis])
         pixel_mm2 = (sz, sy, sx)[row_axis] * (sz, sy, sx)[col_axis]
-        extra = "" if sides is None else f" (R {(sides == 1).sum() * pixel_mm2 / 100:.0f} / L {(sides == 2).sum() * pixel_mm2 / 100:.0f})"
-        ax.set_title(f"{name} {'zyx'[cut_axis]} = {position:.1f} mm, lungs {mask.sum() * pixel_mm2 / 100:.0f} cm²{extra}")
+        ax.set_title(f"{name} {'zyx'[cut_axis]} = {position:.1f} mm, lungs {mask.sum() * pixel_mm2 / 100:.0f} cm²")
         ax.set_axis_off()
         if nodules is not None:
             steps = (sz, sy, sx)
