@@ -5,10 +5,10 @@ coordinates of the scans, which for DICOM-derived images are the patient LPS
 millimetres lungzarr stores: ``x_mm = coordX``, ``y_mm = coordY``,
 ``z_mm = coordZ``, no sign flip.
 
-Numbers are parsed as Python's ``float`` parses them (pandas'
-``float_precision="round_trip"``): the official script reads the CSV as text
-and calls ``float``, and pandas' default converter can be one ulp off, which
-flips a detection on the edge of a nodule's radius.
+Numbers are parsed by Python's ``float`` from the text: the official script
+reads the CSV as text and calls ``float``, and pandas before 3.0 parses with
+a converter that can be one ulp off, which flips a detection on the edge of
+a nodule's radius.
 """
 from __future__ import annotations
 
@@ -25,13 +25,28 @@ _CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
 
 def _read(path, needed, what):
     try:
-        table = pd.read_csv(path, float_precision="round_trip", dtype={"seriesuid": str})
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise ValueError(f"{str(path)!r} does not exist: give the path of a LUNA16 {what}") from None
     missing = [c for c in needed if c not in table.columns]
     if missing:
         raise ValueError(f"{str(path)!r} lacks column(s) {missing!r}: a LUNA16 {what} has {needed!r}")
+    for column in needed[1:]:
+        values = table[column].to_numpy()
+        try:
+            table[column] = np.array([float(v) for v in values], dtype=np.float64)
+        except ValueError:
+            row = next(i for i, v in enumerate(values) if not _is_float(v))
+            raise ValueError(f"{str(path)!r} row {row + 2}: {column} {values[row]!r} is not a number") from None
     return table
+
+
+def _is_float(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read_luna_csv(path, *, status: str = "target", id_prefix: str | None = None) -> pd.DataFrame:
