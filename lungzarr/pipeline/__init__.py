@@ -39,7 +39,8 @@ from lungzarr.pipeline.verify import VerifyReport, verify_store
 
 __all__ = [
     "run", "ingest", "store_status", "stage_decision",
-    "evaluate_store", "evaluate_candidates", "export_dsb2017", "export_nodules", "export_luna16", "export_nifti", "import_legacy", "find_patients", "gather_tables",
+    "evaluate_store", "evaluate_candidates", "export_dsb2017", "export_nodules", "export_luna16", "export_nifti",
+    "import_legacy", "find_patients", "gather_tables",
     "Stage", "StageOptions", "STAGES", "STAGE_NAMES", "get_stage", "ordered_stages",
     "StageSummary", "ProgressEvent", "Progress", "EVENTS", "stream_stages",
     "TASK_SLICES", "task_slices", "ingest_dataset", "verify_store", "VerifyReport",

@@ -132,7 +132,8 @@ def export_luna16(store_path, out, *, threshold: float = 0.5, filtered: bool = F
     if len(table):
         known = sorted(set(table.threshold.astype(float)))
         if not any(abs(t - float(threshold)) < 1e-12 for t in known):
-            raise LungzarrError(f"--threshold {threshold!r} is not a threshold of the nodule table: use one of {known!r}")
+            raise LungzarrError(f"--threshold {threshold!r} is not a threshold of the nodule table: "
+                                f"use one of {known!r}")
         table = select_nodules(table, threshold=threshold, dsb_filter=filtered)
     out_table = pd.DataFrame({
         "seriesuid": table.patient.map(series).astype(str).to_numpy() if len(table) else [],
