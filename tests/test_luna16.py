@@ -49,13 +49,14 @@ def _official(candidates_csv, annotations_csv, excluded_csv, seriesuids_csv, max
     included = _rows(annotations_csv)
     excluded = _rows(excluded_csv) if excluded_csv else []
     gt, probs, dropped_from_curve = [], [], []
-    n_tp = n_fn = n_fp = n_ignored = 0
+    n_tp = n_fn = n_fp = n_ignored = n_tie_cuts = 0
     for uid in scans:
         mine = [c for c in cands if c["seriesuid"] == uid]
         if len(mine) > max_marks:
             ordered = sorted((float(c["probability"]) for c in mine), reverse=True)
             cut = ordered[max_marks]
             mine = [c for c in mine if float(c["probability"]) > cut]
+            n_tie_cuts += len(mine) < max_marks
         remaining = dict(enumerate(mine))
         findings = ([(a, True) for a in included if a["seriesuid"] == uid]
                     + [(a, False) for a in excluded if a["seriesuid"] == uid])
@@ -105,7 +106,7 @@ def _official(candidates_csv, annotations_csv, excluded_csv, seriesuids_csv, max
     at_grid = [float(curve[max(k for k in range(grid.size) if grid[k] <= r)]) for r in RATES]
     at_exact = [float(v) for v in np.interp(RATES, fps, sens)]
     return {"n_scans": len(scans), "n_targets": n_targets, "n_hit_targets": n_tp, "n_missed": n_fn,
-            "n_false_positives": n_fp, "n_ignored_detections": n_ignored,
+            "n_false_positives": n_fp, "n_ignored_detections": n_ignored, "n_tie_cuts": n_tie_cuts,
             "fps": fps, "sens": sens, "curve": curve,
             "cpm_grid": float(np.mean(at_grid)), "cpm_exact": float(np.mean(at_exact)),
             "at_grid": at_grid, "at_exact": at_exact}
@@ -135,15 +136,16 @@ def _synthetic_case(folder, seed, n_scans=60):
                 u = rng.normal(size=3)
                 u /= np.linalg.norm(u)
                 r = d / 2 * float(rng.choice([rng.uniform(0, 0.95), rng.uniform(0.98, 1.02)]))
-                cand.append((uid, *map(float, centre + u * r), float(np.round(rng.uniform(0, 1), 2))))
+                cand.append((uid, *map(float, centre + u * r), float(np.round(rng.uniform(0.2, 1), 2))))
         for _ in range(rng.integers(0, 3)):
             centre = rng.uniform(-150, 150, 3)
             exc.append((uid, *map(float, centre), float(rng.choice([-1.0, rng.uniform(2, 12)]))))
             if rng.uniform() < 0.6:
                 cand.append((uid, *map(float, centre + rng.uniform(-3, 3, 3)), float(np.round(rng.uniform(), 2))))
-        n_fp = int(rng.choice([rng.integers(0, 12), rng.integers(95, 130)]))
+        # A few false positives a scan, mostly unlikely; every tenth scan is crowded (over 100 marks).
+        n_fp = int(rng.integers(100, 130) if i % 10 == 3 else rng.integers(0, 12))
         for _ in range(n_fp):                          # probabilities on a 0.01 grid: many ties
-            cand.append((uid, *map(float, rng.uniform(-200, 200, 3)), float(np.round(rng.uniform(), 2))))
+            cand.append((uid, *map(float, rng.uniform(-200, 200, 3)), float(np.round(rng.beta(1, 4), 2))))
     order = rng.permutation(len(cand))
     cand = [cand[k] for k in order]
     _write_csv(folder / "annotations.csv", ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann)
@@ -166,7 +168,9 @@ def test_synthetic_cases_agree_with_the_official_rules(tmp_path, seed):
                     folder / "seriesuids.csv")
     got = evaluate_candidates(folder / "candidates.csv", tmp_path / "out", n_bootstrap=0, **_files(folder))
     s = got["result"].summary
+    # The case exercises what it should: excluded findings, hits, crowded scans cut inside a tie.
     assert ref["n_targets"] > 50 and ref["n_ignored_detections"] > 5 and ref["n_hit_targets"] > 20
+    assert ref["n_tie_cuts"] >= 3
     for key in ("n_scans", "n_targets", "n_hit_targets", "n_false_positives", "n_ignored_detections"):
         assert s[key] == ref[key], key
     froc = got["result"].froc
