@@ -286,13 +286,16 @@ def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            labels: Optional[Path] = LabelsOpt, patients: Optional[list[str]] = PatientsOpt,
            threshold: float = typer.Option(0.5, "--threshold",
                                            help="luna16/nifti: the nodule-table threshold of the candidates."),
+           filtered: bool = typer.Option(False, "--filtered",
+                                         help="luna16: only candidates passing the DSB filter (as evaluate --filtered)."),
            scheduler: str = typer.Option("threads", "--scheduler", help="As for `run`; default threads."),
            dashboard_address: Optional[str] = DashboardOpt):
     """The original DSB2017 per-patient feature table, LUNA16 candidates, or NIfTI masks."""
     from lungzarr.pipeline import export_dsb2017, export_luna16, export_nifti
 
     if fmt == "luna16":
-        table = _execute(lambda client, progress: export_luna16(store, output, threshold=threshold),
+        table = _execute(lambda client, progress: export_luna16(store, output, threshold=threshold,
+                                                                 filtered=filtered),
                          errors=(LungzarrError, ValueError))
         console.print(f"{len(table)} candidate(s) of {table.seriesuid.nunique()} series written to {output}")
         return

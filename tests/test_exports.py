@@ -74,6 +74,10 @@ def test_luna16_export_reads_back_as_the_nodule_table(store, tmp_path):
     assert got.coordZ.tolist() == table.z_mm.tolist()
     assert got.probability.tolist() == table.prob_max.tolist()
     assert (table.y_mm < 0).any() and (table.x_mm < 0).any()      # signs that a flip would change
+    r = runner.invoke(app, ["export", str(store), "--format", "luna16", "--filtered", "-o", str(tmp_path / "f.csv")])
+    assert r.exit_code == 0, r.output
+    kept = table[table.passes_dsb_filter]
+    assert pd.read_csv(tmp_path / "f.csv").coordX.tolist() == kept.x_mm.tolist()
     r = runner.invoke(app, ["export", str(store), "--format", "luna16", "--threshold", "0.6", "-o", str(out)])
     assert r.exit_code == 2 and "0.6" in r.output
 
