@@ -391,6 +391,10 @@ def evaluate(store: Optional[Path] = typer.Argument(None, help="The cohort's Zar
     """Sensitivity, false positives per scan, FROC and CPM against reader annotations."""
     from lungzarr.pipeline import evaluate_candidates, evaluate_store
 
+    from lungzarr.evaluate import CPM_CONVENTIONS
+
+    if cpm not in CPM_CONVENTIONS:
+        _fail(LungzarrError(f"--cpm must be one of {list(CPM_CONVENTIONS)!r}, got {cpm!r}"))
     cap = max_marks or None
     if candidates is not None:
         if store is not None or lidc_xml is not None or luna_csv is None:

@@ -300,3 +300,21 @@ def test_csv_numbers_parse_as_python_float(tmp_path):
     (tmp_path / "bad.csv").write_text("seriesuid,coordX,coordY,coordZ,probability\ns,1,2,3,\n")
     with pytest.raises(ValueError, match="probability"):
         read_luna_candidates(tmp_path / "bad.csv")
+
+
+def test_evaluate_cli_refuses_mixed_inputs(tmp_path):
+    folder = _synthetic_case(tmp_path, 4, n_scans=3)
+    cases = [
+        (["evaluate", "-o", str(tmp_path / "o")], "STORE"),
+        (["evaluate", str(tmp_path / "s.zarr"), "--luna-csv", str(folder / "annotations.csv"),
+          "--seriesuids", str(folder / "seriesuids.csv"), "-o", str(tmp_path / "o")], "--seriesuids"),
+        (["evaluate", "--candidates", str(folder / "candidates.csv"), "--luna-csv", str(folder / "annotations.csv"),
+          "--lidc-xml", str(tmp_path), "-o", str(tmp_path / "o")], "--lidc-xml"),
+        (["evaluate", "--candidates", str(tmp_path / "missing.csv"), "--luna-csv", str(folder / "annotations.csv"),
+          "-o", str(tmp_path / "o")], "missing.csv"),
+        (["evaluate", "--candidates", str(folder / "candidates.csv"), "--luna-csv", str(folder / "annotations.csv"),
+          "--cpm", "paper", "-o", str(tmp_path / "o")], "--cpm"),
+    ]
+    for args, word in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and word in r.output, (args, r.output)
