@@ -99,10 +99,13 @@ def cpm_score(froc: pd.DataFrame, *, convention: str = CPM_DEFAULT) -> tuple[flo
     ``"grid"``
         The sensitivity at the grid point at or just below each rate, index
         ``int((rate - 1/8) * 10000 / (8 - 1/8))`` of the official script's
-        10001-point curve (its ``fps_itp``/``sens_itp``, as written to its
-        FROC CSV): what scripts that read the CPM off that curve compute. It
-        can differ from ``"exact"`` where the curve is steep just below a
-        rate (up to 0.0085 on 60-scan synthetic cases).
+        10001-point interpolated curve (its ``fps_itp``/``sens_itp``, the
+        curve it plots and writes to its FROC CSV). The curve is the
+        script's; the index rule is not official (it is lungzarr's reading
+        before the ``"exact"`` default; other scripts take the nearest grid
+        point instead). It differs from ``"exact"`` where the curve rises
+        steeply just below a rate, e.g. a jump exactly at 1/4 FP/scan (15 FP
+        over 60 scans), read before the jump here and at its top there.
 
     Parameters
     ----------
