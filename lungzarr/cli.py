@@ -289,15 +289,34 @@ def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 @app.command()
 def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
-           output: Path = typer.Option(..., "-o", "--output", help="CSV to write."),
+           output: Path = typer.Option(..., "-o", "--output",
+                                       help="CSV to write (a folder for --format nifti)."),
            fmt: str = typer.Option("keras8_0313", "--format",
-                                   help="keras8_0313 (2525 columns), keras_0311 or base_8."),
+                                   help="keras8_0313 (2525 columns), keras_0311 or base_8 (DSB2017 tables); "
+                                        "luna16 (candidates CSV); nifti (lung mask and nodule labels)."),
            labels: Optional[Path] = LabelsOpt, patients: Optional[list[str]] = PatientsOpt,
+           threshold: float = typer.Option(0.5, "--threshold",
+                                           help="luna16/nifti: the nodule-table threshold of the candidates."),
+           filtered: bool = typer.Option(False, "--filtered",
+                                         help="luna16: only candidates passing the DSB filter (as evaluate --filtered)."),
            scheduler: str = typer.Option("threads", "--scheduler", help="As for `run`; default threads."),
            dashboard_address: Optional[str] = DashboardOpt):
-    """The original DSB2017 per-patient feature table, column for column."""
-    from lungzarr.pipeline import export_dsb2017
+    """The original DSB2017 per-patient feature table, LUNA16 candidates, or NIfTI masks."""
+    from lungzarr.pipeline import export_dsb2017, export_luna16, export_nifti
 
+    if fmt == "luna16":
+        table = _execute(lambda client, progress: export_luna16(store, output, threshold=threshold,
+                                                                 filtered=filtered),
+                         errors=(LungzarrError, ValueError))
+        console.print(f"{len(table)} candidate(s) of {table.seriesuid.nunique()} series written to {output}")
+        return
+    if fmt == "nifti":
+        written = _execute(lambda client, progress: export_nifti(store, output, threshold=threshold,
+                                                                 patients=patients),
+                           errors=(LungzarrError, ValueError))
+        n_nod = sum(v["nodules"] is not None for v in written.values())
+        console.print(f"{len(written)} lung mask(s) and {n_nod} nodule label image(s) written to {output}")
+        return
     table = _execute(lambda client, progress: export_dsb2017(store, output, fmt=fmt, labels=labels,
                                                              patients=patients, client=client),
                      scheduler=scheduler, dashboard_address=dashboard_address, errors=(LungzarrError, ValueError))
@@ -363,28 +382,58 @@ def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where 
 
 
 @app.command()
-def evaluate(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+def evaluate(store: Optional[Path] = typer.Argument(None, help="The cohort's Zarr store (or give --candidates)."),
              output: Path = typer.Option(..., "-o", "--output", help="Folder for results.json, CSVs and froc.png."),
              lidc_xml: Optional[Path] = typer.Option(None, "--lidc-xml", help="LIDC-IDRI XML file or folder."),
              luna_csv: Optional[Path] = typer.Option(None, "--luna-csv", help="LUNA16 annotations.csv."),
+             luna_excluded: Optional[Path] = typer.Option(
+                 None, "--luna-excluded", help="LUNA16 annotations_excluded.csv: findings neither hit nor FP."),
+             candidates: Optional[Path] = typer.Option(
+                 None, "--candidates", help="Score this LUNA16 candidates CSV instead of a store (needs --luna-csv)."),
+             seriesuids: Optional[Path] = typer.Option(
+                 None, "--seriesuids", help="With --candidates: LUNA16 seriesuids.csv, the scans evaluated."),
              threshold: float = typer.Option(0.5, "--threshold", help="Nodule-table threshold of the detections."),
              filtered: bool = typer.Option(False, "--filtered", help="Only detections passing the DSB filter."),
              min_readers: int = typer.Option(3, "--min-readers", help="Readers needed for a target nodule."),
              min_diameter: float = typer.Option(3.0, "--min-diameter", help="Smallest target diameter (mm)."),
+             max_marks: int = typer.Option(100, "--max-marks",
+                                           help="LUNA16's cap of marks per scan (official tie rule); 0: none."),
+             cpm: str = typer.Option("exact", "--cpm", help="Which CPM is `cpm`: exact (LUNA16 paper) or grid; "
+                                                            "results.json has both."),
              n_bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap samples for the CPM interval.")):
     """Sensitivity, false positives per scan, FROC and CPM against reader annotations."""
-    from lungzarr.pipeline import evaluate_store
+    from lungzarr.evaluate import CPM_CONVENTIONS
+    from lungzarr.pipeline import evaluate_candidates, evaluate_store
 
-    result = _execute(lambda client, progress: evaluate_store(
-        store, output, lidc_xml=lidc_xml, luna_csv=luna_csv, threshold=threshold, filtered=filtered,
-        min_readers=min_readers, min_diameter_mm=min_diameter, n_bootstrap=n_bootstrap),
-        errors=(LungzarrError, ValueError))
+    if cpm not in CPM_CONVENTIONS:
+        _fail(LungzarrError(f"--cpm must be one of {list(CPM_CONVENTIONS)!r}, got {cpm!r}"))
+    cap = max_marks or None
+    if candidates is not None:
+        if store is not None or lidc_xml is not None or luna_csv is None:
+            _fail(LungzarrError("--candidates FILE is scored against --luna-csv FILE [--luna-excluded FILE] "
+                                "[--seriesuids FILE], without a STORE or --lidc-xml"))
+        result = _execute(lambda client, progress: evaluate_candidates(
+            candidates, output, luna_csv=luna_csv, luna_excluded=luna_excluded, seriesuids=seriesuids,
+            n_bootstrap=n_bootstrap, max_marks_per_scan=cap, cpm_convention=cpm),
+            errors=(LungzarrError, ValueError))
+    else:
+        if store is None:
+            _fail(LungzarrError("give a STORE, or --candidates FILE with --luna-csv FILE"))
+        if seriesuids is not None:
+            _fail(LungzarrError("--seriesuids goes with --candidates; a store's scans are its patients"))
+        result = _execute(lambda client, progress: evaluate_store(
+            store, output, lidc_xml=lidc_xml, luna_csv=luna_csv, luna_excluded=luna_excluded, threshold=threshold,
+            filtered=filtered, min_readers=min_readers, min_diameter_mm=min_diameter, n_bootstrap=n_bootstrap,
+            max_marks_per_scan=cap, cpm_convention=cpm),
+            errors=(LungzarrError, ValueError))
     s = result["result"].summary
     out.print(f"{s['n_scans']} scan(s), {s['n_targets']} target nodule(s): sensitivity "
-              f"{s['sensitivity']:.3f} at {s['fps_per_scan']:.2f} FP/scan; CPM {s['cpm']:.3f} "
-              f"(CI {s['cpm_ci']})")
-    if result["unmatched"]:
+              f"{s['sensitivity']:.3f} at {s['fps_per_scan']:.2f} FP/scan; CPM {s['cpm']:.4f} ({s['cpm_convention']}; "
+              f"exact {s['cpm_exact']:.4f}, grid {s['cpm_grid']:.4f}) (CI {s['cpm_ci']})")
+    if result.get("unmatched"):
         console.print(f"no annotation for {len(result['unmatched'])} patient(s): {result['unmatched'][:5]}")
+    if result.get("dropped_candidates"):
+        console.print(f"{result['dropped_candidates']} candidate(s) of series not evaluated left out")
     console.print(f"written: {', '.join(str(v) for v in result['files'].values())}")
 
 

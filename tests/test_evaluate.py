@@ -378,11 +378,17 @@ def test_froc_and_cpm_hand_case():
     assert froc["threshold"].tolist()[1:] == [0.9, 0.8, 0.6, 0.4, 0.3, 0.2]
     assert froc["fps_per_scan"].tolist() == [0, 0, 0.5, 1, 1, 1.5, 2]
     assert froc["sensitivity"].tolist() == [0, 0.5, 0.5, 0.5, 1, 1, 1]
-    # LUNA16 reads each rate at the grid point at or just below it: 1/8 .. 1 FP/scan see 0.5
-    # (1 FP/scan is read at 0.99991, before the jump), 2, 4, 8 see 1.0.
-    assert result.summary["cpm_sensitivities"] == {str(float(r)): v for r, v in
-                                                   zip(CPM_FP_RATES, [.5, .5, .5, .5, 1, 1, 1])}
-    assert result.summary["cpm"] == pytest.approx(5 / 7)
+    # The grid reading takes each rate at the grid point at or just below it: 1/8 .. 1 FP/scan
+    # see 0.5 (1 FP/scan is read at 0.99991, before the jump), 2, 4, 8 see 1.0.
+    assert result.summary["cpm_grid_sensitivities"] == {str(float(r)): v for r, v in
+                                                        zip(CPM_FP_RATES, [.5, .5, .5, .5, 1, 1, 1])}
+    assert result.summary["cpm_grid"] == pytest.approx(5 / 7)
+    # The paper's reading (the default) takes the curve at exactly 1 FP/scan: the top of the
+    # jump there (the best sensitivity with at most 1 FP/scan), 1.0.
+    assert result.summary["cpm_exact_sensitivities"] == {str(float(r)): v for r, v in
+                                                         zip(CPM_FP_RATES, [.5, .5, .5, 1, 1, 1, 1])}
+    assert result.summary["cpm"] == result.summary["cpm_exact"] == pytest.approx(5.5 / 7)
+    assert result.summary["cpm_convention"] == "exact"
     assert result.summary["sensitivity"] == 1.0 and result.summary["fps_per_scan"] == 2.0
 
 

@@ -22,8 +22,11 @@ a detection hits a target when its centre is closer to the target's centre
 than the target's radius; each target counts once, with the highest
 probability among its hits; a detection within the radius of an ignored
 nodule is dropped; every other detection is a false positive. The FROC curve,
-its interpolation and the CPM score are computed as that script does (see
-:func:`froc_curve` and :func:`cpm_score`).
+its interpolation are computed as that script does (see :func:`froc_curve`);
+the script defines no CPM, so :func:`cpm_score` offers the LUNA16 paper's
+(``"exact"``, the default) and the grid reading of the script's curve
+(``"grid"``). LUNA16's 100 marks per scan are capped by the script's rule
+(:func:`cap_marks`).
 
 This module reads XML and CSV only: no pydicom, no zarr. The slice geometry a
 LIDC outline needs comes in as a :class:`SliceGeometry`, which the caller
@@ -38,22 +41,28 @@ from __future__ import annotations
 
 from lungzarr.evaluate._consensus import consensus_nodules
 from lungzarr.evaluate._constants import (
+    CPM_CONVENTIONS,
+    CPM_DEFAULT,
     CPM_FP_RATES,
     DETECTION_COLUMNS,
     LIDC_NAMESPACE,
+    LUNA16_MAX_MARKS,
     TRUTH_COLUMNS,
     UNKNOWN_DIAMETER_MM,
 )
-from lungzarr.evaluate._froc import bootstrap_froc, cpm_score, froc_curve
+from lungzarr.evaluate._froc import bootstrap_froc, cap_marks, cpm_score, froc_curve
 from lungzarr.evaluate._geometry import MarkMeasure, SliceGeometry, measure_mark, measure_marks
 from lungzarr.evaluate._lidc import ReaderMark, ReaderMarks, Roi, read_lidc_xml, summarize_lidc_marks
-from lungzarr.evaluate._luna import read_luna_csv
+from lungzarr.evaluate._luna import read_luna_annotations, read_luna_candidates, read_luna_csv, read_seriesuids
 from lungzarr.evaluate._matching import match_detections
 from lungzarr.evaluate._result import EvaluationResult, evaluate_detections, evaluate_lidc_patient, write_evaluation
 
 __all__ = [
     "LIDC_NAMESPACE",
     "CPM_FP_RATES",
+    "CPM_CONVENTIONS",
+    "CPM_DEFAULT",
+    "LUNA16_MAX_MARKS",
     "Roi",
     "ReaderMark",
     "ReaderMarks",
@@ -65,6 +74,10 @@ __all__ = [
     "measure_mark",
     "measure_marks",
     "read_luna_csv",
+    "read_luna_annotations",
+    "read_luna_candidates",
+    "read_seriesuids",
+    "cap_marks",
     "consensus_nodules",
     "match_detections",
     "froc_curve",

@@ -31,8 +31,10 @@ def _check_truth(truth):
 def match_detections(detections: pd.DataFrame, truth: pd.DataFrame):
     """Label detections hit / false positive / ignored and nodules hit / missed.
 
-    LUNA16 rules: a detection is within a nodule when its centre is strictly
-    closer than the nodule's radius (diameter NaN: :data:`UNKNOWN_DIAMETER_MM`).
+    LUNA16 rules: a detection is within a nodule when its squared distance
+    ``dx² + dy² + dz²`` (summed in world x, y, z order) is strictly below the
+    squared radius ``(d / 2)²``, as ``noduleCADEvaluationLUNA16.py`` computes
+    it (diameter NaN: :data:`UNKNOWN_DIAMETER_MM`).
     Within a target it is a hit (a detection may hit two overlapping
     targets); within only ignored nodules it is dropped; else a false
     positive. A target keeps its best-probability hit. ``"outside"`` rows
@@ -72,11 +74,17 @@ def match_detections(detections: pd.DataFrame, truth: pd.DataFrame):
         in_patient = np.flatnonzero(det["patient"].to_numpy() == n["patient"])
         if in_patient.size == 0:
             continue
-        centre = np.array([n["z_mm"], n["y_mm"], n["x_mm"]], float)
-        dist = np.linalg.norm(det_xyz[in_patient] - centre, axis=1)
+        # LUNA16's test, operation for operation: squared differences summed in
+        # world x, y, z order against the squared radius. A Euclidean norm
+        # compared with the radius rounds differently and flips a detection
+        # within an ulp of the radius (d = 26.3466: dist² 173.53583288999997 <
+        # r² 173.53583289, yet norm == r).
+        dz, dy, dx = (det_xyz[in_patient, k] - float(n[c]) for k, c in enumerate(("z_mm", "y_mm", "x_mm")))
+        dist2 = dx * dx + dy * dy + dz * dz
+        dist = np.sqrt(dist2)
         nod.loc[i, "nearest_detection_mm"] = float(dist.min())
-        diameter = n["diameter_mm"] if np.isfinite(n["diameter_mm"]) else UNKNOWN_DIAMETER_MM
-        inside = dist < diameter / 2.0
+        diameter = float(n["diameter_mm"]) if np.isfinite(n["diameter_mm"]) else UNKNOWN_DIAMETER_MM
+        inside = dist2 < (diameter / 2.0) ** 2
         if n["status"] == "target":
             hits = in_patient[inside]
             if hits.size:

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from lungzarr.evaluate._consensus import consensus_nodules
-from lungzarr.evaluate._constants import _FROC_GRID_MAX, _FROC_GRID_MIN, CPM_FP_RATES
-from lungzarr.evaluate._froc import _froc_grid, bootstrap_froc, cpm_score, froc_curve
+from lungzarr.evaluate._constants import _FROC_GRID_MAX, _FROC_GRID_MIN, CPM_CONVENTIONS, CPM_DEFAULT, CPM_FP_RATES
+from lungzarr.evaluate._froc import _froc_grid, bootstrap_froc, cap_marks, cpm_score, froc_curve
 from lungzarr.evaluate._geometry import SliceGeometry
 from lungzarr.evaluate._lidc import read_lidc_xml, summarize_lidc_marks
 from lungzarr.evaluate._matching import _check_detections, _check_truth, match_detections
@@ -40,7 +40,8 @@ class EvaluationResult:
 
 def evaluate_detections(detections: pd.DataFrame, truth: pd.DataFrame, *, n_scans: int | None = None,
                         scans=None, n_bootstrap: int = 1000, seed: int = 0,
-                        confidence: float = 0.95, max_marks_per_scan: int | None = None) -> EvaluationResult:
+                        confidence: float = 0.95, max_marks_per_scan: int | None = None,
+                        cpm_convention: str = CPM_DEFAULT) -> EvaluationResult:
     """Score detections against a truth table (LUNA16 rules).
 
     Parameters
@@ -62,7 +63,12 @@ def evaluate_detections(detections: pd.DataFrame, truth: pd.DataFrame, *, n_scan
         Seed of the bootstrap.
     confidence : float
     max_marks_per_scan : int, optional
-        Keep only the most probable detections of each scan (LUNA16 used 100).
+        Keep only the most probable detections of each scan, by the official
+        script's rule (:func:`cap_marks`: above the ``n + 1``-th highest
+        probability, a tie at the cut dropping the tied group; LUNA16 used 100).
+    cpm_convention : {"exact", "grid"}
+        Which CPM ``summary["cpm"]`` is (and the bootstrap's); both are in the
+        summary as ``cpm_exact`` and ``cpm_grid`` (see :func:`cpm_score`).
 
     Returns
     -------
@@ -75,10 +81,9 @@ def evaluate_detections(detections: pd.DataFrame, truth: pd.DataFrame, *, n_scan
     truth = truth.copy()
     truth["patient"] = truth["patient"].astype(str)
     if max_marks_per_scan is not None:
-        if max_marks_per_scan < 1:
-            raise ValueError(f"max_marks_per_scan must be at least 1, got {max_marks_per_scan!r}")
-        detections = (detections.sort_values("prob", ascending=False, kind="stable")
-                      .groupby("patient", sort=False).head(max_marks_per_scan).sort_index())
+        detections = cap_marks(detections, max_marks_per_scan)
+    if cpm_convention not in CPM_CONVENTIONS:
+        raise ValueError(f"cpm_convention must be one of {list(CPM_CONVENTIONS)!r}, got {cpm_convention!r}")
     named = list(dict.fromkeys(list(scans or []) + detections["patient"].tolist()
                                + truth.loc[truth["status"] != "outside", "patient"].tolist()))
     if scans is not None:
@@ -99,14 +104,17 @@ def evaluate_detections(detections: pd.DataFrame, truth: pd.DataFrame, *, n_scan
     hit_probs = targets.loc[targets["hit"], "prob"].to_numpy(float)
     fp_probs = det.loc[det["outcome"] == "fp", "prob"].to_numpy(float)
     froc = froc_curve(hit_probs, fp_probs, n_targets=n_targets, n_scans=n_scans)
-    if n_targets:
-        cpm, at_rates = cpm_score(froc)
-    else:
-        cpm, at_rates = math.nan, {float(r): math.nan for r in CPM_FP_RATES}
+    cpms = {}
+    for convention in CPM_CONVENTIONS:
+        if n_targets:
+            cpms[convention] = cpm_score(froc, convention=convention)
+        else:
+            cpms[convention] = (math.nan, {float(r): math.nan for r in CPM_FP_RATES})
+    cpm, at_rates = cpms[cpm_convention]
     boot = None
     if n_bootstrap:
         boot = bootstrap_froc(nod, det, scans=all_scans, n_bootstrap=n_bootstrap, seed=seed,
-                              confidence=confidence)
+                              confidence=confidence, convention=cpm_convention)
     summary = {
         "n_scans": int(n_scans),
         "n_targets": n_targets,
@@ -120,11 +128,15 @@ def evaluate_detections(detections: pd.DataFrame, truth: pd.DataFrame, *, n_scan
         "sensitivity": (float(targets["hit"].mean()) if n_targets else math.nan),
         "fps_per_scan": float(len(fp_probs) / n_scans),
         "cpm": cpm,
+        "cpm_convention": cpm_convention,
         "cpm_sensitivities": {str(k): v for k, v in at_rates.items()},
+        **{f"cpm_{c}": cpms[c][0] for c in CPM_CONVENTIONS},
+        **{f"cpm_{c}_sensitivities": {str(k): v for k, v in cpms[c][1].items()} for c in CPM_CONVENTIONS},
         "cpm_ci": (None if boot is None else [boot["cpm_lower"], boot["cpm_upper"]]),
         "settings": {"n_bootstrap": int(n_bootstrap), "seed": int(seed),
                      "confidence": float(confidence), "max_marks_per_scan": max_marks_per_scan,
-                     "rule": "LUNA16: hit when the detection centre is closer than the nodule radius"},
+                     "cpm_convention": cpm_convention,
+                     "rule": "LUNA16 (noduleCADEvaluationLUNA16.py): hit when dx²+dy²+dz² < (diameter/2)²"},
     }
     return EvaluationResult(summary, froc, nod, det, boot)
 

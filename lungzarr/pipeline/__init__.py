@@ -25,8 +25,8 @@ Read it in this order:
 from __future__ import annotations
 
 from lungzarr.pipeline.cohort import ingest, run, stage_decision, store_status
-from lungzarr.pipeline.evaluation import evaluate_store
-from lungzarr.pipeline.exports import export_dsb2017, export_nodules
+from lungzarr.pipeline.evaluation import evaluate_candidates, evaluate_store
+from lungzarr.pipeline.exports import export_dsb2017, export_luna16, export_nifti, export_nodules
 from lungzarr.pipeline.inputs import find_patients
 from lungzarr.pipeline.legacy_import import import_legacy
 from lungzarr.pipeline.runner import EVENTS, Progress, ProgressEvent, StageSummary, stream_stages
@@ -39,7 +39,8 @@ from lungzarr.pipeline.verify import VerifyReport, verify_store
 
 __all__ = [
     "run", "ingest", "store_status", "stage_decision",
-    "evaluate_store", "export_dsb2017", "export_nodules", "import_legacy", "find_patients", "gather_tables",
+    "evaluate_store", "evaluate_candidates", "export_dsb2017", "export_nodules", "export_luna16", "export_nifti",
+    "import_legacy", "find_patients", "gather_tables",
     "Stage", "StageOptions", "STAGES", "STAGE_NAMES", "get_stage", "ordered_stages",
     "StageSummary", "ProgressEvent", "Progress", "EVENTS", "stream_stages",
     "TASK_SLICES", "task_slices", "ingest_dataset", "verify_store", "VerifyReport",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lungzarr.errors import LungzarrError
 
-__all__ = ["evaluate_store"]
+__all__ = ["evaluate_store", "evaluate_candidates"]
 
 
 def _store_detections(store, *, threshold: float, filtered: bool):
@@ -19,9 +19,10 @@ def _store_detections(store, *, threshold: float, filtered: bool):
     return rows.assign(prob=rows.prob_max)
 
 
-def evaluate_store(store_path, out_dir, *, lidc_xml=None, luna_csv=None, threshold: float = 0.5,
-                   filtered: bool = False, min_readers: int = 3, min_diameter_mm: float = 3.0,
-                   n_bootstrap: int = 1000, seed: int = 0) -> dict:
+def evaluate_store(store_path, out_dir, *, lidc_xml=None, luna_csv=None, luna_excluded=None,
+                   threshold: float = 0.5, filtered: bool = False, min_readers: int = 3,
+                   min_diameter_mm: float = 3.0, n_bootstrap: int = 1000, seed: int = 0,
+                   max_marks_per_scan: int | None = 100, cpm_convention: str = "exact") -> dict:
     """Score the store's nodules against reader annotations (LUNA16 rules).
 
     Parameters
@@ -32,11 +33,19 @@ def evaluate_store(store_path, out_dir, *, lidc_xml=None, luna_csv=None, thresho
         patients by SeriesInstanceUID.
     luna_csv : path, optional
         A LUNA16 ``annotations.csv``; ``seriesuid`` matched likewise.
+    luna_excluded : path, optional
+        LUNA16's ``annotations_excluded.csv`` (with ``luna_csv`` only): its
+        findings are ignored, so detections on them are not false positives.
     threshold : float
         The nodule table's threshold whose components are the detections
         (scored by their largest probability).
     filtered : bool
         Keep only detections passing the original's filter.
+    max_marks_per_scan : int or None
+        LUNA16's cap of marks per scan (100), by the official rule
+        (:func:`lungzarr.evaluate.cap_marks`); None: no cap.
+    cpm_convention : {"exact", "grid"}
+        Which CPM is ``cpm`` (both are written; :func:`lungzarr.evaluate.cpm_score`).
 
     Returns
     -------
@@ -51,6 +60,8 @@ def evaluate_store(store_path, out_dir, *, lidc_xml=None, luna_csv=None, thresho
 
     if (lidc_xml is None) == (luna_csv is None):
         raise LungzarrError("give exactly one of --lidc-xml DIR_OR_FILE and --luna-csv FILE")
+    if luna_excluded is not None and luna_csv is None:
+        raise LungzarrError(f"--luna-excluded {str(luna_excluded)!r} needs --luna-csv FILE (LUNA16's annotations.csv)")
     store = CohortStore(store_path, mode="r")
     patients = [p for p in store.patients() if store.is_complete(p, "nodules")]
     if not patients:
@@ -76,7 +87,7 @@ def evaluate_store(store_path, out_dir, *, lidc_xml=None, luna_csv=None, thresho
                                                min_diameter_mm=min_diameter_mm))
             scans.append(p)
     else:
-        truth = ev.read_luna_csv(luna_csv)
+        truth = ev.read_luna_annotations(luna_csv, luna_excluded)
         truth = truth[truth.patient.isin(by_series)]
         truth = truth.assign(patient=truth.patient.map(by_series))
         truths.append(truth)
@@ -89,6 +100,70 @@ def evaluate_store(store_path, out_dir, *, lidc_xml=None, luna_csv=None, thresho
     detections = _store_detections(store, threshold=threshold, filtered=filtered)
     detections = detections[detections.patient.isin(scans)]
     result = ev.evaluate_detections(detections, truth, n_scans=len(scans), scans=scans,
-                                    n_bootstrap=n_bootstrap, seed=seed)
+                                    n_bootstrap=n_bootstrap, seed=seed, max_marks_per_scan=max_marks_per_scan,
+                                    cpm_convention=cpm_convention)
     files = ev.write_evaluation(result, out_dir, title=f"lungzarr — {Path(store_path).name}")
     return {"result": result, "files": files, "scans": scans, "unmatched": unmatched}
+
+
+def evaluate_candidates(candidates, out_dir, *, luna_csv, luna_excluded=None, seriesuids=None,
+                        n_bootstrap: int = 1000, seed: int = 0, max_marks_per_scan: int | None = 100,
+                        cpm_convention: str = "exact") -> dict:
+    """Score a LUNA16-format candidates CSV (any detector's) without a store, as the official script does.
+
+    Parameters
+    ----------
+    candidates : path
+        ``seriesuid, coordX, coordY, coordZ, probability`` (world mm), e.g.
+        ``lungzarr export STORE --format luna16``.
+    out_dir : path
+        Where ``results.json``, the CSVs and ``froc.png`` go.
+    luna_csv : path
+        LUNA16's ``annotations.csv`` (the targets).
+    luna_excluded : path, optional
+        LUNA16's ``annotations_excluded.csv`` (ignored findings).
+    seriesuids : path, optional
+        LUNA16's ``seriesuids.csv``: the scans evaluated. Candidates and
+        annotations of other series are left out, as the official script
+        does. Without it the scans are the series named in the candidates
+        and the annotation files (a scan with neither is then not counted:
+        give the file to average the false positives over every scan).
+    max_marks_per_scan : int or None
+        LUNA16's 100 by the official rule; None: no cap.
+    cpm_convention : {"exact", "grid"}
+
+    Returns
+    -------
+    dict
+        ``result``, ``files``, ``scans``, ``scans_from`` (``"seriesuids"`` or
+        ``"candidates+annotations"``) and ``dropped_candidates`` (rows of
+        series not evaluated).
+    """
+    from lungzarr import evaluate as ev
+
+    try:
+        detections = ev.read_luna_candidates(candidates)
+        truth = ev.read_luna_annotations(luna_csv, luna_excluded)
+        listed = ev.read_seriesuids(seriesuids) if seriesuids is not None else None
+    except ValueError as exc:
+        raise LungzarrError(str(exc)) from None
+    if listed is None:
+        scans = list(dict.fromkeys(detections.patient.tolist() + truth.patient.tolist()))
+        scans_from = "candidates+annotations"
+    else:
+        scans, scans_from = listed, "seriesuids"
+    if not scans:
+        raise LungzarrError(f"{str(candidates)!r} and {str(luna_csv)!r} name no series: nothing to evaluate")
+    keep = set(scans)
+    dropped = int((~detections.patient.isin(keep)).sum())
+    detections = detections[detections.patient.isin(keep)]
+    truth = truth[truth.patient.isin(keep)]
+    result = ev.evaluate_detections(detections, truth, n_scans=len(scans), scans=scans, n_bootstrap=n_bootstrap,
+                                    seed=seed, max_marks_per_scan=max_marks_per_scan, cpm_convention=cpm_convention)
+    result.summary["settings"].update(candidates=str(candidates), luna_csv=str(luna_csv),
+                                      luna_excluded=None if luna_excluded is None else str(luna_excluded),
+                                      seriesuids=None if seriesuids is None else str(seriesuids),
+                                      scans_from=scans_from, dropped_candidates=dropped)
+    files = ev.write_evaluation(result, out_dir, title=f"lungzarr — {Path(candidates).name}")
+    return {"result": result, "files": files, "scans": scans, "scans_from": scans_from,
+            "dropped_candidates": dropped}
