@@ -1,6 +1,7 @@
 """The ``lungzarr`` command line: thin, every command calls one library function."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -99,6 +100,20 @@ LabelsOpt = typer.Option(None, "--labels", help="Labels CSV (id,cancer) for the 
 InferBatchOpt = typer.Option(8, "--infer-batch", min=1, help="8-slice windows per UNet batch (32 suits a GPU).")
 
 
+class Engine(str, Enum):
+    """``--engine`` choices (lungzarr.model.engines.ENGINES)."""
+
+    auto = "auto"
+    keras = "keras"
+    openvino = "openvino"
+    onnxruntime = "onnxruntime"
+
+
+EngineOpt = typer.Option(Engine.auto, "--engine", case_sensitive=False,
+                         help="What runs the UNet: auto (OpenVINO on CPU workers when installed, Keras on GPU "
+                              "workers), keras, openvino, or onnxruntime (pip install 'lungzarr[onnx]').")
+
+
 def _gpu_flag(client) -> bool:
     from lungzarr.cluster import gpu_worker_count
 
@@ -114,7 +129,8 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: str = PrecisionOpt,
         infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
-        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt, strict: bool = StrictOpt):
+        overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt, strict: bool = StrictOpt,
+        engine: Engine = EngineOpt):
     """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
     from lungzarr.cluster import dask_client
     from lungzarr.pipeline import run as run_pipeline
@@ -124,7 +140,7 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
             summaries = run_pipeline(input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices,
                                      batch_size=batch_size, precision=precision, infer_batch=infer_batch,
                                      patients=patients, overwrite=overwrite, client=client,
-                                     gpu=_gpu_flag(client),
+                                     gpu=_gpu_flag(client), engine=engine.value,
                                      progress=_bar_progress(bar), strict=strict)
     except LungzarrError as exc:
         _fail(exc)
@@ -160,10 +176,10 @@ def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            weights: Optional[Path] = WeightsOpt, precision: str = PrecisionOpt,
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
-           scheduler: str = SchedulerOpt):
+           scheduler: str = SchedulerOpt, engine: Engine = EngineOpt):
     """The d8 UNet: nodule probability maps of every segmented patient."""
     _process(store, ["detect"], weights=weights, precision=precision, infer_batch=infer_batch,
-             chunk_slices=chunk_slices,
+             chunk_slices=chunk_slices, engine=engine.value,
              batch_size=batch_size, patients=patients, overwrite=overwrite, scheduler=scheduler)
 
 

@@ -17,7 +17,8 @@ __all__ = ["run", "ingest", "store_status", "stage_decision"]
 def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=None, weights=None,
         chunk_slices: int = 16, batch_size: int = 4, precision: str = "fp32",
         patients: Iterable[str] | None = None, overwrite: bool = False, client=None, gpu: bool = False,
-        infer_batch: int = 8, progress: Progress | None = None, strict: bool = False) -> list[StageSummary]:
+        infer_batch: int = 8, progress: Progress | None = None, strict: bool = False,
+        engine: str = "auto") -> list[StageSummary]:
     """Run pipeline stages for every patient of a cohort; by default all of them, INPUT to tables.
 
     Patients stream through the stages (:func:`~lungzarr.pipeline.runner.stream_stages`):
@@ -59,6 +60,11 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         Every damaged DICOM file is an error (by default a damaged slice at
         either end of the stack is dropped with a warning, and an unreadable
         stray file skipped).
+    engine : {"auto", "keras", "openvino", "onnxruntime"}
+        What runs the UNet (:mod:`lungzarr.model.engines`): ``auto`` is
+        OpenVINO when installed and ``gpu`` is False, else Keras. When the
+        ``detect`` stage runs, the engine is checked (and its graph exported
+        to the cache) before any patient.
 
     Returns
     -------
@@ -76,8 +82,13 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
     if not creates and input_dir is not None:
         raise LungzarrError(f"stages {[s.name for s in chosen]!r} work on the patients already in the store; "
                             f"INPUT is only read by {[s.name for s in ordered_stages() if s.creates_patient]!r}")
+    if any(s.name == "detect" for s in chosen):
+        from lungzarr.model.engines import prepare_engine
+
+        # A missing or broken engine stops the run here, once, instead of failing every patient.
+        engine = prepare_engine(engine, weights=weights, precision=precision, gpu=gpu)
     options = StageOptions(chunk_slices=chunk_slices, weights=weights, precision=precision,
-                           infer_batch=infer_batch, gpu=gpu, strict=strict,
+                           infer_batch=infer_batch, gpu=gpu, strict=strict, engine=engine,
                            labels=read_legacy_labels(labels) if labels is not None else None)
     if creates:
         items = find_patients(input_dir, patients=patients)
