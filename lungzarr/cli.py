@@ -35,7 +35,10 @@ def _stage_progress():
 
 
 def _fail(exc: Exception):
-    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    from rich.markup import escape
+
+    # escape: a message's own brackets (paths, "lungzarr[onnx]") are not rich markup.
+    console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -89,13 +89,21 @@ def test_same_decisions_as_keras_on_dsb2017_windows(engine, cache, keras_engine,
     assert stats["max_dp"] < MAX_DP
 
 
+@pytest.fixture(scope="module")
+def lidc_slab():
+    """The LIDC-IDRI-0001 slab on the 2 mm grid and its Keras-TF nodule_prob (computed once)."""
+    from conftest import LIDC_DIR, shared_path
+
+    hu = da.from_array(_lidc_2mm(shared_path(LIDC_DIR)), chunks=(10, -1, -1))
+    return hu, infer.predict_nodule_prob(hu, engine="keras").compute()
+
+
 @pytest.mark.requires_shared
 @pytest.mark.parametrize("engine", OTHER_ENGINES)
-def test_same_nodule_prob_as_keras_on_the_lidc_slab(engine, cache, lidc_dir, capsys):
+def test_same_nodule_prob_as_keras_on_the_lidc_slab(engine, cache, lidc_slab, capsys):
     """The whole detect computation (dask, z-chunks, crop, threshold) with each engine."""
     needs(engine)
-    hu = da.from_array(_lidc_2mm(lidc_dir), chunks=(10, -1, -1))
-    reference = infer.predict_nodule_prob(hu, engine="keras").compute()
+    hu, reference = lidc_slab
     got = infer.predict_nodule_prob(hu, engine=engine).compute()
     stats = _agreement(got, reference)
     with capsys.disabled():
@@ -127,7 +135,8 @@ def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
     assert engines.cache_dir().name == "lungzarr"
 
 
-@pytest.mark.parametrize("engine", OTHER_ENGINES)
+# Two exports each; OpenVINO's (~10 s each here) only in the slow run: the cache logic is the engines' one.
+@pytest.mark.parametrize("engine", [pytest.param("openvino", marks=pytest.mark.slow), "onnxruntime"])
 def test_export_is_cached_and_rebuilt_when_the_key_changes(engine, tmp_path, monkeypatch):
     needs(engine)
     monkeypatch.setenv(engines.CACHE_ENV, str(tmp_path))

@@ -208,6 +208,9 @@ def _export(engine: str, weights, folder: Path) -> None:
     # Always the fp32 model: Keras exports float32 dtype policies only; the engine's own
     # precision setting (OpenVINO's inference precision) applies the 16-bit ones.
     model = build_d8(weights=weights, precision="fp32")
+    # Keras' ONNX exporter refuses a model that was never called; the signature it then
+    # exports is still the model's own, (None, 8, None, None, 1): one tiny call is enough.
+    model(np.zeros((1, 8, 4, 4, 1), np.float32))
     path = folder / _GRAPH_FILE[engine]
     model.export(str(path), format="openvino" if engine == "openvino" else "onnx", verbose=False)
     if not path.is_file():
