@@ -14,15 +14,22 @@ cannot drift from it:
     hands it to ``openvino.convert_model``; the IR (``.xml`` + ``.bin``) keeps
     the batch, y and x dimensions dynamic (``[?, 8, ?, ?, 1]``). It needs only
     the ``openvino`` package (no tf2onnx/onnx), which is why it was chosen over
-    converting Keras' ONNX graph: both graphs run at the same speed under
-    OpenVINO and give the same probabilities (benchmarks/README.md,
-    "Inference engines"). The IR is compiled once per worker process with
-    ``INFERENCE_PRECISION_HINT=f32`` for ``precision="fp32"``: OpenVINO's
-    CPU plugin otherwise runs bf16 on CPUs that have AVX512-BF16/AMX.
+    reading Keras' ONNX graph into OpenVINO: both graphs ran at the same speed
+    under OpenVINO (3.2 CPU-s per batch of eight 140 x 140 windows) with the
+    same probabilities. Export into an empty cache: ~6 s (fp32 model build and
+    Keras' exporter; TensorFlow already imported). The IR is compiled once per
+    worker process, 0.3-0.4 s; at the first call with a new crop shape the
+    dynamic graph is specialised, +0.6-0.7 CPU-s (140², 180²), under the 1 s
+    per shape asked for, and kept for that shape. ``precision="fp32"`` sets
+    ``INFERENCE_PRECISION_HINT=f32``: OpenVINO's CPU plugin otherwise runs
+    bf16 on CPUs with AVX512-BF16/AMX, twice as fast on the benchmark machine
+    but it moved p by up to 0.18 (benchmarks/README.md, "Inference engines").
 ``onnxruntime``
     ``model.export(path, format="onnx")`` (tf2onnx with the TensorFlow
     backend; the ``[onnx]`` extra installs onnxruntime, onnx and tf2onnx),
-    run by an ``onnxruntime.InferenceSession`` on the CPU. fp32 only.
+    run by an ``onnxruntime.InferenceSession`` on the CPU. fp32 only. Export
+    ~3 s, session 0.03 s; Keras refuses to export a model never called, so
+    the exporter calls it once on a 4 x 4 window first.
 ``auto``
     OpenVINO on CPU workers when it imports, else Keras; Keras on GPU
     workers (``gpu=True``), on its backend.
