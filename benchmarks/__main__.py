@@ -6,6 +6,7 @@
     python -m benchmarks profile [--stage segment] [--small]             # cProfile of one CPU stage
     python -m benchmarks project [--from results/stages.json]            # 1595 patients on 16 cores + H100
     python -m benchmarks overlap [--patients 4] [--small]                # streamed vs stage by stage, CPU + "GPU" worker
+    python -m benchmarks engines [--rounds 3] [--stage-rounds 2]         # Keras-TF vs OpenVINO vs ONNX Runtime (real windows)
 
 Every command synthesises its DICOM cohort into a temporary folder (deleted
 at the end), runs each variant in a fresh child process (so peaks are the
@@ -197,8 +198,27 @@ def child_overlap(args: dict) -> dict:
     return run(args)
 
 
+def child_engines(args: dict) -> dict:
+    from benchmarks.bench_engines import child_engines as run
+
+    return run(args)
+
+
+def child_engines_stage(args: dict) -> dict:
+    from benchmarks.bench_engines import child_engines_stage as run
+
+    return run(args)
+
+
+def child_engine_memory(args: dict) -> dict:
+    from benchmarks.bench_engines import child_engine_memory as run
+
+    return run(args)
+
+
 CHILDREN = {"baseline": child_baseline, "pipeline": child_pipeline, "profile": child_profile,
-            "overlap": child_overlap}
+            "overlap": child_overlap, "engines": child_engines, "engines_stage": child_engines_stage,
+            "engine_memory": child_engine_memory}
 
 
 # ====================================================================== cohort and summaries
@@ -550,6 +570,10 @@ def main(argv=None):
     common(p)
     p.add_argument("--patients", type=int, default=4)
     p.add_argument("--order", choices=("stagewise-first", "streamed-first"), default="stagewise-first")
+    p = sub.add_parser("engines", help="Keras-TF vs OpenVINO vs ONNX Runtime on real windows, and the detect stage")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every batch and engine")
+    p.add_argument("--stage-rounds", type=int, default=2, help="detect-stage runs per engine (0: none)")
+    p.add_argument("--name", default=None, help="results/<name>.json (default engines)")
     p = sub.add_parser("project", help="the 1595-patient projection from a stages result")
     p.add_argument("--from", dest="source", nargs="+", default=[str(RESULTS / "stages.json")])
     p.add_argument("--name", default=None)
@@ -568,6 +592,10 @@ def main(argv=None):
         cmd_profile(a)
     elif a.command == "project":
         cmd_project(a)
+    elif a.command == "engines":
+        from benchmarks.bench_engines import cmd_engines
+
+        cmd_engines(a)
     elif a.command == "overlap":
         from benchmarks.bench_overlap import cmd_overlap
 

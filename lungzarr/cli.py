@@ -71,6 +71,20 @@ PrecisionOpt = typer.Option(Precision.fp32, "--precision", case_sensitive=False,
                             help="UNet precision on GPU: fp32 (the reference), bf16 or fp16.")
 
 
+class Engine(str, enum.Enum):
+    """``--engine`` choices (lungzarr.model.engines.ENGINES)."""
+
+    auto = "auto"
+    keras = "keras"
+    openvino = "openvino"
+    onnxruntime = "onnxruntime"
+
+
+EngineOpt = typer.Option(Engine.auto, "--engine", case_sensitive=False,
+                         help="What runs the UNet: auto (OpenVINO on CPU workers when installed, Keras on GPU "
+                              "workers), keras, openvino, or onnxruntime (pip install 'lungzarr[onnx]').")
+
+
 # ---------------------------------------------------------------------- the one way a command runs
 
 def _stage_progress():
@@ -137,12 +151,12 @@ def _execute(work: Callable, *, scheduler: str | None = None, dashboard_address:
         _fail(exc)
 
 
-def _run_checks(store, stages, *, weights=None, precision="fp32", scheduler=None, create=True):
+def _run_checks(store, stages, *, weights=None, precision="fp32", scheduler=None, create=True, engine=None):
     def checks():
         from lungzarr.pipeline.checks import check_run_config
 
         check_run_config(store=store, stages=stages, weights=weights, precision=precision, scheduler=scheduler,
-                         create=create)
+                         create=create, engine=engine)
     return checks
 
 
@@ -186,7 +200,8 @@ def _stages(store, stages, **options):
                                               progress=progress, **options),
         scheduler=scheduler, dashboard_address=dashboard_address, progress=True,
         checks=_run_checks(store, stages, weights=options.get("weights"),
-                           precision=options.get("precision", "fp32"), scheduler=scheduler, create=False))
+                           precision=options.get("precision", "fp32"), scheduler=scheduler, create=False,
+                           engine=options.get("engine")))
     return summaries
 
 
@@ -217,7 +232,7 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: Precision = PrecisionOpt,
         infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
         overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt,
-        dashboard_address: Optional[str] = DashboardOpt, strict: bool = StrictOpt,
+        dashboard_address: Optional[str] = DashboardOpt, strict: bool = StrictOpt, engine: Engine = EngineOpt,
         verify: bool = typer.Option(False, "--verify", help="First read every stored chunk of these patients "
                                                             "and redo the damaged stages (see `lungzarr verify`).")):
     """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
@@ -228,9 +243,11 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
         lambda client, progress: run_pipeline(
             input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices, batch_size=batch_size,
             precision=precision.value, infer_batch=infer_batch, patients=patients, overwrite=overwrite,
-            client=client, gpu=_gpu_flag(client), progress=progress, strict=strict, verify=verify),
+            client=client, gpu=_gpu_flag(client), progress=progress, strict=strict, verify=verify,
+            engine=engine.value),
         scheduler=scheduler, dashboard_address=dashboard_address, progress=True,
-        checks=_run_checks(store, stage_names(), weights=weights, precision=precision.value, scheduler=scheduler))
+        checks=_run_checks(store, stage_names(), weights=weights, precision=precision.value, scheduler=scheduler,
+                           engine=engine.value))
     raise typer.Exit(_print_summary(summaries))
 
 
@@ -261,12 +278,13 @@ def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            weights: Optional[Path] = WeightsOpt, precision: Precision = PrecisionOpt,
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
-           scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
+           scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt,
+           engine: Engine = EngineOpt):
     """The d8 UNet: nodule probability maps of every segmented patient."""
     raise typer.Exit(_print_summary(_stages(
         store, ["detect"], weights=weights, precision=precision.value, infer_batch=infer_batch,
         chunk_slices=chunk_slices, batch_size=batch_size, patients=patients, overwrite=overwrite,
-        scheduler=scheduler, dashboard_address=dashboard_address)))
+        scheduler=scheduler, dashboard_address=dashboard_address, engine=engine.value)))
 
 
 @app.command()

@@ -77,3 +77,17 @@ def cpu_gpu_cluster():
             distributed.Client(cluster) as client:
         names = {address: info["name"] for address, info in client.scheduler_info()["workers"].items()}
         yield client, names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_engine_cache(tmp_path_factory):
+    """Exported inference graphs go to a cache of this test session (workers inherit the variable),
+    so the suite neither reads nor leaves graphs in the user's ~/.cache/lungzarr."""
+    if os.environ.get("LUNGZARR_CACHE"):
+        yield
+        return
+    os.environ["LUNGZARR_CACHE"] = str(tmp_path_factory.mktemp("lungzarr-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("LUNGZARR_CACHE", None)

@@ -102,8 +102,10 @@ def test_bad_arguments():
 
 
 def test_building_the_graph_computes_nothing(volume, monkeypatch):
+    from lungzarr.model.engines import get_engine
+
     calls = []
-    monkeypatch.setattr(infer, "get_model", lambda *a, **k: calls.append(a) or get_model(*a, **k))
+    monkeypatch.setattr(infer, "get_engine", lambda *a, **k: calls.append(a) or get_engine(*a, **k))
     source = da.from_array(volume, chunks=(5, -1, -1))
     loads = []
     source = source.map_blocks(lambda b: loads.append(1) or b, dtype=source.dtype,

@@ -70,7 +70,7 @@ def test_one_module_per_file_format(library, allowed):
 
 def test_keras_is_imported_lazily_and_only_by_the_model():
     found = [(str(rel), line, top) for rel, tree in _modules() for name, line, top in _imports(tree)
-             if name.split(".")[0] in {"keras", "tensorflow", "torch", "jax"}]
+             if name.split(".")[0] in {"keras", "tensorflow", "torch", "jax", "openvino", "onnxruntime"}]
     assert found and all(rel.startswith("model/") and not top for rel, _, top in found), found
 
 

@@ -10,8 +10,8 @@ have a prediction).
 
 The windows are cut with ``map_overlap`` along z (a halo of 4 slices below
 and 3 above), so a patient can be split into z-chunks over several workers;
-the model is built and its weights loaded once per worker process
-(:func:`lungzarr.model.d8.get_model`).
+the model (or the engine's compiled graph, :mod:`lungzarr.model.engines`) is
+built once per worker process (:func:`lungzarr.model.engines.get_engine`).
 
 GPU workers
 -----------
@@ -36,7 +36,8 @@ import dask.array as da
 import numpy as np
 
 from lungzarr.errors import PatientError
-from lungzarr.model.d8 import _check_precision, get_model, model_lock, verify_weights
+from lungzarr.model.d8 import _check_precision, verify_weights
+from lungzarr.model.engines import ENGINES, get_engine
 from lungzarr.model.geometry import HALO, MIN_SLICES_2MM, WINDOW, WINDOW_CENTRE, detection_crop, predicted_slices
 from lungzarr.volume import normalize_hu
 
@@ -101,7 +102,7 @@ def _z_chunks_at_least(chunks: tuple[int, ...], minimum: int) -> tuple[int, ...]
     return tuple(merged)
 
 
-def _predict_block(block, *, offsets, nz, weights, precision, batch_size, block_info=None):
+def _predict_block(block, *, offsets, nz, weights, precision, batch_size, engine="keras", block_info=None):
     """Probability maps of the slices of one z-chunk (called by map_overlap)."""
     k = block_info[0]["chunk-location"][0]
     start, stop = offsets[k], offsets[k + 1]
@@ -120,11 +121,10 @@ def _predict_block(block, *, offsets, nz, weights, precision, batch_size, block_
     # that window starts at s - 4 - (start - below).
     origins = [s - WINDOW_CENTRE - (start - below) for s in range(first, last)]
     windows = np.stack([block[o:o + WINDOW] for o in origins])[..., np.newaxis]
-    model = get_model(weights, precision)
-    with model_lock(model):
-        t0 = time.perf_counter()
-        prob = model.predict(windows, batch_size=batch_size, verbose=0)
-        _PREDICT_STATS["seconds"] += time.perf_counter() - t0
+    runner = get_engine(engine, weights, precision)
+    t0 = time.perf_counter()
+    prob = runner.predict(windows, batch_size=batch_size)
+    _PREDICT_STATS["seconds"] += time.perf_counter() - t0
     _PREDICT_STATS["calls"] += 1
     _PREDICT_STATS["windows"] += len(windows)
     prob = np.asarray(prob, dtype=np.float32)[:, 0, :, :, 0]
@@ -134,7 +134,8 @@ def _predict_block(block, *, offsets, nz, weights, precision, batch_size, block_
 
 
 def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
-                        precision: str = "fp32", patient: str | None = None) -> da.Array:
+                        precision: str = "fp32", patient: str | None = None,
+                        engine: str = "keras") -> da.Array:
     """Lazy nodule probability map of a 2 mm volume (the "detect" stage).
 
     Parameters
@@ -150,6 +151,12 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         Compute precision (16-bit: GPU only).
     patient : str, optional
         Patient id for error messages.
+    engine : {"keras", "openvino", "onnxruntime", "auto"}, optional
+        What runs the network (:mod:`lungzarr.model.engines`): Keras'
+        ``model.predict`` (the default here: it runs wherever the tasks go,
+        GPU workers included), or a graph exported from the same Keras model.
+        ``auto`` is OpenVINO when installed; the pipeline resolves it per run
+        (Keras on GPU workers).
 
     Returns
     -------
@@ -167,6 +174,8 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     _check_precision(precision)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)!r}, got {engine!r}")
     hu = da.asarray(hu_2mm)
     _check_volume(hu, patient)
     weights = str(verify_weights(weights))
@@ -184,7 +193,7 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         _predict_block, depth={0: HALO, 1: 0, 2: 0}, boundary="none", trim=False,
         chunks=normalised.chunks, dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32),
         offsets=offsets, nz=nz, weights=weights, precision=precision,
-        batch_size=int(batch_size), token="predict-nodule-prob")
+        batch_size=int(batch_size), engine=engine, token="predict-nodule-prob")
     prob = da.pad(prob, ((0, 0), (dy, 0), (dx, 0)), mode="constant", constant_values=0)
     return prob.rechunk((z_chunks, -1, -1))
 

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from lungzarr.errors import LungzarrError, RunConfigError
 
-__all__ = ["check_store", "check_weights", "check_precision", "check_scheduler", "check_run_config"]
+__all__ = ["check_store", "check_weights", "check_precision", "check_scheduler", "check_engine", "check_run_config"]
 
 _verified: dict = {}
 
@@ -140,8 +140,22 @@ def check_scheduler(scheduler) -> str:
                          f"tcp://127.0.0.1:8786")
 
 
+def check_engine(engine: str = "auto", *, gpu: bool = False) -> str:
+    """The concrete engine ``engine`` resolves to, if it is installed and imports; else RunConfigError.
+
+    The cheap part of :func:`lungzarr.model.engines.prepare_engine` (which also
+    exports the graph): the CLI calls it before a cluster starts.
+    """
+    from lungzarr.model.engines import require_engine
+
+    try:
+        return require_engine(getattr(engine, "value", engine), gpu=gpu)
+    except (ValueError, LungzarrError) as exc:
+        raise RunConfigError(str(exc)) from None
+
+
 def check_run_config(*, store, stages: Iterable[str], weights=None, precision: str = "fp32",
-                     scheduler=None, create: bool = True) -> dict:
+                     scheduler=None, create: bool = True, engine: str | None = None) -> dict:
     """Every run-level check of a run over ``stages``, before any patient.
 
     Parameters
@@ -166,13 +180,17 @@ def check_run_config(*, store, stages: Iterable[str], weights=None, precision: s
     ------
     RunConfigError
     """
-    out = {"store": check_store(store, create=create)}
-    if scheduler is not None:
-        out["scheduler"] = check_scheduler(scheduler)
     from lungzarr.pipeline.stages import ordered_stages
 
+    out = {}
+    if scheduler is not None:
+        out["scheduler"] = check_scheduler(scheduler)
+    # The command's own options first (an engine, precision or weights mistake whatever the store), then the store.
     if any(stage.uses_model for stage in ordered_stages(stages)):
         out["precision"] = check_precision(precision)
+        if engine is not None:
+            out["engine"] = check_engine(engine)
         out["weights"] = check_weights(weights)
+    out["store"] = check_store(store, create=create)
     return out
 

@@ -20,7 +20,7 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         chunk_slices: int = 16, batch_size: int = 4, precision: str = "fp32",
         patients: Iterable[str] | None = None, overwrite: bool = False, client=None, gpu: bool = False,
         infer_batch: int = 8, progress: Progress | None = None, strict: bool = False,
-        verify: bool = False) -> list[StageSummary]:
+        verify: bool = False, engine: str = "auto") -> list[StageSummary]:
     """Run pipeline stages for every patient of a cohort; by default all of them, INPUT to tables.
 
     Patients stream through the stages (:func:`~lungzarr.pipeline.runner.stream_stages`):
@@ -67,6 +67,11 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         (:func:`~lungzarr.pipeline.verify.verify_store`) and redo each damaged
         stage with every later one (damage in ingest's arrays: the patient
         again from its INPUT entry).
+    engine : {"auto", "keras", "openvino", "onnxruntime"}
+        What runs the UNet (:mod:`lungzarr.model.engines`): ``auto`` is
+        OpenVINO when installed and ``gpu`` is False, else Keras. When the
+        ``detect`` stage runs, the engine is checked (and its graph exported
+        to the cache) before any patient.
 
     Returns
     -------
@@ -88,8 +93,13 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
     scan = scan_input(input_dir, patients=patients) if creates else None
     check_run_config(store=store_path, stages=[s.name for s in chosen], weights=weights, precision=precision,
                      create=bool(creates))
+    if any(s.uses_model for s in chosen):
+        from lungzarr.model.engines import prepare_engine
+
+        # A missing or broken engine stops the run here, once, instead of failing every patient.
+        engine = prepare_engine(engine, weights=weights, precision=precision, gpu=gpu)
     options = StageOptions(chunk_slices=chunk_slices, weights=weights, precision=precision,
-                           infer_batch=infer_batch, gpu=gpu, strict=strict,
+                           infer_batch=infer_batch, gpu=gpu, strict=strict, engine=engine,
                            labels=read_legacy_labels(labels) if labels is not None else None)
     store = CohortStore(store_path)
     with store.lock():

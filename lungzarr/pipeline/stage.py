@@ -37,6 +37,11 @@ class StageOptions:
         ``{patient: cancer}`` from ``--labels``.
     strict : bool
         Every broken DICOM file is an error (no edge slice is dropped).
+    engine : str
+        What runs the UNet (:data:`lungzarr.model.engines.ENGINES`): ``auto``
+        (OpenVINO on CPU workers when installed, Keras on GPU workers),
+        ``keras``, ``openvino`` or ``onnxruntime``. :func:`lungzarr.pipeline.run`
+        resolves ``auto`` and checks the engine before any patient.
     """
 
     chunk_slices: int = 16
@@ -46,6 +51,7 @@ class StageOptions:
     gpu: bool = False
     labels: dict | None = None
     strict: bool = False
+    engine: str = "auto"
 
 
 @dataclass(frozen=True)

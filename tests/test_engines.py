@@ -1,0 +1,204 @@
+"""The d8 UNet on other inference engines: the same decisions as Keras-TF, cached exports, clear errors.
+
+OpenVINO and ONNX Runtime run graphs Keras exports from the one d8 model
+(lungzarr/model/engines.py). On the real windows of the DSB2017 patient and
+of the LIDC-IDRI-0001 slab every engine must mark the same p >= 0.5 voxels
+as Keras on TensorFlow, with probabilities within a few 1e-5.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lungzarr.errors import LungzarrError
+from lungzarr.model import engines, infer
+from lungzarr.model.d8 import WEIGHTS_SHA256
+from lungzarr.volume import normalize_hu
+
+from conftest import DSB_PATIENT
+
+OTHER_ENGINES = ("openvino", "onnxruntime")
+#: Largest |p_engine - p_keras| allowed; measured 1.6e-5 on the benchmark's batches (f32 everywhere).
+MAX_DP = 1e-4
+#: DSB2017 windows (first slice) through the candidates the flipped network marks (p >= 0.5 in Keras).
+DSB_WINDOWS = (113, 139, 140, 141)
+
+
+def needs(engine):
+    if not engines.engine_available(engine):
+        pytest.skip(f"engine {engine!r} is not installed here ({engines._INSTALL[engine]})")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh graph cache for this module: the exports are made (and timed) here."""
+    mp = pytest.MonkeyPatch()
+    folder = tmp_path_factory.mktemp("lungzarr-cache")
+    mp.setenv(engines.CACHE_ENV, str(folder))
+    engines._ENGINES.clear()
+    yield folder
+    engines._ENGINES.clear()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def keras_engine():
+    return engines.get_engine("keras")
+
+
+def _dsb_windows(dsb_dir):
+    hu = np.load(dsb_dir / "input" / "stage1_segmented_2x2x2" / f"{DSB_PATIENT}.npz")["arr_0"]
+    _, h, w = hu.shape
+    images = normalize_hu(hu[:, h % 4:, w % 4:])
+    return np.stack([images[i:i + 8] for i in DSB_WINDOWS])[..., np.newaxis]
+
+
+def _lidc_2mm(lidc_dir):
+    from lungzarr.algorithms.resample import resample_to_2mm_numpy
+    from lungzarr.io.dicom import load_hu
+
+    hu, grid = load_hu(lidc_dir)
+    return resample_to_2mm_numpy(hu, grid)[0]
+
+
+def _agreement(prob, reference) -> dict:
+    ours, ref = prob >= 0.5, reference >= 0.5
+    return {"max_dp": float(np.abs(prob - reference).max()), "changed": int((ours != ref).sum()),
+            "keras_p_ge_0.5": int(ref.sum())}
+
+
+@pytest.mark.requires_shared
+@pytest.mark.parametrize("engine", OTHER_ENGINES)
+def test_same_decisions_as_keras_on_dsb2017_windows(engine, cache, keras_engine, dsb_dir, capsys):
+    needs(engine)
+    windows = _dsb_windows(dsb_dir)
+    reference = keras_engine.predict(windows, batch_size=4)
+    got = engines.get_engine(engine).predict(windows, batch_size=4)
+    assert got.shape == reference.shape == (len(DSB_WINDOWS), 1) + windows.shape[2:4] + (1,)
+    assert got.dtype == np.float32
+    stats = _agreement(got, reference)
+    with capsys.disabled():
+        print(f"\n{engine} vs keras, DSB2017 windows {DSB_WINDOWS}: {stats}")
+    assert stats["keras_p_ge_0.5"] > 50  # the windows hold candidates: not a comparison of zeros
+    assert stats["changed"] == 0
+    assert stats["max_dp"] < MAX_DP
+
+
+@pytest.fixture(scope="module")
+def lidc_slab():
+    """The LIDC-IDRI-0001 slab on the 2 mm grid and its Keras-TF nodule_prob (computed once)."""
+    from conftest import LIDC_DIR, shared_path
+
+    hu = da.from_array(_lidc_2mm(shared_path(LIDC_DIR)), chunks=(10, -1, -1))
+    return hu, infer.predict_nodule_prob(hu, engine="keras").compute()
+
+
+@pytest.mark.requires_shared
+@pytest.mark.parametrize("engine", OTHER_ENGINES)
+def test_same_nodule_prob_as_keras_on_the_lidc_slab(engine, cache, lidc_slab, capsys):
+    """The whole detect computation (dask, z-chunks, crop, threshold) with each engine."""
+    needs(engine)
+    hu, reference = lidc_slab
+    got = infer.predict_nodule_prob(hu, engine=engine).compute()
+    stats = _agreement(got, reference)
+    with capsys.disabled():
+        print(f"\n{engine} vs keras, LIDC-IDRI-0001 slab {hu.shape}: {stats}")
+    assert stats["keras_p_ge_0.5"] > 500
+    assert stats["changed"] == 0
+    assert stats["max_dp"] < MAX_DP
+    assert not np.any((got > 0) & (got < 0.5))
+
+
+def test_cache_key_has_every_part():
+    key = engines.export_key("openvino", weights_sha256=WEIGHTS_SHA256)
+    assert key["weights_sha256"] == WEIGHTS_SHA256
+    assert set(key["versions"]) == {"keras", "openvino"}
+    assert len(key["definition_sha256"]) == 64
+    other_weights = engines.export_key("openvino", weights_sha256="0" * 64)
+    assert engines._key_folder(other_weights) != engines._key_folder(key)
+    onnx = engines.export_key("onnxruntime", weights_sha256=WEIGHTS_SHA256)
+    assert set(onnx["versions"]) == {"keras", "onnxruntime", "onnx", "tf2onnx"}
+    assert engines._key_folder(onnx) != engines._key_folder(key)
+    with pytest.raises(ValueError, match="'keras' has no exported graph"):
+        engines.export_key("keras", weights_sha256=WEIGHTS_SHA256)
+
+
+def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(engines.CACHE_ENV, str(tmp_path / "c"))
+    assert engines.cache_dir() == (tmp_path / "c").resolve()
+    monkeypatch.delenv(engines.CACHE_ENV)
+    assert engines.cache_dir().name == "lungzarr"
+
+
+# Two exports each; OpenVINO's (~10 s each here) only in the slow run: the cache logic is the engines' one.
+@pytest.mark.parametrize("engine", [pytest.param("openvino", marks=pytest.mark.slow), "onnxruntime"])
+def test_export_is_cached_and_rebuilt_when_the_key_changes(engine, tmp_path, monkeypatch):
+    needs(engine)
+    monkeypatch.setenv(engines.CACHE_ENV, str(tmp_path))
+    exports = []
+    real_export = engines._export
+    monkeypatch.setattr(engines, "_export", lambda *a: exports.append(a[0]) or real_export(*a))
+    graph = engines.exported_graph(engine)
+    key = json.loads((graph.parent / "key.json").read_text())
+    assert key["weights_sha256"] == WEIGHTS_SHA256 and key["export_seconds"] > 0
+    assert engines.exported_graph(engine) == graph and exports == [engine]  # the second call reads the cache
+    # A new version of a package the graph depends on: a new folder, exported again.
+    real_version = engines._version
+    monkeypatch.setattr(engines, "_version", lambda p: "99.0" if p == "keras" else real_version(p))
+    again = engines.exported_graph(engine)
+    assert again != graph and again.is_file() and exports == [engine, engine]
+    # Written under a temporary name and renamed: nothing half-written is left beside them.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([graph.parent.name, again.parent.name])
+
+
+def test_auto_is_openvino_on_cpu_and_keras_on_gpu(monkeypatch):
+    assert engines.resolve_engine("auto", gpu=True) == "keras"
+    assert engines.resolve_engine("onnxruntime", gpu=True) == "onnxruntime"
+    if engines.engine_available("openvino"):
+        assert engines.resolve_engine("auto") == "openvino"
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    assert engines.resolve_engine("auto") == "keras"
+    with pytest.raises(LungzarrError, match="engine must be one of"):
+        engines.resolve_engine("tensorrt")
+
+
+@pytest.mark.parametrize("engine, package", [("openvino", "openvino"), ("onnxruntime", "onnxruntime"),
+                                             ("onnxruntime", "tf2onnx")])
+def test_missing_engine_is_a_clear_error(engine, package, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)
+    engines._ENGINES.clear()
+    with pytest.raises(LungzarrError, match=rf"engine '{engine}' is not installed \('{package}' is not "
+                                            rf"installed\): pip install"):
+        engines.prepare_engine(engine)
+    with pytest.raises(LungzarrError, match=f"engine '{engine}' is not installed"):
+        engines.get_engine(engine)
+
+
+def test_onnxruntime_is_fp32_only():
+    needs("onnxruntime")
+    with pytest.raises(LungzarrError, match="fp32 only"):
+        engines.prepare_engine("onnxruntime", precision="bf16")
+
+
+def test_missing_engine_stops_the_cli_before_any_patient(tmp_path, monkeypatch):
+    from lungzarr.cli import app
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    store = tmp_path / "none.zarr"
+    result = CliRunner().invoke(app, ["detect", str(store), "--engine", "onnxruntime", "--scheduler", "threads"])
+    assert result.exit_code == 2, result.output
+    assert "engine 'onnxruntime' is not installed" in result.output
+    assert "pip install 'lungzarr[onnx]'" in result.output
+    assert not store.exists()
+    result = CliRunner().invoke(app, ["run", str(tmp_path), str(store), "--engine", "tensorrt"])
+    assert result.exit_code == 2 and "tensorrt" in result.output
+
+
+def test_predict_nodule_prob_checks_the_engine_name():
+    with pytest.raises(ValueError, match="engine must be one of"):
+        infer.predict_nodule_prob(np.zeros((10, 16, 16), np.int16), engine="tflite")
