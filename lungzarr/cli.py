@@ -282,9 +282,7 @@ def _print_summary(summaries) -> int:
     up) and the wall span (its first start to its last end). Streamed stages
     overlap, so neither column adds up to the run's duration.
     """
-    table = Table(title="lungzarr", caption="work: the stage's per-patient computations added up (they run in "
-                                            "parallel); wall span: its first start to its last end (stages "
-                                            "overlap)", caption_justify="left")
+    table = Table(title="lungzarr")
     for col, justify in (("stage", "left"), ("done", "right"), ("skipped", "right"), ("failed", "right"),
                          ("work s", "right"), ("wall span s", "right")):
         table.add_column(col, justify=justify)
@@ -295,6 +293,8 @@ def _print_summary(summaries) -> int:
                       f"{s.work_seconds:.1f}", f"{s.seconds:.1f}")
         failed.extend(s.failed)
     console.print(table)
+    console.print("work: a stage's per-patient computations added up (they run in parallel); wall span: its "
+                  "first start to its last end (stages overlap)", soft_wrap=True, highlight=False)
     for s in summaries:
         for rec in s.ignored:
             console.print(f"[yellow]not used[/yellow] {escape(str(rec['file']))}: {escape(rec['reason'])}",
