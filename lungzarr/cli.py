@@ -508,15 +508,18 @@ def evaluate(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
         min_readers=min_readers, min_diameter_mm=min_diameter, n_bootstrap=n_bootstrap),
         checks=checks, errors=(LungzarrError, ValueError))
     s = result["result"].summary
+    ci = s.get("cpm_ci")
+    ci_text = f" (CI {ci[0]:.3f}–{ci[1]:.3f})" if ci and None not in ci else ""
     out.print(f"{s['n_scans']} scan(s), {s['n_targets']} target nodule(s): sensitivity "
-              f"{s['sensitivity']:.3f} at {s['fps_per_scan']:.2f} FP/scan; CPM {s['cpm']:.3f} "
-              f"(CI {s['cpm_ci']})")
+              f"{s['sensitivity']:.3f} at {s['fps_per_scan']:.2f} FP/scan; CPM {s['cpm']:.3f}{ci_text}",
+              soft_wrap=True, highlight=False)
     if s.get("n_outside_nodules"):
         console.print(f"{s['n_outside_nodules']} annotated nodule(s) lie outside the scanned slices and are not "
                       f"scored (status 'outside' in nodules.csv)", soft_wrap=True, highlight=False)
     if result["unmatched"]:
         console.print(f"no annotation for {len(result['unmatched'])} patient(s): {result['unmatched'][:5]}")
-    console.print(f"written: {', '.join(str(v) for v in result['files'].values())}")
+    console.print(f"written: {', '.join(str(v) for v in result['files'].values())}", soft_wrap=True,
+                  highlight=False)
 
 
 def _damage_line(rec) -> str:
