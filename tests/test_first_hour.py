@@ -233,3 +233,19 @@ def test_readme_sets_expectations():
     text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
     for needle in ("venv", "GB", "CPU", "lungzarr.open_cohort"):
         assert needle in text, needle
+
+
+def test_a_terminal_gets_the_bars_and_anything_else_the_lines(monkeypatch):
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    import lungzarr.cli as cli
+
+    monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), force_terminal=True))
+    display, make = cli._progress_display()
+    assert isinstance(display, Progress)
+    monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), force_terminal=False))
+    display, make = cli._progress_display()
+    assert isinstance(display, _LineProgress) and make() is display
