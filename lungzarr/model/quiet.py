@@ -34,13 +34,11 @@ __all__ = ["QUIET_ENV", "STARTUP_NOISE", "VERBOSE_ENV", "verbose", "quiet_enviro
 VERBOSE_ENV = "LUNGZARR_VERBOSE"
 
 #: Verbosity variables and their quiet values; each is set only where the user has not set it.
-#: Level 2 hides INFO and WARNING and keeps ERROR.
+#: TensorFlow's level 2 hides INFO and WARNING and keeps ERROR (honoured by the parts of TensorFlow
+#: that still log through its own logger, and by older releases); gRPC's ERROR keeps errors.
 QUIET_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
-    "ABSL_MIN_LOG_LEVEL": "2",
-    "GLOG_minloglevel": "2",
     "GRPC_VERBOSITY": "ERROR",
-    "GRPC_TRACE": "",
 }
 
 #: Start-up lines that say nothing wrong (regular expressions, searched in each line).
