@@ -9,7 +9,10 @@ verdict, evaluation figures) to stdout.
 from __future__ import annotations
 
 import enum
+import os
 import sys
+import threading
+import time
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +26,9 @@ from rich.table import Table
 
 from lungzarr.errors import LungzarrError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# rich_markup_mode=None: Typer's rich help shows every flag as "--overwrite <bool>"; Click's plain help
+# shows flags as flags (and fits an 80-column terminal as well).
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Chest-CT DICOM cohorts to a Zarr store, with lung nodule detection.")
 #: Progress and messages.
 console = Console(stderr=True)
@@ -33,11 +38,29 @@ out = Console()
 _debug = {"on": False}
 
 
+def _show_version(value: bool):
+    if value:
+        from lungzarr._version import __version__
+
+        typer.echo(f"lungzarr {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", envvar="LUNGZARR_DEBUG",
-                                     help="Show the traceback of an error (also LUNGZARR_DEBUG=1).")):
+                                     help="Show the traceback of an error (also LUNGZARR_DEBUG=1)."),
+          verbose: bool = typer.Option(False, "-v", "--verbose",
+                                       help="Show every start-up and shutdown message of TensorFlow, absl, XLA, "
+                                            "gRPC and dask (hidden by default; also LUNGZARR_VERBOSE=1)."),
+          version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Print lungzarr's version and exit.")):
     """Chest-CT DICOM cohorts to a Zarr store, with lung nodule detection."""
     _debug["on"] = debug
+    if verbose:
+        from lungzarr.model.quiet import VERBOSE_ENV
+
+        # The environment, not a global: LocalCluster workers inherit it (lungzarr.model.quiet reads it).
+        os.environ[VERBOSE_ENV] = "1"
 
 
 SchedulerOpt = typer.Option("local", "--scheduler",
@@ -110,6 +133,101 @@ def _bar_progress(bar: Progress):
     return progress
 
 
+#: Seconds between the summary lines of :class:`_LineProgress`.
+SUMMARY_INTERVAL_S = 60.0
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 600 else f"{value / 60:.1f} min"
+
+
+class _LineProgress:
+    """The progress protocol as plain lines, for a stderr that is not a terminal (a log file, CI, a batch job).
+
+    One line per patient and stage as it ends (``ingest P1 done 2.3 s``,
+    ``detect P2 failed after 1.2 s: reason``), and every ``interval`` seconds
+    one line with each stage's done/failed/left counts, so a log shows that a
+    long run is alive.
+    """
+
+    def __init__(self, write: Callable[[str], None], *, interval: float = SUMMARY_INTERVAL_S):
+        self.write, self.interval = write, interval
+        self.totals, self.counts = {}, {}
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.interval and self.interval > 0:
+            self._thread = threading.Thread(target=self._tick, name="lungzarr-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        return False
+
+    def _tick(self):
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                if self.totals and self._left():
+                    self.write(self.summary_line())
+
+    def _left(self) -> int:
+        return sum(self.totals[s] - sum(self.counts[s].values()) for s in self.totals)
+
+    def summary_line(self) -> str:
+        """``after 2.0 min: ingest 3/3 done; segment 1/3 done, 1 failed, 1 left; ...``."""
+        parts = []
+        for stage, total in self.totals.items():
+            c = self.counts[stage]
+            done = c.get("done", 0) + c.get("skipped", 0)
+            left = total - sum(c.values())
+            part = f"{stage} {done}/{total} done"
+            if c.get("failed"):
+                part += f", {c['failed']} failed"
+            if c.get("blocked"):
+                part += f", {c['blocked']} blocked"
+            if left:
+                part += f", {left} left"
+            parts.append(part)
+        return f"after {_seconds(time.monotonic() - self.started)}: " + "; ".join(parts)
+
+    def __call__(self, event):
+        with self._lock:
+            if event.event == "begin":
+                self.totals[event.stage] = event.total or 0
+                self.counts[event.stage] = {}
+                return
+            counts = self.counts.setdefault(event.stage, {})
+            counts[event.event] = counts.get(event.event, 0) + 1
+            line = f"{event.stage} {event.patient} {event.event}"
+            if event.event == "done" and event.seconds is not None:
+                line += f" {_seconds(event.seconds)}"
+            elif event.event == "failed":
+                if event.seconds is not None:
+                    line += f" after {_seconds(event.seconds)}"
+                if event.reason:
+                    line += f": {event.reason}"
+            elif event.event == "skipped":
+                line += " (done already)"
+            elif event.event == "blocked":
+                line += " (a stage it needs is missing or failed)"
+            self.write(line)
+
+
+def _progress_display():
+    """Rich bars on a terminal; :class:`_LineProgress` lines elsewhere. Yields (context, progress callable)."""
+    if console.is_terminal:
+        bar = _stage_progress()
+        return bar, lambda: _bar_progress(bar)
+    lines = _LineProgress(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
+    return lines, lambda: lines
+
+
 def _fail(exc: Exception):
     """One message and exit code 2; the traceback too with ``--debug``."""
     if _debug["on"]:
@@ -132,7 +250,8 @@ def _execute(work: Callable, *, scheduler: str | None = None, dashboard_address:
     checks : callable, optional
         Run-level checks, called before the cluster starts.
     progress : bool
-        Show one progress bar per stage.
+        Show one progress bar per stage on a terminal, one line per patient
+        and stage (and a summary line a minute) elsewhere.
     errors : tuple of exception types
         What becomes one message and exit code 2.
     """
@@ -145,8 +264,9 @@ def _execute(work: Callable, *, scheduler: str | None = None, dashboard_address:
             from lungzarr.cluster import dask_client
 
             cluster = dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address)
-        with cluster as client, (_stage_progress() if progress else nullcontext(None)) as bar:
-            return work(client, _bar_progress(bar) if bar is not None else None)
+        display, callback = _progress_display() if progress else (nullcontext(None), lambda: None)
+        with cluster as client, display:
+            return work(client, callback())
     except errors as exc:
         _fail(exc)
 
@@ -170,16 +290,25 @@ def _gpu_flag(client) -> bool:
 
 
 def _print_summary(summaries) -> int:
-    """The per-stage table, the INPUT entries not used and the failures; the exit code (1 if any failed)."""
+    """The per-stage table, the INPUT entries not used and the failures; the exit code (1 if any failed).
+
+    Per stage two times, labelled: the work (its patients' computations added
+    up) and the wall span (its first start to its last end). Streamed stages
+    overlap, so neither column adds up to the run's duration.
+    """
     table = Table(title="lungzarr")
-    for col in ("stage", "done", "skipped", "failed", "seconds"):
-        table.add_column(col)
+    for col, justify in (("stage", "left"), ("done", "right"), ("skipped", "right"), ("failed", "right"),
+                         ("work s", "right"), ("wall span s", "right")):
+        table.add_column(col, justify=justify)
     failed = []
     for s in summaries:
         d = s.as_dict()
-        table.add_row(*(str(d[c]) for c in ("stage", "done", "skipped", "failed", "seconds")))
+        table.add_row(str(d["stage"]), str(d["done"]), str(d["skipped"]), str(d["failed"]),
+                      f"{s.work_seconds:.1f}", f"{s.seconds:.1f}")
         failed.extend(s.failed)
     console.print(table)
+    console.print("work: a stage's per-patient computations added up (they run in parallel); wall span: its "
+                  "first start to its last end (stages overlap)", soft_wrap=True, highlight=False)
     for s in summaries:
         for rec in s.ignored:
             console.print(f"[yellow]not used[/yellow] {escape(str(rec['file']))}: {escape(rec['reason'])}",
@@ -207,7 +336,7 @@ def _stages(store, stages, **options):
 
 # ---------------------------------------------------------------------- commands
 
-@app.command()
+@app.command(short_help='DICOM series into the store as HU volumes (native and 2 mm).')
 def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
            store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, overwrite: bool = OverwriteOpt,
@@ -225,7 +354,7 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
     raise typer.Exit(_print_summary([summary]))
 
 
-@app.command()
+@app.command(short_help='The whole pipeline, ingest to features.')
 def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
         store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
@@ -251,7 +380,7 @@ def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder o
     raise typer.Exit(_print_summary(summaries))
 
 
-@app.command()
+@app.command(short_help='Lung masks and crop boxes of the ingested patients.')
 def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
             chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
             patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
@@ -262,7 +391,7 @@ def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
         overwrite=overwrite, scheduler=scheduler, dashboard_address=dashboard_address)))
 
 
-@app.command()
+@app.command(short_help="The 3-D lung mask (right/left lungs).")
 def lungs3d(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
             chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
             patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
@@ -273,7 +402,7 @@ def lungs3d(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
         overwrite=overwrite, scheduler=scheduler, dashboard_address=dashboard_address)))
 
 
-@app.command()
+@app.command(short_help="The d8 UNet's nodule probability maps.")
 def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            weights: Optional[Path] = WeightsOpt, precision: Precision = PrecisionOpt,
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
@@ -287,7 +416,7 @@ def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
         scheduler=scheduler, dashboard_address=dashboard_address, engine=engine.value)))
 
 
-@app.command()
+@app.command(short_help='Per-nodule tables and patient measures; optional export.')
 def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
             output: Optional[Path] = typer.Option(None, "-o", "--output",
                                                   help="Also export the table: .parquet or .csv"),
@@ -305,7 +434,7 @@ def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     raise typer.Exit(_print_summary(summaries))
 
 
-@app.command()
+@app.command(short_help='The original DSB2017 per-patient feature table (CSV).')
 def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            output: Path = typer.Option(..., "-o", "--output",
                                        help="CSV to write (a folder for --format nifti)."),
@@ -341,7 +470,7 @@ def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     console.print(f"{len(table)} patient row(s) x {table.shape[1]} columns written to {output}")
 
 
-@app.command("import-legacy")
+@app.command("import-legacy", short_help="The old pipeline's npz outputs into a store.")
 def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's input/ folder (stage1_* npz)."),
                   store: Path = typer.Argument(..., help="The cohort's Zarr store."),
                   stage: str = typer.Option("stage1", "--stage", help="Folder prefix: stage1 or stage2."),
@@ -355,7 +484,7 @@ def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's 
     raise typer.Exit(_print_summary([summary]))
 
 
-@app.command()
+@app.command(short_help="One patient's QC picture (three planes, lungs, nodules).")
 def qc(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
        patient: str = typer.Argument(..., help="Patient id."),
        output: Path = typer.Option(..., "-o", "--output", help="PNG to write.")):
@@ -366,7 +495,7 @@ def qc(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     console.print(f"QC picture written to {path}")
 
 
-@app.command()
+@app.command(short_help='A cohort QC report (HTML).')
 def report(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            output: Path = typer.Option(..., "-o", "--output", help="HTML file; PNGs go to <name>_files/.")):
     """A cohort QC report: per-patient views, nodule tables, cohort distributions, failures."""
@@ -376,7 +505,7 @@ def report(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     console.print(f"report written to {path}")
 
 
-@app.command()
+@app.command(short_help='A synthetic cohort as DICOM, run through the pipeline.')
 def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where the demo DICOM files go."),
          store: Path = typer.Option(Path("demo.zarr"), "--store", help="The demo's Zarr store."),
          scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
@@ -399,11 +528,13 @@ def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where 
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(short_help='Sensitivity, FP per scan, FROC and CPM vs annotations.')
 def evaluate(store: Optional[Path] = typer.Argument(None, help="The cohort's Zarr store (or give --candidates)."),
              output: Path = typer.Option(..., "-o", "--output", help="Folder for results.json, CSVs and froc.png."),
-             lidc_xml: Optional[Path] = typer.Option(None, "--lidc-xml", help="LIDC-IDRI XML file or folder."),
-             luna_csv: Optional[Path] = typer.Option(None, "--luna-csv", help="LUNA16 annotations.csv."),
+             lidc_xml: Optional[Path] = typer.Option(None, "--lidc-xml", help="LIDC-IDRI XML file or folder. "
+                                                     "With a STORE, exactly one of --lidc-xml and --luna-csv."),
+             luna_csv: Optional[Path] = typer.Option(None, "--luna-csv", help="LUNA16 annotations.csv. "
+                                                     "With a STORE, exactly one of --lidc-xml and --luna-csv."),
              luna_excluded: Optional[Path] = typer.Option(
                  None, "--luna-excluded", help="LUNA16 annotations_excluded.csv: findings neither hit nor FP."),
              candidates: Optional[Path] = typer.Option(
@@ -419,7 +550,11 @@ def evaluate(store: Optional[Path] = typer.Argument(None, help="The cohort's Zar
              cpm: str = typer.Option("exact", "--cpm", help="Which CPM is `cpm`: exact (LUNA16 paper) or grid; "
                                                             "results.json has both."),
              n_bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap samples for the CPM interval.")):
-    """Sensitivity, false positives per scan, FROC and CPM against reader annotations."""
+    """Sensitivity, false positives per scan, FROC and CPM against reader annotations.
+
+    With a STORE the annotations come from exactly one of --lidc-xml and --luna-csv; --candidates FILE scores
+    a LUNA16 candidates CSV against --luna-csv without a store.
+    """
     from lungzarr.evaluate import CPM_CONVENTIONS
     from lungzarr.pipeline import evaluate_candidates, evaluate_store
 
@@ -439,27 +574,38 @@ def evaluate(store: Optional[Path] = typer.Argument(None, help="The cohort's Zar
             _fail(LungzarrError("give a STORE, or --candidates FILE with --luna-csv FILE"))
         if seriesuids is not None:
             _fail(LungzarrError("--seriesuids goes with --candidates; a store's scans are its patients"))
+        if (lidc_xml is None) == (luna_csv is None):
+            given = "both" if lidc_xml is not None else "neither"
+            _fail(LungzarrError(f"evaluate needs exactly one source of annotations, {given} given: pass "
+                                f"--lidc-xml DIR_OR_FILE (LIDC-IDRI reader XML) or --luna-csv FILE (LUNA16 "
+                                f"annotations.csv)"))
         result = _execute(lambda client, progress: evaluate_store(
             store, output, lidc_xml=lidc_xml, luna_csv=luna_csv, luna_excluded=luna_excluded, threshold=threshold,
             filtered=filtered, min_readers=min_readers, min_diameter_mm=min_diameter, n_bootstrap=n_bootstrap,
             max_marks_per_scan=cap, cpm_convention=cpm),
             errors=(LungzarrError, ValueError))
     s = result["result"].summary
+    ci = s.get("cpm_ci")
+    ci_text = f" (CI {ci[0]:.3f}–{ci[1]:.3f})" if ci and None not in ci else ""
     out.print(f"{s['n_scans']} scan(s), {s['n_targets']} target nodule(s): sensitivity "
               f"{s['sensitivity']:.3f} at {s['fps_per_scan']:.2f} FP/scan; CPM {s['cpm']:.4f} ({s['cpm_convention']}; "
-              f"exact {s['cpm_exact']:.4f}, grid {s['cpm_grid']:.4f}) (CI {s['cpm_ci']})")
+              f"exact {s['cpm_exact']:.4f}, grid {s['cpm_grid']:.4f}){ci_text}", soft_wrap=True, highlight=False)
+    if s.get("n_outside_nodules"):
+        console.print(f"{s['n_outside_nodules']} annotated nodule(s) lie outside the scanned slices and are not "
+                      f"scored (status 'outside' in nodules.csv)", soft_wrap=True, highlight=False)
     if result.get("unmatched"):
         console.print(f"no annotation for {len(result['unmatched'])} patient(s): {result['unmatched'][:5]}")
     if result.get("dropped_candidates"):
         console.print(f"{result['dropped_candidates']} candidate(s) of series not evaluated left out")
-    console.print(f"written: {', '.join(str(v) for v in result['files'].values())}")
+    console.print(f"written: {', '.join(str(v) for v in result['files'].values())}", soft_wrap=True,
+                  highlight=False)
 
 
 def _damage_line(rec) -> str:
     return f"damaged {rec['patient']} ({rec['stage']}) {rec['array']}: {rec['reason']} — file: {rec['file']}"
 
 
-@app.command()
+@app.command(short_help='Read every stored chunk; list damaged patients.')
 def verify(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
            dashboard_address: Optional[str] = DashboardOpt):
@@ -484,15 +630,18 @@ def verify(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
     raise typer.Exit(1 if damaged else 0)
 
 
-@app.command()
+@app.command(short_help='Per-stage counts, failures, damage, warnings, size.')
 def status(store: Path = typer.Argument(..., help="The cohort's Zarr store.")):
     """Per-stage counts, failures with their reasons, damage, warnings, and the store's size."""
     from lungzarr.pipeline import store_status
 
     info = _execute(lambda client, progress: store_status(store))
-    table = Table(title=f"{store} — {info['n_patients']} patient(s), {info['size_mb']:.1f} MB")
-    for col in ("stage", "complete", "failed", "damaged"):
-        table.add_column(col)
+    # The store's name on its own line, not a table title: a long path wraps there, not mid-phrase.
+    out.print(f"{store}: {info['n_patients']} patient(s), {info['size_mb']:.1f} MB", markup=False,
+              highlight=False, soft_wrap=True)
+    table = Table()
+    for col, justify in (("stage", "left"), ("complete", "right"), ("failed", "right"), ("damaged", "right")):
+        table.add_column(col, justify=justify)
     for stage, row in info["stages"].items():
         table.add_row(stage, str(row["complete"]), str(row["failed"]), str(row["damaged"]))
     out.print(table)

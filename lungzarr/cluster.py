@@ -21,6 +21,7 @@ from typing import Callable
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from lungzarr.errors import PatientError, RunConfigError
+from lungzarr.model.quiet import quiet_environ, verbose
 
 __all__ = ["dask_client", "gpu_worker_count", "default_worker_layout", "worker_environ",
            "QuietPatientErrors", "DEFAULT_DASHBOARD_ADDRESS", "CONNECT_TIMEOUT_S"]
@@ -119,7 +120,33 @@ def worker_environ(*, malloc_trim: bool = False) -> dict:
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
     if not malloc_trim:
         environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    # TensorFlow/absl/gRPC start-up banners off in the workers too, where the user has not set them
+    # (LUNGZARR_VERBOSE=1, `lungzarr -v`, keeps them).
+    environ.update(quiet_environ())
     return environ
+
+
+@contextmanager
+def _quiet_shutdown():
+    """Closing a cluster without distributed.nanny's "still alive after 4.0 seconds, killing" warning.
+
+    A worker that has imported TensorFlow takes a few seconds to exit (its
+    thread pools); the nanny then ends it, which is what closing asks for, and
+    nothing is lost (every patient's stage is committed before the cluster
+    closes). The warning is kept with ``lungzarr -v``; errors are kept always.
+    """
+    if verbose():
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("distributed.nanny", "distributed.process")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextmanager
@@ -209,8 +236,10 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
             try:
                 yield client
             finally:
-                client.close()
-                cluster.close()
+                # The client first (it stops asking for the workers), then the cluster, quietly.
+                with _quiet_shutdown():
+                    client.close()
+                    cluster.close()
         else:
             if dashboard_address is not None:
                 echo(f"note: --dashboard-address applies to a local cluster only; the scheduler at "

@@ -78,5 +78,9 @@ def test_evaluation_against_the_readers_xml(lidc_store, tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["n_targets"] == 1
+    # Reader marks outside the scanned slices are said, not only counted in results.json.
+    if summary["n_outside_nodules"]:
+        assert (f"{summary['n_outside_nodules']} annotated nodule(s) lie outside the scanned slices"
+                in " ".join(r.output.split()))
     assert summary["sensitivity"] == 1.0
     assert (tmp_path / "froc.png").stat().st_size > 5_000

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -491,7 +492,12 @@ def test_evaluate_lidc_patient_synthetic_detections(lidc_xml, lidc_dir, tmp_path
     paths = write_evaluation(result, tmp_path / "out", title="synthetic")
     loaded = json.loads((tmp_path / "out" / "results.json").read_text())
     assert loaded["sensitivity"] == 1.0 and loaded["n_targets"] == 1 and len(loaded["froc"]) == 3
-    assert len(pd.read_csv(paths["froc"])) == 3
+    froc_csv = pd.read_csv(paths["froc"])
+    assert len(froc_csv) == 3
+    # The first point (nothing counted) has no finite threshold: missing in both files, never "inf" in one.
+    assert np.isnan(froc_csv["threshold"].iloc[0]) and loaded["froc"][0]["threshold"] is None
+    assert "inf" not in Path(paths["froc"]).read_text().lower()
+    assert froc_csv["threshold"].tolist()[1:] == [row["threshold"] for row in loaded["froc"][1:]]
     nodules = pd.read_csv(paths["nodules"])
     target = nodules[nodules["status"] == "target"].iloc[0]
     assert bool(target["hit"]) and target["n_readers"] == 4

@@ -264,11 +264,32 @@ def test_lock_follows_the_resolved_store(lock_holder, tmp_path, monkeypatch):
     assert not (tmp_path / "link.zarr.lock").exists()
 
 
-def test_lock_file_is_emptied_after_a_clean_run(tmp_path):
+def test_lock_file_is_removed_after_a_clean_run(tmp_path):
     make_patient(tmp_path / "input" / "P1")
     store = tmp_path / "cohort.zarr"
     with CohortStore(store).lock():
         assert (tmp_path / "cohort.zarr.lock").read_text().startswith(f"pid {os.getpid()} since ")
-    assert (tmp_path / "cohort.zarr.lock").read_text() == ""
+    assert not (tmp_path / "cohort.zarr.lock").exists()
     assert ingest(tmp_path / "input", store).done == ["P1"]
-    assert (tmp_path / "cohort.zarr.lock").read_text() == ""
+    assert not (tmp_path / "cohort.zarr.lock").exists()
+
+
+def test_a_writer_that_opened_the_removed_lock_file_locks_the_new_one(tmp_path):
+    """A process that opened the lock file just before the holder removed it must not hold a lock on nothing."""
+    import fcntl
+
+    store = CohortStore(tmp_path / "cohort.zarr")
+    lock_path = store.lock_path
+    stale = open(lock_path, "a+")                    # opened, then its name goes away and comes back as a new file
+    fcntl.flock(stale.fileno(), fcntl.LOCK_EX)
+    os.unlink(lock_path)
+    try:
+        with store.lock():
+            # Ours is the file the name points to, so a third writer is refused, not let in beside us.
+            assert lock_path.read_text().startswith(f"pid {os.getpid()} ")
+            with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
+                with CohortStore(tmp_path / "cohort.zarr").lock():
+                    pass
+    finally:
+        stale.close()
+    assert not lock_path.exists()

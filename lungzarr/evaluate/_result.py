@@ -211,7 +211,9 @@ def write_evaluation(result: EvaluationResult, out_dir, *, title: str = "lungzar
     ``nodules.csv`` has one row per truth nodule: status, centre, diameter,
     readers, ``hit``, best ``prob``, ``distance_mm`` (of that hit, or of the
     nearest detection for a miss). ``detections.csv`` labels each detection
-    ``tp``/``fp``/``ignored``. The plot is the FROC curve on a log2 axis from
+    ``tp``/``fp``/``ignored``. ``froc.csv`` and ``results.json`` write the
+    first FROC point's threshold (nothing counted, ``inf`` in memory) as
+    missing: an empty cell, ``null``. The plot is the FROC curve on a log2 axis from
     1/8 to 8 FP/scan with the bootstrap band.
 
     Parameters
@@ -237,7 +239,9 @@ def write_evaluation(result: EvaluationResult, out_dir, *, title: str = "lungzar
         fh.write("\n")
     result.nodules.to_csv(paths["nodules"], index=False)
     result.detections.to_csv(paths["detections"], index=False)
-    result.froc.to_csv(paths["froc"], index=False)
+    # The first FROC point (nothing counted) has threshold inf in memory; JSON has no inf, so both
+    # files write it as missing (null in results.json, an empty cell in froc.csv).
+    result.froc.replace([np.inf, -np.inf], np.nan).to_csv(paths["froc"], index=False)
     _plot_froc(result, paths["froc_png"], title=title)
     return {k: str(v) for k, v in paths.items()}
 
@@ -282,7 +286,8 @@ def _plot_froc(result, path, *, title):
         s = result.summary
         ax.set_title(f"FROC: {s['n_hit_targets']}/{s['n_targets']} nodules hit, "
                      f"{s['n_scans']} scan(s), {s['n_false_positives']} FP")
-        ax.legend(loc="upper left", fontsize=8)
+        # The curve rises from the lower left to the upper right: the lower right stays clear.
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
         fig.tight_layout()
         fig.savefig(path)
     finally:

@@ -696,20 +696,31 @@ class CohortStore:
 
         An OS-level ``flock``: released by the kernel when the process dies,
         so a killed run never leaves a stale lock behind. The lock file names
-        the holder ("pid N since ...") while it is held and is emptied on release.
+        the holder ("pid N since ...") while it is held and is removed on
+        release, so after a run no ``NAME.lock`` is left beside the store (a
+        killed run's file stays, empty of meaning: the kernel dropped its lock).
         """
         lock_path = self.lock_path
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock_path, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
+        while True:
+            fh = open(lock_path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip()
+                fh.close()
+                holder = holder if holder.startswith("pid ") else "another process"
+                raise StoreLockedError(
+                    f"store {str(self.path)!r} is being written by {holder}; wait for that run to finish "
+                    f"(or stop it) and run again — two runs on one store would interleave") from None
+            # The previous holder removes the file on release. If it did so after we opened it,
+            # we hold a lock on a removed file while a third process could lock a new file of the
+            # same name: then we let go and lock the file that is there now.
+            if _same_file(fh, lock_path):
+                break
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
             fh.close()
-            raise StoreLockedError(
-                f"store {str(self.path)!r} is being written by {holder}; wait for that run to finish "
-                f"(or stop it) and run again — two runs on one store would interleave") from None
         try:
             fh.seek(0)
             fh.truncate()
@@ -722,16 +733,27 @@ class CohortStore:
             yield self
         finally:
             try:
-                # Emptied, not removed, while still held: a waiting writer may have the file
-                # open already, and a new file of the same name would be a second lock.
-                fh.seek(0)
-                fh.truncate()
-                fh.flush()
+                # Removed while still held: a writer that opened the file meanwhile finds, once it
+                # gets the lock, that the name no longer points to its file and tries again.
+                try:
+                    os.unlink(lock_path)
+                except FileNotFoundError:
+                    pass
             finally:
                 try:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
                 finally:
                     fh.close()
+
+
+def _same_file(fh, path: Path) -> bool:
+    """Whether the open file ``fh`` is the file ``path`` names now."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
 
 
 class PendingStage:

@@ -26,6 +26,7 @@ import numpy as np
 
 from lungzarr.errors import LungzarrError
 from lungzarr.model.geometry import WINDOW
+from lungzarr.model.quiet import apply_quiet_environ, quiet_backend_startup
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -294,9 +295,12 @@ def build_d8(*, weights=None, precision: str = "fp32", _flip_kernels: bool = Tru
     # _flip_kernels=False reproduces the tjvananne refactor's lost flip; it exists
     # only for the tests that check the loader against that refactor's maps.
     path = verify_weights(weights)
-    if precision == "fp32":
-        _strict_fp32()
-    model = _d8_network(precision)
+    # The backend's start-up banners are not the user's problem (lungzarr.model.quiet); `lungzarr -v` shows them.
+    apply_quiet_environ()
+    with quiet_backend_startup():
+        if precision == "fp32":
+            _strict_fp32()
+        model = _d8_network(precision)
     file_layers = read_theano_weights(path)
     model_layers = _conv_layers(model)
     if len(file_layers) != len(model_layers):

@@ -58,7 +58,8 @@ class ProgressEvent:
 
     ``event`` is ``"begin"`` once per stage (``total`` patients, no patient),
     then one of :data:`EVENTS` per patient (``seconds``: that patient's
-    computation of the stage, for ``"done"`` and ``"failed"``).
+    computation of the stage, for ``"done"`` and ``"failed"``; ``reason``:
+    why, for ``"failed"``).
     """
 
     stage: str
@@ -66,6 +67,7 @@ class ProgressEvent:
     patient: str | None = None
     total: int | None = None
     seconds: float | None = None
+    reason: str | None = None
 
 
 class Progress(Protocol):
@@ -123,8 +125,8 @@ class _Stream:
             self.progress(ProgressEvent(stage, "begin", total=len(items)))
 
     # ---------------------------------------------------------------- events
-    def notify(self, i, event, patient, seconds=None):
-        self.progress(ProgressEvent(self.stages[i], event, patient=patient, seconds=seconds))
+    def notify(self, i, event, patient, seconds=None, reason=None):
+        self.progress(ProgressEvent(self.stages[i], event, patient=patient, seconds=seconds, reason=reason))
 
     def forward(self, i, patient):
         # Every patient goes on: a later stage's decide() blocks it when a stage it needs is missing.
@@ -136,7 +138,7 @@ class _Stream:
         err = as_patient_error(exc, patient, self.stages[i])
         self.store.record_failure(err, stage=self.stages[i])
         self.summaries[i].failed.append(err.as_record())
-        self.notify(i, "failed", patient, seconds)
+        self.notify(i, "failed", patient, seconds, reason=err.reason)
         self.forward(i, patient)
 
     # ---------------------------------------------------------------- submitting

@@ -88,6 +88,10 @@ def qc_patient(store_path, patient: str, output, *, truth=None) -> Path:
     from lungzarr.reports.qc import qc_figure
 
     store = CohortStore(store_path, mode="r")
+    known = store.patients()
+    if patient not in known:
+        shown = ", ".join(known[:10]) + (f", … ({len(known)} in all)" if len(known) > 10 else "")
+        raise LungzarrError(f"no patient {patient!r} in {str(store_path)!r}; patients: {shown or 'none yet'}")
     if not store.is_complete(patient, "segment"):
         raise LungzarrError(f"patient {patient!r} has no lung mask yet; run `lungzarr segment {store_path}` first")
     ds = store.open_patient(patient)
