@@ -38,6 +38,7 @@ from lungzarr.errors import PatientError
 from lungzarr.volume import Grid, z_chunks
 
 __all__ = ["VolumeSeries", "VOLUME_SUFFIXES", "METAIMAGE_DATA_SUFFIXES", "volume_stem", "is_volume_file",
+           "metaimage_data_files",
            "read_volume", "missing_reader", "write_volume", "OBLIQUE_TOLERANCE_VOXELS"]
 
 STAGE = "ingest"
@@ -229,6 +230,21 @@ def _error(reason, patient, path):
 # --------------------------------------------------------------------------
 # headers
 # --------------------------------------------------------------------------
+
+def metaimage_data_files(path) -> list[Path]:
+    """The data files a ``.mhd`` header names that exist (none for other files or a broken header).
+
+    For INPUT scanning: a ``.raw`` named by a ``.mhd`` belongs to that patient,
+    not to the loose files. Errors are left to :func:`read_volume`.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(".mhd") or not path.is_file():
+        return []
+    try:
+        return _metaimage_data_files(path, None)
+    except PatientError:
+        return []
+
 
 def _metaimage_data_files(path: Path, patient) -> list[Path]:
     """The data file(s) a ``.mhd`` header names, to fingerprint and to name when missing.
