@@ -52,7 +52,8 @@ OBLIQUE_TOLERANCE_VOXELS = 0.5
 #: HU must fit the store's int16.
 _INT16 = (-32768, 32767)
 _FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".mhd": "metaimage", ".mha": "metaimage"}
-_PACKAGES = {"metaimage": ("SimpleITK", "SimpleITK"), "nifti": ("nibabel", "nibabel")}
+_PACKAGES = {"metaimage": ("SimpleITK", "`pip install SimpleITK` (or `pip install 'lungzarr[volumes]'`)"),
+             "nifti": ("nibabel", "`pip install nibabel`")}
 
 
 def volume_stem(name: str) -> str | None:
@@ -79,10 +80,8 @@ def missing_reader(path) -> str | None:
     """What to install to read the volume file ``path``, or None when its library is importable."""
     import importlib.util
 
-    module, package = _PACKAGES[_format(Path(path))]
-    if importlib.util.find_spec(module) is None:
-        return f"`pip install {package}` (or `pip install 'lungzarr[volumes]'`)"
-    return None
+    module, install = _PACKAGES[_format(Path(path))]
+    return install if importlib.util.find_spec(module) is None else None
 
 
 @dataclass
