@@ -7,8 +7,9 @@ with :func:`lungzarr.io.volumes.write_volume` as ``.mhd`` + ``.raw``, ``.nii``
 and ``.nii.gz`` (LPS layout; ``--ras`` adds the RAS-layout files). Each
 variant is then ingested alone (``lungzarr.pipeline.ingest``, dask threads
 scheduler, ``chunk_slices`` 16) in a fresh subprocess, which reports its wall
-time and peak resident set (``ru_maxrss``); a subprocess that only imports the
-same modules gives the baseline RSS. The stored ``hu`` and grid of every variant
+time, CPU and peak resident set during the ingest (``VmHWM`` after resetting it
+with ``/proc/self/clear_refs`` once the imports are done; ``peak_above_before_mb``
+is that peak minus the RSS before the ingest). The stored ``hu`` and grid of every variant
 are compared with the DICOM's. Results: ``benchmarks/results/volume_inputs.json``.
 
 Usage::
@@ -36,19 +37,29 @@ RESULTS = HERE / "results" / "volume_inputs.json"
 sys.path.insert(0, str(REPO))
 
 _CHILD = r"""
-import json, resource, sys, time
+import gc, json, resource, sys, time
 mode, src, store = sys.argv[1:4]
 import dask, numpy, xarray, zarr, pydicom, SimpleITK, nibabel
 from lungzarr.pipeline import ingest
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+gc.collect()
+before = status("VmRSS")
+# Reset the kernel's peak-RSS mark (VmHWM) so the peak is the ingest's, not the imports'.
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+t = time.perf_counter()
 if mode == "run":
-    t = time.perf_counter()
     with dask.config.set(scheduler="threads"):
         s = ingest(src, store)
-    wall = time.perf_counter() - t
     assert not s.failed, s.failed
-else:
-    wall = 0.0
-print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+wall = time.perf_counter() - t
+cpu = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"wall_s": wall, "cpu_s": cpu.ru_utime + cpu.ru_stime, "rss_before_mb": before,
+                  "peak_rss_mb": status("VmHWM"), "peak_above_before_mb": status("VmHWM") - before}))
 """
 
 
@@ -114,7 +125,10 @@ def main(argv=None) -> int:
                 entry["variants"][label] = {
                     "input_mb": round(file_mb, 2),
                     "ingest_wall_s": [round(x["wall_s"], 3) for x in runs],
+                    "process_cpu_s": [round(x["cpu_s"], 2) for x in runs],
+                    "rss_before_mb": [round(x["rss_before_mb"], 1) for x in runs],
                     "peak_rss_mb": [round(x["peak_rss_mb"], 1) for x in runs],
+                    "peak_above_before_mb": [round(x["peak_above_before_mb"], 1) for x in runs],
                     "hu_equal_to_dicom": bool(np.array_equal(ds.hu.values, hu)),
                     "grid_shape_equal": list(g["shape"]) == list(hu.shape),
                     "grid_origin_max_abs_diff_mm": float(np.max(np.abs(np.subtract(g["origin_mm"], grid.origin)))),

@@ -309,3 +309,26 @@ def test_write_volume_rejects_what_it_cannot_write_honestly(tmp_path):
         volumes.write_volume(hu, tmp_path / "x.nrrd", grid=grid)
     with pytest.raises(ValueError, match="steps must be positive"):
         volumes.write_volume(hu, tmp_path / "x.mhd", grid=Grid(grid.shape, grid.origin, (-2.5, 0.7, 0.7)))
+
+
+def test_nifti_rescale_in_the_header_gives_hu_and_permuted_axes_are_applied(tmp_path):
+    """dcm2niix-style stored values with scl_slope/scl_inter are HU; a file whose first axis is z reads the same."""
+    hu, grid = _phantom()
+    ras = np.diag([-grid.step[2], -grid.step[1], grid.step[0], 1.0])
+    ras[:3, 3] = [-grid.origin[2], -grid.origin[1], grid.origin[0]]
+    stored = (hu.astype(np.int32) + 1024).astype(np.uint16)
+    img = nib.Nifti1Image(stored.transpose(2, 1, 0), ras)
+    img.header.set_slope_inter(1.0, -1024.0)
+    nib.save(img, str(tmp_path / "SCL.nii.gz"))
+    series = volumes.read_volume(tmp_path / "SCL.nii.gz")
+    np.testing.assert_array_equal(series.to_hu(chunk_slices=5).compute(), hu)
+    assert series.provenance()["nifti_scl_inter"] == -1024.0
+    # file axes (i, j, k) = (z, y, x): the affine's columns say so
+    perm = np.zeros((4, 4))
+    perm[2, 0], perm[1, 1], perm[0, 2], perm[3, 3] = grid.step[0], -grid.step[1], -grid.step[2], 1.0
+    perm[:3, 3] = ras[:3, 3]
+    nib.save(nib.Nifti1Image(hu, perm), str(tmp_path / "PERM.nii"))
+    series = volumes.read_volume(tmp_path / "PERM.nii")
+    assert series.provenance()["axes_applied"] == {"z": "file axis i", "y": "file axis j", "x": "file axis k"}
+    np.testing.assert_allclose(series.grid.origin, grid.origin, atol=MM_ATOL)
+    np.testing.assert_array_equal(series.to_hu(chunk_slices=5).compute(), hu)

@@ -22,8 +22,11 @@ applied). Files whose sampled slices are all >= 0 (stored values without the
 rescale; CT air is about -1000 HU) are refused.
 
 Reading. Uncompressed data (MetaImage ``.raw``, ``.mha``, ``.nii``) is read a
-block of slices at a time (ITK's streaming region reads; a numpy memory map of
-the ``.nii``), so a task holds only its own slices. A ``.nii.gz`` cannot be
+block of slices at a time (ITK's streaming region reads; nibabel's
+``fileslice``, which seeks to the block's bytes of the ``.nii``), so a task
+holds only its own slices. NIfTI ``scl_slope``/``scl_inter`` other than 1/0
+(dcm2niix writes stored values with the rescale there) make nibabel return a
+block in float64 (8 bytes a voxel) before it is rounded to int16. A ``.nii.gz`` cannot be
 seeked: each block decompresses the stream from the start up to its slices
 (memory: one block; time: about ``n_blocks / 2`` decompressions of the file).
 """
@@ -331,7 +334,8 @@ def _nifti_header(path: Path, patient):
     if np.any(spacing <= 0) or not np.all(np.isfinite(lps)):
         raise _error(f"the NIfTI affine {ras[:3].tolist()!r} is degenerate; fix the header", patient, path)
     direction = columns / spacing
-    slope, inter = hdr.get_slope_inter()
+    # nibabel moves scl_slope/scl_inter from the loaded header onto the array proxy, which applies them.
+    slope, inter = getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None)
     header = {"file_affine_ras": ras[:3].ravel().tolist(), "file_direction_lps": direction.ravel().tolist(),
               "file_spacing_mm": spacing.tolist(), "file_origin_lps_mm": lps[:3, 3].tolist(),
               "file_shape": list(shape), "file_pixel_type": str(img.get_data_dtype()),
@@ -459,7 +463,8 @@ def _file_region(path, fmt, start, size):
         return sitk.GetArrayFromImage(reader.Execute()).transpose(2, 1, 0)
     import nibabel as nib
 
-    # mmap=True: a .nii is memory-mapped; a .nii.gz is decompressed up to the region only.
+    # Slicing the proxy reads only the region's bytes: seek + read in a .nii; a .nii.gz is decompressed
+    # from its start up to the region (gzip cannot seek), never as a whole.
     proxy = nib.load(str(path), mmap=True).dataobj
     index = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size))
     if len(proxy.shape) == 4:
