@@ -192,8 +192,11 @@ def _stages(store, stages, **options):
 
 # ---------------------------------------------------------------------- commands
 
+_INPUT_HELP = "Folder with one entry per patient: a DICOM sub-folder, or a .mhd/.mha/.nii/.nii.gz file."
+
+
 @app.command()
-def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
+def ingest(input_dir: Path = typer.Argument(..., help=_INPUT_HELP),
            store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, overwrite: bool = OverwriteOpt,
            patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
@@ -211,7 +214,7 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
 
 
 @app.command()
-def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
+def run(input_dir: Path = typer.Argument(..., help=_INPUT_HELP),
         store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: Precision = PrecisionOpt,
