@@ -7,7 +7,7 @@ with :func:`lungzarr.io.volumes.write_volume` as ``.mhd`` + ``.raw``, ``.nii``
 and ``.nii.gz`` (LPS layout; ``--ras`` adds the RAS-layout files). Each
 variant is then ingested alone (``lungzarr.pipeline.ingest``, dask threads
 scheduler, ``chunk_slices`` 16) in a fresh subprocess, which reports its wall
-time, CPU and peak resident set during the ingest (``VmHWM`` after resetting it
+time, CPU (of the ingest, all threads) and peak resident set during the ingest (``VmHWM`` after resetting it
 with ``/proc/self/clear_refs`` once the imports are done; ``peak_above_before_mb``
 is that peak minus the RSS before the ingest). The stored ``hu`` and grid of every variant
 are compared with the DICOM's. Results: ``benchmarks/results/volume_inputs.json``.
@@ -37,7 +37,7 @@ RESULTS = HERE / "results" / "volume_inputs.json"
 sys.path.insert(0, str(REPO))
 
 _CHILD = r"""
-import gc, json, resource, sys, time
+import gc, json, sys, time
 mode, src, store = sys.argv[1:4]
 import dask, numpy, xarray, zarr, pydicom, SimpleITK, nibabel
 from lungzarr.pipeline import ingest
@@ -51,14 +51,13 @@ before = status("VmRSS")
 # Reset the kernel's peak-RSS mark (VmHWM) so the peak is the ingest's, not the imports'.
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 if mode == "run":
     with dask.config.set(scheduler="threads"):
         s = ingest(src, store)
     assert not s.failed, s.failed
-wall = time.perf_counter() - t
-cpu = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"wall_s": wall, "cpu_s": cpu.ru_utime + cpu.ru_stime, "rss_before_mb": before,
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "rss_before_mb": before,
                   "peak_rss_mb": status("VmHWM"), "peak_above_before_mb": status("VmHWM") - before}))
 """
 
