@@ -434,9 +434,17 @@ def read_volume(path, *, patient: str | None = None) -> VolumeSeries:
 
 
 def _check_hu(series: VolumeSeries) -> None:
-    """Refuse values that are not HU, judged on the first, middle and last slice."""
+    """Refuse values that are not HU, judged on the first, middle and last slice.
+
+    A ``.nii.gz`` is judged on its first slice in the file only: reaching the
+    middle and last ones would decompress the whole file once more (every axial
+    CT slice holds air or the padding outside the reconstruction circle, < 0 HU).
+    """
     nz = series.shape[0]
     picks = sorted({0, nz // 2, nz - 1})
+    if series.path.lower().endswith(".gz"):
+        (_, z_flipped) = series.axes[0]
+        picks = [nz - 1 if z_flipped else 0]
     lows = [int(_read_slices(series.path, series.format, series.axes, series.file_shape, k, k + 1,
                              series.patient).min()) for k in picks]
     if min(lows) >= 0:
