@@ -269,6 +269,7 @@ def test_scan_input_lists_volume_files_as_patients_and_the_rest_as_not_used(tmp_
     assert sorted(ignored) == ["P1.nii.gz", "P2.zip", "P3.nii.gz", "stray.raw"]
     assert "second scan of patient 'P1'" in ignored["P1.nii.gz"] and "'P3.mha' is used" in ignored["P3.nii.gz"]
     assert "no .mhd header in INPUT names" in ignored["stray.raw"]
+    assert "archive beside the volume file of the patient" in ignored["P2.zip"]
     assert scan.archives == []
     assert [pid for pid, _ in scan_input(root, patients=["P2"]).patients] == ["P2"]
 

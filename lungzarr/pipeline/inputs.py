@@ -191,11 +191,12 @@ def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan
             else:
                 scan.patients.append((stem, p))
         scan.patients.sort(key=lambda item: item[0])
-        folders |= {pid for pid, _ in scan.patients}
+        used_for = dict(scan.patients)
         for p, stem in archives:
-            if stem in folders:
-                scan.ignored.append(InputEntry(p.name, p, f"archive beside the patient folder "
-                                                          f"{str(input_dir / stem)!r}, which is used: not read"))
+            if stem in used_for:
+                what = "patient folder" if stem in folders else "volume file of the patient"
+                scan.ignored.append(InputEntry(p.name, p, f"archive beside the {what} "
+                                                          f"{str(used_for[stem])!r}, which is used: not read"))
             elif any(err.patient == stem for err in scan.archives):
                 scan.ignored.append(InputEntry(p.name, p, f"a second archive of patient {stem!r}: not read"))
             else:
