@@ -336,8 +336,11 @@ def _stages(store, stages, **options):
 
 # ---------------------------------------------------------------------- commands
 
-@app.command(short_help='DICOM series into the store as HU volumes (native and 2 mm).')
-def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
+_INPUT_HELP = "Folder with one entry per patient: a DICOM sub-folder, or a .mhd/.mha/.nii/.nii.gz file."
+
+
+@app.command(short_help='Scans (DICOM, MetaImage, NIfTI) into the store as HU volumes (native and 2 mm).')
+def ingest(input_dir: Path = typer.Argument(..., help=_INPUT_HELP),
            store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, overwrite: bool = OverwriteOpt,
            patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
@@ -355,7 +358,7 @@ def ingest(input_dir: Path = typer.Argument(..., help="Folder with one sub-folde
 
 
 @app.command(short_help='The whole pipeline, ingest to features.')
-def run(input_dir: Path = typer.Argument(..., help="Folder with one sub-folder of DICOM files per patient."),
+def run(input_dir: Path = typer.Argument(..., help=_INPUT_HELP),
         store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: Precision = PrecisionOpt,

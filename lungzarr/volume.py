@@ -6,11 +6,13 @@ arithmetic on arrays and grids, so any module may import it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 __all__ = [
     "Grid",
+    "ScanSeries",
     "resampled_shape",
     "resample_grid",
     "rescale_n",
@@ -119,3 +121,37 @@ def z_chunks(n: int, size: int) -> tuple[int, ...]:
         return (0,)
     full, rest = divmod(n, size)
     return (size,) * full + ((rest,) if rest else ())
+
+
+@runtime_checkable
+class ScanSeries(Protocol):
+    """What the ingest stage reads from one patient's scan, whatever its format.
+
+    :class:`lungzarr.io.dicom.Series` (a DICOM folder) and
+    :class:`lungzarr.io.volumes.VolumeSeries` (a MetaImage or NIfTI file)
+    satisfy it. ``grid`` is in patient LPS mm, (z, y, x), z ascending;
+    ``to_hu`` is a lazy int16 dask array whose task names derive from the
+    patient, the resolved files (path, size, mtime) and ``store``;
+    ``sop_instance_uids`` is None where the format keeps none.
+    """
+
+    patient: str
+    grid: Grid
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def z_positions(self) -> np.ndarray: ...
+
+    @property
+    def sop_instance_uids(self) -> list[str] | None: ...
+
+    def provenance(self) -> dict: ...
+
+    def warning_records(self) -> list[dict]: ...
+
+    def to_hu(self, *, chunk_slices: int = 16, store=None): ...

@@ -118,7 +118,7 @@ def _damage_and_repair(input_dir, clean, store, damaged_array, expect_kind, redo
         done = [s.stage for s in summaries if s.done == [PATIENT]]
         assert done == list(redone), [s.as_dict() for s in summaries]
     after = CohortStore(store, mode="r").stages(PATIENT)
-    for stage in ("ingest", "segment", "detect", "nodules", "features"):
+    for stage in ("ingest", "segment", "lungs3d", "detect", "nodules", "features"):
         assert (after[stage]["id"] != before[stage]["id"]) == (stage in redone), stage
     _assert_same_store(clean, store)
     _assert_same_tables(clean, store)
@@ -132,7 +132,7 @@ def test_missing_chunk_of_hu_2mm_is_found_and_reingested(one_small, tmp_path):
     store = shutil.copytree(clean, tmp_path / "s.zarr")
     (store / "patients" / PATIENT / "hu_2mm" / "c" / "1" / "0" / "0").unlink()
     _damage_and_repair(input_dir, clean, store, "hu_2mm", "missing",
-                       ("ingest", "segment", "detect", "nodules", "features"))
+                       ("ingest", "segment", "lungs3d", "detect", "nodules", "features"))
 
 
 def test_overwritten_bytes_in_segmented_fail_the_checksum_and_segment_is_redone(one_small, tmp_path):

@@ -61,7 +61,8 @@ def test_no_import_runs_up_a_layer():
     assert upward == []
 
 
-@pytest.mark.parametrize("library, allowed", [("pydicom", {"io/dicom.py"}), ("zarr", {"io/storage.py"})])
+@pytest.mark.parametrize("library, allowed", [("pydicom", {"io/dicom.py"}), ("zarr", {"io/storage.py"}),
+                                              ("SimpleITK", {"io/volumes.py"}), ("nibabel", {"io/volumes.py"})])
 def test_one_module_per_file_format(library, allowed):
     users = {str(rel) for rel, tree in _modules()
              for name, _, _ in _imports(tree) if name.split(".")[0] == library}

@@ -168,6 +168,25 @@ class Series:
         """What a user must see in ``lungzarr status``: ``{"file", "reason"}`` dicts."""
         return [dict(r) for r in self.user_warnings]
 
+    @property
+    def source(self) -> str:
+        """The patient folder (named in errors)."""
+        return self.folder
+
+    @property
+    def z_positions(self) -> np.ndarray:
+        """``ImagePositionPatient`` z (mm) of each slice, ascending."""
+        return np.array([h.position[2] for h in self.headers], dtype=np.float64)
+
+    @property
+    def sop_instance_uids(self) -> list[str]:
+        """SOPInstanceUID of each slice, in z order."""
+        return sop_uids(self)
+
+    def to_hu(self, *, chunk_slices: int = 16, store=None):
+        """The lazy int16 HU dask array: :func:`series_to_hu`."""
+        return series_to_hu(self, chunk_slices=chunk_slices, store=store)
+
 
 # --------------------------------------------------------------------------
 # discovery and headers

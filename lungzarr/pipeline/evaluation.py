@@ -81,6 +81,10 @@ def evaluate_store(store_path, out_dir, *, lidc_xml=None, luna_csv=None, luna_ex
                 unmatched.append(p)
                 continue
             hu = store.open_patient(p)
+            if "sop_instance_uid" not in hu.coords:
+                raise LungzarrError(f"patient {p!r} was read from a volume file ({hu.attrs.get('source_file')!r}), "
+                                    f"which keeps no SOPInstanceUIDs, and LIDC XML marks nodules by them; "
+                                    f"ingest its DICOM folder instead, or score it with --luna-csv")
             geometry = ev.SliceGeometry.from_axes(hu.x.values, hu.y.values, hu.z.values,
                                                   [str(u) for u in hu.sop_instance_uid.values])
             truths.append(ev.consensus_nodules(xml_for[p], geometry, patient=p, min_readers=min_readers,

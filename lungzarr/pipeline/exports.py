@@ -6,7 +6,7 @@ from pathlib import Path
 from lungzarr.errors import LungzarrError
 from lungzarr.pipeline.stages.features import cancer_label
 
-__all__ = ["export_dsb2017", "export_nodules", "export_luna16", "export_nifti", "nifti_affine"]
+__all__ = ["export_dsb2017", "export_nodules", "export_luna16", "export_nifti"]
 
 
 def _dsb_row_task(store_path, patient, fmt, cancer):
@@ -148,51 +148,6 @@ def export_luna16(store_path, out, *, threshold: float = 0.5, filtered: bool = F
     return out_table
 
 
-def nifti_affine(grid):
-    """NIfTI (RAS mm) affine of a lungzarr grid, for an array in NIfTI's (i, j, k) = (x, y, z) voxel order.
-
-    The grid's origin and step are (z, y, x) in DICOM patient LPS mm (axis
-    aligned: lungzarr's resampled grids have no rotation). NIfTI's world is
-    RAS: R = -x_LPS, A = -y_LPS, S = z_LPS, so the x and y rows are negated.
-
-    Parameters
-    ----------
-    grid : lungzarr.volume.Grid
-
-    Returns
-    -------
-    ndarray, shape (4, 4)
-    """
-    import numpy as np
-
-    oz, oy, ox = (float(v) for v in grid.origin)
-    sz, sy, sx = (float(v) for v in grid.step)
-    return np.array([[-sx, 0.0, 0.0, -ox],
-                     [0.0, -sy, 0.0, -oy],
-                     [0.0, 0.0, sz, oz],
-                     [0.0, 0.0, 0.0, 1.0]])
-
-
-def _nibabel():
-    try:
-        import nibabel
-    except ImportError:
-        raise LungzarrError("NIfTI export needs nibabel: pip install nibabel "
-                            "(or pip install 'lungzarr[nifti]')") from None
-    return nibabel
-
-
-def _write_nifti(nib, volume_zyx, grid, path, *, intent):
-    import numpy as np
-
-    image = nib.Nifti1Image(np.ascontiguousarray(np.transpose(volume_zyx, (2, 1, 0))), nifti_affine(grid))
-    image.header.set_xyzt_units("mm")
-    image.set_sform(image.affine, code="scanner")
-    image.set_qform(image.affine, code="scanner")
-    image.header.set_intent(intent)
-    nib.save(image, str(path))
-
-
 def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) -> dict:
     """Write each patient's lung mask and nodule labels as NIfTI (``.nii.gz``) on the 2 mm grid.
 
@@ -204,7 +159,7 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
     against it (same count, same voxels per label).
 
     Voxels are in NIfTI's (i, j, k) = (x, y, z) order and the affine is
-    :func:`nifti_affine` (RAS), so a viewer shows the patient the right way
+    :func:`lungzarr.io.volumes.nifti_affine` (RAS), so a viewer shows the patient the right way
     round and voxel centres map to the store's LPS mm with x and y negated.
 
     Parameters
@@ -223,8 +178,8 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
 
     from lungzarr.algorithms.components import above_threshold, find_components
     from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.volumes import write_nifti
 
-    nib = _nibabel()
     store = CohortStore(store_path, mode="r")
     ids = [p for p in store.patients() if store.is_complete(p, "segment")
            and (patients is None or p in set(patients))]
@@ -238,7 +193,7 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
         ds = store.open_patient(p)
         grid = grid_from_attrs(ds.attrs)
         lungs_path = out_dir / f"{p}_lungs.nii.gz"
-        _write_nifti(nib, np.asarray(ds.lungs.values, dtype=np.uint8), grid, lungs_path, intent="none")
+        write_nifti(np.asarray(ds.lungs.values, dtype=np.uint8), grid, lungs_path, intent="none")
         nodules_path = None
         if store.is_complete(p, "nodules"):
             comps = find_components(above_threshold(ds.nodule_prob.values, threshold))
@@ -255,6 +210,6 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
                                     f"nodule_prob ({len(rows)} rows, {comps.count} components); rerun "
                                     f"`lungzarr nodules {store_path}`")
             nodules_path = out_dir / f"{p}_nodules.nii.gz"
-            _write_nifti(nib, labels, grid, nodules_path, intent="label")
+            write_nifti(labels, grid, nodules_path, intent="label")
         written[p] = {"lungs": str(lungs_path), "nodules": None if nodules_path is None else str(nodules_path)}
     return written

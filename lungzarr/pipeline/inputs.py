@@ -1,7 +1,10 @@
-"""What an INPUT folder holds: the patient folders, and every other entry with why it is not used.
+"""What an INPUT folder holds: the patients, and every other entry with why it is not used.
 
-Nothing in INPUT is dropped silently. A patient is a sub-folder of INPUT (or
-INPUT itself, when it holds files directly and no sub-folder). Every other
+Nothing in INPUT is dropped silently. A patient is a sub-folder of INPUT (a
+DICOM folder), a volume file in INPUT (``<id>.mhd`` with its ``<id>.raw``,
+``<id>.mha``, ``<id>.nii``, ``<id>.nii.gz``; the id is the file stem), or INPUT
+itself, when it holds (DICOM) files directly and no sub-folder or volume
+file. One INPUT may mix them. Every other
 entry is reported: an archive (``P1.zip``) is a failure of the patient it
 would be (``P1``), since its scan is missing from the run; a hidden folder, a
 loose file or anything else is a warning. The pipeline records both in the
@@ -14,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from lungzarr.errors import LungzarrError, PatientError
+from lungzarr.errors import LungzarrError, PatientError, RunConfigError
+from lungzarr.io.volumes import METAIMAGE_DATA_SUFFIXES, metaimage_data_files, missing_reader, volume_stem
 
 __all__ = ["InputEntry", "InputScan", "scan_input", "find_patients", "record_input", "ARCHIVE_SUFFIXES",
            "INPUT_STAGE"]
@@ -57,8 +61,9 @@ class InputScan:
 
     Attributes
     ----------
-    patients : list of (patient_id, folder)
-        The patient folders, sorted (what :func:`lungzarr.pipeline.find_patients` returns).
+    patients : list of (patient_id, path)
+        The patients, sorted by id: DICOM folders and volume files (what
+        :func:`lungzarr.pipeline.find_patients` returns).
     archives : list of PatientError
         One per archive that stands where a patient folder should be: the
         patient is the archive's stem, the file the archive.
@@ -84,7 +89,12 @@ def archive_stem(name: str) -> str | None:
 
 def _is_patient_dir(p: Path) -> bool:
     # A dangling link to a patient folder is kept, so it is recorded as a failure, not lost.
-    return p.is_dir() or (p.is_symlink() and not p.exists())
+    return p.is_dir() or (p.is_symlink() and not p.exists() and volume_stem(p.name) is None)
+
+
+def _is_volume_file(p: Path) -> bool:
+    # A dangling link named like a volume file is that patient (its failure says the file is missing).
+    return volume_stem(p.name) is not None and not p.is_dir() and (p.is_file() or p.is_symlink())
 
 
 def _archive_error(p: Path, stem: str, input_dir: Path) -> PatientError:
@@ -94,16 +104,25 @@ def _archive_error(p: Path, stem: str, input_dir: Path) -> PatientError:
 
 
 def _loose_file_reason(p: Path) -> str:
+    if p.suffix.lower() in METAIMAGE_DATA_SUFFIXES:
+        return ("a MetaImage data file that no .mhd header in INPUT names: not read; put its .mhd beside it "
+                "(patients are the sub-folders and volume files of INPUT)")
     if p.suffix.lower() in (".dcm", ".dicom", ".ima"):
         return ("a file directly in INPUT, beside the patient folders: not read; move it into its patient's "
                 "folder")
-    return "a file, not a patient folder: not read (patients are the sub-folders of INPUT)"
+    return ("a file, not a patient folder or volume file: not read (patients are the sub-folders of INPUT and its "
+            ".mhd/.mha/.nii/.nii.gz files)")
 
 
 def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan:
     """Sort the entries of an INPUT folder into patients, archives and entries not used.
 
-    Every sub-folder of ``input_dir`` is a patient (the old
+    Every volume file (``.mhd``, ``.mha``, ``.nii``, ``.nii.gz``) is a patient
+    whose id is the file stem (LUNA16's ``<seriesuid>.mhd`` is patient
+    ``<seriesuid>``); the ``.raw`` a ``.mhd`` names belongs to it. A second
+    scan of one id (``P1/`` and ``P1.nii.gz``, or ``P1.mhd`` and
+    ``P1.nii.gz``) is listed as not used: the folder, else the first file
+    in name order, is read. Every sub-folder of ``input_dir`` is a patient (the old
     ``input/stage1/<patient>/`` layout; nested ``study/series`` folders below
     it are searched when the patient is read), except hidden ones (name
     starting with ``'.'``), which are listed as not used. A folder that holds
@@ -127,7 +146,8 @@ def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan
     ------
     LungzarrError
         When ``input_dir`` does not exist, is a file, holds no patient or
-        ``patients`` names one it does not hold.
+        ``patients`` names one it does not hold; a RunConfigError when a
+        chosen volume file needs a library that is not installed.
     """
     input_dir = Path(input_dir)
     if not input_dir.exists():
@@ -144,19 +164,39 @@ def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan
     hidden = [p for p in entries if p.name.startswith(".")]
     visible = [p for p in entries if not p.name.startswith(".")]
     subdirs = [p for p in visible if _is_patient_dir(p)]
-    archives = [(p, archive_stem(p.name)) for p in visible if p.is_file() and archive_stem(p.name)]
-    loose = [p for p in visible if p.is_file() and not archive_stem(p.name)]
-    if not subdirs and loose:
+    volumes = [p for p in visible if _is_volume_file(p)]
+    data_files = {d.name for p in volumes for d in metaimage_data_files(p)}
+    archives = [(p, archive_stem(p.name)) for p in visible
+                if p.is_file() and not _is_volume_file(p) and archive_stem(p.name)]
+    loose = [p for p in visible if p.is_file() and not _is_volume_file(p) and not archive_stem(p.name)
+             and p.name not in data_files]
+    if not subdirs and not volumes and loose:
         # The folder of one patient's files: everything in it belongs to that patient (the DICOM reader
         # decides about each file), so nothing here is listed.
         scan.patients = [(input_dir.name, input_dir)]
     else:
         scan.patients = [(p.name, p) for p in subdirs]
         folders = {p.name for p in subdirs}
-        for p, stem in archives:
+        for p in volumes:
+            stem = volume_stem(p.name)
             if stem in folders:
-                scan.ignored.append(InputEntry(p.name, p, f"archive beside the patient folder "
-                                                          f"{str(input_dir / stem)!r}, which is used: not read"))
+                scan.ignored.append(InputEntry(p.name, p, f"a second scan of patient {stem!r}, whose folder "
+                                                          f"{str(input_dir / stem)!r} is used: not read; rename "
+                                                          f"it to read it as another patient"))
+            elif any(pid == stem for pid, _ in scan.patients):
+                used = next(q for pid, q in scan.patients if pid == stem)
+                scan.ignored.append(InputEntry(p.name, p, f"a second scan of patient {stem!r} ({used.name!r} "
+                                                          f"is used): not read; rename it to read it as "
+                                                          f"another patient"))
+            else:
+                scan.patients.append((stem, p))
+        scan.patients.sort(key=lambda item: item[0])
+        used_for = dict(scan.patients)
+        for p, stem in archives:
+            if stem in used_for:
+                what = "patient folder" if stem in folders else "volume file of the patient"
+                scan.ignored.append(InputEntry(p.name, p, f"archive beside the {what} "
+                                                          f"{str(used_for[stem])!r}, which is used: not read"))
             elif any(err.patient == stem for err in scan.archives):
                 scan.ignored.append(InputEntry(p.name, p, f"a second archive of patient {stem!r}: not read"))
             else:
@@ -171,8 +211,9 @@ def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan
         scan.ignored.sort(key=lambda e: e.name)
         if not scan.patients and not scan.archives:
             listed = ", ".join(repr(e.name) for e in scan.ignored[:5])
-            raise LungzarrError(f"INPUT folder {str(input_dir)!r} holds no patient folder, only entries that "
-                                f"are not read ({listed}); put one folder of DICOM files per patient in it")
+            raise LungzarrError(f"INPUT folder {str(input_dir)!r} holds no patient folder, only entries that are "
+                                f"not read ({listed}); put one folder of DICOM files (or one "
+                                f".mhd/.nii.gz file) per patient in it")
     if patients is not None:
         wanted = list(patients)
         known = {pid for pid, _ in scan.patients} | {err.patient for err in scan.archives}
@@ -183,7 +224,18 @@ def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan
         keep = set(wanted)
         scan.patients = [(pid, folder) for pid, folder in scan.patients if pid in keep]
         scan.archives = [err for err in scan.archives if err.patient in keep]
+    _check_readers(scan)
     return scan
+
+
+def _check_readers(scan: InputScan) -> None:
+    """Stop the run once when a volume file's reading library is missing (it would fail every such patient)."""
+    for pid, path in scan.patients:
+        if volume_stem(path.name) is not None and not path.is_dir():
+            need = missing_reader(path)
+            if need is not None:
+                raise RunConfigError(f"INPUT holds volume files such as {str(path)!r} (patient {pid!r}) and "
+                                     f"the library that reads them is not installed: run {need}")
 
 
 def find_patients(input_dir, *, patients: Iterable[str] | None = None) -> list[tuple[str, Path]]:

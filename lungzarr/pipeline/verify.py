@@ -9,7 +9,7 @@ from typing import Iterable
 from lungzarr.errors import LungzarrError
 from lungzarr.pipeline.stages import STAGES, stage_names
 
-__all__ = ["VerifyReport", "verify_store", "verify_patients", "redo_damaged"]
+__all__ = ["VerifyReport", "verify_store", "verify_patients", "redo_damaged", "dependent_stages"]
 
 
 @dataclass
@@ -119,8 +119,17 @@ def verify_store(store_path, *, patients: Iterable[str] | None = None, client=No
         return verify_patients(store, ids, client=client)
 
 
+def dependent_stages(stage: str) -> list[str]:
+    """``stage`` and every registered stage that needs it, directly or not, in run order."""
+    needed = {stage}
+    for s in STAGES:  # run order: a stage's requirements come before it
+        if needed & set(s.requires):
+            needed.add(s.name)
+    return [name for name in stage_names() if name in needed]
+
+
 def redo_damaged(store, report: VerifyReport) -> dict[str, list[str]]:
-    """Unmark each damaged patient's earliest damaged stage and every later one, so the run redoes them."""
-    order = stage_names()
-    return {patient: store.unmark_stages(patient, order[order.index(stage):])
+    """Unmark each damaged patient's earliest damaged stage and every stage computed from it, so the run
+    redoes them (a stage that does not need the damaged one, such as ``lungs3d`` for ``segment``, is kept)."""
+    return {patient: store.unmark_stages(patient, dependent_stages(stage))
             for patient, stage in report.damaged_stages().items()}

@@ -1,7 +1,9 @@
-"""Stage ``ingest``: a patient's DICOM series → ``hu`` (native grid, int16) and ``hu_2mm`` (2 × 2 × 2 mm)."""
+"""Stage ``ingest``: a patient's scan (DICOM folder, MetaImage or NIfTI file) → ``hu`` (native grid, int16)
+and ``hu_2mm`` (2 × 2 × 2 mm)."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +19,9 @@ __all__ = ["INGEST", "ingest_dataset"]
 def ingest_dataset(series, *, chunk_slices: int = 16, store=None):
     """The lazy ``hu`` + ``hu_2mm`` Dataset of one series (nothing decoded yet).
 
+    ``series`` is any :class:`~lungzarr.volume.ScanSeries`: a DICOM
+    :class:`~lungzarr.io.dicom.Series` or a :class:`~lungzarr.io.volumes.VolumeSeries`.
+
     Computed in tasks of :func:`task_slices` slices; stored in chunks of ``chunk_slices``.
     ``store`` (the resolved store path) goes into the decode task names, so the same
     files ingested into two stores in one session never share a key.
@@ -31,28 +36,30 @@ def ingest_dataset(series, *, chunk_slices: int = 16, store=None):
     import xarray as xr
 
     from lungzarr.algorithms.resample import resample_to_2mm
-    from lungzarr.io import dicom
 
     per_task = task_slices(chunk_slices)
-    hu = dicom.series_to_hu(series, chunk_slices=per_task, store=store)
+    hu = series.to_hu(chunk_slices=per_task, store=store)
     hu_2mm, grid_2mm = resample_to_2mm(hu, series.grid, chunk_slices=per_task)
     if grid_2mm.shape[0] < MIN_SLICES_2MM:
         extent = abs(series.grid.step[0]) * (series.shape[0] - 1)
         raise PatientError(f"the series covers {extent:g} mm in z ({series.shape[0]} slices), "
                            f"{grid_2mm.shape[0]} slices at 2 mm: the d8 nodule windows need at least "
                            f"{MIN_SLICES_2MM} ({2 * MIN_SLICES_2MM} mm); use a series that covers the chest",
-                           patient=series.patient, stage="ingest", file=series.folder)
+                           patient=series.patient, stage="ingest", file=series.source)
     grid = series.grid
-    z_positions = np.array([h.position[2] for h in series.headers], dtype=np.float64)
     coords = {
-        "z": ("z", z_positions, {"units": "mm", "long_name": "ImagePositionPatient z of each slice"}),
+        # Patient LPS mm (x towards the left, y posterior, z head), whatever the input format.
+        "z": ("z", np.asarray(series.z_positions, dtype=np.float64),
+              {"units": "mm", "long_name": "patient z (LPS) of each slice"}),
         "y": ("y", grid.axis(1), {"units": "mm"}),
         "x": ("x", grid.axis(2), {"units": "mm"}),
-        "sop_instance_uid": ("z", np.array(dicom.sop_uids(series), dtype=object)),
         "z2": ("z2", grid_2mm.axis(0), {"units": "mm", "long_name": "z of the 2 mm grid (zoom's true step)"}),
         "y2": ("y2", grid_2mm.axis(1), {"units": "mm"}),
         "x2": ("x2", grid_2mm.axis(2), {"units": "mm"}),
     }
+    uids = series.sop_instance_uids
+    if uids is not None:  # DICOM only: LIDC XML marks slices by SOPInstanceUID
+        coords["sop_instance_uid"] = ("z", np.array(uids, dtype=object))
     ds = xr.Dataset(
         {
             "hu": (("z", "y", "x"), hu, {"units": "HU", "long_name": "CT in Hounsfield units, native grid"}),
@@ -72,16 +79,22 @@ def ingest_dataset(series, *, chunk_slices: int = 16, store=None):
 
 
 def _read_series_task(folder, patient, strict=False):
-    """The series of a patient folder (headers only): on a worker when prefetched."""
-    from lungzarr.io import dicom
+    """The series of a patient's INPUT entry (headers only): on a worker when prefetched.
 
+    A volume file (``.mhd``/``.mha``/``.nii``/``.nii.gz``) is read by
+    :mod:`lungzarr.io.volumes`, anything else as a DICOM folder.
+    """
+    from lungzarr.io import dicom, volumes
+
+    if volumes.volume_stem(Path(folder).name) is not None and not Path(folder).is_dir():
+        return volumes.read_volume(folder, patient=patient)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return dicom.read_series(folder, patient=patient, strict=strict)
 
 
 def _prefetch(client, patient, folder, strict, compute_options):
-    """Read a patient's DICOM headers on the workers (~0.4 s of pydicom per 300 slices), so the
+    """Read a patient's headers on the workers (~0.4 s of pydicom per 300 slices), so the
     client, which also runs the scheduler, only builds graphs."""
     return client.submit(_read_series_task, str(folder), patient, strict, pure=False, **(compute_options or {}))
 
@@ -105,7 +118,7 @@ INGEST = Stage(
     name="ingest",
     requires=(),
     prepare=_prepare,
-    summary="DICOM series → hu (native grid, int16) and hu_2mm (2 × 2 × 2 mm cubic spline)",
+    summary="DICOM series or volume file → hu (native grid, int16) and hu_2mm (2 × 2 × 2 mm cubic spline)",
     arrays=("hu", "hu_2mm"),
     creates_patient=True,
     prefetch=_prefetch,
