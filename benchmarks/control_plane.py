@@ -1,6 +1,6 @@
 """The client process's CPU per patient: lungzarr before and after the control plane left it.
 
-    python -m benchmarks.control_plane [--before REV] [--patients 6] [--workers 2 16] [--rounds 2]
+    python -m benchmarks.control_plane [--before REV] [--patients 6] [--workers 2 16] [--rounds 2] [--out NAME]
 
 Each variant runs ``pipeline.run`` (ingest, segment) on the default local
 cluster in a fresh child process, interleaved round by round (the order
@@ -152,6 +152,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 16])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["before", "after", "after-inprocess"])
+    parser.add_argument("--out", default="control_plane", help="results/<OUT>.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
@@ -199,7 +200,7 @@ def main(argv=None) -> None:
                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                               "load_avg_at_end": os.getloadavg()},
                   "stores_identical": len(digests) == 1, "summary": summary, "rows": rows}
-        out = HERE / "results" / "control_plane.json"
+        out = HERE / "results" / f"{args.out}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(summary, indent=1))
