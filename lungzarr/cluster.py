@@ -145,10 +145,11 @@ def _without_inherited_malloc_trim(malloc_trim: bool, default):
 
 #: Runs ``dask scheduler`` in the child process; stdin is a pipe that only the parent holds open.
 _SCHEDULER_LAUNCHER = """
-import json, logging, os, signal, sys, threading, time
+import json, logging, os, shutil, signal, sys, threading, time
 
 # The parent's import path, as multiprocessing gives its children: the scheduler unpickles the graphs.
 sys.path[:] = json.loads(os.environ.pop("LUNGZARR_SCHEDULER_SYS_PATH", "null")) or sys.path
+FOLDER = os.environ.pop("LUNGZARR_SCHEDULER_FOLDER", "")
 
 def _watch_parent():
     # EOF on stdin: the parent closed the pipe or ended (even by SIGKILL); close cleanly, or go anyway.
@@ -157,6 +158,9 @@ def _watch_parent():
             pass
     except Exception:
         pass
+    # A killed parent cannot remove the folder of the scheduler file and log: this process does.
+    if FOLDER:
+        shutil.rmtree(FOLDER, ignore_errors=True)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(10.0)
     os._exit(1)
@@ -189,6 +193,11 @@ class SchedulerProcess(ProcessInterface):
         ``host:port`` of the dashboard; None: no dashboard.
     start_timeout : float
         Seconds the child has to write its address.
+
+    Attributes
+    ----------
+    folder : str or None
+        The temporary folder of its scheduler file and log (removed when it stops).
     """
 
     def __init__(self, *, host: str = "127.0.0.1", dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS,
@@ -196,7 +205,7 @@ class SchedulerProcess(ProcessInterface):
         super().__init__()
         self.host, self.dashboard_address, self.start_timeout = host, dashboard_address, float(start_timeout)
         self.proc = None
-        self._folder = None
+        self.folder = None
 
     @property
     def pid(self) -> int | None:
@@ -221,11 +230,12 @@ class SchedulerProcess(ProcessInterface):
 
         import dask
 
-        self._folder = tempfile.mkdtemp(prefix="lungzarr-scheduler-")
-        scheduler_file = os.path.join(self._folder, "scheduler.json")
-        log_path = os.path.join(self._folder, "scheduler.log")
+        self.folder = tempfile.mkdtemp(prefix="lungzarr-scheduler-")
+        scheduler_file = os.path.join(self.folder, "scheduler.json")
+        log_path = os.path.join(self.folder, "scheduler.log")
         env = {**os.environ, "DASK_INTERNAL_INHERIT_CONFIG": dask.config.serialize(dask.config.global_config),
-               "LUNGZARR_SCHEDULER_SYS_PATH": json.dumps([os.path.abspath(p) for p in sys.path])}
+               "LUNGZARR_SCHEDULER_SYS_PATH": json.dumps([os.path.abspath(p) for p in sys.path]),
+               "LUNGZARR_SCHEDULER_FOLDER": self.folder}
         with open(log_path, "wb") as log:
             # The child's stderr goes to a file: its start-up lines are noise, its failure is shown below.
             self.proc = subprocess.Popen(self._command(scheduler_file), stdin=subprocess.PIPE,
@@ -250,7 +260,7 @@ class SchedulerProcess(ProcessInterface):
 
     def _log_tail(self) -> str:
         try:
-            with open(os.path.join(self._folder, "scheduler.log"), errors="replace") as f:
+            with open(os.path.join(self.folder, "scheduler.log"), errors="replace") as f:
                 lines = [line.rstrip() for line in f if line.strip()]
         except OSError:
             lines = []
@@ -276,8 +286,8 @@ class SchedulerProcess(ProcessInterface):
             while self.proc.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             self._kill()
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
         await super().close()
 
 

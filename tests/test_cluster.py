@@ -57,7 +57,9 @@ def test_local_scheduler_runs_in_its_own_process_and_stops_with_the_cluster():
         (worker_pid,) = client.run(os.getpid).values()
         assert worker_pid not in (pid, os.getpid())
         assert client.submit(sum, [1, 2], pure=False).result() == 3
+        folder = client.cluster.scheduler.folder
     assert not _alive(pid)
+    assert not os.path.exists(folder)
 
 
 _KILLED_CLIENT = """
@@ -65,7 +67,8 @@ import os, sys, time
 from lungzarr.cluster import dask_client
 if __name__ == "__main__":
     with dask_client("local", n_workers=1, threads_per_worker=1, echo=lambda s: None) as client:
-        print(client.cluster.scheduler.pid, *client.run(os.getpid).values(), flush=True)
+        print(client.cluster.scheduler.folder, client.cluster.scheduler.pid, *client.run(os.getpid).values(),
+              flush=True)
         time.sleep(120)
 """
 
@@ -82,8 +85,10 @@ def test_a_killed_client_leaves_no_scheduler_or_worker_behind(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
+        folder, *pids = proc.stdout.readline().split()
+        pids = [int(p) for p in pids]
         assert len(pids) == 2 and all(_alive(p) for p in pids), pids
+        assert Path(folder, "scheduler.json").exists()
     finally:
         proc.kill()
         proc.wait()
@@ -94,3 +99,4 @@ def test_a_killed_client_leaves_no_scheduler_or_worker_behind(tmp_path):
     for p in left:  # do not leave them to the next test either
         os.kill(p, signal.SIGKILL)
     assert not left, f"processes {left} outlived their killed client"
+    assert not Path(folder).exists(), "the scheduler left its folder behind"
