@@ -70,8 +70,9 @@ def _child(mode, src, store) -> dict:
 
 
 def _synthetic(n_slices, folder):
-    from benchmarks.bench_ingest import chest_slice
     from lungzarr.io.dicom import write_series
+
+    from benchmarks.bench_ingest import chest_slice
 
     rng = np.random.default_rng(0)
     vol = np.stack([chest_slice(k, n_slices, 512, rng) for k in range(n_slices)])
@@ -86,9 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args(argv)
 
-    from tests.conftest import LIDC_DIR, RICORD_DIR
     from lungzarr.io import dicom, volumes
     from lungzarr.io.storage import CohortStore
+    from tests.conftest import LIDC_DIR, RICORD_DIR
 
     tmp = Path(tempfile.mkdtemp(prefix="lz-volbench-"))
     results = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
                     (root / "P").symlink_to(Path(folder).resolve(), target_is_directory=True)
                     file_mb = sum(p.stat().st_size for p in Path(folder).iterdir()) / 1e6
                 else:
-                    path = volumes.write_volume(hu, root / f"P.{spec[0]}", grid=grid, orientation=spec[1])
+                    volumes.write_volume(hu, root / f"P.{spec[0]}", grid=grid, orientation=spec[1])
                     file_mb = sum(p.stat().st_size for p in root.iterdir()) / 1e6
                 runs = []
                 for r in range(args.rounds):

@@ -18,13 +18,14 @@ import socket
 from contextlib import contextmanager
 from typing import Callable
 
+from distributed.deploy.spec import ProcessInterface
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from lungzarr.errors import PatientError, RunConfigError
 from lungzarr.model.quiet import quiet_environ, verbose
 
 __all__ = ["dask_client", "gpu_worker_count", "default_worker_layout", "worker_environ",
-           "QuietPatientErrors", "DEFAULT_DASHBOARD_ADDRESS", "CONNECT_TIMEOUT_S"]
+           "QuietPatientErrors", "SchedulerProcess", "DEFAULT_DASHBOARD_ADDRESS", "CONNECT_TIMEOUT_S"]
 
 #: Where the LocalCluster's dashboard listens: loopback, a free port.
 DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:0"
@@ -169,11 +170,175 @@ def _without_inherited_malloc_trim(malloc_trim: bool, default):
             os.environ["MALLOC_TRIM_THRESHOLD_"] = inherited
 
 
+#: Runs ``dask scheduler`` in the child process; stdin is a pipe that only the parent holds open.
+_SCHEDULER_LAUNCHER = """
+import json, logging, os, shutil, signal, sys, threading, time
+
+# The parent's import path, as multiprocessing gives its children: the scheduler unpickles the graphs.
+sys.path[:] = json.loads(os.environ.pop("LUNGZARR_SCHEDULER_SYS_PATH", "null")) or sys.path
+FOLDER = os.environ.pop("LUNGZARR_SCHEDULER_FOLDER", "")
+
+def _watch_parent():
+    # EOF on stdin: the parent closed the pipe or ended (even by SIGKILL); close cleanly, or go anyway.
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except Exception:
+        pass
+    # A killed parent cannot remove the folder of the scheduler file and log: this process does.
+    if FOLDER:
+        shutil.rmtree(FOLDER, ignore_errors=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10.0)
+    os._exit(1)
+
+threading.Thread(target=_watch_parent, name="lungzarr-parent-watch", daemon=True).start()
+from distributed.cli.dask_scheduler import main
+logging.getLogger("distributed").setLevel(logging.WARNING)
+main(sys.argv[1:], prog_name="dask scheduler")
+"""
+
+
+class SchedulerProcess(ProcessInterface):
+    """The local cluster's scheduler as a child process (``dask scheduler``), for :class:`distributed.SpecCluster`.
+
+    The client process builds the graphs and commits each patient's stage; a
+    scheduler in the same process shares its GIL, and at 16 workers the
+    scheduler's own work plus the nannies' heartbeats took most of one core.
+    In its own process the scheduler has a core of its own.
+
+    The child listens on ``host`` only, serves its dashboard at
+    ``dashboard_address`` and gets this process's dask configuration. It
+    stops when the cluster closes and, if this process dies without closing
+    it (killed), when the pipe on its stdin reaches EOF: no orphan is left.
+
+    Parameters
+    ----------
+    host : str
+        Interface of the scheduler's port (a free port is taken).
+    dashboard_address : str or None
+        ``host:port`` of the dashboard; None: no dashboard.
+    start_timeout : float
+        Seconds the child has to write its address.
+
+    Attributes
+    ----------
+    folder : str or None
+        The temporary folder of its scheduler file and log (removed when it stops).
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS,
+                 start_timeout: float = 60.0):
+        super().__init__()
+        self.host, self.dashboard_address, self.start_timeout = host, dashboard_address, float(start_timeout)
+        self.proc = None
+        self.folder = None
+
+    @property
+    def pid(self) -> int | None:
+        """The scheduler process's id (None before it started)."""
+        return self.proc.pid if self.proc is not None else None
+
+    def _command(self, scheduler_file: str) -> list[str]:
+        import sys
+
+        dashboard = (["--dashboard-address", self.dashboard_address] if self.dashboard_address
+                     else ["--no-dashboard"])
+        return [sys.executable, "-c", _SCHEDULER_LAUNCHER, "--host", self.host, "--port", "0",
+                "--scheduler-file", scheduler_file, *dashboard]
+
+    async def start(self):
+        import asyncio
+        import json
+        import subprocess
+        import sys
+        import tempfile
+        import time
+
+        import dask
+
+        self.folder = tempfile.mkdtemp(prefix="lungzarr-scheduler-")
+        scheduler_file = os.path.join(self.folder, "scheduler.json")
+        log_path = os.path.join(self.folder, "scheduler.log")
+        env = {**os.environ, "DASK_INTERNAL_INHERIT_CONFIG": dask.config.serialize(dask.config.global_config),
+               "LUNGZARR_SCHEDULER_SYS_PATH": json.dumps([os.path.abspath(p) for p in sys.path]),
+               "LUNGZARR_SCHEDULER_FOLDER": self.folder}
+        with open(log_path, "wb") as log:
+            # The child's stderr goes to a file: its start-up lines are noise, its failure is shown below.
+            self.proc = subprocess.Popen(self._command(scheduler_file), stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=log, env=env)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the dask scheduler process exited with status {self.proc.returncode} before "
+                                   f"it listened: {self._log_tail()}")
+            try:
+                with open(scheduler_file) as f:
+                    self.address = json.load(f)["address"]
+                break
+            except (OSError, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                self._kill()
+                raise RuntimeError(f"the dask scheduler process did not listen within {self.start_timeout:g} s: "
+                                   f"{self._log_tail()}")
+            await asyncio.sleep(0.02)
+        await super().start()
+
+    def _log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.folder, "scheduler.log"), errors="replace") as f:
+                lines = [line.rstrip() for line in f if line.strip()]
+        except OSError:
+            lines = []
+        return " | ".join(lines[-5:]) or "no output"
+
+    def _kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    async def close(self):
+        import asyncio
+        import shutil
+        import time
+
+        if self.proc is not None:
+            # The cluster has already asked it to terminate; EOF on stdin asks again, then it is killed.
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            deadline = time.monotonic() + 10.0
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            self._kill()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        await super().close()
+
+
+def _process_scheduler_cluster(*, n_workers: int, threads_per_worker: int, memory_limit, dashboard_address):
+    """A SpecCluster: a :class:`SchedulerProcess` and ``n_workers`` Nanny workers, as LocalCluster makes them."""
+    from distributed import Nanny, SpecCluster
+    from distributed.security import Security
+
+    # What LocalCluster(processes=True) gives each Nanny, on loopback like its scheduler.
+    worker = {"cls": Nanny, "options": {"host": "127.0.0.1", "nthreads": threads_per_worker,
+                                        "memory_limit": memory_limit, "services": {}, "dashboard": False,
+                                        "dashboard_address": None, "interface": None, "protocol": "tcp://",
+                                        "security": Security(), "silence_logs": logging.WARN}}
+    return SpecCluster(scheduler={"cls": SchedulerProcess,
+                                  "options": {"host": "127.0.0.1", "dashboard_address": dashboard_address}},
+                       workers={i: worker for i in range(n_workers)}, worker=worker,
+                       silence_logs=logging.WARN, name="lungzarr")
+
+
 @contextmanager
 def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threads_per_worker: int | None = None,
                 memory_limit: str | None = "auto", echo: Callable[[str], None] = print,
                 malloc_trim: bool = False, dashboard_address: str | None = None,
-                connect_timeout: float = CONNECT_TIMEOUT_S):
+                connect_timeout: float = CONNECT_TIMEOUT_S, scheduler_process: bool = True):
     """Yield a ``distributed.Client`` (or None for ``scheduler='threads'``).
 
     Parameters
@@ -196,6 +361,10 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
         on every interface. An existing scheduler keeps its own.
     connect_timeout : float
         Seconds an existing scheduler has to answer and to have a worker.
+    scheduler_process : bool
+        Run the local cluster's scheduler in its own process (default; see
+        :class:`SchedulerProcess`). False keeps it in this process, as a plain
+        ``LocalCluster`` does (for comparison in benchmarks).
 
     Raises
     ------
@@ -226,10 +395,15 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
         if scheduler in ("local", None, ""):
             workers, threads = default_worker_layout()
             with _without_inherited_malloc_trim(malloc_trim, trim_default):
-                cluster = LocalCluster(n_workers=n_workers or workers,
-                                       threads_per_worker=threads_per_worker or threads,
-                                       processes=True, memory_limit=memory_limit,
-                                       dashboard_address=dashboard_address or DEFAULT_DASHBOARD_ADDRESS)
+                if scheduler_process:
+                    cluster = _process_scheduler_cluster(
+                        n_workers=n_workers or workers, threads_per_worker=threads_per_worker or threads,
+                        memory_limit=memory_limit, dashboard_address=dashboard_address or DEFAULT_DASHBOARD_ADDRESS)
+                else:
+                    cluster = LocalCluster(n_workers=n_workers or workers,
+                                           threads_per_worker=threads_per_worker or threads,
+                                           processes=True, memory_limit=memory_limit,
+                                           dashboard_address=dashboard_address or DEFAULT_DASHBOARD_ADDRESS)
             client = Client(cluster)
             _register_quiet_patient_errors(client, echo)
             echo(f"dask LocalCluster: {len(cluster.workers)} worker(s); dashboard {client.dashboard_link}")

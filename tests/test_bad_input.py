@@ -165,7 +165,7 @@ def test_on_a_cluster_headers_read_on_workers_give_the_same_failure_records(brok
     client, _ = cpu_gpu_cluster
     with distributed.get_task_stream(client) as stream:
         on_cluster = ingest(root, tmp_path / "cluster.zarr", chunk_slices=4, client=client, batch_size=2)
-    header_reads = [t for t in stream.data if "_read_series_task" in str(t["key"])]
+    header_reads = [t for t in stream.data if "_read_series_and_files_task" in str(t["key"])]
     # Every patient folder, broken ones included, had its headers read once, on a worker.
     assert len(header_reads) == len(summary.done) + len(summary.failed)
     assert sorted(on_cluster.done) == sorted(summary.done)

@@ -441,3 +441,13 @@ def test_pydicom_corpus_each_file_as_a_stray_leaves_the_series_unchanged(corpus_
     cohort = CohortStore(store, mode="r")
     for patient in summary.done:
         np.testing.assert_array_equal(cohort.open_patient(patient).hu.values, expected, err_msg=patient)
+
+
+def test_files_taken_on_the_worker_give_the_decode_names_taken_in_the_client(tmp_path):
+    # The pipeline stats the files where it reads the headers and hands the result to series_to_hu.
+    make_patient(tmp_path / "A")
+    a = dicom.read_series(tmp_path / "A")
+    files = dicom.files_token(a.paths)
+    assert dicom.series_to_hu(a, store="/s1", files=files).name == dicom.series_to_hu(a, store="/s1").name
+    with pytest.raises(ValueError, match="files_token"):
+        dicom.series_to_hu(a, store="/s1", files=files[:-1])

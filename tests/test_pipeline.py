@@ -17,6 +17,7 @@ from lungzarr.demo import write_demo_cohort
 from lungzarr.io.storage import CohortStore
 
 PY = sys.executable
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def test_ingest_on_a_separately_started_scheduler_and_worker(demo_input, tmp_pat
     dask_bin = shutil.which("dask") or str(Path(PY).with_name("dask"))
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    # This tree's lungzarr on the scheduler (it unpickles the graphs) and the worker, not the installed one.
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "PYTHONPATH": str(REPO)}
     scheduler = subprocess.Popen([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                   "--dashboard-address", ":0"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, env=env)

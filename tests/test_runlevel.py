@@ -215,10 +215,10 @@ def test_debug_shows_the_traceback(cohort):
 
 # ---------------------------------------------------------------------- the dashboard
 
-def _listening(port):
+def _listening(port, pid=None):
     import psutil
 
-    return {c.laddr.ip for c in psutil.Process().net_connections(kind="tcp")
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="tcp")
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
@@ -227,8 +227,9 @@ def test_local_dashboard_listens_on_loopback_unless_asked(address, expected):
     lines = []
     with dask_client("local", n_workers=1, threads_per_worker=1, echo=lines.append,
                      dashboard_address=address) as client:
-        port = client.cluster.scheduler.http_server.port
-        assert _listening(port) == expected
+        # The scheduler, and its dashboard, run in their own process.
+        port = client.scheduler_info()["services"]["dashboard"]
+        assert _listening(port, client.cluster.scheduler.pid) == expected
     assert f":{port}/status" in lines[0]
 
 

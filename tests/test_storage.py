@@ -293,3 +293,24 @@ def test_a_writer_that_opened_the_removed_lock_file_locks_the_new_one(tmp_path):
     finally:
         stale.close()
     assert not lock_path.exists()
+
+
+def test_lazy_array_equals_the_datasets_variable_and_is_named_per_patient_and_store(tmp_path):
+    root = tmp_path / "in"
+    make_patient(root / "P1", seed=1)
+    shutil.copytree(root / "P1", root / "P2")
+    stores = [tmp_path / "a.zarr", tmp_path / "b.zarr"]
+    for store in stores:
+        ingest(root, store, chunk_slices=4)
+    cohort = CohortStore(stores[0], mode="r")
+    lazy, opened = cohort.lazy_array("P1", "hu_2mm"), cohort.open_patient("P1").hu_2mm.data
+    assert lazy.dtype == opened.dtype and lazy.chunks == opened.chunks
+    np.testing.assert_array_equal(lazy.compute(), opened.compute())
+    # Same files, other patient or other store: never one key (dask would merge them).
+    names = {cohort.lazy_array("P1", "hu_2mm").name, cohort.lazy_array("P2", "hu_2mm").name,
+             CohortStore(stores[1], mode="r").lazy_array("P1", "hu_2mm").name}
+    assert len(names) == 3
+    with pytest.raises(LungzarrError, match="no array 'lungs'"):
+        cohort.lazy_array("P1", "lungs")
+    with pytest.raises(LungzarrError, match="not in store"):
+        cohort.lazy_array("P3", "hu_2mm")

@@ -183,9 +183,9 @@ class Series:
         """SOPInstanceUID of each slice, in z order."""
         return sop_uids(self)
 
-    def to_hu(self, *, chunk_slices: int = 16, store=None):
+    def to_hu(self, *, chunk_slices: int = 16, store=None, files=None):
         """The lazy int16 HU dask array: :func:`series_to_hu`."""
-        return series_to_hu(self, chunk_slices=chunk_slices, store=store)
+        return series_to_hu(self, chunk_slices=chunk_slices, store=store, files=files)
 
 
 # --------------------------------------------------------------------------
@@ -745,7 +745,7 @@ def files_token(paths) -> list[tuple[str, int, int]]:
     return out
 
 
-def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None):
+def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None, files=None):
     """The series as a lazy int16 dask array (z, y, x) of HU, ``chunk_slices`` slices a chunk.
 
     Each chunk decodes only its own files when computed, so writing the
@@ -761,6 +761,10 @@ def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None):
         resolved path, size and mtime, the rescale values, the chunking and
         this, so two patients, a rewritten file or another store never share
         a key in one distributed session.
+    files : list, optional
+        ``files_token(series.paths)`` taken already, when the headers were read
+        (the pipeline stats the files on the worker that read them, not in the
+        client that builds the graph); default: taken now.
     """
     import dask.array as da
     from dask.base import tokenize
@@ -768,8 +772,12 @@ def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None):
     nz, ny, nx = series.shape
     slopes = tuple(h.slope for h in series.headers)
     intercepts = tuple(h.intercept for h in series.headers)
-    token = tokenize(series.patient, files_token(series.paths), slopes, intercepts, chunk_slices,
-                     None if store is None else str(store))
+    if files is None:
+        files = files_token(series.paths)
+    elif len(files) != len(series.paths):
+        raise ValueError(f"files has {len(files)} entries for the {len(series.paths)} files of the series; pass "
+                         f"files_token(series.paths)")
+    token = tokenize(series.patient, files, slopes, intercepts, chunk_slices, None if store is None else str(store))
     return da.map_blocks(
         _decode_block,
         chunks=(z_chunks(nz, chunk_slices), (ny,), (nx,)),

@@ -360,6 +360,40 @@ class CohortStore:
             return xr.open_dataset(self.path, group=group, engine="zarr", consolidated=False, chunks={},
                                    zarr_format=3)
 
+    def lazy_array(self, patient: str, name: str):
+        """One stored array of a patient as a dask array in its stored chunks (nothing loaded).
+
+        For a stage that needs one input array to build its graph (segment's and
+        detect's ``hu_2mm``): :meth:`open_patient` has xarray read every
+        coordinate and every variable's metadata in the client first. The
+        values and dtype are those of ``open_patient(patient)[name].data``
+        (lungzarr's arrays carry no CF encoding). The dask name is derived from
+        the resolved store path, the patient, the array and its metadata file's
+        modification time and size, so a rewritten array never shares a key
+        with the old one.
+
+        Raises
+        ------
+        LungzarrError
+            The patient, or its array ``name``, is not in the store.
+        """
+        import dask.array as da
+        from dask.base import tokenize
+
+        if not self.has_patient(patient):
+            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                f"`lungzarr status {self.path}` lists the patients")
+        path = f"{self.group_path(patient)}/{name}"
+        meta = self.path / path / "zarr.json"
+        try:
+            stat = meta.stat()
+        except FileNotFoundError:
+            raise LungzarrError(f"patient {patient!r} has no array {name!r} in store {str(self.path)!r}; "
+                                f"run the stage that writes it first") from None
+        array = self._zarr.open_array(self.path, path=path, mode="r", zarr_format=3)
+        token = tokenize(str(self.path.resolve()), patient, name, stat.st_mtime_ns, stat.st_size)
+        return da.from_zarr(array, name=f"open-{name}-{token}")
+
     def has_subgroup(self, patient: str, subgroup: str) -> bool:
         return (self.path / self.group_path(patient) / subgroup / "zarr.json").exists()
 

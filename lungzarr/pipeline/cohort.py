@@ -180,13 +180,22 @@ def _recorded_dependencies(record: dict, stage) -> dict:
 def _stream(store, items, stages, options, *, overwrite, batch_size, client, progress):
     by_name = {s.name: s for s in stages}
 
+    # The runner calls prepare right after decide for the same patient and stage: the markers decide read
+    # are still the patient's, so prepare takes them from here instead of reading the group's attrs again.
+    last = {}
+
     def decide(patient, name):
         # The patient's markers are read once per decision (the client makes one per patient and stage).
-        return stage_decision(store.stages(patient), by_name[name], overwrite=overwrite)
+        done = store.stages(patient)
+        last.clear()
+        last[(patient, name)] = done
+        return stage_decision(done, by_name[name], overwrite=overwrite)
 
     def prepare(name, patient, payload):
         stage = by_name[name]
-        dependencies = _dependencies(store.stages(patient), stage) if stage.requires else None
+        done = last.pop((patient, name), None)
+        dependencies = _dependencies(done if done is not None else store.stages(patient), stage) \
+            if stage.requires else None
         pending = stage.prepare(store, patient, payload, options)
         if dependencies is not None:
             pending.record["depends_on"] = dependencies

@@ -16,8 +16,8 @@ def _prepare(store, patient, _, options):
     from lungzarr.model.geometry import detection_crop, predicted_slices
     from lungzarr.model.infer import annotate_gpu, predict_nodule_prob
 
-    ds = store.open_patient(patient)
-    hu_2mm = ds.hu_2mm.data
+    # Only hu_2mm's graph is needed here: no Dataset (coordinates, every variable's metadata) in the client.
+    hu_2mm = store.lazy_array(patient, "hu_2mm")
     gpu = annotate_gpu if options.gpu else nullcontext
     engine = resolve_engine(options.engine, gpu=options.gpu)
     with gpu():

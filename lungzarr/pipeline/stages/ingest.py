@@ -16,7 +16,7 @@ from lungzarr.pipeline.stages._common import encoded, task_slices
 __all__ = ["INGEST", "ingest_dataset"]
 
 
-def ingest_dataset(series, *, chunk_slices: int = 16, store=None):
+def ingest_dataset(series, *, chunk_slices: int = 16, store=None, files=None):
     """The lazy ``hu`` + ``hu_2mm`` Dataset of one series (nothing decoded yet).
 
     ``series`` is any :class:`~lungzarr.volume.ScanSeries`: a DICOM
@@ -24,7 +24,8 @@ def ingest_dataset(series, *, chunk_slices: int = 16, store=None):
 
     Computed in tasks of :func:`task_slices` slices; stored in chunks of ``chunk_slices``.
     ``store`` (the resolved store path) goes into the decode task names, so the same
-    files ingested into two stores in one session never share a key.
+    files ingested into two stores in one session never share a key; ``files`` is
+    ``dicom.files_token(series.paths)`` when taken already (see :func:`dicom.series_to_hu`).
 
     Raises
     ------
@@ -38,7 +39,8 @@ def ingest_dataset(series, *, chunk_slices: int = 16, store=None):
     from lungzarr.algorithms.resample import resample_to_2mm
 
     per_task = task_slices(chunk_slices)
-    hu = series.to_hu(chunk_slices=per_task, store=store)
+    # files: the DICOM files' token taken on the worker that read the headers (volume files name their own).
+    hu = series.to_hu(chunk_slices=per_task, store=store, **({} if files is None else {"files": files}))
     hu_2mm, grid_2mm = resample_to_2mm(hu, series.grid, chunk_slices=per_task)
     if grid_2mm.shape[0] < MIN_SLICES_2MM:
         extent = abs(series.grid.step[0]) * (series.shape[0] - 1)
@@ -93,22 +95,32 @@ def _read_series_task(folder, patient, strict=False):
         return dicom.read_series(folder, patient=patient, strict=strict)
 
 
+def _read_series_and_files_task(folder, patient, strict=False):
+    """The series and the ``files_token`` of its files (a stat and a resolve per file, which the
+    decode task names need): both on the worker when prefetched."""
+    from lungzarr.io import dicom
+
+    series = _read_series_task(folder, patient, strict)
+    return series, (dicom.files_token(series.paths) if isinstance(series, dicom.Series) else None)
+
+
 def _prefetch(client, patient, folder, strict, compute_options):
-    """Read a patient's headers on the workers (~0.4 s of pydicom per 300 slices), so the
-    client, which also runs the scheduler, only builds graphs."""
-    return client.submit(_read_series_task, str(folder), patient, strict, pure=False, **(compute_options or {}))
+    """Read a patient's headers and stat its files on the workers (~0.4 s of pydicom per 300 slices),
+    so the client only builds graphs."""
+    return client.submit(_read_series_and_files_task, str(folder), patient, strict, pure=False,
+                         **(compute_options or {}))
 
 
 def _prepare(store, patient, payload, options):
-    # payload: the patient's folder, or a future of its series (see _prefetch)
+    # payload: the patient's folder, or a future of its (series, files) (see _prefetch)
     if hasattr(payload, "result"):
-        series = payload.result()
+        series, files = payload.result()
     else:
-        series = _read_series_task(payload, patient, options.strict)
+        series, files = _read_series_and_files_task(payload, patient, options.strict)
     # What the user must see (another patient's files, dropped edge slices, ignored files):
     # recorded now, replacing the last ingest's, so `lungzarr status` shows what is true.
     store.record_warnings(patient, "ingest", series.warning_records())
-    ds = ingest_dataset(series, chunk_slices=options.chunk_slices, store=store.path.resolve())
+    ds = ingest_dataset(series, chunk_slices=options.chunk_slices, store=store.path.resolve(), files=files)
     record = {"series_instance_uid": ds.attrs["series_instance_uid"],
               "selection_reason": ds.attrs["selection_reason"], "chunk_slices": options.chunk_slices}
     return store.prepare_stage(patient, "ingest", ds, record=record, new_group=True)

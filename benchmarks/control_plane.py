@@ -1,0 +1,213 @@
+"""The client process's CPU per patient: lungzarr before and after the control plane left it.
+
+    python -m benchmarks.control_plane [--before REV] [--patients 6] [--workers 2 16] [--rounds 2] [--out NAME]
+
+Each variant runs ``pipeline.run`` (ingest, segment) on the default local
+cluster in a fresh child process, interleaved round by round (the order
+alternates), on the same synthetic cohort (``tests/dicom_phantoms.make_patient``,
+48 slices of 128²):
+
+* ``before``: the lungzarr of ``REV`` (default the merge base with ``main``),
+  extracted with ``git archive``: its LocalCluster runs the scheduler in the
+  client process.
+* ``after``: this tree (the scheduler in its own process, see
+  :class:`lungzarr.cluster.SchedulerProcess`).
+* ``after-inprocess``: this tree with ``scheduler_process=False``, which
+  tells the scheduler's share from the client-path cuts.
+
+The client's CPU is ``getrusage(RUSAGE_SELF)`` of the child (children, i.e.
+the workers and the scheduler process, excluded) around the run, after one
+warm-up patient; the idle rate (heartbeats) is sampled for 5 s first. The
+scheduler process's CPU is reported beside it. Each child also hashes the
+stored arrays and stage records of every patient, so the variants are shown
+to write the same store. Writes ``benchmarks/results/control_plane.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+STAGES = ["ingest", "segment"]
+IDLE_PROBE_S = 5.0
+
+
+# ---------------------------------------------------------------------- child
+
+def _cpu_self() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _store_digest(store) -> dict:
+    """sha256 per patient of its stored arrays and its stage records (ids and times left out)."""
+    import hashlib
+
+    import numpy as np
+
+    from lungzarr.io.storage import CohortStore
+
+    cs = CohortStore(store, mode="r")
+    out = {}
+    for patient in cs.patients():
+        ds = cs.open_patient(patient).load()
+        h = hashlib.sha256()
+        for name in sorted(ds.variables):
+            values = ds[name].values
+            h.update(name.encode())
+            h.update(values.astype(str).tobytes() if values.dtype == object else np.ascontiguousarray(values).tobytes())
+        records = {s: {k: v for k, v in r.items() if k not in ("completed", "id", "depends_on", "lungzarr_version")}
+                   for s, r in cs.stages(patient).items()}
+        h.update(json.dumps(records, sort_keys=True, default=str).encode())
+        out[patient] = h.hexdigest()[:16]
+    return out
+
+
+def child(args: dict) -> dict:
+    import inspect
+
+    import psutil
+
+    from lungzarr import pipeline
+    from lungzarr.cluster import dask_client
+
+    kwargs = {}
+    if "scheduler_process" in inspect.signature(dask_client).parameters:
+        kwargs["scheduler_process"] = args["scheduler_process"]
+    work = Path(args["work"])
+    store = work / f"store-{args['variant']}-{args['workers']}w-{args['round']}.zarr"
+    warm_store = work / f"warm-{args['variant']}-{args['workers']}w-{args['round']}.zarr"
+    t0 = time.perf_counter()
+    with dask_client("local", n_workers=args["workers"], threads_per_worker=1, echo=lambda s: None,
+                     **kwargs) as client:
+        start_s = time.perf_counter() - t0
+        scheduler_pid = getattr(getattr(client.cluster, "scheduler", None), "pid", None)
+        scheduler = psutil.Process(scheduler_pid) if scheduler_pid not in (None, os.getpid()) else None
+
+        def scheduler_cpu():
+            if scheduler is None:
+                return 0.0
+            t = scheduler.cpu_times()
+            return t.user + t.system
+
+        # One patient first: imports and first-call costs on the client and the workers are not per-patient.
+        pipeline.run(args["input"], warm_store, stages=STAGES, client=client, chunk_slices=16,
+                     patients=[args["warm"]])
+        c0 = _cpu_self()
+        time.sleep(IDLE_PROBE_S)
+        idle = (_cpu_self() - c0) / IDLE_PROBE_S
+        patients = [p for p in args["patients"]]
+        c0, s0, w0 = _cpu_self(), scheduler_cpu(), time.perf_counter()
+        summaries = pipeline.run(args["input"], store, stages=STAGES, client=client, chunk_slices=16,
+                                 patients=patients)
+        client_s, scheduler_s, wall = _cpu_self() - c0, scheduler_cpu() - s0, time.perf_counter() - w0
+    n = len(patients)
+    return {"variant": args["variant"], "workers": args["workers"], "round": args["round"],
+            "cluster_start_s": round(start_s, 2), "wall_s": round(wall, 2),
+            "done": {s.stage: len(s.done) for s in summaries},
+            "client_cpu_s": round(client_s, 3), "client_cpu_s_per_patient": round(client_s / n, 3),
+            "client_idle_cpu_per_s": round(idle, 4),
+            "client_cpu_s_per_patient_above_idle": round(max(0.0, client_s - idle * wall) / n, 3),
+            "scheduler_process_cpu_s_per_patient": round(scheduler_s / n, 3) if scheduler else None,
+            "digest": _store_digest(store)}
+
+
+# ---------------------------------------------------------------------- parent
+
+def _extract(rev: str, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "lungzarr"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def _spawn(tree: Path, args: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(args)],
+                          capture_output=True, text=True, env=env, cwd=str(tree), check=False, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args['variant']} child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.control_plane", description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default=None, help="git revision of 'before' (default: merge base with main)")
+    parser.add_argument("--patients", type=int, default=6)
+    parser.add_argument("--slices", type=int, default=48)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=["before", "after", "after-inprocess"])
+    parser.add_argument("--out", default="control_plane", help="results/<OUT>.json")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    from dicom_phantoms import make_patient
+
+    before = args.before or subprocess.run(["git", "-C", str(REPO), "merge-base", "HEAD", "main"], check=True,
+                                           capture_output=True, text=True).stdout.strip()
+    work = Path(tempfile.mkdtemp(prefix="lungzarr-control-plane-"))
+    try:
+        trees = {"before": _extract(before, work / "before"), "after": REPO, "after-inprocess": REPO}
+        ids = [f"CP{i:02d}" for i in range(args.patients)]
+        for i, pid in enumerate(ids + ["WARM"]):
+            make_patient(work / "input" / pid, n_slices=args.slices, size=args.size, seed=i)
+        rows = []
+        for workers in args.workers:
+            for r in range(args.rounds):
+                order = list(args.variants) if r % 2 == 0 else list(reversed(args.variants))
+                for variant in order:
+                    row = _spawn(trees[variant], {"variant": variant, "workers": workers, "round": r,
+                                                  "scheduler_process": variant == "after",
+                                                  "work": str(work), "input": str(work / "input"),
+                                                  "patients": ids, "warm": "WARM"})
+                    print(json.dumps({k: v for k, v in row.items() if k != "digest"}), flush=True)
+                    rows.append(row)
+        digests = {json.dumps(r["digest"], sort_keys=True) for r in rows}
+        summary = {}
+        for workers in args.workers:
+            for variant in args.variants:
+                mine = [r for r in rows if r["workers"] == workers and r["variant"] == variant]
+                if mine:
+                    summary[f"{variant}-{workers}w"] = {
+                        k: round(statistics.median(r[k] for r in mine), 3)
+                        for k in ("client_cpu_s_per_patient", "client_cpu_s_per_patient_above_idle",
+                                  "client_idle_cpu_per_s", "wall_s")} | {
+                        "scheduler_process_cpu_s_per_patient": (
+                            round(statistics.median(r["scheduler_process_cpu_s_per_patient"] for r in mine), 3)
+                            if mine[0]["scheduler_process_cpu_s_per_patient"] is not None else None)}
+        result = {"what": "client-process CPU per patient of pipeline.run (ingest, segment), median over rounds",
+                  "before_rev": before, "after_rev": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
+                                                                    capture_output=True, text=True).stdout.strip(),
+                  "cohort": {"patients": args.patients, "slices": args.slices, "size": args.size},
+                  "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                              "load_avg_at_end": os.getloadavg()},
+                  "stores_identical": len(digests) == 1, "summary": summary, "rows": rows}
+        out = HERE / "results" / f"{args.out}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(summary, indent=1))
+        print(f"stores identical: {len(digests) == 1}; wrote {out}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
