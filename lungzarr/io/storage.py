@@ -926,7 +926,7 @@ def open_cohort(path):
                 tree = None  # dropped by a run that started meanwhile: read each group's own
         if tree is not None:
             root = tree.to_dataset()
-            children = {name: tree[name].copy() for name in (PATIENTS_GROUP, STAGING_GROUP) if name in tree.children}
+            children = {name: tree[name] for name in (PATIENTS_GROUP, STAGING_GROUP) if name in tree.children}
         else:
             options["consolidated"] = False
             root = xr.open_dataset(store.path, **options)
