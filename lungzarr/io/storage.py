@@ -924,19 +924,22 @@ def open_cohort(path):
                 tree = xr.open_datatree(store.path, consolidated=True, **options)
             except (ValueError, KeyError, FileNotFoundError):
                 tree = None  # dropped by a run that started meanwhile: read each group's own
-        if tree is not None:
-            root = tree.to_dataset()
-            children = {name: tree[name] for name in (PATIENTS_GROUP, STAGING_GROUP) if name in tree.children}
-        else:
+        if tree is None:
             options["consolidated"] = False
             root = xr.open_dataset(store.path, **options)
             children = {name: xr.open_datatree(store.path, group=name, **options)
                         for name in (PATIENTS_GROUP, STAGING_GROUP) if (store.path / name / "zarr.json").exists()}
     # The cohort tables as ``tables/<name>``, each read whole through its pointer (small; never a
     # torn or removed table group: see CohortStore.write_table).
-    tables = {name: xr.DataTree(dataset=store._table_dataset(name)) for name in store.table_names()}
-    children[TABLES_GROUP] = xr.DataTree(children=tables)
-    return xr.DataTree(dataset=root, children=children)
+    tables = xr.DataTree(children={name: xr.DataTree(dataset=store._table_dataset(name))
+                                   for name in store.table_names()})
+    if tree is None:
+        return xr.DataTree(dataset=root, children={**children, TABLES_GROUP: tables})
+    # Swap only the tables node: building a new tree would copy (and re-align) every patient's node.
+    if TABLES_GROUP in tree.children:
+        del tree[TABLES_GROUP]
+    tree[TABLES_GROUP] = tables
+    return tree
 
 
 def read_nodules(path):
