@@ -20,6 +20,16 @@ A stage of a patient is *complete* only once all its arrays are written: the
 stage marker (group attribute ``lungzarr:stages``) is set after the write, so
 an interrupted write leaves an incomplete stage, which the next run removes and
 redoes (the next run that holds the writer lock: a refused writer touches nothing). Failures are kept in the root attribute ``lungzarr:failures``.
+
+Consolidated metadata (zarr 3's inline ``consolidated_metadata`` in the root
+``zarr.json``: every group's and array's metadata in one file) lets a reader
+open a big cohort with one read instead of one per group. It is never stale:
+the first write of a run to a patient group or a table drops it (one atomic
+replace of the root ``zarr.json``), and the end of the run, once every task
+has finished, writes it afresh (:meth:`CohortStore.consolidate`, again one
+atomic replace). In between, and after a run that was killed, a reader finds
+no consolidated metadata and reads every group's own (as slow as without it,
+never wrong). Staged groups are left out of it.
 """
 from __future__ import annotations
 
@@ -58,6 +68,7 @@ PATIENTS_GROUP = "patients"
 TABLES_GROUP = "tables"
 STAGING_GROUP = "staging"
 TABLE_POINTER_KEY = "lungzarr:tables"
+CONSOLIDATED_KEY = "consolidated_metadata"
 _TABLE_READ_ATTEMPTS = 20
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
@@ -177,11 +188,11 @@ class CohortStore:
                                 f"{self.path}` or `lungzarr run` first")
         self._zarr = zarr
         if mode == "a":
-            root = zarr.open_group(self.path, mode="a", zarr_format=3)
+            root = zarr.open_group(self.path, mode="a", zarr_format=3, use_consolidated=False)
             if "lungzarr:version" not in root.attrs:
                 root.attrs.update({"lungzarr:version": __version__, "lungzarr:created": _now()})
             for name in (PATIENTS_GROUP, TABLES_GROUP, STAGING_GROUP):
-                if name not in root:
+                if not (self.path / name / "zarr.json").exists():
                     root.create_group(name)
 
     def _recover_staging(self) -> None:
@@ -201,6 +212,7 @@ class CohortStore:
                 shutil.rmtree(folder)
 
     def _swap_in(self, patient: str) -> None:
+        self._changing()
         final = self.path / self.group_path(patient)
         if final.exists():
             shutil.rmtree(final)
@@ -208,7 +220,94 @@ class CohortStore:
 
     # ------------------------------------------------------------------ groups
     def _root(self, mode=None):
-        return self._zarr.open_group(self.path, mode=mode or ("r" if self.mode == "r" else "a"), zarr_format=3)
+        return self._zarr.open_group(self.path, mode=mode or ("r" if self.mode == "r" else "a"), zarr_format=3,
+                                     use_consolidated=False)
+
+    # ------------------------------------------------------------------ root metadata
+    # The root attributes (failures, warnings, damage) are read and replaced as the JSON of
+    # the root ``zarr.json``: one parse, no zarr node objects for the consolidated metadata
+    # beside them, which is kept as it is (root attributes are not part of it).
+
+    def _root_meta(self) -> dict:
+        import json
+
+        return json.loads((self.path / "zarr.json").read_text())
+
+    def _put_root_meta(self, meta: dict) -> None:
+        """Replace the root ``zarr.json`` atomically: a reader sees the old file or the new one, whole."""
+        import json
+
+        target = self.path / "zarr.json"
+        tmp = target.with_name(f".zarr.json.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(meta, separators=(",", ":")))
+        os.replace(tmp, target)
+
+    def _root_attrs(self) -> dict:
+        return dict(self._root_meta().get("attributes", {}))
+
+    def _update_root_attrs(self, update: dict) -> None:
+        meta = self._root_meta()
+        meta["attributes"] = {**meta.get("attributes", {}), **_jsonable(update)}
+        self._put_root_meta(meta)
+
+    # ------------------------------------------------------------------ consolidated metadata
+    def is_consolidated(self) -> bool:
+        """Whether the root holds consolidated metadata (a current one: see the module's notes)."""
+        return self._root_meta().get(CONSOLIDATED_KEY) is not None
+
+    def _changing(self) -> None:
+        """Drop the consolidated metadata before a change to a patient group or a table.
+
+        Dropped, not updated: rewriting a listing of the whole cohort at every
+        stage of every patient would cost O(cohort) per write; the writer
+        writes it once at the end of its run (:meth:`lock`). Once dropped, this
+        reads only the (then small) root ``zarr.json``.
+        """
+        meta = self._root_meta()
+        if meta.pop(CONSOLIDATED_KEY, None) is not None:
+            self._put_root_meta(meta)
+
+    def consolidate(self) -> dict:
+        """Write the consolidated metadata of every group and array (staged groups left out), atomically.
+
+        The same layout as ``zarr.consolidate_metadata`` (inline, in the root
+        ``zarr.json``), read from each node's own ``zarr.json``; the new root
+        file replaces the old one in one ``os.replace``, so a reader never sees
+        half of it. Call it only while holding the writer lock with nothing
+        else writing (:meth:`lock` does, at the end of a run).
+
+        Returns
+        -------
+        dict
+            ``nodes`` (groups and arrays listed) and ``seconds`` it took.
+        """
+        import json
+        import time
+
+        start = time.perf_counter()
+        entries = {}
+        root = str(self.path)
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            if rel == STAGING_GROUP:
+                dirnames[:] = []  # a staged patient is not in the cohort until its swap
+            if rel == "." or "zarr.json" not in filenames:
+                if rel != ".":
+                    dirnames[:] = []  # not a zarr node: nothing below belongs to the hierarchy
+                continue
+            with open(os.path.join(dirpath, "zarr.json")) as fh:
+                node = json.load(fh)
+            if node.get("node_type") == "array":
+                dirnames[:] = []  # chunks
+            else:
+                node[CONSOLIDATED_KEY] = {"kind": "inline", "must_understand": False, "metadata": {}}
+            entries[rel] = node
+            dirnames.sort()
+        meta = self._root_meta()
+        meta[CONSOLIDATED_KEY] = {"kind": "inline", "must_understand": False,
+                                  "metadata": dict(sorted(entries.items()))}
+        self._put_root_meta(meta)
+        return {"nodes": len(entries), "seconds": time.perf_counter() - start}
 
     def _group(self, path: str, mode=None):
         return self._zarr.open_group(self.path, path=path, mode=mode or ("r" if self.mode == "r" else "r+"),
@@ -245,6 +344,7 @@ class CohortStore:
         """Delete a patient's group (used to redo an incomplete ingest)."""
         folder = self.path / self.group_path(patient)
         if folder.exists():
+            self._changing()
             shutil.rmtree(folder)
 
     def _remove_arrays(self, group_path: str, names) -> None:
@@ -277,6 +377,7 @@ class CohortStore:
         """
         _check_stage_name(stage)
         gpath = self.group_path(patient)
+        self._changing()
         if new_group:
             # A new patient group is written aside and swapped in on commit, so an
             # existing group survives a failed or interrupted rewrite.
@@ -313,6 +414,7 @@ class CohortStore:
         worker runs it) and return a dict merged into the stage record.
         """
         _check_stage_name(stage)
+        self._changing()
         self._unmark_stage(patient, stage)
         return PendingStage(self, patient, stage, delayed, record or {}, group_path=self.group_path(patient))
 
@@ -335,6 +437,7 @@ class CohortStore:
         marked = dict(attrs.get(STAGES_KEY, {}))
         dropped = [s for s in stages if s in marked]
         if dropped:
+            self._changing()
             attrs[STAGES_KEY] = {k: v for k, v in marked.items() if k not in dropped}
             self._group(self.group_path(patient)).attrs.put(_jsonable(attrs))
         return dropped
@@ -342,6 +445,7 @@ class CohortStore:
     def write_subgroup(self, patient: str, name: str, dataset) -> None:
         """Replace the child group ``patients/<id>/<name>`` with ``dataset`` (computed now)."""
         target = f"{self.group_path(patient)}/{name}"
+        self._changing()  # on a worker: the run's client dropped it already, so this only reads
         if (self.path / target).exists():
             shutil.rmtree(self.path / target)
         _encoded_for_store(dataset.copy()).to_zarr(self.path, group=target, mode="w", **_WRITE)
@@ -455,6 +559,7 @@ class CohortStore:
             ds = ds.assign_coords({dim: ds[dim].astype(object)})
         ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__, "columns": columns}
         group = f"{name}.{uuid.uuid4().hex}"
+        self._changing()
         _checksummed(ds).to_zarr(self.path, group=f"{TABLES_GROUP}/{group}", mode="w", **_WRITE)
         self._switch_table(name, group)
         # Only now is the old group unreachable for a new reader; remove it, an old-layout
@@ -515,25 +620,23 @@ class CohortStore:
 
     # ------------------------------------------------------------------ failures
     def failures(self) -> list[dict]:
-        return list(self._root(mode="r").attrs.get(FAILURES_KEY, []))
+        return list(self._root_attrs().get(FAILURES_KEY, []))
 
     def record_failure(self, error: PatientError, *, stage: str | None = None) -> None:
         """Keep one failure record per (patient, stage): the latest."""
         rec = error.as_record()
         rec["stage"] = rec.get("stage") or stage
         rec["time"] = _now()
-        root = self._root()
-        kept = [f for f in root.attrs.get(FAILURES_KEY, [])
+        kept = [f for f in self._root_attrs().get(FAILURES_KEY, [])
                 if (f.get("patient"), f.get("stage")) != (rec["patient"], rec["stage"])]
         kept.append(_jsonable(rec))
-        root.attrs.update({FAILURES_KEY: kept})
+        self._update_root_attrs({FAILURES_KEY: kept})
 
     def clear_failure(self, patient: str, stage: str) -> None:
-        root = self._root()
-        old = root.attrs.get(FAILURES_KEY, [])
+        old = self._root_attrs().get(FAILURES_KEY, [])
         kept = [f for f in old if (f.get("patient"), f.get("stage")) != (patient, stage)]
         if len(kept) != len(old):
-            root.attrs.update({FAILURES_KEY: kept})
+            self._update_root_attrs({FAILURES_KEY: kept})
 
     # ------------------------------------------------------------------ integrity
     @staticmethod
@@ -654,7 +757,7 @@ class CohortStore:
 
     def damage(self) -> list[dict]:
         """Every damaged chunk or array the last verification of each patient found."""
-        return list(self._root(mode="r").attrs.get(DAMAGE_KEY, []))
+        return list(self._root_attrs().get(DAMAGE_KEY, []))
 
     def record_damage(self, found: dict) -> None:
         """Replace the damage records of each patient of ``found`` (``{patient: records}``) in one write.
@@ -663,33 +766,32 @@ class CohortStore:
         the patient was verified and found whole.
         """
         now = _now()
-        root = self._root()
-        old = list(root.attrs.get(DAMAGE_KEY, []))
+        old = list(self._root_attrs().get(DAMAGE_KEY, []))
         kept = [d for d in old if d.get("patient") not in found]
         new = [_jsonable({**r, "patient": patient, "time": now}) for patient, records in found.items()
                for r in records]
         if new or len(kept) != len(old):
-            root.attrs.update({DAMAGE_KEY: kept + new})
+            self._update_root_attrs({DAMAGE_KEY: kept + new})
 
     def _clear_committed(self, patient: str, stage: str, *, whole_patient: bool) -> None:
         """After a commit: drop the stage's failure and its damage (every damage of a new patient group)."""
-        root = self._root()
+        attrs = self._root_attrs()
         update = {}
-        failures = root.attrs.get(FAILURES_KEY, [])
+        failures = attrs.get(FAILURES_KEY, [])
         kept = [f for f in failures if (f.get("patient"), f.get("stage")) != (patient, stage)]
         if len(kept) != len(failures):
             update[FAILURES_KEY] = kept
-        damage = root.attrs.get(DAMAGE_KEY, [])
+        damage = attrs.get(DAMAGE_KEY, [])
         kept = [d for d in damage if d.get("patient") != patient or not (whole_patient or d.get("stage") == stage)]
         if len(kept) != len(damage):
             update[DAMAGE_KEY] = kept
         if update:
-            root.attrs.update(update)
+            self._update_root_attrs(update)
 
     # ------------------------------------------------------------------ warnings
     def warnings(self) -> list[dict]:
         """Every recorded warning: patient, stage, file, reason, time."""
-        return list(self._root(mode="r").attrs.get(WARNINGS_KEY, []))
+        return list(self._root_attrs().get(WARNINGS_KEY, []))
 
     def record_warnings(self, patient: str, stage: str, records) -> None:
         """Replace the warnings of (``patient``, ``stage``) with ``records``.
@@ -703,11 +805,10 @@ class CohortStore:
         now = _now()
         new = [_jsonable({"patient": patient, "stage": stage, "file": None if r.get("file") is None
                           else str(r["file"]), "reason": str(r["reason"]), "time": now}) for r in records]
-        root = self._root()
-        old = list(root.attrs.get(WARNINGS_KEY, []))
+        old = list(self._root_attrs().get(WARNINGS_KEY, []))
         kept = [w for w in old if (w.get("patient"), w.get("stage")) != (patient, stage)]
         if new or len(kept) != len(old):
-            root.attrs.update({WARNINGS_KEY: kept + new})
+            self._update_root_attrs({WARNINGS_KEY: kept + new})
 
     # ------------------------------------------------------------------ misc
     def size_bytes(self) -> int:
@@ -765,6 +866,13 @@ class CohortStore:
             if self.mode == "a":
                 self._recover_staging()
             yield self
+            # Every task of the run has finished (an exception skips this: tasks may still be
+            # writing, and a store without consolidated metadata is read correctly, only slower).
+            if self.mode == "a" and not self.is_consolidated():
+                try:
+                    self.consolidate()
+                except PermissionError:
+                    pass  # a read-only store a run had nothing to write to: readers list its groups instead
         finally:
             try:
                 # Removed while still held: a writer that opened the file meanwhile finds, once it
@@ -826,6 +934,7 @@ class PendingStage:
 
     def commit(self) -> None:
         """Mark the stage complete (call only after ``delayed`` has been computed)."""
+        self.store._changing()
         group = self.store._group(self.group_path)
         attrs = dict(group.attrs)
         stages = dict(attrs.get(STAGES_KEY, {}))
@@ -848,6 +957,11 @@ class PendingStage:
 def open_cohort(path):
     """The whole cohort as a lazy :class:`xarray.DataTree` (no voxel is loaded).
 
+    With the store's consolidated metadata (written at the end of each run)
+    every group's metadata comes from one file; without it (a run in
+    progress, a killed one, a store of an older lungzarr) each group's own is
+    read, the same tree, only slower.
+
     Examples
     --------
     >>> tree = lungzarr.open_cohort("cohort.zarr")            # doctest: +SKIP
@@ -857,17 +971,31 @@ def open_cohort(path):
     import xarray as xr
 
     store = CohortStore(path, mode="r")
-    options = {"engine": "zarr", "consolidated": False, "chunks": {}, "zarr_format": 3}
+    options = {"engine": "zarr", "chunks": {}, "zarr_format": 3}
+    tree = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        root = xr.open_dataset(store.path, **options)
-        children = {name: xr.open_datatree(store.path, group=name, **options)
-                    for name in (PATIENTS_GROUP, STAGING_GROUP) if (store.path / name / "zarr.json").exists()}
+        if store.is_consolidated():
+            try:
+                tree = xr.open_datatree(store.path, consolidated=True, **options)
+            except (ValueError, KeyError, FileNotFoundError):
+                tree = None  # dropped by a run that started meanwhile: read each group's own
+        if tree is None:
+            options["consolidated"] = False
+            root = xr.open_dataset(store.path, **options)
+            children = {name: xr.open_datatree(store.path, group=name, **options)
+                        for name in (PATIENTS_GROUP, STAGING_GROUP) if (store.path / name / "zarr.json").exists()}
     # The cohort tables as ``tables/<name>``, each read whole through its pointer (small; never a
     # torn or removed table group: see CohortStore.write_table).
-    tables = {name: xr.DataTree(dataset=store._table_dataset(name)) for name in store.table_names()}
-    children[TABLES_GROUP] = xr.DataTree(children=tables)
-    return xr.DataTree(dataset=root, children=children)
+    tables = xr.DataTree(children={name: xr.DataTree(dataset=store._table_dataset(name))
+                                   for name in store.table_names()})
+    if tree is None:
+        return xr.DataTree(dataset=root, children={**children, TABLES_GROUP: tables})
+    # Swap only the tables node: building a new tree would copy (and re-align) every patient's node.
+    if TABLES_GROUP in tree.children:
+        del tree[TABLES_GROUP]
+    tree[TABLES_GROUP] = tables
+    return tree
 
 
 def read_nodules(path):
