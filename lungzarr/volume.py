@@ -1,6 +1,6 @@
 """Low-level volume and chunk helpers shared by every stage.
 
-Nothing here reads files or touches Zarr; everything is plain numpy / dask
+Nothing here reads file contents (only `files_token` stats files) or touches Zarr; everything is plain numpy / dask
 arithmetic on arrays and grids, so any module may import it.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "rescale_n",
     "normalize_hu",
     "z_chunks",
+    "files_token",
     "TARGET_SPACING_MM",
 ]
 
@@ -155,3 +156,20 @@ class ScanSeries(Protocol):
     def warning_records(self) -> list[dict]: ...
 
     def to_hu(self, *, chunk_slices: int = 16, store=None): ...
+
+
+def files_token(paths) -> list[tuple[str, int, int]]:
+    """``(resolved path, st_size, st_mtime_ns)`` of each file: what a task key must depend on.
+
+    A header value (SeriesInstanceUID, SOPInstanceUID) is not enough: two folders
+    can hold copies of one series, one of them damaged, and dask merges equal keys
+    silently, so one patient would be stored with the other's pixels.
+    """
+    from pathlib import Path
+
+    out = []
+    for path in paths:
+        resolved = Path(path).resolve()
+        st = resolved.stat()
+        out.append((str(resolved), int(st.st_size), int(st.st_mtime_ns)))
+    return out

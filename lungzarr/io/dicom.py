@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lungzarr.errors import PatientError
-from lungzarr.volume import Grid, z_chunks
+from lungzarr.volume import Grid, files_token, z_chunks  # noqa: F401  (files_token: part of this API)
 
 __all__ = [
     "SliceHeader",
@@ -728,21 +728,6 @@ def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None
 def _decode_block(*, paths, slopes, intercepts, patient, block_info=None):
     (z0, z1), _, _ = block_info[None]["array-location"]
     return decode_slices_to_hu(paths[z0:z1], slopes[z0:z1], intercepts[z0:z1], patient=patient)
-
-
-def files_token(paths) -> list[tuple[str, int, int]]:
-    """``(resolved path, st_size, st_mtime_ns)`` of each file: what a task key must depend on.
-
-    A header value (SeriesInstanceUID, SOPInstanceUID) is not enough: two folders
-    can hold copies of one series, one of them damaged, and dask merges equal keys
-    silently, so one patient would be stored with the other's pixels.
-    """
-    out = []
-    for path in paths:
-        resolved = Path(path).resolve()
-        st = resolved.stat()
-        out.append((str(resolved), int(st.st_size), int(st.st_mtime_ns)))
-    return out
 
 
 def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None, files=None):

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from lungzarr.errors import LungzarrError, PatientError
-from lungzarr.volume import Grid, z_chunks
+from lungzarr.volume import Grid, files_token, z_chunks
 
 __all__ = ["VolumeSeries", "VOLUME_SUFFIXES", "METAIMAGE_DATA_SUFFIXES", "volume_stem", "is_volume_file",
            "metaimage_data_files",
@@ -199,7 +199,7 @@ class VolumeSeries:
         from dask.base import tokenize
 
         nz, ny, nx = self.shape
-        token = tokenize(self.patient, _files_token(self.files), self.format, self.axes, self.file_shape,
+        token = tokenize(self.patient, files_token(self.files), self.format, self.axes, self.file_shape,
                          chunk_slices, None if store is None else str(store))
         return da.map_blocks(
             _read_block,
@@ -213,16 +213,6 @@ class VolumeSeries:
             file_shape=self.file_shape,
             patient=self.patient,
         )
-
-
-def _files_token(paths) -> list[tuple[str, int, int]]:
-    """``(resolved path, st_size, st_mtime_ns)`` of each file: what a task key must depend on."""
-    out = []
-    for path in paths:
-        resolved = Path(path).resolve()
-        st = resolved.stat()
-        out.append((str(resolved), int(st.st_size), int(st.st_mtime_ns)))
-    return out
 
 
 def _error(reason, patient, path):
