@@ -111,6 +111,42 @@ def grid_from_attrs(attrs: dict, key: str = "grid_2mm") -> Grid:
     return Grid(tuple(g["shape"]), tuple(g["origin_mm"]), tuple(g["step_mm"]))
 
 
+#: NGFF (OME-Zarr) metadata namespace of a patient group: an NGFF 0.5 reader (``ome_zarr``, napari,
+#: vizarr) opens ``patients/<id>`` as an image without lungzarr.
+OME_KEY = "ome"
+NGFF_VERSION = "0.5"
+
+
+def ome_multiscales(attrs: dict) -> dict | None:
+    """NGFF 0.5 ``ome`` attributes of a patient group: one ``multiscales`` image, ``hu_2mm``.
+
+    Metadata only: the dataset path ``hu_2mm`` names the array xarray wrote in
+    the same group (NGFF paths are relative to the image group, so no copy).
+    The axes carry xarray's dimension names ``z2``, ``y2``, ``x2`` because
+    NGFF 0.5 requires an array's ``dimension_names`` to match the axes' names.
+    Scale is the 2 mm grid's ``|step|`` and translation its origin (mm, world
+    coordinates of voxel 0). NGFF has no direction cosines: a negative step is
+    stored as its magnitude (a viewer shows the volume in index order) and the
+    direction stays in ``grid_2mm`` / the ``lungzarr`` attrs. None without a
+    ``grid_2mm``.
+    """
+    if "grid_2mm" not in attrs:
+        return None
+    grid = grid_from_attrs(attrs)
+    scale = [abs(float(s)) for s in grid.step]
+    translation = [float(o) for o in grid.origin]
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [{
+            "name": "hu_2mm",
+            "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in ("z2", "y2", "x2")],
+            "datasets": [{"path": "hu_2mm", "coordinateTransformations": [
+                {"type": "scale", "scale": scale},
+                {"type": "translation", "translation": translation}]}],
+        }],
+    }
+
+
 def _vlen_strings(dataset):
     """Fixed-width unicode has no Zarr v3 spec yet: store strings as variable-length."""
     for name, var in dataset.variables.items():
@@ -941,6 +977,9 @@ class PendingStage:
         stages[self.stage] = _jsonable({"completed": _now(), "id": uuid.uuid4().hex,
                                         "lungzarr_version": __version__, **self.record})
         attrs[STAGES_KEY] = stages
+        ome = ome_multiscales(attrs) if "hu_2mm" in group.array_keys() else None
+        if ome is not None:
+            attrs[OME_KEY] = ome
         group.attrs.put(_jsonable(attrs))
         if self.staged:
             self.store._swap_in(self.patient)
