@@ -60,3 +60,13 @@ def test_ome_zarr_reader_opens_the_patient_at_the_stored_grid(store):
     assert tuple(level0.shape) == tuple(grid.shape)
     hu_2mm = open_cohort(store)["patients/P1"].to_dataset().hu_2mm.values
     np.testing.assert_array_equal(np.asarray(level0), hu_2mm)
+
+
+def test_a_negative_step_is_stored_as_its_magnitude_with_the_origin_as_translation():
+    from lungzarr.io.storage import ome_multiscales
+
+    attrs = {"grid_2mm": {"shape": [10, 8, 8], "origin_mm": [50.0, -20.0, -30.0], "step_mm": [-2.0, 1.9, 2.1]}}
+    level = ome_multiscales(attrs)["multiscales"][0]["datasets"][0]
+    assert level["coordinateTransformations"] == [{"type": "scale", "scale": [2.0, 1.9, 2.1]},
+                                                  {"type": "translation", "translation": [50.0, -20.0, -30.0]}]
+    assert ome_multiscales({}) is None

@@ -4,6 +4,7 @@ The only module of lungzarr that imports zarr. Layout::
 
     STORE/
       patients/<id>/          xarray Dataset: hu, hu_2mm, lungs, segmented, nodule_prob
+                              (its ``ome`` attribute: NGFF 0.5 multiscales of hu_2mm, see ome_multiscales)
       patients/<id>/nodules/  xarray Dataset with a ``nodule`` dimension
       tables/patients.<uuid>  cohort-wide patient table (dimension ``patient``)
       tables/nodules.<uuid>   cohort-wide nodule table (dimension ``nodule``); the ``tables``
