@@ -19,6 +19,7 @@ __all__ = [
     "normalize_hu",
     "z_chunks",
     "files_token",
+    "strip_suffix",
     "TARGET_SPACING_MM",
 ]
 
@@ -173,3 +174,16 @@ def files_token(paths) -> list[tuple[str, int, int]]:
         st = resolved.stat()
         out.append((str(resolved), int(st.st_size), int(st.st_mtime_ns)))
     return out
+
+
+def strip_suffix(name: str, suffixes) -> str | None:
+    """``name`` without the first of ``suffixes`` it ends with (case-insensitive), or None.
+
+    ``suffixes`` longest first where one ends another (``.nii.gz`` before ``.gz``); a name that is only
+    the suffix gives None.
+    """
+    lower = name.lower()
+    for suffix in suffixes:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return None

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from lungzarr.errors import LungzarrError, PatientError
-from lungzarr.volume import Grid, files_token, z_chunks
+from lungzarr.volume import Grid, files_token, strip_suffix, z_chunks
 
 __all__ = ["VolumeSeries", "VOLUME_SUFFIXES", "METAIMAGE_DATA_SUFFIXES", "volume_stem", "is_volume_file",
            "metaimage_data_files",
@@ -61,11 +61,7 @@ _PACKAGES = {"metaimage": ("SimpleITK", "`pip install SimpleITK` (or `pip instal
 
 def volume_stem(name: str) -> str | None:
     """The patient id of a volume file name (``P1.nii.gz`` -> ``P1``), or None when it is no volume file."""
-    lower = name.lower()
-    for suffix in VOLUME_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[:-len(suffix)]
-    return None
+    return strip_suffix(name, VOLUME_SUFFIXES)
 
 
 def is_volume_file(path) -> bool:

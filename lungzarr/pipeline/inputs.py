@@ -19,6 +19,7 @@ from typing import Iterable
 
 from lungzarr.errors import LungzarrError, PatientError, RunConfigError
 from lungzarr.io.volumes import METAIMAGE_DATA_SUFFIXES, metaimage_data_files, missing_reader, volume_stem
+from lungzarr.volume import strip_suffix
 
 __all__ = ["InputEntry", "InputScan", "scan_input", "find_patients", "record_input", "ARCHIVE_SUFFIXES",
            "INPUT_STAGE"]
@@ -80,11 +81,7 @@ class InputScan:
 
 def archive_stem(name: str) -> str | None:
     """The name without its archive ending (``P1.tar.gz`` -> ``P1``), or None when it is no archive."""
-    lower = name.lower()
-    for suffix in ARCHIVE_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[:-len(suffix)]
-    return None
+    return strip_suffix(name, ARCHIVE_SUFFIXES)
 
 
 def _is_patient_dir(p: Path) -> bool:
