@@ -24,6 +24,19 @@ DSB_PATIENT = "0acbebb8d463b4b9ca88cf38431aac69"
 SHARED_WEIGHTS = SHARED / "models" / "d8_2x2x2_best_weights.h5"
 
 
+def stop_processes(*procs, timeout: float = 30) -> None:
+    """Terminate processes a test started (a scheduler, its workers), then kill any that outlive ``timeout``."""
+    import subprocess
+
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

@@ -16,6 +16,8 @@ import pytest
 from lungzarr.demo import write_demo_cohort
 from lungzarr.io.storage import CohortStore
 
+from conftest import stop_processes
+
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,13 +145,7 @@ def test_ingest_on_a_separately_started_scheduler_and_worker(demo_input, tmp_pat
         assert CohortStore(store, mode="r").is_complete("DEMO-001", "ingest")
         assert worker_pids and os.getpid() not in worker_pids
     finally:
-        for p in (worker, scheduler):
-            p.terminate()
-        for p in (worker, scheduler):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(worker, scheduler)
 
 
 @pytest.fixture(scope="module")

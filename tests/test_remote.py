@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import stop_processes
 from dicom_phantoms import edit_header, make_patient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,13 +123,7 @@ def tls_cluster(tmp_path):
                 time.sleep(0.5)
         yield address, files
     finally:
-        for p in (worker, scheduler):
-            p.terminate()
-        for p in (worker, scheduler):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(worker, scheduler)
 
 
 def _ingest(root, store, address, env):
