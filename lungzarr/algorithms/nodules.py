@@ -36,6 +36,7 @@ __all__ = [
     "NODULE_COLUMNS",
     "find_nodules",
     "select_nodules",
+    "nodule_label_image",
     "REPORTED_THRESHOLD",
     "empty_nodule_table",
     "concat_nodule_tables",
@@ -402,6 +403,49 @@ def select_nodules(table: pd.DataFrame, *, threshold: float | None = REPORTED_TH
     if dsb_filter:
         keep &= table["passes_dsb_filter"].to_numpy(dtype=bool)
     return table[keep]
+
+
+def nodule_label_image(prob, table=None, *, threshold: float = REPORTED_THRESHOLD) -> np.ndarray:
+    """The nodule label image: each candidate at ``threshold`` labelled with its nodule table ``label``.
+
+    The one label rule of every nodule label image lungzarr writes (the NIfTI
+    export, the NGFF ``labels/nodules`` image): the 26-connected components
+    of ``prob > float32(threshold)``, numbered as :func:`find_nodules` numbers
+    them (raster order, from 1), so a voxel's value is the ``label`` of its
+    row at that threshold; 0 elsewhere.
+
+    Parameters
+    ----------
+    prob : ndarray of float32, shape (Z, Y, X)
+        The patient's ``nodule_prob``.
+    table : DataFrame, optional
+        The patient's nodule table. When given, its rows at ``threshold`` must
+        be these components, label for label (same count, same voxels per
+        label): a table computed from another ``nodule_prob`` would give
+        labels that name other nodules.
+    threshold : float
+        One of the table's thresholds.
+
+    Returns
+    -------
+    ndarray of int32
+
+    Raises
+    ------
+    ValueError
+        The table's rows at ``threshold`` are not these components.
+    """
+    comps = find_components(above_threshold(prob, threshold))
+    labels = comps.label_image()
+    if table is not None:
+        rows = table[np.isclose(table["threshold"].to_numpy(np.float64), float(threshold), rtol=0, atol=1e-12)]
+        rows = rows.sort_values("label")
+        counts = np.bincount(labels.ravel(), minlength=comps.count + 1)[1:]
+        if (len(rows) != comps.count or not np.array_equal(rows["label"].to_numpy(), np.arange(1, comps.count + 1))
+                or not np.array_equal(rows["voxels"].to_numpy(), counts)):
+            raise ValueError(f"the nodule table at threshold {threshold!r} does not match nodule_prob "
+                             f"({len(rows)} rows, {comps.count} components)")
+    return labels
 
 
 def concat_nodule_tables(tables) -> pd.DataFrame:

@@ -4,8 +4,10 @@ The only module of lungzarr that imports zarr. Layout::
 
     STORE/
       patients/<id>/          xarray Dataset: hu, hu_2mm, lungs, segmented, nodule_prob
-                              (its ``ome`` attribute: NGFF 0.5 multiscales of hu_2mm, see ome_multiscales)
+                              (its ``ome`` attribute: NGFF 0.5 multiscales of hu and hu_2mm, see ome_multiscales)
       patients/<id>/nodules/  xarray Dataset with a ``nodule`` dimension
+      patients/<id>/labels/   NGFF 0.5 label images ``lungs`` and ``nodules`` (``labels/<name>/0``, 2 mm
+                              grid; see CohortStore.write_labels)
       tables/patients.<uuid>  cohort-wide patient table (dimension ``patient``)
       tables/nodules.<uuid>   cohort-wide nodule table (dimension ``nodule``); the ``tables``
                               group's attribute ``lungzarr:tables`` names each current group
@@ -113,39 +115,89 @@ def grid_from_attrs(attrs: dict, key: str = "grid_2mm") -> Grid:
 
 
 #: NGFF (OME-Zarr) metadata namespace of a patient group: an NGFF 0.5 reader (``ome_zarr``, napari,
-#: vizarr) opens ``patients/<id>`` as an image without lungzarr.
+#: vizarr, neuroglancer) opens ``patients/<id>`` as an image without lungzarr.
 OME_KEY = "ome"
 NGFF_VERSION = "0.5"
+#: The NGFF ``labels`` group of a patient group, and its label images in the order ``ome.labels`` lists them:
+#: ``lungs`` (stage segment) and ``nodules`` (stage nodules), each ``labels/<name>/0`` on the 2 mm grid.
+LABELS_GROUP = "labels"
+LABEL_IMAGES = ("lungs", "nodules")
+#: Dimension names of the native and the 2 mm arrays (the NGFF axes must carry the arrays' dimension names).
+_NATIVE_DIMS = ("z", "y", "x")
+_DIMS_2MM = ("z2", "y2", "x2")
 
 
-def ome_multiscales(attrs: dict) -> dict | None:
-    """NGFF 0.5 ``ome`` attributes of a patient group: one ``multiscales`` image, ``hu_2mm``.
+def _ngff_axes(names) -> list[dict]:
+    return [{"name": n, "type": "space", "unit": "millimeter"} for n in names]
 
-    Metadata only: the dataset path ``hu_2mm`` names the array xarray wrote in
-    the same group (NGFF paths are relative to the image group, so no copy).
-    The axes carry xarray's dimension names ``z2``, ``y2``, ``x2`` because
-    NGFF 0.5 requires an array's ``dimension_names`` to match the axes' names.
-    Scale is the 2 mm grid's ``|step|`` and translation its origin (mm, world
+
+def _ngff_level(path: str, grid: Grid) -> dict:
+    """One NGFF dataset: scale ``|step|``, translation the origin (mm of voxel 0's centre)."""
+    return {"path": path, "coordinateTransformations": [
+        {"type": "scale", "scale": [abs(float(s)) for s in grid.step]},
+        {"type": "translation", "translation": [float(o) for o in grid.origin]}]}
+
+
+def ome_multiscales(attrs: dict, arrays=None) -> dict | None:
+    """NGFF 0.5 ``ome`` attributes of a patient group: the native ``hu`` image, then ``hu_2mm``.
+
+    Metadata only: each dataset path names an array xarray wrote in the same
+    group (NGFF paths are relative to the image group, so no copy). A reader
+    shows the first image, ``hu`` (axes ``z``, ``y``, ``x``, the native grid,
+    ``grid_native``); ``hu_2mm`` (axes ``z2``, ``y2``, ``x2``, ``grid_2mm``) is
+    the second, the grid of the ``labels`` images. The axes carry xarray's
+    dimension names because NGFF 0.5 requires an array's ``dimension_names``
+    to match the axes' names. Each image has one level: a downsampled level of
+    ``hu`` would be an array with dimensions ``z``, ``y``, ``x`` of another
+    size, which xarray's DataTree (``open_cohort``, ``xr.open_datatree``)
+    refuses anywhere below the patient group (its children must align with
+    its ``y``/``x`` coordinates); ``hu_2mm`` is the quick view.
+
+    Scale is a grid's ``|step|`` and translation its origin (mm, world
     coordinates of voxel 0). NGFF has no direction cosines: a negative step is
     stored as its magnitude (a viewer shows the volume in index order) and the
-    direction stays in ``grid_2mm`` / the ``lungzarr`` attrs. None without a
-    ``grid_2mm``.
+    direction stays in ``grid_native`` / ``grid_2mm`` / the ``lungzarr`` attrs.
+
+    Parameters
+    ----------
+    attrs : dict
+        The patient group's attributes.
+    arrays : collection of str, optional
+        The arrays the group holds (an image is listed only when its array is
+        there); None assumes every array a recorded grid describes.
+
+    Returns
+    -------
+    dict or None
+        None when the group has neither image.
     """
-    if "grid_2mm" not in attrs:
+    images = []
+    for name, grid_key, dims in (("hu", "grid_native", _NATIVE_DIMS), ("hu_2mm", "grid_2mm", _DIMS_2MM)):
+        if grid_key in attrs and (arrays is None or name in arrays):
+            images.append({"name": name, "axes": _ngff_axes(dims),
+                           "datasets": [_ngff_level(name, grid_from_attrs(attrs, grid_key))]})
+    if not images:
         return None
-    grid = grid_from_attrs(attrs)
-    scale = [abs(float(s)) for s in grid.step]
-    translation = [float(o) for o in grid.origin]
-    return {
-        "version": NGFF_VERSION,
-        "multiscales": [{
-            "name": "hu_2mm",
-            "axes": [{"name": n, "type": "space", "unit": "millimeter"} for n in ("z2", "y2", "x2")],
-            "datasets": [{"path": "hu_2mm", "coordinateTransformations": [
-                {"type": "scale", "scale": scale},
-                {"type": "translation", "translation": translation}]}],
-        }],
-    }
+    return {"version": NGFF_VERSION, "multiscales": images}
+
+
+def ome_label_image(attrs: dict, name: str, *, colors=None, properties=None) -> dict:
+    """NGFF 0.5 ``ome`` attributes of the label image ``labels/<name>``: one level ``0`` on the 2 mm grid.
+
+    The same axes, scale and translation as ``hu_2mm`` (the label voxels are
+    its voxels); ``image-label.source`` points at the patient group, two levels
+    up. ``colors`` and ``properties`` are NGFF's lists of dicts with a
+    ``label-value`` each.
+    """
+    image_label = {"source": {"image": "../../"}}
+    if colors:
+        image_label["colors"] = list(colors)
+    if properties:
+        image_label["properties"] = list(properties)
+    return {"version": NGFF_VERSION,
+            "multiscales": [{"name": name, "axes": _ngff_axes(_DIMS_2MM),
+                             "datasets": [_ngff_level("0", grid_from_attrs(attrs, "grid_2mm"))]}],
+            "image-label": image_label}
 
 
 def _vlen_strings(dataset):
@@ -487,6 +539,45 @@ class CohortStore:
             shutil.rmtree(self.path / target)
         _encoded_for_store(dataset.copy()).to_zarr(self.path, group=target, mode="w", **_WRITE)
 
+    def write_labels(self, patient: str, name: str, labels, *, colors=None, properties=None,
+                     chunk_slices: int = 16) -> None:
+        """Replace the NGFF label image ``patients/<id>/labels/<name>`` with ``labels`` (computed now).
+
+        ``labels`` is an integer array on the patient's 2 mm grid; it is
+        written as the label image's only level ``0`` (dimensions ``z2``,
+        ``y2``, ``x2``, chunks of ``chunk_slices`` slices, checksummed like
+        every chunk of the store) with :func:`ome_label_image` metadata, and
+        the ``labels`` group's ``ome.labels`` lists the label images then
+        present. Call it from the task of the stage that owns the label image
+        (before its commit), so the image is complete exactly when the stage
+        is. NGFF puts a label image's arrays inside its own group (a dataset
+        path cannot point outside it), so this is a copy of the stage's array.
+        """
+        import xarray as xr
+
+        if name not in LABEL_IMAGES:
+            raise ValueError(f"name must be one of {LABEL_IMAGES!r}, got {name!r}")
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu" or labels.ndim != 3:
+            raise ValueError(f"labels must be a 3-D integer array, got dtype {labels.dtype!r} and shape "
+                             f"{labels.shape!r}")
+        attrs = self.patient_attrs(patient)
+        grid = grid_from_attrs(attrs)
+        if tuple(labels.shape) != tuple(grid.shape):
+            raise ValueError(f"labels shape {labels.shape!r} must be the 2 mm grid's {tuple(grid.shape)!r}")
+        group = f"{self.group_path(patient)}/{LABELS_GROUP}"
+        target = f"{group}/{name}"
+        self._changing()  # on a worker: the run's client dropped it already, so this only reads
+        if (self.path / target).exists():
+            shutil.rmtree(self.path / target)
+        ds = xr.Dataset({"0": (_DIMS_2MM, labels)})
+        ds["0"].encoding["chunks"] = (min(int(chunk_slices), labels.shape[0]),) + tuple(labels.shape[1:])
+        _encoded_for_store(ds).to_zarr(self.path, group=target, mode="w", **_WRITE)
+        self._group(target).attrs.put(_jsonable({OME_KEY: ome_label_image(attrs, name, colors=colors,
+                                                                           properties=properties)}))
+        present = [n for n in LABEL_IMAGES if (self.path / group / n / "zarr.json").is_file()]
+        self._group(group).attrs.put({OME_KEY: {"version": NGFF_VERSION, "labels": present}})
+
     # ------------------------------------------------------------------ reads
     def open_patient(self, patient: str, *, subgroup: str | None = None):
         """A patient's Dataset, lazily (dask arrays, nothing loaded)."""
@@ -687,7 +778,9 @@ class CohortStore:
         """
         head = name.split("/", 1)[0]
         for stage, owned in owners.items():
-            if head in owned.get("subgroups", ()) or head in owned.get("arrays", ()):
+            # A child group may be nested (``labels/lungs``): it owns every array below it.
+            if (any(name == g or name.startswith(g + "/") for g in owned.get("subgroups", ()))
+                    or head in owned.get("arrays", ())):
                 return stage
         return creator
 
@@ -729,28 +822,38 @@ class CohortStore:
         for stage, record in stages.items():
             legacy = record.get("source") == "import-legacy"  # wrote what the old layout had, under ingest
             owned = owners.get(stage, {})
-            expected = list(owned.get("subgroups", ())) or ([] if legacy else list(owned.get("arrays", ())))
+            # An import wrote only what the old layout had (no NGFF labels either).
+            expected = [] if legacy else list(owned.get("subgroups", ())) + list(owned.get("arrays", ()))
             for name in expected:
                 if not (folder / name / "zarr.json").is_file():
                     damaged(stage, name, "missing", folder / name, f"{name!r} is missing from the store")
 
         arrays = []  # (name relative to the patient group, folder)
-        for entry in sorted(p for p in folder.iterdir() if p.is_dir()):
-            try:
-                node = json.loads((entry / "zarr.json").read_text()).get("node_type")
-            except FileNotFoundError:
-                continue  # not a zarr node (nothing lungzarr writes)
-            except (ValueError, UnicodeDecodeError) as exc:
-                stage = self.array_stage(entry.name, owners, creator)
-                if stage in stages:
-                    damaged(stage, entry.name, "undecodable", entry / "zarr.json",
-                            f"the metadata of {entry.name!r} cannot be read ({exc})")
-                continue
-            if node == "array":
-                arrays.append((entry.name, entry))
-            elif node == "group" and any(entry.name in o.get("subgroups", ()) for o in owners.values()):
-                arrays.extend((f"{entry.name}/{child.name}", child)
-                              for child in sorted(entry.iterdir()) if (child / "zarr.json").is_file())
+        subgroups = {g for o in owners.values() for g in o.get("subgroups", ())}
+
+        def collect(parent, prefix):
+            """The arrays of ``parent`` (the patient group, or a group on the way to a stage's child group)."""
+            for entry in sorted(p for p in parent.iterdir() if p.is_dir()):
+                name = f"{prefix}{entry.name}"
+                try:
+                    node = json.loads((entry / "zarr.json").read_text()).get("node_type")
+                except FileNotFoundError:
+                    continue  # not a zarr node (nothing lungzarr writes)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    stage = self.array_stage(name, owners, creator)
+                    if stage in stages:
+                        damaged(stage, name, "undecodable", entry / "zarr.json",
+                                f"the metadata of {name!r} cannot be read ({exc})")
+                    continue
+                if node == "array" and not prefix:
+                    arrays.append((name, entry))
+                elif node == "group" and name in subgroups:
+                    arrays.extend((f"{name}/{child.name}", child)
+                                  for child in sorted(entry.iterdir()) if (child / "zarr.json").is_file())
+                elif node == "group" and any(g.startswith(name + "/") for g in subgroups):
+                    collect(entry, name + "/")  # e.g. ``labels``, which holds ``labels/lungs``
+
+        collect(folder, "")
 
         for name, array_dir in arrays:
             stage = self.array_stage(name, owners, creator)
@@ -978,7 +1081,7 @@ class PendingStage:
         stages[self.stage] = _jsonable({"completed": _now(), "id": uuid.uuid4().hex,
                                         "lungzarr_version": __version__, **self.record})
         attrs[STAGES_KEY] = stages
-        ome = ome_multiscales(attrs) if "hu_2mm" in group.array_keys() else None
+        ome = ome_multiscales(attrs, arrays=set(group.array_keys()))
         if ome is not None:
             attrs[OME_KEY] = ome
         group.attrs.put(_jsonable(attrs))

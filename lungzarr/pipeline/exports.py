@@ -154,7 +154,7 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
     ``<patient>_lungs.nii.gz``: ``lungs`` as uint8 (1 = lung).
     ``<patient>_nodules.nii.gz``: int32, each 26-connected component of
     ``nodule_prob > float32(threshold)`` labelled with its nodule row's
-    ``label`` (the labelling of :func:`lungzarr.algorithms.nodules.find_nodules`),
+    ``label`` (:func:`lungzarr.algorithms.nodules.nodule_label_image`, as the store's NGFF ``labels/nodules``),
     0 elsewhere; written only when the nodule table is complete, and checked
     against it (same count, same voxels per label).
 
@@ -176,7 +176,7 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
     """
     import numpy as np
 
-    from lungzarr.algorithms.components import above_threshold, find_components
+    from lungzarr.algorithms.nodules import nodule_label_image
     from lungzarr.io.storage import CohortStore, grid_from_attrs
     from lungzarr.io.volumes import write_nifti
 
@@ -196,19 +196,11 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
         write_nifti(np.asarray(ds.lungs.values, dtype=np.uint8), grid, lungs_path, intent="none")
         nodules_path = None
         if store.is_complete(p, "nodules"):
-            comps = find_components(above_threshold(ds.nodule_prob.values, threshold))
-            labels = comps.label_image()
-            # The table's rows at this threshold must be these components, label for label:
-            # a table from another nodule_prob would give labels that name other nodules.
             rows = store.open_patient(p, subgroup="nodules").to_dataframe()
-            rows = rows[np.isclose(rows.threshold.to_numpy(float), float(threshold), rtol=0, atol=1e-12)]
-            rows = rows.sort_values("label")
-            counts = np.bincount(labels.ravel(), minlength=comps.count + 1)[1:]
-            if (len(rows) != comps.count or not np.array_equal(rows.label.to_numpy(), np.arange(1, comps.count + 1))
-                    or not np.array_equal(rows.voxels.to_numpy(), counts)):
-                raise LungzarrError(f"patient {p!r}: the nodule table at threshold {threshold!r} does not match "
-                                    f"nodule_prob ({len(rows)} rows, {comps.count} components); rerun "
-                                    f"`lungzarr nodules {store_path}`")
+            try:
+                labels = nodule_label_image(ds.nodule_prob.values, rows, threshold=threshold)
+            except ValueError as exc:
+                raise LungzarrError(f"patient {p!r}: {exc}; rerun `lungzarr nodules {store_path}`") from None
             nodules_path = out_dir / f"{p}_nodules.nii.gz"
             write_nifti(labels, grid, nodules_path, intent="label")
         written[p] = {"lungs": str(lungs_path), "nodules": None if nodules_path is None else str(nodules_path)}

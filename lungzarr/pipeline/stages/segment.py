@@ -1,4 +1,5 @@
-"""Stage ``segment``: the legacy per-slice lung segmentation → ``lungs``, ``segmented``; the crop box."""
+"""Stage ``segment``: the legacy per-slice lung segmentation → ``lungs``, ``segmented``, the NGFF label image
+``labels/lungs``; the crop box."""
 from __future__ import annotations
 
 from lungzarr.pipeline.stage import Stage
@@ -7,11 +8,30 @@ from lungzarr.pipeline.stages._common import DIMS_2MM, encoded, task_slices
 __all__ = ["SEGMENT"]
 
 
-def _crop_box_task(store_path, patient):
+#: NGFF colour of the lung label (RGBA, 0-255): a translucent blue a viewer draws over the CT.
+LUNG_LABEL_RGBA = (0, 160, 255, 110)
+
+
+def _after_write_task(store_path, patient, chunk_slices):
+    """From the written mask, on a worker: the crop box, and the NGFF label image ``labels/lungs``.
+
+    The label image is a uint8 copy of ``lungs`` (1 = lung): NGFF dataset
+    paths cannot point outside the label group, and the 2 mm mask is small
+    (~5 MB at 180 x 170 x 170, a few hundred kB stored). Written before the
+    stage's commit, so it is complete exactly when the stage is.
+    """
+    import numpy as np
+
     from lungzarr.algorithms.crop import legacy_crop_box
     from lungzarr.io.storage import CohortStore
 
-    return {"crop_box": legacy_crop_box(CohortStore(store_path, mode="r").open_patient(patient).lungs.values)}
+    store = CohortStore(store_path)
+    lungs = store.open_patient(patient).lungs.values
+    store.write_labels(patient, "lungs", lungs.astype(np.uint8), chunk_slices=chunk_slices,
+                       colors=[{"label-value": 1, "rgba": list(LUNG_LABEL_RGBA)}],
+                       properties=[{"label-value": 1, "name": "lung",
+                                    "source": "lungs (DSB2017 per-slice segmentation)"}])
+    return {"crop_box": legacy_crop_box(lungs)}
 
 
 def _prepare(store, patient, _, options):
@@ -30,14 +50,16 @@ def _prepare(store, patient, _, options):
     pending = store.prepare_stage(patient, "segment", encoded(out, options.chunk_slices),
                                   record={"algorithm": "seperate_lungs_cv2 (docs/algorithms.md §3)"})
     # The crop box needs the whole mask: a worker takes it from the written mask once it is written
-    # (a few hundred kB of bool), in the same computation, so the client never waits on it.
-    return pending.then(_crop_box_task, str(store.path), patient)
+    # (a few hundred kB of bool), in the same computation, so the client never waits on it; the same
+    # task writes the mask's NGFF label image.
+    return pending.then(_after_write_task, str(store.path), patient, options.chunk_slices)
 
 
 SEGMENT = Stage(
     name="segment",
     requires=("ingest",),
     prepare=_prepare,
-    summary="per-slice lung segmentation of hu_2mm → lungs, segmented; the legacy crop box",
+    summary="per-slice lung segmentation of hu_2mm → lungs, segmented (and NGFF labels/lungs); the legacy crop box",
     arrays=("lungs", "segmented"),
+    subgroups=("labels/lungs",),
 )
