@@ -294,7 +294,7 @@ def test_stages_overlap_on_a_cluster_and_cpu_stages_stay_off_the_gpu_worker(thre
         key = str(task["key"])
         kind = "predict" if "overlap" in key else "cpu" if any(
             tag in key for tag in ("decode-dicom", "zoom", "segment-lungs", "_nodule_task", "_features_task",
-                                   "_crop_box_task", "air_in_body", "_whole_volume_steps", "close_lungs",
+                                   "after_write", "air_in_body", "_whole_volume_steps", "close_lungs",
                                    "_measures_task")) else None
         if kind:
             on.setdefault(kind, set()).add(names[task["worker"]])
