@@ -167,3 +167,234 @@ def test_exported_candidates_score_as_the_store(store, tmp_path):
     assert r.exit_code == 0, r.output
     c = json.loads((tmp_path / "noexc" / "results.json").read_text())
     assert c["n_false_positives"] == a["n_false_positives"] + 1
+
+
+# ---------------------------------------------------------------------- DICOM SEG
+
+def _seg_readback(path, sources):
+    """A SEG read back with highdicom and pydicom, against its source files (read with pydicom).
+
+    Returns ``(seg, masks, frame_positions)``: highdicom's Segmentation; per segment number a
+    (slices, rows, columns) bool mask in the sources' z order, built from each frame's referenced
+    SOPInstanceUID; and per frame (referenced SOP, ImagePositionPatient).
+    """
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+
+    seg = hd.seg.segread(path)
+    raw = pydicom.dcmread(path)
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sources]
+    index = {str(h.SOPInstanceUID): k for k, h in enumerate(headers)}
+    pixels = raw.pixel_array.reshape(int(raw.NumberOfFrames), int(raw.Rows), int(raw.Columns)).astype(bool)
+    masks = {int(s.SegmentNumber): np.zeros((len(headers), int(raw.Rows), int(raw.Columns)), bool)
+             for s in raw.SegmentSequence}
+    frames = []
+    shared = raw.SharedFunctionalGroupsSequence[0]
+    for pixel, fg in zip(pixels, raw.PerFrameFunctionalGroupsSequence):
+        uid = str(fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        # One segment: its identification is shared by every frame.
+        ident = fg if "SegmentIdentificationSequence" in fg else shared
+        number = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        masks[number][index[uid]] = pixel
+        frames.append((uid, [float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient]))
+    return seg, raw, headers, masks, frames
+
+
+def _expected_on_sources(values_2mm, grid2, headers):
+    """The 2 mm grid's values at the source pixels' centres by nearest neighbour, from the source headers'
+    geometry (IPP, PixelSpacing; axial identity orientation) — independent of the export's code."""
+    ps = [float(v) for v in headers[0].PixelSpacing]
+    ipp = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    z = ipp[:, 2]
+    y = ipp[0, 1] + np.arange(int(headers[0].Rows)) * ps[0]
+    x = ipp[0, 0] + np.arange(int(headers[0].Columns)) * ps[1]
+    idx = [np.clip(np.rint((c - o) / s), 0, n - 1).astype(int)
+           for c, o, s, n in zip((z, y, x), grid2.origin, grid2.step, grid2.shape)]
+    return np.asarray(values_2mm)[np.ix_(*idx)], (z, y, x)
+
+
+def _check_seg_against_store(store_path, patient, seg_path, sources, *, threshold=0.5):
+    """Referenced UIDs, frame positions, the lung mask and every nodule segment against the store and sources.
+
+    Returns the numbers a report quotes."""
+    from skimage.measure import label as sk_label
+
+    seg, raw, headers, masks, frames = _seg_readback(seg_path, sources)
+    cs = CohortStore(store_path, mode="r")
+    ds = cs.open_patient(patient)
+    # The source series, study, frame of reference and every image are referenced.
+    h0 = headers[0]
+    assert (raw.StudyInstanceUID, raw.FrameOfReferenceUID, raw.PatientID) == \
+        (h0.StudyInstanceUID, h0.FrameOfReferenceUID, h0.PatientID)
+    assert raw.Modality == "SEG" and raw.SegmentationType == "BINARY"
+    ref = raw.ReferencedSeriesSequence
+    assert [str(r.SeriesInstanceUID) for r in ref] == [str(h0.SeriesInstanceUID)] \
+        == [ds.attrs["series_instance_uid"]]
+    assert sorted(str(i.ReferencedSOPInstanceUID) for i in ref[0].ReferencedInstanceSequence) == \
+        sorted(str(h.SOPInstanceUID) for h in headers) == sorted(str(u) for u in ds.sop_instance_uid.values)
+    assert {tuple(u) for u in seg.get_source_image_uids()} == \
+        {(str(h.StudyInstanceUID), str(h.SeriesInstanceUID), str(h.SOPInstanceUID)) for h in headers}
+    # Every frame sits exactly where its source image is.
+    by_uid = {str(h.SOPInstanceUID): [float(v) for v in h.ImagePositionPatient] for h in headers}
+    assert frames and all(pos == by_uid[uid] for uid, pos in frames)
+    assert [float(v) for v in raw.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing] == \
+        [float(v) for v in h0.PixelSpacing]
+    grid2 = grid_from_attrs(ds.attrs)
+    # Segment 1: the lung mask, the store's `lungs` at the source pixels.
+    lungs, (z, y, x) = _expected_on_sources(ds.lungs.values, grid2, headers)
+    labels_seg = {int(s.SegmentNumber): str(s.SegmentLabel) for s in raw.SegmentSequence}
+    assert labels_seg[1] == "Lung"
+    assert np.array_equal(masks[1], lungs) and masks[1].any()
+    native_voxel = abs(float(z[1] - z[0])) * float(h0.PixelSpacing[0]) * float(h0.PixelSpacing[1])
+    lung_ml = (masks[1].sum() * native_voxel / 1000.0, int(ds.lungs.sum()) * float(np.prod(grid2.spacing)) / 1000.0)
+    assert lung_ml[0] == pytest.approx(lung_ml[1], rel=0.03)
+    # Nodule segments: the table's rows at the threshold, label for label (skimage labels p > t as the table).
+    table = read_nodules(store_path)
+    rows = table[(table.patient == patient) & np.isclose(table.threshold, threshold)]
+    comps = sk_label(ds.nodule_prob.values > np.float32(threshold), connectivity=3)
+    mapped, _ = _expected_on_sources(comps, grid2, headers)
+    expected = {int(r.label): r for r in rows.itertuples() if (mapped == r.label).any()}
+    got = {int(name.split()[1]): n for n, name in labels_seg.items() if name.startswith("Nodule ")}
+    assert sorted(got) == sorted(expected)
+    assert sorted(got.values()) == list(range(2, len(got) + 2))
+    offsets = []
+    for lab, number in got.items():
+        row = expected[lab]
+        assert np.array_equal(masks[number], mapped == lab)
+        k, r, c = np.argwhere(masks[number]).mean(axis=0)
+        centre = np.array([np.interp(k, np.arange(len(z)), z), y[0] + r * (y[1] - y[0]), x[0] + c * (x[1] - x[0])])
+        offset = np.abs(centre - [row.z_mm, row.y_mm, row.x_mm])
+        assert np.all(offset <= [abs(z[1] - z[0]), abs(y[1] - y[0]), abs(x[1] - x[0])]), (lab, offset)
+        offsets.append(offset)
+        seg_desc = next(s for s in raw.SegmentSequence if int(s.SegmentNumber) == number)
+        assert seg_desc.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Nodule"
+        assert str(seg_desc.TrackingID).startswith(f"lungzarr nodule {lab} ")
+    return {"lung_voxels": int(masks[1].sum()), "lung_ml_native_vs_2mm": lung_ml, "n_frames": len(frames),
+            "nodule_segments": len(got), "table_rows": len(rows), "centre_offsets_mm": offsets}
+
+
+def test_dicom_seg_export_reads_back_on_the_source_images(store, tmp_path):
+    pytest.importorskip("highdicom")
+    out = tmp_path / "seg"
+    r = runner.invoke(app, ["export", str(store), "--format", "dicom-seg", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "2 DICOM SEG file(s)" in r.output
+    summary = json.loads((out / "dicom_seg_summary.json").read_text())
+    assert sorted(summary["written"]) == ["P-1", "P-2"] and summary["skipped"] == summary["failed"] == {}
+    input_dir = store.parent / "input"
+    for p in ("P-1", "P-2"):
+        numbers = _check_seg_against_store(store, p, out / f"{p}_seg.dcm", sorted((input_dir / p).glob("*.dcm")))
+        print(f"\n{p}: {numbers}")
+    # P-1's one-voxel blob at 2 mm slice 2 lies between the 2.5 mm native slices: no segment, and said so.
+    notes = summary["written"]["P-1"]["notes"]
+    between = [n for n in notes if "falls between the native slices" in n]
+    assert len(between) == 1 and between[0].startswith("nodule ")
+    # write_series' phantoms lack the Type 2 patient/study attributes: copied as empty, and said so.
+    assert any("PatientBirthDate" in n and "Type 2" in n for n in notes)
+    assert len(summary["written"]["P-1"]["segments"]) == 1 + len(BLOBS["P-1"]) - 1
+    # --filtered keeps only the rows passing the DSB filter; the labels are still the table's.
+    r = runner.invoke(app, ["export", str(store), "--format", "dicom-seg", "--filtered", "-o", str(tmp_path / "f")])
+    assert r.exit_code == 0, r.output
+    table = read_nodules(store)
+    kept = table[(table.threshold == 0.5) & table.passes_dsb_filter]
+    filtered = json.loads((tmp_path / "f" / "dicom_seg_summary.json").read_text())["written"]
+    got = sorted((p, s["nodule_label"]) for p, e in filtered.items() for s in e["segments"] if s["kind"] == "nodule")
+    assert set(got) <= set(zip(kept.patient, kept.label))
+    # A threshold the table does not have stops the run once.
+    r = runner.invoke(app, ["export", str(store), "--format", "dicom-seg", "--threshold", "0.6", "-o", str(out)])
+    assert r.exit_code == 2 and "0.6" in r.output
+
+
+def test_dicom_seg_without_highdicom_says_how_to_install_it(store, tmp_path, monkeypatch):
+    from lungzarr.pipeline import export_dicom_seg
+
+    monkeypatch.setitem(sys.modules, "highdicom", None)
+    with pytest.raises(LungzarrError, match=r"pip install 'lungzarr\[seg\]'"):
+        export_dicom_seg(store, tmp_path / "seg")
+    r = runner.invoke(app, ["export", str(store), "--format", "dicom-seg", "-o", str(tmp_path / "seg")])
+    assert r.exit_code == 2 and "pip install 'lungzarr[seg]'" in r.output
+    assert not (tmp_path / "seg").exists()
+
+
+@pytest.fixture(scope="module")
+def mixed_store(tmp_path_factory):
+    """A DICOM patient and a NIfTI patient through ingest and segment (no nodules stage)."""
+    from lungzarr.algorithms.phantom import chest_phantom
+    from lungzarr.io import volumes
+    from lungzarr.io.dicom import write_series
+    from lungzarr.pipeline import run
+    from lungzarr.volume import Grid
+
+    base = tmp_path_factory.mktemp("mixed")
+    hu, origin = chest_phantom(shape=(24, 96, 96), spacing=(2.5, 2.0, 2.0), seed=3)
+    write_series(hu, base / "input" / "D-1", spacing=(2.5, 2.0, 2.0), origin=origin, patient_id="D-1")
+    volumes.write_volume(hu, base / "input" / "N-1.nii.gz", grid=Grid(hu.shape, tuple(origin), (2.5, 2.0, 2.0)))
+    path = base / "mixed.zarr"
+    run(base / "input", path, stages=["ingest", "segment"])
+    return path
+
+
+def test_dicom_seg_skips_volume_patients_and_fails_moved_files_by_name(mixed_store, tmp_path):
+    pytest.importorskip("highdicom")
+    import shutil
+
+    import pydicom
+    import zarr
+
+    folder = mixed_store.parent / "input" / "D-1"
+    sources = sorted(folder.glob("*.dcm"))
+    r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "a" / "dicom_seg_summary.json").read_text())
+    assert sorted(summary["written"]) == ["D-1"] and summary["failed"] == {}
+    assert "not ingested from DICOM" in summary["skipped"]["N-1"] and "nifti" in summary["skipped"]["N-1"]
+    assert "skipped N-1" in r.output
+    assert summary["written"]["D-1"]["notes"][-1] == "the nodules stage is not complete: the lung segment only"
+    _, raw_a, _, masks_a, _ = _seg_readback(tmp_path / "a" / "D-1_seg.dcm", sources)
+    assert [str(s.SegmentLabel) for s in raw_a.SegmentSequence] == ["Lung"] and masks_a[1].any()
+    # The store records each slice's file; a moved series fails its patient, naming the file and the fix.
+    attrs = CohortStore(mixed_store, mode="r").patient_attrs("D-1")
+    assert attrs["source_files"] == [str(p) for p in sources]
+    moved = folder.with_name("D-1-moved")
+    folder.rename(moved)
+    try:
+        r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "b")])
+        assert r.exit_code == 1, r.output
+        failure = json.loads((tmp_path / "b" / "dicom_seg_summary.json").read_text())["failed"]["D-1"]
+        assert failure["file"] == str(sources[0]) and "lungzarr run" in failure["reason"]
+        assert "failed D-1" in r.output and "put the series back" in " ".join(r.output.split())
+        assert not (tmp_path / "b" / "D-1_seg.dcm").exists()
+    finally:
+        moved.rename(folder)
+    # A file that now holds another image is refused, not referenced.
+    backup = tmp_path / "backup.dcm"
+    shutil.copy(sources[3], backup)
+    ds = pydicom.dcmread(sources[3])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(sources[3])
+    try:
+        r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "c")])
+        assert r.exit_code == 1
+        failure = json.loads((tmp_path / "c" / "dicom_seg_summary.json").read_text())["failed"]["D-1"]
+        assert failure["file"] == str(sources[3]) and "another image" in failure["reason"]
+    finally:
+        shutil.copy(backup, sources[3])
+    # A store from before `source_files` was recorded: the images are found in the folder by SOPInstanceUID.
+    group = zarr.open_group(str(mixed_store / "patients" / "D-1"), mode="r+")
+    old = dict(group.attrs)
+    del old["source_files"]
+    group.attrs.put(old)
+    r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    _, raw_d, _, masks_d, _ = _seg_readback(tmp_path / "d" / "D-1_seg.dcm", sources)
+    assert np.array_equal(masks_d[1], masks_a[1])
+    # Same result, same UIDs: a PACS replaces the object rather than filing a duplicate.
+    assert (raw_d.SOPInstanceUID, raw_d.SeriesInstanceUID) == (raw_a.SOPInstanceUID, raw_a.SeriesInstanceUID)
+    folder.rename(moved)
+    try:
+        r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "e")])
+        assert r.exit_code == 1
+        failure = json.loads((tmp_path / "e" / "dicom_seg_summary.json").read_text())["failed"]["D-1"]
+        assert failure["file"] == str(folder) and "folder recorded at ingest is missing" in failure["reason"]
+    finally:
+        moved.rename(folder)

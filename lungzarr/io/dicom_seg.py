@@ -9,6 +9,7 @@ the CT's slices.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,12 @@ SEG_SERIES_NUMBER = 9001
 #: (mm): a rewritten file with the same SOPInstanceUID but another position is refused.
 POSITION_ATOL_MM = 1e-3
 STAGE = "export"
+#: Patient and study attributes highdicom copies from the first source image. Type 2 in the CT IOD
+#: (present, possibly empty); anonymised archives often drop them, so an absent one is copied as empty.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime", "ReferringPhysicianName")
+#: What the SEG cannot do without: its study and the frame of reference it is overlaid in.
+TYPE1_NEEDED = ("StudyInstanceUID", "FrameOfReferenceUID", "SOPClassUID")
 
 
 @dataclass(frozen=True)
@@ -109,8 +116,11 @@ def source_files_by_uid(folder, sop_uids, *, patient: str) -> list[str]:
     return [found[u] for u in sop_uids]
 
 
-def read_source_images(paths, *, patient: str, sop_uids, series_uid: str, z_positions, folder=None) -> list:
+def read_source_images(paths, *, patient: str, sop_uids, series_uid: str, z_positions, folder=None):
     """The source images' headers (pydicom Datasets, no pixel data), checked against what the store recorded.
+
+    Absent Type 2 patient/study attributes (:data:`TYPE2_COPIED`) are set empty on the returned
+    headers (as the standard allows), and said in the notes.
 
     Parameters
     ----------
@@ -123,6 +133,11 @@ def read_source_images(paths, *, patient: str, sop_uids, series_uid: str, z_posi
         The store's ``series_instance_uid``.
     folder : path, optional
         The folder ingested from (named in the fix).
+
+    Returns
+    -------
+    images : list of pydicom.Dataset
+    notes : list of str
 
     Raises
     ------
@@ -156,7 +171,19 @@ def read_source_images(paths, *, patient: str, sop_uids, series_uid: str, z_posi
                                f"{str(uid)!r} of {str(series_uid)!r} at z {float(z)!r}); "
                                f"{_moved_fix(patient, folder)}", patient=patient, stage=STAGE, file=path)
         images.append(ds)
-    return images
+    absent = sorted({k for ds in images for k in TYPE2_COPIED if k not in ds})
+    for ds in images:
+        for keyword in absent:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    missing = [k for k in TYPE1_NEEDED if any(not str(ds.get(k, "")) for ds in images)]
+    if missing:
+        bad = next(p for p, ds in zip(paths, images) if not str(ds.get(missing[0], "")))
+        raise PatientError(f"the source image has no {missing[0]}, which a SEG needs to reference its study and "
+                           f"to be overlaid on the CT; fix the header (the archive's original has it)",
+                           patient=patient, stage=STAGE, file=bad)
+    notes = [f"the source images have no {', '.join(absent)} (Type 2): empty in the SEG"] if absent else []
+    return images, notes
 
 
 def _description(hd, number: int, spec: SegmentSpec, version: str):
@@ -207,7 +234,20 @@ def write_segmentation(images, masks, segments, path, *, series_uid: str, sop_ui
     shape = {(int(ds.Rows), int(ds.Columns)) for ds in images}
     if shape != {masks.shape[1:3]}:
         raise ValueError(f"masks' slices are {masks.shape[1:3]!r}, the source images {sorted(shape)!r}")
-    seg = hd.seg.Segmentation(
+    with warnings.catch_warnings():
+        # highdicom checks the source's PatientName form (one component, "P-1"): the source's to fix, not ours.
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name",
+                                category=UserWarning)
+        seg = _segmentation(hd, images, masks, segments, series_uid=series_uid, sop_uid=sop_uid, version=version,
+                            series_description=series_description)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path)
+    return path
+
+
+def _segmentation(hd, images, masks, segments, *, series_uid, sop_uid, version, series_description):
+    return hd.seg.Segmentation(
         source_images=images, pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_description(hd, i + 1, s, version) for i, s in enumerate(segments)],
         series_instance_uid=series_uid, series_number=SEG_SERIES_NUMBER, sop_instance_uid=sop_uid,
@@ -215,7 +255,3 @@ def write_segmentation(images, masks, segments, path, *, series_uid: str, sop_ui
         software_versions=version, device_serial_number="0", content_label="LUNGZARR",
         content_description="lungzarr lung mask and nodules", series_description=series_description,
         omit_empty_frames=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(path)
-    return path

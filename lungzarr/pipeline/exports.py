@@ -263,12 +263,11 @@ def _dicom_seg_patient(store, patient, out_dir, *, threshold, filtered):
     uids = [str(u) for u in ds.sop_instance_uid.values]
     z = ds.z.values
     src_axes, dst_axes = (ds.z2.values, ds.y2.values, ds.x2.values), (z, ds.y.values, ds.x.values)
-    notes = []
     files = attrs.get("source_files")
     if files is None or len(files) != len(uids):
         # Stores ingested before the per-slice file list was recorded: find the images by SOPInstanceUID.
         files = dicom_seg.source_files_by_uid(attrs["source_folder"], uids, patient=patient)
-    images = dicom_seg.read_source_images(files, patient=patient, sop_uids=uids,
+    images, notes = dicom_seg.read_source_images(files, patient=patient, sop_uids=uids,
                                           series_uid=attrs["series_instance_uid"], z_positions=z,
                                           folder=attrs.get("source_folder"))
     lungs = nearest_on_axes(np.asarray(ds.lungs.values, dtype=bool), src_axes, dst_axes)
