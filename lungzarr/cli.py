@@ -448,9 +448,11 @@ def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
                                         "`pip install 'lungzarr[seg]'`)."),
            labels: Optional[Path] = LabelsOpt, patients: Optional[list[str]] = PatientsOpt,
            threshold: float = typer.Option(0.5, "--threshold",
-                                           help="luna16/nifti/dicom-seg: the nodule-table threshold of the candidates."),
+                                           help="luna16/nifti/dicom-seg: the nodule-table threshold of the "
+                                                "candidates."),
            filtered: bool = typer.Option(False, "--filtered",
-                                         help="luna16/dicom-seg: only candidates passing the DSB filter (as evaluate --filtered)."),
+                                         help="luna16/dicom-seg: only candidates passing the DSB filter "
+                                              "(as evaluate --filtered)."),
            scheduler: str = typer.Option("threads", "--scheduler", help="As for `run`; default threads."),
            dashboard_address: Optional[str] = DashboardOpt):
     """The original DSB2017 per-patient feature table, LUNA16 candidates, NIfTI masks, or DICOM SEG."""

@@ -91,8 +91,9 @@ def test_dicom_seg_of_the_slab_reads_back_on_the_source_series(lidc_store, tmp_p
     the LIDC series' study, series, frame of reference and all 16 images, sits on their positions, and its
     lung and nodule segments are the store's (nodule centroid within a voxel of the table's centre)."""
     pytest.importorskip("highdicom")
-    from conftest import LIDC_DIR
     from seg_readback import check_seg_against_store
+
+    from conftest import LIDC_DIR
 
     r = runner.invoke(app, ["export", str(lidc_store), "--format", "dicom-seg", "-o", str(tmp_path)])
     assert r.exit_code == 0, r.output

@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from seg_readback import check_seg_against_store, seg_readback
 from typer.testing import CliRunner
 
 from lungzarr.cli import app
 from lungzarr.errors import LungzarrError
 from lungzarr.io.storage import CohortStore, grid_from_attrs, read_nodules
-from seg_readback import check_seg_against_store, seg_readback
 
 runner = CliRunner()
 nib = pytest.importorskip("nibabel")
