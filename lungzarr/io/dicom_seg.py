@@ -48,6 +48,8 @@ class SegmentSpec:
         Sets the coded category and type (SNOMED CT: Organ / Lung, Morphologically abnormal structure / Nodule).
     tracking_id : str
         ``TrackingID``: the row of the nodule table (or the mask) the segment is.
+    tracking_uid : str
+        ``TrackingUID``: unique to this patient's finding (see :func:`deterministic_uid`).
     algorithm : str
         Name of the algorithm that made the mask (``AlgorithmIdentificationSequence``).
     rgb : tuple of int
@@ -57,6 +59,7 @@ class SegmentSpec:
     label: str
     kind: str
     tracking_id: str
+    tracking_uid: str
     algorithm: str
     rgb: tuple[int, int, int]
 
@@ -201,7 +204,7 @@ def _description(hd, number: int, spec: SegmentSpec, version: str):
         segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(name=spec.algorithm, family=family,
                                                                     version=version),
-        tracking_id=spec.tracking_id, tracking_uid=deterministic_uid("tracking", spec.tracking_id),
+        tracking_id=spec.tracking_id, tracking_uid=spec.tracking_uid,
         display_color=hd.color.CIELabColor.from_rgb(*spec.rgb))
 
 

@@ -268,42 +268,52 @@ def _dicom_seg_patient(store, patient, out_dir, *, threshold, filtered):
         # Stores ingested before the per-slice file list was recorded: find the images by SOPInstanceUID.
         files = dicom_seg.source_files_by_uid(attrs["source_folder"], uids, patient=patient)
     images, notes = dicom_seg.read_source_images(files, patient=patient, sop_uids=uids,
-                                          series_uid=attrs["series_instance_uid"], z_positions=z,
-                                          folder=attrs.get("source_folder"))
+                                                 series_uid=attrs["series_instance_uid"], z_positions=z,
+                                                 folder=attrs.get("source_folder"))
+    stages = store.stages(patient)
+    # What the SEG shows: same source, same stage results, same selection -> same UIDs.
+    key = (attrs["series_instance_uid"], patient, stages.get("segment", {}).get("id"),
+           stages.get("nodules", {}).get("id"), float(threshold), bool(filtered))
     lungs = nearest_on_axes(np.asarray(ds.lungs.values, dtype=bool), src_axes, dst_axes)
-    layers = [lungs]
     specs = [dicom_seg.SegmentSpec(label="Lung", kind="lung", tracking_id="lungzarr lungs (segment stage)",
+                                   tracking_uid=dicom_seg.deterministic_uid("tracking-lungs", *key),
                                    algorithm="lungzarr seperate_lungs_cv2 (DSB2017 lung mask)", rgb=_LUNG_RGB)]
     segments = [{"number": 1, "label": "Lung", "kind": "lung", "nodule_label": None,
                  "voxels": int(np.count_nonzero(lungs))}]
+    labels, kept = None, []
     if store.is_complete(patient, "nodules"):
         labels_2mm, rows = nodule_label_image(store, patient, threshold, ds=ds)
         if filtered:
             rows = rows[rows.passes_dsb_filter.astype(bool)]
-        labels = nearest_on_axes(labels_2mm, src_axes, dst_axes)
+        # The smallest integer type that holds the labels: the native label image is one value per voxel.
+        dtype = np.uint16 if labels_2mm.max(initial=0) < 2 ** 16 else np.int32
+        labels = nearest_on_axes(labels_2mm.astype(dtype), src_axes, dst_axes)
+        counts = np.bincount(labels.ravel(), minlength=int(labels_2mm.max(initial=0)) + 1)
         for row in rows.itertuples():
-            mask = labels == row.label
-            voxels = int(np.count_nonzero(mask))
-            if voxels == 0:
+            if counts[int(row.label)] == 0:
                 notes.append(f"nodule {int(row.label)} ({int(row.voxels)} voxel(s) at 2 mm) falls between the "
                              f"native slices: no segment")
                 continue
             name = f"Nodule {int(row.label)}"
+            kept.append(int(row.label))
             specs.append(dicom_seg.SegmentSpec(
                 label=name, kind="nodule", tracking_id=f"lungzarr nodule {int(row.label)} at threshold {threshold!r}",
+                tracking_uid=dicom_seg.deterministic_uid("tracking-nodule", *key, int(row.label)),
                 algorithm="lungzarr DSB2017 d8 3-D UNet", rgb=_NODULE_RGB))
-            layers.append(mask)
-            segments.append({"number": len(layers), "label": name, "kind": "nodule",
-                             "nodule_label": int(row.label), "voxels": voxels, "prob_max": float(row.prob_max),
+            segments.append({"number": len(specs), "label": name, "kind": "nodule",
+                             "nodule_label": int(row.label), "voxels": int(counts[int(row.label)]),
+                             "prob_max": float(row.prob_max),
                              "centre_mm": [float(row.z_mm), float(row.y_mm), float(row.x_mm)]})
     else:
         notes.append("the nodules stage is not complete: the lung segment only")
-    # (slices, rows, columns, segments), one byte a voxel and segment: the stack highdicom packs to bits.
-    masks = np.stack(layers, axis=-1)
-    del layers
-    stages = store.stages(patient)
-    key = (attrs["series_instance_uid"], patient, stages.get("segment", {}).get("id"),
-           stages.get("nodules", {}).get("id"), float(threshold), bool(filtered))
+    # (slices, rows, columns, segments), one byte a voxel and segment, filled in place: the stack highdicom
+    # packs to one bit per pixel and frame.
+    masks = np.empty(lungs.shape + (len(specs),), dtype=bool)
+    masks[..., 0] = lungs
+    del lungs
+    for i, label in enumerate(kept, start=1):
+        np.equal(labels, label, out=masks[..., i])
+    del labels
     path = dicom_seg.write_segmentation(
         images, masks, specs, Path(out_dir) / f"{patient}_seg.dcm",
         series_uid=dicom_seg.deterministic_uid("seg-series", *key),
