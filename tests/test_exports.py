@@ -238,7 +238,6 @@ def test_dicom_seg_skips_volume_patients_and_fails_moved_files_by_name(mixed_sto
     import shutil
 
     import pydicom
-    import zarr
 
     folder = mixed_store.parent / "input" / "D-1"
     sources = sorted(folder.glob("*.dcm"))
@@ -252,8 +251,8 @@ def test_dicom_seg_skips_volume_patients_and_fails_moved_files_by_name(mixed_sto
     _, raw_a, _, masks_a, _ = seg_readback(tmp_path / "a" / "D-1_seg.dcm", sources)
     assert [str(s.SegmentLabel) for s in raw_a.SegmentSequence] == ["Lung"] and masks_a[1].any()
     # The store records each slice's file; a moved series fails its patient, naming the file and the fix.
-    attrs = CohortStore(mixed_store, mode="r").patient_attrs("D-1")
-    assert attrs["source_files"] == [str(p) for p in sources]
+    ds = CohortStore(mixed_store, mode="r").open_patient("D-1")
+    assert [str(f) for f in ds.source_file.values] == [str(p) for p in sources]
     moved = folder.with_name("D-1-moved")
     folder.rename(moved)
     try:
@@ -278,22 +277,26 @@ def test_dicom_seg_skips_volume_patients_and_fails_moved_files_by_name(mixed_sto
         assert failure["file"] == str(sources[3]) and "another image" in failure["reason"]
     finally:
         shutil.copy(backup, sources[3])
-    # A store from before `source_files` was recorded: the images are found in the folder by SOPInstanceUID.
-    group = zarr.open_group(str(mixed_store / "patients" / "D-1"), mode="r+")
-    old = dict(group.attrs)
-    del old["source_files"]
-    group.attrs.put(old)
-    r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "d")])
-    assert r.exit_code == 0, r.output
-    _, raw_d, _, masks_d, _ = seg_readback(tmp_path / "d" / "D-1_seg.dcm", sources)
-    assert np.array_equal(masks_d[1], masks_a[1])
-    # Same result, same UIDs: a PACS replaces the object rather than filing a duplicate.
-    assert (raw_d.SOPInstanceUID, raw_d.SeriesInstanceUID) == (raw_a.SOPInstanceUID, raw_a.SeriesInstanceUID)
-    folder.rename(moved)
+    # Files renamed in place: found again by SOPInstanceUID, said in the notes, the same SEG.
+    renamed = [p.with_name(f"renamed-{i:03d}.dcm") for i, p in enumerate(reversed(sources))]
+    for p, q in zip(reversed(sources), renamed):
+        p.rename(q)
     try:
+        r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "d")])
+        assert r.exit_code == 0, r.output
+        notes = json.loads((tmp_path / "d" / "dicom_seg_summary.json").read_text())["written"]["D-1"]["notes"]
+        assert any("found" in n and "by SOPInstanceUID" in n for n in notes)
+        _, raw_d, _, masks_d, _ = seg_readback(tmp_path / "d" / "D-1_seg.dcm", renamed)
+        assert np.array_equal(masks_d[1], masks_a[1])
+        # Same result, same UIDs: a PACS replaces the object rather than filing a duplicate.
+        assert (raw_d.SOPInstanceUID, raw_d.SeriesInstanceUID) == (raw_a.SOPInstanceUID, raw_a.SeriesInstanceUID)
+        # One image gone from the folder: the patient fails, naming the first recorded file not found.
+        renamed[-1].rename(tmp_path / "away.dcm")
         r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "e")])
         assert r.exit_code == 1
         failure = json.loads((tmp_path / "e" / "dicom_seg_summary.json").read_text())["failed"]["D-1"]
-        assert failure["file"] == str(folder) and "folder recorded at ingest is missing" in failure["reason"]
+        assert failure["file"] == str(sources[0]) and "1 of the 24 source images" in failure["reason"]
+        (tmp_path / "away.dcm").rename(renamed[-1])
     finally:
-        moved.rename(folder)
+        for p, q in zip(reversed(sources), renamed):
+            q.rename(p)

@@ -45,8 +45,7 @@ def _store_snapshot(path):
                 sub = store.open_patient(pid, subgroup=child).load()
                 ds = ds.assign({f"{child}:{k}": v for k, v in sub.variables.items()})
         stages = {k: {kk: vv for kk, vv in v.items() if kk not in ("completed", "id", "depends_on")} for k, v in store.stages(pid).items()}
-        attrs = {k: v for k, v in store.patient_attrs(pid).items() if k not in ("lungzarr:stages", "source_folder",
-                                                                                      "source_files")}
+        attrs = {k: v for k, v in store.patient_attrs(pid).items() if k not in ("lungzarr:stages", "source_folder")}
         snap[pid] = (ds, stages, attrs)
     return snap
 

@@ -146,8 +146,6 @@ class Series:
         return {
             "patient": self.patient,
             "source_folder": self.folder,
-            # One file per slice, in z order (the DICOM SEG export references them).
-            "source_files": list(self.paths),
             "source_format": "dicom",
             "series_instance_uid": h0.series_uid,
             "series_number": h0.series_number,

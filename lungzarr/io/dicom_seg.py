@@ -17,7 +17,7 @@ import numpy as np
 
 from lungzarr.errors import LungzarrError, PatientError
 
-__all__ = ["SEG_INSTALL_HINT", "SegmentSpec", "require_highdicom", "source_files_by_uid", "read_source_images",
+__all__ = ["SEG_INSTALL_HINT", "SegmentSpec", "require_highdicom", "locate_source_files", "read_source_images",
            "write_segmentation", "deterministic_uid"]
 
 #: What to run when highdicom is missing.
@@ -87,25 +87,37 @@ def _moved_fix(patient: str, folder) -> str:
             f"where it is now (`lungzarr run NEW_INPUT STORE --patients {patient} --overwrite`)")
 
 
-def source_files_by_uid(folder, sop_uids, *, patient: str) -> list[str]:
-    """The files of ``folder`` holding each of ``sop_uids``, in that order (stores ingested before the
-    per-slice file list was recorded).
+def locate_source_files(recorded, folder, sop_uids, *, patient: str):
+    """The source file of each slice (in the store's z order), and a note when they had to be searched for.
+
+    ``recorded`` are the files ingest read (the store's ``source_file`` coordinate; None for stores
+    ingested before it was recorded). When they all exist they are used (:func:`read_source_images`
+    then checks each still holds its image). Otherwise the images are looked up by SOPInstanceUID
+    among the DICOM files of ``folder`` (the patient folder ingested from): old stores, files renamed
+    in place.
 
     Raises
     ------
     PatientError
-        The folder is gone, or some SOPInstanceUID is in none of its files.
+        The folder is gone, or some SOPInstanceUID is in none of its files: naming the first missing
+        recorded file (or the folder) and the fix.
     """
     import pydicom
 
     from lungzarr.io.dicom import find_dicom_files
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PatientError(f"the source DICOM folder recorded at ingest is missing; the SEG must reference the "
-                           f"source images: {_moved_fix(patient, folder)}", patient=patient, stage=STAGE, file=folder)
+    recorded = None if recorded is None else [str(f) for f in recorded]
+    if recorded is not None and len(recorded) == len(sop_uids) and all(Path(f).is_file() for f in recorded):
+        return recorded, None
+    gone = next((f for f in recorded or [] if not Path(f).is_file()), None)
+    where = Path(folder) if folder is not None else (Path(gone).parent if gone else None)
+    if where is None or not where.is_dir():
+        what = "a source DICOM file recorded at ingest is missing" if gone else \
+            "the source DICOM folder recorded at ingest is missing"
+        raise PatientError(f"{what}; the SEG must reference the source images: {_moved_fix(patient, where)}",
+                           patient=patient, stage=STAGE, file=gone or where)
     found = {}
-    for path in find_dicom_files(folder, patient=patient)[0]:
+    for path in find_dicom_files(where, patient=patient)[0]:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"], force=True)
         except Exception:  # unreadable files were skipped at ingest too; a wanted UID then shows as missing
@@ -113,10 +125,17 @@ def source_files_by_uid(folder, sop_uids, *, patient: str) -> list[str]:
         found.setdefault(str(ds.get("SOPInstanceUID", "")), str(path))
     missing = [u for u in sop_uids if u not in found]
     if missing:
-        raise PatientError(f"{len(missing)} of the {len(sop_uids)} source images ingested are no longer in the "
-                           f"folder (e.g. SOPInstanceUID {missing[0]!r}); {_moved_fix(patient, folder)}",
-                           patient=patient, stage=STAGE, file=folder)
-    return [found[u] for u in sop_uids]
+        raise PatientError(f"{len(missing)} of the {len(sop_uids)} source images ingested are no longer in "
+                           f"{str(where)!r} (e.g. SOPInstanceUID {missing[0]!r}); the SEG must reference the "
+                           f"source images: {_moved_fix(patient, where)}", patient=patient, stage=STAGE,
+                           file=gone or where)
+    if gone:
+        note = (f"the files recorded at ingest are not all where they were (e.g. {gone!r}): the images were "
+                f"found in {str(where)!r} by SOPInstanceUID")
+    else:
+        note = (f"the store records no file per slice (ingested by an older lungzarr): the images were found in "
+                f"{str(where)!r} by SOPInstanceUID")
+    return [found[u] for u in sop_uids], note
 
 
 def read_source_images(paths, *, patient: str, sop_uids, series_uid: str, z_positions, folder=None):

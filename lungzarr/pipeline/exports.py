@@ -263,13 +263,12 @@ def _dicom_seg_patient(store, patient, out_dir, *, threshold, filtered):
     uids = [str(u) for u in ds.sop_instance_uid.values]
     z = ds.z.values
     src_axes, dst_axes = (ds.z2.values, ds.y2.values, ds.x2.values), (z, ds.y.values, ds.x.values)
-    files = attrs.get("source_files")
-    if files is None or len(files) != len(uids):
-        # Stores ingested before the per-slice file list was recorded: find the images by SOPInstanceUID.
-        files = dicom_seg.source_files_by_uid(attrs["source_folder"], uids, patient=patient)
+    recorded = ds.source_file.values if "source_file" in ds.coords else None
+    files, found = dicom_seg.locate_source_files(recorded, attrs.get("source_folder"), uids, patient=patient)
     images, notes = dicom_seg.read_source_images(files, patient=patient, sop_uids=uids,
                                                  series_uid=attrs["series_instance_uid"], z_positions=z,
                                                  folder=attrs.get("source_folder"))
+    notes = ([found] if found else []) + notes
     stages = store.stages(patient)
     # What the SEG shows: same source, same stage results, same selection -> same UIDs.
     key = (attrs["series_instance_uid"], patient, stages.get("segment", {}).get("id"),
@@ -350,10 +349,11 @@ def export_dicom_seg(store_path, out_dir, *, threshold: float = 0.5, filtered: b
     (:func:`lungzarr.algorithms.resample.nearest_on_axes`). A nodule that
     falls between native slices gets no segment (noted in the summary).
 
-    The source files are the ones recorded at ingest (``source_files``), or,
-    for stores ingested before that was recorded, the files of
-    ``source_folder`` with the stored SOPInstanceUIDs; a moved or changed file
-    fails the patient with its name and the fix. Patients not ingested from
+    The source files are the ones recorded at ingest (the ``source_file``
+    coordinate) or, where they are not all there (files renamed in place,
+    stores ingested before it was recorded), the files of ``source_folder``
+    with the stored SOPInstanceUIDs; a moved or changed file fails the patient
+    with its name and the fix. Patients not ingested from
     DICOM (NIfTI, MetaImage) are skipped with the reason. ``dicom_seg_summary.json``
     in ``out_dir`` records every patient's outcome.
 
