@@ -252,7 +252,7 @@ def test_dicom_seg_skips_volume_patients_and_fails_moved_files_by_name(mixed_sto
     assert [str(s.SegmentLabel) for s in raw_a.SegmentSequence] == ["Lung"] and masks_a[1].any()
     # The store records each slice's file; a moved series fails its patient, naming the file and the fix.
     ds = CohortStore(mixed_store, mode="r").open_patient("D-1")
-    assert [str(f) for f in ds.source_file.values] == [str(p) for p in sources]
+    assert [str(f) for f in ds.dicom_file.values] == [str(p) for p in sources]
     moved = folder.with_name("D-1-moved")
     folder.rename(moved)
     try:

@@ -90,7 +90,7 @@ def _moved_fix(patient: str, folder) -> str:
 def locate_source_files(recorded, folder, sop_uids, *, patient: str):
     """The source file of each slice (in the store's z order), and a note when they had to be searched for.
 
-    ``recorded`` are the files ingest read (the store's ``source_file`` coordinate; None for stores
+    ``recorded`` are the files ingest read (the store's ``dicom_file`` coordinate; None for stores
     ingested before it was recorded). When they all exist they are used (:func:`read_source_images`
     then checks each still holds its image). Otherwise the images are looked up by SOPInstanceUID
     among the DICOM files of ``folder`` (the patient folder ingested from): old stores, files renamed

@@ -263,7 +263,7 @@ def _dicom_seg_patient(store, patient, out_dir, *, threshold, filtered):
     uids = [str(u) for u in ds.sop_instance_uid.values]
     z = ds.z.values
     src_axes, dst_axes = (ds.z2.values, ds.y2.values, ds.x2.values), (z, ds.y.values, ds.x.values)
-    recorded = ds.source_file.values if "source_file" in ds.coords else None
+    recorded = ds.dicom_file.values if "dicom_file" in ds.coords else None
     files, found = dicom_seg.locate_source_files(recorded, attrs.get("source_folder"), uids, patient=patient)
     images, notes = dicom_seg.read_source_images(files, patient=patient, sop_uids=uids,
                                                  series_uid=attrs["series_instance_uid"], z_positions=z,
@@ -349,7 +349,7 @@ def export_dicom_seg(store_path, out_dir, *, threshold: float = 0.5, filtered: b
     (:func:`lungzarr.algorithms.resample.nearest_on_axes`). A nodule that
     falls between native slices gets no segment (noted in the summary).
 
-    The source files are the ones recorded at ingest (the ``source_file``
+    The source files are the ones recorded at ingest (the ``dicom_file``
     coordinate) or, where they are not all there (files renamed in place,
     stores ingested before it was recorded), the files of ``source_folder``
     with the stored SOPInstanceUIDs; a moved or changed file fails the patient

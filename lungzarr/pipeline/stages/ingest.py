@@ -64,7 +64,7 @@ def ingest_dataset(series, *, chunk_slices: int = 16, store=None, files=None):
         coords["sop_instance_uid"] = ("z", np.array(uids, dtype=object))
         # Each slice's file (a coordinate, not an attr: it stays out of the store's consolidated metadata);
         # the DICOM SEG export references these images.
-        coords["source_file"] = ("z", np.array([str(p) for p in series.paths], dtype=object))
+        coords["dicom_file"] = ("z", np.array([str(p) for p in series.paths], dtype=object))
     ds = xr.Dataset(
         {
             "hu": (("z", "y", "x"), hu, {"units": "HU", "long_name": "CT in Hounsfield units, native grid"}),
