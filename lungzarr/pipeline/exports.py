@@ -390,6 +390,9 @@ def export_dicom_seg(store_path, out_dir, *, threshold: float = 0.5, filtered: b
     from lungzarr.io.storage import CohortStore, read_nodules
 
     dicom_seg.require_highdicom()
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise LungzarrError(f"-o {str(out_dir)!r} is a file; --format dicom-seg writes a folder of .dcm files: "
+                            f"name a folder")
     store = CohortStore(store_path, mode="r")
     ids = [p for p in store.patients() if store.is_complete(p, "segment")
            and (patients is None or p in set(patients))]
