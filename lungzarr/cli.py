@@ -440,19 +440,23 @@ def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 @app.command(short_help='The original DSB2017 per-patient feature table (CSV).')
 def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            output: Path = typer.Option(..., "-o", "--output",
-                                       help="CSV to write (a folder for --format nifti)."),
+                                       help="CSV to write (a folder for --format nifti or dicom-seg)."),
            fmt: str = typer.Option("keras8_0313", "--format",
                                    help="keras8_0313 (2525 columns), keras_0311 or base_8 (DSB2017 tables); "
-                                        "luna16 (candidates CSV); nifti (lung mask and nodule labels)."),
+                                        "luna16 (candidates CSV); nifti (lung mask and nodule labels); dicom-seg "
+                                        "(a DICOM SEG of lung and nodules per DICOM patient; needs "
+                                        "`pip install 'lungzarr[seg]'`)."),
            labels: Optional[Path] = LabelsOpt, patients: Optional[list[str]] = PatientsOpt,
            threshold: float = typer.Option(0.5, "--threshold",
-                                           help="luna16/nifti: the nodule-table threshold of the candidates."),
+                                           help="luna16/nifti/dicom-seg: the nodule-table threshold of the "
+                                                "candidates."),
            filtered: bool = typer.Option(False, "--filtered",
-                                         help="luna16: only candidates passing the DSB filter (as evaluate --filtered)."),
+                                         help="luna16/dicom-seg: only candidates passing the DSB filter "
+                                              "(as evaluate --filtered)."),
            scheduler: str = typer.Option("threads", "--scheduler", help="As for `run`; default threads."),
            dashboard_address: Optional[str] = DashboardOpt):
-    """The original DSB2017 per-patient feature table, LUNA16 candidates, or NIfTI masks."""
-    from lungzarr.pipeline import export_dsb2017, export_luna16, export_nifti
+    """The original DSB2017 per-patient feature table, LUNA16 candidates, NIfTI masks, or DICOM SEG."""
+    from lungzarr.pipeline import export_dicom_seg, export_dsb2017, export_luna16, export_nifti
 
     if fmt == "luna16":
         table = _execute(lambda client, progress: export_luna16(store, output, threshold=threshold,
@@ -460,6 +464,19 @@ def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
                          errors=(LungzarrError, ValueError))
         console.print(f"{len(table)} candidate(s) of {table.seriesuid.nunique()} series written to {output}")
         return
+    if fmt == "dicom-seg":
+        result = _execute(lambda client, progress: export_dicom_seg(store, output, threshold=threshold,
+                                                                    filtered=filtered, patients=patients),
+                          errors=(LungzarrError, ValueError))
+        console.print(f"{len(result['written'])} DICOM SEG file(s) written to {output}")
+        for p, reason in result["skipped"].items():
+            console.print(f"skipped {p}: {escape(reason)}")
+        for p, failure in result["failed"].items():
+            console.print(f"[red]failed[/red] {p}: {escape(failure['reason'])}"
+                          + (f" (file {escape(str(failure['file']))})" if failure["file"] else ""))
+        console.print(f"summary: {result['summary']}")
+        # A patient that could not be exported (moved source files) is the user's to fix: exit 1, as `run`.
+        raise typer.Exit(1 if result["failed"] else 0)
     if fmt == "nifti":
         written = _execute(lambda client, progress: export_nifti(store, output, threshold=threshold,
                                                                  patients=patients),

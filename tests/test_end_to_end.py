@@ -84,3 +84,25 @@ def test_evaluation_against_the_readers_xml(lidc_store, tmp_path):
                 in " ".join(r.output.split()))
     assert summary["sensitivity"] == 1.0
     assert (tmp_path / "froc.png").stat().st_size > 5_000
+
+
+def test_dicom_seg_of_the_slab_reads_back_on_the_source_series(lidc_store, tmp_path):
+    """`export --format dicom-seg` on the real slab: read back with highdicom and pydicom, the SEG references
+    the LIDC series' study, series, frame of reference and all 16 images, sits on their positions, and its
+    lung and nodule segments are the store's (nodule centroid within a voxel of the table's centre)."""
+    pytest.importorskip("highdicom")
+    from seg_readback import check_seg_against_store
+
+    from conftest import LIDC_DIR
+
+    r = runner.invoke(app, ["export", str(lidc_store), "--format", "dicom-seg", "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "dicom_seg_summary.json").read_text())
+    assert list(summary["written"]) == ["LIDC-IDRI-0001"] and summary["failed"] == summary["skipped"] == {}
+    numbers = check_seg_against_store(lidc_store, "LIDC-IDRI-0001", tmp_path / "LIDC-IDRI-0001_seg.dcm",
+                                      sorted(LIDC_DIR.glob("*.dcm")))
+    print(f"\nLIDC-IDRI-0001 SEG: {numbers}")
+    assert numbers["nodule_segments"] >= 1 and numbers["n_frames"] >= 16
+    # The readers' nodule is one of the segments, within 3 mm (as the table row is).
+    centres = [s["centre_mm"] for s in summary["written"]["LIDC-IDRI-0001"]["segments"] if s["kind"] == "nodule"]
+    assert min(np.linalg.norm(np.array(c) - READERS_CENTRE_MM) for c in centres) < 3.0

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from seg_readback import check_seg_against_store, seg_readback
 from typer.testing import CliRunner
 
 from lungzarr.cli import app
@@ -167,3 +168,135 @@ def test_exported_candidates_score_as_the_store(store, tmp_path):
     assert r.exit_code == 0, r.output
     c = json.loads((tmp_path / "noexc" / "results.json").read_text())
     assert c["n_false_positives"] == a["n_false_positives"] + 1
+
+
+# ---------------------------------------------------------------------- DICOM SEG
+
+def test_dicom_seg_export_reads_back_on_the_source_images(store, tmp_path):
+    pytest.importorskip("highdicom")
+    out = tmp_path / "seg"
+    r = runner.invoke(app, ["export", str(store), "--format", "dicom-seg", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "2 DICOM SEG file(s)" in r.output
+    summary = json.loads((out / "dicom_seg_summary.json").read_text())
+    assert sorted(summary["written"]) == ["P-1", "P-2"] and summary["skipped"] == summary["failed"] == {}
+    input_dir = store.parent / "input"
+    for p in ("P-1", "P-2"):
+        numbers = check_seg_against_store(store, p, out / f"{p}_seg.dcm", sorted((input_dir / p).glob("*.dcm")))
+        print(f"\n{p}: {numbers}")
+    # P-1's one-voxel blob at 2 mm slice 2 lies between the 2.5 mm native slices: no segment, and said so.
+    notes = summary["written"]["P-1"]["notes"]
+    between = [n for n in notes if "falls between the native slices" in n]
+    assert len(between) == 1 and between[0].startswith("nodule ")
+    # write_series' phantoms lack the Type 2 patient/study attributes: copied as empty, and said so.
+    assert any("PatientBirthDate" in n and "Type 2" in n for n in notes)
+    assert len(summary["written"]["P-1"]["segments"]) == 1 + len(BLOBS["P-1"]) - 1
+    # --filtered keeps only the rows passing the DSB filter; the labels are still the table's.
+    r = runner.invoke(app, ["export", str(store), "--format", "dicom-seg", "--filtered", "-o", str(tmp_path / "f")])
+    assert r.exit_code == 0, r.output
+    table = read_nodules(store)
+    kept = table[(table.threshold == 0.5) & table.passes_dsb_filter]
+    filtered = json.loads((tmp_path / "f" / "dicom_seg_summary.json").read_text())["written"]
+    got = sorted((p, s["nodule_label"]) for p, e in filtered.items() for s in e["segments"] if s["kind"] == "nodule")
+    assert set(got) <= set(zip(kept.patient, kept.label))
+    # A threshold the table does not have stops the run once.
+    r = runner.invoke(app, ["export", str(store), "--format", "dicom-seg", "--threshold", "0.6", "-o", str(out)])
+    assert r.exit_code == 2 and "0.6" in r.output
+
+
+def test_dicom_seg_without_highdicom_says_how_to_install_it(store, tmp_path, monkeypatch):
+    from lungzarr.pipeline import export_dicom_seg
+
+    monkeypatch.setitem(sys.modules, "highdicom", None)
+    with pytest.raises(LungzarrError, match=r"pip install 'lungzarr\[seg\]'"):
+        export_dicom_seg(store, tmp_path / "seg")
+    r = runner.invoke(app, ["export", str(store), "--format", "dicom-seg", "-o", str(tmp_path / "seg")])
+    assert r.exit_code == 2 and "pip install 'lungzarr[seg]'" in r.output
+    assert not (tmp_path / "seg").exists()
+
+
+@pytest.fixture(scope="module")
+def mixed_store(tmp_path_factory):
+    """A DICOM patient and a NIfTI patient through ingest and segment (no nodules stage)."""
+    from lungzarr.algorithms.phantom import chest_phantom
+    from lungzarr.io import volumes
+    from lungzarr.io.dicom import write_series
+    from lungzarr.pipeline import run
+    from lungzarr.volume import Grid
+
+    base = tmp_path_factory.mktemp("mixed")
+    hu, origin = chest_phantom(shape=(24, 96, 96), spacing=(2.5, 2.0, 2.0), seed=3)
+    write_series(hu, base / "input" / "D-1", spacing=(2.5, 2.0, 2.0), origin=origin, patient_id="D-1")
+    volumes.write_volume(hu, base / "input" / "N-1.nii.gz", grid=Grid(hu.shape, tuple(origin), (2.5, 2.0, 2.0)))
+    path = base / "mixed.zarr"
+    run(base / "input", path, stages=["ingest", "segment"])
+    return path
+
+
+def test_dicom_seg_skips_volume_patients_and_fails_moved_files_by_name(mixed_store, tmp_path):
+    pytest.importorskip("highdicom")
+    import shutil
+
+    import pydicom
+
+    folder = mixed_store.parent / "input" / "D-1"
+    sources = sorted(folder.glob("*.dcm"))
+    r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "a" / "dicom_seg_summary.json").read_text())
+    assert sorted(summary["written"]) == ["D-1"] and summary["failed"] == {}
+    assert "not ingested from DICOM" in summary["skipped"]["N-1"] and "nifti" in summary["skipped"]["N-1"]
+    assert "skipped N-1" in r.output
+    assert summary["written"]["D-1"]["notes"][-1] == "the nodules stage is not complete: the lung segment only"
+    _, raw_a, _, masks_a, _ = seg_readback(tmp_path / "a" / "D-1_seg.dcm", sources)
+    assert [str(s.SegmentLabel) for s in raw_a.SegmentSequence] == ["Lung"] and masks_a[1].any()
+    # The store records each slice's file; a moved series fails its patient, naming the file and the fix.
+    ds = CohortStore(mixed_store, mode="r").open_patient("D-1")
+    assert [str(f) for f in ds.dicom_file.values] == [str(p) for p in sources]
+    moved = folder.with_name("D-1-moved")
+    folder.rename(moved)
+    try:
+        r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "b")])
+        assert r.exit_code == 1, r.output
+        failure = json.loads((tmp_path / "b" / "dicom_seg_summary.json").read_text())["failed"]["D-1"]
+        assert failure["file"] == str(sources[0]) and "lungzarr run" in failure["reason"]
+        assert "failed D-1" in r.output and "put the series back" in " ".join(r.output.split())
+        assert not (tmp_path / "b" / "D-1_seg.dcm").exists()
+    finally:
+        moved.rename(folder)
+    # A file that now holds another image is refused, not referenced.
+    backup = tmp_path / "backup.dcm"
+    shutil.copy(sources[3], backup)
+    ds = pydicom.dcmread(sources[3])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(sources[3])
+    try:
+        r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "c")])
+        assert r.exit_code == 1
+        failure = json.loads((tmp_path / "c" / "dicom_seg_summary.json").read_text())["failed"]["D-1"]
+        assert failure["file"] == str(sources[3]) and "another image" in failure["reason"]
+    finally:
+        shutil.copy(backup, sources[3])
+    # Files renamed in place: found again by SOPInstanceUID, said in the notes, the same SEG.
+    renamed = [p.with_name(f"renamed-{i:03d}.dcm") for i, p in enumerate(reversed(sources))]
+    for p, q in zip(reversed(sources), renamed):
+        p.rename(q)
+    try:
+        r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "d")])
+        assert r.exit_code == 0, r.output
+        notes = json.loads((tmp_path / "d" / "dicom_seg_summary.json").read_text())["written"]["D-1"]["notes"]
+        assert any("found" in n and "by SOPInstanceUID" in n for n in notes)
+        _, raw_d, _, masks_d, _ = seg_readback(tmp_path / "d" / "D-1_seg.dcm", renamed)
+        assert np.array_equal(masks_d[1], masks_a[1])
+        # Same result, same UIDs: a PACS replaces the object rather than filing a duplicate.
+        assert (raw_d.SOPInstanceUID, raw_d.SeriesInstanceUID) == (raw_a.SOPInstanceUID, raw_a.SeriesInstanceUID)
+        # One image gone from the folder: the patient fails, naming the first recorded file not found.
+        renamed[-1].rename(tmp_path / "away.dcm")
+        r = runner.invoke(app, ["export", str(mixed_store), "--format", "dicom-seg", "-o", str(tmp_path / "e")])
+        assert r.exit_code == 1
+        failure = json.loads((tmp_path / "e" / "dicom_seg_summary.json").read_text())["failed"]["D-1"]
+        assert failure["file"] == str(sources[0]) and "1 of the 24 source images" in failure["reason"]
+        (tmp_path / "away.dcm").rename(renamed[-1])
+    finally:
+        for p, q in zip(reversed(sources), renamed):
+            q.rename(p)

@@ -9,7 +9,7 @@ import pytest
 from dask.callbacks import Callback
 from scipy import ndimage
 
-from lungzarr.algorithms.resample import resample_to_2mm, resample_to_2mm_numpy, spline_halo_depth
+from lungzarr.algorithms.resample import nearest_on_axes, resample_to_2mm, resample_to_2mm_numpy, spline_halo_depth
 from lungzarr.volume import Grid, resampled_shape
 
 from dicom_phantoms import fixture_hu, phantom_volume
@@ -174,3 +174,15 @@ def test_tiny_volumes_agree(n_slices, spacing):
     for chunk_slices in (1, 3):
         lazy, _ = chunked(hu, grid, chunk_slices=chunk_slices, input_chunks=2)
         assert agreement(lazy, whole)[1:] in ((0, 0), (0, 1))
+
+
+def test_nearest_on_axes_takes_the_nearest_centre_in_mm_on_any_step_sign():
+    values = np.arange(4 * 3 * 2).reshape(4, 3, 2)
+    src = (np.array([0.0, 2.0, 4.0, 6.0]), np.array([10.0, 8.0, 6.0]), np.array([-1.0, 1.0]))   # y descends
+    dst = (np.array([-0.9, 0.9, 1.1, 5.2, 6.9]), np.array([9.5, 6.1]), np.array([-1.2, 0.1, 1.4]))
+    got = nearest_on_axes(values, src, dst)
+    assert got.shape == (5, 2, 3)
+    iz, iy, ix = [0, 0, 1, 3, 3], [0, 2], [0, 1, 1]   # 0.1 mm is nearer x = 1 than x = -1
+    assert np.array_equal(got, values[np.ix_(iz, iy, ix)])
+    with pytest.raises(ValueError, match="outside the source grid"):
+        nearest_on_axes(values, src, (np.array([7.5]), dst[1], dst[2]))

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from lungzarr.volume import TARGET_SPACING_MM, Grid, resample_grid, resampled_shape, z_chunks
 
-__all__ = ["resample_to_2mm_numpy", "resample_to_2mm", "spline_halo_depth"]
+__all__ = ["resample_to_2mm_numpy", "resample_to_2mm", "spline_halo_depth", "nearest_on_axes"]
 
 _CUBIC_POLE = math.sqrt(3.0) - 2.0
 #: Largest HU span a CT volume has (-2048 .. 3071 for 12-bit data, with margin).
@@ -167,3 +167,48 @@ def resample_to_2mm(hu, grid: Grid, *, target: float = TARGET_SPACING_MM, chunk_
         k0 += size
     out = da.concatenate(blocks, axis=0)
     return out, resample_grid(grid, new_shape)
+
+
+def nearest_on_axes(values, src_axes, dst_axes) -> np.ndarray:
+    """``values`` (a mask or label image) at other voxel centres, by nearest neighbour in millimetres.
+
+    For putting the 2 mm grid's masks on the native grid (e.g. the source
+    images' pixel grid of a DICOM SEG): labels stay labels (no interpolation
+    invents a value), and each target voxel takes the value of the source voxel
+    whose centre is nearest along each axis; a tie goes to the higher index.
+
+    Parameters
+    ----------
+    values : ndarray, (z, y, x)
+        On a regular grid whose voxel-centre coordinates (mm) along each axis are ``src_axes``.
+    src_axes, dst_axes : three 1-D arrays each
+        Voxel-centre coordinates (mm) of the source and the target grid along z, y, x (the store's
+        ``z2, y2, x2`` and ``z, y, x`` coordinates). The target may be irregular (native slice positions).
+
+    Raises
+    ------
+    ValueError
+        When a target centre lies more than half a source voxel outside the source grid: the two grids
+        do not cover the same patient space, so nearest neighbour would repeat an edge value there.
+    """
+    values = np.asarray(values)
+    if values.ndim != len(src_axes) or len(src_axes) != len(dst_axes):
+        raise ValueError(f"values is {values.ndim}-D with {len(src_axes)} source and {len(dst_axes)} target axes")
+    index = []
+    for axis, (src, dst) in enumerate(zip(src_axes, dst_axes)):
+        src = np.asarray(src, dtype=np.float64)
+        dst = np.asarray(dst, dtype=np.float64)
+        if src.shape != (values.shape[axis],):
+            raise ValueError(f"axis {axis}: {src.size} source coordinates for {values.shape[axis]} voxels")
+        if src.size == 1:
+            step = 1.0
+            t = np.zeros_like(dst)
+        else:
+            step = (src[-1] - src[0]) / (src.size - 1)
+            t = (dst - src[0]) / step
+        outside = (t < -0.5 - 1e-6) | (t > src.size - 0.5 + 1e-6)
+        if src.size > 1 and outside.any():
+            raise ValueError(f"axis {axis}: target centre {dst[outside][0]!r} mm is outside the source grid "
+                             f"[{src[0]!r}, {src[-1]!r}] mm by more than half a voxel")
+        index.append(np.clip(np.floor(t + 0.5), 0, src.size - 1).astype(np.intp))
+    return values[np.ix_(*index)]

@@ -146,6 +146,7 @@ class Series:
         return {
             "patient": self.patient,
             "source_folder": self.folder,
+            "source_format": "dicom",
             "series_instance_uid": h0.series_uid,
             "series_number": h0.series_number,
             "acquisition_number": h0.acquisition,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from lungzarr.pipeline.cohort import ingest, run, stage_decision, store_status
 from lungzarr.pipeline.evaluation import evaluate_candidates, evaluate_store
-from lungzarr.pipeline.exports import export_dsb2017, export_luna16, export_nifti, export_nodules
+from lungzarr.pipeline.exports import export_dicom_seg, export_dsb2017, export_luna16, export_nifti, export_nodules
 from lungzarr.pipeline.inputs import find_patients
 from lungzarr.pipeline.legacy_import import import_legacy
 from lungzarr.pipeline.runner import EVENTS, Progress, ProgressEvent, StageSummary, stream_stages
@@ -40,6 +40,7 @@ from lungzarr.pipeline.verify import VerifyReport, verify_store
 __all__ = [
     "run", "ingest", "store_status", "stage_decision",
     "evaluate_store", "evaluate_candidates", "export_dsb2017", "export_nodules", "export_luna16", "export_nifti",
+    "export_dicom_seg",
     "import_legacy", "find_patients", "gather_tables",
     "Stage", "StageOptions", "STAGES", "STAGE_NAMES", "get_stage", "ordered_stages",
     "StageSummary", "ProgressEvent", "Progress", "EVENTS", "stream_stages",

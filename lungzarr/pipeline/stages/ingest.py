@@ -62,6 +62,9 @@ def ingest_dataset(series, *, chunk_slices: int = 16, store=None, files=None):
     uids = series.sop_instance_uids
     if uids is not None:  # DICOM only: LIDC XML marks slices by SOPInstanceUID
         coords["sop_instance_uid"] = ("z", np.array(uids, dtype=object))
+        # Each slice's file (a coordinate, not an attr: it stays out of the store's consolidated metadata);
+        # the DICOM SEG export references these images.
+        coords["dicom_file"] = ("z", np.array([str(p) for p in series.paths], dtype=object))
     ds = xr.Dataset(
         {
             "hu": (("z", "y", "x"), hu, {"units": "HU", "long_name": "CT in Hounsfield units, native grid"}),
