@@ -316,11 +316,16 @@ def _nifti_from_stream(fileobj, path):
 
     if str(path).lower().endswith(".gz"):
         fileobj = gzip.GzipFile(fileobj=fileobj, mode="rb")
-    head = fileobj.read(4)
-    fileobj.seek(0)
-    sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
-    klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
-    return klass.from_stream(fileobj)
+    # The test nib.load makes on a path (header sizes and magic), so a damaged object fails as the file would.
+    try:
+        sniff = fileobj.read(1024)
+        fileobj.seek(0)
+    except (OSError, EOFError):  # a truncated .nii.gz: nibabel's sniff gives up the same way
+        sniff = b""
+    for klass in (nib.Nifti1Image, nib.Nifti2Image):
+        if klass.header_class.may_contain_header(sniff[:klass.header_class.sizeof_hdr]):
+            return klass.from_stream(fileobj)
+    raise nib.filebasedimages.ImageFileError(f'Cannot work out file type of "{path}"')
 
 
 def _nifti_load(path):
