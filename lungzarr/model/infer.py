@@ -154,7 +154,9 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         d8 weights file (see :func:`lungzarr.model.d8.resolve_weights`); checked
         now, loaded by each worker process on first use: the copy
         :func:`lungzarr.model.shipping.ship_weights` shipped to the worker
-        when there is one (workers elsewhere), else this path.
+        when there is one (workers elsewhere), else this path. A
+        :class:`~lungzarr.model.shipping.ShippedWeights` (what the pipeline
+        passes after shipping) is not checked again here.
     batch_size : int, optional
         Windows per ``model.predict`` batch.
     precision : {"fp32", "bf16", "fp16"}, optional
@@ -188,7 +190,10 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         raise ValueError(f"engine must be one of {list(ENGINES)!r}, got {engine!r}")
     hu = da.asarray(hu_2mm)
     _check_volume(hu, patient)
-    weights = str(verify_weights(weights))
+    from lungzarr.model.shipping import ShippedWeights
+
+    if not isinstance(weights, ShippedWeights):  # shipped ones were verified by the run, once
+        weights = str(verify_weights(weights))
     nz, h, w = hu.shape
     dy, dx = detection_crop(hu.shape)
 

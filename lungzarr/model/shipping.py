@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -41,7 +42,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from lungzarr.errors import LungzarrError
 from lungzarr.model.d8 import WEIGHTS_SHA256, _sha256, verify_weights
 
-__all__ = ["PLUGIN_NAME", "WeightsPlugin", "ship_weights", "task_weights", "shipped_weights"]
+__all__ = ["PLUGIN_NAME", "ShippedWeights", "WeightsPlugin", "ship_weights", "task_weights", "shipped_weights"]
 
 #: The worker plugin's name (one registration per client; a new one replaces it).
 PLUGIN_NAME = "lungzarr-d8-weights"
@@ -50,6 +51,29 @@ FOLDER = "lungzarr-weights"
 
 #: sha256 -> this process's verified shipped copy (set on a worker by WeightsPlugin.setup).
 _SHIPPED: dict[str, Path] = {}
+
+
+@dataclass(frozen=True)
+class ShippedWeights:
+    """What a task is given instead of a path: the weights shipped to every worker, by their sha256.
+
+    Graphs built with it touch no file in the client (the run verified and
+    shipped the weights once); on a worker :func:`task_weights` turns it into
+    the worker's own copy.
+
+    Attributes
+    ----------
+    sha256 : str
+    source : str
+        The client's file that was shipped (used only where no copy was shipped:
+        the client's own process).
+    requested : str or None
+        What the user passed (None: the default file), for the stage records.
+    """
+
+    sha256: str
+    source: str
+    requested: str | None = None
 
 
 class WeightsPlugin(WorkerPlugin):
@@ -87,7 +111,7 @@ class WeightsPlugin(WorkerPlugin):
         _SHIPPED[self.sha256] = path
 
 
-def ship_weights(client, weights=None) -> Path:
+def ship_weights(client, weights=None) -> ShippedWeights:
     """Verify the client's weights file and ship its bytes to every worker of ``client`` (and later ones).
 
     Parameters
@@ -98,8 +122,8 @@ def ship_weights(client, weights=None) -> Path:
 
     Returns
     -------
-    pathlib.Path
-        The verified client file that was shipped.
+    ShippedWeights
+        What to pass as ``weights`` to the graphs (no client path is opened by them).
 
     Raises
     ------
@@ -112,7 +136,7 @@ def ship_weights(client, weights=None) -> Path:
     if hashlib.sha256(data).hexdigest() != WEIGHTS_SHA256:
         raise LungzarrError(f"d8 weights file {str(path)!r} changed while it was read; run again")
     client.register_plugin(WeightsPlugin(data, WEIGHTS_SHA256), name=PLUGIN_NAME)
-    return path
+    return ShippedWeights(WEIGHTS_SHA256, str(path), None if weights is None else str(weights))
 
 
 def shipped_weights() -> Path | None:
@@ -121,16 +145,18 @@ def shipped_weights() -> Path | None:
 
 
 def task_weights(weights) -> str:
-    """The weights file a task opens in this process: the copy shipped to this worker, else ``weights``.
+    """The weights file a task opens in this process: the copy shipped to this worker, else the client's file.
 
-    ``weights`` is the file the client verified: the right one where the
-    task runs in the client's process or on its machine without shipping
-    (``client=None``, the threaded scheduler). Either way the model is built
-    only after its sha256 is checked (:func:`lungzarr.model.d8.build_d8`).
+    ``weights`` is a :class:`ShippedWeights` or the path the client verified
+    (the right file where the task runs in the client's process or on its
+    machine without shipping: ``client=None``, the threaded scheduler). Either
+    way the model is built only after its sha256 is checked
+    (:func:`lungzarr.model.d8.build_d8`).
     """
     shipped = _SHIPPED.get(WEIGHTS_SHA256)
     if shipped is not None:
         return str(shipped)
+    weights = weights.source if isinstance(weights, ShippedWeights) else weights
     if not Path(weights).is_file():
         raise LungzarrError(f"the d8 weights were not shipped to this worker and {str(weights)!r} is not on its "
                             f"filesystem; run through lungzarr.pipeline.run (which ships them) or call "

@@ -102,8 +102,9 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         if client is not None:
             from lungzarr.model.shipping import ship_weights
 
-            # Workers elsewhere do not see the client's files: each gets the verified bytes once.
-            ship_weights(client, weights)
+            # Workers elsewhere do not see the client's files: each gets the verified bytes once, and the
+            # graphs name them by sha256 (no client path opened per patient or on a worker).
+            weights = ship_weights(client, weights)
     options = StageOptions(chunk_slices=chunk_slices, weights=weights, precision=precision,
                            infer_batch=infer_batch, gpu=gpu, strict=strict, engine=engine,
                            labels=read_legacy_labels(labels) if labels is not None else None)
