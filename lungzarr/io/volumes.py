@@ -332,7 +332,10 @@ def _nifti_load(path):
     import nibabel as nib
 
     if is_url(path):
-        return _nifti_from_stream(open_object(str(path)), path)
+        # A .nii is read by seeking: small blocks, so a header or one block of slices fetches little more than
+        # its own bytes; a .nii.gz is streamed from its start: large blocks, fewer requests.
+        gz = str(path).lower().endswith(".gz")
+        return _nifti_from_stream(open_object(str(path), block_size=(8 << 20) if gz else (256 << 10)), path)
     return nib.load(str(path), mmap=True)
 
 
