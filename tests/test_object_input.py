@@ -276,6 +276,41 @@ def test_ingest_from_s3_on_workers_elsewhere_equals_the_local_run_bit_for_bit(s3
           f"(CLI, its client start included)")
 
 
+def test_metaimage_objects_are_read_from_temporary_copies_that_are_removed(s3, tmp_path, monkeypatch):
+    """SimpleITK reads paths only: a .mhd + .raw or .mha object is copied into a temporary folder for the read,
+    and the folder is gone afterwards; hu equals the local file's; a missing .raw is named by its URL."""
+    import tempfile
+
+    import dask
+    import fsspec
+
+    from lungzarr.errors import PatientError
+    from lungzarr.io.volumes import read_volume
+
+    nii = _nifti_volume(tmp_path / "src" / "V.nii.gz")
+    hu = read_volume(nii).to_hu().compute(scheduler="synchronous")
+    grid = read_volume(nii).grid
+    from lungzarr.io.volumes import write_volume
+
+    write_volume(hu, tmp_path / "mi" / "M.mhd", grid=grid)
+    write_volume(hu, tmp_path / "mi" / "A.mha", grid=grid)
+    fs = fsspec.filesystem("s3")
+    fs.put(str(tmp_path / "mi") + "/", f"{BUCKET}/mi/", recursive=True)
+    fs.pipe(f"{BUCKET}/mi/N.mhd", (tmp_path / "mi" / "M.mhd").read_bytes().replace(b"M.raw", b"N.raw"))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with dask.config.set(scheduler="synchronous"):
+        for name in ("M.mhd", "A.mha"):
+            series = read_volume(f"s3://{BUCKET}/mi/{name}")
+            assert series.files[0] == f"s3://{BUCKET}/mi/{name}"
+            assert np.array_equal(series.to_hu(chunk_slices=8).compute(), hu), name
+    assert list(temp.iterdir()) == []
+    with pytest.raises(PatientError, match=r"names the data file 'N.raw', which is not in 's3://cohort/mi'") as info:
+        read_volume(f"s3://{BUCKET}/mi/N.mhd")
+    assert info.value.file == f"s3://{BUCKET}/mi/N.mhd"
+
+
 def test_bad_objects_get_the_same_per_file_errors_as_local_files_naming_the_url(s3, cohort, tmp_path):
     """A truncated slice inside the series, a folder of no DICOM, a damaged NIfTI: each patient fails with the
     local reason, the URL named; the cohort goes on (no cluster: the reading code is the same)."""

@@ -449,9 +449,9 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
     folder = str(folder).rstrip("/") if remote else Path(folder)
     patient = patient if patient is not None else (folder.rsplit("/", 1)[-1] if remote else folder.name)
     if remote:
-        dicom_files, other, infos, blobs = _find_remote_dicom(folder, patient)
+        dicom_files, other, infos, parsed = _find_remote_dicom(folder, patient)
     else:
-        (dicom_files, other), infos, blobs = find_dicom_files(folder, patient=patient), None, {}
+        (dicom_files, other), infos, parsed = find_dicom_files(folder, patient=patient), None, {}
     skipped = [(str(p), "not a DICOM file") for p in other]
     notes, user = [], []
     if other:
@@ -466,12 +466,11 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
     unreadable = []
     for path in dicom_files:
         try:
-            blob = blobs.pop(str(path), None)
-            if isinstance(blob, BaseException):
-                raise PatientError(f"cannot read the object ({describe_error(blob)}); check that it exists and "
-                                   f"that the credentials in the environment may read it",
-                                   patient=patient, stage=STAGE, file=str(path))
-            h = read_header(path, patient=patient, data=blob)
+            h = parsed.pop(str(path), None)
+            if isinstance(h, PatientError):
+                raise h
+            if h is None:
+                h = read_header(path, patient=patient)
         except PatientError as exc:
             # A stray damaged file must not cost the patient; inside the series it shows as a gap.
             if strict:
@@ -525,14 +524,15 @@ def _name(path) -> str:
 
 
 def _find_remote_dicom(folder: str, patient):
-    """The DICOM objects below a prefix, the other objects, their listing entries and the DICOM ones' bytes.
+    """The DICOM objects below a prefix, the other objects, their listing entries and the DICOM ones' headers.
 
     Each object is fetched once here (in concurrent batches, see
     :func:`lungzarr.io.locations.read_objects`) to tell DICOM from other files
-    and to read its header from the same bytes; an object that cannot be
-    fetched is kept as a DICOM file whose bytes are the error, so it is
-    reported like an unreadable header (its URL named). Nothing is written to
-    disk.
+    and to read its header from the same bytes, which are dropped at once (a
+    batch in memory at a time). An object that cannot be fetched, or whose
+    header is damaged, has its PatientError in place of a header, so it is
+    reported like an unreadable local file (its URL named). Nothing is
+    written to disk.
     """
     try:
         infos = list_files(folder)
@@ -545,17 +545,25 @@ def _find_remote_dicom(folder: str, patient):
     if not urls:
         raise PatientError("the patient folder is empty; put the series' .dcm files in it or remove the folder",
                            patient=patient, stage=STAGE, file=folder)
-    dicom, other, blobs = [], [], {}
+    dicom, other, parsed = [], [], {}
     for url, data in read_objects(urls):
-        if isinstance(data, BaseException) or _is_dicom_file(url, data):
+        if isinstance(data, BaseException):
             dicom.append(url)
-            blobs[url] = data
+            parsed[url] = PatientError(f"cannot read the object ({describe_error(data)}); check that it exists "
+                                       f"and that the credentials in the environment may read it",
+                                       patient=patient, stage=STAGE, file=url)
+        elif _is_dicom_file(url, data):
+            dicom.append(url)
+            try:
+                parsed[url] = read_header(url, patient=patient, data=data)
+            except PatientError as exc:
+                parsed[url] = exc
         else:
             other.append(url)
     if not dicom:
         raise PatientError(f"no DICOM file among the {len(urls)} file(s) in the folder (e.g. {_name(urls[0])!r}); "
                            f"put the series' DICOM files in it", patient=patient, stage=STAGE, file=folder)
-    return dicom, other, infos, blobs
+    return dicom, other, infos, parsed
 
 
 def _patient_id_warnings(headers, groups, chosen, folder) -> list[dict]:
