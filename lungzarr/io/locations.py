@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from lungzarr.volume import is_url as _is_url
 
 __all__ = ["is_url", "as_location", "ObjectPath", "filesystem", "list_files", "read_objects", "open_object",
-           "object_size", "local_copies", "describe_error", "parent_of", "SECRET_ENV"]
+           "local_copies", "describe_error", "parent_of", "SECRET_ENV"]
 
 #: Environment variables whose values never go into a message (credentials and endpoints).
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
@@ -191,11 +191,6 @@ def open_object(url: str, **kwargs):
     """A seekable binary file object on the object ``url`` (reads fetch byte ranges)."""
     fs, path = filesystem(url)
     return fs.open(path, "rb", **kwargs)
-
-
-def object_size(url: str) -> int:
-    fs, path = filesystem(url)
-    return int(fs.info(path)["size"])
 
 
 @contextmanager
