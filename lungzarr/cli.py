@@ -336,11 +336,12 @@ def _stages(store, stages, **options):
 
 # ---------------------------------------------------------------------- commands
 
-_INPUT_HELP = "Folder with one entry per patient: a DICOM sub-folder, or a .mhd/.mha/.nii/.nii.gz file."
+_INPUT_HELP = ("Folder with one entry per patient: a DICOM sub-folder, or a .mhd/.mha/.nii/.nii.gz file; or such a "
+               "prefix on object storage (s3://bucket/cohort/, any fsspec URL; credentials from the environment).")
 
 
 @app.command(short_help='Scans (DICOM, MetaImage, NIfTI) into the store as HU volumes (native and 2 mm).')
-def ingest(input_dir: Path = typer.Argument(..., help=_INPUT_HELP),
+def ingest(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path turns s3://b/k into s3:/b/k
            store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, overwrite: bool = OverwriteOpt,
            patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
@@ -358,7 +359,7 @@ def ingest(input_dir: Path = typer.Argument(..., help=_INPUT_HELP),
 
 
 @app.command(short_help='The whole pipeline, ingest to features.')
-def run(input_dir: Path = typer.Argument(..., help=_INPUT_HELP),
+def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path turns s3://b/k into s3:/b/k
         store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: Precision = PrecisionOpt,

@@ -19,6 +19,8 @@ __all__ = [
     "normalize_hu",
     "z_chunks",
     "files_token",
+    "object_version",
+    "is_url",
     "strip_suffix",
     "TARGET_SPACING_MM",
 ]
@@ -159,21 +161,57 @@ class ScanSeries(Protocol):
     def to_hu(self, *, chunk_slices: int = 16, store=None): ...
 
 
-def files_token(paths) -> list[tuple[str, int, int]]:
+def files_token(paths, *, infos=None) -> list[tuple]:
     """``(resolved path, st_size, st_mtime_ns)`` of each file: what a task key must depend on.
 
     A header value (SeriesInstanceUID, SOPInstanceUID) is not enough: two folders
     can hold copies of one series, one of them damaged, and dask merges equal keys
     silently, so one patient would be stored with the other's pixels.
+
+    An object-storage URL (``s3://...``, any fsspec URL) gives ``(url, size,
+    version)``, the object analogue: ``version`` holds what the store says
+    changes when the object is rewritten (ETag and LastModified on S3;
+    generation/md5 on GCS; etag/last_modified on Azure; mtime elsewhere).
+    ``infos`` maps a URL to the listing entry that found it (so a folder of
+    objects costs one listing, not a request per object); a URL without one
+    is asked for its metadata.
     """
     from pathlib import Path
 
     out = []
     for path in paths:
+        text = str(path)
+        if is_url(text):
+            info = (infos or {}).get(text)
+            if info is None:
+                import fsspec.core
+
+                fs, key = fsspec.core.url_to_fs(text)
+                info = fs.info(key)
+            out.append((text, int(info.get("size") or info.get("Size") or 0), object_version(info)))
+            continue
         resolved = Path(path).resolve()
         st = resolved.stat()
         out.append((str(resolved), int(st.st_size), int(st.st_mtime_ns)))
     return out
+
+
+#: Listing fields that change when an object is rewritten, by fsspec backend (S3, GCS, Azure, local/other).
+_VERSION_FIELDS = ("ETag", "LastModified", "VersionId", "generation", "md5Hash", "updated", "etag",
+                   "last_modified", "version_id", "mtime", "created")
+
+
+def object_version(info: dict) -> tuple:
+    """``((field, value), ...)`` of the fields of an object's listing entry that change when it is rewritten."""
+    return tuple((k, str(info[k])) for k in _VERSION_FIELDS if info.get(k) not in (None, ""))
+
+
+def is_url(text) -> bool:
+    """True for ``scheme://...`` (an fsspec URL) other than ``file://`` (a local path)."""
+    import re
+
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://", str(text))
+    return bool(m) and m.group(1).lower() not in ("file", "local")
 
 
 def strip_suffix(name: str, suffixes) -> str | None:

@@ -7,6 +7,7 @@ the series into a lazy dask array of HU, decoded a chunk of slices at a time
 """
 from __future__ import annotations
 
+import io
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lungzarr.errors import PatientError
+from lungzarr.io.locations import describe_error, is_url, list_files, read_objects
 from lungzarr.volume import Grid, files_token, z_chunks  # noqa: F401  (files_token: part of this API)
 
 __all__ = [
@@ -125,6 +127,9 @@ class Series:
     dropped: list[dict] = field(default_factory=list)
     #: Records for the store's warnings table (see :meth:`warning_records`).
     user_warnings: list[dict] = field(default_factory=list)
+    #: For a folder on object storage: each object's listing entry (size, ETag, LastModified), by URL,
+    #: so :func:`files_token` needs no request per object.
+    file_infos: dict | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -188,16 +193,23 @@ class Series:
         """The lazy int16 HU dask array: :func:`series_to_hu`."""
         return series_to_hu(self, chunk_slices=chunk_slices, store=store, files=files)
 
+    def files_token(self) -> list[tuple]:
+        """:func:`files_token` of the slices (for objects: from the listing that found them)."""
+        return files_token(self.paths, infos=self.file_infos)
+
 
 # --------------------------------------------------------------------------
 # discovery and headers
 # --------------------------------------------------------------------------
 
-def _is_dicom_file(path: Path) -> bool:
-    """True when the file has the DICM preamble, or parses as implicit-VR DICOM."""
+def _is_dicom_file(path: Path, data: bytes | None = None) -> bool:
+    """True when the file (or its bytes ``data``) has the DICM preamble, or parses as implicit-VR DICOM."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
+        if data is not None:
+            head = data[:132]
+        else:
+            with open(path, "rb") as fh:
+                head = fh.read(132)
     except OSError:
         return False
     if len(head) == 132 and head[128:132] == b"DICM":
@@ -206,7 +218,8 @@ def _is_dicom_file(path: Path) -> bool:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID", "Modality"])
+        ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path, stop_before_pixels=True, force=True,
+                             specific_tags=["SOPClassUID", "Modality"])
     except Exception:
         return False
     return "SOPClassUID" in ds or "Modality" in ds
@@ -276,7 +289,7 @@ def _number(value, default: float) -> float:
         return float("nan")
 
 
-def _pixel_damage(fh, ds, path: Path, tsyntax: str) -> str | None:
+def _pixel_damage(fh, ds, size: int, tsyntax: str) -> str | None:
     """Why the file cannot hold the pixels its header describes, or None.
 
     ``fh`` stands where ``stop_before_pixels`` stopped: at the (7FE0,0010) tag.
@@ -285,7 +298,6 @@ def _pixel_damage(fh, ds, path: Path, tsyntax: str) -> str | None:
     with the bytes the file holds after the tag; compressed pixel data is
     checked by decoding (see :func:`read_series`).
     """
-    size = path.stat().st_size
     head = fh.read(12)
     implicit, little = getattr(ds, "original_encoding", (False, True))
     implicit = implicit if implicit is not None else tsyntax == "1.2.840.10008.1.2"
@@ -318,16 +330,21 @@ def _pixel_damage(fh, ds, path: Path, tsyntax: str) -> str | None:
     return None
 
 
-def read_header(path, *, patient: str | None = None) -> SliceHeader:
-    """Read the header of one DICOM file (no pixel data), and size its pixel data against the file."""
+def read_header(path, *, patient: str | None = None, data: bytes | None = None) -> SliceHeader:
+    """Read the header of one DICOM file (no pixel data), and size its pixel data against the file.
+
+    ``data``: the file's bytes, already fetched (an object on object storage,
+    ``path`` its URL); else the file ``path`` is opened.
+    """
     import pydicom
 
-    path = Path(path)
+    path = str(path) if is_url(path) else Path(path)
     try:
-        with open(path, "rb") as fh:
+        with (io.BytesIO(data) if data is not None else open(path, "rb")) as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
             tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
-            damage = _pixel_damage(fh, ds, path, tsyntax)
+            size = len(data) if data is not None else path.stat().st_size
+            damage = _pixel_damage(fh, ds, size, tsyntax)
         header = SliceHeader(
             path=str(path),
             sop_uid=str(ds.get("SOPInstanceUID", "")),
@@ -352,8 +369,8 @@ def read_header(path, *, patient: str | None = None) -> SliceHeader:
             damage=damage,
         )
     except Exception as exc:  # pydicom raises many kinds on damaged headers
-        raise PatientError(f"cannot read the DICOM header ({type(exc).__name__}: {exc}); the file is damaged: "
-                           f"replace or remove it", patient=patient, stage=STAGE, file=path) from exc
+        raise PatientError(f"cannot read the DICOM header ({describe_error(exc)}); the file is damaged: "
+                           f"replace or remove it", patient=patient, stage=STAGE, file=str(path)) from exc
     return header
 
 
@@ -429,16 +446,20 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
         non-positive PixelSpacing, an implausible RescaleSlope/Intercept, a
         damaged slice inside the stack, or a transfer syntax with no decoder.
     """
-    folder = Path(folder)
-    patient = patient if patient is not None else folder.name
-    dicom_files, other = find_dicom_files(folder, patient=patient)
+    remote = is_url(folder)
+    folder = str(folder).rstrip("/") if remote else Path(folder)
+    patient = patient if patient is not None else (folder.rsplit("/", 1)[-1] if remote else folder.name)
+    if remote:
+        dicom_files, other, infos, parsed = _find_remote_dicom(folder, patient)
+    else:
+        (dicom_files, other), infos, parsed = find_dicom_files(folder, patient=patient), None, {}
     skipped = [(str(p), "not a DICOM file") for p in other]
     notes, user = [], []
     if other:
-        msg = f"{patient}: ignored {len(other)} non-DICOM file(s), e.g. {other[0].name!r}"
+        msg = f"{patient}: ignored {len(other)} non-DICOM file(s), e.g. {_name(other[0])!r}"
         warnings.warn(msg, stacklevel=2)
         notes.append(msg)
-        names = ", ".join(repr(p.name) for p in other[:5]) + (", ..." if len(other) > 5 else "")
+        names = ", ".join(repr(_name(p)) for p in other[:5]) + (", ..." if len(other) > 5 else "")
         user.append({"file": str(other[0]) if len(other) == 1 else str(folder),
                      "reason": f"ignored {len(other)} non-DICOM file(s) in the folder: {names}"})
 
@@ -446,7 +467,11 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
     unreadable = []
     for path in dicom_files:
         try:
-            h = read_header(path, patient=patient)
+            h = parsed.pop(str(path), None)
+            if isinstance(h, PatientError):
+                raise h
+            if h is None:
+                h = read_header(path, patient=patient)
         except PatientError as exc:
             # A stray damaged file must not cost the patient; inside the series it shows as a gap.
             if strict:
@@ -491,7 +516,55 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
     notes.extend(extra_notes)
     return Series(patient=patient, folder=str(folder), headers=headers, grid=grid,
                   slice_spacing=slice_spacing, reason=reason, skipped=skipped, warnings=notes,
-                  dropped=dropped, user_warnings=user)
+                  dropped=dropped, user_warnings=user,
+                  file_infos=None if infos is None else {h.path: infos[h.path] for h in headers})
+
+
+def _name(path) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _find_remote_dicom(folder: str, patient):
+    """The DICOM objects below a prefix, the other objects, their listing entries and the DICOM ones' headers.
+
+    Each object is fetched once here (in concurrent batches, see
+    :func:`lungzarr.io.locations.read_objects`) to tell DICOM from other files
+    and to read its header from the same bytes, which are dropped at once (a
+    batch in memory at a time). An object that cannot be fetched, or whose
+    header is damaged, has its PatientError in place of a header, so it is
+    reported like an unreadable local file (its URL named). Nothing is
+    written to disk.
+    """
+    try:
+        infos = list_files(folder)
+    except FileNotFoundError:
+        infos = {}
+    except Exception as exc:
+        raise PatientError(f"cannot list the patient folder ({describe_error(exc)}); check the URL and the "
+                           f"credentials in the environment", patient=patient, stage=STAGE, file=folder) from exc
+    urls = [u for u in infos if not any(part.startswith(".") for part in u[len(folder) + 1:].split("/"))]
+    if not urls:
+        raise PatientError("the patient folder is empty; put the series' .dcm files in it or remove the folder",
+                           patient=patient, stage=STAGE, file=folder)
+    dicom, other, parsed = [], [], {}
+    for url, data in read_objects(urls):
+        if isinstance(data, BaseException):
+            dicom.append(url)
+            parsed[url] = PatientError(f"cannot read the object ({describe_error(data)}); check that it exists "
+                                       f"and that the credentials in the environment may read it",
+                                       patient=patient, stage=STAGE, file=url)
+        elif _is_dicom_file(url, data):
+            dicom.append(url)
+            try:
+                parsed[url] = read_header(url, patient=patient, data=data)
+            except PatientError as exc:
+                parsed[url] = exc
+        else:
+            other.append(url)
+    if not dicom:
+        raise PatientError(f"no DICOM file among the {len(urls)} file(s) in the folder (e.g. {_name(urls[0])!r}); "
+                           f"put the series' DICOM files in it", patient=patient, stage=STAGE, file=folder)
+    return dicom, other, infos, parsed
 
 
 def _patient_id_warnings(headers, groups, chosen, folder) -> list[dict]:
@@ -687,17 +760,30 @@ def _grid_from_headers(headers, patient):
 # pixel decoding
 # --------------------------------------------------------------------------
 
-def _decode_one(path, header: SliceHeader | None = None, *, patient: str | None = None) -> np.ndarray:
-    """One slice's stored pixel values (2-D), or a PatientError naming the file."""
+def _fetch(path, patient):
+    """The bytes of an object (a URL), or a PatientError naming it."""
+    ((url, data),) = read_objects([path])
+    return _fetched(url, data, patient)
+
+
+def _decode_one(path, header: SliceHeader | None = None, *, patient: str | None = None,
+                data: bytes | None = None) -> np.ndarray:
+    """One slice's stored pixel values (2-D), or a PatientError naming the file.
+
+    ``data``: the file's bytes when fetched already (an object on object
+    storage); a URL without them is fetched here.
+    """
     import pydicom
 
+    if data is None and is_url(path):
+        data = _fetch(path, patient)
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path, force=True)
         array = ds.pixel_array
     except Exception as exc:
-        raise PatientError(f"cannot decode the pixel data ({type(exc).__name__}: {exc}); the file is truncated "
+        raise PatientError(f"cannot decode the pixel data ({describe_error(exc)}); the file is truncated "
                            f"or damaged: replace it from the archive or remove it",
-                           patient=patient, stage=STAGE, file=path) from exc
+                           patient=patient, stage=STAGE, file=str(path)) from exc
     if array.ndim != 2 or (header is not None and array.shape != (header.rows, header.columns)):
         raise PatientError(f"the pixel data decodes to shape {array.shape!r}, not one {ds.get('Rows')}x"
                            f"{ds.get('Columns')} greyscale slice; the file is damaged or not a CT slice: "
@@ -712,7 +798,12 @@ def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None
     padding) to 0, then per slice: if the slope is not 1 multiply in float64
     and cast back to int16; add ``int16(intercept)``.
     """
-    arrays = [_decode_one(path, patient=patient) for path in paths]
+    if paths and is_url(paths[0]):
+        # Objects: the chunk's slices are fetched concurrently, then decoded from memory.
+        arrays = [_decode_one(url, patient=patient, data=_fetched(url, data, patient))
+                  for url, data in read_objects(paths)]
+    else:
+        arrays = [_decode_one(path, patient=patient) for path in paths]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise PatientError(f"decoded slices have different sizes {sorted(shapes)!r}; the headers' Rows/Columns "
@@ -724,6 +815,13 @@ def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None
             image[k] = (slope * image[k].astype(np.float64)).astype(np.int16)
         image[k] += np.int16(intercept)
     return image
+
+
+def _fetched(url, data, patient):
+    if isinstance(data, BaseException):
+        raise PatientError(f"cannot read the object ({describe_error(data)}); check that it exists and that the "
+                           f"credentials in the environment may read it", patient=patient, stage=STAGE, file=url)
+    return data
 
 
 def _decode_block(*, paths, slopes, intercepts, patient, block_info=None):
@@ -759,7 +857,7 @@ def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None, files=No
     slopes = tuple(h.slope for h in series.headers)
     intercepts = tuple(h.intercept for h in series.headers)
     if files is None:
-        files = files_token(series.paths)
+        files = series.files_token()
     elif len(files) != len(series.paths):
         raise ValueError(f"files has {len(files)} entries for the {len(series.paths)} files of the series; pass "
                          f"files_token(series.paths)")

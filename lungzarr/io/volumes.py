@@ -32,12 +32,14 @@ seeked: each block decompresses the stream from the start up to its slices
 """
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lungzarr.errors import LungzarrError, PatientError
+from lungzarr.io.locations import as_location, describe_error, is_url, local_copies, open_object
 from lungzarr.volume import Grid, files_token, strip_suffix, z_chunks
 
 __all__ = ["VolumeSeries", "VOLUME_SUFFIXES", "METAIMAGE_DATA_SUFFIXES", "volume_stem", "is_volume_file",
@@ -70,8 +72,8 @@ def is_volume_file(path) -> bool:
     return volume_stem(path.name) is not None and path.is_file()
 
 
-def _format(path: Path) -> str:
-    lower = path.name.lower()
+def _format(path) -> str:
+    lower = str(path).rstrip("/").rsplit("/", 1)[-1].lower()
     return next(fmt for suffix, fmt in _FORMATS.items() if lower.endswith(suffix))
 
 
@@ -79,7 +81,7 @@ def missing_reader(path) -> str | None:
     """What to install to read the volume file ``path``, or None when its library is importable."""
     import importlib.util
 
-    module, install = _PACKAGES[_format(Path(path))]
+    module, install = _PACKAGES[_format(path)]
     return install if importlib.util.find_spec(module) is None else None
 
 
@@ -119,6 +121,9 @@ class VolumeSeries:
     file_shape: tuple[int, ...]
     header: dict = field(default_factory=dict)
     user_warnings: list[dict] = field(default_factory=list)
+    #: For objects on object storage: each file's metadata (size, ETag, LastModified) by URL, taken where
+    #: the header was read (a worker), for the task names.
+    file_infos: dict | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -195,11 +200,14 @@ class VolumeSeries:
         from dask.base import tokenize
 
         nz, ny, nx = self.shape
-        token = tokenize(self.patient, files_token(self.files), self.format, self.axes, self.file_shape,
-                         chunk_slices, None if store is None else str(store))
-        return da.map_blocks(
+        token = tokenize(self.patient, files_token(self.files, infos=self.file_infos), self.format, self.axes,
+                         self.file_shape, chunk_slices, None if store is None else str(store))
+        # A MetaImage object is read by SimpleITK from a local copy (it reads paths only): one task copies
+        # the files once and reads the whole volume, instead of every block copying the whole file again.
+        whole = is_url(self.path) and self.format == "metaimage"
+        hu = da.map_blocks(
             _read_block,
-            chunks=(z_chunks(nz, chunk_slices), (ny,), (nx,)),
+            chunks=((nz,) if whole else z_chunks(nz, chunk_slices), (ny,), (nx,)),
             dtype=np.int16,
             meta=np.empty((0, 0, 0), dtype=np.int16),
             name=f"read-{self.format}-{token}",
@@ -208,7 +216,9 @@ class VolumeSeries:
             axes=self.axes,
             file_shape=self.file_shape,
             patient=self.patient,
+            files=self.files,
         )
+        return hu.rechunk((z_chunks(nz, chunk_slices), (ny,), (nx,))) if whole else hu
 
 
 def _error(reason, patient, path):
@@ -225,7 +235,7 @@ def metaimage_data_files(path) -> list[Path]:
     For INPUT scanning: a ``.raw`` named by a ``.mhd`` belongs to that patient,
     not to the loose files. Errors are left to :func:`read_volume`.
     """
-    path = Path(path)
+    path = as_location(path)
     if not path.name.lower().endswith(".mhd") or not path.is_file():
         return []
     try:
@@ -234,7 +244,7 @@ def metaimage_data_files(path) -> list[Path]:
         return []
 
 
-def _metaimage_data_files(path: Path, patient) -> list[Path]:
+def _metaimage_data_files(path, patient) -> list:
     """The data file(s) a ``.mhd`` header names, to fingerprint and to name when missing.
 
     Pixels and geometry come from SimpleITK; this only looks up the
@@ -245,9 +255,9 @@ def _metaimage_data_files(path: Path, patient) -> list[Path]:
         return []
     try:
         text = path.read_text(encoding="latin-1")
-    except OSError as exc:
-        raise _error(f"cannot read the MetaImage header ({exc}); check the file's permissions", patient,
-                     path) from exc
+    except Exception as exc:  # OSError locally; botocore/fsspec errors for an object
+        raise _error(f"cannot read the MetaImage header ({describe_error(exc)}); check the file's permissions",
+                     patient, path) from exc
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep and key.strip() == "ElementDataFile":
@@ -265,11 +275,13 @@ def _metaimage_data_files(path: Path, patient) -> list[Path]:
                  "truncated): replace the file", patient, path)
 
 
-def _metaimage_header(path: Path, patient):
+def _metaimage_header(path: Path, patient, shown=None):
+    """The header through SimpleITK; errors name ``shown`` (the object's URL when ``path`` is its local copy)."""
     import SimpleITK as sitk
 
+    local, path = path, (shown or path)
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(str(local))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
@@ -292,13 +304,46 @@ def _metaimage_header(path: Path, patient):
     return shape, direction, spacing, origin, header
 
 
-def _nifti_header(path: Path, patient):
+def _nifti_from_stream(fileobj, path):
+    """A NIfTI image read through a file object (an object on object storage): header now, voxels on slicing.
+
+    A ``.nii.gz`` is decompressed as it is read (gzip cannot seek: a block
+    decompresses the stream from its start, as for a local ``.nii.gz``).
+    """
+    import gzip
+
     import nibabel as nib
 
+    if str(path).lower().endswith(".gz"):
+        fileobj = gzip.GzipFile(fileobj=fileobj, mode="rb")
+    # The test nib.load makes on a path (header sizes and magic), so a damaged object fails as the file would.
     try:
-        img = nib.load(str(path), mmap=True)
+        sniff = fileobj.read(1024)
+        fileobj.seek(0)
+    except (OSError, EOFError):  # a truncated .nii.gz: nibabel's sniff gives up the same way
+        sniff = b""
+    for klass in (nib.Nifti1Image, nib.Nifti2Image):
+        if klass.header_class.may_contain_header(sniff[:klass.header_class.sizeof_hdr]):
+            return klass.from_stream(fileobj)
+    raise nib.filebasedimages.ImageFileError(f'Cannot work out file type of "{path}"')
+
+
+def _nifti_load(path):
+    import nibabel as nib
+
+    if is_url(path):
+        # A .nii is read by seeking: small blocks, so a header or one block of slices fetches little more than
+        # its own bytes; a .nii.gz is streamed from its start: large blocks, fewer requests.
+        gz = str(path).lower().endswith(".gz")
+        return _nifti_from_stream(open_object(str(path), block_size=(8 << 20) if gz else (256 << 10)), path)
+    return nib.load(str(path), mmap=True)
+
+
+def _nifti_header(path, patient):
+    try:
+        img = _nifti_load(path)
     except Exception as exc:  # nibabel raises many kinds on damaged files
-        raise _error(f"nibabel cannot read the NIfTI file ({type(exc).__name__}: {exc}); the file is damaged "
+        raise _error(f"nibabel cannot read the NIfTI file ({describe_error(exc)}); the file is damaged "
                      f"or not NIfTI: replace it", patient, path) from exc
     shape = tuple(int(n) for n in img.shape)
     if len(shape) == 4 and shape[3] == 1:
@@ -390,18 +435,35 @@ def read_volume(path, *, patient: str | None = None) -> VolumeSeries:
         (NIfTI codes 0), an oblique direction, fewer than two slices, or
         sampled values that are all >= 0 (not HU).
     """
-    path = Path(path)
-    patient = patient if patient is not None else (volume_stem(path.name) or path.name)
-    if not path.is_file():
+    remote = is_url(path)
+    path = str(path).rstrip("/") if remote else Path(path)
+    name = as_location(path).name
+    patient = patient if patient is not None else (volume_stem(name) or name)
+    try:
+        exists = as_location(path).is_file()
+    except Exception as exc:  # an object: no credentials, access denied, endpoint down
+        raise _error(f"cannot reach the volume file ({describe_error(exc)}); check the URL and the credentials "
+                     f"in the environment", patient, path) from exc
+    if not exists:
         raise _error(f"the volume file {str(path)!r} does not exist; check the INPUT path", patient, path)
     fmt = _format(path)
     need = missing_reader(path)
     if need is not None:
         raise _error(f"reading {fmt} files needs {_PACKAGES[fmt][0]}, which is not installed: run {need}",
                      patient, path)
+    with ExitStack() as stack:
+        return _read_volume(path, fmt, patient, remote, stack)
+
+
+def _read_volume(path, fmt, patient, remote, stack) -> VolumeSeries:
+    local = None
     if fmt == "metaimage":
-        data_files = _metaimage_data_files(path, patient)
-        shape, direction, spacing, origin, header = _metaimage_header(path, patient)
+        data_files = _metaimage_data_files(as_location(path), patient)
+        if remote:
+            # SimpleITK reads paths only: the header (and, for the HU check below, the data) from a
+            # temporary local copy, removed when read_volume returns.
+            local = stack.enter_context(_copied([path, *map(str, data_files)], patient, path))
+        shape, direction, spacing, origin, header = _metaimage_header(local or path, patient, shown=path)
     else:
         data_files = []
         shape, direction, spacing, origin, header = _nifti_header(path, patient)
@@ -411,15 +473,36 @@ def read_volume(path, *, patient: str | None = None) -> VolumeSeries:
                      f"not finite and positive; fix the header", patient, path)
     axes, grid = _place(shape, direction, spacing, origin, patient, path)
     if grid.shape[0] < 2:
-        raise _error(f"the volume has {grid.shape[0]} axial slice(s); lungzarr needs a volume of at least two "
-                     f"(and at least 9 at 2 mm for nodule detection)", patient, path)
-    series = VolumeSeries(patient=patient, path=str(path), files=(str(path), *map(str, data_files)),
-                          format=fmt, grid=grid, axes=axes, file_shape=tuple(shape), header=header)
-    _check_hu(series)
+        raise _error(f"the volume has {grid.shape[0]} axial slice(s); lungzarr needs a volume of at least "
+                     f"two (and at least 9 at 2 mm for nodule detection)", patient, path)
+    files = (str(path), *map(str, data_files))
+    infos = {f: _object_info(f) for f in files} if remote else None
+    series = VolumeSeries(patient=patient, path=str(path), files=files, format=fmt, grid=grid, axes=axes,
+                          file_shape=tuple(shape), header=header, file_infos=infos)
+    _check_hu(series, local=local)
     return series
 
 
-def _check_hu(series: VolumeSeries) -> None:
+@contextmanager
+def _copied(files, patient, path):
+    """Local copies of a MetaImage object's files (for SimpleITK), removed on exit; yields the header's copy."""
+    with ExitStack() as stack:
+        try:
+            local = stack.enter_context(local_copies(files))
+        except Exception as exc:
+            raise _error(f"cannot copy the MetaImage object for SimpleITK ({describe_error(exc)}); check that "
+                         f"it exists and the credentials in the environment", patient, path) from exc
+        yield local[0]
+
+
+def _object_info(url: str) -> dict:
+    from lungzarr.io.locations import filesystem
+
+    fs, key = filesystem(url)
+    return fs.info(key)
+
+
+def _check_hu(series: VolumeSeries, *, local=None) -> None:
     """Refuse values that are not HU, judged on the first, middle and last slice.
 
     A ``.nii.gz`` is judged on its first slice in the file only: reaching the
@@ -432,7 +515,7 @@ def _check_hu(series: VolumeSeries) -> None:
         (_, z_flipped) = series.axes[0]
         picks = [nz - 1 if z_flipped else 0]
     lows = [int(_read_slices(series.path, series.format, series.axes, series.file_shape, k, k + 1,
-                             series.patient).min()) for k in picks]
+                             series.patient, local=local).min()) for k in picks]
     if min(lows) >= 0:
         raise _error(f"every value of slices {picks!r} is >= 0 (minimum {min(lows)}): these are not Hounsfield "
                      f"units (CT air is about -1000 HU) but stored values without the rescale; write the volume "
@@ -455,11 +538,9 @@ def _file_region(path, fmt, start, size):
         reader.SetExtractIndex([int(s) for s in start])
         reader.SetExtractSize([int(s) for s in size])
         return sitk.GetArrayFromImage(reader.Execute()).transpose(2, 1, 0)
-    import nibabel as nib
-
-    # Slicing the proxy reads only the region's bytes: seek + read in a .nii; a .nii.gz is decompressed
-    # from its start up to the region (gzip cannot seek), never as a whole.
-    proxy = nib.load(str(path), mmap=True).dataobj
+    # Slicing the proxy reads only the region's bytes: seek + read in a .nii (byte-range requests for an
+    # object); a .nii.gz is decompressed from its start up to the region (gzip cannot seek), never as a whole.
+    proxy = _nifti_load(path).dataobj
     index = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size))
     if len(proxy.shape) == 4:
         index = index + (0,)
@@ -479,27 +560,30 @@ def _to_int16(values, patient, path) -> np.ndarray:
     return values.astype(np.int16, copy=False)
 
 
-def _read_slices(path, fmt, axes, file_shape, z0, z1, patient) -> np.ndarray:
-    """Store slices ``z0:z1`` (z, y, x) as int16 HU."""
+def _read_slices(path, fmt, axes, file_shape, z0, z1, patient, *, local=None) -> np.ndarray:
+    """Store slices ``z0:z1`` (z, y, x) as int16 HU; read from ``local`` (a local copy of ``path``) when given."""
     (az, fz), (ay, fy), (ax, fx) = axes
     nz = file_shape[az]
     start, size = [0, 0, 0], list(file_shape)
     # A flipped z axis: store slice z is file slice nz - 1 - z.
     start[az], size[az] = ((nz - z1) if fz else z0), z1 - z0
     try:
-        block = _file_region(path, fmt, start, size)
+        block = _file_region(local or path, fmt, start, size)
     except PatientError:
         raise
     except Exception as exc:
-        raise _error(f"cannot read slices {z0}..{z1 - 1} ({type(exc).__name__}: {exc}); the file is truncated "
+        raise _error(f"cannot read slices {z0}..{z1 - 1} ({describe_error(exc)}); the file is truncated "
                      f"or damaged: replace it", patient, path) from exc
     block = block.transpose(az, ay, ax)
     flips = tuple(slice(None, None, -1) if f else slice(None) for f in (fz, fy, fx))
     return _to_int16(np.ascontiguousarray(block[flips]), patient, path)
 
 
-def _read_block(*, path, fmt, axes, file_shape, patient, block_info=None):
+def _read_block(*, path, fmt, axes, file_shape, patient, files=None, block_info=None):
     (z0, z1), _, _ = block_info[None]["array-location"]
+    if is_url(path) and fmt == "metaimage":
+        with _copied(files or (path,), patient, path) as local:
+            return _read_slices(path, fmt, axes, file_shape, z0, z1, patient, local=local)
     return _read_slices(path, fmt, axes, file_shape, z0, z1, patient)
 
 

@@ -121,7 +121,15 @@ def _predict_block(block, *, offsets, nz, weights, precision, batch_size, engine
     # that window starts at s - 4 - (start - below).
     origins = [s - WINDOW_CENTRE - (start - below) for s in range(first, last)]
     windows = np.stack([block[o:o + WINDOW] for o in origins])[..., np.newaxis]
-    runner = get_engine(engine, weights, precision)
+    from lungzarr.errors import LungzarrError
+    from lungzarr.model.shipping import task_weights
+
+    try:
+        # The copy shipped to this worker (lungzarr.model.shipping), not a path on the client's filesystem;
+        # its sha256 is checked before the model is built from it.
+        runner = get_engine(engine, task_weights(weights), precision)
+    except LungzarrError as exc:  # a missing or damaged copy, an engine that does not import on this worker
+        raise PatientError(str(exc), stage="detect") from exc
     t0 = time.perf_counter()
     prob = runner.predict(windows, batch_size=batch_size)
     _PREDICT_STATS["seconds"] += time.perf_counter() - t0
@@ -144,7 +152,11 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         The *unsegmented* 2 mm volume in HU (``hu_2mm`` of the store).
     weights : str or path-like, optional
         d8 weights file (see :func:`lungzarr.model.d8.resolve_weights`); checked
-        now, loaded by each worker process on first use.
+        now, loaded by each worker process on first use: the copy
+        :func:`lungzarr.model.shipping.ship_weights` shipped to the worker
+        when there is one (workers elsewhere), else this path. A
+        :class:`~lungzarr.model.shipping.ShippedWeights` (what the pipeline
+        passes after shipping) is not checked again here.
     batch_size : int, optional
         Windows per ``model.predict`` batch.
     precision : {"fp32", "bf16", "fp16"}, optional
@@ -178,7 +190,10 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         raise ValueError(f"engine must be one of {list(ENGINES)!r}, got {engine!r}")
     hu = da.asarray(hu_2mm)
     _check_volume(hu, patient)
-    weights = str(verify_weights(weights))
+    from lungzarr.model.shipping import ShippedWeights
+
+    if not isinstance(weights, ShippedWeights):  # shipped ones were verified by the run, once
+        weights = str(verify_weights(weights))
     nz, h, w = hu.shape
     dy, dx = detection_crop(hu.shape)
 

@@ -42,7 +42,8 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
     labels : path, optional
         A labels CSV (``id,cancer``) for the DSB2017 ``cancer`` column.
     weights : path, optional
-        d8 weights; default the shipped file (sha256 checked).
+        d8 weights; default the file in the repository's models/ (sha256 checked). With a
+        ``client`` the bytes are shipped to every worker (:mod:`lungzarr.model.shipping`).
     chunk_slices, batch_size : int
         Slices per chunk; patients in flight per stage (bounds each worker's memory).
     precision : {"fp32", "bf16", "fp16"}
@@ -98,6 +99,12 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
 
         # A missing or broken engine stops the run here, once, instead of failing every patient.
         engine = prepare_engine(engine, weights=weights, precision=precision, gpu=gpu)
+        if client is not None:
+            from lungzarr.model.shipping import ship_weights
+
+            # Workers elsewhere do not see the client's files: each gets the verified bytes once, and the
+            # graphs name them by sha256 (no client path opened per patient or on a worker).
+            weights = ship_weights(client, weights)
     options = StageOptions(chunk_slices=chunk_slices, weights=weights, precision=precision,
                            infer_batch=infer_batch, gpu=gpu, strict=strict, engine=engine,
                            labels=read_legacy_labels(labels) if labels is not None else None)

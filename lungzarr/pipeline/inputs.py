@@ -9,6 +9,11 @@ entry is reported: an archive (``P1.zip``) is a failure of the patient it
 would be (``P1``), since its scan is missing from the run; a hidden folder, a
 loose file or anything else is a warning. The pipeline records both in the
 store, so ``lungzarr status`` shows them.
+
+INPUT may also be an object-storage prefix (``s3://bucket/cohort/``, any
+fsspec URL): the same rules on its listing (objects and the prefixes below
+it; there are no links). The patients' paths are then
+:class:`lungzarr.io.locations.ObjectPath` objects; the workers read them by URL.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lungzarr.errors import LungzarrError, PatientError, RunConfigError
+from lungzarr.io.locations import as_location, describe_error, is_url, parent_of
 from lungzarr.io.volumes import METAIMAGE_DATA_SUFFIXES, metaimage_data_files, missing_reader, volume_stem
 from lungzarr.volume import strip_suffix
 
@@ -146,7 +152,25 @@ def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan
         ``patients`` names one it does not hold; a RunConfigError when a
         chosen volume file needs a library that is not installed.
     """
-    input_dir = Path(input_dir)
+    input_dir = as_location(input_dir)
+    if is_url(input_dir):
+        return _scan_url(input_dir, patients)
+    return _scan(input_dir, patients)
+
+
+def _scan_url(input_dir, patients) -> InputScan:
+    """:func:`scan_input` of a prefix: a listing that fails is one run-level error naming the URL."""
+    try:
+        return _scan(input_dir, patients)
+    except LungzarrError:
+        raise
+    except Exception as exc:  # botocore/fsspec raise many kinds: no credentials, access denied, no bucket
+        raise LungzarrError(f"cannot list INPUT {str(input_dir)!r} ({describe_error(exc)}); check the URL and "
+                            f"the credentials and endpoint in the environment (e.g. AWS_ACCESS_KEY_ID, "
+                            f"AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for s3://)") from None
+
+
+def _scan(input_dir, patients) -> InputScan:
     if not input_dir.exists():
         raise LungzarrError(f"INPUT folder {str(input_dir)!r} does not exist; pass the folder that holds one "
                             f"sub-folder per patient")
@@ -256,10 +280,10 @@ def record_input(store, scan: InputScan, *, stage: str) -> list[dict]:
     Warnings (stage :data:`INPUT_STAGE`) of entries of this INPUT folder that are gone are cleared.
     """
     current = {entry.name: entry for entry in scan.ignored}
-    folder = os.path.abspath(scan.input_dir)
+    folder = str(scan.input_dir) if is_url(scan.input_dir) else os.path.abspath(scan.input_dir)
     for old in store.warnings():
         if old.get("stage") == INPUT_STAGE and old.get("patient") not in current \
-                and os.path.dirname(os.path.abspath(old.get("file") or "")) == folder:
+                and parent_of(old.get("file") or "") == folder:
             store.record_warnings(old["patient"], INPUT_STAGE, [])
     for name, entry in current.items():
         store.record_warnings(name, INPUT_STAGE, [entry.as_record()])

@@ -31,7 +31,8 @@ def _prepare(store, patient, _, options):
         "predicted_slices": predicted,
         "detection_crop_rows_cols": [int(n) for n in detection_crop(hu_2mm.shape)],
     })})
-    record = {"precision": options.precision, "weights": str(options.weights or "default"),
+    weights = getattr(options.weights, "requested", options.weights)  # shipped: what the user passed
+    record = {"precision": options.precision, "weights": str(weights or "default"),
               "predicted_slices": predicted, "gpu": bool(options.gpu),
               "engine": engine, "engine_version": get_version(engine)}
     # to_zarr(compute=False) optimises and re-wraps the graph, which drops the annotation made

@@ -3,7 +3,6 @@ and ``hu_2mm`` (2 × 2 × 2 mm)."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -90,8 +89,10 @@ def _read_series_task(folder, patient, strict=False):
     :mod:`lungzarr.io.volumes`, anything else as a DICOM folder.
     """
     from lungzarr.io import dicom, volumes
+    from lungzarr.io.locations import as_location
 
-    if volumes.volume_stem(Path(folder).name) is not None and not Path(folder).is_dir():
+    where = as_location(folder)  # a URL stays one (Path would turn s3://b/k into s3:/b/k)
+    if volumes.volume_stem(where.name) is not None and not where.is_dir():
         return volumes.read_volume(folder, patient=patient)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -104,7 +105,7 @@ def _read_series_and_files_task(folder, patient, strict=False):
     from lungzarr.io import dicom
 
     series = _read_series_task(folder, patient, strict)
-    return series, (dicom.files_token(series.paths) if isinstance(series, dicom.Series) else None)
+    return series, (series.files_token() if isinstance(series, dicom.Series) else None)
 
 
 def _prefetch(client, patient, folder, strict, compute_options):
