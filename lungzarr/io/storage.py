@@ -5,7 +5,8 @@ The only module of lungzarr that imports zarr. Layout::
     STORE/
       patients/<id>/          xarray Dataset: hu, hu_2mm, lungs, segmented, nodule_prob
                               (its ``ome`` attribute: NGFF 0.5 multiscales of hu_2mm, see ome_multiscales)
-      patients/<id>/nodules/  xarray Dataset with a ``nodule`` dimension
+      patients/<id>/nodules/  the nodule table: one 2-D float64 array ``table`` (nodule x column), columns,
+                              dtypes and string categories in the group attrs (algorithms.nodules.NODULE_LAYOUT)
       tables/patients.<uuid>  cohort-wide patient table (dimension ``patient``)
       tables/nodules.<uuid>   cohort-wide nodule table (dimension ``nodule``); the ``tables``
                               group's attribute ``lungzarr:tables`` names each current group
@@ -500,6 +501,54 @@ class CohortStore:
             warnings.simplefilter("ignore", category=UserWarning)
             return xr.open_dataset(self.path, group=group, engine="zarr", consolidated=False, chunks={},
                                    zarr_format=3)
+
+    def load_patient(self, patient: str, names, *, subgroup: str | None = None):
+        """Arrays of a patient (or of its child group ``subgroup``), read whole, as an in-memory Dataset.
+
+        For a worker task that needs whole arrays (nodules, features, the
+        lungs3d measures, the crop box): one open of the group with zarr and
+        one read per array, where :meth:`open_patient` has xarray read every
+        coordinate and every variable's metadata and builds a dask graph per
+        array. The values, dtypes and variable attributes are those of
+        ``open_patient(patient)[name].values``: lungzarr's arrays carry no CF
+        encoding but xarray's NaN ``_FillValue`` of float arrays (a no-op
+        mask); an array with any other encoding is read through xarray. The
+        Dataset's attrs are the group's; it has no coordinates. Names the
+        group does not hold are left out (test ``name in ds``).
+
+        Raises
+        ------
+        LungzarrError
+            The patient is not in the store.
+        """
+        import xarray as xr
+
+        if not self.has_patient(patient):
+            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                f"`lungzarr status {self.path}` lists the patients")
+        path = self.group_path(patient) + (f"/{subgroup}" if subgroup else "")
+        group = self._zarr.open_group(self.path, path=path, mode="r", zarr_format=3, use_consolidated=False)
+        present = set(group.array_keys())
+        data_vars, encoded = {}, []
+        for name in names:
+            if name not in present:
+                continue
+            array = group[name]
+            attrs = dict(array.attrs)
+            fill = attrs.pop("_FillValue", None)
+            plain = not (set(attrs) & {"scale_factor", "add_offset", "_Unsigned", "dtype", "calendar"}) and (
+                fill is None or (array.dtype.kind == "f" and np.isnan(array.fill_value)))
+            if not plain:
+                encoded.append(name)
+                continue
+            dims = tuple(array.metadata.dimension_names or (f"dim_{i}" for i in range(array.ndim)))
+            data_vars[name] = xr.Variable(dims, array[...], attrs=attrs)
+        ds = xr.Dataset(data_vars, attrs=dict(group.attrs))
+        if encoded:  # not written by lungzarr: let xarray decode it
+            full = self.open_patient(patient, subgroup=subgroup)
+            for name in encoded:
+                ds[name] = full[name].variable.load()
+        return ds
 
     def lazy_array(self, patient: str, name: str):
         """One stored array of a patient as a dask array in its stored chunks (nothing loaded).

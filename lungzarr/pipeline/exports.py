@@ -179,6 +179,7 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
     from lungzarr.algorithms.components import above_threshold, find_components
     from lungzarr.io.storage import CohortStore, grid_from_attrs
     from lungzarr.io.volumes import write_nifti
+    from lungzarr.pipeline.tables import patient_nodules
 
     store = CohortStore(store_path, mode="r")
     ids = [p for p in store.patients() if store.is_complete(p, "segment")
@@ -200,7 +201,7 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
             labels = comps.label_image()
             # The table's rows at this threshold must be these components, label for label:
             # a table from another nodule_prob would give labels that name other nodules.
-            rows = store.open_patient(p, subgroup="nodules").to_dataframe()
+            rows = patient_nodules(store, p)
             rows = rows[np.isclose(rows.threshold.to_numpy(float), float(threshold), rtol=0, atol=1e-12)]
             rows = rows.sort_values("label")
             counts = np.bincount(labels.ravel(), minlength=comps.count + 1)[1:]

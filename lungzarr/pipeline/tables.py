@@ -6,7 +6,7 @@ import numpy as np
 from lungzarr.algorithms.components import NO_LABEL
 from lungzarr.pipeline.stages import stage_names
 
-__all__ = ["gather_tables", "LUNG_MEASURES", "LUNG3D_MEASURES", "PATIENT_COLUMNS"]
+__all__ = ["gather_tables", "patient_nodules", "LUNG_MEASURES", "LUNG3D_MEASURES", "PATIENT_COLUMNS"]
 
 #: Lung measures of the features stage copied into the patient table (docs/algorithms.md §6).
 LUNG_MEASURES = ("lvol_0", "lvol_1", "lvol_2", "emphy_0", "emphy_1", "emphy_2", "emphy2_0", "emphy2_1", "emphy2_2")
@@ -46,11 +46,25 @@ PATIENT_COLUMNS: dict[str, str] = {
 }
 
 
+def patient_nodules(store, patient: str):
+    """One patient's stored nodule table (``patients/<id>/nodules``) as a DataFrame (:data:`NODULE_COLUMNS`).
+
+    Reads the compact layout (one array, :data:`~lungzarr.algorithms.nodules.NODULE_LAYOUT`) with one
+    open and one chunk read; a store written before it (one array per column) through xarray.
+    """
+    from lungzarr.algorithms.nodules import dataset_to_nodules
+
+    ds = store.load_patient(patient, ["table"], subgroup="nodules")
+    if "table" not in ds:
+        ds = store.open_patient(patient, subgroup="nodules").load()
+    return dataset_to_nodules(ds)
+
+
 def gather_tables(store) -> dict:
     """Rebuild the cohort-wide ``tables/nodules`` and ``tables/patients`` from the patient groups."""
     import pandas as pd
 
-    from lungzarr.algorithms.nodules import concat_nodule_tables, dataset_to_nodules
+    from lungzarr.algorithms.nodules import concat_nodule_tables
     from lungzarr.io.storage import STAGES_KEY
 
     nodule_tables, rows = [], []
@@ -58,7 +72,7 @@ def gather_tables(store) -> dict:
         attrs = store.patient_attrs(patient)
         stages = attrs.get(STAGES_KEY, {})
         if "nodules" in stages and store.has_subgroup(patient, "nodules"):
-            nodule_tables.append(dataset_to_nodules(store.open_patient(patient, subgroup="nodules").load()))
+            nodule_tables.append(patient_nodules(store, patient))
         feat = stages.get("features", {})
         grid2 = attrs.get("grid_2mm", {})
         rows.append({

@@ -1,0 +1,251 @@
+"""CPU-s per patient of each CPU stage on real volumes; cProfile of each; A/B of two checkouts.
+
+Patients (each in a store of its own, so every figure is one patient's):
+
+* ``LIDC-IDRI-0001`` (16 x 512² x 2.5 mm slab, 20 x 180 x 180 at 2 mm), ``RICORD-1A-chest``
+  (128 x 512² x 1.25 mm, JPEG Lossless), both from ``shared/fixtures``;
+* ``SYN-0001``: the benchmarks' first synthetic realistic patient (300 x 512² x 1.25 mm,
+  188 x 179 x 179 at 2 mm, the size the issue's per-patient figures were measured on);
+* the DSB2017 fixture patient (``import-legacy`` of the original's 2 mm arrays, 0acbeb...):
+  nodules and features only (it has no DICOM).
+
+``build`` runs ingest .. detect once (the UNet is not a CPU stage; its ``nodule_prob`` is
+kept in a base store per patient). A ``child`` then, in a fresh process, with dask's
+synchronous scheduler (so process CPU = the work, no thread or cluster noise), measures
+``time.process_time`` of each ``pipeline.run`` call: ingest, segment, lungs3d on a fresh
+store from INPUT; nodules, features on a copy of the base store (its detect kept). Each
+call includes its per-run constants (lock, checks, tables, consolidated metadata) for
+that one patient. A warm-up pass over the LIDC slab runs first (imports, first-call
+costs), not counted.
+
+    python -m benchmarks.bench_cpu_stages build  --work /tmp/lz-cpu
+    python -m benchmarks.bench_cpu_stages ab     --work /tmp/lz-cpu --before /tmp/lz-before --rounds 3
+    python -m benchmarks.bench_cpu_stages profile --work /tmp/lz-cpu --stage nodules --patient SYN-0001
+
+``ab`` alternates fresh processes of the two checkouts (``--before`` is a directory with
+the other ``lungzarr`` package, e.g. ``git archive <commit> | tar -x -C DIR``), each
+checkout's own ``benchmarks`` driving it, and writes ``results/cpu_stages.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = Path(os.environ.get("LUNGZARR_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+DICOM = {"LIDC-IDRI-0001": FIXTURES / "lidc" / "LIDC-IDRI-0001",
+         "RICORD-1A-chest": FIXTURES / "ricord" / "RICORD-1A-chest"}
+DSB = "0acbebb8d463b4b9ca88cf38431aac69"
+FROM_INPUT = ("ingest", "segment", "lungs3d")
+FROM_BASE = ("nodules", "features")
+
+
+def _input_dir(work: Path, patient: str) -> Path:
+    folder = work / "input" / patient
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / patient
+    if not link.exists():
+        os.symlink(DICOM.get(patient, work / "syn" / patient), link)
+    return folder
+
+
+def patients(work: Path) -> list[str]:
+    return [*DICOM, "SYN-0001", DSB]
+
+
+def cmd_build(a) -> None:
+    import dask
+
+    from lungzarr import pipeline
+    from lungzarr.pipeline.legacy_import import import_legacy
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from benchmarks.cohort import cohort_specs, write_cohort
+
+    write_cohort(cohort_specs(1), work / "syn")
+    with dask.config.set(scheduler="threads"):
+        for p in [*DICOM, "SYN-0001"]:
+            base = work / "base" / f"{p}.zarr"
+            if (base / "zarr.json").exists():
+                continue
+            t0 = time.perf_counter()
+            pipeline.run(_input_dir(work, p), base, stages=["ingest"])
+            pipeline.run(None, base, stages=["segment", "lungs3d", "detect"])
+            print(f"{p}: base store in {time.perf_counter() - t0:.0f} s", flush=True)
+        base = work / "base" / f"{DSB}.zarr"
+        if not (base / "zarr.json").exists():
+            import_legacy(FIXTURES / "dsb2017" / "input", base)
+
+
+def _measure(fn) -> float:
+    c0 = time.process_time()
+    fn()
+    return time.process_time() - c0
+
+
+def one_patient(work: Path, patient: str, scratch: Path) -> dict:
+    """CPU-s of each CPU stage for one patient (fresh stores under ``scratch``)."""
+    from lungzarr import pipeline
+
+    out = {}
+    if patient != DSB:
+        store = scratch / f"{patient}-input.zarr"
+        shutil.rmtree(store, ignore_errors=True)
+        out["ingest"] = _measure(lambda: pipeline.run(_input_dir(work, patient), store, stages=["ingest"]))
+        for stage in ("segment", "lungs3d"):
+            out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage]))
+        shutil.rmtree(store, ignore_errors=True)
+    store = scratch / f"{patient}-base.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.copytree(work / "base" / f"{patient}.zarr", store)
+    for stage in FROM_BASE:
+        out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage], overwrite=True))
+    if os.environ.get("LZ_KEEP_STORES"):
+        keep = work / "kept" / os.environ["LZ_KEEP_STORES"]
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(keep / f"{patient}.zarr", ignore_errors=True)
+        shutil.move(str(store), keep / f"{patient}.zarr")
+    shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def cmd_child(a) -> None:
+    import dask
+
+    from benchmarks.harness import preimport
+
+    work = Path(a.work)
+    scratch = work / "scratch" / f"{os.getpid()}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    preimport()
+    try:
+        with dask.config.set(scheduler="sync"):
+            one_patient(work, "LIDC-IDRI-0001", scratch)  # warm-up: imports and first calls
+            result = {p: one_patient(work, p, scratch) for p in (a.patients or patients(work))}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(result))
+
+
+def cmd_profile(a) -> None:
+    """cProfile one stage of one patient (after a warm-up pass), top entries by cumulative and own time."""
+    import cProfile
+    import io
+    import pstats
+
+    import dask
+
+    from lungzarr import pipeline
+
+    from benchmarks.harness import preimport
+
+    work = Path(a.work)
+    scratch = work / "scratch" / f"prof-{os.getpid()}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    preimport()
+    with dask.config.set(scheduler="sync"):
+        one_patient(work, "LIDC-IDRI-0001", scratch)
+        if a.stage in FROM_INPUT:
+            store = scratch / "p.zarr"
+            before = FROM_INPUT[:FROM_INPUT.index(a.stage)]
+            if before:
+                pipeline.run(_input_dir(work, a.patient), store, stages=["ingest"])
+                if len(before) > 1:
+                    pipeline.run(None, store, stages=list(before[1:]))
+            call = (lambda: pipeline.run(_input_dir(work, a.patient), store, stages=["ingest"])) \
+                if a.stage == "ingest" else (lambda: pipeline.run(None, store, stages=[a.stage], overwrite=True))
+        else:
+            store = scratch / "p.zarr"
+            shutil.copytree(work / "base" / f"{a.patient}.zarr", store)
+            if a.stage == "features":
+                pipeline.run(None, store, stages=["nodules"], overwrite=True)
+            call = lambda: pipeline.run(None, store, stages=[a.stage], overwrite=True)  # noqa: E731
+        # Process CPU as the clock: what each function costs in CPU-s (zarr's I/O threads included),
+        # not the wall time it waited on them.
+        prof = cProfile.Profile(time.process_time)
+        c0 = time.process_time()
+        prof.enable()
+        call()
+        prof.disable()
+        cpu = time.process_time() - c0
+    shutil.rmtree(scratch, ignore_errors=True)
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    print(f"{a.stage} of {a.patient}: {cpu:.2f} CPU-s (under cProfile)", file=text)
+    stats.sort_stats("cumulative").print_stats(a.top)
+    stats.sort_stats("tottime").print_stats(a.top)
+    print(text.getvalue())
+
+
+def cmd_ab(a) -> None:
+    """Alternate fresh child processes of this checkout ("after") and ``--before``; medians per stage."""
+    from benchmarks.measure import machine
+
+    work = Path(a.work)
+    variants = {"before": Path(a.before).resolve(), "after": REPO}
+    runs = {name: [] for name in variants}
+    load = [os.getloadavg()]
+    for r in range(a.rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            root = variants[name]
+            env = {**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "2"}
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_cpu_stages", "child", "--work",
+                                   str(work)], capture_output=True, text=True, env=env, cwd=root, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{name} child failed:\n{proc.stderr[-4000:]}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            load.append(os.getloadavg())
+            print(f"round {r} {name}: {time.perf_counter() - t0:.0f} s "
+                  f"{json.dumps({p: round(sum(v.values()), 2) for p, v in runs[name][-1].items()})}", flush=True)
+    summary = {}
+    for name, results in runs.items():
+        per = {}
+        for p in results[0]:
+            per[p] = {st: {"median": round(statistics.median(rd[p][st] for rd in results), 3),
+                           "min": round(min(rd[p][st] for rd in results), 3),
+                           "max": round(max(rd[p][st] for rd in results), 3)}
+                      for st in results[0][p]}
+        summary[name] = per
+    ratio = {p: {st: round(summary["after"][p][st]["median"] / summary["before"][p][st]["median"], 3)
+                 for st in summary["after"][p]} for p in summary["after"]}
+    result = {"what": "CPU-s (process_time) per patient of each CPU stage, one patient per store, dask sync "
+                      "scheduler, fresh processes alternating before/after", "machine": machine(),
+              "load_average_per_run": load, "rounds": a.rounds, "before": str(variants["before"]),
+              "summary": summary, "ratio_after_before": ratio, "runs": runs}
+    out = HERE / "results" / f"{a.name}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"summary": summary, "ratio": ratio}, indent=1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("build", "child", "profile", "ab"):
+        p = sub.add_parser(name)
+        p.add_argument("--work", required=True)
+    sub.choices["child"].add_argument("--patients", nargs="*")
+    sub.choices["profile"].add_argument("--stage", required=True, choices=FROM_INPUT + FROM_BASE)
+    sub.choices["profile"].add_argument("--patient", default="SYN-0001")
+    sub.choices["profile"].add_argument("--top", type=int, default=30)
+    sub.choices["ab"].add_argument("--before", required=True)
+    sub.choices["ab"].add_argument("--rounds", type=int, default=3)
+    sub.choices["ab"].add_argument("--name", default="cpu_stages")
+    a = ap.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    {"build": cmd_build, "child": cmd_child, "profile": cmd_profile, "ab": cmd_ab}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
