@@ -307,3 +307,37 @@ def test_old_layout_tables_still_read_and_unknown_layouts_refused(tmp_path):
     store.write_subgroup("p1", "nodules", newer)
     with pytest.raises(ValueError, match="rerun the nodules stage"):
         patient_nodules(store, "p1")
+
+
+# --- the distance maps on boxes (issue 15): the same values as the whole-volume maps, bit for bit ---
+
+@pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.0), (2.5, 0.7, 0.7), (1.9999, 2.0001, 2.0)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pleura_distances_on_boxes_equal_the_whole_volume_maps(spacing, seed):
+    from scipy import ndimage as ndi
+
+    from lungzarr.algorithms.nodules import _PleuraDistances
+
+    rng = np.random.default_rng(seed)
+    shape = (30, 41, 37)
+    # Blobs of lung with holes, away from and touching the volume's faces: many equal-distance ties.
+    mask = ndi.binary_opening(ndi.gaussian_filter(rng.random(shape), 2.0) > 0.5)
+    mask[:, :, : 3 + seed] = False
+    mask[seed * 4:, 0, :] |= seed == 2
+    candidates = np.zeros(shape, bool)
+    candidates[5:9, 30:40, 30:36] = True
+    spacing = np.asarray(spacing)
+    maps = _PleuraDistances(mask, lambda: candidates, spacing)
+    full_in = ndi.distance_transform_edt(mask, sampling=spacing)
+    full_out = ndi.distance_transform_edt(~mask, sampling=spacing)
+    flat_in = np.flatnonzero(mask)
+    assert np.array_equal(maps.inside(flat_in).view(np.int64), full_in.reshape(-1)[flat_in].view(np.int64))
+    lo = [min(np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))[0] for m in (mask, candidates))
+          for ax in range(3)]
+    hi = [max(np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))[-1] for m in (mask, candidates))
+          for ax in range(3)]
+    box = np.zeros(shape, bool)
+    box[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = True
+    flat_out = np.flatnonzero(box & ~mask)
+    assert len(flat_out) > 100
+    assert np.array_equal(maps.outside(flat_out).view(np.int64), full_out.reshape(-1)[flat_out].view(np.int64))

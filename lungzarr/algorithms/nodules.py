@@ -182,6 +182,77 @@ def longest_axial_diameter(coords, spacing) -> float:
     return best + max(sy, sx)
 
 
+def _box(mask, margin=0):
+    """The bounding box of ``mask``'s voxels grown by ``margin`` and clipped to the array, as slices; or None."""
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
+def _union(a, b):
+    if a is None or b is None:
+        return a or b
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+class _PleuraDistances:
+    """The two Euclidean distance maps of the lung mask, computed on the boxes that decide them.
+
+    ``inside(flat)``: at voxels of the mask, the distance to the nearest voxel
+    outside it; ``outside(flat)``: at voxels outside, the distance to the
+    nearest voxel inside. Both are ``scipy.ndimage.distance_transform_edt``
+    of the whole volume read at those voxels (flat indices into it), with the
+    same values, computed on boxes instead (the whole-volume maps were three
+    quarters of the nodules stage):
+
+    * inside: the mask's bounding box grown by one voxel. Every voxel of its
+      border layer (where that lies inside the volume) is outside the mask, and
+      any voxel q beyond the box, clamped to the box, gives a border voxel q'
+      with ``|p - q'| <= |p - q|`` on every axis and strictly on one: strictly
+      nearer to every p in the box, so no voxel beyond can be the nearest.
+    * outside: a box holding every voxel of the mask (all the features) and
+      every voxel asked (centroids lie in the bounding box of the components
+      at the lowest threshold, which hold those at the higher ones); computed
+      only if a centroid lies outside the mask.
+
+    ``tests/test_nodules.py`` checks the values bit for bit against the
+    whole-volume maps. ``candidates()`` returns the voxels of the components at
+    the lowest threshold.
+    """
+
+    def __init__(self, inside, candidates, spacing):
+        self.mask, self.spacing = inside, spacing
+        self.candidates = candidates
+        self._inside = self._outside = None
+
+    def _edt(self, box, mask):
+        from scipy import ndimage as ndi
+
+        if box is None:  # an empty mask (or nothing asked): the whole volume, as before
+            box = tuple(slice(0, n) for n in mask.shape)
+        return box, ndi.distance_transform_edt(mask[box], sampling=self.spacing)
+
+    def _read(self, box_map, flat):
+        box, dist = box_map
+        index = np.unravel_index(np.asarray(flat, dtype=np.int64), self.mask.shape)
+        return dist[tuple(i - b.start for i, b in zip(index, box))]
+
+    def inside(self, flat):
+        if self._inside is None:
+            self._inside = self._edt(_box(self.mask, margin=1), self.mask)
+        return self._read(self._inside, flat)
+
+    def outside(self, flat):
+        if self._outside is None:
+            box = _union(_box(self.mask), _box(self.candidates()))
+            self._outside = self._edt(box if _box(self.mask) is not None else None, ~self.mask)
+        return self._read(self._outside, flat)
+
+
 def _mask_columns(comps, centroid, labels, spacing):
     """The lung-mask columns of one threshold's components (see NODULE_COLUMNS)."""
     n = comps.count
@@ -190,9 +261,8 @@ def _mask_columns(comps, centroid, labels, spacing):
                 "inside_lung_mask": np.zeros(n, dtype=bool),
                 "distance_to_pleura_centre_mm": np.full(n, np.nan),
                 "distance_to_pleura_edge_mm": np.full(n, np.nan), "juxtapleural": np.zeros(n, dtype=bool)}
-    lab, inside_dist, outside_dist = labels
+    lab, maps = labels
     flat_lab = lab.reshape(-1)
-    flat_in = inside_dist.reshape(-1)
     step = float(max(spacing))
     centre = np.clip(np.rint(centroid).astype(np.int64), 0, np.array(lab.shape) - 1)
     centre_flat = np.ravel_multi_index(tuple(centre.T), lab.shape)
@@ -205,7 +275,7 @@ def _mask_columns(comps, centroid, labels, spacing):
         if in_mask.any():
             right, left = int((values == 1).sum()), int((values == 2).sum())
             side.append("right" if right >= left else "left")
-            nearest = float(flat_in[idx[in_mask]].min())
+            nearest = float(maps.inside(idx[in_mask]).min())
             edge.append(max(0.0, nearest - step))
             # The inside distance of a voxel with a face neighbour outside is at most one (largest) step.
             touching.append(nearest <= step * (1 + 1e-9) or bool((~in_mask).any()))
@@ -214,7 +284,10 @@ def _mask_columns(comps, centroid, labels, spacing):
             edge.append(np.nan)
             touching.append(False)
     centre_in = flat_lab[centre_flat] > 0
-    signed = np.where(centre_in, inside_dist.reshape(-1)[centre_flat], -outside_dist.reshape(-1)[centre_flat])
+    signed = np.zeros(n, dtype=np.float64)
+    signed[centre_in] = maps.inside(centre_flat[centre_in])
+    if (~centre_in).any():  # the outside map is computed only when a centroid lies outside the mask
+        signed[~centre_in] = -maps.outside(centre_flat[~centre_in])
     return {"lung": np.array(side, dtype=object), "lung_mask_share": np.array(share),
             "inside_lung_mask": centre_in, "distance_to_pleura_centre_mm": signed.astype(np.float64),
             "distance_to_pleura_edge_mm": np.array(edge), "juxtapleural": np.array(touching, dtype=bool)}
@@ -302,12 +375,8 @@ def find_nodules(prob, hu, *, grid: Grid, lungs=None, lung_labels=None, threshol
         if lung_labels.shape != prob.shape:
             raise ValueError(f"lung_labels shape {lung_labels.shape!r} must equal prob shape {prob.shape!r}; "
                              "pass the lungs3d stage's lung_labels of this patient")
-        from scipy import ndimage as ndi
-
         inside = lung_labels > 0
-        # Two distance maps of the whole volume, once per patient (float64, 8 bytes a voxel each).
-        mask_maps = (lung_labels, ndi.distance_transform_edt(inside, sampling=spacing),
-                     ndi.distance_transform_edt(~inside, sampling=spacing))
+        mask_maps = (lung_labels, _PleuraDistances(inside, lambda: above_threshold(prob, min(thresholds)), spacing))
     centre_x_mm = _lung_centre_x_mm(grid, lungs)
     frames = []
     for threshold in thresholds:

@@ -626,10 +626,11 @@ class CohortStore:
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, meta_path)
 
-    def write_table(self, name: str, frame, *, dim: str) -> None:
+    def write_table(self, name: str, frame, *, dim: str, attrs: dict | None = None) -> None:
         """Store a pandas DataFrame as the cohort table ``name`` (dimension ``dim``), replacing it atomically.
 
         A concurrent :meth:`read_table` sees the old table or the new one, whole.
+        ``attrs`` are kept with the table (:meth:`table_attrs`), written in the same switch.
         """
         import xarray as xr
 
@@ -643,7 +644,8 @@ class CohortStore:
                 ds[col] = ds[col].astype(object)
         if dim in frame.columns:
             ds = ds.assign_coords({dim: ds[dim].astype(object)})
-        ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__, "columns": columns}
+        ds.attrs = {**_jsonable(attrs or {}), "lungzarr:written": _now(), "lungzarr_version": __version__,
+                    "columns": columns}
         group = f"{name}.{uuid.uuid4().hex}"
         self._changing()
         _checksummed(ds).to_zarr(self.path, group=f"{TABLES_GROUP}/{group}", mode="w", **_WRITE)
@@ -679,6 +681,19 @@ class CohortStore:
                 return ds
         raise LungzarrError(f"table {name!r} of {str(self.path)!r} was replaced {_TABLE_READ_ATTEMPTS} times "
                             f"while being read; read it again once the run writing the store has finished")
+
+    def table_attrs(self, name: str) -> dict:
+        """The attributes the current table ``name`` was written with (one metadata read); {} without it."""
+        import json
+
+        group = self._table_pointer().get(name)
+        if group is None:
+            return {}
+        try:
+            meta = json.loads((self.path / TABLES_GROUP / group / "zarr.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}  # replaced meanwhile (or damaged): the caller writes the table again
+        return dict(meta.get("attributes", {}))
 
     def read_table(self, name: str):
         """The cohort table ``name`` as a pandas DataFrame (empty if absent): the old or the new one, never torn."""

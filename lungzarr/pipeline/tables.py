@@ -92,6 +92,31 @@ def gather_tables(store) -> dict:
         })
     nodules = concat_nodule_tables(nodule_tables)
     patients = pd.DataFrame(rows)
-    store.write_table("nodules", nodules, dim="nodule")
-    store.write_table("patients", patients, dim="patient")
+    for name, frame, dim in (("nodules", nodules, "nodule"), ("patients", patients, "patient")):
+        # Writing a table (one array per column) is most of what a run's end costs; a run that did not
+        # change it (a segment run leaves the nodule table as it was) leaves it in place.
+        content = frame_digest(frame)
+        if store.table_attrs(name).get(DIGEST_KEY) != content:
+            store.write_table(name, frame, dim=dim, attrs={DIGEST_KEY: content})
     return {"nodules": len(nodules), "patients": len(patients)}
+
+
+#: Table attribute: :func:`frame_digest` of the frame the table was written from.
+DIGEST_KEY = "lungzarr:content_sha256"
+
+
+def frame_digest(frame) -> str:
+    """SHA-256 of a table's content: column names, dtypes, every value (bit for bit) in row order, and
+    the lungzarr version (whose write_table may store the same frame differently)."""
+    import hashlib
+
+    from lungzarr._version import __version__
+
+    h = hashlib.sha256(repr((__version__, [(str(c), str(t)) for c, t in frame.dtypes.items()],
+                             len(frame))).encode())
+    for col in frame.columns:
+        values = frame[col].to_numpy()
+        # Numbers by their bytes (-0.0 is not 0.0, NaN payloads kept); anything else by repr (None is not "None").
+        h.update(np.ascontiguousarray(values).tobytes() if values.dtype.kind in "biufcM"
+                 else repr(values.tolist()).encode())
+    return h.hexdigest()

@@ -11,7 +11,8 @@ def _crop_box_task(store_path, patient):
     from lungzarr.algorithms.crop import legacy_crop_box
     from lungzarr.io.storage import CohortStore
 
-    return {"crop_box": legacy_crop_box(CohortStore(store_path, mode="r").open_patient(patient).lungs.values)}
+    lungs = CohortStore(store_path, mode="r").load_patient(patient, ["lungs"]).lungs.values
+    return {"crop_box": legacy_crop_box(lungs)}
 
 
 def _prepare(store, patient, _, options):
