@@ -21,6 +21,8 @@ costs), not counted.
     python -m benchmarks.bench_cpu_stages build  --work /tmp/lz-cpu
     python -m benchmarks.bench_cpu_stages ab     --work /tmp/lz-cpu --before /tmp/lz-before --rounds 3
     python -m benchmarks.bench_cpu_stages profile --work /tmp/lz-cpu --stage nodules --patient SYN-0001
+    LZ_KEEP_STORES=after python -m benchmarks.bench_cpu_stages child --work /tmp/lz-cpu   # (and before)
+    python -m benchmarks.bench_cpu_stages compare --work /tmp/lz-cpu before after
 
 ``ab`` alternates fresh processes of the two checkouts (``--before`` is a directory with
 the other ``lungzarr`` package, e.g. ``git archive <commit> | tar -x -C DIR``), each
@@ -104,19 +106,91 @@ def one_patient(work: Path, patient: str, scratch: Path) -> dict:
         out["ingest"] = _measure(lambda: pipeline.run(_input_dir(work, patient), store, stages=["ingest"]))
         for stage in ("segment", "lungs3d"):
             out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage]))
-        shutil.rmtree(store, ignore_errors=True)
+        _keep(work, store, f"{patient}-input.zarr")
     store = scratch / f"{patient}-base.zarr"
     shutil.rmtree(store, ignore_errors=True)
     shutil.copytree(work / "base" / f"{patient}.zarr", store)
     for stage in FROM_BASE:
         out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage], overwrite=True))
+    _keep(work, store, f"{patient}-base.zarr")
+    return out
+
+
+def _keep(work: Path, store: Path, name: str) -> None:
+    """Move the store to ``work/kept/$LZ_KEEP_STORES/name`` (for ``compare``) or delete it."""
     if os.environ.get("LZ_KEEP_STORES"):
         keep = work / "kept" / os.environ["LZ_KEEP_STORES"]
         keep.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(keep / f"{patient}.zarr", ignore_errors=True)
-        shutil.move(str(store), keep / f"{patient}.zarr")
+        shutil.rmtree(keep / name, ignore_errors=True)
+        shutil.move(str(store), keep / name)
     shutil.rmtree(store, ignore_errors=True)
-    return out
+
+
+def cmd_compare(a) -> None:
+    """Every output of two kept runs equal: arrays (bit for bit), nodule and DSB2017 tables, cohort tables,
+    stage records and patient attrs (timestamps and ids left out). Reads both with this checkout's
+    readers (which read the old nodule layout too)."""
+    import numpy as np
+    import pandas as pd
+    import zarr
+
+    from lungzarr.io.storage import CohortStore, read_nodules, read_patients
+    from lungzarr.pipeline.tables import patient_nodules
+
+    def arrays(path):
+        out = {}
+        root = zarr.open_group(path, mode="r", zarr_format=3, use_consolidated=False)
+        for name, arr in root.arrays():
+            out[name] = arr[...]
+        for name, grp in root.groups():
+            out.update({f"{name}/{k}": v for k, v in arrays(f"{path}/{name}").items()})
+        return out
+
+    def same(x, y):
+        if x.dtype.kind == "f":
+            return x.shape == y.shape and np.array_equal(x.view(np.uint8), y.view(np.uint8))
+        return x.dtype == y.dtype and np.array_equal(x, y)
+
+    volatile = {"completed", "id", "depends_on", "lungzarr:written", "lungzarr:content_sha256"}
+    report = {}
+    kept = Path(a.work) / "kept"
+    for store_a in sorted((kept / a.a).iterdir()):
+        store_b = kept / a.b / store_a.name
+        sa, sb = CohortStore(store_a, mode="r"), CohortStore(store_b, mode="r")
+        checks = {}
+        for p in sa.patients():
+            ga, gb = f"{store_a}/patients/{p}", f"{store_b}/patients/{p}"
+            arr_a = {k: v for k, v in arrays(ga).items() if not k.startswith("nodules/")}
+            arr_b = {k: v for k, v in arrays(gb).items() if not k.startswith("nodules/")}
+            checks["array names"] = sorted(arr_a) == sorted(arr_b)
+            checks["arrays"] = [k for k in arr_a if k in arr_b and not same(arr_a[k], arr_b[k])]
+            if sa.has_subgroup(p, "nodules"):
+                ta, tb = patient_nodules(sa, p), patient_nodules(sb, p)
+                pd.testing.assert_frame_equal(ta, tb, check_exact=True)
+                checks["nodule table rows"] = len(ta)
+                checks["nodule rows with the centroid outside the lung mask"] = int((~ta.inside_lung_mask).sum())
+                # assert_frame_equal takes -0.0 for 0.0: the float columns bit for bit as well.
+                checks["nodule float columns differing in bits"] = [
+                    c for c in ta.columns if ta[c].dtype.kind == "f" and not same(ta[c].to_numpy(), tb[c].to_numpy())]
+            for key in ("lungzarr:stages",):
+                ra = {k: {kk: vv for kk, vv in v.items() if kk not in volatile}
+                      for k, v in sa.patient_attrs(p).get(key, {}).items()}
+                rb = {k: {kk: vv for kk, vv in v.items() if kk not in volatile}
+                      for k, v in sb.patient_attrs(p).get(key, {}).items()}
+                checks["stage records"] = ra == rb
+            strip = {"lungzarr:stages", "source_folder"}
+            checks["patient attrs"] = ({k: v for k, v in sa.patient_attrs(p).items() if k not in strip}
+                                       == {k: v for k, v in sb.patient_attrs(p).items() if k not in strip})
+        pd.testing.assert_frame_equal(read_nodules(store_a), read_nodules(store_b), check_exact=True)
+        pd.testing.assert_frame_equal(read_patients(store_a), read_patients(store_b), check_exact=True)
+        checks["cohort tables"] = "equal (pandas.testing, exact)"
+        report[store_a.name] = checks
+    print(json.dumps(report, indent=1))
+    bad = {k: v for k, v in report.items() if v.get("arrays") or not v.get("array names", True)
+           or v.get("nodule float columns differing in bits")
+           or not v.get("stage records", True) or not v.get("patient attrs", True)}
+    if bad:
+        raise SystemExit(f"outputs differ: {bad!r}")
 
 
 def cmd_child(a) -> None:
@@ -232,7 +306,7 @@ def cmd_ab(a) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("build", "child", "profile", "ab"):
+    for name in ("build", "child", "profile", "ab", "compare"):
         p = sub.add_parser(name)
         p.add_argument("--work", required=True)
     sub.choices["child"].add_argument("--patients", nargs="*")
@@ -242,9 +316,11 @@ def main(argv=None):
     sub.choices["ab"].add_argument("--before", required=True)
     sub.choices["ab"].add_argument("--rounds", type=int, default=3)
     sub.choices["ab"].add_argument("--name", default="cpu_stages")
+    sub.choices["compare"].add_argument("a", help="a name under WORK/kept (LZ_KEEP_STORES of a child)")
+    sub.choices["compare"].add_argument("b")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    {"build": cmd_build, "child": cmd_child, "profile": cmd_profile, "ab": cmd_ab}[a.cmd](a)
+    {"build": cmd_build, "child": cmd_child, "profile": cmd_profile, "ab": cmd_ab, "compare": cmd_compare}[a.cmd](a)
 
 
 if __name__ == "__main__":
