@@ -20,6 +20,8 @@ costs), not counted.
 
     python -m benchmarks.bench_cpu_stages build  --work /tmp/lz-cpu
     python -m benchmarks.bench_cpu_stages ab     --work /tmp/lz-cpu --before /tmp/lz-before --rounds 3
+    python -m benchmarks.bench_cpu_stages ab     --work /tmp/lz-cpu --before /tmp/lz-before --rounds 2 \
+        --copies 3 --name cpu_stages_marginal     # what one more patient costs (run constants left out)
     python -m benchmarks.bench_cpu_stages profile --work /tmp/lz-cpu --stage nodules --patient SYN-0001
     LZ_KEEP_STORES=after python -m benchmarks.bench_cpu_stages child --work /tmp/lz-cpu   # (and before)
     python -m benchmarks.bench_cpu_stages compare --work /tmp/lz-cpu before after
@@ -193,6 +195,37 @@ def cmd_compare(a) -> None:
         raise SystemExit(f"outputs differ: {bad!r}")
 
 
+def copies_run(work: Path, patient: str, k: int, scratch: Path) -> dict:
+    """CPU-s of each CPU stage for ``k`` copies of ``patient`` in one store and one run per stage.
+
+    Copies are the same DICOM folder under k names (INPUT entries) and the same base group copied k times;
+    ``(copies_run(k) - copies_run(1)) / (k - 1)`` is what one more patient costs, the run's own constants
+    (lock, checks, table writes, consolidated metadata) left out.
+    """
+    from lungzarr import pipeline
+
+    names = [patient] + [f"{patient}-copy{i}" for i in range(1, k)]
+    inp = scratch / f"input-{k}"
+    inp.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if not (inp / name).exists():
+            os.symlink(DICOM.get(patient, work / "syn" / patient), inp / name)
+    store = scratch / f"copies-{k}.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    out = {"ingest": _measure(lambda: pipeline.run(inp, store, stages=["ingest"]))}
+    for stage in ("segment", "lungs3d"):
+        out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage]))
+    shutil.rmtree(store, ignore_errors=True)
+    base = work / "base" / f"{patient}.zarr"
+    shutil.copytree(base, store)
+    for name in names[1:]:
+        shutil.copytree(base / "patients" / patient, store / "patients" / name)
+    for stage in FROM_BASE:
+        out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage], overwrite=True))
+    shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
 def cmd_child(a) -> None:
     import dask
 
@@ -205,7 +238,10 @@ def cmd_child(a) -> None:
     try:
         with dask.config.set(scheduler="sync"):
             one_patient(work, "LIDC-IDRI-0001", scratch)  # warm-up: imports and first calls
-            result = {p: one_patient(work, p, scratch) for p in (a.patients or patients(work))}
+            if a.copies:
+                result = {f"{a.copies_of} x{k}": copies_run(work, a.copies_of, k, scratch) for k in (1, a.copies)}
+            else:
+                result = {p: one_patient(work, p, scratch) for p in (a.patients or patients(work))}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(result))
@@ -275,8 +311,10 @@ def cmd_ab(a) -> None:
             root = variants[name]
             env = {**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "2"}
             t0 = time.perf_counter()
+            extra = ["--copies", str(a.copies), "--copies-of", a.copies_of] if a.copies else []
             proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_cpu_stages", "child", "--work",
-                                   str(work)], capture_output=True, text=True, env=env, cwd=root, check=False)
+                                   str(work), *extra], capture_output=True, text=True, env=env, cwd=root,
+                                  check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"{name} child failed:\n{proc.stderr[-4000:]}")
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -294,6 +332,19 @@ def cmd_ab(a) -> None:
         summary[name] = per
     ratio = {p: {st: round(summary["after"][p][st]["median"] / summary["before"][p][st]["median"], 3)
                  for st in summary["after"][p]} for p in summary["after"]}
+    if a.copies:  # one more patient: (k copies - 1 copy) / (k - 1), per round, then the median
+        one, many = f"{a.copies_of} x1", f"{a.copies_of} x{a.copies}"
+        for name, results in runs.items():
+            summary[name]["marginal per patient"] = {
+                st: {"median": round(statistics.median((rd[many][st] - rd[one][st]) / (a.copies - 1)
+                                                       for rd in results), 3),
+                     "min": round(min((rd[many][st] - rd[one][st]) / (a.copies - 1) for rd in results), 3),
+                     "max": round(max((rd[many][st] - rd[one][st]) / (a.copies - 1) for rd in results), 3)}
+                for st in results[0][one]}
+        ratio["marginal per patient"] = {
+            st: round(summary["after"]["marginal per patient"][st]["median"]
+                      / summary["before"]["marginal per patient"][st]["median"], 3)
+            for st in summary["after"]["marginal per patient"]}
     result = {"what": "CPU-s (process_time) per patient of each CPU stage, one patient per store, dask sync "
                       "scheduler, fresh processes alternating before/after", "machine": machine(),
               "load_average_per_run": load, "rounds": a.rounds, "before": str(variants["before"]),
@@ -310,6 +361,10 @@ def main(argv=None):
         p = sub.add_parser(name)
         p.add_argument("--work", required=True)
     sub.choices["child"].add_argument("--patients", nargs="*")
+    for name in ("child", "ab"):
+        sub.choices[name].add_argument("--copies", type=int, default=0,
+                                       help="instead: 1 and K copies of --copies-of, one store and run each")
+        sub.choices[name].add_argument("--copies-of", default="SYN-0001")
     sub.choices["profile"].add_argument("--stage", required=True, choices=FROM_INPUT + FROM_BASE)
     sub.choices["profile"].add_argument("--patient", default="SYN-0001")
     sub.choices["profile"].add_argument("--top", type=int, default=30)
