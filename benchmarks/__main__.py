@@ -536,6 +536,12 @@ def cmd_project(a) -> dict:
                                  "lungs3d (no counterpart in the original; not in the total)": measured.get("lungs3d"),
                                  "total_before_4_stages": round(sum(before[st] for st in CPU_STAGES), 2),
                                  "total_after_4_stages": round(sum(measured[st] for st in CPU_STAGES), 2)}
+        if "lungs3d" in measured:
+            # lungzarr's own 3-D mask stage runs in `lungzarr run` too: the CPU side with it.
+            with_3d = (out["cpu_core_s_per_patient_total"] + measured["lungs3d"]) / a.cores
+            out["cpu_stages_run"]["cpu_core_s_per_patient_total_with_lungs3d"] = round(
+                out["cpu_core_s_per_patient_total"] + measured["lungs3d"], 2)
+            out["cpu_stages_run"]["cpu_stages_minutes_for_1595_with_lungs3d"] = round(DSB_STAGE1 * with_3d / 60, 1)
     if a.name:
         write_result(a.name, {"machine_of_sources": sources[0].get("machine"), **out})
     print(json.dumps(out, indent=1))
