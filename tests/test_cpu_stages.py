@@ -98,3 +98,23 @@ def test_unchanged_tables_are_left_in_place_and_changed_ones_replaced(lidc_store
     gather_tables(store)
     assert store._table_pointer()["nodules"] != after["nodules"]
     pd.testing.assert_frame_equal(read_nodules(path), frames[0])
+
+
+def test_a_damaged_table_is_written_again_even_when_its_content_is_unchanged(lidc_store, tmp_path):
+    import shutil
+
+    from lungzarr.pipeline.tables import gather_tables
+
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(lidc_store, path)
+    store = CohortStore(path)
+    frame = read_patients(path)
+    group = path / "tables" / store._table_pointer()["patients"]
+    chunk = next(p for p in sorted((group / "n_slices").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[0] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(Exception):
+        read_patients(path)
+    gather_tables(store)
+    pd.testing.assert_frame_equal(read_patients(path), frame)

@@ -96,9 +96,19 @@ def gather_tables(store) -> dict:
         # Writing a table (one array per column) is most of what a run's end costs; a run that did not
         # change it (a segment run leaves the nodule table as it was) leaves it in place.
         content = frame_digest(frame)
-        if store.table_attrs(name).get(DIGEST_KEY) != content:
+        if store.table_attrs(name).get(DIGEST_KEY) != content or not _readable(store, name):
             store.write_table(name, frame, dim=dim, attrs={DIGEST_KEY: content})
     return {"nodules": len(nodules), "patients": len(patients)}
+
+
+def _readable(store, name: str) -> bool:
+    """Whether the stored table reads back whole (every chunk decoded and checksummed; a few ms): a damaged
+    table is written again by the next run, as when every run rewrote the tables."""
+    try:
+        store.read_table(name)
+    except Exception:  # a checksum, a missing chunk, unreadable metadata: whatever it is, write it anew
+        return False
+    return True
 
 
 #: Table attribute: :func:`frame_digest` of the frame the table was written from.
