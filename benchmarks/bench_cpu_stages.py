@@ -107,13 +107,13 @@ def one_patient(work: Path, patient: str, scratch: Path) -> dict:
         shutil.rmtree(store, ignore_errors=True)
         out["ingest"] = _measure(lambda: pipeline.run(_input_dir(work, patient), store, stages=["ingest"]))
         for stage in ("segment", "lungs3d"):
-            out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage]))
+            out[stage] = _measure(lambda stage=stage: pipeline.run(None, store, stages=[stage]))
         _keep(work, store, f"{patient}-input.zarr")
     store = scratch / f"{patient}-base.zarr"
     shutil.rmtree(store, ignore_errors=True)
     shutil.copytree(work / "base" / f"{patient}.zarr", store)
     for stage in FROM_BASE:
-        out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage], overwrite=True))
+        out[stage] = _measure(lambda stage=stage: pipeline.run(None, store, stages=[stage], overwrite=True))
     _keep(work, store, f"{patient}-base.zarr")
     return out
 
@@ -214,14 +214,14 @@ def copies_run(work: Path, patient: str, k: int, scratch: Path) -> dict:
     shutil.rmtree(store, ignore_errors=True)
     out = {"ingest": _measure(lambda: pipeline.run(inp, store, stages=["ingest"]))}
     for stage in ("segment", "lungs3d"):
-        out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage]))
+        out[stage] = _measure(lambda stage=stage: pipeline.run(None, store, stages=[stage]))
     shutil.rmtree(store, ignore_errors=True)
     base = work / "base" / f"{patient}.zarr"
     shutil.copytree(base, store)
     for name in names[1:]:
         shutil.copytree(base / "patients" / patient, store / "patients" / name)
     for stage in FROM_BASE:
-        out[stage] = _measure(lambda: pipeline.run(None, store, stages=[stage], overwrite=True))
+        out[stage] = _measure(lambda stage=stage: pipeline.run(None, store, stages=[stage], overwrite=True))
     shutil.rmtree(store, ignore_errors=True)
     return out
 

@@ -649,8 +649,6 @@ class CohortStore:
         A concurrent :meth:`read_table` sees the old table or the new one, whole.
         ``attrs`` are kept with the table (:meth:`table_attrs`), written in the same switch.
         """
-        import xarray as xr
-
         frame = frame.reset_index(drop=True)
         columns = [str(c) for c in frame.columns]
         # A column named like the dimension (the patient id) becomes its coordinate.
