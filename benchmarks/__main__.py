@@ -515,9 +515,33 @@ def cmd_project(a) -> dict:
             table.update(src["rounds"][0]["table"])
         table.update(rd["table"])
         merged["rounds"].append({"table": table})
+    measured = {}
+    if a.cpu_stages:
+        # Per-patient CPU-s of each CPU stage from bench_cpu_stages.py's A/B (this checkout's medians, one
+        # realistic patient), instead of the stage runs'.
+        cpu_run = json.loads(Path(a.cpu_stages).read_text())
+        measured = {st: v["median"] for st, v in cpu_run["summary"]["after"][a.cpu_patient].items()}
+        before = {st: v["median"] for st, v in cpu_run["summary"]["before"][a.cpu_patient].items()}
+        for rd in merged["rounds"]:
+            for st in CPU_STAGES:
+                if st in measured and st in rd["table"]:
+                    rd["table"][st] = {**rd["table"][st], "pipeline_cpu_s_per_patient": measured[st]}
     out = projection(merged, cores=a.cores)
     out["sources"] = {st: next(str(p) for p, s in zip(a.source, sources) if st in s["rounds"][0]["table"])
                       for st in CPU_STAGES if any(st in s["rounds"][0]["table"] for s in sources)}
+    if measured:
+        out["sources"].update({st: f"{a.cpu_stages} (after, {a.cpu_patient})" for st in CPU_STAGES if st in measured})
+        out["cpu_stages_run"] = {"file": a.cpu_stages, "patient": a.cpu_patient, "after": measured,
+                                 "before": before, "what": cpu_run["what"],
+                                 "lungs3d (no counterpart in the original; not in the total)": measured.get("lungs3d"),
+                                 "total_before_4_stages": round(sum(before[st] for st in CPU_STAGES), 2),
+                                 "total_after_4_stages": round(sum(measured[st] for st in CPU_STAGES), 2)}
+        if "lungs3d" in measured:
+            # lungzarr's own 3-D mask stage runs in `lungzarr run` too: the CPU side with it.
+            with_3d = (out["cpu_core_s_per_patient_total"] + measured["lungs3d"]) / a.cores
+            out["cpu_stages_run"]["cpu_core_s_per_patient_total_with_lungs3d"] = round(
+                out["cpu_core_s_per_patient_total"] + measured["lungs3d"], 2)
+            out["cpu_stages_run"]["cpu_stages_minutes_for_1595_with_lungs3d"] = round(DSB_STAGE1 * with_3d / 60, 1)
     if a.name:
         write_result(a.name, {"machine_of_sources": sources[0].get("machine"), **out})
     print(json.dumps(out, indent=1))
@@ -578,6 +602,9 @@ def main(argv=None):
     p.add_argument("--from", dest="source", nargs="+", default=[str(RESULTS / "stages.json")])
     p.add_argument("--name", default=None)
     p.add_argument("--cores", type=int, default=16)
+    p.add_argument("--cpu-stages", default=None,
+                   help="results/cpu_stages.json of bench_cpu_stages.py ab: its per-patient CPU stage figures")
+    p.add_argument("--cpu-patient", default="SYN-0001", help="the patient of --cpu-stages to take")
     a = parser.parse_args(argv)
     if hasattr(a, "stages") and list(a.stages) != list(STAGES[:len(a.stages)]):
         parser.error(f"--stages must be a prefix of {STAGES!r}, got {a.stages!r}")

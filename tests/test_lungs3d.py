@@ -197,10 +197,12 @@ def test_nodule_columns_without_the_mask(thorax):
 
 
 def test_old_tables_read_with_the_new_columns_unmeasured(thorax):
-    from lungzarr.algorithms.nodules import NODULE_COLUMNS, dataset_to_nodules, nodules_to_dataset
+    from test_nodules import old_layout_dataset
+
+    from lungzarr.algorithms.nodules import NODULE_COLUMNS, dataset_to_nodules
 
     table, _ = _table(thorax, thorax[3])
-    old = nodules_to_dataset(table).drop_vars(["lung", "juxtapleural", "solid_share", "attenuation"])
+    old = old_layout_dataset(table).drop_vars(["lung", "juxtapleural", "solid_share", "attenuation"])
     back = dataset_to_nodules(old)
     assert list(back.columns) == list(NODULE_COLUMNS)
     assert (back.lung == "unknown").all() and back.solid_share.isna().all()

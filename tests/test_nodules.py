@@ -179,7 +179,8 @@ def test_empty_table_and_dataset_round_trip():
     df = find_nodules(prob, hu, grid=nominal_grid(hu.shape), patient="p1")
     assert list(df.columns) == list(NODULE_COLUMNS)
     ds = nodules_to_dataset(df)
-    assert ds.sizes["nodule"] == len(df) and ds["diameter_mm"].attrs["description"]
+    assert ds.sizes["nodule"] == len(df) and ds.attrs["descriptions"]["diameter_mm"]
+    assert list(ds.data_vars) == ["table"] and not ds.coords  # one array in the store
     pd.testing.assert_frame_equal(dataset_to_nodules(ds), df)
     empty = find_nodules(np.zeros_like(prob), hu, grid=nominal_grid(hu.shape), patient="p2")
     pd.testing.assert_frame_equal(empty, empty_nodule_table())
@@ -214,3 +215,129 @@ def test_input_checks():
         find_nodules(prob, hu, grid=(2, 2, 2))
     with pytest.raises(ValueError, match="lacks nodule table columns"):
         nodules_to_dataset(pd.DataFrame({"a": [1]}))
+
+
+# --- the stored table: one compact array (issue 15), the old one-array-per-column layout still read ---
+
+def old_layout_dataset(df):
+    """The nodule table as lungzarr wrote it before the compact layout: one variable per column."""
+    import xarray as xr
+
+    data_vars = {}
+    for name, (dtype, description) in NODULE_COLUMNS.items():
+        values = df[name].to_numpy()
+        values = (np.array([("" if v is None else str(v)) for v in values], dtype=str) if dtype == "str"
+                  else values.astype(dtype))
+        data_vars[name] = xr.Variable(("nodule",), values, attrs={"description": description})
+    return xr.Dataset(data_vars, coords={"nodule": np.arange(len(df), dtype=np.int64)},
+                      attrs={"table": "lungzarr nodules"})
+
+
+def _awkward_table():
+    """A table with every kind of value the columns hold: NaN, -0.0, empty and odd strings, large ints."""
+    hu, prob = synthetic_patient()
+    df = find_nodules(prob, hu, grid=nominal_grid(hu.shape), patient="p1")
+    df.loc[0, "hu_var"] = np.nan
+    df.loc[1, "aspect"] = -0.0
+    df.loc[1, "voxels"] = 2 ** 52 + 1
+    df.loc[2, "lung"] = ""
+    df.loc[0, "attenuation"] = "part-solid ü"
+    return df
+
+
+def test_compact_table_round_trips_bit_for_bit():
+    df = _awkward_table()
+    back = dataset_to_nodules(nodules_to_dataset(df))
+    pd.testing.assert_frame_equal(back, df)
+    assert np.signbit(back.loc[1, "aspect"]) and int(back.loc[1, "voxels"]) == 2 ** 52 + 1
+    for name in NODULE_COLUMNS:  # every float exactly, NaN where NaN
+        a, b = df[name].to_numpy(), back[name].to_numpy()
+        if a.dtype.kind == "f":
+            assert np.array_equal(a.view(np.int64), b.view(np.int64)), name
+    bad = df.copy()
+    bad.loc[0, "voxels"] = 2 ** 53
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        nodules_to_dataset(bad)
+
+
+def _store_with_patient(tmp_path, df):
+    from lungzarr.io.storage import CohortStore
+
+    store = CohortStore(tmp_path / "s.zarr")
+    (tmp_path / "s.zarr" / "patients" / "p1").mkdir(parents=True)
+    store._group("patients").create_group("p1")
+    return store
+
+
+def test_stored_table_is_one_array_read_back_identically(tmp_path):
+    from lungzarr.pipeline.stages import STAGES
+    from lungzarr.pipeline.tables import patient_nodules
+
+    df = _awkward_table()
+    store = _store_with_patient(tmp_path, df)
+    pending = store.prepare_task("p1", "nodules", None)
+    store.write_subgroup("p1", "nodules", nodules_to_dataset(df))
+    pending.commit()
+    folder = tmp_path / "s.zarr" / "patients" / "p1" / "nodules"
+    assert sorted(p.name for p in folder.iterdir()) == ["table", "zarr.json"]
+    pd.testing.assert_frame_equal(patient_nodules(store, "p1"), df)
+    # xarray opens it as it opens every group (the exports, a user's own reads).
+    pd.testing.assert_frame_equal(dataset_to_nodules(store.open_patient("p1", subgroup="nodules").load()), df)
+    owners = {s.name: {"arrays": s.arrays, "subgroups": s.subgroups} for s in STAGES}
+    report = store.verify_patient("p1", owners=owners, creator="ingest")
+    assert report["damage"] == [] and report["arrays"] == 1 and report["unchecksummed"] == []
+    chunk = next(p for p in (folder / "table").rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    damage = store.verify_patient("p1", owners=owners, creator="ingest")["damage"]
+    assert [(d["stage"], d["array"], d["kind"]) for d in damage] == [("nodules", "nodules/table", "checksum")]
+
+
+def test_old_layout_tables_still_read_and_unknown_layouts_refused(tmp_path):
+    from lungzarr.pipeline.tables import patient_nodules
+
+    df = _awkward_table()
+    df = df[df.voxels < 2 ** 31]  # the old layout has no limit; keep the comparison simple
+    store = _store_with_patient(tmp_path, df)
+    store.write_subgroup("p1", "nodules", old_layout_dataset(df))
+    pd.testing.assert_frame_equal(patient_nodules(store, "p1"), df.reset_index(drop=True))
+    newer = nodules_to_dataset(df)
+    newer.attrs["layout"] = "lungzarr nodules v99"
+    store.write_subgroup("p1", "nodules", newer)
+    with pytest.raises(ValueError, match="rerun the nodules stage"):
+        patient_nodules(store, "p1")
+
+
+# --- the distance maps on boxes (issue 15): the same values as the whole-volume maps, bit for bit ---
+
+@pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.0), (2.5, 0.7, 0.7), (1.9999, 2.0001, 2.0)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pleura_distances_on_boxes_equal_the_whole_volume_maps(spacing, seed):
+    from scipy import ndimage as ndi
+
+    from lungzarr.algorithms.nodules import _PleuraDistances
+
+    rng = np.random.default_rng(seed)
+    shape = (30, 41, 37)
+    # Blobs of lung with holes, away from and touching the volume's faces: many equal-distance ties.
+    mask = ndi.binary_opening(ndi.gaussian_filter(rng.random(shape), 2.0) > 0.5)
+    mask[:, :, : 3 + seed] = False
+    mask[seed * 4:, 0, :] |= seed == 2
+    candidates = np.zeros(shape, bool)
+    candidates[5:9, 30:40, 30:36] = True
+    spacing = np.asarray(spacing)
+    maps = _PleuraDistances(mask, lambda: candidates, spacing)
+    full_in = ndi.distance_transform_edt(mask, sampling=spacing)
+    full_out = ndi.distance_transform_edt(~mask, sampling=spacing)
+    flat_in = np.flatnonzero(mask)
+    assert np.array_equal(maps.inside(flat_in).view(np.int64), full_in.reshape(-1)[flat_in].view(np.int64))
+    lo = [min(np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))[0] for m in (mask, candidates))
+          for ax in range(3)]
+    hi = [max(np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))[-1] for m in (mask, candidates))
+          for ax in range(3)]
+    box = np.zeros(shape, bool)
+    box[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = True
+    flat_out = np.flatnonzero(box & ~mask)
+    assert len(flat_out) > 100
+    assert np.array_equal(maps.outside(flat_out).view(np.int64), full_out.reshape(-1)[flat_out].view(np.int64))

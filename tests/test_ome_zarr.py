@@ -18,6 +18,7 @@ import xarray as xr
 
 from lungzarr.io.storage import CohortStore, grid_from_attrs, open_cohort
 from lungzarr.pipeline import ingest
+from lungzarr.pipeline.tables import patient_nodules
 
 from dicom_phantoms import make_patient
 
@@ -61,7 +62,7 @@ def labelled(tmp_path_factory):
 
 
 def _at_05(path):
-    table = CohortStore(path, mode="r").open_patient("P1", subgroup="nodules").to_dataframe()
+    table = patient_nodules(CohortStore(path, mode="r"), "P1")
     return table[np.isclose(table.threshold, 0.5)].sort_values("label")
 
 

@@ -5,7 +5,8 @@ The only module of lungzarr that imports zarr. Layout::
     STORE/
       patients/<id>/          xarray Dataset: hu, hu_2mm, lungs, segmented, nodule_prob
                               (its ``ome`` attribute: NGFF 0.5 multiscales of hu and hu_2mm, see ome_multiscales)
-      patients/<id>/nodules/  xarray Dataset with a ``nodule`` dimension
+      patients/<id>/nodules/  the nodule table: one 2-D float64 array ``table`` (nodule x column), columns,
+                              dtypes and string categories in the group attrs (algorithms.nodules.NODULE_LAYOUT)
       patients/<id>/labels/   NGFF 0.5 label images ``lungs`` and ``nodules`` (``labels/<name>/0``, 2 mm
                               grid; see CohortStore.write_labels)
       tables/patients.<uuid>  cohort-wide patient table (dimension ``patient``)
@@ -252,6 +253,23 @@ def _checksummed(dataset):
 def _encoded_for_store(dataset):
     """Strings variable-length, voxels Blosc-LZ4, every chunk checksummed."""
     return _checksummed(_voxel_compression(_vlen_strings(dataset)))
+
+
+def _dataset_from_frame(indexed):
+    """``xarray.Dataset.from_dataframe(indexed)`` of a table with one flat index: the same Dataset, built at once.
+
+    ``from_dataframe`` adds one column at a time (an alignment and a merge each): 0.2-1.7 CPU-s for the
+    two cohort tables' ~80 columns, most of what the end of every run cost; one constructor call takes
+    milliseconds. ``tests/test_cpu_stages.py`` checks the two are identical (values, dtypes, order).
+    """
+    import pandas as pd
+    import xarray as xr
+
+    if isinstance(indexed.index, pd.MultiIndex):
+        return xr.Dataset.from_dataframe(indexed)
+    dim = indexed.index.name
+    return xr.Dataset({str(c): ((dim,), np.asarray(indexed[c])) for c in indexed.columns},
+                      coords={dim: np.asarray(indexed.index)})
 
 
 class CohortStore:
@@ -592,6 +610,54 @@ class CohortStore:
             return xr.open_dataset(self.path, group=group, engine="zarr", consolidated=False, chunks={},
                                    zarr_format=3)
 
+    def load_patient(self, patient: str, names, *, subgroup: str | None = None):
+        """Arrays of a patient (or of its child group ``subgroup``), read whole, as an in-memory Dataset.
+
+        For a worker task that needs whole arrays (nodules, features, the
+        lungs3d measures, the crop box): one open of the group with zarr and
+        one read per array, where :meth:`open_patient` has xarray read every
+        coordinate and every variable's metadata and builds a dask graph per
+        array. The values, dtypes and variable attributes are those of
+        ``open_patient(patient)[name].values``: lungzarr's arrays carry no CF
+        encoding but xarray's NaN ``_FillValue`` of float arrays (a no-op
+        mask); an array with any other encoding is read through xarray. The
+        Dataset's attrs are the group's; it has no coordinates. Names the
+        group does not hold are left out (test ``name in ds``).
+
+        Raises
+        ------
+        LungzarrError
+            The patient is not in the store.
+        """
+        import xarray as xr
+
+        if not self.has_patient(patient):
+            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                f"`lungzarr status {self.path}` lists the patients")
+        path = self.group_path(patient) + (f"/{subgroup}" if subgroup else "")
+        group = self._zarr.open_group(self.path, path=path, mode="r", zarr_format=3, use_consolidated=False)
+        present = set(group.array_keys())
+        data_vars, encoded = {}, []
+        for name in names:
+            if name not in present:
+                continue
+            array = group[name]
+            attrs = dict(array.attrs)
+            fill = attrs.pop("_FillValue", None)
+            plain = not (set(attrs) & {"scale_factor", "add_offset", "_Unsigned", "dtype", "calendar"}) and (
+                fill is None or (array.dtype.kind == "f" and np.isnan(array.fill_value)))
+            if not plain:
+                encoded.append(name)
+                continue
+            dims = tuple(array.metadata.dimension_names or (f"dim_{i}" for i in range(array.ndim)))
+            data_vars[name] = xr.Variable(dims, array[...], attrs=attrs)
+        ds = xr.Dataset(data_vars, attrs=dict(group.attrs))
+        if encoded:  # not written by lungzarr: let xarray decode it
+            full = self.open_patient(patient, subgroup=subgroup)
+            for name in encoded:
+                ds[name] = full[name].variable.load()
+        return ds
+
     def lazy_array(self, patient: str, name: str):
         """One stored array of a patient as a dask array in its stored chunks (nothing loaded).
 
@@ -668,24 +734,24 @@ class CohortStore:
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, meta_path)
 
-    def write_table(self, name: str, frame, *, dim: str) -> None:
+    def write_table(self, name: str, frame, *, dim: str, attrs: dict | None = None) -> None:
         """Store a pandas DataFrame as the cohort table ``name`` (dimension ``dim``), replacing it atomically.
 
         A concurrent :meth:`read_table` sees the old table or the new one, whole.
+        ``attrs`` are kept with the table (:meth:`table_attrs`), written in the same switch.
         """
-        import xarray as xr
-
         frame = frame.reset_index(drop=True)
         columns = [str(c) for c in frame.columns]
         # A column named like the dimension (the patient id) becomes its coordinate.
         indexed = frame.set_index(dim) if dim in frame.columns else frame.rename_axis(dim)
-        ds = xr.Dataset.from_dataframe(indexed)
+        ds = _dataset_from_frame(indexed)
         for col in frame.columns:
             if frame[col].dtype == object or str(frame[col].dtype).startswith(("string", "str")):
                 ds[col] = ds[col].astype(object)
         if dim in frame.columns:
             ds = ds.assign_coords({dim: ds[dim].astype(object)})
-        ds.attrs = {"lungzarr:written": _now(), "lungzarr_version": __version__, "columns": columns}
+        ds.attrs = {**_jsonable(attrs or {}), "lungzarr:written": _now(), "lungzarr_version": __version__,
+                    "columns": columns}
         group = f"{name}.{uuid.uuid4().hex}"
         self._changing()
         _checksummed(ds).to_zarr(self.path, group=f"{TABLES_GROUP}/{group}", mode="w", **_WRITE)
@@ -721,6 +787,19 @@ class CohortStore:
                 return ds
         raise LungzarrError(f"table {name!r} of {str(self.path)!r} was replaced {_TABLE_READ_ATTEMPTS} times "
                             f"while being read; read it again once the run writing the store has finished")
+
+    def table_attrs(self, name: str) -> dict:
+        """The attributes the current table ``name`` was written with (one metadata read); {} without it."""
+        import json
+
+        group = self._table_pointer().get(name)
+        if group is None:
+            return {}
+        try:
+            meta = json.loads((self.path / TABLES_GROUP / group / "zarr.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}  # replaced meanwhile (or damaged): the caller writes the table again
+        return dict(meta.get("attributes", {}))
 
     def read_table(self, name: str):
         """The cohort table ``name`` as a pandas DataFrame (empty if absent): the old or the new one, never torn."""

@@ -225,9 +225,10 @@ def _patient_nodule_labels(store, patient: str, threshold: float, *, ds=None):
     import numpy as np
 
     from lungzarr.algorithms.nodules import nodule_label_image
+    from lungzarr.pipeline.tables import patient_nodules
 
     ds = store.open_patient(patient) if ds is None else ds
-    table = store.open_patient(patient, subgroup="nodules").to_dataframe()
+    table = patient_nodules(store, patient)
     try:
         labels = nodule_label_image(ds.nodule_prob.values, table, threshold=threshold)
     except ValueError as exc:

@@ -6,7 +6,7 @@ import numpy as np
 from lungzarr.algorithms.components import NO_LABEL
 from lungzarr.pipeline.stages import stage_names
 
-__all__ = ["gather_tables", "LUNG_MEASURES", "LUNG3D_MEASURES", "PATIENT_COLUMNS"]
+__all__ = ["gather_tables", "patient_nodules", "LUNG_MEASURES", "LUNG3D_MEASURES", "PATIENT_COLUMNS"]
 
 #: Lung measures of the features stage copied into the patient table (docs/algorithms.md §6).
 LUNG_MEASURES = ("lvol_0", "lvol_1", "lvol_2", "emphy_0", "emphy_1", "emphy_2", "emphy2_0", "emphy2_1", "emphy2_2")
@@ -46,11 +46,25 @@ PATIENT_COLUMNS: dict[str, str] = {
 }
 
 
+def patient_nodules(store, patient: str):
+    """One patient's stored nodule table (``patients/<id>/nodules``) as a DataFrame (:data:`NODULE_COLUMNS`).
+
+    Reads the compact layout (one array, :data:`~lungzarr.algorithms.nodules.NODULE_LAYOUT`) with one
+    open and one chunk read; a store written before it (one array per column) through xarray.
+    """
+    from lungzarr.algorithms.nodules import dataset_to_nodules
+
+    ds = store.load_patient(patient, ["table"], subgroup="nodules")
+    if "table" not in ds:
+        ds = store.open_patient(patient, subgroup="nodules").load()
+    return dataset_to_nodules(ds)
+
+
 def gather_tables(store) -> dict:
     """Rebuild the cohort-wide ``tables/nodules`` and ``tables/patients`` from the patient groups."""
     import pandas as pd
 
-    from lungzarr.algorithms.nodules import concat_nodule_tables, dataset_to_nodules
+    from lungzarr.algorithms.nodules import concat_nodule_tables
     from lungzarr.io.storage import STAGES_KEY
 
     nodule_tables, rows = [], []
@@ -58,7 +72,7 @@ def gather_tables(store) -> dict:
         attrs = store.patient_attrs(patient)
         stages = attrs.get(STAGES_KEY, {})
         if "nodules" in stages and store.has_subgroup(patient, "nodules"):
-            nodule_tables.append(dataset_to_nodules(store.open_patient(patient, subgroup="nodules").load()))
+            nodule_tables.append(patient_nodules(store, patient))
         feat = stages.get("features", {})
         grid2 = attrs.get("grid_2mm", {})
         rows.append({
@@ -78,6 +92,41 @@ def gather_tables(store) -> dict:
         })
     nodules = concat_nodule_tables(nodule_tables)
     patients = pd.DataFrame(rows)
-    store.write_table("nodules", nodules, dim="nodule")
-    store.write_table("patients", patients, dim="patient")
+    for name, frame, dim in (("nodules", nodules, "nodule"), ("patients", patients, "patient")):
+        # Writing a table (one array per column) is most of what a run's end costs; a run that did not
+        # change it (a segment run leaves the nodule table as it was) leaves it in place.
+        content = frame_digest(frame)
+        if store.table_attrs(name).get(DIGEST_KEY) != content or not _readable(store, name):
+            store.write_table(name, frame, dim=dim, attrs={DIGEST_KEY: content})
     return {"nodules": len(nodules), "patients": len(patients)}
+
+
+def _readable(store, name: str) -> bool:
+    """Whether the stored table reads back whole (every chunk decoded and checksummed; a few ms): a damaged
+    table is written again by the next run, as when every run rewrote the tables."""
+    try:
+        store.read_table(name)
+    except Exception:  # a checksum, a missing chunk, unreadable metadata: whatever it is, write it anew
+        return False
+    return True
+
+
+#: Table attribute: :func:`frame_digest` of the frame the table was written from.
+DIGEST_KEY = "lungzarr:content_sha256"
+
+
+def frame_digest(frame) -> str:
+    """SHA-256 of a table's content: column names, dtypes, every value (bit for bit) in row order, and
+    the lungzarr version (whose write_table may store the same frame differently)."""
+    import hashlib
+
+    from lungzarr._version import __version__
+
+    h = hashlib.sha256(repr((__version__, [(str(c), str(t)) for c, t in frame.dtypes.items()],
+                             len(frame))).encode())
+    for col in frame.columns:
+        values = frame[col].to_numpy()
+        # Numbers by their bytes (-0.0 is not 0.0, NaN payloads kept); anything else by repr (None is not "None").
+        h.update(np.ascontiguousarray(values).tobytes() if values.dtype.kind in "biufcM"
+                 else repr(values.tolist()).encode())
+    return h.hexdigest()

@@ -48,9 +48,10 @@ def _nodule_markers(store, patient):
     (voxel indices), or None."""
     if not store.has_subgroup(patient, "nodules"):
         return None
-    from lungzarr.algorithms.nodules import dataset_to_nodules, select_nodules
+    from lungzarr.algorithms.nodules import select_nodules
+    from lungzarr.pipeline.tables import patient_nodules
 
-    table = select_nodules(dataset_to_nodules(store.open_patient(patient, subgroup="nodules").load()))
+    table = select_nodules(patient_nodules(store, patient))
     return table.assign(z_index=table.z_vox, y_index=table.y_vox, x_index=table.x_vox)
 
 

@@ -19,7 +19,7 @@ def _measures_task(store_path, patient):
     from lungzarr.algorithms.lungs3d import lung_side_measures
     from lungzarr.io.storage import CohortStore, grid_from_attrs
 
-    ds = CohortStore(store_path, mode="r").open_patient(patient)
+    ds = CohortStore(store_path, mode="r").load_patient(patient, ["lung_labels", "hu_2mm"])
     step = np.abs(grid_from_attrs(ds.attrs).step)
     return lung_side_measures(ds.lung_labels.values, ds.hu_2mm.values, spacing=tuple(float(s) for s in step))
 
@@ -31,9 +31,9 @@ def _prepare(store, patient, _, options):
     from lungzarr.algorithms.lungs3d import KEEP_NODULE_MM, lung_labels_dask
     from lungzarr.io.storage import grid_from_attrs
 
-    ds = store.open_patient(patient)
-    grid = grid_from_attrs(ds.attrs)
-    labels = lung_labels_dask(ds.hu_2mm.data.rechunk({0: task_slices(options.chunk_slices)}),
+    # Only hu_2mm's graph and the group attrs: no Dataset (coordinates, every variable's metadata) in the client.
+    grid = grid_from_attrs(store.patient_attrs(patient))
+    labels = lung_labels_dask(store.lazy_array(patient, "hu_2mm").rechunk({0: task_slices(options.chunk_slices)}),
                               spacing=tuple(float(s) for s in np.abs(grid.step)), x_step=float(grid.step[2]))
     out = xr.Dataset({"lung_labels": (DIMS_2MM, labels, {
         "long_name": "3-D lung mask: 0 outside, 1 right lung, 2 left lung (no airway, no bowel gas)",

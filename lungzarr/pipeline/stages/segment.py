@@ -26,7 +26,7 @@ def _after_write_task(store_path, patient, chunk_slices):
     from lungzarr.io.storage import CohortStore
 
     store = CohortStore(store_path)
-    lungs = store.open_patient(patient).lungs.values
+    lungs = store.load_patient(patient, ["lungs"]).lungs.values
     store.write_labels(patient, "lungs", lungs.astype(np.uint8), chunk_slices=chunk_slices,
                        colors=[{"label-value": 1, "rgba": list(LUNG_LABEL_RGBA)}],
                        properties=[{"label-value": 1, "name": "lung",
