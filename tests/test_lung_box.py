@@ -11,13 +11,11 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+from test_infer import synthetic_hu
 
 from lungzarr.algorithms.crop import SPECK_SHARE, lung_box
 from lungzarr.model import geometry, infer
 from lungzarr.model.geometry import LUNG_BOX_MARGIN, ROW_COL_MULTIPLE, box_around, check_box, fixed_box
-
-from test_infer import synthetic_hu
-
 
 # ---------------------------------------------------------------------- the box arithmetic
 
