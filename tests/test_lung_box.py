@@ -240,3 +240,69 @@ def test_unknown_crop_stops_the_run_before_any_patient(phantom_store):
 
     with pytest.raises(LungzarrError, match=r"crop must be one of \['fixed', 'lungs'\], got 'lung'"):
         run(None, phantom_store, stages=["detect"], crop="lung")
+
+
+# ---------------------------------------------------------------------- every real patient (slow)
+
+def _report(name, fixed, lungs_map, lungs, table_fixed, table_lungs, box):
+    dp = np.abs(lungs_map.astype(np.float64) - fixed)
+    changed = (fixed >= 0.5) != (lungs_map >= 0.5)
+    print(f"\n{name}: box z {box['z']} rows {box['y']} cols {box['x']} (lung bbox {box['lung_bbox']}); "
+          f"max |dp| in lungs {dp[lungs].max():.3g}, overall {dp.max():.3g}; p >= 0.5 voxels changed "
+          f"{int(changed.sum())} of {int((fixed >= 0.5).sum())}; nodules at 0.5: {len(table_fixed)} fixed, "
+          f"{len(table_lungs)} lungs, identical {table_lungs.equals(table_fixed)}")
+    assert (fixed[lungs] >= 0.5).sum() > 0, "the comparison must not be one of zeros"
+    assert dp[lungs].max() <= 1e-6 and not changed[lungs].any()
+    assert len(table_fixed) > 0 and table_lungs.equals(table_fixed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["lidc_dir", "ricord_dir"])
+def test_real_dicom_patient_same_nodules_with_crop_lungs(fixture, request, tmp_path, capsys):
+    """Through the pipeline: detect --crop fixed, nodules; detect --crop lungs, nodules; the same table."""
+    from lungzarr.algorithms.nodules import select_nodules
+    from lungzarr.io.storage import CohortStore, read_nodules
+    from lungzarr.pipeline import run
+
+    src = request.getfixturevalue(fixture)
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / src.name).symlink_to(src)
+    store = tmp_path / "s.zarr"
+    maps, tables = {}, {}
+    with dask.config.set(scheduler="threads"):
+        run(tmp_path / "input", store, stages=["ingest", "segment"])
+        for crop in ("fixed", "lungs"):
+            summaries = run(None, store, stages=["detect", "nodules"], crop=crop, overwrite=True)
+            assert [s.done for s in summaries] == [[src.name]] * 2
+            maps[crop] = CohortStore(store, mode="r").open_patient(src.name).nodule_prob.values
+            tables[crop] = select_nodules(read_nodules(store)).reset_index(drop=True)
+    cohort = CohortStore(store, mode="r")
+    lungs = cohort.open_patient(src.name).lungs.values
+    box = cohort.stages(src.name)["detect"]["lung_box"]
+    with capsys.disabled():
+        _report(src.name, maps["fixed"], maps["lungs"], lungs, tables["fixed"], tables["lungs"], box)
+
+
+@pytest.mark.slow
+def test_dsb2017_patient_same_nodules_with_crop_lungs(dsb_dir, capsys):
+    """The DSB2017 patient's 2 mm segmented volume (the stand-in of the tests), mask = segmented != -2000."""
+    from conftest import DSB_PATIENT
+
+    from lungzarr.algorithms.nodules import find_nodules, select_nodules
+    from lungzarr.model.engines import resolve_engine
+    from lungzarr.volume import Grid
+
+    seg = np.load(dsb_dir / "input" / "stage1_segmented_2x2x2" / f"{DSB_PATIENT}.npz")["arr_0"]
+    lungs = seg != -2000
+    grid = Grid(seg.shape, (0.0, 0.0, 0.0), (2.0, 2.0, 2.0))
+    engine = resolve_engine("auto")
+    box = lung_box(lungs)
+    with dask.config.set(scheduler="threads"):
+        fixed = infer.predict_nodule_prob(seg, engine=engine).compute()
+        got = infer.predict_nodule_prob(seg, engine=engine, box=box).compute()
+
+    def table(prob):
+        return select_nodules(find_nodules(prob, seg, grid=grid, lungs=lungs)).reset_index(drop=True)
+
+    with capsys.disabled():
+        _report(f"DSB2017 {DSB_PATIENT[:6]}", fixed, got, lungs, table(fixed), table(got), box)
