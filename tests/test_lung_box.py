@@ -256,7 +256,9 @@ def _report(name, fixed, lungs_map, lungs, table_fixed, table_lungs, box):
     assert len(table_fixed) > 0 and table_lungs.equals(table_fixed)
 
 
+# Two full UNet passes of a 160-slice patient: beyond the suite's 900 s on 2 busy shared cores.
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("fixture", ["lidc_dir", "ricord_dir"])
 def test_real_dicom_patient_same_nodules_with_crop_lungs(fixture, request, tmp_path, capsys):
     """Through the pipeline: detect --crop fixed, nodules; detect --crop lungs, nodules; the same table."""
@@ -284,6 +286,7 @@ def test_real_dicom_patient_same_nodules_with_crop_lungs(fixture, request, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_dsb2017_patient_same_nodules_with_crop_lungs(dsb_dir, capsys):
     """The DSB2017 patient's 2 mm segmented volume (the stand-in of the tests), mask = segmented != -2000."""
     from conftest import DSB_PATIENT
