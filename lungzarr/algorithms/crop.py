@@ -34,7 +34,8 @@ _XARRAY_DIMS_2MM = ("z2", "y2", "x2")
 
 #: :func:`lung_box` drops the lung mask's connected components smaller than this share of the largest one
 #: (specks of the per-slice segmentation: bowel gas, air outside the body, a few voxels at the trachea),
-#: so they do not widen the box. On the RICORD slab it drops a 3 % component and 37 slices of box.
+#: so they do not widen the box. On the RICORD slab it drops 4 of 5 components (the largest of them 3 % of the
+#: lungs, in the first 21 slices): the box loses 14 slices and 40 rows (without it: every row of 180).
 SPECK_SHARE = 0.05
 
 
