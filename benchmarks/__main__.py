@@ -7,6 +7,7 @@
     python -m benchmarks project [--from results/stages.json]            # 1595 patients on 16 cores + H100
     python -m benchmarks overlap [--patients 4] [--small]                # streamed vs stage by stage, CPU + "GPU" worker
     python -m benchmarks engines [--rounds 3] [--stage-rounds 2]         # Keras-TF vs OpenVINO vs ONNX Runtime (real windows)
+    python -m benchmarks lungbox [--rounds 2] [--also-margin 8]          # detect --crop fixed vs lungs (real patients)
 
 Every command synthesises its DICOM cohort into a temporary folder (deleted
 at the end), runs each variant in a fresh child process (so peaks are the
@@ -216,9 +217,15 @@ def child_engine_memory(args: dict) -> dict:
     return run(args)
 
 
+def child_lungbox(args: dict) -> dict:
+    from benchmarks.bench_lungbox import child_lungbox as run
+
+    return run(args)
+
+
 CHILDREN = {"baseline": child_baseline, "pipeline": child_pipeline, "profile": child_profile,
             "overlap": child_overlap, "engines": child_engines, "engines_stage": child_engines_stage,
-            "engine_memory": child_engine_memory}
+            "engine_memory": child_engine_memory, "lungbox": child_lungbox}
 
 
 # ====================================================================== cohort and summaries
@@ -598,6 +605,12 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every batch and engine")
     p.add_argument("--stage-rounds", type=int, default=2, help="detect-stage runs per engine (0: none)")
     p.add_argument("--name", default=None, help="results/<name>.json (default engines)")
+    p = sub.add_parser("lungbox", help="detect --crop fixed vs --crop lungs on the real patients, A/B interleaved")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over every patient and variant")
+    p.add_argument("--engine", default="auto", help="the UNet engine (default auto: OpenVINO on CPU)")
+    p.add_argument("--also-margin", type=int, nargs="*", default=[8],
+                   help="extra lung-box margins to compare (smaller than the network's reach: not exact)")
+    p.add_argument("--name", default=None, help="results/<name>.json (default lungbox)")
     p = sub.add_parser("project", help="the 1595-patient projection from a stages result")
     p.add_argument("--from", dest="source", nargs="+", default=[str(RESULTS / "stages.json")])
     p.add_argument("--name", default=None)
@@ -623,6 +636,10 @@ def main(argv=None):
         from benchmarks.bench_engines import cmd_engines
 
         cmd_engines(a)
+    elif a.command == "lungbox":
+        from benchmarks.bench_lungbox import cmd_lungbox
+
+        cmd_lungbox(a)
     elif a.command == "overlap":
         from benchmarks.bench_overlap import cmd_overlap
 

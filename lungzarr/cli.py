@@ -108,6 +108,19 @@ EngineOpt = typer.Option(Engine.auto, "--engine", case_sensitive=False,
                               "workers), keras, openvino, or onnxruntime (pip install 'lungzarr[onnx]').")
 
 
+class Crop(str, enum.Enum):
+    """``--crop`` choices (lungzarr.model.geometry.CROPS)."""
+
+    fixed = "fixed"
+    lungs = "lungs"
+
+
+CropOpt = typer.Option(Crop.fixed, "--crop", case_sensitive=False,
+                       help="What the UNet predicts: fixed (the whole slice, the original's; the DSB2017 export "
+                            "needs it) or lungs (one box per patient around its lung mask: the same "
+                            "probabilities in the lungs for less work, 0 outside the box).")
+
+
 # ---------------------------------------------------------------------- the one way a command runs
 
 def _stage_progress():
@@ -366,7 +379,7 @@ def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path tur
         infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
         overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt,
         dashboard_address: Optional[str] = DashboardOpt, strict: bool = StrictOpt, engine: Engine = EngineOpt,
-        verify: bool = typer.Option(False, "--verify", help="First read every stored chunk of these patients "
+        crop: Crop = CropOpt, verify: bool = typer.Option(False, "--verify", help="First read every stored chunk of these patients "
                                                             "and redo the damaged stages (see `lungzarr verify`).")):
     """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
     from lungzarr.pipeline import run as run_pipeline
@@ -377,7 +390,7 @@ def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path tur
             input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices, batch_size=batch_size,
             precision=precision.value, infer_batch=infer_batch, patients=patients, overwrite=overwrite,
             client=client, gpu=_gpu_flag(client), progress=progress, strict=strict, verify=verify,
-            engine=engine.value),
+            engine=engine.value, crop=crop.value),
         scheduler=scheduler, dashboard_address=dashboard_address, progress=True,
         checks=_run_checks(store, stage_names(), weights=weights, precision=precision.value, scheduler=scheduler,
                            engine=engine.value))
@@ -412,12 +425,12 @@ def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
            scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt,
-           engine: Engine = EngineOpt):
+           engine: Engine = EngineOpt, crop: Crop = CropOpt):
     """The d8 UNet: nodule probability maps of every segmented patient."""
     raise typer.Exit(_print_summary(_stages(
         store, ["detect"], weights=weights, precision=precision.value, infer_batch=infer_batch,
         chunk_slices=chunk_slices, batch_size=batch_size, patients=patients, overwrite=overwrite,
-        scheduler=scheduler, dashboard_address=dashboard_address, engine=engine.value)))
+        scheduler=scheduler, dashboard_address=dashboard_address, engine=engine.value, crop=crop.value)))
 
 
 @app.command(short_help='Per-nodule tables and patient measures; optional export.')

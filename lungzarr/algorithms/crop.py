@@ -1,4 +1,7 @@
-"""The DSB2017 crop box of a 2 mm volume (docs/algorithms.md §4) and lazy cropped views.
+"""The DSB2017 crop box of a 2 mm volume (docs/algorithms.md §4), lazy cropped views, and the lung box.
+
+:func:`lung_box` is the other box: the rows, columns and slices the d8
+network predicts under ``--crop lungs`` (docs/algorithms.md §5).
 
 The legacy rule decides from the bounding box of the whole lung mask whether
 the segmented volume is cropped to a y/x square and in z, in z only, or not at
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["legacy_crop_box", "crop_view", "mask_bbox"]
+__all__ = ["legacy_crop_box", "crop_view", "mask_bbox", "lung_box", "SPECK_SHARE"]
 
 #: The rule's thresholds, as in the original.
 MASK_VOLUME_MIN = 0.08
@@ -28,6 +31,12 @@ X_RATIO_MIN = 0.6
 LEGACY_SLICE_SIZE = 512
 
 _XARRAY_DIMS_2MM = ("z2", "y2", "x2")
+
+#: :func:`lung_box` drops the lung mask's connected components smaller than this share of the largest one
+#: (specks of the per-slice segmentation: bowel gas, air outside the body, a few voxels at the trachea),
+#: so they do not widen the box. On the RICORD slab it drops 4 of 5 components (the largest of them 3 % of the
+#: lungs, in the first 21 slices): the box loses 14 slices and 40 rows (without it: every row of 180).
+SPECK_SHARE = 0.05
 
 
 def _axis_extent(profile: np.ndarray) -> tuple[int, int] | None:
@@ -177,3 +186,63 @@ def crop_view(arr, box: dict, *, dims=None):
     if getattr(arr, "ndim", None) != 3:
         raise ValueError(f"arr must be a 3-D (z, y, x) array, got shape {getattr(arr, 'shape', None)!r}")
     return arr[_check_box(box, arr.shape)]
+
+
+def lung_box(lungs, *, margin: int | None = None, speck_share: float = SPECK_SHARE) -> dict:
+    """The d8 network's prediction box of one patient under ``--crop lungs`` (docs/algorithms.md §5).
+
+    The lung mask's 26-connected components smaller than ``speck_share`` of
+    the largest are dropped; the box is the bounding box of the rest, widened
+    by :func:`lungzarr.model.geometry.box_around` (``margin`` rows and columns,
+    aligned to the detection crop's multiples of 4; slices whose window holds
+    a lung slice). With the default margin
+    (:data:`lungzarr.model.geometry.LUNG_BOX_MARGIN`, the network's reach) every
+    voxel of the kept components gets the fixed crop's prediction exactly.
+
+    Parameters
+    ----------
+    lungs : (z, y, x) array of bool
+        The 2 mm lung mask (``lungs`` of stage segment), numpy or dask (computed
+        whole: it is small, and the components need all of it).
+    margin : int, optional
+        Rows/columns beyond the lungs; default ``LUNG_BOX_MARGIN``.
+    speck_share : float, optional
+        Components below this share of the largest one are ignored.
+
+    Returns
+    -------
+    dict
+        ``z``, ``y``, ``x``: ``[start, stop]`` of the box (as
+        :func:`lungzarr.model.geometry.fixed_box`); ``crop``: ``"lungs"``, or
+        ``"fixed"`` when the mask is empty (then the box is the fixed crop's
+        and ``reason`` says so); ``lung_bbox`` (``[z0, y0, x0, z1, y1, x1]`` of
+        the kept components, or None), ``margin``, ``components``,
+        ``dropped_components`` and ``dropped_voxels``. Plain ints, lists and
+        strings: it goes into the stage record and the array's attrs.
+    """
+    from scipy import ndimage as ndi
+
+    from lungzarr.model.geometry import LUNG_BOX_MARGIN, box_around, fixed_box
+
+    margin = LUNG_BOX_MARGIN if margin is None else margin
+    if not 0 <= float(speck_share) <= 1:
+        raise ValueError(f"speck_share must be within [0, 1], got {speck_share!r}")
+    mask = np.asarray(_unwrap_xarray(lungs), dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"lungs must be a 3-D (z, y, x) mask, got shape {mask.shape!r}")
+    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    out = {"crop": "lungs", "margin": int(margin), "speck_share": float(speck_share), "components": int(n),
+           "dropped_components": 0, "dropped_voxels": 0, "lung_bbox": None}
+    if n == 0:
+        out.update(fixed_box(mask.shape), crop="fixed",
+                   reason="the lung mask is empty: the whole detection crop is predicted (--crop fixed)")
+        return out
+    small = sizes < float(speck_share) * sizes.max()
+    if small.any():
+        mask = np.isin(labels, np.flatnonzero(~small) + 1)
+        out.update(dropped_components=int(small.sum()), dropped_voxels=int(sizes[small].sum()))
+    bbox = mask_bbox(mask)
+    out["lung_bbox"] = [int(v) for v in bbox]
+    out.update(box_around(bbox, mask.shape, margin=margin))
+    return out

@@ -596,6 +596,17 @@ class CohortStore:
         present = [n for n in LABEL_IMAGES if (self.path / group / n / "zarr.json").is_file()]
         self._group(group).attrs.put({OME_KEY: {"version": NGFF_VERSION, "labels": present}})
 
+    def update_array_attrs(self, patient: str, name: str, attrs: dict) -> None:
+        """Merge ``attrs`` into the attributes of the patient's array ``name`` (its metadata file only).
+
+        For figures known only once a stage's voxels are computed (detect's
+        lung box): called by the task that follows the write, on a worker.
+        """
+        self._changing()
+        array = self._zarr.open_array(self.path, path=f"{self.group_path(patient)}/{name}", mode="r+",
+                                      zarr_format=3)
+        array.attrs.update(_jsonable(dict(attrs)))
+
     # ------------------------------------------------------------------ reads
     def open_patient(self, patient: str, *, subgroup: str | None = None):
         """A patient's Dataset, lazily (dask arrays, nothing loaded)."""

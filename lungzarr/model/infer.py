@@ -8,6 +8,10 @@ Probabilities below 0.5 are stored as 0; the dropped rows and columns and the
 slices without a window are 0 too (:func:`predicted_slices` says which slices
 have a prediction).
 
+With a prediction box (``box=``, e.g. :func:`lungzarr.algorithms.crop.lung_box`
+under ``--crop lungs``) the network sees only the box's rows and columns and
+predicts only its slices; the map keeps the full grid, 0 outside the box.
+
 The windows are cut with ``map_overlap`` along z (a halo of 4 slices below
 and 3 above), so a patient can be split into z-chunks over several workers;
 the model (or the engine's compiled graph, :mod:`lungzarr.model.engines`) is
@@ -34,11 +38,12 @@ import time
 import dask
 import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
 from lungzarr.errors import PatientError
 from lungzarr.model.d8 import _check_precision, verify_weights
 from lungzarr.model.engines import ENGINES, get_engine
-from lungzarr.model.geometry import HALO, MIN_SLICES_2MM, WINDOW, WINDOW_CENTRE, detection_crop, predicted_slices
+from lungzarr.model.geometry import HALO, MIN_SLICES_2MM, WINDOW, WINDOW_CENTRE, check_box, detection_crop, fixed_box
 from lungzarr.volume import normalize_hu
 
 __all__ = [
@@ -46,6 +51,7 @@ __all__ = [
     "predict_nodule_prob",
     "annotate_gpu",
     "predict_stats",
+    "box_in_crop",
 ]
 
 #: Probabilities below this are stored as 0.
@@ -102,8 +108,22 @@ def _z_chunks_at_least(chunks: tuple[int, ...], minimum: int) -> tuple[int, ...]
     return tuple(merged)
 
 
-def _predict_block(block, *, offsets, nz, weights, precision, batch_size, engine="keras", block_info=None):
-    """Probability maps of the slices of one z-chunk (called by map_overlap)."""
+def box_in_crop(box, shape) -> tuple[slice, slice, slice]:
+    """A prediction box (:func:`lungzarr.model.geometry.check_box`) as slices of the detection-cropped volume.
+
+    ``(slices, rows, columns)``: the slices to predict (in the volume's own
+    numbering) and the rows/columns of the cropped volume the network sees.
+    ``box`` None is the fixed crop (:func:`lungzarr.model.geometry.fixed_box`).
+    """
+    box = fixed_box(shape) if box is None else check_box(box, shape)
+    rows, cols = detection_crop(shape)
+    (z0, z1), (y0, y1), (x0, x1) = box["z"], box["y"], box["x"]
+    return slice(z0, z1), slice(y0 - rows, y1 - rows), slice(x0 - cols, x1 - cols)
+
+
+def _predict_block(block, *, offsets, shape, weights, precision, batch_size, engine="keras", box=None,
+                   block_info=None):
+    """Probability maps of the slices of one z-chunk (called by map_overlap), inside ``box``."""
     k = block_info[0]["chunk-location"][0]
     start, stop = offsets[k], offsets[k + 1]
     # boundary='none': the first chunk has no halo below, the last none above.
@@ -113,14 +133,14 @@ def _predict_block(block, *, offsets, nz, weights, precision, batch_size, engine
         raise RuntimeError(f"chunk {k} has {block.shape[0]} slices with its halo, expected "
                            f"{below + (stop - start) + above}")
     out = np.zeros((stop - start,) + block.shape[1:], dtype=np.float32)
-    have = predicted_slices(nz)
+    have, rows, cols = box_in_crop(box, shape)
     first, last = max(start, have.start), min(stop, have.stop)
     if first >= last:
         return out
     # Slice s is predicted by the window of slices s-4 … s+3; in block coordinates
     # that window starts at s - 4 - (start - below).
     origins = [s - WINDOW_CENTRE - (start - below) for s in range(first, last)]
-    windows = np.stack([block[o:o + WINDOW] for o in origins])[..., np.newaxis]
+    windows = np.stack([block[o:o + WINDOW, rows, cols] for o in origins])[..., np.newaxis]
     from lungzarr.errors import LungzarrError
     from lungzarr.model.shipping import task_weights
 
@@ -137,13 +157,13 @@ def _predict_block(block, *, offsets, nz, weights, precision, batch_size, engine
     _PREDICT_STATS["windows"] += len(windows)
     prob = np.asarray(prob, dtype=np.float32)[:, 0, :, :, 0]
     prob[prob < THRESHOLD] = 0
-    out[first - start:last - start] = prob
+    out[first - start:last - start, rows, cols] = prob
     return out
 
 
 def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
                         precision: str = "fp32", patient: str | None = None,
-                        engine: str = "keras") -> da.Array:
+                        engine: str = "keras", box=None) -> da.Array:
     """Lazy nodule probability map of a 2 mm volume (the "detect" stage).
 
     Parameters
@@ -169,12 +189,20 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         GPU workers included), or a graph exported from the same Keras model.
         ``auto`` is OpenVINO when installed; the pipeline resolves it per run
         (Keras on GPU workers).
+    box : dict or dask Delayed, optional
+        The prediction box (:func:`lungzarr.model.geometry.check_box`): only its
+        slices are predicted, and the network sees only its rows and columns.
+        A Delayed (e.g. ``dask.delayed(lung_box)(lungs)``) is computed by a
+        task and handed to every prediction task, so the box is never
+        computed in the client. None (default): the fixed crop, every row and
+        column of the detection crop (the original).
 
     Returns
     -------
     prob : dask.array.Array of float32, shape (Z, H, W)
         Probabilities >= 0.5, else 0; 0 in the rows/columns dropped by the
-        detection crop and in the slices outside :func:`predicted_slices`.
+        detection crop, in the slices outside :func:`predicted_slices` and
+        outside ``box``.
         Nothing is computed until you compute it.
 
     Raises
@@ -194,8 +222,10 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
 
     if not isinstance(weights, ShippedWeights):  # shipped ones were verified by the run, once
         weights = str(verify_weights(weights))
-    nz, h, w = hu.shape
-    dy, dx = detection_crop(hu.shape)
+    shape = tuple(int(n) for n in hu.shape)
+    if box is not None and not isinstance(box, Delayed):
+        box = check_box(box, shape)
+    dy, dx = detection_crop(shape)
 
     # The network sees whole slices: one chunk in y and x, z-chunks >= the halo.
     hu = hu[:, dy:, dx:]
@@ -207,8 +237,8 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
     prob = normalised.map_overlap(
         _predict_block, depth={0: HALO, 1: 0, 2: 0}, boundary="none", trim=False,
         chunks=normalised.chunks, dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32),
-        offsets=offsets, nz=nz, weights=weights, precision=precision,
-        batch_size=int(batch_size), engine=engine, token="predict-nodule-prob")
+        offsets=offsets, shape=shape, weights=weights, precision=precision,
+        batch_size=int(batch_size), engine=engine, box=box, token="predict-nodule-prob")
     prob = da.pad(prob, ((0, 0), (dy, 0), (dx, 0)), mode="constant", constant_values=0)
     return prob.rechunk((z_chunks, -1, -1))
 

@@ -20,7 +20,7 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         chunk_slices: int = 16, batch_size: int = 4, precision: str = "fp32",
         patients: Iterable[str] | None = None, overwrite: bool = False, client=None, gpu: bool = False,
         infer_batch: int = 8, progress: Progress | None = None, strict: bool = False,
-        verify: bool = False, engine: str = "auto") -> list[StageSummary]:
+        verify: bool = False, engine: str = "auto", crop: str = "fixed") -> list[StageSummary]:
     """Run pipeline stages for every patient of a cohort; by default all of them, INPUT to tables.
 
     Patients stream through the stages (:func:`~lungzarr.pipeline.runner.stream_stages`):
@@ -73,6 +73,13 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         OpenVINO when installed and ``gpu`` is False, else Keras. When the
         ``detect`` stage runs, the engine is checked (and its graph exported
         to the cache) before any patient.
+    crop : {"fixed", "lungs"}
+        What the UNet predicts: ``fixed``, the whole detection crop (the
+        original's; the DSB2017 export needs it), or ``lungs``, one y/x box per
+        patient around its lung mask and the slices whose window holds lung
+        (:func:`lungzarr.algorithms.crop.lung_box`): the same probabilities
+        inside the lungs for less work, 0 outside the box
+        (docs/algorithms.md §5).
 
     Returns
     -------
@@ -80,7 +87,10 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
     """
     from lungzarr.io.legacy import read_legacy_labels
     from lungzarr.io.storage import CohortStore
+    from lungzarr.model.geometry import CROPS
 
+    if crop not in CROPS:
+        raise LungzarrError(f"crop must be one of {list(CROPS)!r}, got {crop!r}")
     chosen = ordered_stages(stages)
     if not chosen:
         raise LungzarrError(f"no stage to run: choose among {list(stage_names())!r}")
@@ -106,7 +116,7 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
             # graphs name them by sha256 (no client path opened per patient or on a worker).
             weights = ship_weights(client, weights)
     options = StageOptions(chunk_slices=chunk_slices, weights=weights, precision=precision,
-                           infer_batch=infer_batch, gpu=gpu, strict=strict, engine=engine,
+                           infer_batch=infer_batch, gpu=gpu, strict=strict, engine=engine, crop=crop,
                            labels=read_legacy_labels(labels) if labels is not None else None)
     store = CohortStore(store_path)
     with store.lock():

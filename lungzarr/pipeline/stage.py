@@ -42,6 +42,10 @@ class StageOptions:
         (OpenVINO on CPU workers when installed, Keras on GPU workers),
         ``keras``, ``openvino`` or ``onnxruntime``. :func:`lungzarr.pipeline.run`
         resolves ``auto`` and checks the engine before any patient.
+    crop : str
+        What the UNet predicts (:data:`lungzarr.model.geometry.CROPS`): ``fixed``
+        (the whole detection crop, the original's) or ``lungs`` (one box per
+        patient around its lung mask; 0 outside it).
     """
 
     chunk_slices: int = 16
@@ -52,6 +56,7 @@ class StageOptions:
     labels: dict | None = None
     strict: bool = False
     engine: str = "auto"
+    crop: str = "fixed"
 
 
 @dataclass(frozen=True)

@@ -9,36 +9,73 @@ from lungzarr.pipeline.stages._common import DIMS_2MM, encoded, task_slices
 __all__ = ["DETECT"]
 
 
+def box_attrs(box: dict) -> dict:
+    """The ``nodule_prob`` attrs that record its prediction box (stops exclusive; 0 outside the box)."""
+    return {"crop": box.get("crop", "fixed"), "box_slices": list(box["z"]), "box_rows": list(box["y"]),
+            "box_cols": list(box["x"])}
+
+
+def _lung_box_task(lungs, margin, speck_share):
+    from lungzarr.algorithms.crop import lung_box
+
+    return lung_box(lungs, margin=margin, speck_share=speck_share)
+
+
+def _record_box(store_path, patient, box):
+    """After the write, on a worker: the box into ``nodule_prob``'s attrs; the stage record's part."""
+    from lungzarr.io.storage import CohortStore
+
+    CohortStore(store_path).update_array_attrs(patient, "nodule_prob", box_attrs(box))
+    return {"lung_box": box}
+
+
 def _prepare(store, patient, _, options):
+    import dask
     import xarray as xr
 
+    from lungzarr.algorithms.crop import SPECK_SHARE
     from lungzarr.model.engines import get_version, resolve_engine
-    from lungzarr.model.geometry import detection_crop, predicted_slices
+    from lungzarr.model.geometry import LUNG_BOX_MARGIN, detection_crop, fixed_box, predicted_slices
     from lungzarr.model.infer import annotate_gpu, predict_nodule_prob
 
     # Only hu_2mm's graph is needed here: no Dataset (coordinates, every variable's metadata) in the client.
     hu_2mm = store.lazy_array(patient, "hu_2mm")
+    box = None
+    if options.crop == "lungs":
+        # One task on a worker reads the (small) lung mask and computes the box; every prediction task gets
+        # it. pure=True: its key is derived from the mask's dask name (store path, patient, file stat).
+        box = dask.delayed(_lung_box_task, pure=True)(store.lazy_array(patient, "lungs"), LUNG_BOX_MARGIN,
+                                                      SPECK_SHARE)
     gpu = annotate_gpu if options.gpu else nullcontext
     engine = resolve_engine(options.engine, gpu=options.gpu)
     with gpu():
         # Few large predict calls (a GPU idles on 16-window calls); stored in the usual chunks.
         # Tasks of whole store chunks (the last one may take a short remainder): no rechunk to write.
         prob = predict_nodule_prob(hu_2mm.rechunk({0: task_slices(options.chunk_slices)}), weights=options.weights,
-                                   batch_size=options.infer_batch, precision=options.precision, engine=engine)
+                                   batch_size=options.infer_batch, precision=options.precision, engine=engine,
+                                   box=box)
     predicted = [int(predicted_slices(hu_2mm.shape[0]).start), int(predicted_slices(hu_2mm.shape[0]).stop)]
+    # The fixed crop's box is known now; the lung box is written into the attrs by a worker (_record_box).
+    attrs = box_attrs({"crop": "fixed", **fixed_box(hu_2mm.shape)}) if box is None else {"crop": "lungs"}
     out = xr.Dataset({"nodule_prob": (DIMS_2MM, prob, {
         "long_name": "d8 UNet nodule probability (values < 0.5 stored as 0)",
         "predicted_slices": predicted,
         "detection_crop_rows_cols": [int(n) for n in detection_crop(hu_2mm.shape)],
+        **attrs,
     })})
     weights = getattr(options.weights, "requested", options.weights)  # shipped: what the user passed
     record = {"precision": options.precision, "weights": str(weights or "default"),
               "predicted_slices": predicted, "gpu": bool(options.gpu),
-              "engine": engine, "engine_version": get_version(engine)}
+              "engine": engine, "engine_version": get_version(engine), "crop": options.crop}
+    if box is None:
+        record["lung_box"] = None
     # to_zarr(compute=False) optimises and re-wraps the graph, which drops the annotation made
     # above: annotate the write too, so every task of the stage keeps the GPU restriction.
     with gpu():
-        return store.prepare_stage(patient, "detect", encoded(out, options.chunk_slices), record=record)
+        pending = store.prepare_stage(patient, "detect", encoded(out, options.chunk_slices), record=record)
+    if box is not None:
+        pending.then(_record_box, str(store.path), patient, box)
+    return pending
 
 
 DETECT = Stage(
