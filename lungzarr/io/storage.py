@@ -239,6 +239,57 @@ def _check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def check_store_url(url, *, create: bool = True, write: bool = True) -> str:
+    """The URL half of :func:`lungzarr.pipeline.checks.check_store`: a lungzarr store (or a new, empty prefix), writable.
+
+    ``write`` probes with one small object written and removed under the
+    store's prefix (the only test of credentials and permissions that cannot
+    be fooled), which also finds a missing bucket or an unreachable endpoint.
+
+    Raises
+    ------
+    RunConfigError
+    """
+    import json
+
+    from lungzarr.errors import RunConfigError
+
+    try:
+        backend = _ObjectBackend(url, "a")
+    except LungzarrError as exc:
+        raise RunConfigError(str(exc)) from None
+    except (ImportError, ValueError) as exc:
+        raise RunConfigError(f"store URL {str(url)!r} cannot be opened ({type(exc).__name__}: {exc}); install "
+                             f"the fsspec filesystem of its scheme (s3fs for s3://)") from None
+    url, root = backend.url, backend.path
+    try:
+        try:
+            meta = json.loads((root / "zarr.json").read_text())
+        except FileNotFoundError:
+            meta = None
+        if meta is None and next(iter(root.iterdir()), None) is not None:
+            raise RunConfigError(f"store {url!r} is a prefix that is not a lungzarr store and is not empty; pass an "
+                                 f"existing store, or a new (or empty) prefix to create one")
+        if meta is not None and "lungzarr:version" not in (meta.get("attributes") or {}):
+            raise RunConfigError(f"store {url!r} is a Zarr store that lungzarr did not create; pass an existing "
+                                 f"lungzarr store, or a new (or empty) prefix to create one")
+        if meta is None and not create:
+            raise RunConfigError(f"no lungzarr store at {url!r}; run `lungzarr ingest INPUT {url}` or "
+                                 f"`lungzarr run` first")
+        if write:
+            probe = root.with_name(f".lungzarr-write-check-{uuid.uuid4().hex}")
+            probe.write_text("")
+            backend.fs.rm_file(probe.key)
+    except RunConfigError:
+        raise
+    except (OSError, ValueError) as exc:
+        # The storage library's own words (they name the bucket or endpoint, never a secret).
+        raise RunConfigError(f"store {url!r} cannot be {'written' if write else 'read'}: "
+                             f"{type(exc).__name__}: {exc}; check the bucket, the endpoint (AWS_ENDPOINT_URL) and "
+                             f"the credentials the storage library reads from the environment") from None
+    return url
+
+
 class _ObjectStat:
     """What ``Path.stat()`` gives that the store uses, for an object (``st_etag`` too)."""
 
@@ -274,6 +325,12 @@ class _ObjectPath:
 
     def __hash__(self) -> int:
         return hash(self.key)
+
+    def __lt__(self, other) -> bool:
+        return self.key < other.key
+
+    def __dask_tokenize__(self):
+        return ("lungzarr-object-path", str(self))
 
     @property
     def name(self) -> str:
