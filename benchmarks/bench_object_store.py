@@ -78,6 +78,33 @@ def run_once(input_dir: Path, store: str, log: Path, server) -> dict:
     return out
 
 
+def commit_cost(input_dir: Path, bucket: str) -> dict:
+    """An in-process ingest to S3 with the staged commits (server-side copies) timed apart."""
+    from lungzarr.io import storage
+    from lungzarr.pipeline import ingest
+
+    spent = {"commits": 0, "objects": 0, "seconds": 0.0}
+    original = storage._ObjectBackend.commit_staged
+
+    def timed(self, staged, final):
+        start = time.perf_counter()
+        spent["objects"] += len(self.fs.find(staged.key))
+        original(self, staged, final)
+        spent["commits"] += 1
+        spent["seconds"] += time.perf_counter() - start
+
+    storage._ObjectBackend.commit_staged = timed
+    try:
+        start = time.perf_counter()
+        summary = ingest(input_dir, f"s3://{bucket}/commit.zarr")
+        total = time.perf_counter() - start
+    finally:
+        storage._ObjectBackend.commit_staged = original
+    assert not summary.failed, summary.failed
+    return {"ingest_s": round(total, 2), "commit_s": round(spent["seconds"], 2), "commits": spent["commits"],
+            "objects_copied": spent["objects"], "commit_share": round(spent["seconds"] / total, 3)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", choices=["small", "lidc"], default="small")
@@ -97,6 +124,8 @@ def main(argv=None) -> dict:
                     row = run_once(input_dir, store, log, server)
                     print(kind, json.dumps(row), flush=True)
                     runs[kind].append(row)
+            commit = commit_cost(input_dir, new_bucket())
+            print("commit", json.dumps(commit), flush=True)
     summary = {kind: {key: round(statistics.median(r[key] for r in rows), 2) for key in rows[0]}
                for kind, rows in runs.items()}
     summary["s3_over_directory"] = {k: round(summary["s3"][k] / summary["directory"][k], 2)
@@ -105,7 +134,7 @@ def main(argv=None) -> dict:
               "command": "lungzarr run INPUT STORE --scheduler threads", "rounds": args.rounds, "machine": machine(),
               "note": "moto server on 127.0.0.1 (a separate process, single host): request latency is loopback, "
                       "not a real S3 region's; --scheduler threads, one process per run",
-              "runs": runs, "median": summary}
+              "runs": runs, "median": summary, "s3_ingest_commit": commit}
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     previous[args.input] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -338,3 +338,29 @@ def test_bad_store_urls_are_refused_up_front_without_echoing_a_secret(small_inpu
     _assert_no_secret(r.stdout, r.stderr)
     r = _cli(s3_env, "status", f"s3://{bucket}/absent.zarr")
     assert r.returncode != 0 and "no lungzarr store at" in r.stderr
+
+
+@pytest.mark.slow  # the whole pipeline (UNet included) twice on the LIDC slab
+@pytest.mark.requires_shared
+def test_whole_run_on_the_lidc_slab_to_s3_on_a_local_cluster_matches_a_directory(lidc_dir, bucket, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from lungzarr.pipeline import run
+
+    root = tmp_path / "input"
+    root.mkdir()
+    (root / lidc_dir.name).symlink_to(lidc_dir, target_is_directory=True)
+    url = f"s3://{bucket}/lidc.zarr"
+    directory = tmp_path / "lidc.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        for store in (directory, url):
+            summaries = run(root, store, client=client)
+            assert all(s.done == [lidc_dir.name] for s in summaries), [(s.stage, s.failed) for s in summaries]
+    _assert_same(directory, url)
+    nodules = lungzarr.read_nodules(url)
+    assert len(nodules) and nodules.equals(lungzarr.read_nodules(directory))
+    tree = lungzarr.open_cohort(url)
+    assert list(tree["patients"].children) == [lidc_dir.name]
+    assert CohortStore(url, mode="r").is_consolidated()
+    _assert_no_secret(bucket=bucket)

@@ -12,6 +12,11 @@ The only module of lungzarr that imports zarr. Layout::
     STORE.lock                held while a run writes (refuses a second writer); beside the
                               store's resolved path
 
+STORE may also be an object store's URL (``s3://bucket/cohort.zarr``, any fsspec
+URL): the same layout as objects, with a staged patient committed by server-side
+copies (group metadata last), metadata replaced by single PUTs and the lock an
+object created by a conditional write (see :class:`_ObjectBackend`).
+
 Every chunk of every array ends in a CRC-32C and every chunk is written (none
 left implicit as the fill value), so :meth:`CohortStore.verify_patient` finds a
 changed, undecodable or missing chunk; damage found is kept in the root attribute
@@ -693,7 +698,10 @@ class _ObjectBackend:
 
 
 def _backend(path, mode: str):
-    return _ObjectBackend(path, mode) if is_store_url(path) else _DirectoryBackend(path, mode)
+    if is_store_url(path):
+        return _ObjectBackend(path, mode)
+    text = str(path)
+    return _DirectoryBackend(text[len("file://"):] if text.lower().startswith("file://") else path, mode)
 
 
 class CohortStore:
