@@ -300,6 +300,28 @@ def test_two_writers_racing_for_the_lock_object_one_wins(bucket):
         pass
 
 
+def test_a_lock_left_on_another_host_is_taken_over_only_after_its_heartbeat_expires(bucket, monkeypatch):
+    import json
+
+    from lungzarr.io import storage
+
+    url = f"s3://{bucket}/stale.zarr"
+    store = CohortStore(url)
+    lock = store.lock_path
+    now = storage._now()
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": now, "heartbeat": now}))
+    with pytest.raises(StoreLockedError, match="pid 1 on host 'elsewhere'"):
+        with store.lock():
+            pass
+    assert json.loads(lock.read_text())["host"] == "elsewhere"  # a refused writer touches nothing
+    monkeypatch.setattr(storage, "LOCK_TTL_S", 0.5)
+    time.sleep(1.0)
+    with store.lock():
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    assert not lock.exists()
+
+
 @pytest.mark.slow  # 40-75 s on the shared 2-core VM: CLI processes over the loopback S3 server
 def test_status_verify_and_export_on_s3_and_damage_found(small_input, s3_env, bucket, tmp_path):
     import boto3
