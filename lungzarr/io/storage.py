@@ -523,7 +523,7 @@ class _ObjectBackend:
                 keys.remove(head)
             if keys:
                 self.fs.rm(keys)
-        except (OSError, FileNotFoundError):
+        except OSError:  # FileNotFoundError included
             if not ignore_errors:
                 raise
 
