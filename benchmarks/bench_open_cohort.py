@@ -1,14 +1,15 @@
 """Opening a cohort store: consolidated metadata vs each group's own, for 10, 100 and 1,000 patients.
 
-    python -m benchmarks.bench_open_cohort [--sizes 10 100 1000] [--rounds 3]
+    python -m benchmarks.bench_open_cohort [--sizes 10 100 1000] [--rounds 3] [--backends dir s3]
 
-Each size gets a fresh store in a temporary directory (deleted at the end).
+Each size gets a fresh store in a temporary directory, or (``s3``) in a fresh bucket of
+a moto S3 server on loopback started here as a separate process (deleted at the end).
 Patient ``P0000`` is written through the store API (``prepare_stage`` with a
 new group, its commit, a ``nodules`` child through ``write_subgroup``): the
 real layout of an ingested, segmented and detected patient (hu, hu_2mm, lungs,
 segmented, nodule_prob and their coordinates), only tiny (8 x 8 x 8). The
-other patients are copies of its folder (same metadata, another name), so a
-1,000-patient store takes seconds to make. The cohort tables (patients, 3
+other patients are copies of its folder (same metadata, another name; on S3
+server-side copies of its objects), so a 1,000-patient store takes seconds to make. The cohort tables (patients, 3
 nodules each) are written with ``write_table``.
 
 Measured, median of ``--rounds``, the OS file cache warm for both variants:
@@ -64,7 +65,20 @@ def _nodules(pid: str) -> xr.Dataset:
                       coords={"nodule": np.arange(k)}, attrs={"patient": pid})
 
 
-def make_store(path: Path, n_patients: int) -> CohortStore:
+def _copy_patient(store: CohortStore, src: str, dst: str) -> None:
+    source, target = store.path / "patients" / src, store.path / "patients" / dst
+    if isinstance(source, Path):
+        shutil.copytree(source, target)
+        return
+    fs = store._backend.fs  # an object store: server-side copies, the group's zarr.json last
+    keys = fs.find(source.key)
+    head = f"{source.key}/zarr.json"
+    body = [k for k in keys if k != head]
+    fs.copy(body, [target.key + k[len(source.key):] for k in body])
+    fs.copy(head, f"{target.key}/zarr.json")
+
+
+def make_store(path, n_patients: int) -> CohortStore:
     store = CohortStore(path)
     first = "P0000"
     pending = store.prepare_stage(first, "ingest", _tiny_patient(first), new_group=True,
@@ -75,9 +89,8 @@ def make_store(path: Path, n_patients: int) -> CohortStore:
         store.prepare_task(first, stage, None).commit()
     store.write_subgroup(first, "nodules", _nodules(first))
     store.prepare_task(first, "nodules", None).commit()
-    src = path / "patients" / first
     for i in range(1, n_patients):
-        shutil.copytree(src, path / "patients" / f"P{i:04d}")
+        _copy_patient(store, first, f"P{i:04d}")
     pids = store.patients()
     nodules = pd.DataFrame([{"patient": p, "nodule": j, "z_mm": float(j), "prob": 0.5 + j / 10}
                             for p in pids for j in range(3)])
@@ -105,8 +118,9 @@ def _plain_open(path):
     return tree, warned
 
 
-def measure(n_patients: int, rounds: int, tmp: Path) -> dict:
-    path = tmp / f"cohort{n_patients}.zarr"
+def measure(n_patients: int, rounds: int, tmp: Path, *, bucket: str | None = None,
+            consolidated_only: bool = False) -> dict:
+    path = tmp / f"cohort{n_patients}.zarr" if bucket is None else f"s3://{bucket}/cohort{n_patients}.zarr"
     start = time.perf_counter()
     store = make_store(path, n_patients)
     made = time.perf_counter() - start
@@ -120,7 +134,8 @@ def measure(n_patients: int, rounds: int, tmp: Path) -> dict:
         assert len(tree["patients"].children) == n_patients
 
     assert not store.is_consolidated()
-    opens("without")
+    if not consolidated_only:
+        opens("without")
     consolidate, drop = [], []
     for _ in range(rounds):
         consolidate.append(store.consolidate()["seconds"])
@@ -131,16 +146,17 @@ def measure(n_patients: int, rounds: int, tmp: Path) -> dict:
     out["consolidate_s"] = round(statistics.median(consolidate), 4)
     out["drop_s"] = round(statistics.median(drop), 4)
     out["consolidated_nodes"] = info["nodes"]
-    out["root_zarr_json_bytes"] = (path / "zarr.json").stat().st_size
+    out["root_zarr_json_bytes"] = (store.path / "zarr.json").stat().st_size
     opens("consolidated")
     for key, values in (("open_cohort_s", opened), ("open_datatree_s", plain)):
         out[key] = {k: round(v, 4) for k, v in values.items()}
-        out[key]["speedup"] = round(values["without"] / values["consolidated"], 1)
+        if "without" in values:
+            out[key]["speedup"] = round(values["without"] / values["consolidated"], 1)
     out["open_datatree_warns"] = warned
     seconds, frame = _median(lambda: read_nodules(path), rounds)
     assert len(frame) == 3 * n_patients
     out["read_nodules_s"] = round(seconds, 4)
-    shutil.rmtree(path)
+    store._rmtree(store.path)
     return out
 
 
@@ -150,19 +166,46 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rounds-above", type=int, nargs=2, default=[500, 1], metavar=("PATIENTS", "ROUNDS"),
                         help="sizes above PATIENTS get ROUNDS rounds (default: 1,000 patients once)")
+    parser.add_argument("--backends", nargs="+", choices=["dir", "s3"], default=["dir"],
+                        help="dir: a local directory (the result's 'sizes'); s3: a loopback moto S3 server "
+                             "(the result's 's3'); the other's figures in --out are kept")
+    parser.add_argument("--consolidated-only", action="store_true",
+                        help="skip the opens without consolidated metadata (1,000 patients on S3: ~20 min each)")
     parser.add_argument("--out", type=Path, default=RESULTS / "open_cohort.json")
     args = parser.parse_args(argv)
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
+               "load_avg": [round(x, 1) for x in os.getloadavg()]}
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
     with tempfile.TemporaryDirectory(prefix="lungzarr-open-") as tmp:
-        rows = []
-        for n in args.sizes:
-            rounds = args.rounds_above[1] if n > args.rounds_above[0] else args.rounds
-            row = measure(n, rounds, Path(tmp))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    result = {"benchmark": "open_cohort", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "load_avg": [round(x, 1) for x in os.getloadavg()]},
-              "store": "POSIX directory (local disk), OS file cache warm", "sizes": rows}
+        for backend in args.backends:
+            rows = []
+            if backend == "dir":
+                for n in args.sizes:
+                    rounds = args.rounds_above[1] if n > args.rounds_above[0] else args.rounds
+                    row = measure(n, rounds, Path(tmp))
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                result.update({"benchmark": "open_cohort", "date": time.strftime("%Y-%m-%d %H:%M"),
+                               "machine": machine, "store": "POSIX directory (local disk), OS file cache warm",
+                               "sizes": rows})
+                continue
+            from benchmarks.s3server import moto_server, requests_logged
+
+            log = Path(tmp) / "moto.log"
+            with moto_server(log) as (_, new_bucket):
+                for n in args.sizes:
+                    rounds = args.rounds_above[1] if n > args.rounds_above[0] else args.rounds
+                    before = requests_logged(log)
+                    row = measure(n, rounds, Path(tmp), bucket=new_bucket(),
+                                  consolidated_only=args.consolidated_only)
+                    row["requests_all_steps"] = requests_logged(log) - before
+                    print("s3", json.dumps(row), flush=True)
+                    rows.append(row)
+            key = "s3_consolidated_only" if args.consolidated_only else "s3"
+            result[key] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine,
+                            "store": "moto S3 server (python -m moto.server) on 127.0.0.1, a separate process; "
+                                     "open_datatree_s is plain xr.open_datatree('s3://...', engine='zarr')",
+                            "sizes": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

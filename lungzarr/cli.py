@@ -38,6 +38,21 @@ out = Console()
 _debug = {"on": False}
 
 
+def _store_location(value):
+    """A STORE argument: a directory path, or an object store's URL (``s3://bucket/cohort.zarr``) kept as text."""
+    from lungzarr.io.storage import is_store_url
+
+    if value is None or isinstance(value, Path):
+        return value
+    return str(value) if is_store_url(value) else Path(value)
+
+
+_STORE_HELP = "The cohort's Zarr store: a folder, or an object store's URL (s3://bucket/cohort.zarr)"
+StoreArg = typer.Argument(..., parser=_store_location, help=_STORE_HELP + ".", metavar="STORE")
+NewStoreArg = typer.Argument(..., parser=_store_location, help=_STORE_HELP + " (created if needed).",
+                             metavar="STORE")
+
+
 def _show_version(value: bool):
     if value:
         from lungzarr._version import __version__
@@ -355,7 +370,7 @@ _INPUT_HELP = ("Folder with one entry per patient: a DICOM sub-folder, or a .mhd
 
 @app.command(short_help='Scans (DICOM, MetaImage, NIfTI) into the store as HU volumes (native and 2 mm).')
 def ingest(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path turns s3://b/k into s3:/b/k
-           store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
+           store: Path = NewStoreArg,
            chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, overwrite: bool = OverwriteOpt,
            patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
            dashboard_address: Optional[str] = DashboardOpt, strict: bool = StrictOpt):
@@ -373,7 +388,7 @@ def ingest(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path 
 
 @app.command(short_help='The whole pipeline, ingest to features.')
 def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path turns s3://b/k into s3:/b/k
-        store: Path = typer.Argument(..., help="The cohort's Zarr store (created if needed)."),
+        store: Path = NewStoreArg,
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: Precision = PrecisionOpt,
         infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
@@ -398,7 +413,7 @@ def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path tur
 
 
 @app.command(short_help='Lung masks and crop boxes of the ingested patients.')
-def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+def segment(store: Path = StoreArg,
             chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
             patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
             scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
@@ -409,7 +424,7 @@ def segment(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 
 @app.command(short_help="The 3-D lung mask (right/left lungs).")
-def lungs3d(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+def lungs3d(store: Path = StoreArg,
             chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
             patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
             scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt):
@@ -420,7 +435,7 @@ def lungs3d(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 
 @app.command(short_help="The d8 UNet's nodule probability maps.")
-def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+def detect(store: Path = StoreArg,
            weights: Optional[Path] = WeightsOpt, precision: Precision = PrecisionOpt,
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
@@ -434,7 +449,7 @@ def detect(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 
 @app.command(short_help='Per-nodule tables and patient measures; optional export.')
-def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+def nodules(store: Path = StoreArg,
             output: Optional[Path] = typer.Option(None, "-o", "--output",
                                                   help="Also export the table: .parquet or .csv"),
             labels: Optional[Path] = LabelsOpt, batch_size: int = BatchOpt,
@@ -452,7 +467,7 @@ def nodules(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 
 @app.command(short_help='The original DSB2017 per-patient feature table (CSV).')
-def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+def export(store: Path = StoreArg,
            output: Path = typer.Option(..., "-o", "--output",
                                        help="CSV to write (a folder for --format nifti or dicom-seg)."),
            fmt: str = typer.Option("keras8_0313", "--format",
@@ -506,7 +521,7 @@ def export(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 @app.command("import-legacy", short_help="The old pipeline's npz outputs into a store.")
 def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's input/ folder (stage1_* npz)."),
-                  store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+                  store: Path = StoreArg,
                   stage: str = typer.Option("stage1", "--stage", help="Folder prefix: stage1 or stage2."),
                   overwrite: bool = OverwriteOpt):
     """Bring the old pipeline's npz outputs into a store (then `nodules` and `export` work on them)."""
@@ -519,7 +534,7 @@ def import_legacy(input_dir: Path = typer.Argument(..., help="The old project's 
 
 
 @app.command(short_help="One patient's QC picture (three planes, lungs, nodules).")
-def qc(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+def qc(store: Path = StoreArg,
        patient: str = typer.Argument(..., help="Patient id."),
        output: Path = typer.Option(..., "-o", "--output", help="PNG to write.")):
     """Axial, coronal and sagittal planes of one patient with the lung outline and nodules."""
@@ -530,7 +545,7 @@ def qc(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 
 @app.command(short_help='A cohort QC report (HTML).')
-def report(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+def report(store: Path = StoreArg,
            output: Path = typer.Option(..., "-o", "--output", help="HTML file; PNGs go to <name>_files/.")):
     """A cohort QC report: per-patient views, nodule tables, cohort distributions, failures."""
     from lungzarr.reports.html import write_report
@@ -563,7 +578,8 @@ def demo(folder: Path = typer.Option(Path("input/demo"), "--input", help="Where 
 
 
 @app.command(short_help='Sensitivity, FP per scan, FROC and CPM vs annotations.')
-def evaluate(store: Optional[Path] = typer.Argument(None, help="The cohort's Zarr store (or give --candidates)."),
+def evaluate(store: Optional[Path] = typer.Argument(None, parser=_store_location,
+                                                    help="The cohort's Zarr store (or give --candidates)."),
              output: Path = typer.Option(..., "-o", "--output", help="Folder for results.json, CSVs and froc.png."),
              lidc_xml: Optional[Path] = typer.Option(None, "--lidc-xml", help="LIDC-IDRI XML file or folder. "
                                                      "With a STORE, exactly one of --lidc-xml and --luna-csv."),
@@ -640,7 +656,7 @@ def _damage_line(rec) -> str:
 
 
 @app.command(short_help='Read every stored chunk; list damaged patients.')
-def verify(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
+def verify(store: Path = StoreArg,
            patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
            dashboard_address: Optional[str] = DashboardOpt):
     """Read every chunk of every completed stage; list damaged patients and arrays (exit 1 if any)."""
@@ -665,7 +681,7 @@ def verify(store: Path = typer.Argument(..., help="The cohort's Zarr store."),
 
 
 @app.command(short_help='Per-stage counts, failures, damage, warnings, size.')
-def status(store: Path = typer.Argument(..., help="The cohort's Zarr store.")):
+def status(store: Path = StoreArg):
     """Per-stage counts, failures with their reasons, damage, warnings, and the store's size."""
     from lungzarr.pipeline import store_status
 

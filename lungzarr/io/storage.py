@@ -15,6 +15,11 @@ The only module of lungzarr that imports zarr. Layout::
     STORE.lock                held while a run writes (refuses a second writer); beside the
                               store's resolved path
 
+STORE may also be an object store's URL (``s3://bucket/cohort.zarr``, any fsspec
+URL): the same layout as objects, with a staged patient committed by server-side
+copies (group metadata last), metadata replaced by single PUTs and the lock an
+object created by a conditional write (see :class:`_ObjectBackend`).
+
 Every chunk of every array ends in a CRC-32C and every chunk is written (none
 left implicit as the fill value), so :meth:`CohortStore.verify_patient` finds a
 changed, undecodable or missing chunk; damage found is kept in the root attribute
@@ -272,13 +277,512 @@ def _dataset_from_frame(indexed):
                       coords={dim: np.asarray(indexed.index)})
 
 
+# ---------------------------------------------------------------------- backends
+# What differs between a POSIX directory and an object store (S3 or any fsspec URL) is kept
+# here: how a staged patient is committed, how a small metadata file is replaced atomically,
+# how a group is removed, how the writer lock is held. CohortStore keeps one of these as
+# ``_backend`` and its paths (``self.path / ...``) are ``pathlib.Path`` for a directory and
+# :class:`_ObjectPath` (the few pathlib methods the store uses, over fsspec) for a URL.
+
+#: Seconds after its last heartbeat at which an object store's lock object is taken to be left
+#: behind by a dead run. The holder rewrites it every ``LOCK_TTL_S / 4`` seconds.
+LOCK_TTL_S = 120.0
+_URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_store_url(path) -> bool:
+    """Whether ``path`` names an object store (``s3://bucket/cohort.zarr``, any fsspec URL), not a directory.
+
+    ``file://`` URLs are directories.
+    """
+    text = str(path)
+    return bool(_URL_PATTERN.match(text)) and not text.lower().startswith("file://")
+
+
+def _check_url(url: str) -> str:
+    """``url`` without a trailing slash; refuse one that carries credentials (they come from the environment)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        # The URL is never echoed: it holds a secret.
+        raise LungzarrError(f"a store URL must not carry credentials ({parts.scheme}://USER:SECRET@...): give "
+                            f"them through the environment the storage library reads (for S3: "
+                            f"AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE)")
+    if not parts.netloc:
+        raise LungzarrError(f"store URL {url!r} names no bucket: use {parts.scheme}://BUCKET/NAME.zarr")
+    return url.rstrip("/")
+
+
+def check_store_url(url, *, create: bool = True, write: bool = True) -> str:
+    """The URL half of :func:`lungzarr.pipeline.checks.check_store`: a lungzarr store (or a new, empty prefix), writable.
+
+    ``write`` probes with one small object written and removed under the
+    store's prefix (the only test of credentials and permissions that cannot
+    be fooled), which also finds a missing bucket or an unreachable endpoint.
+
+    Raises
+    ------
+    RunConfigError
+    """
+    import json
+
+    from lungzarr.errors import RunConfigError
+
+    try:
+        backend = _ObjectBackend(url, "a")
+    except LungzarrError as exc:
+        raise RunConfigError(str(exc)) from None
+    except (ImportError, ValueError) as exc:
+        raise RunConfigError(f"store URL {str(url)!r} cannot be opened ({type(exc).__name__}: {exc}); install "
+                             f"the fsspec filesystem of its scheme (s3fs for s3://)") from None
+    url, root = backend.url, backend.path
+    try:
+        try:
+            meta = json.loads((root / "zarr.json").read_text())
+        except FileNotFoundError:
+            meta = None
+        if meta is None and next(iter(root.iterdir()), None) is not None:
+            raise RunConfigError(f"store {url!r} is a prefix that is not a lungzarr store and is not empty; pass an "
+                                 f"existing store, or a new (or empty) prefix to create one")
+        if meta is not None and "lungzarr:version" not in (meta.get("attributes") or {}):
+            raise RunConfigError(f"store {url!r} is a Zarr store that lungzarr did not create; pass an existing "
+                                 f"lungzarr store, or a new (or empty) prefix to create one")
+        if meta is None and not create:
+            raise RunConfigError(f"no lungzarr store at {url!r}; run `lungzarr ingest INPUT {url}` or "
+                                 f"`lungzarr run` first")
+        if write:
+            probe = root.with_name(f".lungzarr-write-check-{uuid.uuid4().hex}")
+            probe.write_text("")
+            backend.fs.rm_file(probe.key)
+    except RunConfigError:
+        raise
+    except (OSError, ValueError) as exc:
+        # The storage library's own words (they name the bucket or endpoint, never a secret).
+        raise RunConfigError(f"store {url!r} cannot be {'written' if write else 'read'}: "
+                             f"{type(exc).__name__}: {exc}; check the bucket, the endpoint (AWS_ENDPOINT_URL) and "
+                             f"the credentials the storage library reads from the environment") from None
+    return url
+
+
+class _ObjectStat:
+    """What ``Path.stat()`` gives that the store uses, for an object (``st_etag`` too)."""
+
+    def __init__(self, info: dict):
+        self.st_size = int(info.get("size") or 0)
+        modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+        self.st_mtime_ns = int(modified.timestamp() * 1e9) if hasattr(modified, "timestamp") else 0
+        self.st_etag = info.get("ETag") or info.get("etag")
+
+
+class _ObjectPath:
+    """A key (or prefix) of an object store with the pathlib methods :class:`CohortStore` uses.
+
+    "Folders" are prefixes: one exists while an object lies below it. ``str()``
+    is the URL (``s3://bucket/key``), never a local path, and carries no
+    credentials (they stay in the filesystem object, read from the environment).
+    """
+
+    def __init__(self, fs, key: str, *, kind: str | None = None):
+        self.fs, self.key, self._kind = fs, key.rstrip("/"), kind
+
+    def __truediv__(self, name) -> "_ObjectPath":
+        return _ObjectPath(self.fs, f"{self.key}/{name}")
+
+    def __str__(self) -> str:
+        return self.fs.unstrip_protocol(self.key)
+
+    def __repr__(self) -> str:
+        return f"_ObjectPath({str(self)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _ObjectPath) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __lt__(self, other) -> bool:
+        return self.key < other.key
+
+    def __dask_tokenize__(self):
+        return ("lungzarr-object-path", str(self))
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "_ObjectPath":
+        return _ObjectPath(self.fs, self.key.rsplit("/", 1)[0])
+
+    def with_name(self, name: str) -> "_ObjectPath":
+        return self.parent / name
+
+    def resolve(self) -> "_ObjectPath":
+        return self
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.key)
+
+    def is_dir(self) -> bool:
+        return self._kind == "directory" if self._kind else self.fs.isdir(self.key)
+
+    def is_file(self) -> bool:
+        return self._kind == "file" if self._kind else self.fs.isfile(self.key)
+
+    def iterdir(self):
+        try:
+            entries = self.fs.ls(self.key, detail=True)
+        except FileNotFoundError:
+            return iter(())
+        return iter([_ObjectPath(self.fs, e["name"], kind=e.get("type")) for e in entries
+                     if e["name"].rstrip("/") != self.key])
+
+    def read_text(self) -> str:
+        return self.fs.cat_file(self.key).decode()
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.key)
+
+    def write_text(self, text: str) -> None:
+        self.fs.pipe_file(self.key, text.encode())
+
+    def stat(self) -> _ObjectStat:
+        return _ObjectStat(self.fs.info(self.key))
+
+
+class _DirectoryBackend:
+    """A store in a POSIX directory: a staged patient is committed by one rename, the lock is ``flock``."""
+
+    def __init__(self, path, mode: str):
+        self.path = Path(path)
+        self.zarr_store = self.path  # zarr and xarray open a local path themselves
+
+    def replace_text(self, target: Path, text: str) -> None:
+        """Replace ``target`` atomically: a reader sees the old file or the new one, whole."""
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+
+    def rmtree(self, path: Path, *, ignore_errors: bool = False) -> None:
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+    def commit_staged(self, staged: Path, final: Path) -> None:
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staged, final)
+
+    def node_metadata(self, skip: str) -> dict:
+        """``{relative path: zarr.json}`` of every group and array below the root (not below ``skip``)."""
+        import json
+
+        entries = {}
+        root = str(self.path)
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            if rel == skip:
+                dirnames[:] = []  # a staged patient is not in the cohort until its swap
+            if rel == "." or "zarr.json" not in filenames:
+                if rel != ".":
+                    dirnames[:] = []  # not a zarr node: nothing below belongs to the hierarchy
+                continue
+            with open(os.path.join(dirpath, "zarr.json")) as fh:
+                node = json.load(fh)
+            if node.get("node_type") == "array":
+                dirnames[:] = []  # chunks
+            entries[rel] = node
+            dirnames.sort()
+        return entries
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    @property
+    def lock_path(self) -> Path:
+        real = Path(os.path.realpath(self.path))
+        return real.with_name(real.name + ".lock")
+
+    @contextmanager
+    def hold_lock(self, store: "CohortStore"):
+        """Hold an OS-level ``flock`` on :attr:`lock_path` (see :meth:`CohortStore.lock`)."""
+        lock_path = self.lock_path
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fh = open(lock_path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip()
+                fh.close()
+                holder = holder if holder.startswith("pid ") else "another process"
+                raise StoreLockedError(
+                    f"store {str(self.path)!r} is being written by {holder}; wait for that run to finish "
+                    f"(or stop it) and run again — two runs on one store would interleave") from None
+            # The previous holder removes the file on release. If it did so after we opened it,
+            # we hold a lock on a removed file while a third process could lock a new file of the
+            # same name: then we let go and lock the file that is there now.
+            if _same_file(fh, lock_path):
+                break
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} since {_now()}")
+            fh.flush()
+            yield
+        finally:
+            try:
+                # Removed while still held: a writer that opened the file meanwhile finds, once it
+                # gets the lock, that the name no longer points to its file and tries again.
+                try:
+                    os.unlink(lock_path)
+                except FileNotFoundError:
+                    pass
+            finally:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                finally:
+                    fh.close()
+
+
+class _ObjectBackend:
+    """A store on object storage (S3, or any fsspec URL): no rename, no flock.
+
+    - A staged patient (``staging/<id>``, complete and marked) is committed by
+      removing ``patients/<id>`` (its ``zarr.json`` first, so it vanishes for
+      readers at once), copying the staged objects server-side with the group's
+      ``zarr.json`` last (until then no reader opens the group: zarr and
+      :meth:`CohortStore.patients` only see a group through its ``zarr.json``),
+      then removing the staged objects. A run killed anywhere in between leaves
+      the marked staged group, which the next writer's recovery swaps in again
+      (every step is idempotent).
+    - A metadata file (root attributes, table pointer) is replaced by one PUT,
+      which S3 makes atomic: readers see the old object or the new one.
+    - The writer lock is an object ``NAME.lock`` beside the store, created
+      with a conditional write (``If-None-Match: *``) that exactly one of two
+      runs wins. It names the holder (pid, host, start) and carries a
+      heartbeat the holder rewrites; it is removed on release. A lock left by
+      a killed run is taken over when its pid is gone on this host, or
+      :data:`LOCK_TTL_S` after its last heartbeat from another host (on S3 by a
+      conditional overwrite ``If-Match`` of the object seen, so only one run wins).
+    """
+
+    def __init__(self, url, mode: str):
+        import fsspec
+        from zarr.storage import FsspecStore
+
+        self.url = _check_url(str(url))
+        # No listing cache: another process (a worker, a second run) changes what is listed.
+        options = {"use_listings_cache": False}
+        self.fs, key = fsspec.url_to_fs(self.url, **options)
+        self.path = _ObjectPath(self.fs, key)
+        self.zarr_store = FsspecStore.from_url(self.url, storage_options=options, read_only=mode == "r")
+
+    def replace_text(self, target: _ObjectPath, text: str) -> None:
+        target.write_text(text)  # one PUT: atomic on S3
+
+    def rmtree(self, path: _ObjectPath, *, ignore_errors: bool = False) -> None:
+        """Remove every object below ``path``, its ``zarr.json`` first (the group vanishes for readers at once)."""
+        try:
+            keys = self.fs.find(path.key)
+            head = f"{path.key}/zarr.json"
+            if head in keys:
+                self.fs.rm_file(head)
+                keys.remove(head)
+            if keys:
+                self.fs.rm(keys)
+        except OSError:  # FileNotFoundError included
+            if not ignore_errors:
+                raise
+
+    def commit_staged(self, staged: _ObjectPath, final: _ObjectPath) -> None:
+        self.rmtree(final)
+        keys = self.fs.find(staged.key)
+        head = f"{staged.key}/zarr.json"
+        body = [k for k in keys if k != head]
+
+        def moved(ks):
+            return [f"{final.key}{k[len(staged.key):]}" for k in ks]
+
+        if body:
+            self.fs.copy(body, moved(body))
+        if head in keys:
+            self.fs.copy(head, moved([head])[0])  # last: the group appears whole
+        self.rmtree(staged)
+
+    def node_metadata(self, skip: str) -> dict:
+        """Like :meth:`_DirectoryBackend.node_metadata`: one listing, then every ``zarr.json`` read at once."""
+        import json
+
+        root = self.path.key
+        metas = {}
+        for key in self.fs.find(root):
+            if key.endswith("/zarr.json"):
+                rel = key[len(root) + 1:-len("/zarr.json")] or "."
+                metas[rel] = key
+        nodes = {}
+        groups = {"."}
+        wanted = []
+        for rel in sorted(metas, key=lambda r: (r.count("/"), r)):
+            if rel == ".":
+                continue
+            parent = rel.rsplit("/", 1)[0] if "/" in rel else "."
+            if parent not in groups or parent == skip:
+                continue  # below an array, a staged group or something that is not a zarr node
+            wanted.append(rel)
+            groups.add(rel)  # provisional: arrays are dropped from ``groups`` once read
+        texts = self.fs.cat([metas[r] for r in wanted]) if wanted else {}
+        for rel in wanted:
+            node = json.loads(texts[metas[rel]])
+            if node.get("node_type") == "array":
+                groups.discard(rel)
+            parent = rel.rsplit("/", 1)[0] if "/" in rel else "."
+            if parent in groups:
+                nodes[rel] = node
+        return nodes
+
+    def size_bytes(self) -> int:
+        return int(sum(self.fs.du(self.path.key, total=False).values()))
+
+    @property
+    def lock_path(self) -> _ObjectPath:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _holder(self) -> dict:
+        import socket
+
+        now = _now()
+        return {"pid": os.getpid(), "host": socket.gethostname(), "since": now, "heartbeat": now}
+
+    def _put_lock(self, body: dict, *, if_match: str | None = None) -> str | None:
+        """Write the lock object: create it only if absent, or overwrite the version ``if_match``. Its ETag."""
+        import json
+
+        data = json.dumps(body).encode()
+        lock = self.lock_path
+        if if_match is None:
+            self.fs.pipe_file(lock.key, data, mode="create")  # FileExistsError when another run holds it
+        elif hasattr(self.fs, "call_s3"):
+            bucket, key, _ = self.fs.split_path(lock.key)
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=if_match)
+            except OSError:
+                raise FileExistsError(str(lock)) from None  # changed meanwhile: another run has it
+        else:
+            # No conditional overwrite known for this filesystem: remove, then create only if absent.
+            self.fs.rm_file(lock.key)
+            self.fs.pipe_file(lock.key, data, mode="create")
+        try:
+            return _ObjectStat(self.fs.info(lock.key)).st_etag
+        except FileNotFoundError:
+            return None
+
+    def _read_lock(self):
+        import json
+
+        lock = self.lock_path
+        try:
+            etag = _ObjectStat(self.fs.info(lock.key)).st_etag
+            body = json.loads(self.fs.cat_file(lock.key))
+        except FileNotFoundError:
+            return None, None
+        except ValueError:
+            body = {}
+        return (body if isinstance(body, dict) else {}), etag
+
+    @staticmethod
+    def _is_stale(holder: dict) -> bool:
+        import socket
+
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True  # its run is gone from this machine (killed)
+            except PermissionError:
+                pass
+        try:
+            beat = _dt.datetime.fromisoformat(holder["heartbeat"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return (_dt.datetime.now(_dt.timezone.utc) - beat).total_seconds() > LOCK_TTL_S
+
+    @contextmanager
+    def hold_lock(self, store: "CohortStore"):
+        import threading
+
+        me = self._holder()
+        try:
+            etag = self._put_lock(me)
+        except FileExistsError:
+            holder, seen = self._read_lock()
+            if holder is not None and self._is_stale(holder):
+                try:
+                    etag = self._put_lock(me, if_match=seen)
+                except FileExistsError:
+                    holder, seen = self._read_lock()
+                    raise self._refusal(holder) from None
+            elif holder is None:  # released meanwhile: one more try
+                try:
+                    etag = self._put_lock(me)
+                except FileExistsError:
+                    raise self._refusal(self._read_lock()[0]) from None
+            else:
+                raise self._refusal(holder) from None
+        state = {"etag": etag}
+        stop = threading.Event()
+
+        def heartbeat():
+            # Keeps the lock from looking abandoned to a run on another host.
+            while not stop.wait(LOCK_TTL_S / 4):
+                try:
+                    state["etag"] = self._put_lock({**me, "heartbeat": _now()}, if_match=state["etag"])
+                except (FileExistsError, OSError):
+                    return  # taken over (this run was presumed dead) or unreachable: nothing to refresh
+
+        beat = threading.Thread(target=heartbeat, name="lungzarr-lock-heartbeat", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            holder, seen = self._read_lock()
+            if holder is not None and seen == state["etag"]:  # still ours: a run that took over keeps its lock
+                try:
+                    self.fs.rm_file(self.lock_path.key)
+                except FileNotFoundError:
+                    pass
+
+    def _refusal(self, holder) -> StoreLockedError:
+        holder = holder or {}
+        who = (f"pid {holder.get('pid')} on host {holder.get('host')!r} since {holder.get('since')} "
+               f"(last heartbeat {holder.get('heartbeat')})") if holder.get("pid") else "another run"
+        return StoreLockedError(
+            f"store {self.url!r} is being written by {who}; wait for that run to finish (or stop it) and run "
+            f"again — two runs on one store would interleave. A run that was killed leaves its lock object "
+            f"{str(self.lock_path)!r}: it is taken over {LOCK_TTL_S:.0f} s after its last heartbeat (at once "
+            f"on the same host), or remove that object once you are sure the run is gone")
+
+
+def _backend(path, mode: str):
+    if is_store_url(path):
+        return _ObjectBackend(path, mode)
+    text = str(path)
+    return _DirectoryBackend(text[len("file://"):] if text.lower().startswith("file://") else path, mode)
+
+
 class CohortStore:
     """A cohort's Zarr v3 store.
 
     Parameters
     ----------
-    path : path
-        The store directory (created on first write).
+    path : path or str
+        The store directory (created on first write), or an object store's
+        URL (``s3://bucket/cohort.zarr``, any fsspec URL; credentials and
+        endpoint from the storage library's environment, never from here).
     mode : {"a", "r"}
         ``"r"`` refuses to create the store when it does not exist.
     """
@@ -288,14 +792,17 @@ class CohortStore:
 
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' or 'r', got {mode!r}")
-        self.path = Path(path)
+        self._backend = _backend(path, mode)
+        self.path = self._backend.path
+        self._zstore = self._backend.zarr_store
+        self._rmtree = self._backend.rmtree
         self.mode = mode
         if mode == "r" and not (self.path / "zarr.json").exists():
             raise LungzarrError(f"no lungzarr store at {str(self.path)!r}; run `lungzarr ingest INPUT "
                                 f"{self.path}` or `lungzarr run` first")
         self._zarr = zarr
         if mode == "a":
-            root = zarr.open_group(self.path, mode="a", zarr_format=3, use_consolidated=False)
+            root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
             if "lungzarr:version" not in root.attrs:
                 root.attrs.update({"lungzarr:version": __version__, "lungzarr:created": _now()})
             for name in (PATIENTS_GROUP, TABLES_GROUP, STAGING_GROUP):
@@ -316,18 +823,15 @@ class CohortStore:
             if attrs.get(STAGES_KEY):
                 self._swap_in(folder.name)
             else:
-                shutil.rmtree(folder)
+                self._rmtree(folder)
 
     def _swap_in(self, patient: str) -> None:
         self._changing()
-        final = self.path / self.group_path(patient)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(self.path / STAGING_GROUP / patient, final)
+        self._backend.commit_staged(self.path / STAGING_GROUP / patient, self.path / self.group_path(patient))
 
     # ------------------------------------------------------------------ groups
     def _root(self, mode=None):
-        return self._zarr.open_group(self.path, mode=mode or ("r" if self.mode == "r" else "a"), zarr_format=3,
+        return self._zarr.open_group(self._zstore, mode=mode or ("r" if self.mode == "r" else "a"), zarr_format=3,
                                      use_consolidated=False)
 
     # ------------------------------------------------------------------ root metadata
@@ -344,10 +848,7 @@ class CohortStore:
         """Replace the root ``zarr.json`` atomically: a reader sees the old file or the new one, whole."""
         import json
 
-        target = self.path / "zarr.json"
-        tmp = target.with_name(f".zarr.json.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(meta, separators=(",", ":")))
-        os.replace(tmp, target)
+        self._backend.replace_text(self.path / "zarr.json", json.dumps(meta, separators=(",", ":")))
 
     def _root_attrs(self) -> dict:
         return dict(self._root_meta().get("attributes", {}))
@@ -388,28 +889,13 @@ class CohortStore:
         dict
             ``nodes`` (groups and arrays listed) and ``seconds`` it took.
         """
-        import json
         import time
 
         start = time.perf_counter()
-        entries = {}
-        root = str(self.path)
-        for dirpath, dirnames, filenames in os.walk(root):
-            rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-            if rel == STAGING_GROUP:
-                dirnames[:] = []  # a staged patient is not in the cohort until its swap
-            if rel == "." or "zarr.json" not in filenames:
-                if rel != ".":
-                    dirnames[:] = []  # not a zarr node: nothing below belongs to the hierarchy
-                continue
-            with open(os.path.join(dirpath, "zarr.json")) as fh:
-                node = json.load(fh)
-            if node.get("node_type") == "array":
-                dirnames[:] = []  # chunks
-            else:
+        entries = self._backend.node_metadata(STAGING_GROUP)
+        for node in entries.values():
+            if node.get("node_type") != "array":
                 node[CONSOLIDATED_KEY] = {"kind": "inline", "must_understand": False, "metadata": {}}
-            entries[rel] = node
-            dirnames.sort()
         meta = self._root_meta()
         meta[CONSOLIDATED_KEY] = {"kind": "inline", "must_understand": False,
                                   "metadata": dict(sorted(entries.items()))}
@@ -417,7 +903,7 @@ class CohortStore:
         return {"nodes": len(entries), "seconds": time.perf_counter() - start}
 
     def _group(self, path: str, mode=None):
-        return self._zarr.open_group(self.path, path=path, mode=mode or ("r" if self.mode == "r" else "r+"),
+        return self._zarr.open_group(self._zstore, path=path, mode=mode or ("r" if self.mode == "r" else "r+"),
                                      zarr_format=3)
 
     @staticmethod
@@ -452,14 +938,14 @@ class CohortStore:
         folder = self.path / self.group_path(patient)
         if folder.exists():
             self._changing()
-            shutil.rmtree(folder)
+            self._rmtree(folder)
 
     def _remove_arrays(self, group_path: str, names) -> None:
         folder = self.path / group_path
         for name in names:
             target = folder / name
             if target.is_dir():
-                shutil.rmtree(target)
+                self._rmtree(target)
 
     def prepare_stage(self, patient: str, stage: str, dataset, *, record: dict | None = None,
                       new_group: bool = False, subgroup: str | None = None) -> "PendingStage":
@@ -490,14 +976,14 @@ class CohortStore:
             # existing group survives a failed or interrupted rewrite.
             gpath = f"{STAGING_GROUP}/{patient}"
             if (self.path / gpath).exists():
-                shutil.rmtree(self.path / gpath)
+                self._rmtree(self.path / gpath)
             attrs = _jsonable(dict(dataset.attrs))
         else:
             attrs = self._unmark_stage(patient, stage)
         if subgroup is not None:
             target = f"{gpath}/{subgroup}"
             if (self.path / target).exists():
-                shutil.rmtree(self.path / target)
+                self._rmtree(self.path / target)
             mode = "w"
         elif new_group:
             target, mode = gpath, "w"
@@ -508,7 +994,7 @@ class CohortStore:
             existing = {p.name for p in (self.path / gpath).iterdir()}
             dataset = dataset.drop_vars([c for c in dataset.coords if c in existing])
             dataset.attrs = {}
-        delayed = _encoded_for_store(dataset).to_zarr(self.path, group=target, mode=mode, compute=False, **_WRITE)
+        delayed = _encoded_for_store(dataset).to_zarr(self._zstore, group=target, mode=mode, compute=False, **_WRITE)
         # xarray rewrites the group's attributes on every write: put ours back at once.
         self._group(gpath).attrs.put(_jsonable(attrs))
         return PendingStage(self, patient, stage, delayed, record or {}, group_path=gpath,
@@ -554,8 +1040,8 @@ class CohortStore:
         target = f"{self.group_path(patient)}/{name}"
         self._changing()  # on a worker: the run's client dropped it already, so this only reads
         if (self.path / target).exists():
-            shutil.rmtree(self.path / target)
-        _encoded_for_store(dataset.copy()).to_zarr(self.path, group=target, mode="w", **_WRITE)
+            self._rmtree(self.path / target)
+        _encoded_for_store(dataset.copy()).to_zarr(self._zstore, group=target, mode="w", **_WRITE)
 
     def write_labels(self, patient: str, name: str, labels, *, colors=None, properties=None,
                      chunk_slices: int = 16) -> None:
@@ -587,10 +1073,10 @@ class CohortStore:
         target = f"{group}/{name}"
         self._changing()  # on a worker: the run's client dropped it already, so this only reads
         if (self.path / target).exists():
-            shutil.rmtree(self.path / target)
+            self._rmtree(self.path / target)
         ds = xr.Dataset({"0": (_DIMS_2MM, labels)})
         ds["0"].encoding["chunks"] = (min(int(chunk_slices), labels.shape[0]),) + tuple(labels.shape[1:])
-        _encoded_for_store(ds).to_zarr(self.path, group=target, mode="w", **_WRITE)
+        _encoded_for_store(ds).to_zarr(self._zstore, group=target, mode="w", **_WRITE)
         self._group(target).attrs.put(_jsonable({OME_KEY: ome_label_image(attrs, name, colors=colors,
                                                                            properties=properties)}))
         present = [n for n in LABEL_IMAGES if (self.path / group / n / "zarr.json").is_file()]
@@ -603,7 +1089,7 @@ class CohortStore:
         lung box): called by the task that follows the write, on a worker.
         """
         self._changing()
-        array = self._zarr.open_array(self.path, path=f"{self.group_path(patient)}/{name}", mode="r+",
+        array = self._zarr.open_array(self._zstore, path=f"{self.group_path(patient)}/{name}", mode="r+",
                                       zarr_format=3)
         array.attrs.update(_jsonable(dict(attrs)))
 
@@ -618,7 +1104,7 @@ class CohortStore:
         group = self.group_path(patient) + (f"/{subgroup}" if subgroup else "")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
-            return xr.open_dataset(self.path, group=group, engine="zarr", consolidated=False, chunks={},
+            return xr.open_dataset(self._zstore, group=group, engine="zarr", consolidated=False, chunks={},
                                    zarr_format=3)
 
     def load_patient(self, patient: str, names, *, subgroup: str | None = None):
@@ -646,7 +1132,7 @@ class CohortStore:
             raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
                                 f"`lungzarr status {self.path}` lists the patients")
         path = self.group_path(patient) + (f"/{subgroup}" if subgroup else "")
-        group = self._zarr.open_group(self.path, path=path, mode="r", zarr_format=3, use_consolidated=False)
+        group = self._zarr.open_group(self._zstore, path=path, mode="r", zarr_format=3, use_consolidated=False)
         present = set(group.array_keys())
         data_vars, encoded = {}, []
         for name in names:
@@ -699,8 +1185,9 @@ class CohortStore:
         except FileNotFoundError:
             raise LungzarrError(f"patient {patient!r} has no array {name!r} in store {str(self.path)!r}; "
                                 f"run the stage that writes it first") from None
-        array = self._zarr.open_array(self.path, path=path, mode="r", zarr_format=3)
-        token = tokenize(str(self.path.resolve()), patient, name, stat.st_mtime_ns, stat.st_size)
+        array = self._zarr.open_array(self._zstore, path=path, mode="r", zarr_format=3)
+        token = tokenize(str(self.path.resolve()), patient, name, stat.st_mtime_ns, stat.st_size,
+                         getattr(stat, "st_etag", None))  # an object's mtime has 1 s resolution
         return da.from_zarr(array, name=f"open-{name}-{token}")
 
     def has_subgroup(self, patient: str, subgroup: str) -> bool:
@@ -741,9 +1228,7 @@ class CohortStore:
         attributes = dict(meta.get("attributes", {}))
         attributes[TABLE_POINTER_KEY] = {**attributes.get(TABLE_POINTER_KEY, {}), name: group}
         meta["attributes"] = attributes
-        tmp = meta_path.with_name(f".zarr.json.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)
+        self._backend.replace_text(meta_path, json.dumps(meta, indent=2))
 
     def write_table(self, name: str, frame, *, dim: str, attrs: dict | None = None) -> None:
         """Store a pandas DataFrame as the cohort table ``name`` (dimension ``dim``), replacing it atomically.
@@ -765,7 +1250,7 @@ class CohortStore:
                     "columns": columns}
         group = f"{name}.{uuid.uuid4().hex}"
         self._changing()
-        _checksummed(ds).to_zarr(self.path, group=f"{TABLES_GROUP}/{group}", mode="w", **_WRITE)
+        _checksummed(ds).to_zarr(self._zstore, group=f"{TABLES_GROUP}/{group}", mode="w", **_WRITE)
         self._switch_table(name, group)
         # Only now is the old group unreachable for a new reader; remove it, an old-layout
         # tables/<name>, and any group a killed writer left before its switch.
@@ -773,7 +1258,7 @@ class CohortStore:
             if folder.is_dir() and folder.name != group and (
                     folder.name == name or (folder.name.startswith(name + ".")
                                             and folder.name[len(name) + 1:].isalnum())):
-                shutil.rmtree(folder, ignore_errors=True)
+                self._rmtree(folder, ignore_errors=True)
 
     def _table_dataset(self, name: str):
         """The current Dataset of table ``name``, loaded whole and checked to be current throughout; or None."""
@@ -788,7 +1273,7 @@ class CohortStore:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", category=UserWarning)
-                    ds = xr.open_dataset(self.path, group=f"{TABLES_GROUP}/{group}", engine="zarr",
+                    ds = xr.open_dataset(self._zstore, group=f"{TABLES_GROUP}/{group}", engine="zarr",
                                          consolidated=False, zarr_format=3).load()
             except (FileNotFoundError, KeyError, ValueError, self._zarr.errors.BaseZarrError):
                 if self._table_pointer().get(name, name) == group:
@@ -950,7 +1435,8 @@ class CohortStore:
             if stage not in stages:
                 continue
             try:
-                array = self._zarr.open_array(array_dir, mode="r", zarr_format=3)
+                array = self._zarr.open_array(self._zstore, path=str(array_dir)[len(str(self.path)) + 1:],
+                                              mode="r", zarr_format=3)
             except Exception as exc:  # metadata that parses but does not describe an array
                 damaged(stage, name, "undecodable", array_dir / "zarr.json",
                         f"{name!r} cannot be opened ({type(exc).__name__}: {exc})")
@@ -1042,55 +1528,32 @@ class CohortStore:
 
     # ------------------------------------------------------------------ misc
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return self._backend.size_bytes()
 
     @property
-    def lock_path(self) -> Path:
+    def lock_path(self):
         """``NAME.lock`` beside the store's resolved path (symlinks and ``..`` followed).
 
         Every spelling of one store (a symlink to it, a relative or an absolute
         path, ``a/../store``) names the same lock file, so two runs can never
-        write one store at once through two names.
+        write one store at once through two names. For an object store, the
+        lock object ``URL.lock`` beside the store's prefix.
         """
-        real = Path(os.path.realpath(self.path))
-        return real.with_name(real.name + ".lock")
+        return self._backend.lock_path
 
     @contextmanager
     def lock(self):
         """Hold the store's writer lock (:attr:`lock_path`); refuse when another process holds it.
 
-        An OS-level ``flock``: released by the kernel when the process dies,
-        so a killed run never leaves a stale lock behind. The lock file names
-        the holder ("pid N since ...") while it is held and is removed on
-        release, so after a run no ``NAME.lock`` is left beside the store (a
-        killed run's file stays, empty of meaning: the kernel dropped its lock).
+        On a directory, an OS-level ``flock``: released by the kernel when the
+        process dies, so a killed run never leaves a stale lock behind. The
+        lock file names the holder ("pid N since ...") while it is held and is
+        removed on release, so after a run no ``NAME.lock`` is left beside the
+        store (a killed run's file stays, empty of meaning: the kernel dropped
+        its lock). On an object store, a lock object created by a conditional
+        write (see :class:`_ObjectBackend`), naming pid, host and start.
         """
-        lock_path = self.lock_path
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fh = open(lock_path, "a+")
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip()
-                fh.close()
-                holder = holder if holder.startswith("pid ") else "another process"
-                raise StoreLockedError(
-                    f"store {str(self.path)!r} is being written by {holder}; wait for that run to finish "
-                    f"(or stop it) and run again — two runs on one store would interleave") from None
-            # The previous holder removes the file on release. If it did so after we opened it,
-            # we hold a lock on a removed file while a third process could lock a new file of the
-            # same name: then we let go and lock the file that is there now.
-            if _same_file(fh, lock_path):
-                break
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            fh.close()
-        try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} since {_now()}")
-            fh.flush()
+        with self._backend.hold_lock(self):
             # Only the lock holder may touch staged groups: finish or drop what a
             # killed run left there.
             if self.mode == "a":
@@ -1103,19 +1566,6 @@ class CohortStore:
                     self.consolidate()
                 except PermissionError:
                     pass  # a read-only store a run had nothing to write to: readers list its groups instead
-        finally:
-            try:
-                # Removed while still held: a writer that opened the file meanwhile finds, once it
-                # gets the lock, that the name no longer points to its file and tries again.
-                try:
-                    os.unlink(lock_path)
-                except FileNotFoundError:
-                    pass
-            finally:
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-                finally:
-                    fh.close()
 
 
 def _same_file(fh, path: Path) -> bool:
@@ -1182,7 +1632,7 @@ class PendingStage:
     def discard(self) -> None:
         """Drop what a failed write left (staged groups only; stage arrays are redone next run)."""
         if self.staged and (self.store.path / self.group_path).exists():
-            shutil.rmtree(self.store.path / self.group_path)
+            self.store._rmtree(self.store.path / self.group_path)
 
 
 # ---------------------------------------------------------------------- read API
@@ -1210,13 +1660,13 @@ def open_cohort(path):
         warnings.simplefilter("ignore", category=UserWarning)
         if store.is_consolidated():
             try:
-                tree = xr.open_datatree(store.path, consolidated=True, **options)
+                tree = xr.open_datatree(store._zstore, consolidated=True, **options)
             except (ValueError, KeyError, FileNotFoundError):
                 tree = None  # dropped by a run that started meanwhile: read each group's own
         if tree is None:
             options["consolidated"] = False
-            root = xr.open_dataset(store.path, **options)
-            children = {name: xr.open_datatree(store.path, group=name, **options)
+            root = xr.open_dataset(store._zstore, **options)
+            children = {name: xr.open_datatree(store._zstore, group=name, **options)
                         for name in (PATIENTS_GROUP, STAGING_GROUP) if (store.path / name / "zarr.json").exists()}
     # The cohort tables as ``tables/<name>``, each read whole through its pointer (small; never a
     # torn or removed table group: see CohortStore.write_table).

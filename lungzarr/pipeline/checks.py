@@ -55,7 +55,7 @@ def check_store(path, *, create: bool = True, write: bool = True) -> Path:
 
     Returns
     -------
-    pathlib.Path
+    pathlib.Path, or str for an object store's URL (``s3://bucket/cohort.zarr``)
 
     Raises
     ------
@@ -63,6 +63,10 @@ def check_store(path, *, create: bool = True, write: bool = True) -> Path:
         ``path`` is a file, a non-empty folder that is not a lungzarr store,
         missing (``create=False``) or not writable.
     """
+    from lungzarr.io.storage import check_store_url, is_store_url
+
+    if is_store_url(path):
+        return check_store_url(path, create=create, write=write)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunConfigError(f"store {str(path)!r} is a file, not a lungzarr store (a folder); pass the store's "

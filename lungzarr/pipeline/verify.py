@@ -1,7 +1,6 @@
 """Checking a store's completed stages chunk by chunk, and what ``run --verify`` redoes."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -60,7 +59,7 @@ def verify_patients(store, patients, *, client=None) -> VerifyReport:
     from dask.base import tokenize
 
     start = time.perf_counter()
-    real = os.path.realpath(store.path)
+    real = str(store.path.resolve())  # a URL store: the URL
     owners, creator = _owners()
     tasks = []
     for patient in patients:
