@@ -333,3 +333,68 @@ def test_nifti_rescale_in_the_header_gives_hu_and_permuted_axes_are_applied(tmp_
     assert series.provenance()["axes_applied"] == {"z": "file axis i", "y": "file axis j", "x": "file axis k"}
     np.testing.assert_allclose(series.grid.origin, grid.origin, atol=MM_ATOL)
     np.testing.assert_array_equal(series.to_hu(chunk_slices=5).compute(), hu)
+
+
+# ---------------------------------------------------------------------- the real nodule, every format
+
+
+@pytest.mark.slow
+@pytest.mark.requires_shared
+def test_lidc_nodule_at_the_same_mm_from_dicom_mhd_and_nifti_and_luna16_csv_scores_sensitivity_1(tmp_path,
+                                                                                                  lidc_dir):
+    """The whole pipeline (the real UNet) on the LIDC-IDRI-0001 slab as DICOM, as a LUNA16-layout `.mhd`
+    (RAS on disk, the seriesuid as its stem) and as a `.nii.gz` (RAS): the same `hu`, the same nodule table
+    at p >= 0.5 in LPS mm, and a LUNA16 `annotations.csv` of the readers' nodule (coordX/Y/Z = LPS mm)
+    scores sensitivity 1 on the `.mhd` patient, from the store and from the `luna16` export."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import lungzarr
+    from lungzarr.algorithms.nodules import select_nodules
+    from lungzarr.cli import app
+
+    readers_centre_mm = np.array([-115.80, 86.39, 56.40])  # tests/test_end_to_end.py: the 4 readers' consensus
+    hu, grid = dicom.load_hu(lidc_dir)
+    uid = dicom.read_series(lidc_dir).provenance()["series_instance_uid"]
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "DICOM").symlink_to(lidc_dir)
+    volumes.write_volume(hu, root / f"{uid}.mhd", grid=grid, orientation="RAS")
+    volumes.write_volume(hu, root / "NIFTI.nii.gz", grid=grid, orientation="RAS")
+    store = tmp_path / "s.zarr"
+    runner = CliRunner()
+    r = runner.invoke(app, ["run", str(root), str(store), "--scheduler", "threads"])
+    assert r.exit_code == 0, r.output
+    cs = CohortStore(store, mode="r")
+    assert sorted(cs.patients()) == sorted(["DICOM", uid, "NIFTI"])
+    for pid in (uid, "NIFTI"):
+        np.testing.assert_array_equal(cs.open_patient(pid).hu.values, cs.open_patient("DICOM").hu.values)
+    nodules = lungzarr.read_nodules(store)
+    columns = ["z_mm", "y_mm", "x_mm", "diameter_mm", "prob_max", "voxels"]
+    tables = {pid: select_nodules(nodules[nodules.patient == pid]).sort_values("label")[columns].to_numpy()
+              for pid in ("DICOM", uid, "NIFTI")}
+    assert len(tables["DICOM"]) >= 1
+    for pid in (uid, "NIFTI"):  # the NIfTI origin is float32 in its header: within 1e-4 mm
+        np.testing.assert_allclose(tables[pid], tables["DICOM"], rtol=0, atol=MM_ATOL, err_msg=pid)
+    centres = tables[uid][:, :3]
+    assert np.linalg.norm(centres - readers_centre_mm, axis=1).min() < 3.0
+
+    z, y, x = readers_centre_mm
+    csv = tmp_path / "annotations.csv"
+    pd.DataFrame({"seriesuid": [uid], "coordX": [x], "coordY": [y], "coordZ": [z],
+                  "diameter_mm": [20.0]}).to_csv(csv, index=False)
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["evaluate", str(store), "--luna-csv", str(csv), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["n_targets"] == 1 and summary["sensitivity"] == 1.0, summary
+    candidates = tmp_path / "candidates.csv"
+    r = runner.invoke(app, ["export", str(store), "--format", "luna16", "-o", str(candidates)])
+    assert r.exit_code == 0, r.output
+    exported = pd.read_csv(candidates)
+    assert uid in set(exported.seriesuid)
+    out2 = tmp_path / "eval2"
+    r = runner.invoke(app, ["evaluate", "--candidates", str(candidates), "--luna-csv", str(csv), "-o", str(out2)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out2 / "results.json").read_text())["sensitivity"] == 1.0
