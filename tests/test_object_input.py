@@ -446,3 +446,53 @@ def test_detect_on_workers_elsewhere_uses_the_shipped_weights_and_refuses_a_tamp
                for p in v["cache"])
     prob = CohortStore(store, mode="r").open_patient("PH")["nodule_prob"].values
     assert np.isfinite(prob).all()
+
+
+# ---------------------------------------------------------------------- items 1-3 together
+
+
+@pytest.mark.slow  # ~5-10 min on 2 cores: the whole pipeline (the UNet on LIDC and RICORD) twice on two workers
+def test_whole_run_from_s3_to_s3_on_workers_elsewhere_gives_the_local_runs_tables(s3, cohort, cluster, tmp_path):
+    """INPUT and STORE both on the loopback S3 server, a scheduler and two `dask worker` processes whose
+    cwd, HOME and caches are their own: the whole `lungzarr run` (weights shipped to the workers), then
+    `open_cohort` / `read_nodules` / `read_patients` from the S3 URL equal the same run from a local folder
+    to a local directory store."""
+    import pandas.testing as pdt
+    from typer.testing import CliRunner
+
+    import lungzarr
+    from lungzarr.cli import app
+
+    address, _ = cluster
+    s3_store = f"s3://{BUCKET}/whole-run.zarr"
+    local_store = tmp_path / "local.zarr"
+    runner = CliRunner()
+    t0 = time.perf_counter()
+    r = runner.invoke(app, ["run", cohort["a"], s3_store, "--scheduler", address], env={"COLUMNS": "300"})
+    t_s3 = time.perf_counter() - t0
+    assert r.exit_code == 0, r.output
+    t0 = time.perf_counter()
+    r_local = runner.invoke(app, ["run", str(cohort["local"]), str(local_store), "--scheduler", address],
+                            env={"COLUMNS": "300"})
+    t_local = time.perf_counter() - t0
+    assert r_local.exit_code == 0, r_local.output
+    for secret in (KEY_ID, SECRET, s3["AWS_ENDPOINT_URL"]):
+        assert secret not in r.output
+
+    where = ["source_folder", "source_file", "dicom_file", "files_token"]  # where the input was: differs by design
+    nodules_s3, nodules_local = lungzarr.read_nodules(s3_store), lungzarr.read_nodules(local_store)
+    assert len(nodules_local) > 0 and set(nodules_local.patient) >= {"LIDC", "RICORD"}
+    pdt.assert_frame_equal(nodules_s3.reset_index(drop=True), nodules_local.reset_index(drop=True),
+                           check_exact=True)
+    patients_s3, patients_local = lungzarr.read_patients(s3_store), lungzarr.read_patients(local_store)
+    keep = [c for c in patients_local.columns if c not in where]
+    pdt.assert_frame_equal(patients_s3[keep].reset_index(drop=True), patients_local[keep].reset_index(drop=True),
+                           check_exact=True)
+    tree_s3, tree_local = lungzarr.open_cohort(s3_store), lungzarr.open_cohort(local_store)
+    for pid in ("LIDC", "RICORD", "VOL"):
+        a, b = tree_s3[f"patients/{pid}"].to_dataset(), tree_local[f"patients/{pid}"].to_dataset()
+        for name in ("hu", "hu_2mm", "lungs", "segmented", "nodule_prob"):
+            assert np.array_equal(a[name].values, b[name].values), (pid, name)
+    lidc = nodules_s3[(nodules_s3.patient == "LIDC") & np.isclose(nodules_s3.threshold, 0.5)]
+    assert np.linalg.norm(lidc[["z_mm", "y_mm", "x_mm"]].to_numpy() - [-115.80, 86.39, 56.40], axis=1).min() < 3
+    print(f"\nwhole run of 3 patients on 2 workers: s3:// -> s3:// {t_s3:.0f} s, local -> local {t_local:.0f} s")

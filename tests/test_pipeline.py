@@ -262,7 +262,8 @@ def test_patients_stream_through_the_stages_without_a_cluster(three_small_patien
     events, progress = _event_log()
     with dask.config.set(scheduler="threads"):
         summaries = run(three_small_patients, tmp_path / "s.zarr", batch_size=1, progress=progress)
-    assert [s.done for s in summaries] == [["SMALL-1", "SMALL-2", "SMALL-3"]] * len(STAGE_NAMES)
+    assert [s.done for s in summaries] == [["SMALL-1", "SMALL-2", "SMALL-3"]] * len(STAGE_NAMES), \
+        [s.failed for s in summaries]
     done = [(stage, patient) for stage, event, patient in events if event == "done"]
     # Later stages first, one patient per stage in flight: a patient-major order.
     assert done[:10] == [("ingest", "SMALL-1"), ("segment", "SMALL-1"), ("ingest", "SMALL-2"),
