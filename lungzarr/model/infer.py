@@ -12,23 +12,37 @@ With a prediction box (``box=``, e.g. :func:`lungzarr.algorithms.crop.lung_box`
 under ``--crop lungs``) the network sees only the box's rows and columns and
 predicts only its slices; the map keeps the full grid, 0 outside the box.
 
-The windows are cut with ``map_overlap`` along z (a halo of 4 slices below
-and 3 above), so a patient can be split into z-chunks over several workers;
-the model (or the engine's compiled graph, :mod:`lungzarr.model.engines`) is
+Each z-chunk (with a halo of 4 slices below and 3 above, so a patient can be
+split over several workers) is three tasks: ``cut-windows-…`` normalises and
+cuts its windows into a :class:`WindowBatch` (the ``(n, 8, h, w, 1)`` float32
+batch, sent as the slab of ``n + 7`` slices it is a view of: 8 times fewer
+bytes), ``predict-nodule-prob-…`` only calls the engine's ``predict`` on it
+(:func:`predict_stats` counts these calls), and ``place-nodule-prob-…``
+thresholds the probabilities and puts them into the chunk's full-grid block.
+The model (or the engine's compiled graph, :mod:`lungzarr.model.engines`) is
 built once per worker process (:func:`lungzarr.model.engines.get_engine`).
 
 GPU workers
 -----------
-Build the graph inside :func:`annotate_gpu` to restrict the prediction tasks
-to workers started with ``--resources GPU=1``::
+Build the graph, and whatever is built on it (the store write), inside
+:func:`annotate_gpu`: the predict tasks then need a ``GPU`` resource
+(workers started with ``--resources GPU=1``) and every other task goes to the
+``cpu_workers`` given (:func:`lungzarr.pipeline.placement.cpu_task_workers`),
+so a GPU worker runs nothing but the network::
 
-    with annotate_gpu():
+    with annotate_gpu(cpu_workers=cpu_only):
         prob = predict_nodule_prob(hu_2mm)
     prob = client.compute(prob, optimize_graph=False)
 
-Compute with ``optimize_graph=False``: graph optimisation (low-level task
-fusion) can merge annotated tasks with unannotated ones and drop the
-annotation, and the predictions would then run on any worker.
+The annotations are asked per task key (xarray's ``to_zarr(compute=False)``
+flattens the graph into one layer) and task fusion is off inside the block;
+compute with ``optimize_graph=False``, as fusion would merge a predict task
+with its CPU neighbours and drop the annotation.
+
+A predict task holds one patient's chunk: batching several patients' windows
+into one call would tie each patient's commit to the others' (the pipeline
+streams and commits every patient on its own), and a chunk of 64+ windows
+already makes several engine batches.
 """
 from __future__ import annotations
 
