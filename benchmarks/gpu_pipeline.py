@@ -38,6 +38,23 @@ def dump():
         Path(OUT_PATH).write_text(json.dumps(RESULT, indent=2, default=str))
 
 
+def task_prefix(name: str) -> str:
+    """A task name without its tokens and the suffixes dask appends (``predict-nodule-prob-<token>-<uuid>``)."""
+    parts = name.split("-")
+    while len(parts) > 1 and len(parts[-1]) >= 16 and all(c in "0123456789abcdef" for c in parts[-1]):
+        parts.pop()
+    return "-".join(parts)
+
+
+def transfer_totals(dask_worker) -> dict:
+    """Bytes this worker received from and sent to other workers (its transfer logs)."""
+    incoming, outgoing = dask_worker.transfer_incoming_log, dask_worker.transfer_outgoing_log
+    return {"in_mb": round(sum(t["total"] for t in incoming) / 1e6, 1),
+            "in_s": round(sum(t["duration"] for t in incoming), 2),
+            "out_mb": round(sum(t["total"] for t in outgoing) / 1e6, 1),
+            "out_s": round(sum(t["duration"] for t in outgoing), 2)}
+
+
 def make_patient(job):
     pid, nz, dz, seed, root = job
     from lungzarr.algorithms.phantom import DEMO_PATIENTS, chest_phantom
@@ -247,7 +264,7 @@ def main():
 
     from benchmarks.bench_overlap import busy_seconds
 
-    client.run(predict_stats, True, workers=gpu_addr)  # reset=True: count this run only
+    client.run(predict_stats, reset=True, workers=gpu_addr)  # count this run only
     opts = dict(client=client, gpu=True, batch_size=args.batch_size, precision="fp32",
                 infer_batch=args.infer_batch, progress=progress)
     with get_task_stream(client) as ts, dask.config.set({"optimization.fuse.active": False}):
@@ -289,23 +306,32 @@ def main():
     busy = defaultdict(float)
     predict_compute_s = 0.0
     predict_intervals = []
+    other_on_gpu_s = 0.0
     for rec in ts.data:
         key = rec["key"]
         name = key[0] if isinstance(key, tuple) else str(key)
-        prefix = name.rsplit("-", 1)[0] if len(name.rsplit("-", 1)[-1]) >= 16 else name
+        prefix = task_prefix(name)
         wk = "gpu" if rec["worker"] in gpu_addr else "cpu"
         by_worker[wk][prefix] += 1
         for ss in rec["startstops"]:
             if ss["action"] == "compute":
                 busy[wk] += ss["stop"] - ss["start"]
-                if "predict-nodule-prob" in name and wk == "gpu":
+                # The network's tasks (lungzarr.model.infer.is_predict_key): the engine's call on cut windows.
+                if name.startswith("predict-nodule-prob-") and wk == "gpu":
                     predict_compute_s += ss["stop"] - ss["start"]
                     predict_intervals.append((ss["start"], ss["stop"]))
-    predict = {wk: sum(n for p, n in c.items() if "predict-nodule-prob" in p) for wk, c in by_worker.items()}
+                elif wk == "gpu":
+                    other_on_gpu_s += ss["stop"] - ss["start"]
+    predict = {wk: c.get("predict-nodule-prob", 0) for wk, c in by_worker.items()}
     RESULT["task_placement"] = {
         "predict_tasks_by_worker_kind": predict,
         "all_predict_on_gpu_worker": predict.get("cpu", 0) == 0 and predict.get("gpu", 0) > 0,
         "predict_compute_s_on_gpu_worker": round(predict_compute_s, 2),
+        # Everything else the GPU worker computed (reads, cuts, writes): ~0 when CPU workers feed it.
+        "other_compute_s_on_gpu_worker": round(other_on_gpu_s, 2),
+        "gpu_worker_s_per_patient": round((predict_compute_s + other_on_gpu_s) / args.n, 3),
+        # The windows come as slabs (WindowBatch), the probabilities go back: the bytes over the comms.
+        "gpu_worker_transfers": list(client.run(transfer_totals, workers=gpu_addr).values()),
         "compute_s_by_worker_kind": {k: round(v, 1) for k, v in busy.items()},
         # The union of the predict intervals over the wall time: how busy the UNet kept the GPU worker.
         "predict_busy_fraction_of_wall": round(busy_seconds(predict_intervals) / wall, 3),

@@ -116,32 +116,91 @@ def test_building_the_graph_computes_nothing(volume, monkeypatch):
     assert len(calls) == len(prob.chunks[0]) and len(loads) > 0
 
 
-def test_annotate_gpu_keeps_predictions_on_gpu_workers(volume, expected, cpu_gpu_cluster):
+def _kind(key) -> str:
+    name = key[0] if isinstance(key, tuple) else str(key)
+    return "predict" if name.startswith("predict-nodule-prob-") else "other"
+
+
+def test_annotate_gpu_puts_only_the_network_on_gpu_workers(volume, expected, cpu_gpu_cluster):
+    """The predict tasks run on the GPU worker; reading, cutting, placing on the CPU-only worker."""
     import distributed
 
+    from lungzarr.pipeline.placement import cpu_only_workers
+
     client, names = cpu_gpu_cluster
-    with infer.annotate_gpu():
+    with infer.annotate_gpu(cpu_workers=cpu_only_workers(client)):
         prob = infer.predict_nodule_prob(da.from_array(volume, chunks=(4, -1, -1)))
     with distributed.get_task_stream(client) as stream:
         got = client.compute(prob, optimize_graph=False).result()
-    predicted_on = {names[task["worker"]] for task in stream.data
-                    if str(task["key"]).find("predict-nodule-prob") >= 0}
-    assert predicted_on == {"gpu"}
+    on = {}
+    for task in stream.data:
+        on.setdefault(_kind(task["key"]), []).append(names[task["worker"]])
+    # One predict task per z-chunk (4-slice chunks are merged to hold the halo), each on the GPU worker.
+    assert on["predict"] == ["gpu"] * len(prob.chunks[0]), on
+    assert set(on["other"]) == {"cpu"} and len(on["other"]) >= 3 * len(prob.chunks[0]), on
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
-def test_annotate_gpu_marks_the_prediction_layer():
-    with infer.annotate_gpu():
-        prob = infer.predict_nodule_prob(np.zeros((12, 8, 8), np.int16))
+def test_annotate_gpu_annotates_task_by_task():
+    """Per-key annotations: a GPU for the network's tasks, the CPU-only workers for every other task."""
+    with infer.annotate_gpu(cpu_workers=["tcp://10.0.0.1:1234"]):
+        prob = infer.predict_nodule_prob(da.from_array(np.zeros((12, 8, 8), np.int16), chunks=(6, -1, -1)))
     layers = prob.__dask_graph__().layers
-    annotated = [name for name, layer in layers.items()
-                 if name.startswith("predict-nodule-prob")
-                 and (layer.annotations or {}).get("resources") == {"GPU": 1}]
-    assert annotated
+    seen = {"predict": 0, "other": 0}
+    for layer in layers.values():
+        annotations = layer.annotations or {}
+        for key in layer:
+            values = {name: value(key) if callable(value) else value for name, value in annotations.items()}
+            kind = _kind(key)
+            seen[kind] += 1
+            if kind == "predict":
+                assert values["resources"] == {"GPU": 1} and values.get("workers") is None, (key, values)
+            elif annotations:  # numpy input: its from_array layer is made before the block's dask code runs
+                assert values["resources"] is None and values["workers"] == ["tcp://10.0.0.1:1234"], (key, values)
+    assert seen["predict"] == 2 and seen["other"] > 6
     with pytest.raises(ValueError, match="gpus"):
         with infer.annotate_gpu(0):
             pass
+    with pytest.raises(ValueError, match="cpu_workers"):
+        with infer.annotate_gpu(cpu_workers="tcp://10.0.0.1:1234"):
+            pass
     assert dask.get_annotations() == {}
+
+
+def test_window_batch_is_the_windows_and_travels_as_its_slab():
+    """The batch a predict task gets: the (n, 8, H, W, 1) windows, pickled as the slab (8 times smaller)."""
+    import pickle
+
+    from dask.sizeof import sizeof
+
+    slab = np.random.default_rng(0).normal(size=(71, 20, 24)).astype(np.float32)
+    batch = infer.WindowBatch(slab)
+    windows = batch.windows
+    assert len(batch) == 64 and windows.shape == (64, 8, 20, 24, 1) and windows.dtype == np.float32
+    np.testing.assert_array_equal(windows, np.stack([slab[i:i + 8] for i in range(64)])[..., np.newaxis])
+    assert not windows.flags.writeable
+    wire = pickle.dumps(batch, protocol=5)
+    assert slab.nbytes <= len(wire) < slab.nbytes + 1000 < windows.nbytes / 7
+    np.testing.assert_array_equal(pickle.loads(wire).windows, windows)
+    assert sizeof(batch) == slab.nbytes
+    assert len(infer.WindowBatch(np.zeros((0, 4, 4), np.float32))) == 0
+    with pytest.raises(ValueError, match="float32"):
+        infer.WindowBatch(slab.astype(np.float64))
+
+
+def test_the_graph_is_cut_predict_place_per_z_chunk_with_names_from_the_inputs(volume):
+    """Three tasks per z-chunk; the names follow the volume and the box, so two patients never share one."""
+    def names(hu, box=None):
+        prob = infer.predict_nodule_prob(da.from_array(hu, chunks=(6, -1, -1)), box=box)
+        return {str(k) for k in prob.__dask_graph__() if str(k).startswith(("cut-", "predict-", "place-"))}
+
+    a = names(volume)
+    assert len(a) == 3 * 3  # 17 slices in z-chunks of 6, 6, 5
+    assert a == names(volume.copy())  # the same data: the same tasks
+    assert not a & names(volume + 1)
+    box = geometry.fixed_box(volume.shape)
+    shrunk = dict(box, y=(box["y"][0] + 4, box["y"][1]))
+    assert not a & names(volume, box=shrunk)
 
 
 def test_predict_stats_count_the_windows_of_a_computation():

@@ -213,8 +213,56 @@ def test_full_run_killed_with_sigkill_resumes_to_identical_store(small_input, sm
     assert CohortStore(store, mode="r").patients() == ["SMALL-1", "SMALL-2"]
 
 
-def test_detect_stage_runs_the_unet_only_on_gpu_workers(small_input, tmp_path, cpu_gpu_cluster):
-    """Through the store write (to_zarr re-wraps the graph), predict tasks stay on GPU-resource workers."""
+def _detect_task_kind(key) -> str | None:
+    """What a task of the detect stage does, from its key (None: a task of another stage)."""
+    name = key[0] if isinstance(key, tuple) else str(key)
+    if name.startswith("predict-nodule-prob-"):
+        return "predict"
+    if name.startswith(("open-hu_2mm", "original-open-hu_2mm", "open-lungs", "original-open-lungs", "rechunk",
+                        "getitem", "normalize_hu", "overlap", "cut-windows-", "place-nodule-prob-", "from-value",
+                        "concatenate", "store-map", "_finalize_store", "finalize-", "_lung_box_task",
+                        "after_write")):
+        return "cpu"
+    return None
+
+
+@pytest.mark.parametrize("crop", ["fixed", "lungs"])
+def test_detect_stage_runs_only_the_network_on_gpu_workers(small_input, tmp_path, cpu_gpu_cluster, crop):
+    """Through the store write (to_zarr flattens the graph), the predict tasks run on the GPU worker and
+    every other task of the stage (read, normalise, cut, place, box, write) on the CPU-only worker."""
+    import distributed
+
+    from lungzarr.io.storage import CohortStore
+    from lungzarr.pipeline import ingest, run
+
+    store = tmp_path / "gpu.zarr"
+    ingest(small_input, store, patients=["SMALL-1"])
+    run(None, store, stages=["segment", "lungs3d"])
+    reference = tmp_path / "cpu.zarr"
+    shutil.copytree(store, reference)
+    run(None, reference, stages=["detect"], chunk_slices=8, crop=crop, engine="keras")
+    client, names = cpu_gpu_cluster
+    with distributed.get_task_stream(client) as stream:
+        summaries = run(None, store, stages=["detect"], client=client, gpu=True, chunk_slices=8, crop=crop)
+    assert summaries[0].done == ["SMALL-1"], summaries[0].failed
+    on = {}
+    for task in stream.data:
+        kind = _detect_task_kind(task["key"])
+        assert kind is not None, task["key"]  # every task of the stage is one of the known kinds
+        on.setdefault(kind, []).append(names[task["worker"]])
+    assert on["predict"] and set(on["predict"]) == {"gpu"}, on
+    assert set(on["cpu"]) == {"cpu"}, on
+    # The same probabilities as a run without a cluster.
+    got = CohortStore(store, mode="r").open_patient("SMALL-1")["nodule_prob"].values
+    want = CohortStore(reference, mode="r").open_patient("SMALL-1")["nodule_prob"].values
+    assert (want >= 0.5).sum() > 0
+    np.testing.assert_array_equal(got, want)
+
+
+def test_detect_stage_completes_on_a_cluster_of_one_gpu_worker(small_input, tmp_path):
+    """No CPU-only worker: the GPU worker runs the whole stage (the CPU tasks are not restricted)."""
+    import logging
+
     import distributed
 
     from lungzarr.pipeline import ingest, run
@@ -222,13 +270,15 @@ def test_detect_stage_runs_the_unet_only_on_gpu_workers(small_input, tmp_path, c
     store = tmp_path / "gpu.zarr"
     ingest(small_input, store, patients=["SMALL-1"])
     run(None, store, stages=["segment"])
-    client, names = cpu_gpu_cluster
-    with distributed.get_task_stream(client) as stream:
-        summaries = run(None, store, stages=["detect"], client=client, gpu=True, chunk_slices=8)
+    spec = {"gpu": {"cls": distributed.Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    with distributed.SpecCluster(workers=spec, scheduler={"cls": distributed.Scheduler,
+                                                          "options": {"dashboard_address": None}}) as cluster, \
+            distributed.Client(cluster) as client:
+        with distributed.get_task_stream(client) as stream:
+            summaries = run(None, store, stages=["detect"], client=client, gpu=True, chunk_slices=8)
     assert summaries[0].done == ["SMALL-1"], summaries[0].failed
-    # The predict blocks are the map_overlap tasks (xarray fuses them with the store write).
-    predicted_on = [names[t["worker"]] for t in stream.data if "overlap" in str(t["key"])]
-    assert predicted_on and set(predicted_on) == {"gpu"}
+    assert any(_detect_task_kind(t["key"]) == "predict" for t in stream.data)
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +343,10 @@ def test_stages_overlap_on_a_cluster_and_cpu_stages_stay_off_the_gpu_worker(thre
     on = {}
     for task in stream.data:
         key = str(task["key"])
-        kind = "predict" if "overlap" in key else "cpu" if any(
+        kind = "predict" if key.startswith("predict-nodule-prob-") else "cpu" if any(
             tag in key for tag in ("decode-dicom", "zoom", "segment-lungs", "_nodule_task", "_features_task",
                                    "after_write", "air_in_body", "_whole_volume_steps", "close_lungs",
+                                   "cut-windows", "place-nodule-prob", "normalize_hu",
                                    "_measures_task")) else None
         if kind:
             on.setdefault(kind, set()).add(names[task["worker"]])

@@ -12,23 +12,37 @@ With a prediction box (``box=``, e.g. :func:`lungzarr.algorithms.crop.lung_box`
 under ``--crop lungs``) the network sees only the box's rows and columns and
 predicts only its slices; the map keeps the full grid, 0 outside the box.
 
-The windows are cut with ``map_overlap`` along z (a halo of 4 slices below
-and 3 above), so a patient can be split into z-chunks over several workers;
-the model (or the engine's compiled graph, :mod:`lungzarr.model.engines`) is
+Each z-chunk (with a halo of 4 slices below and 3 above, so a patient can be
+split over several workers) is three tasks: ``cut-windows-…`` normalises and
+cuts its windows into a :class:`WindowBatch` (the ``(n, 8, h, w, 1)`` float32
+batch, sent as the slab of ``n + 7`` slices it is a view of: 8 times fewer
+bytes), ``predict-nodule-prob-…`` only calls the engine's ``predict`` on it
+(:func:`predict_stats` counts these calls), and ``place-nodule-prob-…``
+thresholds the probabilities and puts them into the chunk's full-grid block.
+The model (or the engine's compiled graph, :mod:`lungzarr.model.engines`) is
 built once per worker process (:func:`lungzarr.model.engines.get_engine`).
 
 GPU workers
 -----------
-Build the graph inside :func:`annotate_gpu` to restrict the prediction tasks
-to workers started with ``--resources GPU=1``::
+Build the graph, and whatever is built on it (the store write), inside
+:func:`annotate_gpu`: the predict tasks then need a ``GPU`` resource
+(workers started with ``--resources GPU=1``) and every other task goes to the
+``cpu_workers`` given (:func:`lungzarr.pipeline.placement.cpu_task_workers`),
+so a GPU worker runs nothing but the network::
 
-    with annotate_gpu():
+    with annotate_gpu(cpu_workers=cpu_only):
         prob = predict_nodule_prob(hu_2mm)
     prob = client.compute(prob, optimize_graph=False)
 
-Compute with ``optimize_graph=False``: graph optimisation (low-level task
-fusion) can merge annotated tasks with unannotated ones and drop the
-annotation, and the predictions would then run on any worker.
+The annotations are asked per task key (xarray's ``to_zarr(compute=False)``
+flattens the graph into one layer) and task fusion is off inside the block;
+compute with ``optimize_graph=False``, as fusion would merge a predict task
+with its CPU neighbours and drop the annotation.
+
+A predict task holds one patient's chunk: batching several patients' windows
+into one call would tie each patient's commit to the others' (the pipeline
+streams and commits every patient on its own), and a chunk of 64+ windows
+already makes several engine batches.
 """
 from __future__ import annotations
 
@@ -38,7 +52,9 @@ import time
 import dask
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 from dask.delayed import Delayed
+from dask.sizeof import sizeof
 
 from lungzarr.errors import PatientError
 from lungzarr.model.d8 import _check_precision, verify_weights
@@ -50,12 +66,17 @@ __all__ = [
     "THRESHOLD",
     "predict_nodule_prob",
     "annotate_gpu",
+    "is_predict_key",
+    "WindowBatch",
     "predict_stats",
     "box_in_crop",
 ]
 
 #: Probabilities below this are stored as 0.
 THRESHOLD = 0.5
+
+#: The network's tasks are named ``predict-nodule-prob-<token>`` (only they need a GPU).
+PREDICT_TASK_PREFIX = "predict-nodule-prob-"
 
 
 def _check_volume(hu_2mm, patient):
@@ -121,26 +142,79 @@ def box_in_crop(box, shape) -> tuple[slice, slice, slice]:
     return slice(z0, z1), slice(y0 - rows, y1 - rows), slice(x0 - cols, x1 - cols)
 
 
-def _predict_block(block, *, offsets, shape, weights, precision, batch_size, engine="keras", box=None,
-                   block_info=None):
-    """Probability maps of the slices of one z-chunk (called by map_overlap), inside ``box``."""
-    k = block_info[0]["chunk-location"][0]
+class WindowBatch:
+    """The 8-slice windows of one z-chunk, cut on a CPU worker for the network.
+
+    ``windows`` is the ``(n, 8, h, w, 1)`` float32 batch the engine predicts:
+    window ``i`` is ``slab[i:i + 8]``, a view of one C-contiguous slab of
+    ``n + 7`` normalised slices (the box's rows and columns only). Only the
+    slab travels between workers (pickled out of band): a batch of
+    materialised windows would be 8 times larger (each slice is in 8
+    windows) and distributed serialises a strided view as a copy.
+    """
+
+    __slots__ = ("slab",)
+
+    def __init__(self, slab: np.ndarray):
+        if slab.ndim != 3 or slab.dtype != np.float32 or not slab.flags.c_contiguous:
+            raise ValueError(f"slab must be a C-contiguous float32 (z, y, x) array, got {slab.dtype} "
+                             f"{slab.shape!r}")
+        self.slab = slab
+
+    def __len__(self) -> int:
+        return max(0, self.slab.shape[0] - (WINDOW - 1))
+
+    @property
+    def windows(self) -> np.ndarray:
+        """The ``(n, 8, h, w, 1)`` float32 windows (a read-only view of :attr:`slab`; nothing is copied)."""
+        s0, s1, s2 = self.slab.strides
+        return np.lib.stride_tricks.as_strided(
+            self.slab, shape=(len(self), WINDOW) + self.slab.shape[1:] + (1,),
+            strides=(s0, s0, s1, s2, self.slab.itemsize), writeable=False)
+
+    def __reduce__(self):
+        return WindowBatch, (self.slab,)
+
+
+@sizeof.register(WindowBatch)
+def _sizeof_window_batch(batch) -> int:
+    # What the scheduler counts against a worker's memory (the default would be a few bytes).
+    return int(batch.slab.nbytes)
+
+
+def _chunk_windows(k, offsets, shape, box):
+    """The predicted slices ``first … last - 1`` of z-chunk ``k`` and the box's rows/columns (cropped volume)."""
     start, stop = offsets[k], offsets[k + 1]
+    have, rows, cols = box_in_crop(box, shape)
+    return start, stop, max(start, have.start), min(stop, have.stop), rows, cols
+
+
+def _cut_windows(block, *, k, offsets, shape, box=None) -> WindowBatch:
+    """CPU task: the windows of z-chunk ``k`` inside ``box`` from its normalised slices and halo."""
+    start, stop, first, last, rows, cols = _chunk_windows(k, offsets, shape, box)
     # boundary='none': the first chunk has no halo below, the last none above.
     below = HALO[0] if k > 0 else 0
     above = HALO[1] if k < len(offsets) - 2 else 0
     if block.shape[0] != below + (stop - start) + above:
         raise RuntimeError(f"chunk {k} has {block.shape[0]} slices with its halo, expected "
                            f"{below + (stop - start) + above}")
-    out = np.zeros((stop - start,) + block.shape[1:], dtype=np.float32)
-    have, rows, cols = box_in_crop(box, shape)
-    first, last = max(start, have.start), min(stop, have.stop)
     if first >= last:
-        return out
+        return WindowBatch(np.zeros((0,) + block[:, rows, cols].shape[1:], np.float32))
     # Slice s is predicted by the window of slices s-4 … s+3; in block coordinates
-    # that window starts at s - 4 - (start - below).
-    origins = [s - WINDOW_CENTRE - (start - below) for s in range(first, last)]
-    windows = np.stack([block[o:o + WINDOW, rows, cols] for o in origins])[..., np.newaxis]
+    # that window starts at s - 4 - (start - below): the windows of first … last-1 are one slab.
+    origin = first - WINDOW_CENTRE - (start - below)
+    slab = block[origin:origin + (last - first) + WINDOW - 1, rows, cols]
+    return WindowBatch(np.ascontiguousarray(slab, dtype=np.float32))
+
+
+def _predict_windows(batch: WindowBatch, *, weights, precision, batch_size, engine="keras") -> np.ndarray:
+    """GPU task (or any worker without GPUs): the network's probabilities ``(n, h, w)`` float32 of a batch.
+
+    Nothing else runs here: the windows come cut, and the probabilities are
+    thresholded and placed in the grid by a CPU task (:func:`_place_prob`).
+    """
+    if len(batch) == 0:
+        return np.zeros((0,) + batch.slab.shape[1:], np.float32)
     from lungzarr.errors import LungzarrError
     from lungzarr.model.shipping import task_weights
 
@@ -151,13 +225,25 @@ def _predict_block(block, *, offsets, shape, weights, precision, batch_size, eng
     except LungzarrError as exc:  # a missing or damaged copy, an engine that does not import on this worker
         raise PatientError(str(exc), stage="detect") from exc
     t0 = time.perf_counter()
-    prob = runner.predict(windows, batch_size=batch_size)
+    prob = runner.predict(batch.windows, batch_size=batch_size)
     _PREDICT_STATS["seconds"] += time.perf_counter() - t0
     _PREDICT_STATS["calls"] += 1
-    _PREDICT_STATS["windows"] += len(windows)
-    prob = np.asarray(prob, dtype=np.float32)[:, 0, :, :, 0]
+    _PREDICT_STATS["windows"] += len(batch)
+    return np.ascontiguousarray(np.asarray(prob, dtype=np.float32)[:, 0, :, :, 0])
+
+
+def _place_prob(prob, *, k, offsets, shape, box=None) -> np.ndarray:
+    """CPU task: z-chunk ``k`` of the full-grid map, ``prob`` >= 0.5 in the box, 0 elsewhere."""
+    start, stop, first, last, rows, cols = _chunk_windows(k, offsets, shape, box)
+    dy, dx = detection_crop(shape)
+    out = np.zeros((stop - start,) + tuple(shape[1:]), dtype=np.float32)
+    if first >= last:
+        return out
+    if prob.shape[0] != last - first:
+        raise RuntimeError(f"chunk {k}: {prob.shape[0]} predicted slices, expected {last - first}")
+    prob = np.array(prob, dtype=np.float32)
     prob[prob < THRESHOLD] = 0
-    out[first - start:last - start, rows, cols] = prob
+    out[first - start:last - start, dy + rows.start:dy + rows.stop, dx + cols.start:dx + cols.stop] = prob
     return out
 
 
@@ -231,36 +317,102 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
     hu = hu[:, dy:, dx:]
     z_chunks = _z_chunks_at_least(hu.chunks[0], max(HALO))
     hu = hu.rechunk((z_chunks, -1, -1))
-    normalised = hu.map_blocks(normalize_hu, dtype=np.float32,
-                               meta=np.empty((0, 0, 0), dtype=np.float32))
+    normalised = hu.map_blocks(normalize_hu, dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32))
+    # Each z-chunk with 4 slices of the chunk below and 3 of the one above (none at the ends).
+    halo = da.overlap.overlap(normalised, depth={0: HALO, 1: 0, 2: 0}, boundary="none")
+    blocks = halo.to_delayed(optimize_graph=False).ravel()
     offsets = tuple(int(o) for o in np.cumsum((0,) + z_chunks))
-    prob = normalised.map_overlap(
-        _predict_block, depth={0: HALO, 1: 0, 2: 0}, boundary="none", trim=False,
-        chunks=normalised.chunks, dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32),
-        offsets=offsets, shape=shape, weights=weights, precision=precision,
-        batch_size=int(batch_size), engine=engine, box=box, token="predict-nodule-prob")
-    prob = da.pad(prob, ((0, 0), (dy, 0), (dx, 0)), mode="constant", constant_values=0)
-    return prob.rechunk((z_chunks, -1, -1))
+    # Task names from the inputs: the volume's dask name (store path, patient, file stat), the box's
+    # (its task's key, or its values) and every option that changes the result.
+    base = tokenize(normalised.name, offsets, shape, box.key if isinstance(box, Delayed) else box, weights,
+                    precision, int(batch_size), engine)
+    where = dict(offsets=offsets, shape=shape, box=box)
+    placed = []
+    # One predict task per z-chunk (the stage's task_slices, 64+ slices: 64+ windows, several engine batches).
+    # Patients are not batched together: a task holding two patients' windows would make each patient's
+    # commit wait for the other's, and the runner streams and commits each patient on its own.
+    for k, block in enumerate(blocks):
+        token = tokenize(base, k)
+        batch = dask.delayed(_cut_windows)(block, k=k, dask_key_name=f"cut-windows-{token}", **where)
+        prob = dask.delayed(_predict_windows)(batch, weights=weights, precision=precision,
+                                              batch_size=int(batch_size), engine=engine,
+                                              dask_key_name=f"{PREDICT_TASK_PREFIX}{token}")
+        out = dask.delayed(_place_prob)(prob, k=k, dask_key_name=f"place-nodule-prob-{token}", **where)
+        placed.append(da.from_delayed(out, shape=(offsets[k + 1] - offsets[k],) + shape[1:], dtype=np.float32,
+                                      meta=np.empty((0, 0, 0), dtype=np.float32)))
+    return da.concatenate(placed, axis=0)
+
+
+def is_predict_key(key) -> bool:
+    """Whether a task key is one of the network's tasks (``predict-nodule-prob-…``, whatever dask appends)."""
+    name = key[0] if isinstance(key, tuple) else key
+    return isinstance(name, str) and name.startswith(PREDICT_TASK_PREFIX)
+
+
+class _ByTask:
+    """A per-key annotation value: ``predict`` for the network's tasks, ``other`` for the rest (None: none).
+
+    A callable because xarray's ``to_zarr(compute=False)`` hands the arrays to
+    ``dask.delayed``, which flattens their graph into one layer (and renames
+    every key): layer annotations made while building the graph are lost, but
+    a callable annotation of the layer is asked per key. Equal by value, so
+    layers annotated in one block stay fusable.
+    """
+
+    __slots__ = ("predict", "other")
+
+    def __init__(self, predict, other):
+        self.predict, self.other = predict, other
+
+    def __call__(self, key):
+        return self.predict if is_predict_key(key) else self.other
+
+    def __eq__(self, other):
+        return isinstance(other, _ByTask) and (self.predict, self.other) == (other.predict, other.other)
+
+    def __hash__(self):
+        return hash(repr((self.predict, self.other)))
+
+    def __repr__(self):
+        return f"_ByTask(predict={self.predict!r}, other={self.other!r})"
 
 
 @contextlib.contextmanager
-def annotate_gpu(gpus: int = 1):
-    """Restrict the tasks built inside the block to workers with a ``GPU`` resource.
+def annotate_gpu(gpus: int = 1, *, cpu_workers=()):
+    """Run the network's tasks built inside the block on workers with a ``GPU`` resource, the rest elsewhere.
 
-    Workers that should run inference are started with ``--resources GPU=1``;
-    CPU-only workers keep the other stages. Compute the result with
-    ``optimize_graph=False`` so fusion does not drop the annotation::
+    Workers that should run inference are started with ``--resources GPU=1``.
+    Only the predict tasks (:func:`is_predict_key`: the engine's call on a
+    batch of ready windows) need a GPU; the tasks that read, crop, normalise
+    and cut the windows, place the probabilities and write them are CPU work
+    and go to ``cpu_workers`` (addresses; without them anywhere, which on a
+    cluster often means the GPU worker, next to the predictions they take).
+    Inside the block low-level task fusion is off (it would merge a predict
+    task with its CPU neighbours into one task). Build the write inside the
+    block too (xarray re-wraps the graph) and compute with
+    ``optimize_graph=False``::
 
-        with annotate_gpu():
+        with annotate_gpu(cpu_workers=cpu_only):
             prob = predict_nodule_prob(hu_2mm)
         client.compute(prob, optimize_graph=False)
 
     Parameters
     ----------
     gpus : int, optional
-        GPU resource units each task holds while it runs.
+        GPU resource units each predict task holds while it runs.
+    cpu_workers : list of str, optional
+        Worker addresses for every other task built in the block.
     """
-    if gpus < 1:
-        raise ValueError(f"gpus must be >= 1, got {gpus!r}")
-    with dask.annotate(resources={"GPU": gpus}):
+    if not isinstance(gpus, (int, np.integer)) or gpus < 1:
+        raise ValueError(f"gpus must be an integer >= 1, got {gpus!r}")
+    if isinstance(cpu_workers, str):
+        raise ValueError(f"cpu_workers must be a list of worker addresses, got the string {cpu_workers!r}")
+    annotations = {"resources": _ByTask({"GPU": int(gpus)}, None)}
+    cpu_workers = sorted(cpu_workers or ())
+    if cpu_workers:
+        annotations.update(workers=_ByTask(None, cpu_workers), allow_other_workers=False)
+    # Low-level fusion would hide a predict task in a CPU one; fusing layers with different annotations
+    # would merge these callables as if they were values.
+    with dask.annotate(**annotations), dask.config.set({"optimization.fuse.active": False,
+                                                        "optimization.annotations.fuse": False}):
         yield

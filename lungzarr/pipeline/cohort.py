@@ -1,12 +1,13 @@
 """The cohort entry points: :func:`run` (any stages, every patient), :func:`ingest` and :func:`store_status`."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 from lungzarr.errors import LungzarrError, PatientError
 from lungzarr.pipeline.checks import check_run_config
 from lungzarr.pipeline.inputs import record_input, scan_input
-from lungzarr.pipeline.placement import compute_options
+from lungzarr.pipeline.placement import compute_options, cpu_task_workers
 from lungzarr.pipeline.runner import Progress, StageSummary, stream_stages
 from lungzarr.pipeline.stage import StageOptions
 from lungzarr.pipeline.stages import ordered_stages, stage_names
@@ -219,6 +220,7 @@ def _stream(store, items, stages, options, *, overwrite, batch_size, client, pro
         return pending
 
     placement = compute_options(client, stages, gpu=options.gpu)
+    options = dataclasses.replace(options, cpu_workers=cpu_task_workers(client, gpu=options.gpu))
     first = stages[0]
     prefetch = None
     if client is not None and first.prefetch is not None:

@@ -1,7 +1,7 @@
 """Which workers of a cluster may run a stage's tasks: GPU workers and CPU-only workers."""
 from __future__ import annotations
 
-__all__ = ["gpu_workers", "cpu_only_workers", "compute_options"]
+__all__ = ["gpu_workers", "cpu_only_workers", "compute_options", "cpu_task_workers"]
 
 
 def _workers(client) -> dict:
@@ -33,3 +33,19 @@ def compute_options(client, stages, *, gpu: bool) -> dict:
         return {}
     return {stage.name: {"workers": cpu_only, "allow_other_workers": False}
             for stage in stages if stage.placement == "cpu"}
+
+
+def cpu_task_workers(client, *, gpu: bool) -> tuple[str, ...]:
+    """Where the CPU tasks of a GPU stage may run: the CPU-only workers when the cluster has GPU workers too.
+
+    Empty (anywhere) without a client, without ``gpu``, or when every worker
+    has a GPU (a cluster of one GPU worker then runs the whole stage). A
+    stage-wide ``workers=`` cannot do this: it would apply to the GPU tasks
+    too, so the stage annotates its CPU tasks with these addresses.
+    """
+    if client is None or not gpu:
+        return ()
+    cpu_only = cpu_only_workers(client)
+    if not cpu_only or not gpu_workers(client):
+        return ()
+    return tuple(cpu_only)

@@ -42,6 +42,11 @@ class StageOptions:
         (OpenVINO on CPU workers when installed, Keras on GPU workers),
         ``keras``, ``openvino`` or ``onnxruntime``. :func:`lungzarr.pipeline.run`
         resolves ``auto`` and checks the engine before any patient.
+    cpu_workers : tuple of str
+        With ``gpu``: the CPU-only workers' addresses when the cluster has
+        some (:func:`lungzarr.pipeline.placement.cpu_task_workers`, set by
+        :func:`lungzarr.pipeline.run`); a GPU stage's CPU tasks are annotated
+        to run only there. Empty: anywhere.
     crop : str
         What the UNet predicts (:data:`lungzarr.model.geometry.CROPS`): ``fixed``
         (the whole detection crop, the original's) or ``lungs`` (one box per
@@ -57,6 +62,7 @@ class StageOptions:
     strict: bool = False
     engine: str = "auto"
     crop: str = "fixed"
+    cpu_workers: tuple = ()
 
 
 @dataclass(frozen=True)

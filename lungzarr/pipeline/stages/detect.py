@@ -30,13 +30,24 @@ def _record_box(store_path, patient, box):
 
 
 def _prepare(store, patient, _, options):
+    from lungzarr.model.infer import annotate_gpu
+
+    # With GPU workers only the network runs there (the predict tasks); every other task of the stage (read,
+    # crop, normalise and cut the windows, place the probabilities, write) goes to the CPU-only workers.
+    # annotate_gpu annotates task by task: a stage-wide workers= would apply to the predict tasks too.
+    placed = annotate_gpu(cpu_workers=options.cpu_workers) if options.gpu else nullcontext()
+    with placed:
+        return _build(store, patient, options)
+
+
+def _build(store, patient, options):
     import dask
     import xarray as xr
 
     from lungzarr.algorithms.crop import SPECK_SHARE
     from lungzarr.model.engines import get_version, resolve_engine
     from lungzarr.model.geometry import LUNG_BOX_MARGIN, detection_crop, fixed_box, predicted_slices
-    from lungzarr.model.infer import annotate_gpu, predict_nodule_prob
+    from lungzarr.model.infer import predict_nodule_prob
 
     # Only hu_2mm's graph is needed here: no Dataset (coordinates, every variable's metadata) in the client.
     hu_2mm = store.lazy_array(patient, "hu_2mm")
@@ -46,14 +57,12 @@ def _prepare(store, patient, _, options):
         # it. pure=True: its key is derived from the mask's dask name (store path, patient, file stat).
         box = dask.delayed(_lung_box_task, pure=True)(store.lazy_array(patient, "lungs"), LUNG_BOX_MARGIN,
                                                       SPECK_SHARE)
-    gpu = annotate_gpu if options.gpu else nullcontext
     engine = resolve_engine(options.engine, gpu=options.gpu)
-    with gpu():
-        # Few large predict calls (a GPU idles on 16-window calls); stored in the usual chunks.
-        # Tasks of whole store chunks (the last one may take a short remainder): no rechunk to write.
-        prob = predict_nodule_prob(hu_2mm.rechunk({0: task_slices(options.chunk_slices)}), weights=options.weights,
-                                   batch_size=options.infer_batch, precision=options.precision, engine=engine,
-                                   box=box)
+    # One predict task per z-chunk of task_slices (64+ windows: few large calls, a GPU idles on small ones);
+    # tasks of whole store chunks (the last one may take a short remainder): no rechunk to write.
+    prob = predict_nodule_prob(hu_2mm.rechunk({0: task_slices(options.chunk_slices)}), weights=options.weights,
+                               batch_size=options.infer_batch, precision=options.precision, engine=engine,
+                               box=box)
     predicted = [int(predicted_slices(hu_2mm.shape[0]).start), int(predicted_slices(hu_2mm.shape[0]).stop)]
     # The fixed crop's box is known now; the lung box is written into the attrs by a worker (_record_box).
     attrs = box_attrs({"crop": "fixed", **fixed_box(hu_2mm.shape)}) if box is None else {"crop": "lungs"}
@@ -69,10 +78,9 @@ def _prepare(store, patient, _, options):
               "engine": engine, "engine_version": get_version(engine), "crop": options.crop}
     if box is None:
         record["lung_box"] = None
-    # to_zarr(compute=False) optimises and re-wraps the graph, which drops the annotation made
-    # above: annotate the write too, so every task of the stage keeps the GPU restriction.
-    with gpu():
-        pending = store.prepare_stage(patient, "detect", encoded(out, options.chunk_slices), record=record)
+    # Built inside _prepare's annotate_gpu: to_zarr(compute=False) flattens the graph into one layer, which
+    # keeps the per-task annotations only because they are asked of each key.
+    pending = store.prepare_stage(patient, "detect", encoded(out, options.chunk_slices), record=record)
     if box is not None:
         pending.then(_record_box, str(store.path), patient, box)
     return pending
