@@ -257,3 +257,20 @@ def test_same_model_on_another_backend(backend, trained, tmp_path):
     got = np.load(tmp_path / "y.npy")
     expected = trained.predict(x, verbose=0)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_a_shipped_copy_whose_worker_has_gone_is_forgotten_not_opened(tmp_path, monkeypatch):
+    """An in-process worker (a closed LocalCluster(processes=False)) leaves its copy's path in this process:
+    once its folder is removed, tasks use the client's verified file (plain or ShippedWeights.source)."""
+    from lungzarr.model import shipping
+    from lungzarr.model.d8 import WEIGHTS_SHA256, verify_weights
+
+    real = str(verify_weights(None))
+    monkeypatch.setitem(shipping._SHIPPED, WEIGHTS_SHA256, tmp_path / "gone" / "d8.h5")
+    assert shipping.task_weights(real) == real
+    assert shipping.task_weights(shipping.ShippedWeights(WEIGHTS_SHA256, real)) == real
+    assert WEIGHTS_SHA256 not in shipping._SHIPPED
+    present = tmp_path / "d8.h5"
+    present.write_bytes(b"")
+    shipping._SHIPPED[WEIGHTS_SHA256] = present
+    assert shipping.task_weights(shipping.ShippedWeights(WEIGHTS_SHA256, real)) == str(present)

@@ -109,6 +109,12 @@ class WeightsPlugin(WorkerPlugin):
             raise LungzarrError(f"the d8 weights shipped to worker {worker.address} have sha256 {actual}, "
                                 f"expected {self.sha256}: the transfer or the worker's disk damaged them")
         _SHIPPED[self.sha256] = path
+        self._path = path
+
+    def teardown(self, worker):
+        # In-process workers share this module with the client: forget this worker's copy with it.
+        if _SHIPPED.get(self.sha256) == getattr(self, "_path", None):
+            _SHIPPED.pop(self.sha256, None)
 
 
 def ship_weights(client, weights=None) -> ShippedWeights:
@@ -153,9 +159,14 @@ def task_weights(weights) -> str:
     way the model is built only after its sha256 is checked
     (:func:`lungzarr.model.d8.build_d8`).
     """
+    if not isinstance(weights, ShippedWeights) and Path(weights).is_file():
+        return str(weights)  # a graph built without shipping (no client): the path the caller verified
     shipped = _SHIPPED.get(WEIGHTS_SHA256)
-    if shipped is not None:
+    if shipped is not None and shipped.is_file():
         return str(shipped)
+    # A copy of a worker that has gone (an in-process worker of a closed cluster, its folder removed)
+    # is forgotten, never opened.
+    _SHIPPED.pop(WEIGHTS_SHA256, None)
     weights = weights.source if isinstance(weights, ShippedWeights) else weights
     if not Path(weights).is_file():
         raise LungzarrError(f"the d8 weights were not shipped to this worker and {str(weights)!r} is not on its "
