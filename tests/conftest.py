@@ -24,6 +24,15 @@ DSB_PATIENT = "0acbebb8d463b4b9ca88cf38431aac69"
 SHARED_WEIGHTS = SHARED / "models" / "d8_2x2x2_best_weights.h5"
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stop_processes(*procs, timeout: float = 30) -> None:
     """Terminate processes a test started (a scheduler, its workers), then kill any that outlive ``timeout``."""
     import subprocess

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LIDC_DIR, RICORD_DIR, shared_path, stop_processes
+from conftest import LIDC_DIR, RICORD_DIR, free_port, shared_path, stop_processes
+from s3_server import clear_fs_cache, moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -31,58 +31,18 @@ KEY_ID = "LZTESTKEYID4711"
 SECRET = "lz-test-secret-0f9e8d7c6b5a"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clear_fs_cache():
-    """fsspec keeps one S3FileSystem per process: drop it so the next one reads the current environment."""
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on loopback with bucket ``cohort``; this process's AWS_* point at it.
 
     Yields the environment (credentials, endpoint) the workers get.
     """
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                  stderr=subprocess.STDOUT)
-    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    _clear_fs_cache()
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
-        import fsspec
+    import fsspec
 
-        fs = fsspec.filesystem("s3")
-        fs.mkdir(BUCKET)
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with moto_s3(key_id=KEY_ID, secret=SECRET, log=log) as (_, env):
+        fsspec.filesystem("s3").mkdir(BUCKET)
         yield env
-    finally:
-        stop_processes(server)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _clear_fs_cache()
 
 
 def _nifti_volume(path):
@@ -127,7 +87,7 @@ def cluster(s3, tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("cluster")
     dask_bin = shutil.which("dask") or str(Path(PY).with_name("dask"))
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "LUNGZARR_"))}
     # tests/ too: the workers unpickle this module's small helpers (client.run) by reference.
@@ -357,15 +317,15 @@ def test_an_unreachable_object_store_is_one_run_level_error_without_the_secrets(
     from lungzarr.errors import LungzarrError
     from lungzarr.pipeline import ingest
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    _clear_fs_cache()
+    clear_fs_cache()
     try:
         with pytest.raises(LungzarrError) as info:
             ingest(f"s3://{BUCKET}/a/", tmp_path / "x.zarr")
     finally:
         monkeypatch.undo()
-        _clear_fs_cache()
+        clear_fs_cache()
     message = str(info.value)
     assert "cannot list INPUT 's3://cohort/a' (EndpointConnectionError" in message, message
     assert "<$AWS_ENDPOINT_URL>" in message  # the endpoint's value is blanked, its variable named

@@ -24,7 +24,7 @@ import lungzarr
 from lungzarr.errors import LungzarrError, StoreLockedError
 from lungzarr.io.storage import STAGING_GROUP, CohortStore
 
-from conftest import stop_processes
+from s3_server import moto_s3
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
@@ -32,43 +32,11 @@ SECRET = f"lungzarr-test-secret-{uuid.uuid4().hex}"
 KEY_ID = f"LZTESTKEY{uuid.uuid4().hex[:10].upper()}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_env():
     """A moto S3 server on loopback (a separate process) and the environment that points at it."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint,
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in (*env, "AWS_PROFILE", "AWS_SESSION_TOKEN")}
-    os.environ.update(env)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("the moto S3 server did not start") from None
-                time.sleep(0.1)
+    with moto_s3(key_id=KEY_ID, secret=SECRET):
         yield {**os.environ, "PYTHONPATH": str(REPO)}
-    finally:
-        stop_processes(server)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture

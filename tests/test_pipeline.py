@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 from lungzarr.demo import write_demo_cohort
 from lungzarr.io.storage import CohortStore
 
-from conftest import stop_processes
+from conftest import free_port, stop_processes
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
@@ -114,15 +113,10 @@ def test_second_run_on_a_locked_store_is_refused(demo_input, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ingest_on_a_separately_started_scheduler_and_worker(demo_input, tmp_path):
     dask_bin = shutil.which("dask") or str(Path(PY).with_name("dask"))
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     # This tree's lungzarr on the scheduler (it unpickles the graphs) and the worker, not the installed one.
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "PYTHONPATH": str(REPO)}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import stop_processes
+from conftest import free_port, stop_processes
 from dicom_phantoms import edit_header, make_patient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,11 +75,6 @@ def _tls_env(files) -> dict:
             "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(files["key"])}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _plain_env() -> dict:
     """This process's environment without any dask TLS setting."""
@@ -96,7 +91,7 @@ def tls_cluster(tmp_path):
     files = make_tls_files(tmp_path / "tls")
     dask_bin = shutil.which("dask") or str(Path(PY).with_name("dask"))
     tls_args = ["--tls-ca-file", str(files["ca"]), "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"])]
-    port = _free_port()
+    port = free_port()
     address = f"tls://127.0.0.1:{port}"
     env = {**_plain_env(), "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "PYTHONPATH": str(REPO)}
     scheduler = subprocess.Popen([dask_bin, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port",

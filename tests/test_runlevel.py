@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from lungzarr.model.d8 import WEIGHTS_SHA256
 from lungzarr.pipeline import ingest, run
 from lungzarr.pipeline.checks import check_run_config, check_store
 
+from conftest import free_port
 from dicom_phantoms import make_patient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,11 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _flat(text: str) -> str:
     return "".join(text.split())
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -82,7 +77,7 @@ def test_wrong_weights_stop_run_before_any_patient(cohort, bad_weights):
 def test_wrong_weights_are_checked_before_the_cluster_starts(cohort, bad_weights):
     root, store = cohort
     # Nothing listens on this port: the weights' message, not the scheduler's, proves the order.
-    result = _invoke("run", root, store, "--weights", bad_weights, "--scheduler", f"tcp://127.0.0.1:{_free_port()}")
+    result = _invoke("run", root, store, "--weights", bad_weights, "--scheduler", f"tcp://127.0.0.1:{free_port()}")
     _assert_run_level(result, "has sha256")
 
 
@@ -113,7 +108,7 @@ def test_precision_is_a_choice(cohort):
 
 def test_unreachable_scheduler_fails_in_seconds_with_one_sentence(cohort):
     root, store = cohort
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lungzarr.cli", "ingest", str(root), str(store),
