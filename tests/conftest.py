@@ -33,6 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_workers(address: str, n: int, *, timeout: float = 90, security=None) -> None:
+    """Wait until the scheduler a test started at ``address`` has ``n`` workers (it may not listen yet)."""
+    import time
+
+    from distributed import Client
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with Client(address, security=security, timeout="10s") as client:
+                client.wait_for_workers(n, timeout=timeout)
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def stop_processes(*procs, timeout: float = 30) -> None:
     """Terminate processes a test started (a scheduler, its workers), then kill any that outlive ``timeout``."""
     import subprocess

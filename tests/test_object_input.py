@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LIDC_DIR, RICORD_DIR, free_port, shared_path, stop_processes
+from conftest import LIDC_DIR, RICORD_DIR, free_port, shared_path, stop_processes, wait_for_workers
 from s3_server import clear_fs_cache, moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,18 +109,7 @@ def cluster(s3, tmp_path_factory):
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=folder))
         folders.append(folder)
     try:
-        from distributed import Client
-
-        deadline = time.time() + 90
-        while True:
-            try:
-                with Client(address, timeout="10s") as client:
-                    client.wait_for_workers(2, timeout=90)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_for_workers(address, 2, timeout=90)
         yield address, folders
     finally:
         stop_processes(*procs[1:], procs[0])

@@ -113,7 +113,6 @@ def test_second_run_on_a_locked_store_is_refused(demo_input, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-
 def test_ingest_on_a_separately_started_scheduler_and_worker(demo_input, tmp_path):
     dask_bin = shutil.which("dask") or str(Path(PY).with_name("dask"))
     port = free_port()

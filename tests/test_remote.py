@@ -15,12 +15,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, stop_processes
+from conftest import free_port, stop_processes, wait_for_workers
 from dicom_phantoms import edit_header, make_patient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,21 +100,11 @@ def tls_cluster(tmp_path):
                                "127.0.0.1", "--dashboard-address", "127.0.0.1:0", *tls_args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
     try:
-        from distributed import Client
         from distributed.security import Security
 
         security = Security(tls_ca_file=str(files["ca"]), tls_client_cert=str(files["cert"]),
                             tls_client_key=str(files["key"]), require_encryption=True)
-        deadline = time.time() + 60
-        while True:  # the scheduler may not listen yet
-            try:
-                with Client(address, security=security, timeout="10s") as client:
-                    client.wait_for_workers(1, timeout=60)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_for_workers(address, 1, timeout=60, security=security)
         yield address, files
     finally:
         stop_processes(worker, scheduler)

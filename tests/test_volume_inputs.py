@@ -78,25 +78,25 @@ def _assert_same_as_dicom(store_path, dicom_pid, ids, hu, grid):
         assert "sop_instance_uid" not in ds.coords and "sop_instance_uid" in ref.coords
 
 
-@pytest.mark.requires_shared
-def test_lidc_slab_as_mhd_and_nifti_ingests_to_the_dicoms_hu_and_grid(tmp_path, lidc_dir):
-    hu, grid = dicom.load_hu(lidc_dir)
-    ids = _input_with_variants(tmp_path / "in", lidc_dir, hu, grid)
+def _assert_variants_ingest_like_the_dicom(tmp_path, dicom_dir):
+    """The DICOM folder beside its .mhd/.mha/.nii/.nii.gz copies (LPS and RAS) ingests to one `hu` and grid."""
+    hu, grid = dicom.load_hu(dicom_dir)
+    ids = _input_with_variants(tmp_path / "in", dicom_dir, hu, grid)
     with dask.config.set(scheduler="threads"):
         summary = ingest(tmp_path / "in", tmp_path / "s.zarr")
     assert summary.failed == [] and sorted(summary.done) == sorted(["DCM", *ids.values()])
     _assert_same_as_dicom(tmp_path / "s.zarr", "DCM", ids, hu, grid)
+
+
+@pytest.mark.requires_shared
+def test_lidc_slab_as_mhd_and_nifti_ingests_to_the_dicoms_hu_and_grid(tmp_path, lidc_dir):
+    _assert_variants_ingest_like_the_dicom(tmp_path, lidc_dir)
 
 
 @pytest.mark.slow
 @pytest.mark.requires_shared
 def test_ricord_slab_as_mhd_and_nifti_ingests_to_the_dicoms_hu_and_grid(tmp_path, ricord_dir):
-    hu, grid = dicom.load_hu(ricord_dir)
-    ids = _input_with_variants(tmp_path / "in", ricord_dir, hu, grid)
-    with dask.config.set(scheduler="threads"):
-        summary = ingest(tmp_path / "in", tmp_path / "s.zarr")
-    assert summary.failed == [] and sorted(summary.done) == sorted(["DCM", *ids.values()])
-    _assert_same_as_dicom(tmp_path / "s.zarr", "DCM", ids, hu, grid)
+    _assert_variants_ingest_like_the_dicom(tmp_path, ricord_dir)
 
 
 @pytest.mark.requires_shared
