@@ -219,19 +219,27 @@ print(json.dumps(seen))
 """
 
 
-def test_a_reader_sees_the_old_or_the_new_table_never_a_torn_one(tmp_path):
-    store_path = tmp_path / "t.zarr"
-    store = CohortStore(store_path)
+def _race_a_table_reader(store, seconds: float, env):
+    """Rewrite the nodule table version after version while a reader process (:data:`_READER`) reads it.
+
+    Returns the last version written and what the reader saw (``[version, rows, columns, whole]`` per read).
+    """
     store.write_table("nodules", _versioned_frame(0), dim="nodule")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    reader = subprocess.Popen([sys.executable, "-c", _READER, str(store_path), "8"], stdout=subprocess.PIPE,
-                              text=True, env=env)
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(store.path), str(seconds)],
+                              stdout=subprocess.PIPE, text=True, env=env)
     version = 0
     while reader.poll() is None:
         version += 1
         store.write_table("nodules", _versioned_frame(version), dim="nodule")
     seen = json.loads(reader.stdout.read())
     assert reader.returncode == 0
+    return version, seen
+
+
+def test_a_reader_sees_the_old_or_the_new_table_never_a_torn_one(tmp_path):
+    store_path = tmp_path / "t.zarr"
+    store = CohortStore(store_path)
+    version, seen = _race_a_table_reader(store, 8, {**os.environ, "PYTHONPATH": str(REPO)})
     assert version >= 8 and len(seen) >= 8, (version, len(seen))
     assert all(whole for *_, whole in seen), [s for s in seen if not s[-1]][:5]
     assert len({v for v, *_ in seen}) > 5                  # it did read while the tables changed

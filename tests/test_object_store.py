@@ -366,21 +366,12 @@ def test_whole_run_on_the_lidc_slab_to_s3_on_a_local_cluster_matches_a_directory
 
 @pytest.mark.slow  # each 38-column table write is ~500 requests to the loopback server
 def test_a_reader_of_an_s3_store_sees_the_old_or_the_new_table_never_a_torn_one(s3_env, bucket):
-    import json
-
     import pandas as pd
-    from test_integrity import _READER, _versioned_frame
+    from test_integrity import _race_a_table_reader, _versioned_frame
 
     url = f"s3://{bucket}/t.zarr"
     store = CohortStore(url)
-    store.write_table("nodules", _versioned_frame(0), dim="nodule")
-    reader = subprocess.Popen([PY, "-c", _READER, url, "40"], stdout=subprocess.PIPE, text=True, env=s3_env)
-    version = 0
-    while reader.poll() is None:
-        version += 1
-        store.write_table("nodules", _versioned_frame(version), dim="nodule")
-    seen = json.loads(reader.stdout.read())
-    assert reader.returncode == 0
+    version, seen = _race_a_table_reader(store, 40, s3_env)
     assert version >= 3 and len(seen) >= 3, (version, len(seen))
     assert all(whole for *_, whole in seen), [s for s in seen if not s[-1]][:5]
     assert len({v for v, *_ in seen}) >= 2  # it did read while the tables changed
