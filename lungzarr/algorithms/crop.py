@@ -220,8 +220,7 @@ def lung_box(lungs, *, margin: int | None = None, speck_share: float = SPECK_SHA
         ``dropped_components`` and ``dropped_voxels``. Plain ints, lists and
         strings: it goes into the stage record and the array's attrs.
     """
-    from scipy import ndimage as ndi
-
+    from lungzarr.algorithms.components import find_components
     from lungzarr.model.geometry import LUNG_BOX_MARGIN, box_around, fixed_box
 
     margin = LUNG_BOX_MARGIN if margin is None else margin
@@ -230,19 +229,18 @@ def lung_box(lungs, *, margin: int | None = None, speck_share: float = SPECK_SHA
     mask = np.asarray(_unwrap_xarray(lungs), dtype=bool)
     if mask.ndim != 3:
         raise ValueError(f"lungs must be a 3-D (z, y, x) mask, got shape {mask.shape!r}")
-    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    out = {"crop": "lungs", "margin": int(margin), "speck_share": float(speck_share), "components": int(n),
+    comps = find_components(mask)  # 26-connected, with each component's voxels and bounding box
+    sizes = comps.voxels
+    out = {"crop": "lungs", "margin": int(margin), "speck_share": float(speck_share), "components": int(comps.count),
            "dropped_components": 0, "dropped_voxels": 0, "lung_bbox": None}
-    if n == 0:
+    if comps.count == 0:
         out.update(fixed_box(mask.shape), crop="fixed",
                    reason="the lung mask is empty: the whole detection crop is predicted (--crop fixed)")
         return out
     small = sizes < float(speck_share) * sizes.max()
-    if small.any():
-        mask = np.isin(labels, np.flatnonzero(~small) + 1)
-        out.update(dropped_components=int(small.sum()), dropped_voxels=int(sizes[small].sum()))
-    bbox = mask_bbox(mask)
+    out.update(dropped_components=int(small.sum()), dropped_voxels=int(sizes[small].sum()))
+    # The kept components' bounding box is the union of their own boxes.
+    bbox = (*comps.start[~small].min(axis=0), *comps.stop[~small].max(axis=0))
     out["lung_bbox"] = [int(v) for v in bbox]
     out.update(box_around(bbox, mask.shape, margin=margin))
     return out
