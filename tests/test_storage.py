@@ -314,3 +314,19 @@ def test_lazy_array_equals_the_datasets_variable_and_is_named_per_patient_and_st
         cohort.lazy_array("P1", "lungs")
     with pytest.raises(LungzarrError, match="not in store"):
         cohort.lazy_array("P3", "hu_2mm")
+
+
+def test_lazy_array_name_changes_with_every_commit_even_when_the_metadata_stat_does_not(tmp_path, monkeypatch):
+    """An object's mtime has 1 s resolution and a same-shape rewrite leaves its metadata unchanged: the name
+    still changes with the patient's stage commits (each has its own id), so dask never merges the two."""
+    root = tmp_path / "in"
+    make_patient(root / "P1", seed=1)
+    store = tmp_path / "s.zarr"
+    ingest(root, store, chunk_slices=4)
+    before = CohortStore(store, mode="r").lazy_array("P1", "hu_2mm").name
+    meta = store / "patients" / "P1" / "hu_2mm" / "zarr.json"
+    frozen = meta.stat()
+    ingest(root, store, chunk_slices=4, overwrite=True)
+    os.utime(meta, ns=(frozen.st_atime_ns, frozen.st_mtime_ns))  # as if rewritten within the same instant
+    assert meta.stat().st_mtime_ns == frozen.st_mtime_ns and meta.stat().st_size == frozen.st_size
+    assert CohortStore(store, mode="r").lazy_array("P1", "hu_2mm").name != before

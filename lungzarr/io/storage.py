@@ -1186,8 +1186,11 @@ class CohortStore:
             raise LungzarrError(f"patient {patient!r} has no array {name!r} in store {str(self.path)!r}; "
                                 f"run the stage that writes it first") from None
         array = self._zarr.open_array(self._zstore, path=path, mode="r", zarr_format=3)
+        # The stage commits' ids too: unique per write, where an object's mtime has 1 s resolution and
+        # its ETag is that of metadata a rewrite of the same shape leaves unchanged.
+        commits = sorted((stage, record.get("id")) for stage, record in self.stages(patient).items())
         token = tokenize(str(self.path.resolve()), patient, name, stat.st_mtime_ns, stat.st_size,
-                         getattr(stat, "st_etag", None))  # an object's mtime has 1 s resolution
+                         getattr(stat, "st_etag", None), commits)
         return da.from_zarr(array, name=f"open-{name}-{token}")
 
     def has_subgroup(self, patient: str, subgroup: str) -> bool:
