@@ -8,6 +8,7 @@
     python -m benchmarks overlap [--patients 4] [--small]                # streamed vs stage by stage, CPU + "GPU" worker
     python -m benchmarks engines [--rounds 3] [--stage-rounds 2]         # Keras-TF vs OpenVINO vs ONNX Runtime (real windows)
     python -m benchmarks lungbox [--rounds 2] [--also-margin 8]          # detect --crop fixed vs lungs (real patients)
+    python -m benchmarks detect  [--rounds 2] [--variants ...]           # the detect stage: as it was vs every speed-up
 
 Every command synthesises its DICOM cohort into a temporary folder (deleted
 at the end), runs each variant in a fresh child process (so peaks are the
@@ -52,7 +53,8 @@ def child_baseline(args: dict) -> dict:
     from benchmarks.measure import Sampler
 
     # TensorFlow and the model only where the UNet runs (they dominate a process's RSS).
-    warm = warm_model() if "detect" in (args.get("stages") or STAGES) else 0.0
+    # The baseline predicts with the original's literal layers (benchmarks/baseline.py).
+    warm = warm_model(fold_upsampling=False) if "detect" in (args.get("stages") or STAGES) else 0.0
     rows = []
     with Sampler({"main": os.getpid()}) as sampler:
         for pid, folder in args["patients"]:
@@ -98,6 +100,8 @@ def child_pipeline(args: dict) -> dict:
 
     store = Path(args["store"])
     opts = dict(batch_size=args["batch_size"], chunk_slices=args["chunk_slices"])
+    # The detect stage's options (engine, crop) for the run() calls; ingest takes none of them.
+    run_opts = dict(args.get("run_opts") or {})
     stages = args.get("stages") or list(STAGES)
     preimport()
     t_start = time.perf_counter()
@@ -106,7 +110,7 @@ def child_pipeline(args: dict) -> dict:
         startup = time.perf_counter() - t_start
         pids = client.run(os.getpid)
         client.run(preimport)
-        warm = client.run(warm_model) if "detect" in stages else {"none": 0.0}
+        warm = client.run(warm_model, run_opts.get("engine", "auto")) if "detect" in stages else {"none": 0.0}
         names = {"main": os.getpid(), **{f"worker-{i}": pid for i, pid in enumerate(sorted(pids.values()))}}
         # The client process (scheduler, nannies, comms) burns CPU even when idle: measure that rate, so
         # the per-patient client figure can be told from the part that only grows with the wall time.
@@ -126,7 +130,8 @@ def child_pipeline(args: dict) -> dict:
                         if stage == "ingest":
                             summary = pipeline.ingest(args["input"], store, client=client, **opts)
                         else:
-                            summary = pipeline.run(None, store, stages=[stage], client=client, **opts)[0]
+                            summary = pipeline.run(None, store, stages=[stage], client=client, **opts,
+                                                   **run_opts)[0]
                     out["stages"][stage] = {"wall_s": time.perf_counter() - s0, "summary_s": summary.seconds,
                                             "cpu_s": sampler.cpu_seconds() - c0, "done": len(summary.done),
                                             # the client process: scheduler, graph building, commits
@@ -136,11 +141,12 @@ def child_pipeline(args: dict) -> dict:
             else:
                 c0 = sampler.cpu_seconds()
                 if list(stages) == list(STAGES):
-                    summaries = pipeline.run(args["input"], store, client=client, **opts)
+                    summaries = pipeline.run(args["input"], store, client=client, **opts, **run_opts)
                 else:  # a prefix of the stages: ingest, then the rest in one run() call
                     summaries = [pipeline.ingest(args["input"], store, client=client, **opts)]
                     if len(stages) > 1:
-                        summaries += pipeline.run(None, store, stages=list(stages[1:]), client=client, **opts)
+                        summaries += pipeline.run(None, store, stages=list(stages[1:]), client=client, **opts,
+                                                  **run_opts)
                 for s in summaries:
                     out["stages"][s.stage] = {"summary_s": s.seconds, "done": len(s.done),
                                               "failed": s.failed[:3]}
@@ -223,9 +229,15 @@ def child_lungbox(args: dict) -> dict:
     return run(args)
 
 
+def child_detect(args: dict) -> dict:
+    from benchmarks.bench_detect import child_detect as run
+
+    return run(args)
+
+
 CHILDREN = {"baseline": child_baseline, "pipeline": child_pipeline, "profile": child_profile,
             "overlap": child_overlap, "engines": child_engines, "engines_stage": child_engines_stage,
-            "engine_memory": child_engine_memory, "lungbox": child_lungbox}
+            "engine_memory": child_engine_memory, "lungbox": child_lungbox, "detect": child_detect}
 
 
 # ====================================================================== cohort and summaries
@@ -328,6 +340,7 @@ def cmd_stages(a) -> dict:
                                                    "workers": a.workers, "batch_size": a.batch_size,
                                                    "chunk_slices": a.chunk_slices, "mode": "stagewise",
                                                    "stages": a.stages,
+                                                   "run_opts": {"engine": a.engine, "crop": a.crop},
                                                    "malloc_trim": kind == "pipeline_malloc_trim"})
                     shutil.rmtree(store, ignore_errors=True)
                 print(f"round {r} {kind}: {got[kind]['process_wall_s']:.0f} s", flush=True)
@@ -580,6 +593,8 @@ def main(argv=None):
     common(p)
     p.add_argument("--patients", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="baseline/pipeline pairs, order alternating")
+    p.add_argument("--engine", default="auto", help="the pipeline's UNet engine (the baseline: Keras, literal)")
+    p.add_argument("--crop", default="fixed", choices=("fixed", "lungs"), help="the pipeline's detect crop")
     p.add_argument("--compare-worker-env", action="store_true",
                    help="also run the pipeline with distributed's default worker environment "
                         "(MALLOC_TRIM_THRESHOLD_=65536), same run")
@@ -611,6 +626,11 @@ def main(argv=None):
     p.add_argument("--also-margin", type=int, nargs="*", default=[8],
                    help="extra lung-box margins to compare (smaller than the network's reach: not exact)")
     p.add_argument("--name", default=None, help="results/<name>.json (default lungbox)")
+    p = sub.add_parser("detect", help="the detect stage per real patient: Keras-TF as it was vs engine, form, crop")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over every patient and variant")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="ENGINE-(literal|folded)-(fixed|lungs); default: see benchmarks/bench_detect.py")
+    p.add_argument("--name", default=None, help="results/<name>.json (default detect)")
     p = sub.add_parser("project", help="the 1595-patient projection from a stages result")
     p.add_argument("--from", dest="source", nargs="+", default=[str(RESULTS / "stages.json")])
     p.add_argument("--name", default=None)
@@ -640,6 +660,11 @@ def main(argv=None):
         from benchmarks.bench_lungbox import cmd_lungbox
 
         cmd_lungbox(a)
+    elif a.command == "detect":
+        from benchmarks.bench_detect import DEFAULT_VARIANTS, cmd_detect
+
+        a.variants = a.variants or list(DEFAULT_VARIANTS)
+        cmd_detect(a)
     elif a.command == "overlap":
         from benchmarks.bench_overlap import cmd_overlap
 

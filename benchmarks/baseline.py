@@ -73,7 +73,8 @@ def run_patient(folder, *, patient: str, batch_size: int = 8, timer=None, stages
         dy, dx = h % 4, w % 4
         images = normalize_hu(hu_2mm[:, dy:, dx:])
         windows = np.stack([images[i:i + 8] for i in range(nz - 8)])[..., np.newaxis]
-        pred = get_model().predict(windows, batch_size=batch_size, verbose=0)[:, 0, :, :, 0]
+        # The original's literal layers (lungzarr folds the upsampling by default: docs/algorithms.md §5).
+        pred = get_model(fold_upsampling=False).predict(windows, batch_size=batch_size, verbose=0)[:, 0, :, :, 0]
         del windows
         pred = np.where(pred < 0.5, 0, pred).astype(np.float32)
         prob = np.zeros(hu_2mm.shape, np.float32)

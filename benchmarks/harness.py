@@ -13,14 +13,14 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 
 
-def warm_model():
-    """Import TensorFlow, build the d8 model and run one tiny predict (per process, before timing)."""
+def warm_model(engine: str = "keras", fold_upsampling: bool = True):
+    """Load ``engine`` (Keras: import TensorFlow, build the d8 model) and run one tiny predict, before timing."""
     import numpy as np
 
-    from lungzarr.model.d8 import get_model
+    from lungzarr.model.engines import get_engine, resolve_engine
 
     t0 = time.perf_counter()
-    get_model().predict(np.zeros((1, 8, 32, 32, 1), np.float32), verbose=0)
+    get_engine(resolve_engine(engine), fold_upsampling=fold_upsampling).predict(np.zeros((1, 8, 32, 32, 1), np.float32))
     return time.perf_counter() - t0
 
 

@@ -130,6 +130,11 @@ class Crop(str, enum.Enum):
     lungs = "lungs"
 
 
+FoldOpt = typer.Option(True, "--fold-upsampling/--literal-upsampling",
+                       help="The d8 network's form: each upsampling folded into the convolution after it (22 % "
+                            "fewer multiply-adds, the same function to float32 rounding), or the original's "
+                            "literal layers.")
+
 CropOpt = typer.Option(Crop.fixed, "--crop", case_sensitive=False,
                        help="What the UNet predicts: fixed (the whole slice, the original's; the DSB2017 export "
                             "needs it) or lungs (one box per patient around its lung mask: the same "
@@ -394,7 +399,8 @@ def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path tur
         infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
         overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt,
         dashboard_address: Optional[str] = DashboardOpt, strict: bool = StrictOpt, engine: Engine = EngineOpt,
-        crop: Crop = CropOpt, verify: bool = typer.Option(False, "--verify", help="First read every stored chunk of these patients "
+        crop: Crop = CropOpt, fold_upsampling: bool = FoldOpt,
+        verify: bool = typer.Option(False, "--verify", help="First read every stored chunk of these patients "
                                                             "and redo the damaged stages (see `lungzarr verify`).")):
     """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
     from lungzarr.pipeline import run as run_pipeline
@@ -405,7 +411,7 @@ def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path tur
             input_dir, store, labels=labels, weights=weights, chunk_slices=chunk_slices, batch_size=batch_size,
             precision=precision.value, infer_batch=infer_batch, patients=patients, overwrite=overwrite,
             client=client, gpu=_gpu_flag(client), progress=progress, strict=strict, verify=verify,
-            engine=engine.value, crop=crop.value),
+            engine=engine.value, crop=crop.value, fold_upsampling=fold_upsampling),
         scheduler=scheduler, dashboard_address=dashboard_address, progress=True,
         checks=_run_checks(store, stage_names(), weights=weights, precision=precision.value, scheduler=scheduler,
                            engine=engine.value))
@@ -440,12 +446,13 @@ def detect(store: Path = StoreArg,
            infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
            scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt,
-           engine: Engine = EngineOpt, crop: Crop = CropOpt):
+           engine: Engine = EngineOpt, crop: Crop = CropOpt, fold_upsampling: bool = FoldOpt):
     """The d8 UNet: nodule probability maps of every segmented patient."""
     raise typer.Exit(_print_summary(_stages(
         store, ["detect"], weights=weights, precision=precision.value, infer_batch=infer_batch,
         chunk_slices=chunk_slices, batch_size=batch_size, patients=patients, overwrite=overwrite,
-        scheduler=scheduler, dashboard_address=dashboard_address, engine=engine.value, crop=crop.value)))
+        scheduler=scheduler, dashboard_address=dashboard_address, engine=engine.value, crop=crop.value,
+        fold_upsampling=fold_upsampling)))
 
 
 @app.command(short_help='Per-nodule tables and patient measures; optional export.')

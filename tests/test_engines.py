@@ -119,6 +119,9 @@ def test_cache_key_has_every_part():
     assert key["weights_sha256"] == WEIGHTS_SHA256
     assert set(key["versions"]) == {"keras", "openvino"}
     assert len(key["definition_sha256"]) == 64
+    assert key["fold_upsampling"] is True
+    literal = engines.export_key("openvino", weights_sha256=WEIGHTS_SHA256, fold_upsampling=False)
+    assert engines._key_folder(literal) != engines._key_folder(key)
     other_weights = engines.export_key("openvino", weights_sha256="0" * 64)
     assert engines._key_folder(other_weights) != engines._key_folder(key)
     onnx = engines.export_key("onnxruntime", weights_sha256=WEIGHTS_SHA256)
@@ -202,3 +205,18 @@ def test_missing_engine_stops_the_cli_before_any_patient(tmp_path, monkeypatch):
 def test_predict_nodule_prob_checks_the_engine_name():
     with pytest.raises(ValueError, match="engine must be one of"):
         infer.predict_nodule_prob(np.zeros((10, 16, 16), np.int16), engine="tflite")
+
+
+@pytest.mark.requires_shared
+def test_the_literal_network_through_detect_makes_the_same_decisions(lidc_slab, capsys):
+    """``fold_upsampling=False`` reaches the workers' engine: its own task keys, the same p >= 0.5 voxels."""
+    hu, folded = lidc_slab
+    lazy = infer.predict_nodule_prob(hu, engine="keras", fold_upsampling=False)
+    assert lazy.name != infer.predict_nodule_prob(hu, engine="keras").name
+    literal = lazy.compute()
+    stats = _agreement(literal, folded)
+    with capsys.disabled():
+        print(f"\nliteral vs folded d8 (keras), LIDC-IDRI-0001 slab {hu.shape}: {stats}")
+    assert stats["keras_p_ge_0.5"] > 500 and stats["changed"] == 0
+    assert 0 < stats["max_dp"] < MAX_DP
+    assert engines.get_engine("keras", fold_upsampling=False).model is not engines.get_engine("keras").model

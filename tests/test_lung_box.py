@@ -309,3 +309,30 @@ def test_dsb2017_patient_same_nodules_with_crop_lungs(dsb_dir, capsys):
 
     with capsys.disabled():
         _report(f"DSB2017 {DSB_PATIENT[:6]}", fixed, got, lungs, table(fixed), table(got), box)
+
+
+def test_literal_upsampling_through_the_cli_is_recorded(phantom_store):
+    """``detect --literal-upsampling`` runs the original's layers: recorded in attrs and stage record."""
+    from typer.testing import CliRunner
+
+    from lungzarr.cli import app
+    from lungzarr.io.storage import CohortStore
+    from lungzarr.pipeline import run
+
+    probs = {}
+    with dask.config.set(scheduler="threads"):
+        for fold in (False, True):
+            if fold:
+                assert run(None, phantom_store, stages=["detect"], engine="keras", overwrite=True)[0].done == ["PH-1"]
+            else:
+                r = CliRunner().invoke(app, ["detect", str(phantom_store), "--scheduler", "threads", "--engine",
+                                             "keras", "--literal-upsampling", "--overwrite"])
+                assert r.exit_code == 0, r.output
+            store = CohortStore(phantom_store, mode="r")
+            ds = store.open_patient("PH-1")
+            assert ds.nodule_prob.attrs["fold_upsampling"] is fold
+            assert store.stages("PH-1")["detect"]["fold_upsampling"] is fold
+            probs[fold] = ds.nodule_prob.values
+    assert (probs[True] >= 0.5).sum() > 0
+    assert np.array_equal(probs[True] >= 0.5, probs[False] >= 0.5)
+    np.testing.assert_allclose(probs[True], probs[False], atol=1e-4, rtol=0)

@@ -74,8 +74,8 @@ def test_to_keras_kernel_transposes_and_flips():
 
 def test_unflipped_weights_have_no_public_switch():
     public = {name for name in inspect.signature(d8.build_d8).parameters if not name.startswith("_")}
-    assert public == {"weights", "precision"}
-    assert set(inspect.signature(d8.get_model).parameters) == {"weights", "precision"}
+    assert public == {"weights", "precision", "fold_upsampling"}
+    assert set(inspect.signature(d8.get_model).parameters) == {"weights", "precision", "fold_upsampling"}
 
 
 # --------------------------------------------------------------------------- framework-free proof of the flip
@@ -100,6 +100,82 @@ def test_layer_equals_numpy_true_convolution(trained, layer_index, layer_name, i
     # Without the flip the same layer computes something else.
     plain = _true_convolution(x, kernel[:, :, ::-1, ::-1, ::-1], bias)
     assert np.abs(np.maximum(plain, 0) - expected).max() > 1e-2
+
+
+# --------------------------------------------------------------------------- the folded upsampling
+def _upsample2(x):
+    return x.repeat(2, axis=0).repeat(2, axis=1).repeat(2, axis=2)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 1, 1), (4, 6, 2)])
+def test_folded_kernel_is_the_upsampled_convolution_in_numpy(shape):
+    # Framework-free: a 3x3x3 'same' cross-correlation (scipy, zero border) of the 2x nearest-neighbour
+    # upsampling equals the eight folded 2x2x2 kernels applied to the small volume, in float64.
+    rng = np.random.default_rng(sum(shape))
+    cin, cout = 3, 2
+    x = rng.normal(size=shape + (cin,))
+    kernel = rng.normal(size=(3, 3, 3, cin, cout))
+    expected = np.zeros(tuple(2 * n for n in shape) + (cout,))
+    for o in range(cout):
+        for i in range(cin):
+            expected[..., o] += ndimage.correlate(_upsample2(x[..., i]), kernel[..., i, o], mode="constant")
+    folded = d8.fold_upsampling_kernel(kernel)
+    assert folded.shape == (2, 2, 2, cin, 8 * cout)
+    padded = np.pad(x, [(1, 1)] * 3 + [(0, 0)])
+    got = np.zeros_like(expected)
+    for pz in (0, 1):
+        for py in (0, 1):
+            for px in (0, 1):
+                g = 4 * pz + 2 * py + px
+                k = folded[..., g * cout:(g + 1) * cout]
+                for a in range(shape[0]):
+                    for b in range(shape[1]):
+                        for c in range(shape[2]):
+                            patch = padded[a + pz:a + pz + 2, b + py:b + py + 2, c + px:c + px + 2]
+                            got[2 * a + pz, 2 * b + py, 2 * c + px] = np.einsum("zyxi,zyxio->o", patch, k)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    # The identity needs the right taps: the other phase's kernels give something else.
+    assert np.abs(d8.fold_upsampling_kernel(kernel[::-1])[..., :cout] - folded[..., :cout]).max() > 1e-3
+    with pytest.raises(ValueError, match="3, 3, 3"):
+        d8.fold_upsampling_kernel(kernel[:2])
+
+
+def test_folded_layer_equals_the_literal_layers():
+    import keras
+
+    rng = np.random.default_rng(7)
+    low = rng.normal(0.2, 1.0, (2, 2, 5, 3, 6)).astype(np.float32)
+    skip = rng.normal(0.2, 1.0, (2, 4, 10, 6, 4)).astype(np.float32)
+    kernel = rng.normal(0, 0.3, (3, 3, 3, 10, 5)).astype(np.float32)
+    bias = rng.normal(0, 0.3, (5,)).astype(np.float32)
+    folded = d8._folded_upsample_conv3d()(5, up_channels=6, skip_channels=4)
+    folded.set_weights([kernel, bias])
+    conv = keras.layers.Conv3D(5, 3, padding="same", activation="relu")
+    conv.build((None, 4, 10, 6, 10))
+    conv.set_weights([kernel, bias])
+    merged = np.concatenate([_upsample2(low.transpose(1, 2, 3, 4, 0)).transpose(4, 0, 1, 2, 3), skip], axis=-1)
+    expected = keras.ops.convert_to_numpy(conv(merged))
+    got = keras.ops.convert_to_numpy(folded(low, skip))
+    assert 0.2 < (expected > 0).mean() < 0.8
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.requires_shared
+def test_folded_and_literal_networks_make_the_same_decisions(dsb_dir, trained):
+    literal = d8.build_d8(fold_upsampling=False)
+    assert [layer.name for layer in d8._conv_layers(literal)] == [layer.name for layer in d8._conv_layers(trained)]
+    assert literal.count_params() == trained.count_params()
+    images, _ = _dsb_windows(dsb_dir)
+    # Windows through the patient's nodule (p >= 0.5 voxels on both sides of the threshold).
+    x = np.stack([images[i:i + 8] for i in range(136, 144)])[..., np.newaxis]
+    a = literal.predict(x, batch_size=4, verbose=0)
+    b = trained.predict(x, batch_size=4, verbose=0)
+    dp = float(np.abs(a - b).max())
+    print(f"\nfolded vs literal d8, DSB2017 windows 136-143: max |dp| {dp:.2e}, "
+          f"p >= 0.5 voxels {int((a >= 0.5).sum())}")
+    assert (a >= 0.5).sum() > 50
+    assert np.array_equal(a >= 0.5, b >= 0.5)
+    assert 0 < dp < 1e-4  # float32 rounding of another summation order, not another function
 
 
 def test_architecture_shapes(trained):

@@ -12,6 +12,12 @@ The trained weights are a Keras-1 HDF5 file saved under Theano. Theano's
 ``conv3d`` is a true convolution, so every kernel is flipped along its three
 spatial axes when loaded into Keras 3, which cross-correlates.
 
+Two forms of the one network (``fold_upsampling``): the literal layer sequence
+of the original (nearest-neighbour ``UpSampling3D``, ``Concatenate``,
+``Conv3D``), and the default, in which each upsampling is folded into the
+convolution that follows it (:func:`fold_upsampling_kernel`): the same
+function with 22 % fewer multiply-adds, the same weights and layer names.
+
 Keras is imported inside the functions that need it, so importing this module
 stays cheap.
 """
@@ -38,6 +44,7 @@ __all__ = [
     "verify_weights",
     "read_theano_weights",
     "to_keras_kernel",
+    "fold_upsampling_kernel",
     "build_d8",
     "get_model",
     "model_lock",
@@ -187,6 +194,97 @@ def to_keras_kernel(kernel, *, flip: bool = True) -> np.ndarray:
     return np.ascontiguousarray(kernel.transpose(2, 3, 4, 1, 0))
 
 
+# --------------------------------------------------------------------------- folded upsampling
+#: ``_FOLD_TAPS[p]`` maps a 3-tap kernel axis onto the 2 taps that output phase ``p``
+#: (even ``p = 0``, odd ``p = 1``) of a nearest-neighbour upsampling by 2 reads.
+_FOLD_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
+                       [[1, 1, 0], [0, 0, 1]]], dtype=np.float32)
+
+
+def fold_upsampling_kernel(kernel, *, xp=np):
+    """The eight 2 x 2 x 2 kernels that apply a 3 x 3 x 3 kernel to a 2x nearest-neighbour upsampling.
+
+    With ``u = upsample2(x)`` (each voxel repeated twice along z, y and x) and
+    a cross-correlation ``k`` of size 3 with a zero border of 1 ("same"), the
+    output at ``2a + p`` along an axis reads ``u[2a + p - 1 .. 2a + p + 1]``,
+    which are ``x[a - 1], x[a], x[a]`` for the even phase ``p = 0`` and
+    ``x[a], x[a], x[a + 1]`` for the odd one: a 2-tap kernel on ``x`` itself,
+    ``(k0, k1 + k2)`` over ``x[a - 1 .. a]`` or ``(k0 + k1, k2)`` over
+    ``x[a .. a + 1]``. The zero border of ``u`` is the upsampled zero border of
+    ``x``, so the identity holds at the edges too. Over three axes: 8 phases of
+    8 taps instead of 27 taps on 8 times the voxels, 27/8 = 3.4x fewer
+    multiply-adds for the upsampled inputs. It is exact in real arithmetic; in
+    float32 only the order of the additions changes.
+
+    Parameters
+    ----------
+    kernel : array, shape (3, 3, 3, in, out)
+        A Keras ``Conv3D`` kernel (cross-correlation), applied to the upsampled input.
+    xp : module, optional
+        ``numpy`` (default) or ``keras.ops``, for use inside a model.
+
+    Returns
+    -------
+    array, shape (2, 2, 2, in, 8 * out)
+        Phase ``(pz, py, px)`` in output channels ``g * out .. (g + 1) * out``,
+        ``g = 4 pz + 2 py + px``. Applied by a valid cross-correlation to ``x``
+        padded with one zero on every side, phase ``p`` of an axis is the
+        result's positions ``p .. p + n - 1`` (see ``_d8_network``).
+    """
+    if tuple(kernel.shape[:3]) != (3, 3, 3):
+        raise ValueError(f"kernel must be (3, 3, 3, in, out), got shape {tuple(kernel.shape)!r}")
+    taps = _FOLD_TAPS if xp is np else xp.convert_to_tensor(_FOLD_TAPS, dtype=kernel.dtype)
+    return xp.concatenate([xp.einsum("az,by,cx,zyxio->abcio", taps[pz], taps[py], taps[px], kernel)
+                           for pz in (0, 1) for py in (0, 1) for px in (0, 1)], axis=-1)
+
+
+_FOLDED_LAYER = None
+
+
+def _folded_upsample_conv3d():
+    """The ``FoldedUpsampleConv3D`` layer class (defined on first use: Keras loads lazily)."""
+    global _FOLDED_LAYER
+    if _FOLDED_LAYER is not None:
+        return _FOLDED_LAYER
+    import keras
+    from keras import ops
+
+    class FoldedUpsampleConv3D(keras.layers.Layer):
+        """``relu(Conv3D_same(concat[upsample2(low), skip]))`` without the upsampled tensor.
+
+        Its weights are those of that ``Conv3D``: ``kernel (3, 3, 3, up + skip, filters)``
+        and ``bias``; the upsampled part of the kernel is folded (:func:`fold_upsampling_kernel`)
+        at each call, so loading, counting and exporting the weights is unchanged.
+        """
+
+        def __init__(self, filters, *, up_channels, skip_channels, **kwargs):
+            super().__init__(**kwargs)
+            self.filters, self.up_channels, self.skip_channels = int(filters), int(up_channels), int(skip_channels)
+            self.kernel = self.add_weight(shape=(3, 3, 3, self.up_channels + self.skip_channels, self.filters),
+                                          initializer="glorot_uniform", name="kernel")
+            self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+
+        def call(self, low, skip):
+            kernel = ops.cast(self.kernel, self.compute_dtype)
+            folded = fold_upsampling_kernel(kernel[:, :, :, :self.up_channels], xp=ops)
+            q = ops.conv(ops.pad(low, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]]), folded, padding="valid")
+            shape = ops.shape(low)
+            n, nz, ny, nx, c = shape[0], shape[1], shape[2], shape[3], self.filters
+            phases = [q[:, pz:pz + nz, py:py + ny, px:px + nx, g * c:(g + 1) * c]
+                      for g, (pz, py, px) in enumerate((pz, py, px) for pz in (0, 1) for py in (0, 1) for px in (0, 1))]
+            # (n, z, y, x, pz, py, px, c) -> (n, z, pz, y, py, x, px, c): phase p of voxel a is output 2a + p.
+            up = ops.reshape(ops.stack(phases, axis=4), (n, nz, ny, nx, 2, 2, 2, c))
+            up = ops.reshape(ops.transpose(up, (0, 1, 4, 2, 5, 3, 6, 7)), (n, 2 * nz, 2 * ny, 2 * nx, c))
+            skipped = ops.conv(skip, kernel[:, :, :, self.up_channels:], padding="same")
+            return ops.relu(up + skipped + ops.cast(self.bias, self.compute_dtype))
+
+        def compute_output_shape(self, low_shape, skip_shape):
+            return tuple(skip_shape[:-1]) + (self.filters,)
+
+    _FOLDED_LAYER = FoldedUpsampleConv3D
+    return _FOLDED_LAYER
+
+
 # --------------------------------------------------------------------------- network
 def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
@@ -194,8 +292,13 @@ def _check_precision(precision: str) -> str:
     return PRECISIONS[precision]
 
 
-def _d8_network(precision: str = "fp32"):
-    """The untrained d8 network (layers named after their role, not the file)."""
+def _d8_network(precision: str = "fp32", *, fold_upsampling: bool = True):
+    """The untrained d8 network (layers named after their role, not the file).
+
+    ``fold_upsampling``: each nearest-neighbour upsampling, its concatenation and
+    the convolution after them are one ``FoldedUpsampleConv3D`` (same weights,
+    same name as that convolution); else the literal layers of the original.
+    """
     import keras
     from keras import layers
 
@@ -208,6 +311,15 @@ def _d8_network(precision: str = "fp32"):
     def pool(x, size, name):
         return layers.MaxPooling3D(pool_size=size, dtype=policy, name=name)(x)
 
+    def up_conv(low, skip, filters, name, up_name, concat_name):
+        # Concatenation order [upsampled, skip], as the original's merge (§5).
+        if fold_upsampling:
+            return _folded_upsample_conv3d()(filters, up_channels=low.shape[-1], skip_channels=skip.shape[-1],
+                                             dtype=policy, name=name)(low, skip)
+        merged = layers.Concatenate(axis=-1, dtype=policy, name=concat_name)(
+            [layers.UpSampling3D(2, dtype=policy, name=up_name)(low), skip])
+        return conv(merged, filters, 3, name)
+
     inputs = keras.Input((WINDOW, None, None, 1), name="window")
     c1 = conv(inputs, 20, 3, "down1_conv1")
     c1 = conv(c1, 20, 3, "down1_conv2")
@@ -215,14 +327,9 @@ def _d8_network(precision: str = "fp32"):
     c2 = conv(c2, 40, 3, "down2_conv2")
     c4 = conv(pool(c2, 2, "down2_pool"), 80, 3, "bottom_conv1")
     c4 = conv(c4, 80, 3, "bottom_conv2")
-    # Concatenation order [upsampled, skip], as the original's merge (§5).
-    u6 = layers.Concatenate(axis=-1, dtype=policy, name="up1_concat")(
-        [layers.UpSampling3D(2, dtype=policy, name="up1_upsample")(c4), c2])
-    c6 = conv(u6, 40, 3, "up1_conv1")
+    c6 = up_conv(c4, c2, 40, "up1_conv1", "up1_upsample", "up1_concat")
     c6 = conv(c6, 40, 3, "up1_conv2")
-    u7 = layers.Concatenate(axis=-1, dtype=policy, name="up2_concat")(
-        [layers.UpSampling3D(2, dtype=policy, name="up2_upsample")(c6), c1])
-    c7 = conv(u7, 20, 3, "up2_conv1")
+    c7 = up_conv(c6, c1, 20, "up2_conv1", "up2_upsample", "up2_concat")
     c7 = conv(c7, 20, 3, "up2_conv2")
     # Collapse the 8 slices to 1 with three (2,1,1) pools and z-only convolutions.
     z = pool(c7, (2, 1, 1), "zpool1")
@@ -266,12 +373,11 @@ def _strict_fp32() -> None:
 
 
 def _conv_layers(model):
-    import keras
+    """The layers that hold a convolution kernel, in the order of the weights file."""
+    return [layer for layer in model.layers if getattr(layer, "kernel", None) is not None]
 
-    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv3D)]
 
-
-def build_d8(*, weights=None, precision: str = "fp32", _flip_kernels: bool = True):
+def build_d8(*, weights=None, precision: str = "fp32", fold_upsampling: bool = True, _flip_kernels: bool = True):
     """Build the d8 network and load the trained weights.
 
     Parameters
@@ -285,6 +391,12 @@ def build_d8(*, weights=None, precision: str = "fp32", _flip_kernels: bool = Tru
         meant for GPUs. "fp32" also turns TF32 off in the backend (see
         ``_strict_fp32``): the default, until a benchmark shows that a lower
         precision keeps the decisions.
+    fold_upsampling : bool, optional
+        Fold each 2x nearest-neighbour upsampling into the convolution after it
+        (:func:`fold_upsampling_kernel`; default): the same function and
+        weights with 22 % fewer multiply-adds; probabilities equal to float32
+        rounding (max |dp| 2e-5 on the real windows of ``benchmarks engines``,
+        the same p >= 0.5 voxels). False builds the original's literal layers.
 
     Returns
     -------
@@ -300,7 +412,7 @@ def build_d8(*, weights=None, precision: str = "fp32", _flip_kernels: bool = Tru
     with quiet_backend_startup():
         if precision == "fp32":
             _strict_fp32()
-        model = _d8_network(precision)
+        model = _d8_network(precision, fold_upsampling=fold_upsampling)
     file_layers = read_theano_weights(path)
     model_layers = _conv_layers(model)
     if len(file_layers) != len(model_layers):
@@ -322,8 +434,8 @@ _MODELS: dict = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def get_model(weights=None, precision: str = "fp32"):
-    """The d8 model for ``(weights, precision)``, built once per process.
+def get_model(weights=None, precision: str = "fp32", fold_upsampling: bool = True):
+    """The d8 model for ``(weights, precision, fold_upsampling)``, built once per process.
 
     Dask workers call this inside their tasks, so each worker process builds
     the network and reads (and verifies) the weights once, whatever the number
@@ -331,7 +443,7 @@ def get_model(weights=None, precision: str = "fp32"):
 
     Parameters
     ----------
-    weights, precision
+    weights, precision, fold_upsampling
         See :func:`build_d8`.
 
     Returns
@@ -341,11 +453,11 @@ def get_model(weights=None, precision: str = "fp32"):
         ``predict`` when several threads may call it.
     """
     _check_precision(precision)
-    key = (str(resolve_weights(weights)), precision)
+    key = (str(resolve_weights(weights)), precision, bool(fold_upsampling))
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
-            model = build_d8(weights=key[0], precision=precision)
+            model = build_d8(weights=key[0], precision=precision, fold_upsampling=key[2])
             _MODELS[key] = model
     return model
 

@@ -37,8 +37,9 @@ cannot drift from it:
 Exported graphs are cached on disk, in ``$LUNGZARR_CACHE`` or the user cache
 directory (``platformdirs.user_cache_dir("lungzarr")`` when platformdirs is
 installed, else ``~/.cache/lungzarr``), one folder per :func:`export_key`:
-the weights' sha256, a hash of the network's definition (``d8.py``), the
-Keras version and the engine's (and its exporter's) versions. The input
+the weights' sha256, a hash of the network's definition (``d8.py``) and
+its form (``fold_upsampling``), the Keras version and the engine's (and its
+exporter's) versions. The input
 shape is not part of it: the graphs are dynamic in y and x, so one graph
 serves every crop shape. A new key is a new folder, so a change of any part
 rebuilds the graph; a folder is written under a temporary name and renamed
@@ -180,7 +181,7 @@ def cache_dir() -> Path:
 _DEFINITION = Path(__file__).resolve().parent / "d8.py"
 
 
-def export_key(engine: str, *, weights_sha256: str) -> dict:
+def export_key(engine: str, *, weights_sha256: str, fold_upsampling: bool = True) -> dict:
     """Everything an exported graph depends on (one cache folder per distinct key).
 
     Parameters
@@ -188,12 +189,15 @@ def export_key(engine: str, *, weights_sha256: str) -> dict:
     engine : {"openvino", "onnxruntime"}
     weights_sha256 : str
         sha256 of the weights file the graph was exported with.
+    fold_upsampling : bool, optional
+        The network's form (:func:`lungzarr.model.d8.build_d8`).
 
     Returns
     -------
     dict
         ``engine``, the versions of the engine's packages, of Keras, the
-        weights' sha256 and the sha256 of the network's definition (``d8.py``).
+        weights' sha256, the sha256 of the network's definition (``d8.py``)
+        and its form.
         No input shape: the graphs are dynamic in batch, y and x.
     """
     if engine not in _GRAPH_FILE:
@@ -201,7 +205,8 @@ def export_key(engine: str, *, weights_sha256: str) -> dict:
     return {"engine": engine,
             "versions": {p: _version(p) for p in ("keras",) + _EXPORTER[engine]},
             "weights_sha256": str(weights_sha256),
-            "definition_sha256": _sha256(_DEFINITION)}
+            "definition_sha256": _sha256(_DEFINITION),
+            "fold_upsampling": bool(fold_upsampling)}
 
 
 def _key_folder(key: dict) -> str:
@@ -209,13 +214,13 @@ def _key_folder(key: dict) -> str:
     return f"d8-{key['engine']}-{digest}"
 
 
-def _export(engine: str, weights, folder: Path) -> None:
+def _export(engine: str, weights, folder: Path, fold_upsampling: bool = True) -> None:
     """Write ``engine``'s graph of the fp32 d8 model into ``folder`` (Keras' own exporter)."""
     from lungzarr.model.d8 import build_d8
 
     # Always the fp32 model: Keras exports float32 dtype policies only; the engine's own
     # precision setting (OpenVINO's inference precision) applies the 16-bit ones.
-    model = build_d8(weights=weights, precision="fp32")
+    model = build_d8(weights=weights, precision="fp32", fold_upsampling=fold_upsampling)
     # Keras' ONNX exporter refuses a model that was never called; the signature it then
     # exports is still the model's own, (None, 8, None, None, 1): one tiny call is enough.
     model(np.zeros((1, 8, 4, 4, 1), np.float32))
@@ -225,7 +230,7 @@ def _export(engine: str, weights, folder: Path) -> None:
         raise RuntimeError(f"Keras' exporter wrote no {path.name}")
 
 
-def exported_graph(engine: str, *, weights=None) -> Path:
+def exported_graph(engine: str, *, weights=None, fold_upsampling: bool = True) -> Path:
     """The cached graph file of ``engine`` for ``weights``, exported first when missing.
 
     Parameters
@@ -233,6 +238,8 @@ def exported_graph(engine: str, *, weights=None) -> Path:
     engine : {"openvino", "onnxruntime"}
     weights : str or path-like, optional
         See :func:`lungzarr.model.d8.resolve_weights` (sha256-checked).
+    fold_upsampling : bool, optional
+        See :func:`lungzarr.model.d8.build_d8`.
 
     Returns
     -------
@@ -246,7 +253,7 @@ def exported_graph(engine: str, *, weights=None) -> Path:
         When the export fails or the cache folder cannot be written.
     """
     path = verify_weights(weights)
-    key = export_key(engine, weights_sha256=_sha256(path))
+    key = export_key(engine, weights_sha256=_sha256(path), fold_upsampling=fold_upsampling)
     root = cache_dir()
     final = root / _key_folder(key)
     graph = final / _GRAPH_FILE[engine]
@@ -261,7 +268,7 @@ def exported_graph(engine: str, *, weights=None) -> Path:
     try:
         t0 = time.perf_counter()
         try:
-            _export(engine, path, temp)
+            _export(engine, path, temp, fold_upsampling)
         except Exception as exc:
             raise LungzarrError(
                 f"exporting the d8 model to {engine} failed ({type(exc).__name__}: {exc}); check the "
@@ -286,8 +293,8 @@ class KerasEngine:
 
     name = "keras"
 
-    def __init__(self, *, weights=None, precision: str = "fp32"):
-        self.model = get_model(weights, precision)
+    def __init__(self, *, weights=None, precision: str = "fp32", fold_upsampling: bool = True):
+        self.model = get_model(weights, precision, fold_upsampling)
         self.version = _version("keras")
 
     def predict(self, windows, *, batch_size: int = 8) -> np.ndarray:
@@ -320,10 +327,10 @@ class OpenVINOEngine(_BatchedEngine):
 
     name = "openvino"
 
-    def __init__(self, *, weights=None, precision: str = "fp32"):
+    def __init__(self, *, weights=None, precision: str = "fp32", fold_upsampling: bool = True):
         import openvino as ov
 
-        self.graph = exported_graph("openvino", weights=weights)
+        self.graph = exported_graph("openvino", weights=weights, fold_upsampling=fold_upsampling)
         self.version = _version("openvino")
         core = ov.Core()
         t0 = time.perf_counter()
@@ -341,13 +348,13 @@ class OnnxRuntimeEngine(_BatchedEngine):
 
     name = "onnxruntime"
 
-    def __init__(self, *, weights=None, precision: str = "fp32"):
+    def __init__(self, *, weights=None, precision: str = "fp32", fold_upsampling: bool = True):
         import onnxruntime as ort
 
         if precision != "fp32":
             raise LungzarrError(f"engine 'onnxruntime' runs fp32 only, got precision {precision!r}; "
                                 f"use --engine openvino or keras for {precision}")
-        self.graph = exported_graph("onnxruntime", weights=weights)
+        self.graph = exported_graph("onnxruntime", weights=weights, fold_upsampling=fold_upsampling)
         self.version = _version("onnxruntime")
         t0 = time.perf_counter()
         self.session = ort.InferenceSession(str(self.graph), providers=["CPUExecutionProvider"])
@@ -367,8 +374,8 @@ def _missing(engine: str, why: str) -> LungzarrError:
                          f"or choose another --engine among {list(ENGINES)!r}")
 
 
-def get_engine(engine: str = "keras", weights=None, precision: str = "fp32"):
-    """The engine object for ``(engine, weights, precision)``, built once per process.
+def get_engine(engine: str = "keras", weights=None, precision: str = "fp32", fold_upsampling: bool = True):
+    """The engine object for ``(engine, weights, precision, fold_upsampling)``, built once per process.
 
     Dask workers call this inside their tasks, so each worker process loads
     (or exports) the graph and compiles it once, whatever the number of
@@ -378,7 +385,7 @@ def get_engine(engine: str = "keras", weights=None, precision: str = "fp32"):
     ----------
     engine : {"auto", "keras", "openvino", "onnxruntime"}
         ``auto`` is resolved here with ``gpu=False`` (see :func:`resolve_engine`).
-    weights, precision
+    weights, precision, fold_upsampling
         See :func:`lungzarr.model.d8.build_d8`.
 
     Returns
@@ -395,14 +402,14 @@ def get_engine(engine: str = "keras", weights=None, precision: str = "fp32"):
     name = resolve_engine(engine)
     from lungzarr.model.d8 import resolve_weights
 
-    key = (name, str(resolve_weights(weights)), precision)
+    key = (name, str(resolve_weights(weights)), precision, bool(fold_upsampling))
     with _ENGINES_LOCK:
         obj = _ENGINES.get(key)
         if obj is None:
             why = _import_error(name)
             if why is not None:
                 raise _missing(name, why)
-            obj = _CLASSES[name](weights=key[1], precision=precision)
+            obj = _CLASSES[name](weights=key[1], precision=precision, fold_upsampling=key[3])
             _ENGINES[key] = obj
     return obj
 
@@ -416,7 +423,8 @@ def require_engine(engine: str = "auto", *, gpu: bool = False) -> str:
     return name
 
 
-def prepare_engine(engine: str = "auto", *, weights=None, precision: str = "fp32", gpu: bool = False) -> str:
+def prepare_engine(engine: str = "auto", *, weights=None, precision: str = "fp32", gpu: bool = False,
+                   fold_upsampling: bool = True) -> str:
     """Check an engine before a run: resolve ``auto``, check it imports, export its graph to the cache.
 
     Run once in the client before any patient, so a missing or broken engine
@@ -430,6 +438,8 @@ def prepare_engine(engine: str = "auto", *, weights=None, precision: str = "fp32
         See :func:`lungzarr.model.d8.build_d8`.
     gpu : bool
         The UNet runs on GPU workers (``auto`` is Keras there).
+    fold_upsampling : bool, optional
+        The network's form whose graph is exported (see :func:`lungzarr.model.d8.build_d8`).
 
     Returns
     -------
@@ -448,6 +458,6 @@ def prepare_engine(engine: str = "auto", *, weights=None, precision: str = "fp32
         raise LungzarrError(f"engine 'onnxruntime' runs fp32 only, got precision {precision!r}; "
                             f"use --engine openvino or keras for {precision}")
     if name in _GRAPH_FILE:
-        exported_graph(name, weights=weights)
+        exported_graph(name, weights=weights, fold_upsampling=fold_upsampling)
     return name
 

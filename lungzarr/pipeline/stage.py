@@ -51,6 +51,9 @@ class StageOptions:
         What the UNet predicts (:data:`lungzarr.model.geometry.CROPS`): ``fixed``
         (the whole detection crop, the original's) or ``lungs`` (one box per
         patient around its lung mask; 0 outside it).
+    fold_upsampling : bool
+        The d8 network's form (:func:`lungzarr.model.d8.build_d8`): upsampling
+        folded into the next convolution (default), or the original's literal layers.
     """
 
     chunk_slices: int = 16
@@ -63,6 +66,7 @@ class StageOptions:
     engine: str = "auto"
     crop: str = "fixed"
     cpu_workers: tuple = ()
+    fold_upsampling: bool = True
 
 
 @dataclass(frozen=True)

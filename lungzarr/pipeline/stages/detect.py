@@ -62,7 +62,7 @@ def _build(store, patient, options):
     # tasks of whole store chunks (the last one may take a short remainder): no rechunk to write.
     prob = predict_nodule_prob(hu_2mm.rechunk({0: task_slices(options.chunk_slices)}), weights=options.weights,
                                batch_size=options.infer_batch, precision=options.precision, engine=engine,
-                               box=box)
+                               box=box, fold_upsampling=options.fold_upsampling)
     predicted = [int(predicted_slices(hu_2mm.shape[0]).start), int(predicted_slices(hu_2mm.shape[0]).stop)]
     # The fixed crop's box is known now; the lung box is written into the attrs by a worker (_record_box).
     attrs = box_attrs({"crop": "fixed", **fixed_box(hu_2mm.shape)}) if box is None else {"crop": "lungs"}
@@ -70,12 +70,14 @@ def _build(store, patient, options):
         "long_name": "d8 UNet nodule probability (values < 0.5 stored as 0)",
         "predicted_slices": predicted,
         "detection_crop_rows_cols": [int(n) for n in detection_crop(hu_2mm.shape)],
+        "fold_upsampling": bool(options.fold_upsampling),
         **attrs,
     })})
     weights = getattr(options.weights, "requested", options.weights)  # shipped: what the user passed
     record = {"precision": options.precision, "weights": str(weights or "default"),
               "predicted_slices": predicted, "gpu": bool(options.gpu),
-              "engine": engine, "engine_version": get_version(engine), "crop": options.crop}
+              "engine": engine, "engine_version": get_version(engine), "crop": options.crop,
+              "fold_upsampling": bool(options.fold_upsampling)}
     if box is None:
         record["lung_box"] = None
     # Built inside _prepare's annotate_gpu: to_zarr(compute=False) flattens the graph into one layer, which
