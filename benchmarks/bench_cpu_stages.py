@@ -241,9 +241,9 @@ def copies_run(work: Path, patient: str, k: int, scratch: Path) -> dict:
 def cmd_child(a) -> None:
     import dask
 
-    from benchmarks.harness import preimport
-
     import lungzarr
+
+    from benchmarks.harness import preimport
 
     print(f"measuring {lungzarr.__file__}", file=sys.stderr)
     work = Path(a.work)

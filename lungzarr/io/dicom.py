@@ -4,6 +4,16 @@ The only module of lungzarr that imports pydicom. It turns one patient folder
 into a :class:`Series` (headers only, validated, the chosen series and why) and
 the series into a lazy dask array of HU, decoded a chunk of slices at a time
 (docs/algorithms.md §1).
+
+Each file is parsed by pydicom once, for its header. Where that header shows a
+native little-endian single-frame greyscale slice of 8, 16 or 32 bits whose
+pixel data ends the file's dataset (:class:`PixelLayout`, see
+:func:`_native_layout`), the decode reads the pixel bytes straight from the
+file (or the object's bytes) with numpy, with pydicom's ``pixel_array`` result
+(same dtype, BitsStored < BitsAllocated shifted as pydicom does); every other
+file (compressed, deflated, big endian, 1-bit, multi-frame, odd lengths...) and
+any file whose size or mtime changed since its header was read is parsed and
+decoded by pydicom as before, with the same errors.
 """
 from __future__ import annotations
 
@@ -486,6 +496,13 @@ def read_header(path, *, patient: str | None = None, data: bytes | None = None) 
 
     ``data``: the file's bytes, already fetched (an object on object storage,
     ``path`` its URL); else the file ``path`` is opened.
+
+    For a slice whose pixels can be read without pydicom (native little-endian,
+    one greyscale frame of 8/16/32 bits, the pixel data element whole and last:
+    :func:`_native_layout` lists every condition) :attr:`SliceHeader.pixels`
+    records where they lie, their dtype and the unused-bit shift, with the
+    file's size and mtime (taken from the open file before it is parsed); else
+    it is None and the decode parses the file with pydicom.
     """
     import pydicom
 
@@ -1067,7 +1084,9 @@ def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None, files=No
     """The series as a lazy int16 dask array (z, y, x) of HU, ``chunk_slices`` slices a chunk.
 
     Each chunk decodes only its own files when computed, so writing the
-    volume never holds more than a few chunks in memory.
+    volume never holds more than a few chunks in memory: native slices straight
+    from their bytes where the header located them (:attr:`SliceHeader.pixels`),
+    the others with pydicom.
 
     Parameters
     ----------
