@@ -7,13 +7,14 @@ the series into a lazy dask array of HU, decoded a chunk of slices at a time
 
 Each file is parsed by pydicom once, for its header. Where that header shows a
 native little-endian single-frame greyscale slice of 8, 16 or 32 bits whose
-pixel data ends the file's dataset (:class:`PixelLayout`, see
-:func:`_native_layout`), the decode reads the pixel bytes straight from the
-file (or the object's bytes) with numpy, with pydicom's ``pixel_array`` result
-(same dtype, BitsStored < BitsAllocated shifted as pydicom does); every other
-file (compressed, deflated, big endian, 1-bit, multi-frame, odd lengths...) and
-any file whose size or mtime changed since its header was read is parsed and
-decoded by pydicom as before, with the same errors.
+(7FE0,0010) element holds exactly the bytes it needs and is followed by
+nothing but later elements (:class:`PixelLayout`; :func:`_native_layout` lists
+every condition), the decode reads the pixel bytes straight from the file (or
+the object's bytes) with numpy: pydicom's ``pixel_array`` result (its dtype;
+BitsStored < BitsAllocated masked or sign-extended as pydicom does). Every other
+file (compressed, deflated, big endian, 1-bit, multi-frame, colour, excess or
+missing pixel bytes...) and any file whose size or mtime changed since its
+header was read is parsed and decoded by pydicom as before, with the same errors.
 """
 from __future__ import annotations
 
