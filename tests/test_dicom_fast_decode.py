@@ -334,3 +334,23 @@ def test_phantom_series_hu_bit_identical_to_the_pydicom_path(tmp_path, monkeypat
     lazy = dicom.series_to_hu(series, chunk_slices=4).compute(scheduler="sync")
     assert calls == []            # no second parse: every slice read straight from its bytes
     assert np.array_equal(old, lazy) and np.array_equal(lazy, volume)
+
+
+@pytest.mark.parametrize("tag, fast", [(b"\x28\x00\x01\x01US\x02\x00", False),   # BitsStored: pydicom refuses
+                                       (b"\x28\x00\x02\x01US\x02\x00", True)])   # HighBit: pydicom ignores it
+def test_a_damaged_image_pixel_value_costs_no_header_and_decodes_as_before(tmp_path, tag, fast):
+    # A 3-byte US value: pydicom raises when it converts it. The header read never did (it does not need
+    # BitsStored or HighBit), and must not now that it records them.
+    path = make_patient(tmp_path / "P", n_slices=1)[0]
+    data = path.read_bytes()
+    i = data.index(tag)
+    path.write_bytes(data[:i] + tag[:6] + b"\x03\x00" + data[i + 8:i + 10] + b"\x00" + data[i + 10:])
+    header = dicom.read_header(path)
+    assert (header.pixels is not None) == fast
+    expected = _outcome(lambda: dicom._decode_one(str(path), replace(header, pixels=None)))
+    got = _outcome(lambda: dicom._decode_one(str(path), header))
+    assert got[0] == expected[0]
+    if fast:
+        assert _same_array(got[1], expected[1]) and header.high_bit is None
+    else:
+        assert got[1].reason == expected[1].reason and header.bits_stored is None

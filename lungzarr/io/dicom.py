@@ -397,6 +397,16 @@ def _pixel_damage(fh, ds, size: int, tsyntax: str) -> tuple[str | None, tuple | 
 _FAST_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
 
+def _quiet_int(ds, keyword: str) -> int | None:
+    """:func:`_as_int` of an element lungzarr only records: None where reading it warns or fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return _as_int(ds.get(keyword))
+    except Exception:
+        return None
+
+
 def _as_int(value) -> int | None:
     """``value`` when it is one integer (a US/IS value), else None (absent, empty, several values)."""
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
@@ -519,7 +529,10 @@ def read_header(path, *, patient: str | None = None, data: bytes | None = None) 
             opts = _pixel_options(ds) or {}
             layout = None
             if damage is None and (st is None or st.st_size == size):
-                layout = _native_layout(ds, opts, element, size, None if st is None else st.st_mtime_ns, fh)
+                try:  # what the fast path needs must never cost a file its header: pydicom decodes it instead
+                    layout = _native_layout(ds, opts, element, size, None if st is None else st.st_mtime_ns, fh)
+                except Exception:
+                    layout = None
         header = SliceHeader(
             path=str(path),
             sop_uid=str(ds.get("SOPInstanceUID", "")),
@@ -544,7 +557,7 @@ def read_header(path, *, patient: str | None = None, data: bytes | None = None) 
             damage=damage,
             bits_allocated=_as_int(opts.get("bits_allocated")),
             bits_stored=_as_int(opts.get("bits_stored")),
-            high_bit=_as_int(ds.get("HighBit")),
+            high_bit=_quiet_int(ds, "HighBit"),
             pixel_representation=_as_int(opts.get("pixel_representation")),
             pixels=layout,
         )
