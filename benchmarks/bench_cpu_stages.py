@@ -22,13 +22,17 @@ costs), not counted.
     python -m benchmarks.bench_cpu_stages ab     --work /tmp/lz-cpu --before /tmp/lz-before --rounds 3
     python -m benchmarks.bench_cpu_stages ab     --work /tmp/lz-cpu --before /tmp/lz-before --rounds 2 \
         --copies 3 --name cpu_stages_marginal     # what one more patient costs (run constants left out)
+    python -m benchmarks.bench_cpu_stages ab     --work /tmp/lz-cpu --before /tmp/lz-before --rounds 5 \
+        --stages ingest --name cpu_stages_ingest  # one stage only (the DICOM patients)
     python -m benchmarks.bench_cpu_stages profile --work /tmp/lz-cpu --stage nodules --patient SYN-0001
     LZ_KEEP_STORES=after python -m benchmarks.bench_cpu_stages child --work /tmp/lz-cpu   # (and before)
     python -m benchmarks.bench_cpu_stages compare --work /tmp/lz-cpu before after
 
 ``ab`` alternates fresh processes of the two checkouts (``--before`` is a directory with
 the other ``lungzarr`` package, e.g. ``git archive <commit> | tar -x -C DIR``), each
-checkout's own ``benchmarks`` driving it, and writes ``results/cpu_stages.json``.
+checkout's own ``benchmarks`` driving it, and writes ``results/cpu_stages.json``. With
+``--stages`` this checkout's driver runs both (``LZ_BENCH_PACKAGE_ROOT`` names the package to
+measure), so a checkout whose driver predates the option can be the other side.
 """
 from __future__ import annotations
 
@@ -97,25 +101,33 @@ def _measure(fn) -> float:
     return time.process_time() - c0
 
 
-def one_patient(work: Path, patient: str, scratch: Path) -> dict:
-    """CPU-s of each CPU stage for one patient (fresh stores under ``scratch``)."""
+def one_patient(work: Path, patient: str, scratch: Path, stages=None) -> dict:
+    """CPU-s of each CPU stage for one patient (fresh stores under ``scratch``).
+
+    ``stages``: measure only these (and run only what they need: ``segment`` and ``lungs3d``
+    follow an ingest; default all of them).
+    """
     from lungzarr import pipeline
 
+    stages = list(FROM_INPUT + FROM_BASE) if not stages else list(stages)
     out = {}
-    if patient != DSB:
+    from_input = [st for st in FROM_INPUT if st in stages]
+    if patient != DSB and from_input:
         store = scratch / f"{patient}-input.zarr"
         shutil.rmtree(store, ignore_errors=True)
         out["ingest"] = _measure(lambda: pipeline.run(_input_dir(work, patient), store, stages=["ingest"]))
-        for stage in ("segment", "lungs3d"):
+        for stage in FROM_INPUT[1:FROM_INPUT.index(from_input[-1]) + 1]:
             out[stage] = _measure(lambda stage=stage: pipeline.run(None, store, stages=[stage]))
+        out = {st: v for st, v in out.items() if st in stages}
         _keep(work, store, f"{patient}-input.zarr")
-    store = scratch / f"{patient}-base.zarr"
-    shutil.rmtree(store, ignore_errors=True)
-    shutil.copytree(work / "base" / f"{patient}.zarr", store)
-    for stage in FROM_BASE:
-        out[stage] = _measure(lambda stage=stage: pipeline.run(None, store, stages=[stage], overwrite=True))
-    _keep(work, store, f"{patient}-base.zarr")
-    return out
+    if any(st in stages for st in FROM_BASE):
+        store = scratch / f"{patient}-base.zarr"
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.copytree(work / "base" / f"{patient}.zarr", store)
+        for stage in FROM_BASE:
+            out[stage] = _measure(lambda stage=stage: pipeline.run(None, store, stages=[stage], overwrite=True))
+        _keep(work, store, f"{patient}-base.zarr")
+    return {st: v for st, v in out.items() if st in stages}
 
 
 def _keep(work: Path, store: Path, name: str) -> None:
@@ -229,19 +241,25 @@ def copies_run(work: Path, patient: str, k: int, scratch: Path) -> dict:
 def cmd_child(a) -> None:
     import dask
 
+    import lungzarr
+
     from benchmarks.harness import preimport
 
+    print(f"measuring {lungzarr.__file__}", file=sys.stderr)
     work = Path(a.work)
     scratch = work / "scratch" / f"{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
     preimport()
     try:
         with dask.config.set(scheduler="sync"):
-            one_patient(work, "LIDC-IDRI-0001", scratch)  # warm-up: imports and first calls
+            one_patient(work, "LIDC-IDRI-0001", scratch, a.stages)  # warm-up: imports and first calls
             if a.copies:
                 result = {f"{a.copies_of} x{k}": copies_run(work, a.copies_of, k, scratch) for k in (1, a.copies)}
             else:
-                result = {p: one_patient(work, p, scratch) for p in (a.patients or patients(work))}
+                every = a.patients or patients(work)
+                if a.stages and not set(a.stages) & set(FROM_BASE):
+                    every = [p for p in every if p != DSB]  # the DSB2017 patient has no DICOM
+                result = {p: one_patient(work, p, scratch, a.stages) for p in every}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(result))
@@ -312,8 +330,13 @@ def cmd_ab(a) -> None:
             env = {**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "2"}
             t0 = time.perf_counter()
             extra = ["--copies", str(a.copies), "--copies-of", a.copies_of] if a.copies else []
+            cwd = root
+            if a.stages:
+                # This checkout's driver (the other's may not know --stages) measuring ROOT's lungzarr.
+                extra += ["--stages", *a.stages]
+                env["LZ_BENCH_PACKAGE_ROOT"], cwd = str(root), REPO
             proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_cpu_stages", "child", "--work",
-                                   str(work), *extra], capture_output=True, text=True, env=env, cwd=root,
+                                   str(work), *extra], capture_output=True, text=True, env=env, cwd=cwd,
                                   check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"{name} child failed:\n{proc.stderr[-4000:]}")
@@ -348,6 +371,7 @@ def cmd_ab(a) -> None:
     result = {"what": "CPU-s (process_time) per patient of each CPU stage, one patient per store, dask sync "
                       "scheduler, fresh processes alternating before/after", "machine": machine(),
               "load_average_per_run": load, "rounds": a.rounds, "before": str(variants["before"]),
+              "stages": a.stages or list(FROM_INPUT + FROM_BASE),
               "summary": summary, "ratio_after_before": ratio, "runs": runs}
     out = HERE / "results" / f"{a.name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -362,6 +386,8 @@ def main(argv=None):
         p.add_argument("--work", required=True)
     sub.choices["child"].add_argument("--patients", nargs="*")
     for name in ("child", "ab"):
+        sub.choices[name].add_argument("--stages", nargs="+", choices=FROM_INPUT + FROM_BASE,
+                                       help="measure only these stages (default all)")
         sub.choices[name].add_argument("--copies", type=int, default=0,
                                        help="instead: 1 and K copies of --copies-of, one store and run each")
         sub.choices[name].add_argument("--copies-of", default="SYN-0001")
@@ -374,7 +400,8 @@ def main(argv=None):
     sub.choices["compare"].add_argument("a", help="a name under WORK/kept (LZ_KEEP_STORES of a child)")
     sub.choices["compare"].add_argument("b")
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(REPO))
+    # LZ_BENCH_PACKAGE_ROOT: the checkout whose lungzarr an ``ab --stages`` child measures.
+    sys.path.insert(0, os.environ.get("LZ_BENCH_PACKAGE_ROOT", str(REPO)))
     {"build": cmd_build, "child": cmd_child, "profile": cmd_profile, "ab": cmd_ab, "compare": cmd_compare}[a.cmd](a)
 
 
