@@ -70,6 +70,21 @@ def real_batches() -> dict:
     return out
 
 
+#: How the roofline's float32 matrix product is measured.
+SGEMM_NOTE = "numpy float32 matmul 2048 x 2048 x 2048, best of 3, process CPU-s (all threads)"
+
+
+def sgemm_rate() -> float:
+    """GFLOP per CPU-second of a dense float32 matrix product on these cores (numpy's BLAS), best of 3."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2048, 2048), np.float32), rng.random((2048, 2048), np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b)[2] for _ in range(3))
+    return 2 * 2048 ** 3 / best / 1e9
+
+
 def _timed(fn):
     w0, c0 = time.perf_counter(), time.process_time()
     result = fn()
@@ -129,7 +144,8 @@ def child_engines(args: dict) -> dict:
     rounds, probs = [], {}
     for rd in range(args["rounds"]):
         order = names[rd % len(names):] + names[:rd % len(names)]
-        row = {"order": order, "wall_s": {n: 0.0 for n in names}, "cpu_s": {n: 0.0 for n in names}}
+        row = {"order": order, "wall_s": {n: 0.0 for n in names}, "cpu_s": {n: 0.0 for n in names},
+               "sgemm_gflop_per_cpu_s": sgemm_rate()}
         for label, x in batches.items():
             for n in order:
                 p, wall, cpu = _timed(lambda n=n, x=x: runners[n].predict(x))
@@ -138,11 +154,23 @@ def child_engines(args: dict) -> dict:
                 probs[(n, label)] = p
         rounds.append(row)
     out["rounds"] = rounds
+    # The roofline: what a dense float32 matrix product reaches on these cores (numpy's BLAS), against the
+    # multiply-adds each form of the network does on the same batches (lungzarr.model.d8.multiply_adds).
+    from lungzarr.model.d8 import get_model, multiply_adds
+
+    macs = {fold: sum(len(x) * multiply_adds(get_model(fold_upsampling=fold), *x.shape[2:4]) for x in batches.values())
+            for fold in (False, True)}
+    sgemm = statistics.median(r["sgemm_gflop_per_cpu_s"] for r in rounds)
+    out["roofline"] = {"sgemm_gflop_per_cpu_s": round(sgemm, 1), "sgemm": SGEMM_NOTE,
+                       "gflop_per_round": {"literal": round(2 * macs[False] / 1e9, 1),
+                                           "folded": round(2 * macs[True] / 1e9, 1)}}
     table = {}
     for n in names:
         wall = statistics.median(r["wall_s"][n] for r in rounds)
         cpu = statistics.median(r["cpu_s"][n] for r in rounds)
-        table[n] = {"wall_s_per_round": round(wall, 2), "cpu_s_per_round": round(cpu, 2)}
+        gflop = 2 * macs[not n.endswith("-literal")] / 1e9
+        table[n] = {"wall_s_per_round": round(wall, 2), "cpu_s_per_round": round(cpu, 2),
+                    "gflop_per_cpu_s": round(gflop / cpu, 1), "share_of_sgemm_rate": round(gflop / cpu / sgemm, 3)}
     for n in names:
         table[n]["ratio_wall_to_keras"] = round(table[n]["wall_s_per_round"] / table[REFERENCE]["wall_s_per_round"], 3)
         table[n]["ratio_cpu_to_keras"] = round(table[n]["cpu_s_per_round"] / table[REFERENCE]["cpu_s_per_round"], 3)
@@ -226,12 +254,17 @@ def child_engines_stage(args: dict) -> dict:
 
 def markdown_table(result: dict) -> str:
     t = result["engines"]["table"]
-    lines = ["| engine | version | wall s / round | ratio to Keras-TF (wall) | CPU-s / round | ratio (CPU) | "
-             "max abs dp | changed p >= 0.5 voxels (of Keras') |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| engine | version | wall s / round | ratio to {REFERENCE} (wall) | CPU-s / round | ratio (CPU) | "
+             "GFLOP per CPU-s (share of sgemm) | max abs dp | changed p >= 0.5 voxels (of the reference's) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n, r in t.items():
         lines.append(f"| {n} | {result['engines']['engines'][n]['version']} | {r['wall_s_per_round']} | "
                      f"{r['ratio_wall_to_keras']} | {r['cpu_s_per_round']} | {r['ratio_cpu_to_keras']} | "
+                     f"{r['gflop_per_cpu_s']} ({r['share_of_sgemm_rate']:.0%}) | "
                      f"{r['max_abs_dp']:.2g} | {r['changed_p_ge_0.5']} of {r['keras_p_ge_0.5']} |")
+    roof = result["engines"]["roofline"]
+    lines.append(f"\nsgemm on these cores: {roof['sgemm_gflop_per_cpu_s']} GFLOP per CPU-s ({roof['sgemm']}); "
+                 f"GFLOP per round: {roof['gflop_per_round']}")
     return "\n".join(lines)
 
 

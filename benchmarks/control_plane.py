@@ -103,14 +103,16 @@ def child(args: dict) -> dict:
             return t.user + t.system
 
         # One patient first: imports and first-call costs on the client and the workers are not per-patient.
-        pipeline.run(args["input"], warm_store, stages=STAGES, client=client, chunk_slices=16,
+        # "all": each tree's own full stage list (pipeline.run's default), which older trees may not share.
+        stages = None if args.get("stages") == "all" else (args.get("stages") or STAGES)
+        pipeline.run(args["input"], warm_store, stages=stages, client=client, chunk_slices=16,
                      patients=[args["warm"]])
         c0 = _cpu_self()
         time.sleep(IDLE_PROBE_S)
         idle = (_cpu_self() - c0) / IDLE_PROBE_S
         patients = [p for p in args["patients"]]
         c0, s0, w0 = _cpu_self(), scheduler_cpu(), time.perf_counter()
-        summaries = pipeline.run(args["input"], store, stages=STAGES, client=client, chunk_slices=16,
+        summaries = pipeline.run(args["input"], store, stages=stages, client=client, chunk_slices=16,
                                  patients=patients)
         client_s, scheduler_s, wall = _cpu_self() - c0, scheduler_cpu() - s0, time.perf_counter() - w0
     n = len(patients)
@@ -152,6 +154,10 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 16])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["before", "after", "after-inprocess"])
+    parser.add_argument("--stages", nargs="+", default=STAGES,
+                        help="the stages run (default ingest segment; 'all': the whole pipeline, ingest to features)")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="VARIANT-WORKERSw pairs not to run (e.g. before-16w: 16 TensorFlow workers may not fit)")
     parser.add_argument("--out", default="control_plane", help="results/<OUT>.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -163,6 +169,7 @@ def main(argv=None) -> None:
 
     before = args.before or subprocess.run(["git", "-C", str(REPO), "merge-base", "HEAD", "main"], check=True,
                                            capture_output=True, text=True).stdout.strip()
+    stages = "all" if args.stages == ["all"] else list(args.stages)
     work = Path(tempfile.mkdtemp(prefix="lungzarr-control-plane-"))
     try:
         trees = {"before": _extract(before, work / "before"), "after": REPO, "after-inprocess": REPO}
@@ -174,10 +181,12 @@ def main(argv=None) -> None:
             for r in range(args.rounds):
                 order = list(args.variants) if r % 2 == 0 else list(reversed(args.variants))
                 for variant in order:
+                    if f"{variant}-{workers}w" in args.skip:
+                        continue
                     row = _spawn(trees[variant], {"variant": variant, "workers": workers, "round": r,
                                                   "scheduler_process": variant == "after",
                                                   "work": str(work), "input": str(work / "input"),
-                                                  "patients": ids, "warm": "WARM"})
+                                                  "patients": ids, "warm": "WARM", "stages": stages})
                     print(json.dumps({k: v for k, v in row.items() if k != "digest"}), flush=True)
                     rows.append(row)
         digests = {json.dumps(r["digest"], sort_keys=True) for r in rows}
@@ -193,7 +202,8 @@ def main(argv=None) -> None:
                         "scheduler_process_cpu_s_per_patient": (
                             round(statistics.median(r["scheduler_process_cpu_s_per_patient"] for r in mine), 3)
                             if mine[0]["scheduler_process_cpu_s_per_patient"] is not None else None)}
-        result = {"what": "client-process CPU per patient of pipeline.run (ingest, segment), median over rounds",
+        result = {"what": f"client-process CPU per patient of pipeline.run ({stages}), median over rounds",
+                  "stages": stages,
                   "before_rev": before, "after_rev": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
                                                                     capture_output=True, text=True).stdout.strip(),
                   "cohort": {"patients": args.patients, "slices": args.slices, "size": args.size},

@@ -131,7 +131,7 @@ class Crop(str, enum.Enum):
 
 
 FoldOpt = typer.Option(True, "--fold-upsampling/--literal-upsampling",
-                       help="The d8 network's form: each upsampling folded into the convolution after it (22 % "
+                       help="The d8 network's form: each upsampling folded into the convolution after it (20 % "
                             "fewer multiply-adds, the same function to float32 rounding), or the original's "
                             "literal layers.")
 

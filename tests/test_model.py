@@ -160,6 +160,16 @@ def test_folded_layer_equals_the_literal_layers():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_multiply_adds_are_the_spec_cost_and_the_fold_saves_a_fifth(trained):
+    literal = d8.get_model(fold_upsampling=False)
+    per_window = d8.multiply_adds(literal, 168, 168)
+    assert per_window == 754_360 * 168 * 168
+    # docs/algorithms.md §5: 6.05 TFLOP for a typical patient, 142 windows of 168 x 168.
+    assert round(2 * 142 * per_window / 1e12, 2) == 6.05
+    folded = d8.multiply_adds(trained, 168, 168)
+    assert 0.78 < folded / per_window < 0.81
+
+
 @pytest.mark.requires_shared
 def test_folded_and_literal_networks_make_the_same_decisions(dsb_dir, trained):
     literal = d8.build_d8(fold_upsampling=False)

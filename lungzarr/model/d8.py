@@ -16,7 +16,7 @@ Two forms of the one network (``fold_upsampling``): the literal layer sequence
 of the original (nearest-neighbour ``UpSampling3D``, ``Concatenate``,
 ``Conv3D``), and the default, in which each upsampling is folded into the
 convolution that follows it (:func:`fold_upsampling_kernel`): the same
-function with 22 % fewer multiply-adds, the same weights and layer names.
+function with 20 % fewer multiply-adds, the same weights and layer names.
 
 Keras is imported inside the functions that need it, so importing this module
 stays cheap.
@@ -45,6 +45,7 @@ __all__ = [
     "read_theano_weights",
     "to_keras_kernel",
     "fold_upsampling_kernel",
+    "multiply_adds",
     "build_d8",
     "get_model",
     "model_lock",
@@ -394,7 +395,7 @@ def build_d8(*, weights=None, precision: str = "fp32", fold_upsampling: bool = T
     fold_upsampling : bool, optional
         Fold each 2x nearest-neighbour upsampling into the convolution after it
         (:func:`fold_upsampling_kernel`; default): the same function and
-        weights with 22 % fewer multiply-adds; probabilities equal to float32
+        weights with 20 % fewer multiply-adds; probabilities equal to float32
         rounding (max |dp| 2e-5 on the real windows of ``benchmarks engines``,
         the same p >= 0.5 voxels). False builds the original's literal layers.
 
@@ -428,6 +429,35 @@ def build_d8(*, weights=None, precision: str = "fp32", fold_upsampling: bool = T
                 f"fit d8 layer {layer.name!r} {expected!r}. " + _FIX_WEIGHTS)
         layer.set_weights([keras_kernel, bias])
     return model
+
+
+def multiply_adds(model, height: int, width: int) -> int:
+    """Multiply-adds of ``model``'s convolutions for one 8-slice window of ``height`` x ``width``.
+
+    Counted from the layers themselves (each kernel's shape and the shape of
+    what it computes, from one call on zeros): a ``Conv3D`` costs its output
+    voxels x kernel volume x in x out channels; a folded upsampling
+    convolution its folded 2 x 2 x 2 kernels on the padded small grid
+    (``n + 1`` positions per axis) plus the 3 x 3 x 3 one on the skip input.
+    The literal network at 168 x 168 gives 142 windows x 2 x this = the
+    6.05 TFLOP per typical patient of docs/algorithms.md §5.
+    """
+    import keras
+
+    layers = _conv_layers(model)
+    probe = keras.Model(model.inputs[0], [layer.output for layer in layers])
+    outputs = probe(np.zeros((1, WINDOW, int(height), int(width), 1), np.float32))
+    total = 0
+    for layer, out in zip(layers, outputs):
+        out = tuple(int(n) for n in out.shape[1:4])
+        kz, ky, kx, cin, cout = (int(n) for n in layer.kernel.shape)
+        if isinstance(layer, keras.layers.Conv3D):
+            total += int(np.prod(out)) * kz * ky * kx * cin * cout
+        else:  # FoldedUpsampleConv3D
+            small = [n // 2 + 1 for n in out]
+            total += int(np.prod(small)) * 8 * layer.up_channels * 8 * cout
+            total += int(np.prod(out)) * 27 * layer.skip_channels * cout
+    return total
 
 
 _MODELS: dict = {}

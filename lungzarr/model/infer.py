@@ -285,7 +285,7 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         column of the detection crop (the original).
     fold_upsampling : bool, optional
         The network's form (:func:`lungzarr.model.d8.build_d8`): upsampling
-        folded into the next convolution (default; 22 % less work, 1.3x faster, the same
+        folded into the next convolution (default; 20 % less work, 1.3x faster, the same
         function to float32 rounding), or False for the original's literal layers.
 
     Returns

@@ -84,7 +84,7 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         (docs/algorithms.md §5).
     fold_upsampling : bool
         The d8 network's form (:func:`lungzarr.model.d8.build_d8`): each
-        upsampling folded into the convolution after it (default: 22 % fewer
+        upsampling folded into the convolution after it (default: 20 % fewer
         multiply-adds, the same function to float32 rounding), or False for the
         original's literal layers.
 
