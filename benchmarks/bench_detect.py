@@ -123,9 +123,14 @@ def markdown_table(result: dict) -> str:
     for name, entry in result["detect"]["patients"].items():
         for v, row in entry["variants"].items():
             a = row.get("agreement")
+            if a is not None:
+                differing = ", ".join(f"{k} {v:.1g}" if isinstance(v, float) else k
+                                      for k, v in a.get("columns_differing", {}).items())
+                table = ("identical" if a["nodule_table_identical"] else
+                         f"same rows; differ: {differing}" if a.get("same_rows") else "DIFFERENT")
             same = "reference" if a is None else (
                 f"{a['max_abs_dp_in_lungs']:.2g} | {a['changed_p_ge_0.5']} of {a['fixed_p_ge_0.5']} | "
-                f"{'identical' if a['nodule_table_identical'] else 'DIFFERENT'} ({a['nodules_0.5']})")
+                f"{table} ({a['nodules_0.5']})")
             lines.append(f"| {name} | {v} | {row['median_cpu_s']} | {row['speedup_cpu']} ({row['speedup_wall']}) "
                          f"| {same} |" if a is not None else
                          f"| {name} | {v} | {row['median_cpu_s']} | 1 (1) | reference | | |")

@@ -84,7 +84,32 @@ def agreement(fixed, other, patient: dict) -> dict:
             "changed_p_ge_0.5": int(((fixed >= 0.5) != (other >= 0.5)).sum()),
             "changed_p_ge_0.5_in_lungs": int(((fixed >= 0.5) != (other >= 0.5))[lungs].sum()),
             "nodules_0.5_fixed": int(len(a)), "nodules_0.5": int(len(b)),
-            "nodule_table_identical": bool(a.equals(b))}
+            "nodule_table_identical": bool(a.equals(b)),
+            **table_differences(a, b)}
+
+
+def table_differences(a, b) -> dict:
+    """Which columns of two nodule tables differ, and by how much (for maps that differ by rounding).
+
+    ``columns_differing``: ``{column: max |difference|}`` (numeric) or ``"values"``; empty when the
+    tables are equal. Tables of other lengths or columns: ``same_rows`` False.
+    """
+    import numpy as np
+
+    if len(a) != len(b) or list(a.columns) != list(b.columns):
+        return {"same_rows": False, "columns_differing": {}}
+    out = {}
+    for column in a.columns:
+        x, y = a[column].to_numpy(), b[column].to_numpy()
+        if np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number) and x.dtype != bool:
+            diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
+            both_nan = np.isnan(x.astype(np.float64)) & np.isnan(y.astype(np.float64))
+            worst = float(np.where(both_nan, 0.0, diff).max()) if len(diff) else 0.0
+            if worst > 0 or np.isnan(worst):
+                out[column] = worst
+        elif not np.array_equal(x, y):
+            out[column] = "values"
+    return {"same_rows": True, "columns_differing": out}
 
 
 def _graph(patient: dict, variant: dict, engine: str):

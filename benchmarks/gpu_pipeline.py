@@ -170,6 +170,8 @@ def main():
     ap.add_argument("--mode", choices=("streamed", "stagewise"), default="streamed",
                     help="streamed: one pipeline.run (stages of different patients overlap); stagewise: every "
                          "patient through one stage before the next stage starts (the order before streaming)")
+    ap.add_argument("--literal-upsampling", action="store_true",
+                    help="the original's literal d8 layers instead of the folded upsampling (the default)")
     ap.add_argument("--malloc-trim", action="store_true",
                     help="CPU workers with distributed's MALLOC_TRIM_THRESHOLD_=65536 (lungzarr drops it)")
     args = ap.parse_args()
@@ -266,7 +268,7 @@ def main():
 
     client.run(predict_stats, reset=True, workers=gpu_addr)  # count this run only
     opts = dict(client=client, gpu=True, batch_size=args.batch_size, precision="fp32",
-                infer_batch=args.infer_batch, progress=progress)
+                infer_batch=args.infer_batch, progress=progress, fold_upsampling=not args.literal_upsampling)
     with get_task_stream(client) as ts, dask.config.set({"optimization.fuse.active": False}):
         if args.mode == "streamed":
             summaries = pipeline.run(input_dir, store, **opts)
