@@ -451,7 +451,7 @@ GPU_S_PER_PATIENT = {"fp32": 0.35, "fp16": 0.12}
 DSB_STAGE1 = 1595
 
 
-def projection(stages_result: dict, *, cores: int = 16) -> dict:
+def projection(stages_result: dict, *, cores: int = 16, client_run: dict | None = None) -> dict:
     """1595 DSB2017 patients on one 16-core + H100 machine from the measured CPU rates.
 
     CPU core-seconds per patient of each CPU stage (the pipeline's, workers +
@@ -506,6 +506,13 @@ def projection(stages_result: dict, *, cores: int = 16) -> dict:
     marginal = {st: CLIENT_MARGINAL_S.get(st, CLIENT_MARGINAL_S["segment"])
                 for st in ("ingest", "segment", "detect", "nodules", "features")}
     client_marginal_s = sum(marginal.values()) / (1.0 - CLIENT_IDLE_16_WORKERS)
+    if client_run is not None:
+        # Measured instead (benchmarks.control_plane --stages all): the whole pipeline's client CPU per patient
+        # above idle at 16 workers, on a core that also carries the measured idle load.
+        row = client_run["summary"]["after-16w"]
+        client_marginal_s = row["client_cpu_s_per_patient_above_idle"] / (1.0 - row["client_idle_cpu_per_s"])
+        marginal = {"whole pipeline (control_plane, after-16w, above idle)": row["client_cpu_s_per_patient_above_idle"],
+                    "idle load of the client core (s per s)": row["client_idle_cpu_per_s"]}
     out["client_s_per_patient_upper_bound"] = round(client_s, 3)
     out["client_s_per_patient_marginal"] = round(client_marginal_s, 3)
     out["client_marginal_s_per_stage"] = marginal
@@ -546,8 +553,11 @@ def cmd_project(a) -> dict:
             for st in CPU_STAGES:
                 if st in measured and st in rd["table"]:
                     rd["table"][st] = {**rd["table"][st], "pipeline_cpu_s_per_patient": measured[st]}
-    out = projection(merged, cores=a.cores)
-    out["sources"] = {st: next(str(p) for p, s in zip(a.source, sources) if st in s["rounds"][0]["table"])
+    client_run = json.loads(Path(a.client_run).read_text()) if a.client_run else None
+    out = projection(merged, cores=a.cores, client_run=client_run)
+    if client_run is not None:
+        out["sources"] = {"client": a.client_run}
+    out["sources"] = out.get("sources", {}) | {st: next(str(p) for p, s in zip(a.source, sources) if st in s["rounds"][0]["table"])
                       for st in CPU_STAGES if any(st in s["rounds"][0]["table"] for s in sources)}
     if measured:
         out["sources"].update({st: f"{a.cpu_stages} (after, {a.cpu_patient})" for st in CPU_STAGES if st in measured})
@@ -638,6 +648,8 @@ def main(argv=None):
     p.add_argument("--cpu-stages", default=None,
                    help="results/cpu_stages.json of bench_cpu_stages.py ab: its per-patient CPU stage figures")
     p.add_argument("--cpu-patient", default="SYN-0001", help="the patient of --cpu-stages to take")
+    p.add_argument("--client-run", default=None,
+                   help="a control_plane --stages all result: its after-16w client CPU replaces the constants")
     a = parser.parse_args(argv)
     if hasattr(a, "stages") and list(a.stages) != list(STAGES[:len(a.stages)]):
         parser.error(f"--stages must be a prefix of {STAGES!r}, got {a.stages!r}")

@@ -137,7 +137,9 @@ def _extract(rev: str, folder: Path) -> Path:
 
 
 def _spawn(tree: Path, args: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # An extracted tree has the package only: the weights (for runs with detect) come from this checkout.
+    env = {"LUNGZARR_WEIGHTS": str(REPO / "models" / "d8_2x2x2_best_weights.h5"),
+           **os.environ, "PYTHONPATH": str(tree), "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(args)],
                           capture_output=True, text=True, env=env, cwd=str(tree), check=False, timeout=900)
     if proc.returncode != 0:
