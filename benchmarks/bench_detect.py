@@ -21,9 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import sys
 import tempfile
-import time
 
 #: The reference variant: the detect stage as it was before the lung box and the folded upsampling.
 REFERENCE = "keras-literal-fixed"
@@ -53,14 +51,13 @@ def _graph(patient: dict, spec: dict):
 
 
 def child_detect(args: dict) -> dict:
-    import dask
     import numpy as np
 
     from lungzarr.algorithms.crop import lung_box
     from lungzarr.model import engines
     from lungzarr.model.geometry import fixed_box
 
-    from benchmarks.bench_lungbox import agreement, real_patients
+    from benchmarks.bench_lungbox import agreement, interleaved_rounds, real_patients
 
     work = tempfile.mkdtemp(prefix="lungzarr-detect-")
     os.environ.setdefault(engines.CACHE_ENV, os.path.join(work, "cache"))
@@ -82,20 +79,8 @@ def child_detect(args: dict) -> dict:
                 box = fixed_box(p["hu"].shape) if spec["crop"] == "fixed" else lung_box(p["lungs"])
                 h, w = box["y"][1] - box["y"][0], box["x"][1] - box["x"][0]
                 runner.predict(np.zeros((1, 8, h, w, 1), np.float32))
-        timings = {p["name"]: {v: [] for v in variants} for p in patients}
-        maps, names = {}, list(variants)
-        for rd in range(args["rounds"]):
-            order = names[rd % len(names):] + names[:rd % len(names)]
-            for p in patients:
-                for v in order:
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    with dask.config.set(scheduler="threads"):
-                        prob = _graph(p, variants[v]).compute()
-                    timings[p["name"]][v].append({"wall_s": time.perf_counter() - w0,
-                                                  "cpu_s": time.process_time() - c0})
-                    maps[(p["name"], v)] = prob
-                print(f"round {rd + 1}: {p['name']} " + ", ".join(
-                    f"{v} {timings[p['name']][v][-1]['cpu_s']:.1f} CPU-s" for v in order), file=sys.stderr, flush=True)
+        timings, maps = interleaved_rounds(patients, list(variants), args["rounds"],
+                                           lambda p, v: _graph(p, variants[v]))
         for p in patients:
             name = p["name"]
             med = {v: {k: statistics.median(t[k] for t in timings[name][v]) for k in ("wall_s", "cpu_s")}

@@ -128,8 +128,31 @@ def _graph(patient: dict, variant: dict, engine: str):
     return predict_nodule_prob(hu, engine=engine, box=box), box
 
 
-def child_lungbox(args: dict) -> dict:
+def interleaved_rounds(patients: list[dict], names: list[str], rounds: int, graph) -> tuple[dict, dict]:
+    """Every patient through every variant in each round, the variant order rotating from round to round.
+
+    ``graph(patient, name)`` is the lazy map of one variant, computed on dask threads in this process.
+    Returns ``timings[patient][name]`` (a ``{"wall_s", "cpu_s"}`` per round) and ``maps[(patient, name)]``
+    (the last round's map).
+    """
     import dask
+
+    timings = {p["name"]: {v: [] for v in names} for p in patients}
+    maps = {}
+    for rd in range(rounds):
+        order = names[rd % len(names):] + names[:rd % len(names)]
+        for p in patients:
+            for v in order:
+                w0, c0 = time.perf_counter(), time.process_time()
+                with dask.config.set(scheduler="threads"):
+                    maps[(p["name"], v)] = graph(p, v).compute()
+                timings[p["name"]][v].append({"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0})
+            print(f"round {rd + 1}: {p['name']} " + ", ".join(
+                f"{v} {timings[p['name']][v][-1]['cpu_s']:.1f} CPU-s" for v in order), file=sys.stderr, flush=True)
+    return timings, maps
+
+
+def child_lungbox(args: dict) -> dict:
     import numpy as np
 
     from lungzarr.algorithms.crop import lung_box
@@ -159,22 +182,8 @@ def child_lungbox(args: dict) -> dict:
             for box in boxes[p["name"]].values():
                 h, w = box["y"][1] - box["y"][0], box["x"][1] - box["x"][0]
                 runner.predict(np.zeros((1, 8, h, w, 1), np.float32))
-        timings = {p["name"]: {v: [] for v in variants} for p in patients}
-        maps = {}
-        names = list(variants)
-        for rd in range(args["rounds"]):
-            order = names[rd % len(names):] + names[:rd % len(names)]
-            for p in patients:
-                for v in order:
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    with dask.config.set(scheduler="threads"):
-                        prob, box = _graph(p, variants[v], engine)
-                        prob = prob.compute()
-                    timings[p["name"]][v].append({"wall_s": time.perf_counter() - w0,
-                                                  "cpu_s": time.process_time() - c0})
-                    maps[(p["name"], v)] = prob
-                print(f"round {rd + 1}: {p['name']} " + ", ".join(
-                    f"{v} {timings[p['name']][v][-1]['wall_s']:.1f} s" for v in order), file=sys.stderr, flush=True)
+        timings, maps = interleaved_rounds(patients, list(variants), args["rounds"],
+                                           lambda p, v: _graph(p, variants[v], engine)[0])
         for p in patients:
             name = p["name"]
             entry = {"source": p["source"], "shape": list(p["hu"].shape),
