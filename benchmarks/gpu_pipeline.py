@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# Run as a script (python3 benchmarks/gpu_pipeline.py): the repository root on the path, for `benchmarks.*`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 RESULT: dict = {}
 OUT_PATH = None
 
