@@ -10,6 +10,20 @@ from lungzarr.pipeline.stages.features import cancer_label
 __all__ = ["export_dsb2017", "export_nodules", "export_luna16", "export_nifti", "export_dicom_seg"]
 
 
+def _patients_done(store, store_path, patients, stages, *, has: str, command: str) -> list[str]:
+    """The store's patients (of ``patients``, if given) that completed every stage of ``stages``.
+
+    None is a LungzarrError: "no patient of STORE has {has}; run `lungzarr run` or `lungzarr {command}` first".
+    """
+    wanted = None if patients is None else set(patients)
+    ids = [p for p in store.patients() if all(store.is_complete(p, stage) for stage in stages)
+           and (wanted is None or p in wanted)]
+    if not ids:
+        raise LungzarrError(f"no patient of {str(store_path)!r} has {has}; run `lungzarr run` or "
+                            f"`lungzarr {command}` first")
+    return ids
+
+
 def _dsb_row_task(store_path, patient, fmt, cancer):
     from lungzarr.algorithms.features import dsb2017_row
     from lungzarr.io.storage import CohortStore
@@ -49,11 +63,8 @@ def export_dsb2017(store_path, out, *, fmt: str = "keras8_0313", labels=None, pa
         raise LungzarrError(f"--format must be one of {list(FORMATS)!r}, got {fmt!r}")
     store = CohortStore(store_path, mode="r")
     label_map = read_legacy_labels(labels) if labels is not None else None
-    ids = [p for p in store.patients() if store.is_complete(p, "detect") and store.is_complete(p, "segment")
-           and (patients is None or p in set(patients))]
-    if not ids:
-        raise LungzarrError(f"no patient of {str(store_path)!r} has completed detection; run `lungzarr run` or "
-                            f"`lungzarr detect` first")
+    ids = _patients_done(store, store_path, patients, ("detect", "segment"), has="completed detection",
+                         command="detect")
     tasks = [dask.delayed(_dsb_row_task, pure=False)(
         str(store.path), p, fmt, cancer_label(p, labels=label_map, attrs=store.patient_attrs(p))) for p in ids]
     rows = (client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks))
@@ -181,11 +192,7 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
     from lungzarr.io.volumes import write_nifti
 
     store = CohortStore(store_path, mode="r")
-    ids = [p for p in store.patients() if store.is_complete(p, "segment")
-           and (patients is None or p in set(patients))]
-    if not ids:
-        raise LungzarrError(f"no patient of {str(store_path)!r} has a lung mask; run `lungzarr run` or "
-                            f"`lungzarr segment` first")
+    ids = _patients_done(store, store_path, patients, ("segment",), has="a lung mask", command="segment")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -388,11 +395,7 @@ def export_dicom_seg(store_path, out_dir, *, threshold: float = 0.5, filtered: b
         raise LungzarrError(f"-o {str(out_dir)!r} is a file; --format dicom-seg writes a folder of .dcm files: "
                             f"name a folder")
     store = CohortStore(store_path, mode="r")
-    ids = [p for p in store.patients() if store.is_complete(p, "segment")
-           and (patients is None or p in set(patients))]
-    if not ids:
-        raise LungzarrError(f"no patient of {str(store_path)!r} has a lung mask; run `lungzarr run` or "
-                            f"`lungzarr segment` first")
+    ids = _patients_done(store, store_path, patients, ("segment",), has="a lung mask", command="segment")
     if any(store.is_complete(p, "nodules") for p in ids):
         table = read_nodules(store_path)
         known = sorted(set(table.threshold.astype(float)))
