@@ -64,6 +64,42 @@ def stop_processes(*procs, timeout: float = 30) -> None:
             p.kill()
 
 
+def _patients_snapshot(location, ignore_attrs):
+    """Per patient of a store: its arrays (nodules and dsb2017 subgroups as ``child:name``), stage markers
+    without times, ids and dependencies, and its attrs without ``ignore_attrs``."""
+    from lungzarr.io.storage import CohortStore
+
+    store = CohortStore(location, mode="r")
+    snap = {}
+    for pid in store.patients():
+        ds = store.open_patient(pid).load()
+        for child in ("nodules", "dsb2017"):
+            if store.has_subgroup(pid, child):
+                sub = store.open_patient(pid, subgroup=child).load()
+                ds = ds.assign({f"{child}:{k}": v for k, v in sub.variables.items()})
+        stages = {k: {kk: vv for kk, vv in v.items() if kk not in ("completed", "id", "depends_on")}
+                  for k, v in store.stages(pid).items()}
+        attrs = {k: v for k, v in store.patient_attrs(pid).items() if k not in ignore_attrs}
+        snap[pid] = (ds, stages, attrs)
+    return snap
+
+
+def assert_same_patients(a, b, *, ignore_attrs=("lungzarr:stages",)) -> None:
+    """Stores ``a`` and ``b`` hold the same patients with equal arrays, stage markers and attrs (see above)."""
+    import numpy as np
+
+    sa, sb = _patients_snapshot(a, ignore_attrs), _patients_snapshot(b, ignore_attrs)
+    assert sorted(sa) == sorted(sb)
+    for pid in sa:
+        ds_a, st_a, at_a = sa[pid]
+        ds_b, st_b, at_b = sb[pid]
+        assert st_a == st_b, pid
+        assert at_a == at_b, pid
+        assert set(ds_a.variables) == set(ds_b.variables), pid
+        for name in ds_a.variables:
+            np.testing.assert_array_equal(ds_a[name].values, ds_b[name].values, err_msg=f"{pid}/{name}")
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
