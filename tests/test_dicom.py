@@ -210,37 +210,75 @@ def test_several_series_in_one_folder_most_slices_wins(tmp_path):
     assert all("not chosen" in why for why in skipped.values())
 
 
-@pytest.mark.parametrize("sizes, expected", [((6, 9), 2), ((9, 6), 1), ((7, 7), 2)])
-def test_two_acquisitions_most_slices_then_later(tmp_path, sizes, expected):
+@pytest.mark.parametrize("sizes", [(6, 9), (9, 6), (7, 7)])
+def test_two_acquisitions_at_the_same_positions_are_a_choice_spelled_out(tmp_path, sizes):
+    # Two acquisitions of one series over the same z range (repeats, phases; 0.3 mm apart): lungzarr used
+    # to keep the larger one in silence. Now the patient fails with each acquisition and how to pick one.
     folder = tmp_path / "P"
     uid = "1.2.826.0.1.3680043.8.498.77"
-    made = {}
     for acq, n in zip((1, 2), sizes):
-        made[acq] = make_patient(folder, n_slices=n, acquisition=acq, series_uid=uid,
-                                 origin=(-100.0 + 0.3 * acq, -20.0, -30.0), filename=f"a{acq}_{{index:03d}}.dcm")
+        make_patient(folder, n_slices=n, acquisition=acq, series_uid=uid,
+                     origin=(-100.0 + 0.3 * acq, -20.0, -30.0), filename=f"a{acq}_{{index:03d}}.dcm")
+    with pytest.raises(PatientError, match="2 acquisitions at overlapping slice positions") as info:
+        dicom.read_series(folder)
+    reason = info.value.reason
+    assert f"acquisition 1: {sizes[0]} slices" in reason and f"acquisition 2: {sizes[1]} slices" in reason
+    assert "keep one acquisition's files in this folder" in reason
+    assert info.value.file == str(folder)
+
+
+def test_step_and_shoot_acquisitions_are_one_volume(tmp_path):
+    # AcquisitionNumbers 4,4,5,5 over one regular stack (as GE step-and-shoot numbers each table position):
+    # all 4 slices are one volume, in z order.
+    folder = tmp_path / "P"
+    volume = phantom_volume(4, 16, seed=2)
+    paths = dicom.write_series(volume, folder, spacing=(5.0, 0.75, 0.75), origin=(-10.0, 0.0, 0.0))
+    for k, p in enumerate(paths):
+        edit_header(p, AcquisitionNumber=4 if k < 2 else 5)
     series = dicom.read_series(folder)
-    assert series.headers[0].acquisition == expected
-    assert series.paths == [str(p) for p in made[expected]]
-    if sizes[0] == sizes[1]:
-        assert "later acquisition on a tie" in series.reason
+    assert series.paths == [str(p) for p in paths]
+    assert series.skipped == []
+    assert "acquisitions 4 (2 slices), 5 (2 slices) of the series form one stack" in series.reason
+    hu, grid = dicom.load_hu(folder)
+    np.testing.assert_array_equal(hu, volume)
+    assert grid.step[0] == pytest.approx(5.0)
+
+
+def test_a_gap_between_acquisitions_names_the_missing_positions(tmp_path):
+    # The same 4,4,5,5 with the 10 mm gap of dicom2nifti's sliceincrement_001: an error naming z = 0 mm.
+    folder = tmp_path / "P"
+    paths = dicom.write_series(phantom_volume(5, 16), folder, spacing=(5.0, 0.75, 0.75), origin=(-10.0, 0.0, 0.0))
+    paths[2].unlink()
+    for k, p in enumerate([paths[0], paths[1], paths[3], paths[4]]):
+        edit_header(p, AcquisitionNumber=4 if k < 2 else 5)
+    with pytest.raises(PatientError, match=r"the stack has a gap: 1 slice\(s\) missing at z = 0 mm") as info:
+        dicom.read_series(folder)
+    assert "acquisitions [4, 5]" in info.value.reason
+    assert info.value.file == str(paths[3])
 
 
 @pytest.mark.requires_shared
-@pytest.mark.parametrize("other_slices, lidc_chosen", [(10, True), (16, False), (20, False)])
-def test_missing_acquisition_number_is_one_acquisition(tmp_path, lidc_dir, other_slices, lidc_chosen):
-    # LIDC files (no AcquisitionNumber) beside a numbered acquisition of the same series: the missing
-    # number is an acquisition of its own, ranked below any number on a tie.
+@pytest.mark.parametrize("other_origin_z, merged", [(-92.5, True), (-400.0, False)])
+def test_missing_acquisition_number_beside_a_numbered_one(tmp_path, lidc_dir, other_origin_z, merged):
+    # LIDC files (no AcquisitionNumber) beside a numbered acquisition of the same series: right above the
+    # LIDC slab they continue its stack (one volume of 26 slices); far below, the gap is an error naming
+    # the missing positions (lungzarr used to keep the larger acquisition and drop the other in silence).
     folder = tmp_path / "P"
     folder.mkdir()
     lidc = _files_in_z_order(lidc_dir)
     for ds in lidc:
         (folder / Path(ds.filename).name).write_bytes(Path(ds.filename).read_bytes())
-    make_patient(folder, n_slices=other_slices, size=512, acquisition=3, series_uid=str(lidc[0].SeriesInstanceUID),
-                 spacing=(2.5, 0.703125, 0.703125), origin=(-400.0, -171.7, -166.0), filename="acq3_{index:03d}.dcm")
-    series = dicom.read_series(folder)
-    assert (series.headers[0].acquisition is None) == lidc_chosen
-    assert len(series.headers) == (16 if lidc_chosen else other_slices)
-    assert len(series.skipped) == (other_slices if lidc_chosen else 16)
+    make_patient(folder, n_slices=10, size=512, acquisition=3, series_uid=str(lidc[0].SeriesInstanceUID),
+                 spacing=(2.5, 0.703125, 0.703125), origin=(other_origin_z, -171.699997, -166.0),
+                 filename="acq3_{index:03d}.dcm")
+    if merged:
+        series = dicom.read_series(folder)
+        assert len(series.headers) == 26 and series.skipped == []
+        assert "acquisitions without AcquisitionNumber (16 slices), 3 (10 slices)" in series.reason
+        assert series.grid.step[0] == pytest.approx(2.5)
+    else:
+        with pytest.raises(PatientError, match=r"gap: 99 slice\(s\) missing at z = -375, -372.5, .* -130 mm"):
+            dicom.read_series(folder)
 
 
 def test_localizer_and_non_axial_images_are_dropped(tmp_path):
@@ -259,6 +297,9 @@ def test_localizer_and_non_axial_images_are_dropped(tmp_path):
     assert "localizer" in reasons[str(folder / "scout.dcm")]
     assert all("not an axial image" in reasons[str(folder / p.name)] for p in sagittal)
     assert series.provenance()["n_files_skipped"] == 4
+    # The skipped images reach `status` (the run's warnings), not only the provenance.
+    (record,) = series.warning_records()
+    assert "skipped 4 image(s) that are not slices of an axial CT series" in record["reason"]
 
 
 def test_nested_patient_study_series_tree(tmp_path):

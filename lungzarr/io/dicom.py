@@ -23,12 +23,13 @@ import os
 import sys
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from lungzarr.errors import PatientError
+from lungzarr.io import geometry
 from lungzarr.io.locations import describe_error, is_url, list_files, read_objects
 from lungzarr.volume import Grid, files_token, z_chunks  # noqa: F401  (files_token: part of this API)
 
@@ -51,8 +52,6 @@ __all__ = [
 PADDING_VALUE = -2000
 #: Relative tolerance on slice steps before lungzarr calls a series irregular.
 SPACING_RTOL = 0.05
-#: |cos| above which an orientation vector counts as aligned with an axis.
-AXIAL_COS_MIN = 0.99
 
 #: Plausible RescaleSlope range (0028,1053). CT stores HU as ``slope * stored + intercept`` with slope 1
 #: (rarely 0.5 or 2): a slope outside [1e-3, 100] multiplies 16-bit stored values out of int16 HU or into a
@@ -148,6 +147,11 @@ class SliceHeader:
     pixel_representation: int | None = None
     #: Where the pixels lie in the file, for the decode without pydicom (None: pydicom decodes).
     pixels: PixelLayout | None = field(default=None, repr=False)
+    #: (0018,1120) GantryDetectorTilt in degrees (None: absent), named when the stack is tilted.
+    gantry_tilt: float | None = None
+    #: The flips/transpose that lay this slice out as the stack stores it, set by :func:`read_series`
+    #: from the slice's own IOP (None: as decoded); applied where the slice is decoded.
+    reorient: geometry.Reorientation | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -187,6 +191,9 @@ class Series:
     #: For a folder on object storage: each object's listing entry (size, ETag, LastModified), by URL,
     #: so :func:`files_token` needs no request per object.
     file_infos: dict | None = field(default=None, repr=False)
+    #: :meth:`lungzarr.io.geometry.Placement.record`: the half-voxel rule's offsets, what the geometry is
+    #: and the slices reoriented (for :meth:`provenance`).
+    geometry: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -199,7 +206,8 @@ class Series:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """(slice spacing, PixelSpacing[0], PixelSpacing[1]) as the original used."""
-        ps = self.headers[0].pixel_spacing
+        h0 = self.headers[0]
+        ps = h0.pixel_spacing[::-1] if h0.reorient is not None and h0.reorient.transpose else h0.pixel_spacing
         return (self.slice_spacing, float(ps[0]), float(ps[1]))
 
     def provenance(self) -> dict:
@@ -213,7 +221,9 @@ class Series:
             "series_number": h0.series_number,
             "acquisition_number": h0.acquisition,
             "selection_reason": self.reason,
-            "orientation": list(h0.orientation),
+            # The stored slices' orientation (every slice reoriented to it; see "geometry").
+            "orientation": [float(np.sign(self.grid.step[2])), 0.0, 0.0, 0.0, float(np.sign(self.grid.step[1])), 0.0],
+            "geometry": dict(self.geometry),
             "spacing_mm": list(self.spacing),
             "origin_mm": list(self.grid.origin),
             "step_mm": list(self.grid.step),
@@ -344,6 +354,12 @@ def _number(value, default: float) -> float:
         return float(value)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def _gantry_tilt(value) -> float | None:
+    """(0018,1120) GantryDetectorTilt in degrees, or None when absent or not one finite number."""
+    tilt = _number(value, float("nan"))
+    return tilt if np.isfinite(tilt) else None
 
 
 def _pixel_damage(fh, ds, size: int, tsyntax: str) -> tuple[str | None, tuple | None]:
@@ -560,6 +576,7 @@ def read_header(path, *, patient: str | None = None, data: bytes | None = None) 
             high_bit=_quiet_int(ds, "HighBit"),
             pixel_representation=_as_int(opts.get("pixel_representation")),
             pixels=layout,
+            gantry_tilt=_gantry_tilt(ds.get("GantryDetectorTilt")),
         )
     except Exception as exc:  # pydicom raises many kinds on damaged headers
         raise PatientError(f"cannot read the DICOM header ({describe_error(exc)}); the file is damaged: "
@@ -586,11 +603,83 @@ def _not_axial_reason(h: SliceHeader) -> str | None:
         return None  # checked later, with the position, as a series-level error
     if not np.all(np.isfinite(h.orientation)):
         return f"ImageOrientationPatient (0020,0037) is {list(h.orientation)!r}, not finite"
-    row, col = np.asarray(h.orientation[:3]), np.asarray(h.orientation[3:])
-    if abs(row[0]) < AXIAL_COS_MIN or abs(col[1]) < AXIAL_COS_MIN:
-        return (f"not an axial image (ImageOrientationPatient {list(h.orientation)!r}); "
-                f"lungzarr reads axial series only")
+    if geometry.orientation_problem(h.orientation[:3], h.orientation[3:]) is not None:
+        return None  # a damaged IOP: an error naming the file if the slice is in the chosen stack
+    axis, plane = geometry.normal_axis(h.orientation[:3], h.orientation[3:])
+    if axis != 2:
+        # Sagittal/coronal (a localizer or a reformat beside an axial series); an oblique or tilted axial
+        # slice is judged with its stack (half-voxel rule, geometry.place_stack).
+        return (f"not an axial image (ImageOrientationPatient {list(h.orientation)!r} is a {plane} plane; "
+                f"a localizer or a reformat?); lungzarr reads axial series only")
     return None
+
+
+def _acquisition_label(acq) -> str:
+    return "without AcquisitionNumber" if acq is None else str(acq)
+
+
+def _one_stack(parts) -> bool:
+    """True when acquisitions (lists of headers) of one series form one stack: their z ranges do not
+    overlap (step-and-shoot; a gap between them is reported by the spacing check), or together they
+    are one regular stack with no two slices at one position (interleaved)."""
+    ranges = sorted((min(h.position[2] for h in hs), max(h.position[2] for h in hs)) for hs in parts)
+    if all(hi < next_lo - 1e-3 for (_, hi), (next_lo, _) in zip(ranges, ranges[1:])):
+        return True
+    z = np.sort([h.position[2] for hs in parts for h in hs])
+    steps = np.diff(z)
+    if steps.size == 0 or np.any(steps < 1e-3):
+        return False
+    median = float(np.median(steps))
+    return bool(np.all(np.abs(steps - median) <= SPACING_RTOL * median))
+
+
+def _merge_acquisitions(groups: dict):
+    """Acquisitions of one series that form one stack (:func:`_one_stack`) as one group.
+
+    Step-and-shoot CT numbers each table position's images with their own AcquisitionNumber
+    (0020,0012): those images are one volume. Acquisitions at overlapping positions (repeated scans,
+    phases) stay apart and are returned as ``repeats``: a choice :func:`_repeats_error` spells out.
+
+    Returns
+    -------
+    groups : dict
+        ``(series_uid, acquisition) -> headers``; a merged series under its lowest acquisition's key.
+    merged : dict
+        Merged key -> what was merged (for the selection reason).
+    repeats : dict
+        ``series_uid -> [(acquisition, headers), ...]`` for series with overlapping acquisitions.
+    """
+    by_series = defaultdict(list)
+    for key in groups:
+        by_series[key[0]].append(key)
+    out, merged, repeats = {}, {}, {}
+    for series_uid, keys in by_series.items():
+        keys = sorted(keys, key=lambda k: -1 if k[1] is None else k[1])
+        placed = all(h.position is not None and np.all(np.isfinite(h.position)) for k in keys for h in groups[k])
+        if len(keys) == 1 or not placed:  # unplaced slices: the position check names them
+            out.update((k, groups[k]) for k in keys)
+        elif _one_stack([groups[k] for k in keys]):
+            out[keys[0]] = [h for k in keys for h in groups[k]]
+            merged[keys[0]] = ("acquisitions " + ", ".join(f"{_acquisition_label(k[1])} ({len(groups[k])} slices)"
+                                                           for k in keys)
+                               + " of the series form one stack and are read as one volume")
+        else:
+            out.update((k, groups[k]) for k in keys)
+            repeats[series_uid] = [(k[1], groups[k]) for k in keys]
+    return out, merged, repeats
+
+
+def _repeats_error(parts, patient, folder) -> PatientError:
+    """Several acquisitions of one series at the same positions: which there are and how to pick one."""
+    listed = "; ".join(f"acquisition {_acquisition_label(acq)}: {len(hs)} slices, z {min(h.position[2] for h in hs):g}"
+                       f" to {max(h.position[2] for h in hs):g} mm (e.g. {Path(hs[0].path).name!r})"
+                       for acq, hs in parts)
+    uid = parts[0][1][0].series_uid
+    return PatientError(f"series {uid} holds {len(parts)} acquisitions at overlapping slice positions (repeated "
+                        f"scans or phases): {listed}. lungzarr stores one volume per patient and does not choose "
+                        f"for you: keep one acquisition's files in this folder and move the others (by "
+                        f"AcquisitionNumber (0020,0012)) to a folder of their own, ingested as another patient id",
+                        patient=patient, stage=STAGE, file=str(folder))
 
 
 def _choose_group(groups: dict, patient: str, folder: Path) -> tuple[tuple, str]:
@@ -657,7 +746,7 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
                      "reason": f"ignored {len(other)} non-DICOM file(s) in the folder: {names}"})
 
     groups: dict[tuple, list[SliceHeader]] = defaultdict(list)
-    unreadable = []
+    unreadable, not_slices = [], []
     for path in dicom_files:
         try:
             h = parsed.pop(str(path), None)
@@ -677,6 +766,7 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
             why = f"modality {h.modality!r} is not CT"
         if why is not None:
             skipped.append((h.path, why))
+            not_slices.append((h.path, why))
             continue
         groups[(h.series_uid, h.acquisition)].append(h)
     if not groups:
@@ -688,8 +778,18 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
                            patient=patient, stage=STAGE, file=first[0])
     for exc in unreadable:
         user.append({"file": exc.file, "reason": f"DICOM file skipped: {exc.reason}"})
+    if not_slices:
+        names = ", ".join(repr(_name(p)) for p, _ in not_slices[:5]) + (", ..." if len(not_slices) > 5 else "")
+        user.append({"file": not_slices[0][0] if len(not_slices) == 1 else str(folder),
+                     "reason": f"skipped {len(not_slices)} image(s) that are not slices of an axial CT series "
+                               f"({names}); e.g. {not_slices[0][1]}"})
 
+    groups, merged, repeats = _merge_acquisitions(groups)
     (series_uid, acq), reason = _choose_group(groups, patient, folder)
+    if series_uid in repeats:
+        raise _repeats_error(repeats[series_uid], patient, folder)
+    if (series_uid, acq) in merged:
+        reason += f"; {merged[(series_uid, acq)]}"
     for key, hs in groups.items():
         if key != (series_uid, acq):
             skipped.extend((h.path, f"other series/acquisition {key[0]} / {key[1]} not chosen") for h in hs)
@@ -705,11 +805,12 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
     for d in dropped:
         skipped.append((d["file"], d["reason"]))
         user.append(dict(d))
-    grid, slice_spacing, extra_notes = _grid_from_headers(headers, patient)
+    headers, grid, slice_spacing, geometry_record, extra_notes, extra_user = _grid_from_headers(headers, patient)
     notes.extend(extra_notes)
+    user.extend(extra_user)
     return Series(patient=patient, folder=str(folder), headers=headers, grid=grid,
                   slice_spacing=slice_spacing, reason=reason, skipped=skipped, warnings=notes,
-                  dropped=dropped, user_warnings=user,
+                  dropped=dropped, user_warnings=user, geometry=geometry_record,
                   file_infos=None if infos is None else {h.path: infos[h.path] for h in headers})
 
 
@@ -921,32 +1022,118 @@ def _check_decodable(h: SliceHeader, patient):
                            patient=patient, stage=STAGE, file=h.path)
 
 
+def _spacing_gap_error(headers, z, steps, median, i, patient):
+    """The irregular step ``steps[i]``: the missing positions (mm) where it is a whole number of steps."""
+    a, b = Path(headers[i].path).name, Path(headers[i + 1].path).name
+    n_missing = int(round(steps[i] / median)) - 1
+    if n_missing >= 1 and abs(steps[i] - (n_missing + 1) * median) <= SPACING_RTOL * median:
+        where = z[i] + median * np.arange(1, n_missing + 1)
+        listed = ", ".join(f"{v:g}" for v in where[:6]) + (f", ... {where[-1]:g}" if n_missing > 6 else "")
+        acqs = sorted({h.acquisition for h in headers if h.acquisition is not None})
+        hint = f" (the series has acquisitions {acqs}: is one missing?)" if len(acqs) > 1 else ""
+        return PatientError(f"the stack has a gap: {n_missing} slice(s) missing at z = {listed} mm, between "
+                            f"{a!r} (z={z[i]:g}) and {b!r} (z={z[i + 1]:g}) where the series steps {median:g} mm"
+                            f"{hint}; add the missing slice(s) from the archive (lungzarr does not interpolate "
+                            f"across a gap)", patient=patient, stage=STAGE, file=headers[i + 1].path)
+    return PatientError(f"slice spacing is not regular: {steps[i]:g} mm between {a!r} (z={z[i]:g}) and {b!r} "
+                        f"(z={z[i + 1]:g}) where the series has {median:g} mm; a slice is missing or the folder "
+                        f"mixes series: add the missing slice(s) or remove the stray file(s)",
+                        patient=patient, stage=STAGE, file=headers[i + 1].path)
+
+
+def _check_orientations(headers, patient):
+    """Every slice of the stack has a usable ImageOrientationPatient, or a PatientError naming the file."""
+    missing = [h for h in headers if h.orientation is None]
+    if missing:
+        raise PatientError(f"{len(missing)} slice(s) have no ImageOrientationPatient (0020,0037), e.g. "
+                           f"{Path(missing[0].path).name!r}: lungzarr cannot tell which way the pixels lie in the "
+                           f"patient; fix the header (an axial slice has 1\\0\\0\\0\\1\\0) or remove the "
+                           f"file(s)", patient=patient, stage=STAGE, file=missing[0].path)
+    for h in headers:
+        why = geometry.orientation_problem(h.orientation[:3], h.orientation[3:])
+        if why is not None:
+            raise PatientError(f"ImageOrientationPatient (0020,0037) is {list(h.orientation)!r}: {why}; the "
+                               f"header is damaged: fix it or remove the file", patient=patient, stage=STAGE,
+                               file=h.path)
+
+
+def _geometry_error(placement: geometry.Placement, headers, patient) -> PatientError:
+    """The refusal of a stack whose voxels do not lie on an axis-aligned grid: what it is, how far, the fix."""
+    kinds = {kind for kind, _ in placement.deviations}
+    what = placement.what()
+    file = headers[0].path
+    if "slices disagree" in kinds:
+        file = headers[placement.worst_slice].path
+        what += f" ({Path(file).name!r} against {Path(headers[0].path).name!r})"
+    tilts = sorted({h.gantry_tilt for h in headers if h.gantry_tilt is not None})
+    if tilts and (kinds & {"gantry tilt", "oblique", "sheared stack"} or any(tilts)):
+        what += f"; GantryDetectorTilt (0018,1120) says {', '.join(f'{t:g}' for t in tilts)} deg"
+    return PatientError(f"the voxels do not lie on an axis-aligned grid: {what}. Voxel centres lie up to "
+                        f"{placement.offset_text()} from where the stored axis-aligned LPS grid would put them, "
+                        f"more than the half voxel lungzarr allows (it never approximates geometry): resample the "
+                        f"series exactly from its per-slice headers (ImagePositionPatient, ImageOrientationPatient) "
+                        f"onto an axis-aligned grid (e.g. 3D Slicer's DICOM import with acquisition geometry "
+                        f"regularization, then a resample to identity directions) and ingest that volume as NIfTI",
+                        patient=patient, stage=STAGE, file=file)
+
+
 def _grid_from_headers(headers, patient):
+    """The stored grid of a sorted stack, from every slice's own IOP, IPP and PixelSpacing (the geometry rule).
+
+    Each slice is laid out as the stack stores it (:func:`geometry.orient_slice`: flips/transpose only,
+    towards the orientation most slices have), then every voxel centre must lie within half a voxel
+    (per axis) of where the axis-aligned grid puts it (:func:`geometry.place_stack`), or the series is
+    refused with what its geometry is (gantry tilt, in-plane rotation, oblique, sheared stack, slices
+    that disagree) and the fix.
+
+    Returns
+    -------
+    headers : list of SliceHeader
+        With :attr:`SliceHeader.reorient` set where a slice is stored otherwise than the stack.
+    grid, slice_spacing
+    record : dict
+        :meth:`geometry.Placement.record` with the reoriented slices (provenance).
+    notes, user_warnings : list
+    """
+    _check_orientations(headers, patient)
     z = np.array([h.position[2] for h in headers])
     steps = np.diff(z)
     slice_spacing = float(abs(z[0] - z[1]))
     median = float(np.median(steps))
     bad = np.flatnonzero(np.abs(steps - median) > SPACING_RTOL * median)
     if bad.size:
-        i = int(bad[0])
-        raise PatientError(f"slice spacing is not regular: {steps[i]:g} mm between {Path(headers[i].path).name!r} "
-                           f"(z={z[i]:g}) and {Path(headers[i + 1].path).name!r} (z={z[i + 1]:g}) where the series "
-                           f"has {median:g} mm; a slice is missing or the folder mixes series: add the missing "
-                           f"slice(s) or remove the stray file(s)", patient=patient, stage=STAGE,
-                           file=headers[i + 1].path)
-    notes = []
-    positions = np.array([h.position for h in headers])
-    drift = np.ptp(positions[:, :2], axis=0)
-    if np.any(drift > 1e-3):
-        notes.append(f"x/y of ImagePositionPatient drift by {drift.round(3).tolist()} mm across slices "
-                     f"(gantry tilt?); the volume is treated as a regular grid")
-    h0 = headers[0]
-    row_cos, col_cos = h0.orientation[:3], h0.orientation[3:]
-    dy = float(h0.pixel_spacing[0]) * float(np.sign(col_cos[1]))
-    dx = float(h0.pixel_spacing[1]) * float(np.sign(row_cos[0]))
-    dz = float((z[-1] - z[0]) / (len(z) - 1))
-    grid = Grid((len(headers), h0.rows, h0.columns), (float(z[0]), h0.position[1], h0.position[0]), (dz, dy, dx))
-    return grid, slice_spacing, notes
+        raise _spacing_gap_error(headers, z, steps, median, int(bad[0]), patient)
+    signs = geometry.stack_signs((h.orientation[:3], h.orientation[3:]) for h in headers)
+    laid = [geometry.orient_slice(h.position, h.orientation[:3], h.orientation[3:], h.pixel_spacing,
+                                  (h.rows, h.columns), signs) for h in headers]
+    shape = laid[0][4]
+    odd = next((h for h, lay in zip(headers, laid) if lay[4] != shape), None)
+    if odd is not None:
+        raise PatientError(f"the slice is stored transposed (ImageOrientationPatient {list(odd.orientation)!r}) "
+                           f"and its {odd.rows}x{odd.columns} pixels do not fit the stack's {shape[0]}x{shape[1]}; "
+                           f"the folder mixes series: split it", patient=patient, stage=STAGE, file=odd.path)
+    placement = geometry.place_stack([lay[1] for lay in laid], [lay[2] for lay in laid],
+                                     [lay[3] for lay in laid], (len(headers), *shape))
+    if not placement.ok:
+        raise _geometry_error(placement, headers, patient)
+    notes, user = [], []
+    reoriented = [(h, lay[0]) for h, lay in zip(headers, laid) if not lay[0].identity]
+    headers = [replace(h, reorient=None if lay[0].identity else lay[0]) for h, lay in zip(headers, laid)]
+    record = placement.record()
+    record["reoriented_slices"] = [{"file": h.path, "orientation": list(h.orientation), "applied": op.describe()}
+                                   for h, op in reoriented]
+    if reoriented:
+        names = ", ".join(repr(Path(h.path).name) for h, _ in reoriented[:5]) + (", ..." if len(reoriented) > 5
+                                                                                  else "")
+        msg = (f"{len(reoriented)} slice(s) stored in another orientation than the rest of the stack "
+               f"({names}; e.g. ImageOrientationPatient {list(reoriented[0][0].orientation)!r}) reoriented exactly "
+               f"({reoriented[0][1].describe()}): check that their headers and pixels agree")
+        notes.append(msg)
+        user.append({"file": reoriented[0][0].path, "reason": msg})
+    if any(o > 1e-3 for o in placement.offset_mm):
+        notes.append(f"geometry: {placement.what()}; voxel centres lie up to {placement.offset_text()} from the "
+                     f"stored axis-aligned grid (accepted: within half a voxel)")
+    return headers, placement.grid, slice_spacing, record, notes, user
 
 
 # --------------------------------------------------------------------------
@@ -1033,7 +1220,8 @@ def _decode_one(path, header: SliceHeader | None = None, *, patient: str | None 
     return array
 
 
-def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None, layouts=None) -> np.ndarray:
+def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None, layouts=None,
+                        reorient=None) -> np.ndarray:
     """Decode slices and convert them to int16 HU exactly as the original (§1).
 
     Stack ``pixel_array`` as int16, set stored values of -2000 (cylinder
@@ -1044,6 +1232,9 @@ def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None
     allowed): native slices are then read straight from their bytes, with
     pydicom's ``pixel_array`` values, without a second pydicom parse; the
     others (and files changed since their header was read) are decoded by pydicom.
+
+    ``reorient``: each slice's :attr:`SliceHeader.reorient` (None entries allowed): the exact
+    flips/transpose that lay a slice stored in another orientation out as the stack.
     """
     layouts = [None] * len(paths) if layouts is None else list(layouts)
     if len(layouts) != len(paths):
@@ -1055,6 +1246,8 @@ def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None
                   for (url, data), layout in zip(read_objects(paths), layouts)]
     else:
         arrays = [_decode_one(path, patient=patient, layout=layout) for path, layout in zip(paths, layouts)]
+    if reorient is not None:
+        arrays = [a if op is None else op.apply(a) for a, op in zip(arrays, reorient)]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise PatientError(f"decoded slices have different sizes {sorted(shapes)!r}; the headers' Rows/Columns "
@@ -1076,8 +1269,9 @@ def _fetched(url, data, patient):
 
 
 class _Layouts:
-    """The slices' :class:`PixelLayout` in one opaque object: dask walks a tuple of dataclasses
-    given to ``map_blocks`` field by field looking for collections (~0.8 CPU-s for 300 slices)."""
+    """The slices' :class:`PixelLayout` (or :class:`geometry.Reorientation`) in one opaque object: dask
+    walks a tuple of dataclasses given to ``map_blocks`` field by field looking for collections
+    (~0.8 CPU-s for 300 slices)."""
 
     __slots__ = ("layouts",)
 
@@ -1088,10 +1282,11 @@ class _Layouts:
         return self.layouts[index]
 
 
-def _decode_block(*, paths, slopes, intercepts, patient, layouts=None, block_info=None):
+def _decode_block(*, paths, slopes, intercepts, patient, layouts=None, reorient=None, block_info=None):
     (z0, z1), _, _ = block_info[None]["array-location"]
     return decode_slices_to_hu(paths[z0:z1], slopes[z0:z1], intercepts[z0:z1], patient=patient,
-                               layouts=None if layouts is None else layouts[z0:z1])
+                               layouts=None if layouts is None else layouts[z0:z1],
+                               reorient=None if reorient is None else reorient[z0:z1])
 
 
 def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None, files=None):
@@ -1128,7 +1323,9 @@ def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None, files=No
     elif len(files) != len(series.paths):
         raise ValueError(f"files has {len(files)} entries for the {len(series.paths)} files of the series; pass "
                          f"files_token(series.paths)")
-    token = tokenize(series.patient, files, slopes, intercepts, chunk_slices, None if store is None else str(store))
+    reorient = tuple(h.reorient for h in series.headers)
+    token = tokenize(series.patient, files, slopes, intercepts, [None if op is None else astuple(op) for op in reorient],
+                     chunk_slices, None if store is None else str(store))
     return da.map_blocks(
         _decode_block,
         chunks=(z_chunks(nz, chunk_slices), (ny,), (nx,)),
@@ -1141,6 +1338,8 @@ def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None, files=No
         patient=series.patient,
         # Where each native slice's pixels lie (read from the headers, so from these files: the token).
         layouts=_Layouts(h.pixels for h in series.headers),
+        # Each slice's flips/transpose from its own IOP (None: stored as the stack), applied on decode.
+        reorient=None if not any(reorient) else _Layouts(reorient),
     )
 
 
@@ -1149,7 +1348,8 @@ def load_hu(folder, *, patient: str | None = None, strict: bool = False) -> tupl
     series = read_series(folder, patient=patient, strict=strict)
     hu = decode_slices_to_hu(series.paths, [h.slope for h in series.headers],
                              [h.intercept for h in series.headers], patient=series.patient,
-                             layouts=[h.pixels for h in series.headers])
+                             layouts=[h.pixels for h in series.headers],
+                             reorient=[h.reorient for h in series.headers])
     return hu, series.grid
 
 
