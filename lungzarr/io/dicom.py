@@ -1060,17 +1060,15 @@ def _check_orientations(headers, patient):
 def _geometry_error(placement: geometry.Placement, headers, patient) -> PatientError:
     """The refusal of a stack whose voxels do not lie on an axis-aligned grid: what it is, how far, the fix."""
     kinds = {kind for kind, _ in placement.deviations}
-    what = placement.what()
+    detail = ""
     file = headers[0].path
     if "slices disagree" in kinds:
         file = headers[placement.worst_slice].path
-        what += f" ({Path(file).name!r} against {Path(headers[0].path).name!r})"
+        detail = f" ({Path(file).name!r} against {Path(headers[0].path).name!r})"
     tilts = sorted({h.gantry_tilt for h in headers if h.gantry_tilt is not None})
     if tilts and (kinds & {"gantry tilt", "oblique", "sheared stack"} or any(tilts)):
-        what += f"; GantryDetectorTilt (0018,1120) says {', '.join(f'{t:g}' for t in tilts)} deg"
-    return PatientError(f"the voxels do not lie on an axis-aligned grid: {what}. Voxel centres lie up to "
-                        f"{placement.offset_text()} from where the stored axis-aligned LPS grid would put them, "
-                        f"more than the half voxel lungzarr allows (it never approximates geometry): resample the "
+        detail += f"; GantryDetectorTilt (0018,1120) says {', '.join(f'{t:g}' for t in tilts)} deg"
+    return PatientError(f"the voxels do not lie on an axis-aligned grid: {placement.refusal(detail)}: resample the "
                         f"series exactly from its per-slice headers (ImagePositionPatient, ImageOrientationPatient) "
                         f"onto an axis-aligned grid (e.g. 3D Slicer's DICOM import with acquisition geometry "
                         f"regularization, then a resample to identity directions) and ingest that volume as NIfTI",

@@ -252,6 +252,13 @@ class Placement:
         a = self.worst_axis
         return (f"{self.offset_mm[a]:.3g} mm in {'zyx'[a]} (half a voxel: {self.limit_mm[a]:.3g} mm)")
 
+    def refusal(self, detail: str = "") -> str:
+        """The first sentences of a refusal: what the geometry is (``detail``: the reader's words on it) and
+        how far its voxels are; the reader adds the fix."""
+        return (f"{self.what()}{detail}. Voxel centres lie up to {self.offset_text()} from where the stored axis-aligned "
+                f"LPS grid would put them, more than the half voxel lungzarr allows (it never approximates "
+                f"geometry)")
+
     def record(self) -> dict:
         """JSON-serialisable provenance: the rule, the offsets and what the geometry is."""
         return {"rule": "every voxel centre within half a voxel (per axis) of its header position",

@@ -13,9 +13,11 @@ affine is RAS (x towards right, y towards anterior), so its x and y are
 negated. The direction matrix is then applied: file axes are permuted onto
 (z, y, x) and an axis running against its patient axis is flipped, so the
 same scan gives the same ``hu`` and the same millimetres whatever its format.
-An oblique direction (one that would move a voxel by more than half a voxel
-from where an axis-aligned grid puts it) is refused: lungzarr's tables give
-one mm value per array index, which an oblique grid does not have.
+An oblique direction (one that puts a voxel centre more than half a voxel,
+along any axis, from where the axis-aligned grid puts it: the rule of
+:mod:`lungzarr.io.geometry`, as for DICOM) is refused with what it is and its
+angle: lungzarr's tables give one mm value per array index, which an oblique
+grid does not have.
 
 Values. The volume must hold Hounsfield units (NIfTI ``scl_slope``/``scl_inter``
 applied). Files whose sampled slices are all >= 0 (stored values without the
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from lungzarr.errors import LungzarrError, PatientError
+from lungzarr.io import geometry
 from lungzarr.io.locations import as_location, describe_error, is_url, local_copies, open_object
 from lungzarr.volume import Grid, files_token, strip_suffix, z_chunks
 
@@ -51,9 +54,9 @@ STAGE = "ingest"
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
 #: Data files a ``.mhd`` header names (``<stem>.raw`` in LUNA16): part of that patient, not loose files.
 METAIMAGE_DATA_SUFFIXES = (".raw", ".zraw")
-#: A direction counts as axis-aligned when dropping its off-axis components moves no voxel by more than
-#: this many (smallest) voxel sizes; float32 NIfTI affines carry ~1e-7 of rounding, a gantry tilt ~0.1.
-OBLIQUE_TOLERANCE_VOXELS = 0.5
+#: The geometry rule (:mod:`lungzarr.io.geometry`, the same for DICOM): every voxel centre within this many
+#: voxels (of each axis' spacing) of where the affine puts it; float32 NIfTI affines carry ~1e-7 of rounding.
+OBLIQUE_TOLERANCE_VOXELS = geometry.TOLERANCE_VOXELS
 #: HU must fit the store's int16.
 _INT16 = (-32768, 32767)
 _FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".mhd": "metaimage", ".mha": "metaimage"}
@@ -381,40 +384,37 @@ def _nifti_header(path, patient):
 
 
 def _place(shape, direction, spacing, origin, patient, path):
-    """The file's axes on the store's (z, y, x): ``(axes, grid)``; oblique directions refused."""
-    names = "ijk"
+    """The file's axes on the store's (z, y, x) and their :class:`geometry.Placement` (its grid, how far
+    the voxel centres are from it); a direction that puts any voxel centre more than half a voxel off is refused."""
     patient_axis = [int(np.argmax(np.abs(direction[:, a]))) for a in range(3)]
     if sorted(patient_axis) != [0, 1, 2]:
         raise _error(f"the direction matrix {np.round(direction, 4).tolist()!r} maps two file axes onto one "
                      f"patient axis; the file's orientation is broken: fix the header", patient, path)
-    drift = []
-    for a in range(3):
-        off = direction[:, a].copy()
-        off[patient_axis[a]] = 0.0
-        drift.append(float(np.linalg.norm(off)) * spacing[a] * max(shape[a] - 1, 0))
-    limit = OBLIQUE_TOLERANCE_VOXELS * float(np.min(spacing))
-    if max(drift) > limit:
-        a = int(np.argmax(drift))
-        raise _error(f"the direction is oblique (direction matrix {np.round(direction, 4).tolist()!r}, LPS): "
-                     f"file axis {names[a]} drifts {drift[a]:.3g} mm off its patient axis across the volume "
-                     f"(more than half a voxel, {limit:.3g} mm); lungzarr stores axis-aligned grids only: "
-                     f"resample it onto an axis-aligned grid (e.g. SimpleITK.Resample with an identity "
-                     f"direction) or convert the DICOM series with dcm2niix (which corrects gantry tilt)",
-                     patient, path)
     # The first stored voxel: the file's corner at the far end of every flipped axis.
     flips = [direction[patient_axis[a], a] < 0 for a in range(3)]
     corner = np.asarray(origin, dtype=np.float64).copy()
     for a in range(3):
         if flips[a]:
             corner = corner + (shape[a] - 1) * spacing[a] * direction[:, a]
-    axes, gshape, gorigin, gstep = [], [], [], []
+    axes = []
     for p in (2, 1, 0):  # store order z, y, x = patient axes 2, 1, 0
         a = patient_axis.index(p)
         axes.append((a, bool(flips[a])))
-        gshape.append(int(shape[a]))
-        gorigin.append(float(corner[p]))
-        gstep.append(float(spacing[a] * abs(direction[p, a])))
-    return tuple(axes), Grid(tuple(gshape), tuple(gorigin), tuple(gstep))
+    # Each stored index's step in patient mm (an axis running against its patient axis is flipped).
+    step = [spacing[a] * direction[:, a] * (-1.0 if flip else 1.0) for a, flip in axes]
+    n = int(shape[axes[0][0]])
+    if n < 2:
+        raise _error(f"the volume has {n} axial slice(s); lungzarr needs a volume of at least "
+                     f"two (and at least 9 at 2 mm for nodule detection)", patient, path)
+    placement = geometry.place_stack(corner + np.arange(n)[:, None] * step[0], np.tile(step[1], (n, 1)),
+                                     np.tile(step[2], (n, 1)), (n, int(shape[axes[1][0]]), int(shape[axes[2][0]])))
+    if not placement.ok:
+        raise _error(f"the direction is oblique (direction matrix {np.round(direction, 4).tolist()!r}, LPS): "
+                     f"{placement.refusal()}; lungzarr stores axis-aligned grids "
+                     f"only: resample it onto an axis-aligned grid (e.g. SimpleITK.Resample with an identity "
+                     f"direction, which interpolates at the positions its affine gives) and ingest that",
+                     patient, path)
+    return tuple(axes), placement
 
 
 def read_volume(path, *, patient: str | None = None) -> VolumeSeries:
@@ -471,10 +471,9 @@ def _read_volume(path, fmt, patient, remote, stack) -> VolumeSeries:
             and np.all(spacing > 0)):
         raise _error(f"the header's spacing {spacing.tolist()!r}, origin {origin.tolist()!r} or direction is "
                      f"not finite and positive; fix the header", patient, path)
-    axes, grid = _place(shape, direction, spacing, origin, patient, path)
-    if grid.shape[0] < 2:
-        raise _error(f"the volume has {grid.shape[0]} axial slice(s); lungzarr needs a volume of at least "
-                     f"two (and at least 9 at 2 mm for nodule detection)", patient, path)
+    axes, placement = _place(shape, direction, spacing, origin, patient, path)
+    grid = placement.grid
+    header["geometry"] = placement.record()
     files = (str(path), *map(str, data_files))
     infos = {f: _object_info(f) for f in files} if remote else None
     series = VolumeSeries(patient=patient, path=str(path), files=files, format=fmt, grid=grid, axes=axes,
