@@ -84,6 +84,26 @@ def _single_slice(folder):
     return make_patient(folder, n_slices=1, seed=7)[0]
 
 
+def _missing_orientation(folder):
+    paths = make_patient(folder, seed=8)
+    edit_header(paths[4], ImageOrientationPatient=None)
+    return paths[4]
+
+
+def _gantry_tilt(folder):
+    paths = make_patient(folder, seed=9)
+    for p in paths:   # columns tilted 5 deg about x, slices stacked along the table: voxels up to 4.1 mm off
+        edit_header(p, ImageOrientationPatient=["1", "0", "0", "0", "0.996194698", "0.0871557427"],
+                    GantryDetectorTilt="5")
+    return paths[0]
+
+
+def _repeats(folder):
+    make_patient(folder, seed=14, acquisition=1, series_uid="1.2.3.4.5.77", filename="a1_{index:03d}.dcm")
+    make_patient(folder, seed=15, acquisition=2, series_uid="1.2.3.4.5.77", filename="a2_{index:03d}.dcm")
+    return folder
+
+
 #: case -> (builder returning the file the error must name (None: the folder), fragments of the
 #: reason: what is wrong, and what to do)
 CASES = {
@@ -96,6 +116,12 @@ CASES = {
     "gap": (_gap, ["slice spacing is not regular", "5 mm between '0005.dcm'", "add the missing slice"]),
     "non_axial": (_non_axial, ["not an axial image", "needs an axial chest CT series"]),
     "single_slice": (_single_slice, ["only one axial slice", "at least two slices"]),
+    "missing_orientation": (_missing_orientation, ["no ImageOrientationPatient (0020,0037)", "'0004.dcm'",
+                                                   "fix the header"]),
+    "gantry_tilt": (_gantry_tilt, ["gantry tilt of 5.0 deg", "GantryDetectorTilt (0018,1120) says 5 deg",
+                                   "resample the series exactly from its per-slice headers"]),
+    "repeats": (_repeats, ["2 acquisitions at overlapping slice positions", "acquisition 1: 12 slices",
+                           "keep one acquisition's files in this folder"]),
 }
 
 

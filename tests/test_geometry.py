@@ -343,3 +343,60 @@ def test_a_tiny_obliquity_is_accepted_and_recorded(tmp_path, lidc_dir):
     assert any("in-plane rotation of 0.01 deg" in note for note in series.warnings)
     worst = _within_half_voxel(series)
     assert worst[1] == pytest.approx(511 * PS * np.sin(np.radians(0.01)), rel=1e-2)
+
+
+# ---------------------------------------------------------------------- the same rule for volume files
+
+def _dicom_and_nifti(tmp_path, iop, *, n=6, size=64, ps=0.75, dz=2.5, shift=(0.0, 0.0)):
+    """One synthetic stack as DICOM (every slice's IOP ``iop``, IPP stepping dz in z plus ``shift`` (x, y) a
+    slice) and as a NIfTI file whose affine says the same; returns (folder, nifti path)."""
+    import nibabel as nib
+
+    folder = tmp_path / "D"
+    paths = make_patient(folder, n_slices=n, size=size, spacing=(dz, ps, ps), origin=(-50.0, -20.0, -30.0))
+    row, col = np.array(iop[:3], float), np.array(iop[3:], float)
+    ipp0 = np.array([-30.0, -20.0, -50.0])
+    step = np.array([shift[0], shift[1], dz])
+    for k, p in enumerate(paths):
+        _rewrite(p, iop=iop, ipp=ipp0 + k * step)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = ps * row, ps * col, step, ipp0
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    volume = np.full((size, size, n), -1000, dtype=np.int16)  # (i, j, k) = (column, row, slice)
+    path = tmp_path / "V.nii"
+    nib.save(nib.Nifti1Image(volume, ras), str(path))
+    return folder, path
+
+
+@pytest.mark.parametrize("case, iop, shift, words", [
+    ("rotation", [np.cos(np.radians(7)), np.sin(np.radians(7)), 0, -np.sin(np.radians(7)), np.cos(np.radians(7)), 0],
+     (0.0, 0.0), "in-plane rotation of 7.0 deg"),
+    ("tilt", [1, 0, 0, 0, np.cos(np.radians(5)), np.sin(np.radians(5))], (0.0, 0.0), "gantry tilt of 5.0 deg"),
+    ("shear", [1, 0, 0, 0, 1, 0], (0.5, 0.0), "sheared stack"),
+])
+def test_dicom_and_nifti_refuse_the_same_geometry_in_the_same_words(tmp_path, case, iop, shift, words):
+    from lungzarr.io import volumes
+
+    folder, nifti = _dicom_and_nifti(tmp_path, iop, shift=shift)
+    with pytest.raises(PatientError) as from_dicom:
+        dicom.read_series(folder)
+    with pytest.raises(PatientError) as from_nifti:
+        volumes.read_volume(nifti)
+    for info in (from_dicom, from_nifti):
+        assert words in info.value.reason
+        assert "more than the half voxel lungzarr allows" in info.value.reason
+    offsets = [r.split("Voxel centres lie up to ")[1].split(" from where")[0]
+               for r in (from_dicom.value.reason, from_nifti.value.reason)]
+    assert offsets[0] == offsets[1]
+    assert "dcm2niix" not in from_nifti.value.reason
+
+
+def test_a_tiny_obliquity_in_a_nifti_affine_is_accepted_and_recorded(tmp_path):
+    from lungzarr.io import volumes
+
+    a = np.radians(0.01)
+    _, nifti = _dicom_and_nifti(tmp_path, [np.cos(a), np.sin(a), 0, -np.sin(a), np.cos(a), 0])
+    series = volumes.read_volume(nifti)
+    record = series.provenance()["geometry"]
+    assert record["deviations_deg"]["in-plane rotation"] == pytest.approx(0.01, rel=1e-3)
+    assert record["max_offset_mm"]["y"] == pytest.approx(63 * 0.75 * np.sin(a), rel=1e-3)

@@ -1031,10 +1031,11 @@ def _spacing_gap_error(headers, z, steps, median, i, patient):
         listed = ", ".join(f"{v:g}" for v in where[:6]) + (f", ... {where[-1]:g}" if n_missing > 6 else "")
         acqs = sorted({h.acquisition for h in headers if h.acquisition is not None})
         hint = f" (the series has acquisitions {acqs}: is one missing?)" if len(acqs) > 1 else ""
-        return PatientError(f"the stack has a gap: {n_missing} slice(s) missing at z = {listed} mm, between "
-                            f"{a!r} (z={z[i]:g}) and {b!r} (z={z[i + 1]:g}) where the series steps {median:g} mm"
-                            f"{hint}; add the missing slice(s) from the archive (lungzarr does not interpolate "
-                            f"across a gap)", patient=patient, stage=STAGE, file=headers[i + 1].path)
+        return PatientError(f"slice spacing is not regular: {steps[i]:g} mm between {a!r} (z={z[i]:g}) and {b!r} "
+                            f"(z={z[i + 1]:g}) where the series steps {median:g} mm: the stack has a gap, "
+                            f"{n_missing} slice(s) missing at z = {listed} mm{hint}; add the missing slice(s) from "
+                            f"the archive (lungzarr does not interpolate across a gap)",
+                            patient=patient, stage=STAGE, file=headers[i + 1].path)
     return PatientError(f"slice spacing is not regular: {steps[i]:g} mm between {a!r} (z={z[i]:g}) and {b!r} "
                         f"(z={z[i + 1]:g}) where the series has {median:g} mm; a slice is missing or the folder "
                         f"mixes series: add the missing slice(s) or remove the stray file(s)",
