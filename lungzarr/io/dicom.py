@@ -705,7 +705,10 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
     """Find, group, choose and validate the axial CT series of one patient folder.
 
     Only headers are read (and, for compressed transfer syntaxes, the two edge
-    slices decoded once to tell whether they are damaged). Localizers, non-axial
+    slices decoded once to tell whether they are damaged). Acquisitions of one
+    series that form one stack (step-and-shoot) are one volume. A slice stored
+    in another orientation than the stack is reoriented exactly where it is
+    decoded (:attr:`SliceHeader.reorient`). Localizers, non-axial
     or non-greyscale images, files whose header cannot be read, non-DICOM files
     and the series/acquisitions not chosen are listed in ``Series.skipped``.
 
@@ -724,8 +727,12 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
         With the file and the fix, when no usable series can be built: empty
         folder, no DICOM, no axial CT image, a single slice, a missing or
         non-finite ImagePositionPatient, duplicate positions from different
-        images, irregular slice spacing (a gap), mixed image sizes, missing or
-        non-positive PixelSpacing, an implausible RescaleSlope/Intercept, a
+        images, irregular slice spacing (a gap, its missing positions named),
+        acquisitions of the chosen series at overlapping positions (repeats,
+        phases), a missing or damaged ImageOrientationPatient, a geometry that
+        puts a voxel centre more than half a voxel off the axis-aligned grid
+        (gantry tilt, rotation, oblique, sheared stack: :mod:`geometry`),
+        mixed image sizes, missing or non-positive PixelSpacing, an implausible RescaleSlope/Intercept, a
         damaged slice inside the stack, or a transfer syntax with no decoder.
     """
     remote = is_url(folder)
@@ -1323,7 +1330,8 @@ def series_to_hu(series: Series, *, chunk_slices: int = 16, store=None, files=No
         raise ValueError(f"files has {len(files)} entries for the {len(series.paths)} files of the series; pass "
                          f"files_token(series.paths)")
     reorient = tuple(h.reorient for h in series.headers)
-    token = tokenize(series.patient, files, slopes, intercepts, [None if op is None else astuple(op) for op in reorient],
+    token = tokenize(series.patient, files, slopes, intercepts,
+                     [None if op is None else astuple(op) for op in reorient],
                      chunk_slices, None if store is None else str(store))
     return da.map_blocks(
         _decode_block,

@@ -55,7 +55,6 @@ TOLERANCE_VOXELS = 0.5
 ORTHONORMAL_TOL = 1e-3
 #: Angles (degrees) below this are the rounding of written headers: not named as a deviation.
 _ANGLE_EPS_DEG = 1e-4
-_AXES = "xyz"
 _PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
 
 
@@ -255,8 +254,8 @@ class Placement:
     def refusal(self, detail: str = "") -> str:
         """The first sentences of a refusal: what the geometry is (``detail``: the reader's words on it) and
         how far its voxels are; the reader adds the fix."""
-        return (f"{self.what()}{detail}. Voxel centres lie up to {self.offset_text()} from where the stored axis-aligned "
-                f"LPS grid would put them, more than the half voxel lungzarr allows (it never approximates "
+        return (f"{self.what()}{detail}. Voxel centres lie up to {self.offset_text()} from where the stored "
+                f"axis-aligned LPS grid would put them, more than the half voxel lungzarr allows (it never approximates "
                 f"geometry)")
 
     def record(self) -> dict:
