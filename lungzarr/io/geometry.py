@@ -255,8 +255,8 @@ class Placement:
         """The first sentences of a refusal: what the geometry is (``detail``: the reader's words on it) and
         how far its voxels are; the reader adds the fix."""
         return (f"{self.what()}{detail}. Voxel centres lie up to {self.offset_text()} from where the stored "
-                f"axis-aligned LPS grid would put them, more than the half voxel lungzarr allows (it never approximates "
-                f"geometry)")
+                f"axis-aligned LPS grid would put them, more than the half voxel lungzarr allows (it never "
+                f"approximates geometry)")
 
     def record(self) -> dict:
         """JSON-serialisable provenance: the rule, the offsets and what the geometry is."""
