@@ -59,9 +59,13 @@ AXIAL_COS_MIN = 0.99
 #: Plausible RescaleSlope range (0028,1053). CT stores HU as ``slope * stored + intercept`` with slope 1
 #: (rarely 0.5 or 2): a slope outside [1e-3, 100] multiplies 16-bit stored values out of int16 HU or into a
 #: handful of grey levels, so it is a damaged header, not a scanner choice; NaN/inf would flatten slices.
+#: These header ranges refuse what no scanner writes before any pixel is read; the values a header within
+#: them gives are judged after the decode by :mod:`lungzarr.io.plausible` (int16 range, -500 HU), which
+#: every reader shares: a slope of 20 passes here and is refused there when its HU leave int16.
 RESCALE_SLOPE_RANGE = (1e-3, 100.0)
 #: Plausible RescaleIntercept range (0028,1052): CT intercepts are -1024, -1000 or 0; beyond +-10000 the
-#: converted values leave the range any tissue or metal has (and int16 HU).
+#: converted values leave the range any tissue or metal has (and int16 HU). An intercept of 0 on unsigned
+#: stored values is within it and refused by the -500 HU rule (the rescale is missing).
 RESCALE_INTERCEPT_RANGE = (-10000.0, 10000.0)
 #: Photometric interpretations of a greyscale image (anything else is colour or palette: not CT).
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -674,7 +678,10 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
     """Find, group, choose and validate the axial CT series of one patient folder.
 
     Only headers are read (and, for compressed transfer syntaxes, the two edge
-    slices decoded once to tell whether they are damaged). Localizers, non-axial
+    slices decoded once to tell whether they are damaged; then the first, middle
+    and last slice decoded once to tell whether the values are HU,
+    :func:`_check_values_are_hu`). A folder whose axial CT holds several
+    PatientIDs keeps the series of the one equal to ``patient`` (:func:`_own_groups`). Localizers, non-axial
     or non-greyscale images, files whose header cannot be read, non-DICOM files
     and the series/acquisitions not chosen are listed in ``Series.skipped``.
 
@@ -695,7 +702,9 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
         non-finite ImagePositionPatient, duplicate positions from different
         images, irregular slice spacing (a gap), mixed image sizes, missing or
         non-positive PixelSpacing, an implausible RescaleSlope/Intercept, a
-        damaged slice inside the stack, or a transfer syntax with no decoder.
+        damaged slice inside the stack, or a transfer syntax with no decoder;
+        several PatientIDs none of which is ``patient``; a pixel or slice
+        spacing or sampled values no chest CT has (:mod:`lungzarr.io.plausible`).
     """
     remote = is_url(folder)
     folder = str(folder).rstrip("/") if remote else Path(folder)
