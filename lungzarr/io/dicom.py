@@ -649,11 +649,11 @@ def _own_groups(groups: dict, patient: str, folder) -> tuple[dict, str]:
     own = {key: hs for key, hs in groups.items() if patient in ids[key]}
     if own:
         return own, f"PatientID {patient!r} is the folder's name (the folder holds {len(every)} PatientIDs); "
-    listing = "; ".join(f"PatientID {_ids(hs)} series {key[0]!s}"
-                        f"{'' if key[1] is None else f' acquisition {key[1]}'} ({len(hs)} slices, in "
-                        f"{_subfolder(hs, folder)!r})"
-                        for key, hs in sorted(groups.items(), key=lambda item: (_subfolder(item[1], folder),
-                                                                                 sorted(ids[item[0]]))))
+    # Named from the headers, not the group keys: the listing holds whatever the grouping is.
+    listing = "; ".join(f"PatientID {_ids(hs)} series {hs[0].series_uid}"
+                        f"{'' if hs[0].acquisition is None else f' acquisition {hs[0].acquisition}'} "
+                        f"({len(hs)} slices, in {_subfolder(hs, folder)!r})"
+                        for hs in sorted(groups.values(), key=lambda hs: (_subfolder(hs, folder), _ids(hs))))
     example = sorted(every)[:2]
     raise PatientError(f"the folder holds the axial CT series of {len(every)} PatientIDs (0010,0020) and none is "
                        f"the folder's name {patient!r}, the id lungzarr would store it under: {listing}. lungzarr "
