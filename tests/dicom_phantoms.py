@@ -37,10 +37,14 @@ def phantom_volume(n_slices: int = 12, size: int = 64, *, seed: int = 0) -> np.n
 
 
 def make_patient(folder, *, n_slices: int = 12, size: int = 64, spacing=SPACING, origin=(-100.0, -20.0, -30.0),
-                 seed: int = 0, **kwargs) -> list[Path]:
-    """Write one phantom patient (an axial series) into ``folder``; return its files in z order."""
+                 seed: int = 0, patient_id: str | None = None, **kwargs) -> list[Path]:
+    """Write one phantom patient (an axial series) into ``folder``; return its files in z order.
+
+    Its PatientID is ``patient_id``, default the folder's name (pass the patient folder's name when
+    ``folder`` is a sub-folder of it: a folder holding several PatientIDs chooses its own patient's series).
+    """
     return write_series(phantom_volume(n_slices, size, seed=seed), folder, spacing=spacing, origin=origin,
-                        patient_id=Path(folder).name, **kwargs)
+                        patient_id=Path(folder).name if patient_id is None else patient_id, **kwargs)
 
 
 def edit_header(path, **values) -> None:

@@ -160,16 +160,24 @@ def test_hu_padding_rule_and_per_slice_slope(tmp_path):
     assert series.provenance()["rescale_slopes"] == [0.5, 1.0, 2.0]
 
 
-def test_hu_unsigned_storage_is_cast_to_int16_first(tmp_path):
-    # Unsigned stored values above 32767 wrap in the int16 cast, exactly as the original's astype(np.int16).
+def test_hu_unsigned_storage_above_int16_is_refused_not_wrapped(tmp_path):
+    # Unsigned stored 40000: the original's astype(np.int16) wrapped it to -25536 (-26560 HU, "lung"); the
+    # decode is wide now and refuses a value int16 cannot hold, naming the file (tests/test_hu_rules.py).
     folder = tmp_path / "P"
     volume = phantom_volume(3, 16).astype(np.int32)
     volume[1, 5, 5] = 40000 - 1024      # stored 40000 (uint16)
-    dicom.write_series(volume, folder, spacing=SPACING)
-    hu, _ = dicom.load_hu(folder)
-    np.testing.assert_array_equal(hu, reference_hu(folder))
-    assert hu[1, 5, 5] == np.int16(np.uint16(40000).astype(np.int16) - 1024)
-    np.testing.assert_array_equal(hu[0], volume[0])     # ordinary values round-trip write_series
+    paths = dicom.write_series(volume, folder, spacing=SPACING)
+    with pytest.raises(PatientError, match=r"values -1024 .. 38976 HU \(stored 0 .. 40000 \(unsigned 16-bit\)") \
+            as info:
+        dicom.load_hu(folder)
+    assert info.value.file == str(paths[1])
+    # Values that fit are the original's exactly.
+    ok = tmp_path / "OK"
+    volume[1, 5, 5] = 30000
+    dicom.write_series(volume, ok, spacing=SPACING)
+    hu, _ = dicom.load_hu(ok)
+    np.testing.assert_array_equal(hu, reference_hu(ok))
+    np.testing.assert_array_equal(hu, volume)
 
 
 def test_write_series_round_trips_hu_and_grid(tmp_path):
@@ -269,6 +277,7 @@ def test_missing_acquisition_number_beside_a_numbered_one(tmp_path, lidc_dir, ot
     for ds in lidc:
         (folder / Path(ds.filename).name).write_bytes(Path(ds.filename).read_bytes())
     make_patient(folder, n_slices=10, size=512, acquisition=3, series_uid=str(lidc[0].SeriesInstanceUID),
+                 patient_id=str(lidc[0].PatientID),
                  spacing=(2.5, 0.703125, 0.703125), origin=(other_origin_z, -171.699997, -166.0),
                  filename="acq3_{index:03d}.dcm")
     if merged:
@@ -304,8 +313,8 @@ def test_localizer_and_non_axial_images_are_dropped(tmp_path):
 
 def test_nested_patient_study_series_tree(tmp_path):
     patient = tmp_path / "P7"
-    main = make_patient(patient / "study1" / "series_axial", n_slices=10)
-    make_patient(patient / "study1" / "series_thick", n_slices=3, spacing=(5.0, 0.75, 0.75))
+    main = make_patient(patient / "study1" / "series_axial", n_slices=10, patient_id="P7")
+    make_patient(patient / "study1" / "series_thick", n_slices=3, spacing=(5.0, 0.75, 0.75), patient_id="P7")
     (patient / "study1" / "README.txt").write_text("exported by a PACS\n")
     (patient / "DICOMDIR.json").write_text("{}")
     with pytest.warns(UserWarning, match="ignored 2 non-DICOM file"):

@@ -413,7 +413,9 @@ def corpus_strays(tmp_path_factory):
     expected, _ = dicom.load_hu(tmp / "ref")
     root, strays = tmp / "in", {}
     for i, f in enumerate(_corpus_files()):
-        copy_tree(tmp / "ref", root / f"f{i:03d}")
+        # The good series' PatientID is its folder's name: a stray CT of another PatientID is then told apart
+        # by it (in a folder of several PatientIDs none of which is its name, no series is the folder's own).
+        make_patient(root / f"f{i:03d}", n_slices=10, size=32)
         strays[f"f{i:03d}"] = shutil.copy(f, root / f"f{i:03d}" / f"zz_{f.name}")
     return root, strays, [p.name for p in ref], expected
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import sys
 import warnings
 from collections import defaultdict
@@ -31,6 +32,7 @@ import numpy as np
 from lungzarr.errors import PatientError
 from lungzarr.io import geometry
 from lungzarr.io.locations import describe_error, is_url, list_files, read_objects
+from lungzarr.io.plausible import check_hu_sample, check_spacing, int16_hu
 from lungzarr.volume import Grid, files_token, z_chunks  # noqa: F401  (files_token: part of this API)
 
 __all__ = [
@@ -56,9 +58,13 @@ SPACING_RTOL = 0.05
 #: Plausible RescaleSlope range (0028,1053). CT stores HU as ``slope * stored + intercept`` with slope 1
 #: (rarely 0.5 or 2): a slope outside [1e-3, 100] multiplies 16-bit stored values out of int16 HU or into a
 #: handful of grey levels, so it is a damaged header, not a scanner choice; NaN/inf would flatten slices.
+#: These header ranges refuse what no scanner writes before any pixel is read; the values a header within
+#: them gives are judged after the decode by :mod:`lungzarr.io.plausible` (int16 range, -500 HU), which
+#: every reader shares: a slope of 20 passes here and is refused there when its HU leave int16.
 RESCALE_SLOPE_RANGE = (1e-3, 100.0)
 #: Plausible RescaleIntercept range (0028,1052): CT intercepts are -1024, -1000 or 0; beyond +-10000 the
-#: converted values leave the range any tissue or metal has (and int16 HU).
+#: converted values leave the range any tissue or metal has (and int16 HU). An intercept of 0 on unsigned
+#: stored values is within it and refused by the -500 HU rule (the rescale is missing).
 RESCALE_INTERCEPT_RANGE = (-10000.0, 10000.0)
 #: Photometric interpretations of a greyscale image (anything else is colour or palette: not CT).
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -683,32 +689,92 @@ def _repeats_error(parts, patient, folder) -> PatientError:
 
 
 def _choose_group(groups: dict, patient: str, folder: Path) -> tuple[tuple, str]:
-    """Pick (series_uid, acquisition) as the original did: most slices, later on a tie."""
+    """Pick (series_uid, acquisition) as the original did: most slices, later on a tie; among the folder's
+    own patient's series when the folder holds several PatientIDs (:func:`_own_groups`)."""
     def key(item):
         (series_uid, acq), headers = item
         # Missing AcquisitionNumber (LIDC) is one acquisition of its own, ranked lowest on a tie.
         return (len(headers), -1 if acq is None else acq, headers[0].series_number or -1, series_uid)
 
-    ranked = sorted(groups.items(), key=key, reverse=True)
+    own, why = _own_groups(groups, patient, folder)
+    ranked = sorted(own.items(), key=key, reverse=True)
     (series_uid, acq), headers = ranked[0]
+    foreign = [(k, hs) for k, hs in sorted(groups.items(), key=key, reverse=True) if k not in own]
     if len(ranked) == 1:
-        reason = f"the only axial CT series/acquisition ({len(headers)} slices)"
+        reason = f"{why}the only axial CT series/acquisition ({len(headers)} slices)"
+        if foreign:
+            reason = f"{why}the only axial CT series/acquisition of the patient ({len(headers)} slices)"
     else:
-        others = ", ".join(f"series {s[-12:]!s} acquisition {a} ({len(h)} slices)" for (s, a), h in ranked[1:])
         tie = len(ranked[1][1]) == len(headers)
-        reason = (f"most slices ({len(headers)}){' and the later acquisition on a tie' if tie else ''}; "
-                  f"not used: {others}")
+        reason = f"{why}most slices ({len(headers)}){' and the later acquisition on a tie' if tie else ''}"
+    others = [f"series {s[-12:]!s} acquisition {a} ({len(h)} slices)" for (s, a), h in ranked[1:]]
+    others += [f"PatientID {_ids(h)} series {s[-12:]!s} acquisition {a} ({len(h)} slices)"
+               for (s, a), h in foreign]
+    if others:
+        reason += f"; not used: {', '.join(others)}"
     return (series_uid, acq), reason
+
+
+def _ids(headers) -> str:
+    ids = sorted({h.patient_id.strip() for h in headers})
+    return repr(ids[0]) if len(ids) == 1 else repr(ids)
+
+
+def _own_groups(groups: dict, patient: str, folder) -> tuple[dict, str]:
+    """The series/acquisitions of the folder's own patient, and why (a phrase for the selection reason).
+
+    A folder whose axial CT holds one PatientID (0010,0020) is that patient's, whatever the id (anonymised
+    archives name folders otherwise): every group is kept. A folder with several PatientIDs keeps the groups
+    whose PatientID is ``patient`` (the folder name, the id lungzarr stores the volume under): the
+    longest series of the folder may be another patient's, and one patient's CT must never be stored under
+    another's id. None matching is a PatientError listing every series (PatientID, SeriesInstanceUID,
+    slices, sub-folder) and how to split the folder. Several series of the folder's own id are one
+    patient's: they are ranked as in a one-patient folder.
+    """
+    ids = {key: {h.patient_id.strip() for h in hs} for key, hs in groups.items()}
+    every = set().union(*ids.values())
+    if len(every) <= 1:
+        return groups, ""
+    own = {key: hs for key, hs in groups.items() if patient in ids[key]}
+    if own:
+        return own, f"PatientID {patient!r} is the folder's name (the folder holds {len(every)} PatientIDs); "
+    # Named from the headers, not the group keys: the listing holds whatever the grouping is.
+    listing = "; ".join(f"PatientID {_ids(hs)} series {hs[0].series_uid}"
+                        f"{'' if hs[0].acquisition is None else f' acquisition {hs[0].acquisition}'} "
+                        f"({len(hs)} slices, in {_subfolder(hs, folder)!r})"
+                        for hs in sorted(groups.values(), key=lambda hs: (_subfolder(hs, folder), _ids(hs))))
+    example = sorted(every)[:2]
+    raise PatientError(f"the folder holds the axial CT series of {len(every)} PatientIDs (0010,0020) and none is "
+                       f"the folder's name {patient!r}, the id lungzarr would store it under: {listing}. lungzarr "
+                       f"never stores one patient's CT under another's id: give each patient a folder of its own "
+                       f"named by its PatientID (e.g. INPUT/{example[0]}/ and INPUT/{example[1]}/), or rename "
+                       f"this folder after the one patient it holds", patient=patient, stage=STAGE,
+                       file=str(folder))
+
+
+def _subfolder(headers, folder) -> str:
+    """The folder (relative to the patient folder; '.' itself) that holds the files of ``headers``."""
+    root = str(folder).rstrip("/") + "/"
+    parents = [posixpath.dirname(h.path[len(root):] if h.path.startswith(root) else h.path) for h in headers]
+    try:
+        common = posixpath.commonpath(parents)
+    except ValueError:  # absolute and relative mixed: cannot happen below one folder
+        common = parents[0]
+    return common or "."
 
 
 def read_series(folder, *, patient: str | None = None, strict: bool = False) -> Series:
     """Find, group, choose and validate the axial CT series of one patient folder.
 
     Only headers are read (and, for compressed transfer syntaxes, the two edge
-    slices decoded once to tell whether they are damaged). Acquisitions of one
-    series that form one stack (step-and-shoot) are one volume. A slice stored
-    in another orientation than the stack is reoriented exactly where it is
-    decoded (:attr:`SliceHeader.reorient`). Localizers, non-axial
+    slices decoded once to tell whether they are damaged; then the first, middle
+    and last slice decoded once to tell whether the values are HU,
+    :func:`_check_values_are_hu`). Acquisitions of one series that form one
+    stack (step-and-shoot) are one volume. A slice stored in another
+    orientation than the stack is reoriented exactly where it is decoded
+    (:attr:`SliceHeader.reorient`). A folder whose axial CT holds several
+    PatientIDs keeps the series of the one equal to ``patient``
+    (:func:`_own_groups`). Localizers, non-axial
     or non-greyscale images, files whose header cannot be read, non-DICOM files
     and the series/acquisitions not chosen are listed in ``Series.skipped``.
 
@@ -733,7 +799,9 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
         puts a voxel centre more than half a voxel off the axis-aligned grid
         (gantry tilt, rotation, oblique, sheared stack: :mod:`geometry`),
         mixed image sizes, missing or non-positive PixelSpacing, an implausible RescaleSlope/Intercept, a
-        damaged slice inside the stack, or a transfer syntax with no decoder.
+        damaged slice inside the stack, or a transfer syntax with no decoder;
+        several PatientIDs none of which is ``patient``; a pixel or slice
+        spacing or sampled values no chest CT has (:mod:`lungzarr.io.plausible`).
     """
     remote = is_url(folder)
     folder = str(folder).rstrip("/") if remote else Path(folder)
@@ -813,6 +881,8 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
         skipped.append((d["file"], d["reason"]))
         user.append(dict(d))
     headers, grid, slice_spacing, geometry_record, extra_notes, extra_user = _grid_from_headers(headers, patient)
+    _check_slice_spacing(headers, grid, patient)
+    _check_values_are_hu(headers, patient)
     notes.extend(extra_notes)
     user.extend(extra_user)
     return Series(patient=patient, folder=str(folder), headers=headers, grid=grid,
@@ -1009,6 +1079,45 @@ def _check_uniform_images(headers, patient):
     if ref.pixel_spacing is None:
         raise PatientError("no PixelSpacing (0028,0030) in the header; lungzarr cannot resample without it: fix the "
                            "header", patient=patient, stage=STAGE, file=ref.path)
+    check_spacing(ref.pixel_spacing, kind="pixel", what="PixelSpacing (0028,0030)", patient=patient,
+                  file=ref.path, n=max(ref.rows, ref.columns))
+
+
+def _check_slice_spacing(headers, grid, patient):
+    """Refuse a slice step no chest CT has (:data:`lungzarr.io.plausible.SLICE_SPACING_MM`): the grid's z step,
+    from the slices' ImagePositionPatient (regular within SPACING_RTOL by then)."""
+    check_spacing(abs(grid.step[0]), kind="slice",
+                  what=f"the slice spacing (ImagePositionPatient z of {Path(headers[0].path).name!r} .. "
+                       f"{Path(headers[-1].path).name!r}, {len(headers)} slices)",
+                  patient=patient, file=headers[1].path, n=len(headers))
+
+
+def _check_values_are_hu(headers, patient):
+    """Refuse a series whose values are not HU (:func:`lungzarr.io.plausible.check_hu_sample`).
+
+    "No value below -500 HU" is a property of the whole series, but the decode runs a z-chunk per dask
+    task, and a reduction over the ingest write would fail the patient only after its volume was written.
+    The first, middle and last slices decide it here instead, before any chunk is decoded, with the
+    ingest's own decode (so their int16 range is checked too): every slice through a chest holds air, so
+    a real CT passes on its middle slice alone, and stored values without the rescale are >= 0 in every
+    slice. Three slices per patient, read where the headers are read (a worker, when prefetched), never the
+    whole volume twice. The rescale values are named in the message: they are what is missing.
+    """
+    picks = sorted({0, len(headers) // 2, len(headers) - 1})
+    chosen = [headers[k] for k in picks]
+    hu = decode_slices_to_hu([h.path for h in chosen], [h.slope for h in chosen], [h.intercept for h in chosen],
+                             patient=patient, layouts=[h.pixels for h in chosen])
+    slopes = sorted({h.slope for h in headers})
+    intercepts = sorted({h.intercept for h in headers})
+    check_hu_sample(int(hu.min()), where=f"slices {picks!r} of {len(headers)}", patient=patient,
+                    file=chosen[len(chosen) // 2].path,
+                    fix=f"the series' RescaleIntercept (0028,1052) is {_listed(intercepts)} and RescaleSlope "
+                        f"(0028,1053) {_listed(slopes)}; set them to what the scanner wrote (CT: intercept "
+                        f"-1024 or -1000, slope 1) or replace the files from the archive")
+
+
+def _listed(values) -> str:
+    return f"{values[0]:g}" if len(values) == 1 else "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 def _check_decodable(h: SliceHeader, patient):
@@ -1228,16 +1337,22 @@ def _decode_one(path, header: SliceHeader | None = None, *, patient: str | None 
 
 def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None, layouts=None,
                         reorient=None) -> np.ndarray:
-    """Decode slices and convert them to int16 HU exactly as the original (§1).
+    """Decode slices and convert them to int16 HU as the original (§1), without its wrap-around.
 
-    Stack ``pixel_array`` as int16, set stored values of -2000 (cylinder
-    padding) to 0, then per slice: if the slope is not 1 multiply in float64
-    and cast back to int16; add ``int16(intercept)``.
+    Per slice, in float64 (exact for every 8/16/32-bit stored value and their
+    rescaled sums): set stored values of -2000 (cylinder padding) to 0; if the
+    slope is not 1 multiply and truncate toward zero; add the intercept
+    truncated toward zero (the original's ``np.int16(intercept)``). The result
+    must fit int16 (:func:`lungzarr.io.plausible.int16_hu`): where the
+    original's ``astype(np.int16)`` wrapped (unsigned stored 40000 -> -25536,
+    BitsAllocated 32, a slope of 20), the slice is refused with its file and
+    values. Every value that fits is the original's.
 
     ``layouts``: each slice's :attr:`SliceHeader.pixels` (None entries
     allowed): native slices are then read straight from their bytes, with
     pydicom's ``pixel_array`` values, without a second pydicom parse; the
-    others (and files changed since their header was read) are decoded by pydicom.
+    others (and files changed since their header was read) are decoded by
+    pydicom. Both give the same stored values to the same rescale and checks.
 
     ``reorient``: each slice's :attr:`SliceHeader.reorient` (None entries allowed): the exact
     flips/transpose that lay a slice stored in another orientation out as the stack.
@@ -1258,13 +1373,31 @@ def decode_slices_to_hu(paths, slopes, intercepts, *, patient: str | None = None
     if len(shapes) > 1:
         raise PatientError(f"decoded slices have different sizes {sorted(shapes)!r}; the headers' Rows/Columns "
                            f"are wrong: split or fix the series", patient=patient, stage=STAGE, file=paths[0])
-    image = np.stack(arrays).astype(np.int16)
-    image[image == PADDING_VALUE] = 0
-    for k, (slope, intercept) in enumerate(zip(slopes, intercepts)):
-        if slope != 1:
-            image[k] = (slope * image[k].astype(np.float64)).astype(np.int16)
-        image[k] += np.int16(intercept)
+    image = np.empty((len(arrays), *(arrays[0].shape if arrays else (0, 0))), dtype=np.int16)
+    for k, (stored, slope, intercept, path) in enumerate(zip(arrays, slopes, intercepts, paths)):
+        image[k] = _slice_to_hu(stored, slope, intercept, patient=patient, path=path)
     return image
+
+
+def _slice_to_hu(stored: np.ndarray, slope: float, intercept: float, *, patient, path) -> np.ndarray:
+    """One slice's stored values as int16 HU (see :func:`decode_slices_to_hu`), or a PatientError."""
+    values = stored.astype(np.float64)
+    if stored.dtype.kind == "f":  # float pixel data (not CT): the original's astype(np.int16) truncated it
+        values = np.trunc(values)
+    values[values == PADDING_VALUE] = 0
+    if slope != 1:
+        values = np.trunc(slope * values)
+    values += np.trunc(intercept)
+
+    def source():
+        kind = {"u": "unsigned", "i": "signed"}.get(stored.dtype.kind, stored.dtype.name)
+        return (f"stored {stored.min():g} .. {stored.max():g} ({kind} {stored.dtype.itemsize * 8}-bit) x "
+                f"RescaleSlope {slope:g} + RescaleIntercept {intercept:g}")
+
+    return int16_hu(values, patient=patient, file=str(path), source=source,
+                    fix="the header's BitsAllocated/PixelRepresentation (0028,0100/0103) or RescaleSlope/"
+                        "RescaleIntercept (0028,1053/1052) do not describe the pixels: fix the header or replace "
+                        "the file from the archive")
 
 
 def _fetched(url, data, patient):

@@ -20,8 +20,10 @@ angle: lungzarr's tables give one mm value per array index, which an oblique
 grid does not have.
 
 Values. The volume must hold Hounsfield units (NIfTI ``scl_slope``/``scl_inter``
-applied). Files whose sampled slices are all >= 0 (stored values without the
-rescale; CT air is about -1000 HU) are refused.
+applied). Files whose sampled slices hold no value below -500 HU (stored values
+without the rescale; CT air is about -1000 HU), values outside int16 and voxel
+spacings no chest CT has are refused (:mod:`lungzarr.io.plausible`, the rule
+DICOM shares).
 
 Reading. Uncompressed data (MetaImage ``.raw``, ``.mha``, ``.nii``) is read a
 block of slices at a time (ITK's streaming region reads; nibabel's
@@ -43,6 +45,7 @@ import numpy as np
 from lungzarr.errors import LungzarrError, PatientError
 from lungzarr.io import geometry
 from lungzarr.io.locations import as_location, describe_error, is_url, local_copies, open_object
+from lungzarr.io.plausible import check_hu_sample, check_spacing, int16_hu
 from lungzarr.volume import Grid, files_token, strip_suffix, z_chunks
 
 __all__ = ["VolumeSeries", "VOLUME_SUFFIXES", "METAIMAGE_DATA_SUFFIXES", "volume_stem", "is_volume_file",
@@ -57,8 +60,9 @@ METAIMAGE_DATA_SUFFIXES = (".raw", ".zraw")
 #: The geometry rule (:mod:`lungzarr.io.geometry`, the same for DICOM): every voxel centre within this many
 #: voxels (of each axis' spacing) of where the affine puts it; float32 NIfTI affines carry ~1e-7 of rounding.
 OBLIQUE_TOLERANCE_VOXELS = geometry.TOLERANCE_VOXELS
-#: HU must fit the store's int16.
-_INT16 = (-32768, 32767)
+#: What to do with a volume whose values are not HU.
+_WRITE_IN_HU = ("write the volume in HU (HU = RescaleSlope x stored + RescaleIntercept, e.g. convert with dcm2niix "
+                "or SimpleITK's DICOM reader, which apply it)")
 _FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".mhd": "metaimage", ".mha": "metaimage"}
 _PACKAGES = {"metaimage": ("SimpleITK", "`pip install SimpleITK` (or `pip install 'lungzarr[volumes]'`)"),
              "nifti": ("nibabel", "`pip install nibabel`")}
@@ -474,6 +478,14 @@ def _read_volume(path, fmt, patient, remote, stack) -> VolumeSeries:
     axes, placement = _place(shape, direction, spacing, origin, patient, path)
     grid = placement.grid
     header["geometry"] = placement.record()
+    # The same bounds as DICOM's PixelSpacing and slice step, on the store's (z, y, x) steps.
+    check_spacing(grid.step[1:], kind="pixel", what="the in-plane spacing (y, x) of the header", patient=patient,
+                  file=path, n=max(grid.shape[1:]))
+    check_spacing(grid.step[0], kind="slice", what="the slice spacing (z) of the header", patient=patient,
+                  file=path, n=grid.shape[0])
+    if grid.shape[0] < 2:
+        raise _error(f"the volume has {grid.shape[0]} axial slice(s); lungzarr needs a volume of at least "
+                     f"two (and at least 9 at 2 mm for nodule detection)", patient, path)
     files = (str(path), *map(str, data_files))
     infos = {f: _object_info(f) for f in files} if remote else None
     series = VolumeSeries(patient=patient, path=str(path), files=files, format=fmt, grid=grid, axes=axes,
@@ -506,7 +518,9 @@ def _check_hu(series: VolumeSeries, *, local=None) -> None:
 
     A ``.nii.gz`` is judged on its first slice in the file only: reaching the
     middle and last ones would decompress the whole file once more (every axial
-    CT slice holds air or the padding outside the reconstruction circle, < 0 HU).
+    CT slice holds air around the body or the padding outside the
+    reconstruction circle, -1000 HU or below, far under the -500 HU of
+    :data:`lungzarr.io.plausible.AIR_HU_MAX`).
     """
     nz = series.shape[0]
     picks = sorted({0, nz // 2, nz - 1})
@@ -515,11 +529,8 @@ def _check_hu(series: VolumeSeries, *, local=None) -> None:
         picks = [nz - 1 if z_flipped else 0]
     lows = [int(_read_slices(series.path, series.format, series.axes, series.file_shape, k, k + 1,
                              series.patient, local=local).min()) for k in picks]
-    if min(lows) >= 0:
-        raise _error(f"every value of slices {picks!r} is >= 0 (minimum {min(lows)}): these are not Hounsfield "
-                     f"units (CT air is about -1000 HU) but stored values without the rescale; write the volume "
-                     f"in HU (HU = RescaleSlope x stored + RescaleIntercept, e.g. convert with dcm2niix or "
-                     f"SimpleITK's DICOM reader, which apply it)", series.patient, series.path)
+    check_hu_sample(min(lows), where=f"slices {picks!r} of {nz}", patient=series.patient, file=series.path,
+                    fix=_WRITE_IN_HU)
 
 
 # --------------------------------------------------------------------------
@@ -547,16 +558,7 @@ def _file_region(path, fmt, start, size):
 
 
 def _to_int16(values, patient, path) -> np.ndarray:
-    if values.dtype.kind == "f":
-        if not np.all(np.isfinite(values)):
-            raise _error("the volume holds NaN or infinite values; a CT volume holds finite HU: fix the file",
-                         patient, path)
-        values = np.rint(values)
-    lo, hi = (values.min(), values.max()) if values.size else (0, 0)
-    if lo < _INT16[0] or hi > _INT16[1]:
-        raise _error(f"values {lo:g} .. {hi:g} leave the int16 range of HU; these are not Hounsfield units: "
-                     f"write the volume in HU", patient, path)
-    return values.astype(np.int16, copy=False)
+    return int16_hu(values, patient=patient, file=str(path), fix=_WRITE_IN_HU)
 
 
 def _read_slices(path, fmt, axes, file_shape, z0, z1, patient, *, local=None) -> np.ndarray:
