@@ -31,10 +31,15 @@ Every folder below CORPUS that directly holds CT images is one series to check:
    that keep the files' pixels, and the centroid of the voxels above
    300 HU in mm for resampled outputs (``_Tilt_1``, ``_Eq_1``), whose voxels
    are interpolated. Each output is also offered to lungzarr's NIfTI reader.
+4. With ``--variants``: header-edited copies of the axis-aligned Philips series
+   (:data:`VARIANTS`: acquisitions numbered per 40 slices, a first slice stored
+   mirrored, in-plane rotations of 0.02 and 3 deg, gantry tilts of 2, 5 and 8 deg,
+   a sheared stack), the reproductions of issue 25 on real data, checked the same
+   way: each accepted exactly or refused naming what it is.
 
 Usage::
 
-    python benchmarks/corpus_check.py CORPUS [--no-dcm2niix] [--json PATH]
+    python benchmarks/corpus_check.py CORPUS [--no-dcm2niix] [--variants] [--json PATH]
 
 prints the table as markdown and writes ``benchmarks/results/corpus_check.json``.
 ``tests/test_external_corpus.py`` runs the same check where ``LUNGZARR_DICOM_CORPUS``
@@ -242,7 +247,8 @@ def check_against_headers(series, hu: np.ndarray) -> dict:
         placements = []
         for dhu, layout, diff, cand_pad in tied:
             i, j = layout_index(r, c, ref.shape, layout)
-            at = np.stack([origin[2] + j * step[2], origin[1] + i * step[1], origin[0] + np.full(4, k) * step[0]], axis=-1)
+            at = np.stack([origin[2] + j * step[2], origin[1] + i * step[1], origin[0] + np.full(4, k) * step[0]],
+                          axis=-1)
             placements.append((float(np.linalg.norm(true - at, axis=-1).max()), np.abs(true - at).max(axis=0),
                                layout, diff, cand_pad))
         mm, xyz, layout, diff, cand_pad = min(placements, key=lambda p: p[0])
@@ -471,6 +477,10 @@ def check_series(folder, *, root, dcm2niix: str | None = None, workdir: Path | N
                    selection=series.reason, skipped=len(series.skipped),
                    reader_geometry=series.geometry.get("max_offset_mm"))
         row.update(check_against_headers(series, hu))
+        # Every image of the folder is used or listed with its reason: no slice left out in silence.
+        accounted = {str(Path(p).resolve()) for p in series.paths} | {str(Path(f).resolve()) for f, _ in series.skipped}
+        row["images_unaccounted"] = [p.name for p in sorted(folder.iterdir()) if p.is_file() and
+                                     str(p.resolve()) not in accounted and "Rows" in (_dataset(p) or {})]
     row["lungzarr_seconds"] = round(time.perf_counter() - t0, 2)
     if dcm2niix:
         out = Path(workdir) / re.sub(r"[^A-Za-z0-9]+", "_", label)
@@ -500,8 +510,95 @@ def check_series(folder, *, root, dcm2niix: str | None = None, workdir: Path | N
     return row
 
 
-def check_corpus(root, *, dcm2niix: str | None = "dcm2niix", progress=print) -> dict:
-    """Every series folder of the corpus, one at a time (see the module docstring)."""
+# --------------------------------------------------------------------------
+# header-edited copies of one exact series (issue 25's reproductions, on real data)
+# --------------------------------------------------------------------------
+
+#: The axis-aligned Philips series the variants are made from (140 slices, 1 mm).
+VARIANT_SOURCE = "dcm_qa_ct/In/Philips/S21570/S2020"
+#: Slices of the source the geometry variants keep (the acquisitions variant keeps all).
+VARIANT_SLICES = 40
+#: name -> (what it is, the patterns a refusal must name; None: must be accepted exactly).
+VARIANTS = {
+    "acquisitions_per_40": ("AcquisitionNumber 1 + i // 40 (step-and-shoot numbering), all 140 slices", None),
+    "first_slice_mirrored": ("slice 0 stored mirrored: IOP (-1,0,0, 0,1,0), IPP x moved to its last column, "
+                             "pixels flipped left-right", None),
+    "rotation_0.02deg": ("in-plane rotation of 0.02 deg about each slice's first pixel: within half a voxel",
+                         None),
+    "rotation_3deg": ("in-plane rotation of 3 deg about each slice's first pixel", [r"in-plane rotation", r"3\.0"]),
+    "tilt_2deg": ("gantry tilt 2 deg: column cosines (0, cos, -sin), IPP unchanged, GantryDetectorTilt 2",
+                  [r"gantry tilt", r"2\.0"]),
+    "tilt_5deg": ("gantry tilt 5 deg", [r"gantry tilt", r"5\.0"]),
+    "tilt_8deg": ("gantry tilt 8 deg", [r"gantry tilt", r"8\.0"]),
+    "sheared_0.3mm": ("axial slices whose IPP y drifts 0.3 mm a slice", [r"sheared"]),
+}
+
+
+def write_variant(name: str, source, out) -> Path:
+    """Write the header-edited copy ``name`` (:data:`VARIANTS`) of the series folder ``source`` into ``out``."""
+    import pydicom
+
+    out = Path(out) / name
+    out.mkdir(parents=True, exist_ok=True)
+    files = [p for p in sorted(Path(source).iterdir()) if _is_ct_image(_dataset(p))]
+    datasets = sorted((pydicom.dcmread(str(p)) for p in files), key=lambda d: float(d.ImagePositionPatient[2]))
+    if name != "acquisitions_per_40":
+        datasets = datasets[:VARIANT_SLICES]
+    for i, ds in enumerate(datasets):
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        if name == "acquisitions_per_40":
+            ds.AcquisitionNumber = 1 + i // 40
+        elif name == "first_slice_mirrored" and i == 0:
+            ipp[0] += (int(ds.Columns) - 1) * float(ds.PixelSpacing[1])
+            ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+            ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+        elif name.startswith("rotation_"):
+            a = np.radians(float(name[len("rotation_"):-3]))
+            ds.ImageOrientationPatient = [round(v, 8) for v in (np.cos(a), np.sin(a), 0, -np.sin(a), np.cos(a), 0)]
+        elif name.startswith("tilt_"):
+            t = float(name[len("tilt_"):-3])
+            a = np.radians(t)
+            ds.ImageOrientationPatient = [round(v, 8) for v in (1, 0, 0, 0, np.cos(a), -np.sin(a))]
+            ds.GantryDetectorTilt = t
+        elif name.startswith("sheared_"):
+            ipp[1] += i * float(name[len("sheared_"):-2])
+        ds.ImagePositionPatient = [round(float(v), 6) for v in ipp]
+        ds.save_as(str(out / f"{i:04d}.dcm"))
+    return out
+
+
+def check_variant(name: str, root, work) -> dict:
+    """The copy ``name`` of :data:`VARIANT_SOURCE` (in ``root``), written into ``work``, checked as a series."""
+    what, patterns = VARIANTS[name]
+    folder = write_variant(name, Path(root) / VARIANT_SOURCE, work)
+    try:
+        row = check_series(folder, root=work)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    row.update(series=f"{VARIANT_SOURCE} edited: {name}", variant=name, edit=what,
+               expected="accepted" if patterns is None else "refused")
+    if row["lungzarr"] == "refused":
+        row["names_reason"] = patterns is not None and all(
+            re.search(p, row["message"], flags=re.IGNORECASE) for p in patterns)
+        row["expected_words"] = patterns
+    return row
+
+
+def check_variants(root, *, progress=print) -> list[dict]:
+    """Each :data:`VARIANTS` copy of :data:`VARIANT_SOURCE` (when the corpus has it), checked as a series."""
+    if not (Path(root) / VARIANT_SOURCE).is_dir():
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="corpus-variants-") as work:
+        for name in VARIANTS:
+            rows.append(check_variant(name, root, work))
+            if progress:
+                progress(f"{rows[-1]['series']}: lungzarr {rows[-1]['lungzarr']}", flush=True)
+    return rows
+
+
+def check_corpus(root, *, dcm2niix: str | None = "dcm2niix", variants: bool = False, progress=print) -> dict:
+    """Every series folder of the corpus, one at a time (see the module docstring), and the variants."""
     root = Path(root)
     exe = shutil.which(dcm2niix) if dcm2niix else None
     result = {"corpus": str(root), "dcm2niix": dcm2niix_version(exe) if exe else None,
@@ -512,6 +609,8 @@ def check_corpus(root, *, dcm2niix: str | None = "dcm2niix", progress=print) -> 
             result["series"].append(row)
             if progress:
                 progress(f"{row['series']}: lungzarr {row['lungzarr']}", flush=True)
+    if variants:
+        result["variants"] = check_variants(root, progress=progress)
     return result
 
 
@@ -544,22 +643,27 @@ def _dcm2niix_cell(row) -> str:
     return "<br>".join(parts) or "no NIfTI"
 
 
+def _table_row(row) -> str:
+    if row["lungzarr"] == "accepted":
+        lz = f"accepted {'x'.join(map(str, row['shape']))} ({row['slices_used']} slices)"
+        dhu = _fmt(row["max_abs_dhu"])
+        if row["padding_pixels"]:
+            dhu += f" (+{row['padding_pixels']} padding px)"
+        errors = ", ".join(f"{v:.3g}" for v in row["max_position_error_lps_mm"])
+        half = ", ".join(f"{v:.3g}" for v in row["half_voxel_lps_mm"])
+        pos = f"{row['max_position_error_mm']:.3g} (x,y,z {errors}; half voxel {half})"
+    else:
+        verdict = "names it" if row["names_reason"] else "DOES NOT name it"
+        lz = f"refused ({verdict}): {row['message']}"
+        dhu = pos = "-"
+    return f"| {row['series']} | {row['images']} | {_dcm2niix_cell(row)} | {lz} | {dhu} | {pos} |"
+
+
 def markdown_table(result: dict) -> str:
+    """The corpus table (and the variants' rows, after it) as markdown."""
     lines = ["| series | images | dcm2niix | lungzarr | max \\|dHU\\| | largest position error vs headers (mm) |",
              "|---|---|---|---|---|---|"]
-    for row in result["series"]:
-        if row["lungzarr"] == "accepted":
-            lz = f"accepted {'x'.join(map(str, row['shape']))} ({row['slices_used']} slices)"
-            dhu = _fmt(row["max_abs_dhu"])
-            if row["padding_pixels"]:
-                dhu += f" (+{row['padding_pixels']} padding px)"
-            pos = (f"{row['max_position_error_mm']:.3g} (x,y,z {', '.join(f'{v:.3g}' for v in row['max_position_error_lps_mm'])};"
-                   f" half voxel {', '.join(f'{v:.3g}' for v in row['half_voxel_lps_mm'])})")
-        else:
-            verdict = "names it" if row["names_reason"] else "DOES NOT name it"
-            lz = f"refused ({verdict}): {row['message']}"
-            dhu = pos = "-"
-        lines.append(f"| {row['series']} | {row['images']} | {_dcm2niix_cell(row)} | {lz} | {dhu} | {pos} |")
+    lines += [_table_row(row) for row in result["series"] + result.get("variants", [])]
     return "\n".join(lines)
 
 
@@ -567,9 +671,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("corpus", help="folder holding dcm_qa_ct/ and/or dicom2nifti/ (any CT series folders)")
     parser.add_argument("--no-dcm2niix", action="store_true", help="skip the second opinion")
+    parser.add_argument("--variants", action="store_true",
+                        help=f"also check header-edited copies of {VARIANT_SOURCE} (tilt, rotation, shear, ...)")
     parser.add_argument("--json", default=str(RESULTS), help=f"where to write the result (default {RESULTS})")
     args = parser.parse_args(argv)
-    result = check_corpus(args.corpus, dcm2niix=None if args.no_dcm2niix else "dcm2niix",
+    result = check_corpus(args.corpus, dcm2niix=None if args.no_dcm2niix else "dcm2niix", variants=args.variants,
                           progress=lambda *a, **k: print(*a, file=sys.stderr, **k))
     result["date"] = time.strftime("%Y-%m-%d")
     path = Path(args.json)

@@ -33,8 +33,11 @@ if str(REPO) not in sys.path:
 
 from benchmarks.corpus_check import (  # noqa: E402
     EXPECTED_REFUSALS,
+    VARIANT_SOURCE,
+    VARIANTS,
     check_against_headers,
     check_series,
+    check_variant,
     find_series_folders,
     label_of,
     names_its_reason,
@@ -57,17 +60,36 @@ def _corpus_params():
     return [pytest.param(f, id=label_of(f, root)) for f in folders] or [pytest.param(None, id="empty-corpus")]
 
 
-@pytest.mark.parametrize("folder", _corpus_params())
-def test_corpus_series_is_exact_or_refused_with_its_reason(folder):
+def _require_corpus() -> Path:
     root = _corpus_root()
     if root is None:
         pytest.skip(f"optional external yardstick: set {CORPUS_ENV} to a copy of dcm2niix's CT corpus "
                     f"(github neurolabusc/dcm_qa_ct, and icometrix/dicom2nifti's tests/data) to run it")
     if not root.is_dir():
         pytest.fail(f"{CORPUS_ENV}={str(root)!r} is not a folder: point it to the corpus copy or unset it")
+    return root
+
+
+@pytest.mark.parametrize("folder", _corpus_params())
+def test_corpus_series_is_exact_or_refused_with_its_reason(folder):
+    root = _require_corpus()
     if folder is None:
         pytest.fail(f"{CORPUS_ENV}={str(root)!r} holds no folder of CT images: is it the corpus?")
-    row = check_series(folder, root=root)
+    _assert_exact_or_named(check_series(folder, root=root))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_corpus_variant_is_exact_or_refused_with_its_reason(name, tmp_path):
+    """Issue 25's header edits (tilt, rotation, shear, mirrored slice, acquisitions) on the real Philips series."""
+    root = _require_corpus()
+    if not (root / VARIANT_SOURCE).is_dir():
+        pytest.skip(f"the corpus copy has no {VARIANT_SOURCE} to edit")
+    row = check_variant(name, root, tmp_path)
+    assert row["lungzarr"] == row["expected"], row.get("message", row)
+    _assert_exact_or_named(row)
+
+
+def _assert_exact_or_named(row):
     if row["lungzarr"] == "accepted":
         limit = row["half_voxel_lps_mm"]
         assert row["within_half_voxel"], (f"{row['series']}: voxel centres up to {row['max_position_error_lps_mm']} "
@@ -75,6 +97,7 @@ def test_corpus_series_is_exact_or_refused_with_its_reason(folder):
         assert row["max_abs_dhu"] == 0, f"{row['series']}: stored HU differ from the files' by {row['max_abs_dhu']}"
         assert row["padding_max_abs_dhu_vs_rule"] == 0, row
         assert row["slices_used"] == row["shape"][0]
+        assert row["images_unaccounted"] == [], f"{row['series']}: images neither used nor listed as skipped"
     else:
         assert row["message"].strip(), row
         assert row["names_reason"], (f"{row['series']}: the refusal does not name what the series is "
