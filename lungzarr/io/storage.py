@@ -515,6 +515,23 @@ class _DirectoryBackend:
         real = Path(os.path.realpath(self.path))
         return real.with_name(real.name + ".lock")
 
+    def writer(self) -> str | None:
+        """The lock file's holder (``pid N since T``) while that process lives, read without locking; else None."""
+        try:
+            text = self.lock_path.read_text().strip()
+        except OSError:
+            return None
+        match = re.match(r"pid (\d+) ", text)
+        if match is None:
+            return None
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            return None  # left by a killed run: the kernel dropped its lock
+        except PermissionError:
+            pass
+        return text
+
     @contextmanager
     def hold_lock(self, store: "CohortStore"):
         """Hold an OS-level ``flock`` on :attr:`lock_path` (see :meth:`CohortStore.lock`)."""
@@ -730,6 +747,13 @@ class _ObjectBackend:
             return False
         return (_dt.datetime.now(_dt.timezone.utc) - beat).total_seconds() > LOCK_TTL_S
 
+    def writer(self) -> str | None:
+        """The lock object's holder while its heartbeat is fresh, read without taking it; else None."""
+        holder, _ = self._read_lock()
+        if not holder or self._is_stale(holder):
+            return None
+        return f"pid {holder.get('pid')} on host {holder.get('host')!r} since {holder.get('since')}"
+
     @contextmanager
     def hold_lock(self, store: "CohortStore"):
         import threading
@@ -923,6 +947,16 @@ class CohortStore:
         self._put_root_meta(meta)
         return {"nodes": len(entries), "seconds": time.perf_counter() - start}
 
+    def drop_consolidated(self) -> None:
+        """Drop the consolidated metadata (the writer lock's release writes it afresh); hold the lock."""
+        self._changing()
+
+    def consolidated_patients(self) -> list[str]:
+        """The patients the consolidated metadata names (none without it)."""
+        listed = (self._root_meta().get(CONSOLIDATED_KEY) or {}).get("metadata") or {}
+        return sorted(rel.split("/")[1] for rel in listed if rel.startswith(PATIENTS_GROUP + "/")
+                      and rel.count("/") == 1)
+
     def stale_consolidated(self, meta: dict | None = None) -> list[str]:
         """Why the consolidated metadata no longer describes the store; empty when it does (or there is none).
 
@@ -961,6 +995,13 @@ class CohortStore:
         if not folder.is_dir():
             return []
         return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").exists())
+
+    def patient_folders(self) -> list[str]:
+        """Folders under ``patients/`` that are no group (no ``zarr.json``): what is left of a lost group."""
+        folder = self.path / PATIENTS_GROUP
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not (p / "zarr.json").exists())
 
     def has_patient(self, patient: str) -> bool:
         return (self.path / self.group_path(patient) / "zarr.json").exists()
@@ -1628,6 +1669,11 @@ class CohortStore:
         lock object ``URL.lock`` beside the store's prefix.
         """
         return self._backend.lock_path
+
+    def writer(self) -> str | None:
+        """Who holds the writer lock now (a run writing the store), found without taking it or writing
+        anything; None when nobody does."""
+        return self._backend.writer()
 
     @contextmanager
     def lock(self):
