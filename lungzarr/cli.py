@@ -357,6 +357,10 @@ def _print_summary(summaries) -> int:
         for rec in s.ignored:
             console.print(f"[yellow]not used[/yellow] {escape(str(rec['file']))}: {escape(rec['reason'])}",
                           soft_wrap=True)
+        for rec in s.redone:
+            console.print(f"[yellow]redone[/yellow] {escape(str(rec['patient']))} ({s.stage}): "
+                          f"{escape(rec['reason'])}; the stages computed from it are redone too (in this run, or the next "
+                          f"that runs them)", soft_wrap=True)
     for rec in failed:
         console.print(f"[red]failed[/red] {escape(str(rec['patient']))} ({rec['stage']}): {escape(rec['reason'])}"
                       + (f" [dim]file: {escape(str(rec['file']))}[/dim]" if rec.get("file") else ""), soft_wrap=True)
