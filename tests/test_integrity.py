@@ -93,28 +93,34 @@ def test_verify_of_a_clean_store(one_small, tmp_path):
 
 
 def _damage_and_repair(input_dir, clean, store, damaged_array, expect_kind, redone, *, cli=False):
-    """verify names the damage (exit 1), status shows it, run --verify redoes it to the clean store."""
+    """verify names the damage (exit 1) and writes nothing; then either ``verify --repair`` records it (status
+    shows it) and unmarks the damaged stages and a plain run redoes them (``cli=False``), or ``run --verify``
+    finds and redoes them itself (``cli=True``): both end in the clean store."""
     before = CohortStore(store, mode="r").stages(PATIENT)
     result = runner.invoke(app, ["verify", str(store), "--scheduler", "threads"])
     assert result.exit_code == 1, result.output
     flat = " ".join(result.output.split())
     assert f"damaged {PATIENT} ({redone[0]}) {damaged_array}:" in flat
-    assert "run INPUT STORE --verify" in flat
-    frame = read_damage(store)
-    assert frame[["patient", "stage", "array", "kind"]].values.tolist() == [
-        [PATIENT, redone[0], damaged_array, expect_kind]]
-
-    status = runner.invoke(app, ["status", str(store)])
-    assert status.exit_code == 0, status.output
-    assert f"damaged {PATIENT} ({redone[0]}) {damaged_array}:" in " ".join(status.output.split())
+    assert "run INPUT STORE --verify" in flat and "verify --repair STORE" in flat
+    assert read_damage(store).empty                       # a plain verify records nothing
+    assert CohortStore(store, mode="r").stages(PATIENT) == before
 
     if cli:
         result = runner.invoke(app, ["run", str(input_dir), str(store), "--verify", "--chunk-slices", "8",
                                      "--scheduler", "threads"])
         assert result.exit_code == 0, result.output
     else:
+        result = runner.invoke(app, ["verify", str(store), "--repair", "--scheduler", "threads"])
+        assert result.exit_code == 1, result.output
+        assert f"repaired: {PATIENT}: stage(s) {', '.join(redone)} unmarked" in " ".join(result.output.split())
+        frame = read_damage(store)
+        assert frame[["patient", "stage", "array", "kind"]].values.tolist() == [
+            [PATIENT, redone[0], damaged_array, expect_kind]]
+        status = runner.invoke(app, ["status", str(store)])
+        assert status.exit_code == 0, status.output
+        assert f"damaged {PATIENT} ({redone[0]}) {damaged_array}:" in " ".join(status.output.split())
         with dask.config.set(scheduler="threads"):
-            summaries = run(input_dir, store, chunk_slices=8, verify=True)
+            summaries = run(input_dir, store, chunk_slices=8)
         done = [s.stage for s in summaries if s.done == [PATIENT]]
         assert done == list(redone), [s.as_dict() for s in summaries]
     after = CohortStore(store, mode="r").stages(PATIENT)
