@@ -291,3 +291,29 @@ def test_arrays_written_before_checksums_are_read_but_missing_chunks_not_called_
     assert "P1/hu" in report.unchecksummed and "P1/hu_2mm" in report.unchecksummed
     result = runner.invoke(app, ["verify", str(tmp_path / "old.zarr"), "--scheduler", "threads"])
     assert result.exit_code == 0 and "written before lungzarr checksummed" in " ".join(result.output.split())
+
+
+def test_read_nodules_leaves_out_the_rows_of_a_patient_whose_group_is_gone(one_small, tmp_path):
+    """Real nodule rows (a full run): the lost patient's rows are left out with a warning, the others kept."""
+    from dicom_phantoms import make_patient
+
+    from lungzarr.pipeline import ingest
+
+    _, clean = one_small
+    store = shutil.copytree(clean, tmp_path / "s.zarr")
+    make_patient(tmp_path / "more" / "OTHER", seed=5)
+    with dask.config.set(scheduler="threads"):
+        ingest(tmp_path / "more", store, chunk_slices=8)
+    rows = lungzarr.read_nodules(store)
+    assert len(rows) > 0 and set(rows.patient) == {PATIENT}
+    assert lungzarr.read_patients(store).patient.tolist() == ["OTHER", PATIENT]
+    shutil.rmtree(store / "patients" / PATIENT)
+    with pytest.warns(UserWarning, match=rf"the nodules table of store .* has {len(rows)} row\(s\) of 1 patient\(s\) "
+                                         rf"whose group is gone from the store \('{PATIENT}'\): those rows are left "
+                                         rf"out; `lungzarr verify"):
+        left = lungzarr.read_nodules(store)
+    assert left.empty and list(left.columns) == list(rows.columns)
+    with pytest.warns(UserWarning, match=rf"\('{PATIENT}'\)"):
+        assert lungzarr.read_patients(store).patient.tolist() == ["OTHER"]
+    with pytest.raises(LungzarrError, match=rf"nodules table .* \('{PATIENT}'\); `lungzarr verify"):
+        lungzarr.read_nodules(store, missing="raise")
