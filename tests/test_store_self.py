@@ -413,3 +413,34 @@ def test_a_store_written_before_fingerprints_is_not_redone(tmp_path):
     with dask.config.set(scheduler="threads"):
         summary = ingest(input_dir, store, chunk_slices=4)
     assert summary.skipped == ["P1"] and summary.redone == []
+
+
+def test_an_object_changed_on_object_storage_redoes_its_patient(tmp_path):
+    """INPUT on S3 (a loopback moto server): the fingerprint holds each object's ETag; a rewritten object
+    (other bytes) redoes the patient, the same bytes written again (a new LastModified, the same ETag) do not."""
+    import fsspec
+
+    from lungzarr.pipeline.sources import input_fingerprint
+    from s3_server import moto_s3
+
+    files = make_patient(tmp_path / "local" / "P1", seed=1)
+    with moto_s3(key_id="AKIATESTSTORESELF", secret="storeself-secret") as _:
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("storeself")
+        fs.put(str(tmp_path / "local" / "P1"), "storeself/cohort/P1", recursive=True)
+        url = "s3://storeself/cohort"
+        first = input_fingerprint(f"{url}/P1")
+        assert first["files"] == 12 and first["bytes"] == sum(f.stat().st_size for f in files)
+        store = tmp_path / "s.zarr"
+        with dask.config.set(scheduler="threads"):
+            assert ingest(url, store, chunk_slices=4).done == ["P1"]
+        fs.pipe_file("storeself/cohort/P1/0003.dcm", files[3].read_bytes())     # the same bytes again
+        assert input_fingerprint(f"{url}/P1")["sha256"] == first["sha256"]
+        with dask.config.set(scheduler="threads"):
+            assert ingest(url, store, chunk_slices=4).skipped == ["P1"]
+        new_hu = _rewrite_pixels(files[3], 11)
+        fs.pipe_file("storeself/cohort/P1/0003.dcm", files[3].read_bytes())
+        with dask.config.set(scheduler="threads"):
+            summary = ingest(url, store, chunk_slices=4)
+        assert summary.done == ["P1"] and "its INPUT files changed" in summary.redone[0]["reason"]
+        np.testing.assert_array_equal(_slice_of(store, "P1", files[3]), new_hu)
