@@ -975,8 +975,7 @@ class CohortStore:
         present, groups = self._backend.present_nodes(listed)
         gone = set(listed) - present
         # Name the highest node gone only (a patient group, not each of its arrays).
-        tops = sorted(rel for rel in gone
-                      if not any(rel.startswith(g + "/") for g in _ancestors(rel) if g in gone))
+        tops = sorted(rel for rel in gone if not any(g in gone for g in _ancestors(rel)))
         named = {rel.split("/")[1] for rel in listed if rel.startswith(PATIENTS_GROUP + "/") and rel.count("/") == 1}
         return ([f"{rel}/zarr.json is gone" for rel in tops]
                 + [f"{PATIENTS_GROUP}/{p} is not listed in it" for p in sorted(groups - named)])
@@ -1347,10 +1346,11 @@ class CohortStore:
         except OSError as exc:
             self._rmtree(self.path / TABLES_GROUP / group, ignore_errors=True)
             kept = "the previous table is kept" if self._table_pointer().get(name) else "it has none yet"
-            cause = "no space left on the device" if exc.errno == errno.ENOSPC else f"{type(exc).__name__}: {exc}"
+            full = exc.errno == errno.ENOSPC
+            cause = "no space left on the device" if full else f"{type(exc).__name__}: {exc}"
             raise LungzarrError(f"the {name} table of store {str(self.path)!r} could not be written ({cause}); "
-                                f"{kept}: free space (or fix the store's permissions) and run "
-                                f"`lungzarr verify --repair {self.path}` or the run again") from None
+                                f"{kept}: {'free space' if full else 'fix that'} and run the command again (or "
+                                f"`lungzarr verify --repair {self.path}`, which writes only the tables)") from None
         # Only now is the old group unreachable for a new reader; remove it, an old-layout
         # tables/<name>, and any group a killed writer left before its switch.
         for folder in (self.path / TABLES_GROUP).iterdir():
