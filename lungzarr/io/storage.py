@@ -38,7 +38,10 @@ replace of the root ``zarr.json``), and the end of the run, once every task
 has finished, writes it afresh (:meth:`CohortStore.consolidate`, again one
 atomic replace). In between, and after a run that was killed, a reader finds
 no consolidated metadata and reads every group's own (as slow as without it,
-never wrong). Staged groups are left out of it.
+never wrong). Staged groups are left out of it. What lungzarr does not write
+(a patient folder removed by hand, files a disk lost) can still make it stale:
+:func:`open_cohort` checks it against the groups it names first
+(:meth:`CohortStore.stale_consolidated`) and does not use it then.
 """
 from __future__ import annotations
 
