@@ -313,6 +313,17 @@ def _run_checks(store, stages, *, weights=None, precision="fp32", scheduler=None
     return checks
 
 
+def _read_checks(store, *, scheduler=None):
+    """The run-level checks of a command that only reads the store: it exists, the scheduler's spelling."""
+    def checks():
+        from lungzarr.pipeline.checks import check_scheduler, check_store
+
+        if scheduler is not None:
+            check_scheduler(scheduler)
+        check_store(store, create=False, write=False)
+    return checks
+
+
 def _gpu_flag(client) -> bool:
     from lungzarr.cluster import gpu_worker_count
 
@@ -346,6 +357,10 @@ def _print_summary(summaries) -> int:
         for rec in s.ignored:
             console.print(f"[yellow]not used[/yellow] {escape(str(rec['file']))}: {escape(rec['reason'])}",
                           soft_wrap=True)
+        for rec in s.redone:
+            console.print(f"[yellow]redone[/yellow] {escape(str(rec['patient']))} ({s.stage}): "
+                          f"{escape(rec['reason'])}; the stages computed from it are redone too (in this run, or the next "
+                          f"that runs them)", soft_wrap=True)
     for rec in failed:
         console.print(f"[red]failed[/red] {escape(str(rec['patient']))} ({rec['stage']}): {escape(rec['reason'])}"
                       + (f" [dim]file: {escape(str(rec['file']))}[/dim]" if rec.get("file") else ""), soft_wrap=True)
@@ -659,32 +674,58 @@ def evaluate(store: Optional[Path] = typer.Argument(None, parser=_store_location
 
 
 def _damage_line(rec) -> str:
-    return f"damaged {rec['patient']} ({rec['stage']}) {rec['array']}: {rec['reason']} — file: {rec['file']}"
+    if rec.get("patient") is None:  # the store's own: a cohort table, the consolidated metadata
+        return f"damaged store ({rec['array']}): {rec['reason']} — file: {rec['file']}"
+    array = f" {rec['array']}" if rec.get("array") else ""
+    return f"damaged {rec['patient']} ({rec['stage']}){array}: {rec['reason']} — file: {rec['file']}"
 
 
-@app.command(short_help='Read every stored chunk; list damaged patients.')
+@app.command(short_help='Read every stored chunk; list damaged patients (--repair: record and rebuild).')
 def verify(store: Path = StoreArg,
            patients: Optional[list[str]] = PatientsOpt, scheduler: str = SchedulerOpt,
-           dashboard_address: Optional[str] = DashboardOpt):
-    """Read every chunk of every completed stage; list damaged patients and arrays (exit 1 if any)."""
+           dashboard_address: Optional[str] = DashboardOpt,
+           repair: bool = typer.Option(False, "--repair", help="Record what is found (`lungzarr status` lists it), "
+                                                               "unmark the damaged stages for the next run, rebuild "
+                                                               "the cohort tables and the consolidated metadata. "
+                                                               "Without it nothing is written.")):
+    """Read every chunk of every completed stage and check what the store knows of itself (patients the
+    tables or the consolidated metadata name, the tables); list what is damaged (exit 1 if any).
+
+    Writes nothing (a read-only store can be verified) unless ``--repair``.
+    """
     from lungzarr.pipeline import verify_store
 
-    report = _execute(lambda client, progress: verify_store(store, patients=patients, client=client),
+    report = _execute(lambda client, progress: verify_store(store, patients=patients, client=client,
+                                                            repair=repair),
                       scheduler=scheduler, dashboard_address=dashboard_address,
-                      checks=_run_checks(store, [], scheduler=scheduler, create=False))
+                      checks=_run_checks(store, [], scheduler=scheduler, create=False) if repair
+                      else _read_checks(store, scheduler=scheduler))
     damaged = report.damaged_stages()
+    found = ([f"{len(damaged)} patient(s) damaged"] if damaged else []) + (
+        [f"{len(report.store_damage)} problem(s) of the store itself"] if report.store_damage else [])
     console.print(f"{len(report.patients)} patient(s), {report.arrays} array(s), {report.chunks} chunk(s) "
                   f"({report.bytes / 1e6:.1f} MB) read in {report.seconds:.1f} s: "
-                  + (f"{len(damaged)} patient(s) damaged" if damaged else "no damage"))
-    for rec in report.damage:
+                  + (", ".join(found) if found else "no damage"), soft_wrap=True)
+    for rec in report.store_damage + report.damage:
         out.print(_damage_line(rec), soft_wrap=True, markup=False, highlight=False)
+    if report.writer:
+        console.print(f"[yellow]note[/yellow]: a run ({escape(report.writer)}) is writing this store: what it is "
+                      f"rewriting may show as damage; verify again once it has finished", soft_wrap=True)
     if report.unchecksummed:
         console.print(f"{len(report.unchecksummed)} array(s) were written before lungzarr checksummed every chunk "
                       f"(e.g. {report.unchecksummed[0]}): read, but a missing chunk there is not seen as damage; "
                       f"`lungzarr run INPUT STORE --overwrite` rewrites them with checksums", soft_wrap=True)
-    if damaged:
-        console.print("`lungzarr run INPUT STORE --verify` redoes the damaged stages (and every later one)")
-    raise typer.Exit(1 if damaged else 0)
+    for line in report.repaired:
+        out.print(f"repaired: {line}", soft_wrap=True, markup=False, highlight=False)
+    if found and not repair:
+        console.print("`lungzarr verify --repair STORE` records this (`lungzarr status` lists it), rebuilds the "
+                      "tables and the consolidated metadata and unmarks the damaged stages; `lungzarr run INPUT "
+                      "STORE --verify` redoes the damaged stages (and every later one) and ingests lost patients "
+                      "again", soft_wrap=True)
+    elif damaged:
+        console.print("`lungzarr run INPUT STORE --verify` redoes the damaged stages (and every later one) and "
+                      "ingests lost patients again", soft_wrap=True)
+    raise typer.Exit(1 if damaged or (report.store_damage and not repair) else 0)
 
 
 @app.command(short_help='Per-stage counts, failures, damage, warnings, size.')

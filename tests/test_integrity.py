@@ -93,28 +93,34 @@ def test_verify_of_a_clean_store(one_small, tmp_path):
 
 
 def _damage_and_repair(input_dir, clean, store, damaged_array, expect_kind, redone, *, cli=False):
-    """verify names the damage (exit 1), status shows it, run --verify redoes it to the clean store."""
+    """verify names the damage (exit 1) and writes nothing; then either ``verify --repair`` records it (status
+    shows it) and unmarks the damaged stages and a plain run redoes them (``cli=False``), or ``run --verify``
+    finds and redoes them itself (``cli=True``): both end in the clean store."""
     before = CohortStore(store, mode="r").stages(PATIENT)
     result = runner.invoke(app, ["verify", str(store), "--scheduler", "threads"])
     assert result.exit_code == 1, result.output
     flat = " ".join(result.output.split())
     assert f"damaged {PATIENT} ({redone[0]}) {damaged_array}:" in flat
-    assert "run INPUT STORE --verify" in flat
-    frame = read_damage(store)
-    assert frame[["patient", "stage", "array", "kind"]].values.tolist() == [
-        [PATIENT, redone[0], damaged_array, expect_kind]]
-
-    status = runner.invoke(app, ["status", str(store)])
-    assert status.exit_code == 0, status.output
-    assert f"damaged {PATIENT} ({redone[0]}) {damaged_array}:" in " ".join(status.output.split())
+    assert "run INPUT STORE --verify" in flat and "verify --repair STORE" in flat
+    assert read_damage(store).empty                       # a plain verify records nothing
+    assert CohortStore(store, mode="r").stages(PATIENT) == before
 
     if cli:
         result = runner.invoke(app, ["run", str(input_dir), str(store), "--verify", "--chunk-slices", "8",
                                      "--scheduler", "threads"])
         assert result.exit_code == 0, result.output
     else:
+        result = runner.invoke(app, ["verify", str(store), "--repair", "--scheduler", "threads"])
+        assert result.exit_code == 1, result.output
+        assert f"repaired: {PATIENT}: stage(s) {', '.join(redone)} unmarked" in " ".join(result.output.split())
+        frame = read_damage(store)
+        assert frame[["patient", "stage", "array", "kind"]].values.tolist() == [
+            [PATIENT, redone[0], damaged_array, expect_kind]]
+        status = runner.invoke(app, ["status", str(store)])
+        assert status.exit_code == 0, status.output
+        assert f"damaged {PATIENT} ({redone[0]}) {damaged_array}:" in " ".join(status.output.split())
         with dask.config.set(scheduler="threads"):
-            summaries = run(input_dir, store, chunk_slices=8, verify=True)
+            summaries = run(input_dir, store, chunk_slices=8)
         done = [s.stage for s in summaries if s.done == [PATIENT]]
         assert done == list(redone), [s.as_dict() for s in summaries]
     after = CohortStore(store, mode="r").stages(PATIENT)
@@ -285,3 +291,29 @@ def test_arrays_written_before_checksums_are_read_but_missing_chunks_not_called_
     assert "P1/hu" in report.unchecksummed and "P1/hu_2mm" in report.unchecksummed
     result = runner.invoke(app, ["verify", str(tmp_path / "old.zarr"), "--scheduler", "threads"])
     assert result.exit_code == 0 and "written before lungzarr checksummed" in " ".join(result.output.split())
+
+
+def test_read_nodules_leaves_out_the_rows_of_a_patient_whose_group_is_gone(one_small, tmp_path):
+    """Real nodule rows (a full run): the lost patient's rows are left out with a warning, the others kept."""
+    from dicom_phantoms import make_patient
+
+    from lungzarr.pipeline import ingest
+
+    _, clean = one_small
+    store = shutil.copytree(clean, tmp_path / "s.zarr")
+    make_patient(tmp_path / "more" / "OTHER", seed=5)
+    with dask.config.set(scheduler="threads"):
+        ingest(tmp_path / "more", store, chunk_slices=8)
+    rows = lungzarr.read_nodules(store)
+    assert len(rows) > 0 and set(rows.patient) == {PATIENT}
+    assert lungzarr.read_patients(store).patient.tolist() == ["OTHER", PATIENT]
+    shutil.rmtree(store / "patients" / PATIENT)
+    with pytest.warns(UserWarning, match=rf"the nodules table of store .* has {len(rows)} row\(s\) of 1 patient\(s\) "
+                                         rf"whose group is gone from the store \('{PATIENT}'\): those rows are left "
+                                         rf"out; `lungzarr verify"):
+        left = lungzarr.read_nodules(store)
+    assert left.empty and list(left.columns) == list(rows.columns)
+    with pytest.warns(UserWarning, match=rf"\('{PATIENT}'\)"):
+        assert lungzarr.read_patients(store).patient.tolist() == ["OTHER"]
+    with pytest.raises(LungzarrError, match=rf"nodules table .* \('{PATIENT}'\); `lungzarr verify"):
+        lungzarr.read_nodules(store, missing="raise")

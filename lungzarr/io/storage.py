@@ -38,11 +38,15 @@ replace of the root ``zarr.json``), and the end of the run, once every task
 has finished, writes it afresh (:meth:`CohortStore.consolidate`, again one
 atomic replace). In between, and after a run that was killed, a reader finds
 no consolidated metadata and reads every group's own (as slow as without it,
-never wrong). Staged groups are left out of it.
+never wrong). Staged groups are left out of it. What lungzarr does not write
+(a patient folder removed by hand, files a disk lost) can still make it stale:
+:func:`open_cohort` checks it against the groups it names first
+(:meth:`CohortStore.stale_consolidated`) and does not use it then.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import os
 import re
@@ -461,8 +465,12 @@ class _DirectoryBackend:
     def replace_text(self, target: Path, text: str) -> None:
         """Replace ``target`` atomically: a reader sees the old file or the new one, whole."""
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+            raise
 
     def rmtree(self, path: Path, *, ignore_errors: bool = False) -> None:
         shutil.rmtree(path, ignore_errors=ignore_errors)
@@ -494,6 +502,14 @@ class _DirectoryBackend:
             dirnames.sort()
         return entries
 
+    def present_nodes(self, nodes) -> tuple[set, set]:
+        """Which of ``nodes`` (paths relative to the root) still have their ``zarr.json`` (a stat each), and
+        the patient groups on disk."""
+        present = {rel for rel in nodes if os.path.isfile(os.path.join(self.path, rel, "zarr.json"))}
+        folder = self.path / PATIENTS_GROUP
+        groups = {p.name for p in folder.iterdir() if (p / "zarr.json").is_file()} if folder.is_dir() else set()
+        return present, groups
+
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
@@ -501,6 +517,23 @@ class _DirectoryBackend:
     def lock_path(self) -> Path:
         real = Path(os.path.realpath(self.path))
         return real.with_name(real.name + ".lock")
+
+    def writer(self) -> str | None:
+        """The lock file's holder (``pid N since T``) while that process lives, read without locking; else None."""
+        try:
+            text = self.lock_path.read_text().strip()
+        except OSError:
+            return None
+        match = re.match(r"pid (\d+) ", text)
+        if match is None:
+            return None
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            return None  # left by a killed run: the kernel dropped its lock
+        except PermissionError:
+            pass
+        return text
 
     @contextmanager
     def hold_lock(self, store: "CohortStore"):
@@ -643,6 +676,14 @@ class _ObjectBackend:
                 nodes[rel] = node
         return nodes
 
+    def present_nodes(self, nodes) -> tuple[set, set]:
+        """Like :meth:`_DirectoryBackend.present_nodes`, from one listing of the store (1,000 keys a
+        request), not one request per node."""
+        root = self.path.key
+        found = {key[len(root) + 1:-len("/zarr.json")] for key in self.fs.find(root) if key.endswith("/zarr.json")}
+        groups = {rel.split("/")[1] for rel in found if rel.startswith(PATIENTS_GROUP + "/") and rel.count("/") == 1}
+        return set(nodes) & found, groups
+
     def size_bytes(self) -> int:
         return int(sum(self.fs.du(self.path.key, total=False).values()))
 
@@ -708,6 +749,13 @@ class _ObjectBackend:
         except (KeyError, TypeError, ValueError):
             return False
         return (_dt.datetime.now(_dt.timezone.utc) - beat).total_seconds() > LOCK_TTL_S
+
+    def writer(self) -> str | None:
+        """The lock object's holder while its heartbeat is fresh, read without taking it; else None."""
+        holder, _ = self._read_lock()
+        if not holder or self._is_stale(holder):
+            return None
+        return f"pid {holder.get('pid')} on host {holder.get('host')!r} since {holder.get('since')}"
 
     @contextmanager
     def hold_lock(self, store: "CohortStore"):
@@ -902,6 +950,39 @@ class CohortStore:
         self._put_root_meta(meta)
         return {"nodes": len(entries), "seconds": time.perf_counter() - start}
 
+    def drop_consolidated(self) -> None:
+        """Drop the consolidated metadata (the writer lock's release writes it afresh); hold the lock."""
+        self._changing()
+
+    def consolidated_patients(self) -> list[str]:
+        """The patients the consolidated metadata names (none without it)."""
+        listed = (self._root_meta().get(CONSOLIDATED_KEY) or {}).get("metadata") or {}
+        return sorted(rel.split("/")[1] for rel in listed if rel.startswith(PATIENTS_GROUP + "/")
+                      and rel.count("/") == 1)
+
+    def stale_consolidated(self, meta: dict | None = None) -> list[str]:
+        """Why the consolidated metadata no longer describes the store; empty when it does (or there is none).
+
+        Stale when a node it names (a patient group, an array, a child group)
+        has lost its ``zarr.json`` (removed by hand, a disk that lost files) or
+        a patient group on disk is not named in it (copied in by hand). Costs
+        a stat per named node on a directory, one listing of the store on
+        object storage; no voxel is read. ``meta``: the root metadata when
+        read already. A run never leaves it stale (it drops
+        it at its first write and writes it afresh at its end); this catches
+        what happened to the store outside lungzarr.
+        """
+        listed = ((meta or self._root_meta()).get(CONSOLIDATED_KEY) or {}).get("metadata") or {}
+        if not listed:
+            return []
+        present, groups = self._backend.present_nodes(listed)
+        gone = set(listed) - present
+        # Name the highest node gone only (a patient group, not each of its arrays).
+        tops = sorted(rel for rel in gone if not any(g in gone for g in _ancestors(rel)))
+        named = {rel.split("/")[1] for rel in listed if rel.startswith(PATIENTS_GROUP + "/") and rel.count("/") == 1}
+        return ([f"{rel}/zarr.json is gone" for rel in tops]
+                + [f"{PATIENTS_GROUP}/{p} is not listed in it" for p in sorted(groups - named)])
+
     def _group(self, path: str, mode=None):
         return self._zarr.open_group(self._zstore, path=path, mode=mode or ("r" if self.mode == "r" else "r+"),
                                      zarr_format=3)
@@ -916,6 +997,13 @@ class CohortStore:
         if not folder.is_dir():
             return []
         return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").exists())
+
+    def patient_folders(self) -> list[str]:
+        """Folders under ``patients/`` that are no group (no ``zarr.json``): what is left of a lost group."""
+        folder = self.path / PATIENTS_GROUP
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not (p / "zarr.json").exists())
 
     def has_patient(self, patient: str) -> bool:
         return (self.path / self.group_path(patient) / "zarr.json").exists()
@@ -1253,8 +1341,19 @@ class CohortStore:
                     "columns": columns}
         group = f"{name}.{uuid.uuid4().hex}"
         self._changing()
-        _checksummed(ds).to_zarr(self._zstore, group=f"{TABLES_GROUP}/{group}", mode="w", **_WRITE)
-        self._switch_table(name, group)
+        try:
+            # The new group is written whole before the pointer moves to it: a write that fails (a full
+            # disk) leaves the previous table current and readable.
+            _checksummed(ds).to_zarr(self._zstore, group=f"{TABLES_GROUP}/{group}", mode="w", **_WRITE)
+            self._switch_table(name, group)
+        except OSError as exc:
+            self._rmtree(self.path / TABLES_GROUP / group, ignore_errors=True)
+            kept = "the previous table is kept" if self._table_pointer().get(name) else "it has none yet"
+            full = exc.errno == errno.ENOSPC
+            cause = "no space left on the device" if full else f"{type(exc).__name__}: {exc}"
+            raise LungzarrError(f"the {name} table of store {str(self.path)!r} could not be written ({cause}); "
+                                f"{kept}: {'free space' if full else 'fix that'} and run the command again (or "
+                                f"`lungzarr verify --repair {self.path}`, which writes only the tables)") from None
         # Only now is the old group unreachable for a new reader; remove it, an old-layout
         # tables/<name>, and any group a killed writer left before its switch.
         for folder in (self.path / TABLES_GROUP).iterdir():
@@ -1263,8 +1362,18 @@ class CohortStore:
                                             and folder.name[len(name) + 1:].isalnum())):
                 self._rmtree(folder, ignore_errors=True)
 
+    def has_tables(self) -> bool:
+        """Whether the store has its ``tables`` group (every store lungzarr creates has one)."""
+        return self._tables_meta_path().exists()
+
     def _table_dataset(self, name: str):
-        """The current Dataset of table ``name``, loaded whole and checked to be current throughout; or None."""
+        """The current Dataset of table ``name``, loaded whole and checked to be current throughout; or None.
+
+        Raises
+        ------
+        LungzarrError
+            The table the pointer names cannot be read (gone, damaged).
+        """
         import xarray as xr
 
         for _ in range(_TABLE_READ_ATTEMPTS):
@@ -1278,9 +1387,12 @@ class CohortStore:
                     warnings.simplefilter("ignore", category=UserWarning)
                     ds = xr.open_dataset(self._zstore, group=f"{TABLES_GROUP}/{group}", engine="zarr",
                                          consolidated=False, zarr_format=3).load()
-            except (FileNotFoundError, KeyError, ValueError, self._zarr.errors.BaseZarrError):
+            except (FileNotFoundError, KeyError, ValueError, self._zarr.errors.BaseZarrError) as exc:
                 if self._table_pointer().get(name, name) == group:
-                    raise  # the current table itself cannot be read: damage, not a race
+                    # The current table itself cannot be read: damage, not a race.
+                    raise LungzarrError(f"the {name} table of store {str(self.path)!r} ({TABLES_GROUP}/{group}) "
+                                        f"cannot be read ({type(exc).__name__}: {exc}); `lungzarr verify --repair "
+                                        f"{self.path}` writes it again from the patient groups") from None
                 continue  # replaced (and removed) while we opened it: read the new one
             if self._table_pointer().get(name, name) == group:
                 return ds
@@ -1301,11 +1413,28 @@ class CohortStore:
         return dict(meta.get("attributes", {}))
 
     def read_table(self, name: str):
-        """The cohort table ``name`` as a pandas DataFrame (empty if absent): the old or the new one, never torn."""
+        """The cohort table ``name`` as a pandas DataFrame: the old or the new one, never torn.
+
+        Empty on a store that has no patient yet (a run writes its tables at its end).
+
+        Raises
+        ------
+        LungzarrError
+            The store has patients but not this table (its ``tables`` group
+            removed, or the runs so far stopped before their end), or the
+            table cannot be read: one sentence naming the store and the fix.
+        """
         import pandas as pd
 
+        if not self.has_tables():
+            raise LungzarrError(f"store {str(self.path)!r} has no cohort tables (its {TABLES_GROUP}/ group is "
+                                f"gone); `lungzarr verify --repair {self.path}` rebuilds them from the patient groups")
         ds = self._table_dataset(name)
         if ds is None:
+            if self.patients():
+                raise LungzarrError(f"store {str(self.path)!r} has patients but no {name} table (a run writes it "
+                                    f"at its end; did the last one stop before?); `lungzarr verify --repair "
+                                    f"{self.path}` writes it from the patient groups")
             return pd.DataFrame()
         columns = ds.attrs.get("columns")
         frame = ds.to_dataframe()
@@ -1544,6 +1673,11 @@ class CohortStore:
         """
         return self._backend.lock_path
 
+    def writer(self) -> str | None:
+        """Who holds the writer lock now (a run writing the store), found without taking it or writing
+        anything; None when nobody does."""
+        return self._backend.writer()
+
     @contextmanager
     def lock(self):
         """Hold the store's writer lock (:attr:`lock_path`); refuse when another process holds it.
@@ -1569,6 +1703,12 @@ class CohortStore:
                     self.consolidate()
                 except PermissionError:
                     pass  # a read-only store a run had nothing to write to: readers list its groups instead
+
+
+def _ancestors(rel: str) -> list[str]:
+    """``"a/b/c"`` -> ``["a", "a/b"]``."""
+    parts = rel.split("/")
+    return ["/".join(parts[:k]) for k in range(1, len(parts))]
 
 
 def _same_file(fh, path: Path) -> bool:
@@ -1648,6 +1788,19 @@ def open_cohort(path):
     progress, a killed one, a store of an older lungzarr) each group's own is
     read, the same tree, only slower.
 
+    The consolidated metadata is checked against the groups it names first
+    (:meth:`CohortStore.stale_consolidated`: a stat per node, no voxel read).
+    When the store changed outside lungzarr (a patient's folder or an array
+    removed, a group copied in), it is not used: the tree is read from each
+    group's own metadata, so a patient whose group is gone is not listed and
+    no array is served whose chunks are gone (zarr would read them as zeros),
+    and a warning says so. Reading never writes the store (a reader may have
+    no write access, and a run may hold it): ``lungzarr verify --repair``
+    writes the consolidated metadata afresh.
+
+    The cohort tables (``tables/<name>``) leave out the rows of patients
+    whose group is gone, with a warning, as :func:`read_nodules` does.
+
     Examples
     --------
     >>> tree = lungzarr.open_cohort("cohort.zarr")            # doctest: +SKIP
@@ -1659,9 +1812,18 @@ def open_cohort(path):
     store = CohortStore(path, mode="r")
     options = {"engine": "zarr", "chunks": {}, "zarr_format": 3}
     tree = None
+    meta = store._root_meta()
+    consolidated = meta.get(CONSOLIDATED_KEY) is not None
+    stale = store.stale_consolidated(meta) if consolidated else []
+    if stale:
+        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        warnings.warn(f"the consolidated metadata of store {str(store.path)!r} is stale ({'; '.join(stale[:3])}"
+                      f"{more}): not used, every group's own metadata is read instead; `lungzarr verify "
+                      f"{store.path}` lists what the store lost, `lungzarr verify --repair {store.path}` "
+                      f"writes the consolidated metadata afresh", UserWarning, stacklevel=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        if store.is_consolidated():
+        if consolidated and not stale:
             try:
                 tree = xr.open_datatree(store._zstore, consolidated=True, **options)
             except (ValueError, KeyError, FileNotFoundError):
@@ -1673,8 +1835,17 @@ def open_cohort(path):
                         for name in (PATIENTS_GROUP, STAGING_GROUP) if (store.path / name / "zarr.json").exists()}
     # The cohort tables as ``tables/<name>``, each read whole through its pointer (small; never a
     # torn or removed table group: see CohortStore.write_table).
-    tables = xr.DataTree(children={name: xr.DataTree(dataset=store._table_dataset(name))
-                                   for name in store.table_names()})
+    stored = set(store.patients())
+    tables = {}
+    for name in store.table_names():
+        ds = store._table_dataset(name)
+        if ds is not None and "patient" in ds.variables:
+            kept = _rows_of_stored_patients(store, ds["patient"].values, name, stored, missing="drop",
+                                            stacklevel=2)
+            if not kept.all():
+                ds = ds.isel({ds["patient"].dims[0]: kept})
+        tables[name] = xr.DataTree(dataset=ds)
+    tables = xr.DataTree(children=tables)
     if tree is None:
         return xr.DataTree(dataset=root, children={**children, TABLES_GROUP: tables})
     # Swap only the tables node: building a new tree would copy (and re-align) every patient's node.
@@ -1684,14 +1855,79 @@ def open_cohort(path):
     return tree
 
 
-def read_nodules(path):
-    """The cohort's nodule table (one row per candidate nodule) as a DataFrame."""
-    return CohortStore(path, mode="r").read_table("nodules")
+#: What the readers do with table rows of patients whose group is gone from the store.
+MISSING_ROWS = ("drop", "raise")
 
 
-def read_patients(path):
-    """The cohort's patient table (lung measures, stage states) as a DataFrame."""
-    return CohortStore(path, mode="r").read_table("patients")
+def _rows_of_stored_patients(store, patients, table: str, stored: set, *, missing: str, stacklevel: int):
+    """A boolean mask of the rows (``patients``: each row's patient id) whose patient has a group in the
+    store; warn about (``missing="drop"``) or refuse (``"raise"``) the others."""
+    if missing not in MISSING_ROWS:
+        raise ValueError(f"missing must be one of {MISSING_ROWS!r}, got {missing!r}")
+    ids = np.asarray(patients, dtype=object).astype(str)
+    keep = np.isin(ids, np.array(sorted(stored), dtype=object).astype(str)) if len(ids) else np.ones(0, bool)
+    if keep.all():
+        return keep
+    gone = sorted({str(p) for p in ids[~keep]})
+    listed = ", ".join(repr(p) for p in gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+    said = (f"the {table} table of store {str(store.path)!r} has {int((~keep).sum())} row(s) of {len(gone)} "
+            f"patient(s) whose group is gone from the store ({listed})")
+    fix = (f"`lungzarr verify {store.path}` lists what the store lost; `lungzarr run INPUT {store.path}` ingests "
+           f"them again, or `lungzarr verify --repair {store.path}` rebuilds the tables without them")
+    if missing == "raise":
+        raise LungzarrError(f"{said}; {fix}")
+    warnings.warn(f"{said}: those rows are left out; {fix}", UserWarning, stacklevel=stacklevel + 1)
+    return keep
+
+
+def _read_cohort_table(path, name: str, missing: str):
+    store = CohortStore(path, mode="r")
+    frame = store.read_table(name)
+    if frame.empty or "patient" not in frame.columns:
+        return frame
+    keep = _rows_of_stored_patients(store, frame["patient"].to_numpy(), name, set(store.patients()),
+                                    missing=missing, stacklevel=3)
+    return frame if keep.all() else frame[keep].reset_index(drop=True)
+
+
+_READER_NOTES = """
+    A row whose patient's group is gone from the store (removed by hand, lost
+    with a disk) describes data the store no longer holds: no figure of it
+    can be traced back to its voxels, and the next rebuild of the tables
+    (the end of a run, ``lungzarr verify --repair``) leaves it out. So it is
+    left out here too, with a warning naming the patients (``missing="drop"``,
+    the default: the rest of the cohort stays readable), or refused with
+    ``missing="raise"`` (for a script that must stop rather than publish a
+    cohort that shrank). A row is never kept with a flag: a flag is a
+    column a count or a mean ignores.
+
+    Parameters
+    ----------
+    path : path or str
+        The store.
+    missing : {"drop", "raise"}
+        What to do with the rows of patients whose group is gone.
+
+    Raises
+    ------
+    LungzarrError
+        The store has patients but no cohort tables (its ``tables`` group
+        removed, or no run got to its end), the table cannot be read, or
+        ``missing="raise"`` and rows of lost patients were found. A store
+        with no patient yet gives an empty DataFrame.
+"""
+
+
+def read_nodules(path, *, missing: str = "drop"):
+    return _read_cohort_table(path, "nodules", missing)
+
+
+def read_patients(path, *, missing: str = "drop"):
+    return _read_cohort_table(path, "patients", missing)
+
+
+read_nodules.__doc__ = "The cohort's nodule table (one row per candidate nodule) as a DataFrame.\n" + _READER_NOTES
+read_patients.__doc__ = "The cohort's patient table (lung measures, stage states) as a DataFrame.\n" + _READER_NOTES
 
 
 def read_failures(path):

@@ -9,6 +9,7 @@ from lungzarr.pipeline.checks import check_run_config
 from lungzarr.pipeline.inputs import record_input, scan_input
 from lungzarr.pipeline.placement import compute_options, cpu_task_workers
 from lungzarr.pipeline.runner import Progress, StageSummary, stream_stages
+from lungzarr.pipeline.sources import FINGERPRINT_KEY, input_changed, input_fingerprint
 from lungzarr.pipeline.stage import StageOptions
 from lungzarr.pipeline.stages import ordered_stages, stage_names
 from lungzarr.pipeline.tables import gather_tables
@@ -137,8 +138,10 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         if verify:
             redo_damaged(store, verify_patients(store, [p for p, _ in items if store.has_patient(p)],
                                                 client=client))
+            if store.stale_consolidated():
+                store.drop_consolidated()  # changed outside lungzarr: written afresh at the lock's release
         summaries = _stream(store, items, chosen, options, overwrite=overwrite, batch_size=batch_size,
-                            client=client, progress=progress)
+                            client=client, progress=progress, sources=dict(items) if creates else None)
         gather_tables(store)
     summaries[0].failed = bad + summaries[0].failed
     if scan is not None:
@@ -175,18 +178,22 @@ def store_status(store_path) -> dict:
 
 # ---------------------------------------------------------------------- decisions
 
-def stage_decision(done: dict, stage, *, overwrite: bool) -> str:
+def stage_decision(done: dict, stage, *, overwrite: bool, source: dict | None = None) -> str:
     """``"blocked"``, ``"run"`` or ``"skip"`` for one patient's stage, from its completed stages ``done``.
 
     Blocked when a stage it requires is not complete; run when it is not
     complete, was computed from an older completion of a stage it requires,
-    or ``overwrite``; else skip.
+    or ``overwrite``, or (a stage that creates the patient) when ``source``,
+    the INPUT entry's :func:`~lungzarr.pipeline.sources.input_fingerprint`
+    now, differs from the one its marker recorded; else skip.
     """
     if any(r not in done for r in stage.requires):
         return "blocked"
     if overwrite or stage.name not in done:
         return "run"
     if _recorded_dependencies(done[stage.name], stage) != _dependencies(done, stage):
+        return "run"
+    if stage.creates_patient and input_changed(done[stage.name], source) is not None:
         return "run"
     return "skip"
 
@@ -203,19 +210,34 @@ def _recorded_dependencies(record: dict, stage) -> dict:
     return recorded if isinstance(recorded, dict) else {}
 
 
-def _stream(store, items, stages, options, *, overwrite, batch_size, client, progress):
+def _stream(store, items, stages, options, *, overwrite, batch_size, client, progress, sources=None):
     by_name = {s.name: s for s in stages}
 
     # The runner calls prepare right after decide for the same patient and stage: the markers decide read
     # are still the patient's, so prepare takes them from here instead of reading the group's attrs again.
     last = {}
+    # The INPUT entry's fingerprint, taken once per patient before its files are read (a file changed
+    # while it is ingested is then seen by the next run), and why its ingest is redone, if it changed.
+    fingerprints, changed = {}, {}
+
+    def fingerprint(patient):
+        if patient not in fingerprints:
+            fingerprints[patient] = input_fingerprint(sources[patient])
+        return fingerprints[patient]
 
     def decide(patient, name):
         # The patient's markers are read once per decision (the client makes one per patient and stage).
         done = store.stages(patient)
         last.clear()
         last[(patient, name)] = done
-        return stage_decision(done, by_name[name], overwrite=overwrite)
+        stage = by_name[name]
+        source = fingerprint(patient) if stage.creates_patient and sources is not None else None
+        decision = stage_decision(done, stage, overwrite=overwrite, source=source)
+        if decision == "run" and source is not None and name in done and not overwrite:
+            why = input_changed(done[name], source)
+            if why is not None:
+                changed[patient] = why
+        return decision
 
     def prepare(name, patient, payload):
         stage = by_name[name]
@@ -225,6 +247,14 @@ def _stream(store, items, stages, options, *, overwrite, batch_size, client, pro
         pending = stage.prepare(store, patient, payload, options)
         if dependencies is not None:
             pending.record["depends_on"] = dependencies
+        if stage.creates_patient and sources is not None:
+            pending.record[FINGERPRINT_KEY] = fingerprint(patient)
+            if patient in changed:
+                # Beside the warnings ingest recorded for the files it read: `lungzarr status` shows it.
+                note = {"file": str(sources[patient]),
+                        "reason": f"{changed[patient]}: ingested again, with every stage computed from it"}
+                kept = [w for w in store.warnings() if (w.get("patient"), w.get("stage")) == (patient, name)]
+                store.record_warnings(patient, name, kept + [note])
         return pending
 
     placement = compute_options(client, stages, gpu=options.gpu)
@@ -234,9 +264,13 @@ def _stream(store, items, stages, options, *, overwrite, batch_size, client, pro
     if client is not None and first.prefetch is not None:
         def prefetch(patient, payload):
             return first.prefetch(client, patient, payload, options.strict, placement.get(first.name))
-    return stream_stages(store, items, [s.name for s in stages], prepare, decide=decide, batch_size=batch_size,
-                         client=client, progress=progress, compute_options=placement, prefetch=prefetch,
-                         requires={s.name: s.requires for s in stages})
+    summaries = stream_stages(store, items, [s.name for s in stages], prepare, decide=decide,
+                              batch_size=batch_size, client=client, progress=progress, compute_options=placement,
+                              prefetch=prefetch, requires={s.name: s.requires for s in stages})
+    for summary in summaries:
+        if by_name[summary.stage].creates_patient:
+            summary.redone = [{"patient": p, "reason": changed[p]} for p in summary.done if p in changed]
+    return summaries
 
 
 def _stored_patients(store, store_path, patients) -> list[str]:

@@ -41,6 +41,8 @@ class StageSummary:
     work_seconds: float = 0.0
     #: INPUT entries not used as patients (``file``, ``reason``): set on the summary of the stage that read INPUT.
     ignored: list[dict] = field(default_factory=list)
+    #: Patients done again although complete, because their INPUT changed (``patient``, ``reason``).
+    redone: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

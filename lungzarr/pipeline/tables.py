@@ -6,7 +6,11 @@ import numpy as np
 from lungzarr.algorithms.components import NO_LABEL
 from lungzarr.pipeline.stages import stage_names
 
-__all__ = ["gather_tables", "patient_nodules", "LUNG_MEASURES", "LUNG3D_MEASURES", "PATIENT_COLUMNS"]
+__all__ = ["gather_tables", "patient_nodules", "LUNG_MEASURES", "LUNG3D_MEASURES", "PATIENT_COLUMNS",
+           "COHORT_TABLES"]
+
+#: The cohort tables :func:`gather_tables` writes: name -> the dimension of their rows.
+COHORT_TABLES = {"nodules": "nodule", "patients": "patient"}
 
 #: Lung measures of the features stage copied into the patient table (docs/algorithms.md §6).
 LUNG_MEASURES = ("lvol_0", "lvol_1", "lvol_2", "emphy_0", "emphy_1", "emphy_2", "emphy2_0", "emphy2_1", "emphy2_2")
@@ -61,7 +65,11 @@ def patient_nodules(store, patient: str):
 
 
 def gather_tables(store) -> dict:
-    """Rebuild the cohort-wide ``tables/nodules`` and ``tables/patients`` from the patient groups."""
+    """Rebuild the cohort-wide ``tables/nodules`` and ``tables/patients`` from the patient groups.
+
+    A table whose content did not change (and that reads back whole) is left as it is. Returns the rows
+    of each table and ``written``: the tables written.
+    """
     import pandas as pd
 
     from lungzarr.algorithms.nodules import concat_nodule_tables
@@ -92,13 +100,16 @@ def gather_tables(store) -> dict:
         })
     nodules = concat_nodule_tables(nodule_tables)
     patients = pd.DataFrame(rows)
-    for name, frame, dim in (("nodules", nodules, "nodule"), ("patients", patients, "patient")):
+    written = []
+    for name, frame in (("nodules", nodules), ("patients", patients)):
+        dim = COHORT_TABLES[name]
         # Writing a table (one array per column) is most of what a run's end costs; a run that did not
         # change it (a segment run leaves the nodule table as it was) leaves it in place.
         content = frame_digest(frame)
         if store.table_attrs(name).get(DIGEST_KEY) != content or not _readable(store, name):
             store.write_table(name, frame, dim=dim, attrs={DIGEST_KEY: content})
-    return {"nodules": len(nodules), "patients": len(patients)}
+            written.append(name)
+    return {"nodules": len(nodules), "patients": len(patients), "written": written}
 
 
 def _readable(store, name: str) -> bool:
