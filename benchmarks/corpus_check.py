@@ -82,14 +82,14 @@ CENTROID_HU = 300.0
 #: A series not listed here needs only a PatientError with a reason.
 EXPECTED_REFUSALS = {
     # GE HiSpeed head: GantryDetectorTilt +18.5 deg, IOP column (0, .948, -.317); slices 01-14 4.22 mm apart
-    # (4 mm thick), 15-28 7.38 mm apart (7 mm): two spacings, one tilt.
-    "dcm_qa_ct/In/GE": [r"tilt", r"18\.5"],
+    # (4 mm thick), 15-28 7.38 mm apart (7 mm): two spacings, one tilt, both named.
+    "dcm_qa_ct/In/GE": [r"gantry tilt", r"18\.5", r"2 runs of regular spacing", r"4\.22 mm", r"7\.38 mm"],
     # Philips Ingenuity phantom, GantryDetectorTilt -18.5 / +16.5 deg.
     "dcm_qa_ct/In/Philips/S21610/S2010": [r"gantry tilt", r"18\.5"],
     "dcm_qa_ct/In/Philips/S21610/S3010": [r"gantry tilt", r"16\.5"],
-    # A localizer (ImageType LOCALIZER, sagittal) and the DICOMDIR-like DIRFILE.
-    "dcm_qa_ct/In/Philips/S21570/S1000": [r"localizer"],
-    "dcm_qa_ct/In/Philips/S21610/S1000": [r"localizer"],
+    # A localizer (ImageType LOCALIZER, sagittal) and the DICOMDIR-like DIRFILE: the image is the example.
+    "dcm_qa_ct/In/Philips/S21570/S1000": [r"e\.g\. 'I10': localizer", r"'DIRFILE': a directory file"],
+    "dcm_qa_ct/In/Philips/S21610/S1000": [r"e\.g\. 'I10': localizer", r"'DIRFILE': a directory file"],
     # Exam summaries: sagittal REF_SURVIEW images and RGB screens (patient info, dose, results).
     "dcm_qa_ct/In/Philips/S21570/S4010": [r"sagittal|localizer|RGB|greyscale|not an axial|no axial CT image"],
     "dcm_qa_ct/In/Philips/S21610/S4010": [r"sagittal|localizer|RGB|greyscale|not an axial|no axial CT image"],
@@ -99,8 +99,8 @@ EXPECTED_REFUSALS = {
     "dicom2nifti/tests/data/failing/notavolume/001": [r"acquisitions", r"overlapping|same position"],
     # GE, AcquisitionNumbers 4,4,5,5, z 18.1/23.1/28.1/38.1: the slice at 33.1 is missing.
     "dicom2nifti/tests/data/failing/sliceincrement/001": [r"gap|missing", r"33\.1"],
-    # Siemens, 15.5 deg tilt (IOP) and IM-0001-0004 missing (z -50.36).
-    "dicom2nifti/tests/data/failing/sliceincrement/002": [r"gap|missing", r"-50\.3"],
+    # Siemens, 15.5 deg tilt (IOP) and IM-0001-0004 missing (z -50.36): both named.
+    "dicom2nifti/tests/data/failing/sliceincrement/002": [r"gap|missing", r"-50\.3", r"gantry tilt of 15\.5 deg"],
 }
 
 

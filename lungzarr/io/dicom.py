@@ -155,6 +155,11 @@ class SliceHeader:
     pixels: PixelLayout | None = field(default=None, repr=False)
     #: (0018,1120) GantryDetectorTilt in degrees (None: absent), named when the stack is tilted.
     gantry_tilt: float | None = None
+    #: (0018,0050) SliceThickness in mm (None: absent), named when a stack has several slice spacings.
+    slice_thickness: float | None = None
+    #: True for a DICOMDIR-like directory file (Media Storage Directory Storage, 1.2.840.10008.1.3.10, or a
+    #: DirectoryRecordSequence): it lists files and holds no image.
+    directory: bool = False
     #: The flips/transpose that lay this slice out as the stack stores it, set by :func:`read_series`
     #: from the slice's own IOP (None: as decoded); applied where the slice is decoded.
     reorient: geometry.Reorientation | None = field(default=None, repr=False)
@@ -363,9 +368,22 @@ def _number(value, default: float) -> float:
 
 
 def _gantry_tilt(value) -> float | None:
-    """(0018,1120) GantryDetectorTilt in degrees, or None when absent or not one finite number."""
+    """(0018,1120) GantryDetectorTilt in degrees (or another DS recorded for messages, e.g. SliceThickness),
+    or None when absent or not one finite number."""
     tilt = _number(value, float("nan"))
     return tilt if np.isfinite(tilt) else None
+
+
+#: Media Storage Directory Storage: the SOP class of a DICOMDIR (a list of files, no image).
+_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
+
+
+def _is_directory(ds) -> bool:
+    """True when the dataset is a DICOMDIR-like directory file (any file name: Philips writes ``DIRFILE``)."""
+    meta = getattr(ds, "file_meta", None)
+    classes = {str(ds.get("SOPClassUID", "") or ""),
+               str(meta.get("MediaStorageSOPClassUID", "") or "") if meta is not None else ""}
+    return _DIRECTORY_STORAGE in classes or "DirectoryRecordSequence" in ds
 
 
 def _pixel_damage(fh, ds, size: int, tsyntax: str) -> tuple[str | None, tuple | None]:
@@ -583,6 +601,8 @@ def read_header(path, *, patient: str | None = None, data: bytes | None = None) 
             pixel_representation=_as_int(opts.get("pixel_representation")),
             pixels=layout,
             gantry_tilt=_gantry_tilt(ds.get("GantryDetectorTilt")),
+            slice_thickness=_gantry_tilt(ds.get("SliceThickness")),
+            directory=_is_directory(ds),
         )
     except Exception as exc:  # pydicom raises many kinds on damaged headers
         raise PatientError(f"cannot read the DICOM header ({describe_error(exc)}); the file is damaged: "
@@ -598,6 +618,8 @@ def _not_axial_reason(h: SliceHeader) -> str | None:
     """Why a file is not a slice of an axial greyscale CT series (skipped, like a localizer), or None."""
     if "LOCALIZER" in h.image_type or "SCOUT" in h.image_type:
         return "localizer/scout image (ImageType says so)"
+    if h.directory:
+        return "a directory file (DICOMDIR-like: it lists files and holds no image)"
     if h.rows == 0 or h.columns == 0:
         return "no image (Rows/Columns missing)"
     if h.samples_per_pixel != 1 or (h.photometric and h.photometric not in GREYSCALE):
@@ -689,8 +711,9 @@ def _repeats_error(parts, patient, folder) -> PatientError:
 
 
 def _choose_group(groups: dict, patient: str, folder: Path) -> tuple[tuple, str]:
-    """Pick (series_uid, acquisition) as the original did: most slices, later on a tie; among the folder's
-    own patient's series when the folder holds several PatientIDs (:func:`_own_groups`)."""
+    """Pick (series_uid, acquisition) as the original did: most slices; on a tie the later acquisition, then
+    the higher SeriesNumber, then the larger SeriesInstanceUID (the reason says which decided); among the
+    folder's own patient's series when the folder holds several PatientIDs (:func:`_own_groups`)."""
     def key(item):
         (series_uid, acq), headers = item
         # Missing AcquisitionNumber (LIDC) is one acquisition of its own, ranked lowest on a tie.
@@ -706,13 +729,29 @@ def _choose_group(groups: dict, patient: str, folder: Path) -> tuple[tuple, str]
             reason = f"{why}the only axial CT series/acquisition of the patient ({len(headers)} slices)"
     else:
         tie = len(ranked[1][1]) == len(headers)
-        reason = f"{why}most slices ({len(headers)}){' and the later acquisition on a tie' if tie else ''}"
+        reason = f"{why}most slices ({len(headers)})"
+        if tie:
+            reason += f" and {_tie_break(ranked[0], ranked[1])} on a tie"
     others = [f"series {s[-12:]!s} acquisition {a} ({len(h)} slices)" for (s, a), h in ranked[1:]]
     others += [f"PatientID {_ids(h)} series {s[-12:]!s} acquisition {a} ({len(h)} slices)"
                for (s, a), h in foreign]
     if others:
         reason += f"; not used: {', '.join(others)}"
     return (series_uid, acq), reason
+
+
+def _tie_break(chosen, runner_up) -> str:
+    """What ranked ``chosen`` above ``runner_up`` (``((series_uid, acquisition), headers)`` items with as many
+    slices), in :func:`_choose_group`'s order: the acquisition, the SeriesNumber, the SeriesInstanceUID."""
+    (uid, acq), hs = chosen
+    (other_uid, other_acq), other_hs = runner_up
+    if (-1 if acq is None else acq) != (-1 if other_acq is None else other_acq):
+        return (f"the later acquisition (AcquisitionNumber {_acquisition_label(acq)} over "
+                f"{_acquisition_label(other_acq)})")
+    number, other_number = hs[0].series_number, other_hs[0].series_number
+    if (number or -1) != (other_number or -1):
+        return f"the higher SeriesNumber ({number} over {other_number})"
+    return "the larger SeriesInstanceUID (the series differ in nothing else lungzarr ranks)"
 
 
 def _ids(headers) -> str:
@@ -841,20 +880,17 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
             why = f"modality {h.modality!r} is not CT"
         if why is not None:
             skipped.append((h.path, why))
-            not_slices.append((h.path, why))
+            not_slices.append((h.path, why, _holds_image(h)))
             continue
         groups[(h.series_uid, h.acquisition)].append(h)
     if not groups:
         if unreadable and len(unreadable) == len(dicom_files):
             raise unreadable[0]
-        first = skipped[len(other)] if len(skipped) > len(other) else (str(folder), "no image")
-        raise PatientError(f"no axial CT image in the folder ({len(dicom_files)} DICOM file(s); e.g. "
-                           f"{Path(first[0]).name!r}: {first[1]}); lungzarr needs an axial chest CT series",
-                           patient=patient, stage=STAGE, file=first[0])
+        raise _no_axial_error(not_slices, unreadable, len(dicom_files), patient, folder)
     for exc in unreadable:
         user.append({"file": exc.file, "reason": f"DICOM file skipped: {exc.reason}"})
     if not_slices:
-        names = ", ".join(repr(_name(p)) for p, _ in not_slices[:5]) + (", ..." if len(not_slices) > 5 else "")
+        names = ", ".join(repr(_name(p)) for p, *_ in not_slices[:5]) + (", ..." if len(not_slices) > 5 else "")
         user.append({"file": not_slices[0][0] if len(not_slices) == 1 else str(folder),
                      "reason": f"skipped {len(not_slices)} image(s) that are not slices of an axial CT series "
                                f"({names}); e.g. {not_slices[0][1]}"})
@@ -893,6 +929,35 @@ def read_series(folder, *, patient: str | None = None, strict: bool = False) -> 
 
 def _name(path) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _holds_image(h: SliceHeader) -> bool:
+    """True when the file is an image (Rows and Columns set), not a directory or other non-image file."""
+    return not h.directory and h.rows > 0 and h.columns > 0
+
+
+def _no_axial_error(not_slices, unreadable, n_dicom: int, patient, folder) -> PatientError:
+    """The refusal of a folder without one axial CT slice, its example an image's reason where there is one.
+
+    ``not_slices``: ``(path, reason, holds an image)`` of the DICOM files that are not axial CT slices;
+    ``unreadable``: the PatientErrors of those whose header cannot be read. A localizer's "localizer/scout
+    image" says what the folder is; a DICOMDIR beside it says nothing, so it is named after the image.
+    """
+    images = [(p, why) for p, why, image in not_slices if image]
+    others = [(p, why) for p, why, image in not_slices if not image] + [(e.file, e.reason) for e in unreadable]
+    if images:
+        example, rest = images[0], others
+    elif others:
+        example, rest = others[0], others[1:]
+    else:
+        example, rest = (str(folder), "no image"), []
+    also = ""
+    if images and rest:
+        also = (f"; {len(rest)} other file(s) hold no image, e.g. {_name(rest[0][0])!r}: {rest[0][1]}")
+    return PatientError(f"no axial CT image in the folder ({n_dicom} DICOM file(s); e.g. {_name(example[0])!r}: "
+                        f"{example[1]}{also}); lungzarr needs an axial chest CT series: put its slices in this "
+                        f"folder (or give the folder that holds them), or remove the folder",
+                        patient=patient, stage=STAGE, file=str(example[0]))
 
 
 def _find_remote_dicom(folder: str, patient):
@@ -1138,24 +1203,113 @@ def _check_decodable(h: SliceHeader, patient):
                            patient=patient, stage=STAGE, file=h.path)
 
 
-def _spacing_gap_error(headers, z, steps, median, i, patient):
-    """The irregular step ``steps[i]``: the missing positions (mm) where it is a whole number of steps."""
-    a, b = Path(headers[i].path).name, Path(headers[i + 1].path).name
+@dataclass(frozen=True)
+class _SpacingDefect:
+    """An irregular slice spacing: what it is (``what``), the fix alone (``fix``), the file to name, and the
+    fix when the stack is also off its axis-aligned grid (``fix_with_geometry``: both fixed at once)."""
+
+    what: str
+    fix: str
+    joiner: str
+    file: str
+    fix_with_geometry: str
+
+    def error(self, patient) -> PatientError:
+        return PatientError(f"{self.what}{self.joiner}{self.fix}", patient=patient, stage=STAGE, file=self.file)
+
+
+#: How to put a stack whose voxels are off an axis-aligned grid onto one (lungzarr does not resample DICOM).
+_RESAMPLE_FIX = ("resample the series exactly from its per-slice headers (ImagePositionPatient, "
+                 "ImageOrientationPatient) onto {grid} (e.g. 3D Slicer's DICOM import with acquisition geometry "
+                 "regularization, then a resample to identity directions) and ingest that volume as NIfTI")
+
+
+def _spacing_runs(steps) -> list[tuple[int, int]] | None:
+    """The stack as runs of regular spacing, or None when it is not several of them.
+
+    ``steps``: the z steps between consecutive slices. Runs are maximal stretches of at least two steps
+    equal within :data:`SPACING_RTOL`, as ``(first step, last step)`` index pairs; consecutive runs may be
+    separated by at most one other step (the step from one reconstruction to the next) and must differ in
+    spacing (equal spacings either side of one odd step are a gap or a stray slice, not two spacings).
+    A series reconstructed at two slice thicknesses (GE head CT: 4 mm, then 7 mm) is two runs.
+    """
+    runs, start = [], 0
+    for k in range(1, len(steps) + 1):
+        if k == len(steps) or abs(steps[k] - steps[start]) > SPACING_RTOL * abs(steps[start]):
+            runs.append((start, k - 1))
+            start = k
+    long = [r for r in runs if r[1] > r[0]]
+    if len(long) < 2 or sum(r[1] - r[0] + 1 for r in long) < len(steps) - (len(long) - 1):
+        return None
+    if long[0][0] > 0 or long[-1][1] < len(steps) - 1:
+        return None
+    for (_, end), (begin, _) in zip(long, long[1:]):
+        if begin - end > 2:
+            return None
+    spacings = [float(np.median(steps[a:b + 1])) for a, b in long]
+    if any(abs(x - y) <= SPACING_RTOL * max(x, y) for x, y in zip(spacings, spacings[1:])):
+        return None
+    return long
+
+
+def _spacing_defect(headers, z, steps, median) -> _SpacingDefect | None:
+    """What is irregular in the slice spacing of a sorted stack, or None when it is regular.
+
+    Several runs of regular spacing (:func:`_spacing_runs`) are named with each run's slices, spacing and
+    SliceThickness; else the first irregular step: a gap (a whole number of steps: the missing positions
+    named) or a step that fits nothing (a slice missing or the folder mixing series).
+    """
+    bad = np.flatnonzero(np.abs(steps - median) > SPACING_RTOL * median)
+    if not bad.size:
+        return None
+    names = [Path(h.path).name for h in headers]
+    runs = _spacing_runs(steps)
+    if runs is not None:
+        parts, joins = [], []
+        for a, b in runs:
+            thick = sorted({h.slice_thickness for h in headers[a:b + 2] if h.slice_thickness is not None})
+            thickness = f", SliceThickness {_listed(thick)} mm" if thick else ""
+            parts.append(f"{names[a]!r} .. {names[b + 1]!r} ({b - a + 2} slices{thickness}) "
+                         f"{float(np.median(steps[a:b + 1])):.3g} mm apart")
+        for (_, end), (begin, _) in zip(runs, runs[1:]):
+            if begin - end == 2:
+                k = end + 1
+                joins.append(f"{steps[k]:.3g} mm between {names[k]!r} (z={z[k]:g}) and {names[k + 1]!r} "
+                             f"(z={z[k + 1]:g})")
+        between = f", with {'; '.join(joins)}" if joins else ""
+        others = ", ".join(f"{names[a]!r} .. {names[b + 1]!r}" for a, b in runs[1:])
+        return _SpacingDefect(
+            what=(f"slice spacing is not regular: the stack is {len(runs)} runs of regular spacing, "
+                  f"{', then '.join(parts)}{between}: a series reconstructed at {len(runs)} slice spacings/"
+                  f"thicknesses"),
+            joiner="; ",
+            fix=(f"resample it onto one regular grid from its per-slice headers and ingest that volume as NIfTI "
+                 f"(lungzarr does not interpolate between slices), or keep one spacing's slices in this folder "
+                 f"and move the others ({others}) to a folder of their own, ingested as another patient id"),
+            fix_with_geometry=_RESAMPLE_FIX.format(grid="one regular axis-aligned grid") + (
+                " (split by spacing, each part would still be off its grid)"),
+            file=headers[runs[1][0]].path)
+    i = int(bad[0])
+    a, b = names[i], names[i + 1]
     n_missing = int(round(steps[i] / median)) - 1
     if n_missing >= 1 and abs(steps[i] - (n_missing + 1) * median) <= SPACING_RTOL * median:
         where = z[i] + median * np.arange(1, n_missing + 1)
         listed = ", ".join(f"{v:g}" for v in where[:6]) + (f", ... {where[-1]:g}" if n_missing > 6 else "")
         acqs = sorted({h.acquisition for h in headers if h.acquisition is not None})
         hint = f" (the series has acquisitions {acqs}: is one missing?)" if len(acqs) > 1 else ""
-        return PatientError(f"slice spacing is not regular: {steps[i]:g} mm between {a!r} (z={z[i]:g}) and {b!r} "
-                            f"(z={z[i + 1]:g}) where the series steps {median:g} mm: the stack has a gap, "
-                            f"{n_missing} slice(s) missing at z = {listed} mm{hint}; add the missing slice(s) from "
-                            f"the archive (lungzarr does not interpolate across a gap)",
-                            patient=patient, stage=STAGE, file=headers[i + 1].path)
-    return PatientError(f"slice spacing is not regular: {steps[i]:g} mm between {a!r} (z={z[i]:g}) and {b!r} "
-                        f"(z={z[i + 1]:g}) where the series has {median:g} mm; a slice is missing or the folder "
-                        f"mixes series: add the missing slice(s) or remove the stray file(s)",
-                        patient=patient, stage=STAGE, file=headers[i + 1].path)
+        fix = "add the missing slice(s) from the archive (lungzarr does not interpolate across a gap)"
+        return _SpacingDefect(
+            what=(f"slice spacing is not regular: {steps[i]:g} mm between {a!r} (z={z[i]:g}) and {b!r} "
+                  f"(z={z[i + 1]:g}) where the series steps {median:g} mm: the stack has a gap, {n_missing} "
+                  f"slice(s) missing at z = {listed} mm{hint}"),
+            joiner="; ", fix=fix, file=headers[i + 1].path,
+            fix_with_geometry=f"{fix}, then " + _RESAMPLE_FIX.format(grid="an axis-aligned grid"))
+    fix = "add the missing slice(s) or remove the stray file(s)"
+    return _SpacingDefect(
+        what=(f"slice spacing is not regular: {steps[i]:g} mm between {a!r} (z={z[i]:g}) and {b!r} "
+              f"(z={z[i + 1]:g}) where the series has {median:g} mm; a slice is missing or the folder mixes series"),
+        joiner=": ", fix=fix, file=headers[i + 1].path,
+        fix_with_geometry=f"{fix}, then " + _RESAMPLE_FIX.format(grid="an axis-aligned grid"))
 
 
 def _check_orientations(headers, patient):
@@ -1174,8 +1328,8 @@ def _check_orientations(headers, patient):
                                file=h.path)
 
 
-def _geometry_error(placement: geometry.Placement, headers, patient) -> PatientError:
-    """The refusal of a stack whose voxels do not lie on an axis-aligned grid: what it is, how far, the fix."""
+def _geometry_detail(placement: geometry.Placement, headers) -> tuple[str, str]:
+    """The reader's words on a stack's geometry (the odd slice, GantryDetectorTilt) and the file to name."""
     kinds = {kind for kind, _ in placement.deviations}
     detail = ""
     file = headers[0].path
@@ -1185,11 +1339,30 @@ def _geometry_error(placement: geometry.Placement, headers, patient) -> PatientE
     tilts = sorted({h.gantry_tilt for h in headers if h.gantry_tilt is not None})
     if tilts and (kinds & {"gantry tilt", "oblique", "sheared stack"} or any(tilts)):
         detail += f"; GantryDetectorTilt (0018,1120) says {', '.join(f'{t:g}' for t in tilts)} deg"
-    return PatientError(f"the voxels do not lie on an axis-aligned grid: {placement.refusal(detail)}: resample the "
-                        f"series exactly from its per-slice headers (ImagePositionPatient, ImageOrientationPatient) "
-                        f"onto an axis-aligned grid (e.g. 3D Slicer's DICOM import with acquisition geometry "
-                        f"regularization, then a resample to identity directions) and ingest that volume as NIfTI",
+    return detail, file
+
+
+def _geometry_error(placement: geometry.Placement, headers, patient) -> PatientError:
+    """The refusal of a stack whose voxels do not lie on an axis-aligned grid: what it is, how far, the fix."""
+    detail, file = _geometry_detail(placement, headers)
+    return PatientError(f"the voxels do not lie on an axis-aligned grid: {placement.refusal(detail)}: "
+                        f"{_RESAMPLE_FIX.format(grid='an axis-aligned grid')}",
                         patient=patient, stage=STAGE, file=file)
+
+
+def _stack_error(spacing: _SpacingDefect, placement: geometry.Placement, headers, patient) -> PatientError:
+    """The refusal of a stack whose spacing is irregular: the spacing defect and, where its slices are also off
+    an axis-aligned grid (each slice at its own z: :attr:`geometry.Placement.in_slice_ok`), that geometry with
+    its angles, in one message, so that a user who fixes one is not refused again for the other."""
+    if placement.in_slice_ok or not placement.deviations:
+        return spacing.error(patient)
+    detail, _ = _geometry_detail(placement, headers)
+    return PatientError(f"{spacing.what}; and the voxels do not lie on an axis-aligned grid either: "
+                        f"{placement.what()}{detail}. Even with each slice at its own z, voxel centres lie up to "
+                        f"{placement.offset_text(in_slice=True)} from where an axis-aligned grid would put them. "
+                        f"Both must be fixed before lungzarr can store the series (it never approximates "
+                        f"geometry): {spacing.fix_with_geometry}",
+                        patient=patient, stage=STAGE, file=spacing.file)
 
 
 def _grid_from_headers(headers, patient):
@@ -1215,20 +1388,23 @@ def _grid_from_headers(headers, patient):
     steps = np.diff(z)
     slice_spacing = float(abs(z[0] - z[1]))
     median = float(np.median(steps))
-    bad = np.flatnonzero(np.abs(steps - median) > SPACING_RTOL * median)
-    if bad.size:
-        raise _spacing_gap_error(headers, z, steps, median, int(bad[0]), patient)
+    # The spacing and the geometry are both judged before either refuses: one message names every defect.
+    spacing = _spacing_defect(headers, z, steps, median)
     signs = geometry.stack_signs((h.orientation[:3], h.orientation[3:]) for h in headers)
     laid = [geometry.orient_slice(h.position, h.orientation[:3], h.orientation[3:], h.pixel_spacing,
                                   (h.rows, h.columns), signs) for h in headers]
     shape = laid[0][4]
     odd = next((h for h, lay in zip(headers, laid) if lay[4] != shape), None)
     if odd is not None:
+        if spacing is not None:
+            raise spacing.error(patient)
         raise PatientError(f"the slice is stored transposed (ImageOrientationPatient {list(odd.orientation)!r}) "
                            f"and its {odd.rows}x{odd.columns} pixels do not fit the stack's {shape[0]}x{shape[1]}; "
                            f"the folder mixes series: split it", patient=patient, stage=STAGE, file=odd.path)
     placement = geometry.place_stack([lay[1] for lay in laid], [lay[2] for lay in laid],
                                      [lay[3] for lay in laid], (len(headers), *shape))
+    if spacing is not None:
+        raise _stack_error(spacing, placement, headers, patient)
     if not placement.ok:
         raise _geometry_error(placement, headers, patient)
     notes, user = [], []

@@ -217,6 +217,11 @@ class Placement:
         ``("sheared stack", deg)``, ``("in-plane rotation", deg)``, ``("slices disagree", deg)``.
     worst_slice : int
         For ``"slices disagree"``: the slice whose orientation is furthest from the first one's.
+    in_slice_offset_mm : (float, float, float)
+        As ``offset_mm`` with each slice's grid z taken at its own ImagePositionPatient z instead of
+        the grid's regular steps: what the slices' orientation and drift cost, whatever the slice
+        spacing. Equal to ``offset_mm`` in x and y; it judges the geometry of a stack whose spacing
+        is irregular (a gap, two spacings), so that a refusal names every defect.
     """
 
     grid: Grid
@@ -224,6 +229,7 @@ class Placement:
     limit_mm: tuple[float, float, float]
     deviations: tuple[tuple[str, float], ...] = ()
     worst_slice: int = 0
+    in_slice_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @property
     def ok(self) -> bool:
@@ -231,9 +237,18 @@ class Placement:
         return all(o <= lim for o, lim in zip(self.offset_mm, self.limit_mm))
 
     @property
+    def in_slice_ok(self) -> bool:
+        """True when every voxel centre is within half a voxel of its header position (per axis), each slice
+        taken at its own z: the geometry is axis-aligned whatever the slice spacing (``in_slice_offset_mm``)."""
+        return all(o <= lim for o, lim in zip(self.in_slice_offset_mm, self.limit_mm))
+
+    @property
     def worst_axis(self) -> int:
         """The store axis (0 z, 1 y, 2 x) whose offset is largest relative to its half voxel."""
-        return int(np.argmax(np.asarray(self.offset_mm) / np.asarray(self.limit_mm)))
+        return self._worst(self.offset_mm)
+
+    def _worst(self, offset) -> int:
+        return int(np.argmax(np.asarray(offset) / np.asarray(self.limit_mm)))
 
     def what(self) -> str:
         """The geometry in words: ``"gantry tilt of 5.0 deg"``, ``"axis-aligned"``..."""
@@ -246,10 +261,12 @@ class Placement:
                  "slices disagree": "slice orientations that differ by up to {} deg"}
         return "; ".join(words[kind].format(_fmt(deg)) for kind, deg in self.deviations)
 
-    def offset_text(self) -> str:
-        """``"3.2 mm in y (half a voxel: 0.35 mm)"`` for the worst axis."""
-        a = self.worst_axis
-        return (f"{self.offset_mm[a]:.3g} mm in {'zyx'[a]} (half a voxel: {self.limit_mm[a]:.3g} mm)")
+    def offset_text(self, *, in_slice: bool = False) -> str:
+        """``"3.2 mm in y (half a voxel: 0.35 mm)"`` for the worst axis (``in_slice``: of
+        ``in_slice_offset_mm``)."""
+        offset = self.in_slice_offset_mm if in_slice else self.offset_mm
+        a = self._worst(offset)
+        return (f"{offset[a]:.3g} mm in {'zyx'[a]} (half a voxel: {self.limit_mm[a]:.3g} mm)")
 
     def refusal(self, detail: str = "") -> str:
         """The first sentences of a refusal: what the geometry is (``detail``: the reader's words on it) and
@@ -304,9 +321,13 @@ def place_stack(origins, row_steps, col_steps, shape) -> Placement:
                        np.broadcast_to(grid.origin[0] + k * dz, (n, 4))], axis=-1)
     off_xyz = np.abs(true - stored).max(axis=(0, 1))
     offset = (float(off_xyz[2]), float(off_xyz[1]), float(off_xyz[0]))
+    # Each slice at its own z: the slice spacing left out (a gap or two spacings is judged apart).
+    stored[..., 2] = origins[:, None, 2]
+    off_in_slice = np.abs(true - stored).max(axis=(0, 1))
+    in_slice = (float(off_in_slice[2]), float(off_in_slice[1]), float(off_in_slice[0]))
     limit = tuple(TOLERANCE_VOXELS * abs(s) for s in grid.step)
     deviations, worst = _deviations(origins, row_steps, col_steps)
-    return Placement(grid, offset, limit, deviations, worst)
+    return Placement(grid, offset, limit, deviations, worst, in_slice)
 
 
 def _deviations(origins, row_steps, col_steps):
