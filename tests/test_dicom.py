@@ -403,3 +403,117 @@ def test_decode_error_inside_a_chunk_names_the_file(tmp_path):
             hu.compute(scheduler="sync")
     assert info.value.file == str(paths[4])
     assert "truncated" in info.value.reason and "replace it" in info.value.reason
+
+
+# ---------------------------------------------------------------------- refusals that name every defect
+
+def _tilt_iop(paths, degrees, *, tag=True):
+    """Gantry tilt as a scanner writes it: column cosine (0, cos t, sin t), IPP stepping along the table."""
+    t = np.radians(degrees)
+    for p in paths:
+        extra = {"GantryDetectorTilt": f"{degrees:g}"} if tag else {}
+        edit_header(p, ImageOrientationPatient=[f"{v:.10g}" for v in (1, 0, 0, 0, np.cos(t), np.sin(t))], **extra)
+
+
+@pytest.mark.parametrize("degrees", [0.0, 12.0])
+def test_two_spacing_runs_are_named_with_their_tilt(tmp_path, degrees):
+    # As dcm_qa_ct's GE head series: 6 slices 2.5 mm apart (2.5 mm thick), 1.5 mm on, 6 slices 5 mm apart
+    # (5 mm thick), one series; lungzarr used to say "a slice is missing or the folder mixes series".
+    folder = tmp_path / "P"
+    uid = "1.2.826.0.1.3680043.8.498.91"
+    thin = make_patient(folder, n_slices=6, series_uid=uid, filename="a{index:02d}.dcm")
+    thick = make_patient(folder, n_slices=6, series_uid=uid, spacing=(5.0, *SPACING[1:]),
+                         origin=(-100.0 + 5 * 2.5 + 1.5, -20.0, -30.0), filename="b{index:02d}.dcm")
+    if degrees:
+        _tilt_iop(thin + thick, degrees)
+    with pytest.raises(PatientError) as info:
+        dicom.read_series(folder)
+    reason = info.value.reason
+    assert ("the stack is 2 runs of regular spacing, 'a00.dcm' .. 'a05.dcm' (6 slices, SliceThickness 2.5 mm) "
+            "2.5 mm apart, then 'b00.dcm' .. 'b05.dcm' (6 slices, SliceThickness 5 mm) 5 mm apart, with 1.5 mm "
+            "between 'a05.dcm' (z=-87.5) and 'b00.dcm' (z=-86)") in reason
+    assert "a series reconstructed at 2 slice spacings/thicknesses" in reason
+    assert info.value.file == str(thick[0])
+    if degrees:
+        assert "gantry tilt of 12.0 deg" in reason and "GantryDetectorTilt (0018,1120) says 12 deg" in reason
+        # The far row of a 64-row slice: 63 x 0.75 mm x sin(12 deg) off in z, whatever the spacing.
+        assert f"voxel centres lie up to {63 * 0.75 * np.sin(np.radians(12)):.3g} mm in z" in reason
+        assert "onto one regular axis-aligned grid" in reason
+    else:
+        assert "axis-aligned" not in reason and "tilt" not in reason
+        assert "move the others ('b00.dcm' .. 'b05.dcm') to a folder of their own" in reason
+
+
+@pytest.mark.parametrize("degrees", [0.0, 10.0])
+def test_a_gap_in_a_tilted_stack_names_both(tmp_path, degrees):
+    # As dicom2nifti's sliceincrement/002: a slice missing from a tilted stack (the tilt in the IOP only, no
+    # GantryDetectorTilt). Naming only the gap refused the user again once the slice was restored.
+    folder = tmp_path / "P"
+    paths = make_patient(folder, n_slices=6)
+    paths[3].unlink()
+    if degrees:
+        _tilt_iop([p for p in paths if p.exists()], degrees, tag=False)
+    with pytest.raises(PatientError) as info:
+        dicom.read_series(folder)
+    reason = info.value.reason
+    assert "the stack has a gap, 1 slice(s) missing at z = -92.5 mm" in reason
+    assert "add the missing slice(s) from the archive" in reason
+    assert info.value.file == str(paths[4])
+    if degrees:
+        assert "gantry tilt of 10.0 deg" in reason and "GantryDetectorTilt" not in reason
+        assert f"{63 * 0.75 * np.sin(np.radians(10)):.3g} mm in z" in reason
+        assert "Both must be fixed" in reason
+        assert "add the missing slice(s) from the archive (lungzarr does not interpolate across a gap), then " \
+               "resample the series exactly from its per-slice headers" in reason
+    else:
+        assert "axis-aligned" not in reason and "tilt" not in reason
+
+
+def _directory_file(path):
+    """A DICOMDIR-like file under another name (Philips writes DIRFILE): Media Storage Directory Storage."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.FileSetID = "LUNGZARR"
+    ds.DirectoryRecordSequence = []
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_localizer_only_folder_is_named_by_its_image(tmp_path):
+    # As dcm_qa_ct's Philips S1000 folders: a localizer beside a DICOMDIR-like DIRFILE. The example used to be
+    # the DIRFILE's "no image (Rows/Columns missing)" instead of the localizer.
+    folder = tmp_path / "P"
+    (scout,) = make_patient(folder, n_slices=1, size=32, filename="I10")
+    edit_header(scout, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    _directory_file(folder / "DIRFILE")
+    with pytest.raises(PatientError) as info:
+        dicom.read_series(folder)
+    reason = info.value.reason
+    assert reason.startswith("no axial CT image in the folder (2 DICOM file(s); e.g. 'I10': localizer/scout image")
+    assert "'DIRFILE': a directory file (DICOMDIR-like: it lists files and holds no image)" in reason
+    assert "needs an axial chest CT series" in reason
+    assert info.value.file == str(scout)
+
+
+@pytest.mark.parametrize("tie, words", [
+    ("series number", "most slices (6) and the higher SeriesNumber (203 over 202) on a tie"),
+    ("acquisition", "most slices (6) and the later acquisition (AcquisitionNumber 2 over 1) on a tie"),
+])
+def test_a_tie_reason_says_what_broke_it(tmp_path, tie, words):
+    # As dcm_qa_ct's Philips S21570 study folder: two 140-slice series, both acquisition 1: SeriesNumber decides
+    # (the reason used to say "the later acquisition on a tie").
+    folder = tmp_path / "P"
+    first = make_patient(folder, n_slices=6, series_uid="1.2.826.0.1.3680043.8.498.202", filename="s202_{index}.dcm")
+    second = make_patient(folder, n_slices=6, series_uid="1.2.826.0.1.3680043.8.498.203",
+                          filename="s203_{index}.dcm", acquisition=2 if tie == "acquisition" else 1)
+    for paths, number in ((first, 203 if tie == "acquisition" else 202), (second, 203)):
+        for p in paths:
+            edit_header(p, SeriesNumber=number)
+    series = dicom.read_series(folder)
+    assert series.paths == [str(p) for p in second]
+    assert series.reason.startswith(words), series.reason

@@ -155,6 +155,25 @@ def test_place_stack_measures_offsets_and_names_the_geometry():
     assert exact.ok and exact.offset_mm == (0.0, 0.0, 0.0) and exact.what() == "axis-aligned"
 
 
+def test_place_stack_judges_the_slices_apart_from_their_spacing():
+    # Two spacings (2 mm, then 5 mm): off the regular grid in z, yet every slice axis-aligned at its own z.
+    n, rows, cols, ps = 8, 50, 50, 1.0
+    z = np.concatenate([np.arange(4) * 2.0, 6.0 + 5.0 * np.arange(1, 5)])
+    origins = np.stack([np.zeros(n), np.zeros(n), z], axis=1)
+    rows_, cols_ = np.tile([0, ps, 0.0], (n, 1)), np.tile([ps, 0, 0.0], (n, 1))
+    placed = geometry.place_stack(origins, rows_, cols_, (n, rows, cols))
+    assert not placed.ok and placed.offset_mm[0] > placed.limit_mm[0]
+    assert placed.in_slice_ok and placed.in_slice_offset_mm == (0.0, 0.0, 0.0)
+    # The same stack tilted 10 deg (column cosines (0, cos t, sin t)): the far row is 49 mm x sin t off in z.
+    t = np.radians(10.0)
+    tilted = geometry.place_stack(origins, np.tile([0, np.cos(t) * ps, np.sin(t) * ps], (n, 1)), cols_,
+                                  (n, rows, cols))
+    assert not tilted.in_slice_ok
+    assert tilted.in_slice_offset_mm[0] == pytest.approx(49 * np.sin(t))
+    assert tilted.what().startswith("gantry tilt of 10.0 deg")
+    assert tilted.offset_text(in_slice=True).startswith(f"{49 * np.sin(t):.3g} mm in z")
+
+
 def test_orientation_problem_names_damaged_cosines():
     assert geometry.orientation_problem((1, 0, 0), (0, 1, 0)) is None
     assert "not orthogonal" in geometry.orientation_problem((1, 0, 0), (0.1, 0.995, 0))
