@@ -21,10 +21,9 @@ from lungzarr.model.d8 import WEIGHTS_SHA256
 from lungzarr.volume import normalize_hu
 
 from conftest import DSB_PATIENT
+from float_tolerance import assert_prob_maps_agree, map_tolerance, prob_tolerance
 
 OTHER_ENGINES = ("openvino", "onnxruntime")
-#: Largest |p_engine - p_keras| allowed; measured 1.6e-5 on the benchmark's batches (f32 everywhere).
-MAX_DP = 1e-4
 #: DSB2017 windows (first slice) through the candidates the flipped network marks (p >= 0.5 in Keras).
 DSB_WINDOWS = (113, 139, 140, 141)
 
@@ -66,10 +65,13 @@ def _lidc_2mm(lidc_dir):
     return resample_to_2mm_numpy(hu, grid)[0]
 
 
-def _agreement(prob, reference) -> dict:
+def _agreement(prob, reference, tolerance) -> dict:
+    """How two evaluations compare; ``changed``: decisions that differ where ``reference`` is farther than
+    ``tolerance`` (tests/float_tolerance.py) from the 0.5 threshold, i.e. where rounding cannot explain it."""
     ours, ref = prob >= 0.5, reference >= 0.5
-    return {"max_dp": float(np.abs(prob - reference).max()), "changed": int((ours != ref).sum()),
-            "keras_p_ge_0.5": int(ref.sum())}
+    firm = np.abs(reference - 0.5) > tolerance
+    return {"max_dp": float(np.abs(prob - reference).max()), "tolerance": float(tolerance),
+            "changed": int((ours != ref)[firm].sum()), "keras_p_ge_0.5": int(ref.sum())}
 
 
 @pytest.mark.requires_shared
@@ -81,12 +83,12 @@ def test_same_decisions_as_keras_on_dsb2017_windows(engine, cache, keras_engine,
     got = engines.get_engine(engine).predict(windows, batch_size=4)
     assert got.shape == reference.shape == (len(DSB_WINDOWS), 1) + windows.shape[2:4] + (1,)
     assert got.dtype == np.float32
-    stats = _agreement(got, reference)
+    stats = _agreement(got, reference, prob_tolerance(windows, ("keras", engine)))
     with capsys.disabled():
         print(f"\n{engine} vs keras, DSB2017 windows {DSB_WINDOWS}: {stats}")
     assert stats["keras_p_ge_0.5"] > 50  # the windows hold candidates: not a comparison of zeros
     assert stats["changed"] == 0
-    assert stats["max_dp"] < MAX_DP
+    assert stats["max_dp"] <= stats["tolerance"]
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +107,12 @@ def test_same_nodule_prob_as_keras_on_the_lidc_slab(engine, cache, lidc_slab, ca
     needs(engine)
     hu, reference = lidc_slab
     got = infer.predict_nodule_prob(hu, engine=engine).compute()
-    stats = _agreement(got, reference)
+    tolerance = map_tolerance(np.asarray(hu), [got, reference], ("keras", engine))
+    stats = _agreement(got, reference, tolerance)
     with capsys.disabled():
         print(f"\n{engine} vs keras, LIDC-IDRI-0001 slab {hu.shape}: {stats}")
     assert stats["keras_p_ge_0.5"] > 500
-    assert stats["changed"] == 0
-    assert stats["max_dp"] < MAX_DP
+    assert_prob_maps_agree(got, reference, tolerance)
     assert not np.any((got > 0) & (got < 0.5))
 
 
@@ -214,9 +216,11 @@ def test_the_literal_network_through_detect_makes_the_same_decisions(lidc_slab, 
     lazy = infer.predict_nodule_prob(hu, engine="keras", fold_upsampling=False)
     assert lazy.name != infer.predict_nodule_prob(hu, engine="keras").name
     literal = lazy.compute()
-    stats = _agreement(literal, folded)
+    tolerance = map_tolerance(np.asarray(hu), [literal, folded])
+    stats = _agreement(literal, folded, tolerance)
     with capsys.disabled():
         print(f"\nliteral vs folded d8 (keras), LIDC-IDRI-0001 slab {hu.shape}: {stats}")
-    assert stats["keras_p_ge_0.5"] > 500 and stats["changed"] == 0
-    assert 0 < stats["max_dp"] < MAX_DP
+    assert stats["keras_p_ge_0.5"] > 500
+    assert_prob_maps_agree(literal, folded, tolerance)
+    assert stats["max_dp"] > 0  # another summation order, not the same graph
     assert engines.get_engine("keras", fold_upsampling=False).model is not engines.get_engine("keras").model

@@ -208,54 +208,128 @@ def _versioned_frame(version: int) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
-_READER = """
-import json, sys, time
-import lungzarr
-path, seconds = sys.argv[1], float(sys.argv[2])
-end = time.time() + seconds
-seen = []
-while time.time() < end:
+def _read_version(path) -> tuple[int, bool]:
+    """The version a reader sees in the nodule table at ``path`` and whether the table is whole."""
     t = lungzarr.read_nodules(path)
     version = int(t["c00"].iloc[0]) if len(t) else -1
-    whole = (list(t.columns) == ["c%02d" % i for i in range(38)] and len(t) == version % 7 + 5
-             and bool((t["c01"] == float(version)).all()) and bool((t["c03"] == "v%d" % version).all())
+    whole = (list(t.columns) == _COLUMNS and len(t) == version % 7 + 5
+             and bool((t["c01"] == float(version)).all()) and bool((t["c03"] == f"v{version}").all())
              and bool((t["c00"] == version).all()))
-    seen.append([version, len(t), t.shape[1], whole])
-print(json.dumps(seen))
-"""
+    return version, whole
 
 
-def _race_a_table_reader(store, seconds: float, env):
-    """Rewrite the nodule table version after version while a reader process (:data:`_READER`) reads it.
+class _Steps:
+    """Hooks on CohortStore's table steps: ``at[point]`` runs when a writer or a reader reaches ``point``.
 
-    Returns the last version written and what the reader saw (``[version, rows, columns, whole]`` per read).
+    The writer's steps (``write_table``): the new group written whole, ``before-switch``, the pointer moved,
+    ``after-switch``, then for the old group ``before-remove`` and ``after-remove``. The reader's
+    (``_table_dataset``): ``after-pointer`` (the pointer read), ``after-open`` (the group opened, not yet
+    loaded), ``after-load`` (loaded, before the pointer is read again). Deterministic: the other party's
+    action runs synchronously inside the hook, once, with the hooks off.
     """
-    store.write_table("nodules", _versioned_frame(0), dim="nodule")
-    reader = subprocess.Popen([sys.executable, "-c", _READER, str(store.path), str(seconds)],
-                              stdout=subprocess.PIPE, text=True, env=env)
-    version = 0
-    while reader.poll() is None:
-        version += 1
-        store.write_table("nodules", _versioned_frame(version), dim="nodule")
-    seen = json.loads(reader.stdout.read())
-    assert reader.returncode == 0
-    return version, seen
+
+    def __init__(self, monkeypatch):
+        import xarray as xr
+
+        self.at, self.ran, self._busy = {}, [], False
+        switch, rmtree, pointer, open_dataset = (CohortStore._switch_table, CohortStore._rmtree,
+                                                 CohortStore._table_pointer, xr.open_dataset)
+        self._pointer_calls = 0
+
+        def hooked_switch(store, *a, **k):
+            self._hit("before-switch")
+            switch(store, *a, **k)
+            self._hit("after-switch")
+
+        def hooked_rmtree(store, *a, **k):
+            self._hit("before-remove")
+            rmtree(store, *a, **k)
+            self._hit("after-remove")
+
+        def hooked_pointer(store):
+            result = pointer(store)
+            if not self._busy:
+                self._pointer_calls += 1
+                # the first read of a read attempt, then the check after the load
+                self._hit("after-pointer" if self._pointer_calls % 2 else "after-load-checked")
+            return result
+
+        class _Opened:
+            def __init__(inner, ds):
+                inner.ds = ds
+
+            def __getattr__(inner, name):
+                return getattr(inner.ds, name)
+
+            def load(inner):
+                loaded = inner.ds.load()
+                self._hit("after-load")
+                return loaded
+
+        def hooked_open(*a, **k):
+            ds = open_dataset(*a, **k)
+            self._hit("after-open")
+            return _Opened(ds)
+
+        monkeypatch.setattr(CohortStore, "_switch_table", hooked_switch)
+        monkeypatch.setattr(CohortStore, "_rmtree", hooked_rmtree)
+        monkeypatch.setattr(CohortStore, "_table_pointer", hooked_pointer)
+        monkeypatch.setattr(xr, "open_dataset", hooked_open)
+
+    def _hit(self, point):
+        action = None if self._busy else self.at.pop(point, None)
+        if action is not None:
+            self._busy = True
+            try:
+                self.ran.append((point, action()))
+            finally:
+                self._busy = False
 
 
-def test_a_reader_sees_the_old_or_the_new_table_never_a_torn_one(tmp_path):
+@pytest.mark.parametrize("point, expected", [("before-switch", 1), ("after-switch", 2), ("before-remove", 2),
+                                             ("after-remove", 2)])
+def test_a_read_at_every_step_of_a_table_write_sees_the_old_or_the_new_table_whole(tmp_path, monkeypatch,
+                                                                                   point, expected):
+    store = CohortStore(tmp_path / "t.zarr")
+    store.write_table("nodules", _versioned_frame(1), dim="nodule")
+    steps = _Steps(monkeypatch)
+    steps.at[point] = lambda: _read_version(store.path)
+    store.write_table("nodules", _versioned_frame(2), dim="nodule")
+    assert steps.ran == [(point, (expected, True))]
+    assert _read_version(store.path) == (2, True)
+
+
+@pytest.mark.parametrize("point", ["after-pointer", "after-open", "after-load"])
+@pytest.mark.parametrize("remove_old", [True, False], ids=["switch-and-remove", "switch-only"])
+def test_a_table_replaced_during_a_read_is_read_whole(tmp_path, monkeypatch, point, remove_old):
+    """The writer replaces the table between the reader's steps: the reader returns one version, whole."""
+    store = CohortStore(tmp_path / "t.zarr")
+    store.write_table("nodules", _versioned_frame(1), dim="nodule")
+    steps = _Steps(monkeypatch)
+    if not remove_old:  # a writer caught between its switch and its clean-up
+        monkeypatch.setattr(CohortStore, "_rmtree", lambda *a, **k: None)
+    steps.at[point] = lambda: store.write_table("nodules", _versioned_frame(2), dim="nodule")
+    version, whole = _read_version(store.path)
+    assert [p for p, _ in steps.ran] == [point]             # the write did happen inside the read
+    assert whole and version in (1, 2)
+    if point != "after-load" or remove_old:
+        # The reader's version was replaced before its check: it noticed and read the new one.
+        assert version == 2
+    assert _read_version(store.path) == (2, True)
+
+
+def test_tables_are_replaced_through_the_pointer_and_read_by_every_reader(tmp_path):
     store_path = tmp_path / "t.zarr"
     store = CohortStore(store_path)
-    version, seen = _race_a_table_reader(store, 8, {**os.environ, "PYTHONPATH": str(REPO)})
-    assert version >= 8 and len(seen) >= 8, (version, len(seen))
-    assert all(whole for *_, whole in seen), [s for s in seen if not s[-1]][:5]
-    assert len({v for v, *_ in seen}) > 5                  # it did read while the tables changed
+    for version in range(3):
+        store.write_table("nodules", _versioned_frame(version), dim="nodule")
     # One table group left, reached through the pointer; the read API and the tree still see it.
     groups = [p.name for p in (store_path / "tables").iterdir() if p.is_dir()]
     assert len(groups) == 1 and groups[0].startswith("nodules.")
-    pd.testing.assert_frame_equal(lungzarr.read_nodules(store_path), _versioned_frame(version), check_dtype=False)
+    pd.testing.assert_frame_equal(lungzarr.read_nodules(store_path), _versioned_frame(2), check_dtype=False)
     tree = lungzarr.open_cohort(store_path)
     assert list(tree["tables"].children) == ["nodules"]
-    assert int(tree["tables/nodules"]["c00"].values[0]) == version
+    assert int(tree["tables/nodules"]["c00"].values[0]) == 2
 
 
 def test_tables_of_a_store_written_before_the_pointer_are_read_and_replaced(tmp_path):

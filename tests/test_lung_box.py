@@ -11,6 +11,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+from float_tolerance import assert_nodule_tables_agree, assert_prob_maps_agree, map_tolerance
 from test_infer import synthetic_hu
 
 from lungzarr.algorithms.crop import SPECK_SHARE, lung_box
@@ -89,8 +90,17 @@ def test_the_trained_network_reaches_exactly_lung_box_margin():
 
     The measured intervals are the ones geometry.LUNG_BOX_MARGIN's comment derives from the layers: the
     margin is the network's reach, so a box with it gives the lung voxels the fixed crop's inputs.
+
+    "Change" is measured on the logits, against the float32 rounding spread of each output voxel
+    (tests/float_tolerance.py): outside the receptive field the two evaluations differ only by rounding
+    (oneDNN's kernels may mix neighbouring positions' arithmetic, e.g. Winograd tiles on AVX2), inside it
+    the perturbation moves the logit by far more than that spread.
     """
+    import keras
+
     from lungzarr.model.d8 import get_model
+
+    from float_tolerance import LAMBDA, rounding_sd
 
     rng = np.random.default_rng(0)
     size = 64
@@ -101,8 +111,14 @@ def test_the_trained_network_reaches_exactly_lung_box_margin():
         x = base.copy()
         x[:, :, q] += 5.0
         batch.append(x)
-    prob = get_model().predict(np.stack(batch)[..., np.newaxis], verbose=0)[:, 0, :, :, 0]
-    changed = np.abs(prob[1:] - prob[0]).max(axis=1) > 0  # (perturbed column, output column)
+    windows = np.stack(batch)[..., np.newaxis]
+    model = get_model()
+    logits = keras.Model(model.inputs[0], model.get_layer("head_conv").output)
+    z = keras.ops.convert_to_numpy(logits(windows))[:, 0, :, :, 0].astype(np.float64)
+    sd = rounding_sd(windows, logits=True)[:, 0, :, :, 0]
+    noise = LAMBDA * (sd[1:] + sd[0])                       # per voxel: the two evaluations' allowances
+    dz = np.abs(z[1:] - z[0])
+    changed = (dz > noise).any(axis=1)                                     # (perturbed column, output column)
     reach = {}
     for i, q in enumerate(columns):
         for c in np.flatnonzero(changed[i]):
@@ -111,6 +127,15 @@ def test_the_trained_network_reaches_exactly_lung_box_margin():
     # output column c sees input columns c+lo ... c+hi
     assert reach == {0: (-22, 21), 1: (-23, 20), 2: (-20, 23), 3: (-21, 22)}
     assert max(max(-lo, hi) for lo, hi in reach.values()) == LUNG_BOX_MARGIN
+    # The threshold separates two populations: inside the reach the smallest change is far above the
+    # rounding spread, outside it the largest change is within it.
+    inside = np.zeros_like(changed)
+    for i, q in enumerate(columns):
+        for c in range(size):
+            lo, hi = reach[c % 4]
+            inside[i, c] = lo <= q - c <= hi
+    ratio = dz.max(axis=1) / noise.max(axis=1)
+    assert ratio[inside].min() > 10 and ratio[~inside].max() <= 1, (ratio[inside].min(), ratio[~inside].max())
 
 
 # ---------------------------------------------------------------------- predictions with a box
@@ -134,7 +159,8 @@ def test_box_predictions_equal_the_fixed_crop_inside_and_zero_outside(volume_and
     assert box["y"] == [2, 110] and box["x"] == [27, 123]
     got = infer.predict_nodule_prob(hu, box=box, batch_size=4).compute()
     assert (fixed_prob[lungs] >= 0.5).sum() > 20, "the comparison must not be one of zeros"
-    np.testing.assert_allclose(got[lungs], fixed_prob[lungs], atol=1e-6, rtol=0)
+    # The network sees other rows and columns: its kernels may sum in another order (tests/float_tolerance.py).
+    assert_prob_maps_agree(got[lungs], fixed_prob[lungs], map_tolerance(hu, [got, fixed_prob]))
     (z0, z1), (y0, y1), (x0, x1) = box["z"], box["y"], box["x"]
     inside = np.zeros(hu.shape, bool)
     inside[z0:z1, y0:y1, x0:x1] = True
@@ -156,7 +182,7 @@ def test_the_box_is_a_task_of_the_graph_and_named_from_its_input(volume_and_lung
     assert calls == []  # building the graph computes nothing
     got = prob.compute(scheduler="sync")
     assert calls == [lungs.shape]  # one box task for all the prediction tasks
-    np.testing.assert_allclose(got[lungs], fixed_prob[lungs], atol=1e-6, rtol=0)
+    assert_prob_maps_agree(got[lungs], fixed_prob[lungs], map_tolerance(hu, [got, fixed_prob]))
     # The key comes from the input's name: another mask (another patient) gives another key, the same the same.
     def named(name):
         return dask.delayed(lung_box, pure=True)(da.from_array(lungs, chunks=(5, -1, -1), name=name))
@@ -224,11 +250,12 @@ def test_crop_lungs_through_the_pipeline(phantom_store):
             inside[slice(*box["z"]), slice(*box["y"]), slice(*box["x"])] = True
             assert probs[crop].shape == ds.hu_2mm.shape and not probs[crop][~inside].any()
             tables[crop] = select_nodules(read_nodules(phantom_store)).reset_index(drop=True)
-        lungs = ds.lungs.values
+        lungs, hu_2mm = ds.lungs.values, ds.hu_2mm.values
     assert (probs["fixed"][lungs] >= 0.5).sum() > 0, "the comparison must not be one of zeros"
-    np.testing.assert_allclose(probs["lungs"][lungs], probs["fixed"][lungs], atol=1e-6, rtol=0)
+    tolerance = map_tolerance(hu_2mm, list(probs.values()))
+    assert_prob_maps_agree(probs["lungs"][lungs], probs["fixed"][lungs], tolerance)
     assert len(tables["fixed"]) > 0
-    assert tables["lungs"].equals(tables["fixed"])
+    assert_nodule_tables_agree(tables["lungs"], tables["fixed"], list(probs.values()), tolerance)
     r = runner.invoke(app, ["detect", str(phantom_store), "--crop", "lung"])
     assert r.exit_code == 2 and "lung" in r.output
     assert "--crop" in runner.invoke(app, ["run", "--help"]).output
@@ -244,7 +271,8 @@ def test_unknown_crop_stops_the_run_before_any_patient(phantom_store):
 
 # ---------------------------------------------------------------------- every real patient (slow)
 
-def _report(name, fixed, lungs_map, lungs, table_fixed, table_lungs, box):
+def _report(name, fixed, lungs_map, lungs, table_fixed, table_lungs, box, hu):
+    tolerance = map_tolerance(hu, [fixed, lungs_map])
     dp = np.abs(lungs_map.astype(np.float64) - fixed)
     changed = (fixed >= 0.5) != (lungs_map >= 0.5)
     print(f"\n{name}: box z {box['z']} rows {box['y']} cols {box['x']} (lung bbox {box['lung_bbox']}); "
@@ -252,8 +280,9 @@ def _report(name, fixed, lungs_map, lungs, table_fixed, table_lungs, box):
           f"{int(changed.sum())} of {int((fixed >= 0.5).sum())}; nodules at 0.5: {len(table_fixed)} fixed, "
           f"{len(table_lungs)} lungs, identical {table_lungs.equals(table_fixed)}")
     assert (fixed[lungs] >= 0.5).sum() > 0, "the comparison must not be one of zeros"
-    assert dp[lungs].max() <= 1e-6 and not changed[lungs].any()
-    assert len(table_fixed) > 0 and table_lungs.equals(table_fixed)
+    assert_prob_maps_agree(lungs_map[lungs], fixed[lungs], tolerance)
+    assert len(table_fixed) > 0
+    assert_nodule_tables_agree(table_lungs, table_fixed, [fixed, lungs_map], tolerance)
 
 
 # Two full UNet passes of a 160-slice patient: beyond the suite's 900 s on 2 busy shared cores.
@@ -279,10 +308,12 @@ def test_real_dicom_patient_same_nodules_with_crop_lungs(fixture, request, tmp_p
             maps[crop] = CohortStore(store, mode="r").open_patient(src.name).nodule_prob.values
             tables[crop] = select_nodules(read_nodules(store)).reset_index(drop=True)
     cohort = CohortStore(store, mode="r")
-    lungs = cohort.open_patient(src.name).lungs.values
+    patient = cohort.open_patient(src.name)
+    lungs = patient.lungs.values
     box = cohort.stages(src.name)["detect"]["lung_box"]
     with capsys.disabled():
-        _report(src.name, maps["fixed"], maps["lungs"], lungs, tables["fixed"], tables["lungs"], box)
+        _report(src.name, maps["fixed"], maps["lungs"], lungs, tables["fixed"], tables["lungs"], box,
+                patient.hu_2mm.values)
 
 
 @pytest.mark.slow
@@ -308,7 +339,7 @@ def test_dsb2017_patient_same_nodules_with_crop_lungs(dsb_dir, capsys):
         return select_nodules(find_nodules(prob, seg, grid=grid, lungs=lungs)).reset_index(drop=True)
 
     with capsys.disabled():
-        _report(f"DSB2017 {DSB_PATIENT[:6]}", fixed, got, lungs, table(fixed), table(got), box)
+        _report(f"DSB2017 {DSB_PATIENT[:6]}", fixed, got, lungs, table(fixed), table(got), box, seg)
 
 
 def test_literal_upsampling_through_the_cli_is_recorded(phantom_store):
@@ -332,7 +363,7 @@ def test_literal_upsampling_through_the_cli_is_recorded(phantom_store):
             ds = store.open_patient("PH-1")
             assert ds.nodule_prob.attrs["fold_upsampling"] is fold
             assert store.stages("PH-1")["detect"]["fold_upsampling"] is fold
-            probs[fold] = ds.nodule_prob.values
+            probs[fold], hu_2mm = ds.nodule_prob.values, ds.hu_2mm.values
     assert (probs[True] >= 0.5).sum() > 0
-    assert np.array_equal(probs[True] >= 0.5, probs[False] >= 0.5)
-    np.testing.assert_allclose(probs[True], probs[False], atol=1e-4, rtol=0)
+    # The folded form sums the same products in another order (tests/float_tolerance.py).
+    assert_prob_maps_agree(probs[True], probs[False], map_tolerance(hu_2mm, list(probs.values())))
