@@ -21,6 +21,8 @@ LIDC_XML = FIXTURES / "lidc" / "LIDC-IDRI-0001.xml"
 RICORD_DIR = FIXTURES / "ricord" / "RICORD-1A-chest"
 DSB_DIR = FIXTURES / "dsb2017"
 DSB_PATIENT = "0acbebb8d463b4b9ca88cf38431aac69"
+#: DSB2017 windows (first slice) through the candidates the flipped network marks (p >= 0.5 in Keras).
+DSB_WINDOWS = (113, 139, 140, 141)
 SHARED_WEIGHTS = SHARED / "models" / "d8_2x2x2_best_weights.h5"
 
 

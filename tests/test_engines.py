@@ -20,12 +20,10 @@ from lungzarr.model import engines, infer
 from lungzarr.model.d8 import WEIGHTS_SHA256
 from lungzarr.volume import normalize_hu
 
-from conftest import DSB_PATIENT
+from conftest import DSB_PATIENT, DSB_WINDOWS
 from float_tolerance import assert_prob_maps_agree, map_tolerance, prob_tolerance
 
 OTHER_ENGINES = ("openvino", "onnxruntime")
-#: DSB2017 windows (first slice) through the candidates the flipped network marks (p >= 0.5 in Keras).
-DSB_WINDOWS = (113, 139, 140, 141)
 
 
 def needs(engine):

@@ -18,7 +18,7 @@ from lungzarr.errors import LungzarrError
 from lungzarr.model import d8 as d8
 from lungzarr.volume import normalize_hu
 
-from conftest import DSB_PATIENT, REPO
+from conftest import DSB_PATIENT, DSB_WINDOWS, REPO
 from float_tolerance import prob_tolerance
 
 WEIGHTS = REPO / "models" / "d8_2x2x2_best_weights.h5"
@@ -191,12 +191,13 @@ def test_folded_and_literal_networks_make_the_same_decisions(dsb_dir, trained):
     assert [layer.name for layer in d8._conv_layers(literal)] == [layer.name for layer in d8._conv_layers(trained)]
     assert literal.count_params() == trained.count_params()
     images, _ = _dsb_windows(dsb_dir)
-    # Windows through the patient's nodule (p >= 0.5 voxels on both sides of the threshold).
-    x = np.stack([images[i:i + 8] for i in range(136, 144)])[..., np.newaxis]
+    # Windows through the patient's candidates (p >= 0.5 voxels on both sides of the threshold); the windows
+    # test_engines compares too, so their float32 spread (tests/float_tolerance.py) is computed once.
+    x = np.stack([images[i:i + 8] for i in DSB_WINDOWS])[..., np.newaxis]
     a = literal.predict(x, batch_size=4, verbose=0)
     b = trained.predict(x, batch_size=4, verbose=0)
     dp = float(np.abs(a - b).max())
-    print(f"\nfolded vs literal d8, DSB2017 windows 136-143: max |dp| {dp:.2e}, "
+    print(f"\nfolded vs literal d8, DSB2017 windows {DSB_WINDOWS}: max |dp| {dp:.2e}, "
           f"p >= 0.5 voxels {int((a >= 0.5).sum())}")
     tolerance = prob_tolerance(x)  # float32 rounding of another summation order (tests/float_tolerance.py)
     assert (a >= 0.5).sum() > 50
