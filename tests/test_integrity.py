@@ -231,9 +231,13 @@ class _Steps:
     def __init__(self, monkeypatch):
         import xarray as xr
 
-        self.at, self.ran, self._busy = {}, [], False
-        switch, rmtree, pointer, open_dataset = (CohortStore._switch_table, CohortStore._rmtree,
-                                                 CohortStore._table_pointer, xr.open_dataset)
+        from lungzarr.io import storage
+
+        self.at, self.ran, self._busy, self.opens = {}, [], False, 0
+        # The store removes folders through its backend (bound when a store is made: make stores after this).
+        switch, pointer, open_dataset = CohortStore._switch_table, CohortStore._table_pointer, xr.open_dataset
+        backends = (storage._DirectoryBackend, storage._ObjectBackend)
+        rmtrees = {backend: backend.rmtree for backend in backends}
         self._pointer_calls = 0
 
         def hooked_switch(store, *a, **k):
@@ -241,9 +245,9 @@ class _Steps:
             switch(store, *a, **k)
             self._hit("after-switch")
 
-        def hooked_rmtree(store, *a, **k):
+        def hooked_rmtree(backend, *a, **k):
             self._hit("before-remove")
-            rmtree(store, *a, **k)
+            rmtrees[type(backend)](backend, *a, **k)
             self._hit("after-remove")
 
         def hooked_pointer(store):
@@ -267,12 +271,15 @@ class _Steps:
                 return loaded
 
         def hooked_open(*a, **k):
+            if not self._busy:
+                self.opens += 1
             ds = open_dataset(*a, **k)
             self._hit("after-open")
             return _Opened(ds)
 
         monkeypatch.setattr(CohortStore, "_switch_table", hooked_switch)
-        monkeypatch.setattr(CohortStore, "_rmtree", hooked_rmtree)
+        for backend in backends:
+            monkeypatch.setattr(backend, "rmtree", hooked_rmtree)
         monkeypatch.setattr(CohortStore, "_table_pointer", hooked_pointer)
         monkeypatch.setattr(xr, "open_dataset", hooked_open)
 
@@ -290,9 +297,9 @@ class _Steps:
                                              ("after-remove", 2)])
 def test_a_read_at_every_step_of_a_table_write_sees_the_old_or_the_new_table_whole(tmp_path, monkeypatch,
                                                                                    point, expected):
+    steps = _Steps(monkeypatch)
     store = CohortStore(tmp_path / "t.zarr")
     store.write_table("nodules", _versioned_frame(1), dim="nodule")
-    steps = _Steps(monkeypatch)
     steps.at[point] = lambda: _read_version(store.path)
     store.write_table("nodules", _versioned_frame(2), dim="nodule")
     assert steps.ran == [(point, (expected, True))]
@@ -303,14 +310,19 @@ def test_a_read_at_every_step_of_a_table_write_sees_the_old_or_the_new_table_who
 @pytest.mark.parametrize("remove_old", [True, False], ids=["switch-and-remove", "switch-only"])
 def test_a_table_replaced_during_a_read_is_read_whole(tmp_path, monkeypatch, point, remove_old):
     """The writer replaces the table between the reader's steps: the reader returns one version, whole."""
+    from lungzarr.io import storage
+
+    steps = _Steps(monkeypatch)
     store = CohortStore(tmp_path / "t.zarr")
     store.write_table("nodules", _versioned_frame(1), dim="nodule")
-    steps = _Steps(monkeypatch)
     if not remove_old:  # a writer caught between its switch and its clean-up
-        monkeypatch.setattr(CohortStore, "_rmtree", lambda *a, **k: None)
+        monkeypatch.setattr(storage._DirectoryBackend, "rmtree", lambda *a, **k: None)
     steps.at[point] = lambda: store.write_table("nodules", _versioned_frame(2), dim="nodule")
+    steps.opens = 0
     version, whole = _read_version(store.path)
     assert [p for p, _ in steps.ran] == [point]             # the write did happen inside the read
+    # ... between the reader's steps: its first attempt met the old table, then it read again.
+    assert steps.opens == 2, steps.opens
     assert whole and version in (1, 2)
     if point != "after-load" or remove_old:
         # The reader's version was replaced before its check: it noticed and read the new one.

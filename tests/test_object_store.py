@@ -342,16 +342,23 @@ def test_whole_run_on_the_lidc_slab_to_s3_on_a_local_cluster_matches_a_directory
 
 
 @pytest.mark.slow  # each 38-column table write is ~500 requests to the loopback server
-def test_a_reader_of_an_s3_store_sees_the_old_or_the_new_table_never_a_torn_one(s3_env, bucket):
-    import pandas as pd
-    from test_integrity import _race_a_table_reader, _versioned_frame
+@pytest.mark.parametrize("point", ["before-switch", "after-switch", "after-pointer", "after-open", "after-load"])
+def test_a_reader_of_an_s3_store_sees_the_old_or_the_new_table_never_a_torn_one(s3_env, bucket, monkeypatch,
+                                                                               point):
+    """The interleavings of tests/test_integrity.py (driven by hooks, not by the clock) on an S3 store."""
+    from test_integrity import _read_version, _Steps, _versioned_frame
 
-    url = f"s3://{bucket}/t.zarr"
+    url = f"s3://{bucket}/t-{point}.zarr"
+    steps = _Steps(monkeypatch)
     store = CohortStore(url)
-    version, seen = _race_a_table_reader(store, 40, s3_env)
-    assert version >= 3 and len(seen) >= 3, (version, len(seen))
-    assert all(whole for *_, whole in seen), [s for s in seen if not s[-1]][:5]
-    assert len({v for v, *_ in seen}) >= 2  # it did read while the tables changed
+    store.write_table("nodules", _versioned_frame(1), dim="nodule")
+    if point.startswith(("before", "after-switch")):  # the writer's steps: a reader reads there
+        steps.at[point] = lambda: _read_version(url)
+        store.write_table("nodules", _versioned_frame(2), dim="nodule")
+        assert steps.ran == [(point, (1 if point == "before-switch" else 2, True))]
+    else:  # the reader's steps: the writer replaces the table there
+        steps.at[point] = lambda: store.write_table("nodules", _versioned_frame(2), dim="nodule")
+        assert _read_version(url) == (2, True) and [p for p, _ in steps.ran] == [point]
+    assert _read_version(url) == (2, True)
     groups = [p.name for p in (store.path / "tables").iterdir() if p.is_dir()]
     assert len(groups) == 1 and groups[0].startswith("nodules.")
-    pd.testing.assert_frame_equal(lungzarr.read_nodules(url), _versioned_frame(version), check_dtype=False)
