@@ -170,7 +170,8 @@ def test_folded_layer_equals_the_literal_layers():
     assert 0.2 < (expected > 0).mean() < 0.8
     # Two float32 sums of the same products (the folded kernel's taps are themselves sums of up to 8
     # float32 weights: 7 more roundings at most): each within gamma_n * sum |w x| of the exact value.
-    magnitude = keras.ops.convert_to_numpy(keras.ops.conv(np.abs(merged), np.abs(kernel), padding="same")) + np.abs(bias)
+    magnitude = keras.ops.convert_to_numpy(keras.ops.conv(np.abs(merged), np.abs(kernel), padding="same"))
+    magnitude = magnitude + np.abs(bias)
     bound = (_gamma(27 * 10 + 1) + _gamma(27 * 10 + 8)) * magnitude
     assert np.all(np.abs(got - expected) <= bound)
 
