@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from contextlib import contextmanager
 from typing import Callable
@@ -42,12 +43,26 @@ def _patient_error_names() -> set[str]:
     return names
 
 
+def _machine_error_names() -> set[str]:
+    """The builtin OSError classes (``OSError``, ``PermissionError``, ...)."""
+    names, todo = set(), [OSError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__ == "builtins":
+            names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
 class _DropPatientErrorFailures(logging.Filter):
-    """Drop distributed's "Compute Failed" record when the task raised a lungzarr PatientError.
+    """Drop distributed's "Compute Failed" record when the task raised a lungzarr PatientError,
+    or an error of the machine: an OSError with an errno (a full disk...) or a MemoryError.
 
     A PatientError is an expected, recorded failure of one patient (the run's
-    summary and the store's failures table show it); any other exception of a
-    task still logs its traceback.
+    summary and the store's failures table show it); an error of the machine
+    gets its own one-sentence message (:func:`lungzarr.errors.environment_reason`:
+    the patient's failure, or the run's stop). Any other exception of a task
+    still logs its traceback.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -56,7 +71,10 @@ class _DropPatientErrorFailures(logging.Filter):
         args = record.args if isinstance(record.args, tuple) else ()
         # distributed logs (key, state, task, repr(exception), traceback); repr starts with the class name.
         text = str(args[3]) if len(args) > 3 else ""
-        return text.split("(", 1)[0] not in _patient_error_names()
+        name = text.split("(", 1)[0]
+        if name in _machine_error_names():
+            return not re.match(r"\w+\(\d+, ", text)  # OSError(28, 'No space left on device'): an errno
+        return name not in _patient_error_names() | {"MemoryError"}
 
 
 _FILTER = _DropPatientErrorFailures()

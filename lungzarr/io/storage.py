@@ -92,6 +92,9 @@ def check_patient_id(patient: str) -> str:
         raise PatientError(f"patient id {patient!r} cannot name a store group: use letters, digits, '.', '_' "
                            f"and '-' only, starting with a letter or digit (rename the folder)",
                            patient=str(patient))
+    if patient.lower() == "zarr.json":  # a group's own metadata file in the store's folder of patients
+        raise PatientError(f"patient id {patient!r} is the name of Zarr's metadata file and cannot name a "
+                           f"store group: rename the folder (e.g. to the patient's id)", patient=patient)
     return patient
 
 
