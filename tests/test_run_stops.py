@@ -251,3 +251,12 @@ def test_errors_of_the_machine_get_their_own_messages_and_only_bugs_say_unexpect
     # What stops every later patient stops the run; one patient's own trouble does not.
     assert isinstance(run_stop_error(full), RunStopError)
     assert run_stop_error(denied) is None and run_stop_error(MemoryError()) is None
+
+    class Store:
+        path = Path("/data/s.zarr")
+
+    in_store = PermissionError(errno.EACCES, "Permission denied", "/data/s.zarr/patients/P1/zarr.json")
+    assert str(run_stop_error(in_store, Store())).startswith("permission denied on '/data/s.zarr/patients/P1")
+    assert run_stop_error(denied, Store()) is None             # a patient's own file: that patient's failure
+    read_only = run_stop_error(OSError(errno.EROFS, "Read-only file system"), Store())
+    assert str(read_only).startswith("the device (writing store '/data/s.zarr') is on a read-only file system")
