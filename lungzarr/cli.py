@@ -2,7 +2,9 @@
 
 Every long command goes through :func:`_execute`: run-level checks first (before
 a cluster starts), then the cluster, the progress bars and the library call; a
-:class:`~lungzarr.errors.LungzarrError` becomes one message and exit code 2.
+:class:`~lungzarr.errors.LungzarrError` or an error of the machine (a full disk)
+becomes one message and exit code 2, and SIGINT/SIGTERM one sentence and exit
+code 130/143.
 Progress and messages go to stderr; data a user may pipe (tables, the demo's
 verdict, evaluation figures) to stdout.
 """
@@ -175,7 +177,7 @@ WARNINGS_SHOWN = 3
 
 def _warning_lines(event) -> list[str]:
     """A done patient's warnings, one line each after ``warning``: at most :data:`WARNINGS_SHOWN`, then a count."""
-    records = list(getattr(event, "warnings", ()) or ())
+    records = list(event.warnings)
     head = f"{event.patient} ({event.stage}): "
     lines = [head + str(r.get("reason")) + (f" — file: {r['file']}" if r.get("file") else "")
              for r in records[:WARNINGS_SHOWN]]
@@ -300,23 +302,51 @@ class _Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+#: Seconds between the tries of an interrupt that arrived while distributed's ``sync`` waited.
+INTERRUPT_RETRY_S = 0.05
+
+
+def _inside_distributed_sync(frame) -> bool:
+    """Whether the main thread waits in ``distributed.utils.sync`` (a client call run on its event loop).
+
+    An exception raised there makes distributed schedule a ``cancel`` of a
+    future that may not exist yet, which fails with a NameError traceback in
+    the event loop's thread (distributed 2025.x).
+    """
+    tail = os.path.join("distributed", "utils.py")
+    while frame is not None:
+        if frame.f_code.co_name == "sync" and frame.f_code.co_filename.endswith(tail):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextmanager
 def _stop_on_signals():
     """SIGINT and SIGTERM stop the command cleanly: the first raises :class:`_Interrupted`, so the
     runner cancels the work in flight and the cluster closes; a second one while that happens stops the
     process at once (the store is then as after a kill: writes are atomic per patient and stage, the next run
-    resumes). Outside the main thread (where no handler can be set) nothing changes."""
+    resumes). Outside the main thread (where no handler can be set) nothing changes.
+
+    A signal that arrives while the main thread waits in a dask client call is
+    raised a moment later, once the call returned (the signal is sent again to
+    this process every :data:`INTERRUPT_RETRY_S` until then).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    first = []
+    state = {"signum": None, "raised": False}
 
     def handler(signum, frame):
-        if not first:
-            first.append(signum)
-            raise _Interrupted(signum)
-        os.write(2, b"\ninterrupted again: stopping at once; run the same command again to resume\n")
-        os._exit(128 + first[0])
+        if state["raised"]:
+            os.write(2, b"\ninterrupted again: stopping at once; run the same command again to resume\n")
+            os._exit(128 + state["signum"])
+        state["signum"] = state["signum"] or signum
+        if _inside_distributed_sync(frame):
+            threading.Timer(INTERRUPT_RETRY_S, os.kill, (os.getpid(), signum)).start()
+            return
+        state["raised"] = True
+        raise _Interrupted(state["signum"])
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

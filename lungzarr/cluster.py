@@ -194,7 +194,10 @@ def _without_inherited_malloc_trim(malloc_trim: bool, default):
 #: stop message, then SIGKILL), so a worker neither dies mid-task (a KeyboardInterrupt traceback, a leaked
 #: semaphore) nor is restarted. A worker whose parent is gone exits by itself (distributed watches a pipe).
 #: Closing a worker whose task is still running (a stopped run) logs "Async instruction ... ended with
-#: CancelledError": expected then, so hidden unless ``lungzarr -v``.
+#: CancelledError", and its heartbeat may still reach for the scheduler that closed a moment before it
+#: ("Failed to communicate with scheduler during heartbeat", a traceback). This cluster's scheduler is a
+#: child of the lungzarr process and ends only when it closes the cluster (or dies itself, and then its
+#: client says so), so both are closing noise here: hidden unless ``lungzarr -v``.
 WORKER_SETUP = """
 import logging, os, signal
 
@@ -202,14 +205,16 @@ signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class _CancelledOnClose(logging.Filter):
+class _ClosingNoise(logging.Filter):
     def filter(self, record):
         text = record.getMessage()
-        return not (text.startswith("Async instruction for") and text.endswith("ended with CancelledError"))
+        return not ((text.startswith("Async instruction for") and text.endswith("ended with CancelledError"))
+                    or text.startswith("Failed to communicate with scheduler during heartbeat"))
 
 
 if os.environ.get("LUNGZARR_VERBOSE", "").strip() in ("", "0", "false", "no"):
-    logging.getLogger("distributed.worker.state_machine").addFilter(_CancelledOnClose())
+    for name in ("distributed.worker.state_machine", "distributed.worker"):
+        logging.getLogger(name).addFilter(_ClosingNoise())
 """
 
 #: Runs ``dask scheduler`` in the child process; stdin is a pipe that only the parent holds open.

@@ -139,17 +139,21 @@ def run_stop_error(exc: BaseException, store=None) -> RunStopError | None:
         return exc
     if isinstance(exc, PatientError):
         return None
-    inside = False
-    if store is not None and isinstance(exc, OSError) and exc.filename is not None:
-        root = str(store.path)
-        name = str(exc.filename)
-        inside = name == root or name.startswith(root.rstrip("/") + "/") or \
-            os.path.abspath(name).startswith(os.path.abspath(root).rstrip(os.sep) + os.sep)
+    inside = store is not None and isinstance(exc, OSError) and exc.filename is not None \
+        and _within(str(exc.filename), str(store.path))
     if stops_the_run(exc) or (inside and exc.errno in (errno.EACCES, errno.EPERM)):
         context = None if store is None else f"writing store {str(store.path)!r}"
         return RunStopError(environment_reason(exc, context=context))
     reason = _object_store_reason(exc)
     return RunStopError(reason) if reason is not None else None
+
+
+def _within(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or below it (local paths made absolute; URLs by prefix)."""
+    if "://" in root:
+        return path == root or path.startswith(root.rstrip("/") + "/")
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 class _Stream:
@@ -210,7 +214,7 @@ class _Stream:
         if stop is not None:
             raise RunStopError(f"the run stopped at patient {patient!r} ({self.stages[i]}): {stop}") from exc
 
-    def discard(self, i, pending, exc):
+    def discard(self, i, pending):
         """Cancel what is left of a failed patient's computation and drop its staged group.
 
         Tasks of the same computation may still be running on other workers;
@@ -333,12 +337,12 @@ class _Stream:
                 pending.add_record(get_result())
                 pending.commit()
             except Exception as exc:
-                self.discard(i, pending, exc)
+                self.discard(i, pending)
                 self.fail(i, pending.patient, exc, seconds)
                 continue
             self.summaries[i].done.append(pending.patient)
             self.progress(ProgressEvent(self.stages[i], "done", patient=pending.patient, seconds=seconds,
-                                        warnings=tuple(getattr(pending, "warnings", ()) or ())))
+                                        warnings=tuple(pending.warnings)))
             self.forward(i, pending.patient)
         for i, summary in enumerate(self.summaries):
             if self.first_start[i] is not None and self.last_end[i] is not None:
