@@ -2,7 +2,9 @@
 
 Every long command goes through :func:`_execute`: run-level checks first (before
 a cluster starts), then the cluster, the progress bars and the library call; a
-:class:`~lungzarr.errors.LungzarrError` becomes one message and exit code 2.
+:class:`~lungzarr.errors.LungzarrError` or an error of the machine (a full disk)
+becomes one message and exit code 2, and SIGINT/SIGTERM one sentence and exit
+code 130/143.
 Progress and messages go to stderr; data a user may pipe (tables, the demo's
 verdict, evaluation figures) to stdout.
 """
@@ -10,11 +12,12 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,7 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lungzarr.errors import LungzarrError
+from lungzarr.errors import LungzarrError, RunStopError
 
 # rich_markup_mode=None: Typer's rich help shows every flag as "--overwrite <bool>"; Click's plain help
 # shows flags as flags (and fits an 80-column terminal as well).
@@ -163,7 +166,25 @@ def _bar_progress(bar: Progress):
         if event.event == "failed":
             failed[event.stage] += 1
         bar.update(tasks[event.stage], advance=1, failed=failed[event.stage])
+        for line in _warning_lines(event):  # above the bars, as they come
+            bar.console.print(f"[yellow]warning[/yellow] {escape(line)}", soft_wrap=True, highlight=False)
     return progress
+
+
+#: Warnings shown per patient and stage in the run's output (then a count); `lungzarr status` lists them all.
+WARNINGS_SHOWN = 3
+
+
+def _warning_lines(event) -> list[str]:
+    """A done patient's warnings, one line each after ``warning``: at most :data:`WARNINGS_SHOWN`, then a count."""
+    records = list(event.warnings)
+    head = f"{event.patient} ({event.stage}): "
+    lines = [head + str(r.get("reason")) + (f" — file: {r['file']}" if r.get("file") else "")
+             for r in records[:WARNINGS_SHOWN]]
+    if len(records) > WARNINGS_SHOWN:
+        lines.append(head + f"{len(records) - WARNINGS_SHOWN} more warning(s); `lungzarr status STORE` lists "
+                            f"them all")
+    return lines
 
 
 #: Seconds between the summary lines of :class:`_LineProgress`.
@@ -250,6 +271,8 @@ class _LineProgress:
             elif event.event == "blocked":
                 line += " (a stage it needs is missing or failed)"
             self.write(line)
+            for warning in _warning_lines(event):
+                self.write("warning " + warning)
 
 
 def _progress_display():
@@ -261,12 +284,99 @@ def _progress_display():
     return lines, lambda: lines
 
 
-def _fail(exc: Exception):
-    """One message and exit code 2; the traceback too with ``--debug``."""
+def _fail(exc: Exception, *, cause: BaseException | None = None):
+    """One message and exit code 2; the traceback (of ``cause``, else ``exc``) too with ``--debug``."""
+    from lungzarr.io.locations import blank_secrets
+
     if _debug["on"]:
-        sys.stderr.write("".join(traceback.format_exception(exc)))
-    console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        sys.stderr.write(blank_secrets("".join(traceback.format_exception(cause or exc))))
+    console.print(f"[red]error:[/red] {escape(blank_secrets(str(exc)))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command: raised once, in the main thread, by :func:`_stop_on_signals`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Seconds between the tries of an interrupt that arrived while distributed's ``sync`` waited.
+INTERRUPT_RETRY_S = 0.05
+
+
+def _inside_distributed_sync(frame) -> bool:
+    """Whether the main thread waits in ``distributed.utils.sync`` (a client call run on its event loop).
+
+    An exception raised there makes distributed schedule a ``cancel`` of a
+    future that may not exist yet, which fails with a NameError traceback in
+    the event loop's thread (distributed 2025.x).
+    """
+    tail = os.path.join("distributed", "utils.py")
+    while frame is not None:
+        if frame.f_code.co_name == "sync" and frame.f_code.co_filename.endswith(tail):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM stop the command cleanly: the first raises :class:`_Interrupted`, so the
+    runner cancels the work in flight and the cluster closes; a second one while that happens stops the
+    process at once (the store is then as after a kill: writes are atomic per patient and stage, the next run
+    resumes). Outside the main thread (where no handler can be set) nothing changes.
+
+    A signal that arrives while the main thread waits in a dask client call is
+    raised a moment later, once the call returned (the signal is sent again to
+    this process every :data:`INTERRUPT_RETRY_S` until then).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    state = {"signum": None, "raised": False}
+
+    def handler(signum, frame):
+        if state["raised"]:
+            os.write(2, b"\ninterrupted again: stopping at once; run the same command again to resume\n")
+            os._exit(128 + state["signum"])
+        state["signum"] = state["signum"] or signum
+        if _inside_distributed_sync(frame):
+            threading.Timer(INTERRUPT_RETRY_S, os.kill, (os.getpid(), signum)).start()
+            return
+        state["raised"] = True
+        raise _Interrupted(state["signum"])
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class _Tally:
+    """The patients through every stage of a command (done or skipped in its last stage), for the
+    sentence of an interrupt. Stages begin in run order, before any patient."""
+
+    def __init__(self):
+        self.last, self.total, self.done = None, 0, set()
+
+    def __call__(self, event):
+        if event.event == "begin":
+            self.last, self.total, self.done = event.stage, event.total or 0, set()
+        elif event.stage == self.last and event.event in ("done", "skipped"):
+            self.done.add(event.patient)
+
+
+def _interrupted(signum: int, seconds: float, tally: _Tally):
+    """The one sentence of an interrupted command; exit code 128 + the signal's number (130, 143)."""
+    text = f"interrupted ({signal.Signals(signum).name}) after {_seconds(seconds)}"
+    if tally.last is not None:
+        text += f": {len(tally.done)} of {tally.total} patient(s) done"
+    console.print(text + "; run the same command again to resume", soft_wrap=True, highlight=False, markup=False)
+    raise typer.Exit(128 + signum)
 
 
 def _execute(work: Callable, *, scheduler: str | None = None, dashboard_address: str | None = None,
@@ -286,22 +396,42 @@ def _execute(work: Callable, *, scheduler: str | None = None, dashboard_address:
         Show one progress bar per stage on a terminal, one line per patient
         and stage (and a summary line a minute) elsewhere.
     errors : tuple of exception types
-        What becomes one message and exit code 2.
-    """
-    try:
-        if checks is not None:
-            checks()
-        if scheduler is None:
-            cluster = nullcontext(None)
-        else:
-            from lungzarr.cluster import dask_client
+        What becomes one message and exit code 2. So does an error of the
+        machine (a full disk, a read-only file system, memory, an object store
+        that does not answer): one sentence, never a traceback.
 
-            cluster = dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address)
-        display, callback = _progress_display() if progress else (nullcontext(None), lambda: None)
-        with cluster as client, display:
-            return work(client, callback())
+    Notes
+    -----
+    SIGINT (Ctrl-C) and SIGTERM stop the command cleanly (:func:`_stop_on_signals`):
+    the work in flight is cancelled, the cluster closed, one sentence says
+    how many patients are done, and the exit code is 130 or 143.
+    """
+    started, tally = time.monotonic(), _Tally()
+    try:
+        with _stop_on_signals():
+            if checks is not None:
+                checks()
+            if scheduler is None:
+                cluster = nullcontext(None)
+            else:
+                from lungzarr.cluster import dask_client
+
+                cluster = dask_client(scheduler, echo=console.print, dashboard_address=dashboard_address)
+            display, callback = _progress_display() if progress else (nullcontext(None), lambda: None)
+            with cluster as client, display:
+                shown = callback()
+                return work(client, None if shown is None else lambda event: (tally(event), shown(event)))
+    except KeyboardInterrupt as exc:
+        _interrupted(getattr(exc, "signum", signal.SIGINT), time.monotonic() - started, tally)
     except errors as exc:
         _fail(exc)
+    except Exception as exc:
+        from lungzarr.pipeline.runner import machine_reason
+
+        reason = machine_reason(exc)
+        if reason is None:
+            raise  # a defect of lungzarr: its traceback is what a report needs
+        _fail(RunStopError(reason), cause=exc)
 
 
 def _run_checks(store, stages, *, weights=None, precision="fp32", scheduler=None, create=True, engine=None):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from contextlib import contextmanager
 from typing import Callable
@@ -42,12 +43,26 @@ def _patient_error_names() -> set[str]:
     return names
 
 
+def _machine_error_names() -> set[str]:
+    """The builtin OSError classes (``OSError``, ``PermissionError``, ...)."""
+    names, todo = set(), [OSError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__ == "builtins":
+            names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
 class _DropPatientErrorFailures(logging.Filter):
-    """Drop distributed's "Compute Failed" record when the task raised a lungzarr PatientError.
+    """Drop distributed's "Compute Failed" record when the task raised a lungzarr PatientError,
+    or an error of the machine: an OSError with an errno (a full disk...) or a MemoryError.
 
     A PatientError is an expected, recorded failure of one patient (the run's
-    summary and the store's failures table show it); any other exception of a
-    task still logs its traceback.
+    summary and the store's failures table show it); an error of the machine
+    gets its own one-sentence message (:func:`lungzarr.errors.environment_reason`:
+    the patient's failure, or the run's stop). Any other exception of a task
+    still logs its traceback.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -56,7 +71,10 @@ class _DropPatientErrorFailures(logging.Filter):
         args = record.args if isinstance(record.args, tuple) else ()
         # distributed logs (key, state, task, repr(exception), traceback); repr starts with the class name.
         text = str(args[3]) if len(args) > 3 else ""
-        return text.split("(", 1)[0] not in _patient_error_names()
+        name = text.split("(", 1)[0]
+        if name in _machine_error_names():
+            return not re.match(r"\w+\(\d+, ", text)  # OSError(28, 'No space left on device'): an errno
+        return name not in _patient_error_names() | {"MemoryError"}
 
 
 _FILTER = _DropPatientErrorFailures()
@@ -170,6 +188,35 @@ def _without_inherited_malloc_trim(malloc_trim: bool, default):
             os.environ["MALLOC_TRIM_THRESHOLD_"] = inherited
 
 
+#: A dask preload (the text of a module) run in each local worker process as it starts. Ctrl-C sends SIGINT
+#: to every process of the terminal's group (a batch system's SIGTERM often goes to every process of the
+#: job); only the lungzarr process acts on them: it cancels the work, then closes the workers (the nanny's
+#: stop message, then SIGKILL), so a worker neither dies mid-task (a KeyboardInterrupt traceback, a leaked
+#: semaphore) nor is restarted. A worker whose parent is gone exits by itself (distributed watches a pipe).
+#: Closing a worker whose task is still running (a stopped run) logs "Async instruction ... ended with
+#: CancelledError", and its heartbeat may still reach for the scheduler that closed a moment before it
+#: ("Failed to communicate with scheduler during heartbeat", a traceback). This cluster's scheduler is a
+#: child of the lungzarr process and ends only when it closes the cluster (or dies itself, and then its
+#: client says so), so both are closing noise here: hidden unless ``lungzarr -v``.
+WORKER_SETUP = """
+import logging, os, signal
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _ClosingNoise(logging.Filter):
+    def filter(self, record):
+        text = record.getMessage()
+        return not ((text.startswith("Async instruction for") and text.endswith("ended with CancelledError"))
+                    or text.startswith("Failed to communicate with scheduler during heartbeat"))
+
+
+if os.environ.get("LUNGZARR_VERBOSE", "").strip() in ("", "0", "false", "no"):
+    for name in ("distributed.worker.state_machine", "distributed.worker"):
+        logging.getLogger(name).addFilter(_ClosingNoise())
+"""
+
 #: Runs ``dask scheduler`` in the child process; stdin is a pipe that only the parent holds open.
 _SCHEDULER_LAUNCHER = """
 import json, logging, os, shutil, signal, sys, threading, time
@@ -265,8 +312,10 @@ class SchedulerProcess(ProcessInterface):
                "LUNGZARR_SCHEDULER_FOLDER": self.folder}
         with open(log_path, "wb") as log:
             # The child's stderr goes to a file: its start-up lines are noise, its failure is shown below.
+            # Its own session: Ctrl-C (SIGINT to the terminal's process group) reaches this process only,
+            # which cancels the work and closes the cluster; a scheduler gone first would make that close wait.
             self.proc = subprocess.Popen(self._command(scheduler_file), stdin=subprocess.PIPE,
-                                         stdout=subprocess.DEVNULL, stderr=log, env=env)
+                                         stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:
@@ -327,7 +376,8 @@ def _process_scheduler_cluster(*, n_workers: int, threads_per_worker: int, memor
     worker = {"cls": Nanny, "options": {"host": "127.0.0.1", "nthreads": threads_per_worker,
                                         "memory_limit": memory_limit, "services": {}, "dashboard": False,
                                         "dashboard_address": None, "interface": None, "protocol": "tcp://",
-                                        "security": Security(), "silence_logs": logging.WARN}}
+                                        "security": Security(), "silence_logs": logging.WARN,
+                                        "preload": [WORKER_SETUP]}}
     return SpecCluster(scheduler={"cls": SchedulerProcess,
                                   "options": {"host": "127.0.0.1", "dashboard_address": dashboard_address}},
                        workers={i: worker for i in range(n_workers)}, worker=worker,
@@ -403,7 +453,8 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
                     cluster = LocalCluster(n_workers=n_workers or workers,
                                            threads_per_worker=threads_per_worker or threads,
                                            processes=True, memory_limit=memory_limit,
-                                           dashboard_address=dashboard_address or DEFAULT_DASHBOARD_ADDRESS)
+                                           dashboard_address=dashboard_address or DEFAULT_DASHBOARD_ADDRESS,
+                                           preload=[WORKER_SETUP])
             client = Client(cluster)
             _register_quiet_patient_errors(client, echo)
             echo(f"dask LocalCluster: {len(cluster.workers)} worker(s); dashboard {client.dashboard_link}")

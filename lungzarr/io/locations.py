@@ -12,9 +12,11 @@ those objects into a temporary folder that is removed when the read is done.
 Credentials and endpoints come from the environment or the libraries' own
 configuration (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_ENDPOINT_URL``, ``~/.aws/config``, ...), read by each worker process
-itself; lungzarr takes none as an option and passes none to a task.
-:func:`describe_error` removes their values from the text of an exception
-before it goes into a message, a failure or a warning record.
+itself; lungzarr takes none as an option and passes none to a task: a URL
+that carries them (``s3://KEY:SECRET@bucket/...``) is refused without being
+echoed (:func:`check_no_credentials`). :func:`blank_secrets` removes their
+values (and any URL's credentials) from a text before it goes into a message,
+a failure or a warning record; :func:`describe_error` does so for an exception.
 
 A URL is kept as a plain string everywhere (``pathlib.Path`` would turn
 ``s3://b/k`` into ``s3:/b/k``); :class:`ObjectPath` gives it the few
@@ -23,6 +25,7 @@ A URL is kept as a plain string everywhere (``pathlib.Path`` would turn
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from lungzarr.volume import is_url as _is_url
 
 __all__ = ["is_url", "as_location", "ObjectPath", "filesystem", "list_files", "read_objects", "open_object",
-           "local_copies", "describe_error", "parent_of", "SECRET_ENV"]
+           "local_copies", "describe_error", "blank_secrets", "check_no_credentials", "parent_of", "SECRET_ENV"]
 
 #: Environment variables whose values never go into a message (credentials and endpoints).
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
@@ -57,14 +60,61 @@ def _join(fs, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def describe_error(exc: BaseException) -> str:
-    """``"TypeName: text"`` of an exception, with every credential/endpoint value of the environment blanked."""
-    text = f"{type(exc).__name__}: {exc}"
+#: The credentials part of a URL: ``USER@`` or ``USER:SECRET@`` right after ``scheme://`` (an unescaped '/'
+#: is allowed after the ':', since AWS secrets hold them; ``s3://bucket/a@b`` is no credential).
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)"
+                              r"(?P<userinfo>[^\s'\"/@]+|[^\s'\"/@:]*:[^\s'\"@]*)@")
+
+
+def blank_secrets(text: str) -> str:
+    """``text`` with every URL's credentials (``s3://KEY:SECRET@b`` -> ``s3://***@b``) and every
+    credential/endpoint value of the environment (:data:`SECRET_ENV`) blanked.
+
+    Examples
+    --------
+    >>> blank_secrets("cannot list 's3://AKIAKEY:abc/def+g@bucket/cohort/'")
+    "cannot list 's3://***@bucket/cohort/'"
+    """
+    text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", str(text))
     for name in SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, f"<${name}>")
     return text
+
+
+def check_no_credentials(url: str, *, what: str) -> str:
+    """Refuse a URL that carries credentials, without echoing it; return it unchanged otherwise.
+
+    Parameters
+    ----------
+    url : str
+    what : str
+        What the URL is, for the message (``"INPUT"``, ``"store"``).
+
+    Raises
+    ------
+    RunConfigError
+        Credentials come from the environment the storage library reads, never from a URL: a URL is
+        echoed in messages and recorded in the store.
+    """
+    from urllib.parse import urlsplit
+
+    from lungzarr.errors import RunConfigError
+
+    parts = urlsplit(str(url))
+    if parts.username is not None or parts.password is not None or _URL_CREDENTIALS.match(str(url)):
+        scheme = parts.scheme or "s3"
+        raise RunConfigError(f"{'an' if what[:1].lower() in 'aeiou' else 'a'} {what} URL must not carry "
+                             f"credentials ({scheme}://USER:SECRET@...): give them through the environment the "
+                             f"storage library reads (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                             f"AWS_ENDPOINT_URL, AWS_PROFILE)")
+    return url
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"TypeName: text"`` of an exception, with secrets blanked (:func:`blank_secrets`)."""
+    return blank_secrets(f"{type(exc).__name__}: {exc}")
 
 
 def parent_of(location: str) -> str:

@@ -96,6 +96,9 @@ def check_patient_id(patient: str) -> str:
         raise PatientError(f"patient id {patient!r} cannot name a store group: use letters, digits, '.', '_' "
                            f"and '-' only, starting with a letter or digit (rename the folder)",
                            patient=str(patient))
+    if patient.lower() == "zarr.json":  # a group's own metadata file in the store's folder of patients
+        raise PatientError(f"patient id {patient!r} is the name of Zarr's metadata file and cannot name a "
+                           f"store group: rename the folder (e.g. to the patient's id)", patient=patient)
     return patient
 
 
@@ -307,12 +310,10 @@ def _check_url(url: str) -> str:
     """``url`` without a trailing slash; refuse one that carries credentials (they come from the environment)."""
     from urllib.parse import urlsplit
 
+    from lungzarr.io.locations import check_no_credentials
+
+    check_no_credentials(url, what="store")  # the URL is never echoed: it holds a secret
     parts = urlsplit(url)
-    if parts.username is not None or parts.password is not None:
-        # The URL is never echoed: it holds a secret.
-        raise LungzarrError(f"a store URL must not carry credentials ({parts.scheme}://USER:SECRET@...): give "
-                            f"them through the environment the storage library reads (for S3: "
-                            f"AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE)")
     if not parts.netloc:
         raise LungzarrError(f"store URL {url!r} names no bucket: use {parts.scheme}://BUCKET/NAME.zarr")
     return url.rstrip("/")
@@ -332,6 +333,7 @@ def check_store_url(url, *, create: bool = True, write: bool = True) -> str:
     import json
 
     from lungzarr.errors import RunConfigError
+    from lungzarr.io.locations import describe_error
 
     try:
         backend = _ObjectBackend(url, "a")
@@ -361,10 +363,10 @@ def check_store_url(url, *, create: bool = True, write: bool = True) -> str:
             backend.fs.rm_file(probe.key)
     except RunConfigError:
         raise
-    except (OSError, ValueError) as exc:
-        # The storage library's own words (they name the bucket or endpoint, never a secret).
+    except Exception as exc:  # OSError, ValueError; botocore's own (an endpoint that does not answer)
+        # The storage library's own words (they name the bucket or endpoint; describe_error blanks secrets).
         raise RunConfigError(f"store {url!r} cannot be {'written' if write else 'read'}: "
-                             f"{type(exc).__name__}: {exc}; check the bucket, the endpoint (AWS_ENDPOINT_URL) and "
+                             f"{describe_error(exc)}; check the bucket, the endpoint (AWS_ENDPOINT_URL) and "
                              f"the credentials the storage library reads from the environment") from None
     return url
 
@@ -1722,7 +1724,19 @@ def _same_file(fh, path: Path) -> bool:
 
 
 class PendingStage:
-    """A stage whose metadata is written; ``delayed`` writes the voxels, ``commit`` marks it complete."""
+    """A stage whose metadata is written; ``delayed`` writes the voxels, ``commit`` marks it complete.
+
+    Attributes
+    ----------
+    warnings : list of dict
+        What the stage recorded for the user (``file``, ``reason``), shown in
+        the run's own output when the patient's stage is done.
+    future : distributed.Future or None
+        The computation of ``delayed`` on a cluster, once submitted.
+    """
+
+    #: Attempts and pause (s) of :meth:`discard` while late tasks still write into the staged group.
+    DISCARD_ATTEMPTS, DISCARD_PAUSE_S = 5, 0.2
 
     def __init__(self, store: CohortStore, patient: str, stage: str, delayed, record: dict, *,
                  group_path: str, staged: bool = False):
@@ -1731,6 +1745,8 @@ class PendingStage:
         self.record = record
         self.group_path = group_path
         self.staged = staged
+        self.warnings: list[dict] = []
+        self.future = None
 
     def compute(self, **kwargs):
         return self.delayed.compute(**kwargs)
@@ -1773,9 +1789,35 @@ class PendingStage:
         self.store._clear_committed(self.patient, self.stage, whole_patient=self.staged)
 
     def discard(self) -> None:
-        """Drop what a failed write left (staged groups only; stage arrays are redone next run)."""
-        if self.staged and (self.store.path / self.group_path).exists():
-            self.store._rmtree(self.store.path / self.group_path)
+        """Drop what a failed write left (staged groups only; stage arrays are redone next run).
+
+        When one task of a patient's computation fails, its sibling tasks may
+        still be running on other workers and writing chunks into the staged
+        group (a folder ``rmtree`` is emptying then is "not empty"). So the
+        group's ``zarr.json`` goes first: what is left is no longer a group
+        (no reader, nor the next run's recovery, takes it for a patient).
+        Then the folder is removed, retried a few times; what a late task
+        writes after that is removed by the next writer's recovery
+        (:meth:`CohortStore.lock`), which runs once this run's workers are gone.
+        """
+        import errno
+        import time
+
+        if not self.staged:
+            return
+        folder = self.store.path / self.group_path
+        for attempt in range(self.DISCARD_ATTEMPTS):
+            try:
+                if isinstance(folder, Path):  # the object store's rmtree removes zarr.json first itself
+                    (folder / "zarr.json").unlink(missing_ok=True)
+                if folder.exists():
+                    self.store._rmtree(folder)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.ENOENT, errno.EEXIST, errno.EBUSY):
+                    raise
+                time.sleep(self.DISCARD_PAUSE_S)
+        # Late tasks still writing: the headless folder is left to the next writer's recovery.
 
 
 # ---------------------------------------------------------------------- read API

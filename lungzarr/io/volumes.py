@@ -258,19 +258,33 @@ def _metaimage_data_files(path, patient) -> list:
     ``ElementDataFile`` key (always the header's last) so that task names
     change when the ``.raw`` is rewritten and a missing ``.raw`` is named.
     """
-    if path.suffix.lower() == ".mha":
-        return []
+    mha = path.suffix.lower() == ".mha"
     try:
-        text = path.read_text(encoding="latin-1")
+        # A .mha holds its voxels after the header: only the header's first bytes are read.
+        text = _read_head(path, MHA_HEADER_BYTES) if mha else path.read_text(encoding="latin-1")
     except Exception as exc:  # OSError locally; botocore/fsspec errors for an object
         raise _error(f"cannot read the MetaImage header ({describe_error(exc)}); check the file's permissions",
                      patient, path) from exc
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for k, line in enumerate(lines):
         key, sep, value = line.partition("=")
         if sep and key.strip() == "ElementDataFile":
             value = value.strip()
             if value.upper() == "LOCAL":
                 return []
+            # ITK follows the name wherever it points: a data file outside the .mhd's folder (``../x.raw``,
+            # an absolute path) would be read from outside INPUT, so it is refused before ITK opens anything.
+            if value.upper().startswith("LIST"):
+                named = [n.strip() for n in lines[k + 1:] if n.strip()]
+            else:
+                named = [value.split()[0]] if "%" in value else [value]
+            outside = [n for n in named if not _in_same_folder(n)]
+            if outside:
+                raise _error(f"the MetaImage header names the data file {outside[0]!r}, outside the header's "
+                             f"folder; the data file must lie in the .mhd's folder: move it beside the header "
+                             f"and write its bare name in ElementDataFile", patient, path)
+            if mha:
+                return []  # a .mha with its data elsewhere: ITK reads it from beside the header
             if value.upper().startswith("LIST") or "%" in value:
                 return []  # one file per slice: ITK finds them; the header alone is fingerprinted
             data = path.parent / value
@@ -278,8 +292,29 @@ def _metaimage_data_files(path, patient) -> list:
                 raise _error(f"the MetaImage header names the data file {value!r}, which is not in "
                              f"{str(path.parent)!r}; put the .raw beside its .mhd", patient, path)
             return [data]
+    if mha:
+        return []  # SimpleITK judges a .mha header whose ElementDataFile is past the bytes read
     raise _error("the MetaImage header has no ElementDataFile line; it is not a MetaImage header (or is "
                  "truncated): replace the file", patient, path)
+
+
+#: Bytes of a ``.mha`` read to find its ``ElementDataFile`` line (the header is text, a few hundred bytes).
+MHA_HEADER_BYTES = 65536
+
+
+def _read_head(path, size: int) -> str:
+    """The first ``size`` bytes of a file or object, as latin-1 text."""
+    if is_url(path):
+        with open_object(str(path)) as fh:
+            return fh.read(size).decode("latin-1")
+    with open(path, "rb") as fh:
+        return fh.read(size).decode("latin-1")
+
+
+def _in_same_folder(name: str) -> bool:
+    """Whether a data file named in a MetaImage header is a bare name: in the header's own folder."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name \
+        and not (len(name) > 1 and name[1] == ":")  # C:x.raw
 
 
 def _metaimage_header(path: Path, patient, shown=None):

@@ -109,7 +109,7 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         raise LungzarrError(f"stages {[s.name for s in chosen]!r} work on the patients already in the store; "
                             f"INPUT is only read by {[s.name for s in ordered_stages() if s.creates_patient]!r}")
     # Run-level mistakes stop here, once, before any patient is read.
-    scan = scan_input(input_dir, patients=patients) if creates else None
+    scan = scan_input(input_dir, patients=patients, store=store_path) if creates else None
     check_run_config(store=store_path, stages=[s.name for s in chosen], weights=weights, precision=precision,
                      create=bool(creates))
     if any(s.uses_model for s in chosen):

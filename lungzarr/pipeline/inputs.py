@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lungzarr.errors import LungzarrError, PatientError, RunConfigError
-from lungzarr.io.locations import as_location, describe_error, is_url, parent_of
+from lungzarr.io.locations import as_location, check_no_credentials, describe_error, is_url, parent_of
 from lungzarr.io.volumes import METAIMAGE_DATA_SUFFIXES, metaimage_data_files, missing_reader, volume_stem
 from lungzarr.volume import strip_suffix
 
@@ -38,6 +38,8 @@ INPUT_STAGE = "input"
 
 _HIDDEN_FOLDER = "hidden folder: not read; rename it without the leading '.' to include it"
 _HIDDEN_FILE = "hidden file: not read (patients are the sub-folders of INPUT)"
+_OWN_STORE = ("the STORE of this run (or its lock file), inside INPUT: not read as a patient (a STORE beside "
+              "INPUT keeps the two apart)")
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def _loose_file_reason(p: Path) -> str:
             ".mhd/.mha/.nii/.nii.gz files)")
 
 
-def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan:
+def scan_input(input_dir, *, patients: Iterable[str] | None = None, store=None) -> InputScan:
     """Sort the entries of an INPUT folder into patients, archives and entries not used.
 
     Every volume file (``.mhd``, ``.mha``, ``.nii``, ``.nii.gz``) is a patient
@@ -140,28 +142,36 @@ def scan_input(input_dir, *, patients: Iterable[str] | None = None) -> InputScan
     patients : iterable of str, optional
         Keep only these identifiers (archives count as the patient they
         would be); an unknown one is an error.
+    store : path or str, optional
+        The run's STORE: when it (or its ``NAME.lock``) lies in INPUT, it is
+        listed as not used instead of being read as a patient.
 
     Returns
     -------
     InputScan
+        A local INPUT's paths are absolute, so that the paths recorded in the
+        store are found from any working directory.
 
     Raises
     ------
     LungzarrError
         When ``input_dir`` does not exist, is a file, holds no patient or
         ``patients`` names one it does not hold; a RunConfigError when a
-        chosen volume file needs a library that is not installed.
+        chosen volume file needs a library that is not installed, or when a
+        URL carries credentials (it is not echoed).
     """
-    input_dir = as_location(input_dir)
     if is_url(input_dir):
-        return _scan_url(input_dir, patients)
-    return _scan(input_dir, patients)
+        check_no_credentials(str(input_dir), what="INPUT")  # never echoed: the URL holds a secret
+        return _scan_url(as_location(input_dir), patients, store)
+    # Absolute: the paths recorded in the store (each slice's ``dicom_file``, a failure's file) are found again
+    # from any working directory (``export --format dicom-seg``).
+    return _scan(Path(os.path.abspath(as_location(input_dir))), patients, store)
 
 
-def _scan_url(input_dir, patients) -> InputScan:
+def _scan_url(input_dir, patients, store) -> InputScan:
     """:func:`scan_input` of a prefix: a listing that fails is one run-level error naming the URL."""
     try:
-        return _scan(input_dir, patients)
+        return _scan(input_dir, patients, store)
     except LungzarrError:
         raise
     except Exception as exc:  # botocore/fsspec raise many kinds: no credentials, access denied, no bucket
@@ -170,7 +180,18 @@ def _scan_url(input_dir, patients) -> InputScan:
                             f"AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for s3://)") from None
 
 
-def _scan(input_dir, patients) -> InputScan:
+def _is_store(entry, store) -> bool:
+    """Whether an INPUT entry is the run's STORE or its ``NAME.lock`` (every spelling: links, ``..``)."""
+    if store is None:
+        return False
+    if is_url(entry) or is_url(store):
+        name = str(store).rstrip("/")
+        return str(entry).rstrip("/") in (name, name + ".lock")
+    real, own = os.path.realpath(str(entry)), os.path.realpath(str(store))
+    return real in (own, own + ".lock")
+
+
+def _scan(input_dir, patients, store=None) -> InputScan:
     if not input_dir.exists():
         raise LungzarrError(f"INPUT folder {str(input_dir)!r} does not exist; pass the folder that holds one "
                             f"sub-folder per patient")
@@ -178,10 +199,15 @@ def _scan(input_dir, patients) -> InputScan:
         raise LungzarrError(f"INPUT {str(input_dir)!r} is a file; pass the folder that holds one sub-folder "
                             f"per patient")
     entries = sorted(input_dir.iterdir())
+    # The run's own STORE (and its lock file) inside INPUT is no patient: skipped, and said once.
+    own = [p for p in entries if _is_store(p, store)]
+    entries = [p for p in entries if p not in own]
     if not entries:
-        raise LungzarrError(f"INPUT folder {str(input_dir)!r} is empty; put one folder of DICOM files per "
+        what = "holds only the STORE of this run" if own else "is empty"
+        raise LungzarrError(f"INPUT folder {str(input_dir)!r} {what}; put one folder of DICOM files per "
                             f"patient in it")
     scan = InputScan(input_dir)
+    scan.ignored = [InputEntry(p.name, p, _OWN_STORE) for p in own]
     hidden = [p for p in entries if p.name.startswith(".")]
     visible = [p for p in entries if not p.name.startswith(".")]
     subdirs = [p for p in visible if _is_patient_dir(p)]

@@ -6,9 +6,18 @@ whose ``delayed`` writes the voxels), and a ``decide`` that says whether a
 patient's stage runs, is skipped (done already) or is blocked (a stage it
 needs is missing). A patient that fails is recorded with its reason and the
 cohort goes on.
+
+Two things stop the whole run instead: an interrupt (``KeyboardInterrupt``:
+Ctrl-C, or the CLI's SIGTERM), and a write the machine refuses for every
+patient alike (a full disk, a read-only file system, an object store that
+stopped answering: :class:`~lungzarr.errors.RunStopError`). Either way the
+patients' work in flight is cancelled, nothing is recorded as a patient's
+failure, and what was committed is kept: the same command resumes.
 """
 from __future__ import annotations
 
+import errno
+import os
 import time
 import traceback
 from collections import deque
@@ -16,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from lungzarr.errors import PatientError
+from lungzarr.errors import PatientError, RunStopError, environment_reason, stops_the_run
+from lungzarr.io.locations import blank_secrets, describe_error
 
-__all__ = ["StageSummary", "ProgressEvent", "Progress", "stream_stages", "as_patient_error", "EVENTS"]
+__all__ = ["StageSummary", "ProgressEvent", "Progress", "stream_stages", "as_patient_error", "machine_reason",
+           "run_stop_error", "EVENTS"]
 
 #: What can happen to one patient in one stage; each patient gives each stage exactly one of them.
 EVENTS = ("done", "skipped", "failed", "blocked")
@@ -61,7 +72,7 @@ class ProgressEvent:
     ``event`` is ``"begin"`` once per stage (``total`` patients, no patient),
     then one of :data:`EVENTS` per patient (``seconds``: that patient's
     computation of the stage, for ``"done"`` and ``"failed"``; ``reason``:
-    why, for ``"failed"``).
+    why, for ``"failed"``; ``warnings``: the stage's warnings, for ``"done"``).
     """
 
     stage: str
@@ -70,6 +81,9 @@ class ProgressEvent:
     total: int | None = None
     seconds: float | None = None
     reason: str | None = None
+    #: For ``"done"``: what the user should know that did not stop the patient (``file``, ``reason`` records,
+    #: as ``lungzarr status`` lists them: a dropped edge slice, skipped files, a resampling).
+    warnings: tuple = ()
 
 
 class Progress(Protocol):
@@ -90,10 +104,58 @@ def as_patient_error(exc: BaseException, patient: str, stage: str) -> PatientErr
         if exc.stage is None:
             exc.stage = stage
         return exc
+    reason = machine_reason(exc)
+    if reason is not None:
+        return PatientError(reason, patient=patient, stage=stage)
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
-    return PatientError(f"unexpected {type(exc).__name__}{at}: {exc} (please report this with the patient's data "
-                        f"description)", patient=patient, stage=stage)
+    return PatientError(f"unexpected {type(exc).__name__}{at}: {blank_secrets(str(exc))} (please report this with "
+                        f"the patient's data description)", patient=patient, stage=stage)
+
+
+#: Top-level packages whose exceptions say an object store (or the network to it) failed.
+_OBJECT_STORE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "google", "azure")
+
+
+def _object_store_reason(exc: BaseException) -> str | None:
+    if type(exc).__module__.split(".")[0] not in _OBJECT_STORE_PACKAGES:
+        return None
+    return (f"the object store failed ({describe_error(exc)}); check the endpoint, the network and the "
+            f"credentials in the environment, and run the same command again")
+
+
+def machine_reason(exc: BaseException) -> str | None:
+    """The message of an error of the machine (a disk, memory, an object store), or None for any other."""
+    return environment_reason(exc) or _object_store_reason(exc)
+
+
+def run_stop_error(exc: BaseException, store=None) -> RunStopError | None:
+    """A :class:`~lungzarr.errors.RunStopError` when ``exc`` stops every later patient too, else None.
+
+    A full disk, a quota, a read-only file system (wherever they happen), a
+    permission refused inside the store, and an object store that fails
+    (reads of INPUT objects are each patient's own errors, raised by the
+    readers as PatientError).
+    """
+    if isinstance(exc, RunStopError):
+        return exc
+    if isinstance(exc, PatientError):
+        return None
+    inside = store is not None and isinstance(exc, OSError) and exc.filename is not None \
+        and _within(str(exc.filename), str(store.path))
+    if stops_the_run(exc) or (inside and exc.errno in (errno.EACCES, errno.EPERM)):
+        context = None if store is None else f"writing store {str(store.path)!r}"
+        return RunStopError(environment_reason(exc, context=context))
+    reason = _object_store_reason(exc)
+    return RunStopError(reason) if reason is not None else None
+
+
+def _within(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or below it (local paths made absolute; URLs by prefix)."""
+    if "://" in root:
+        return path == root or path.startswith(root.rstrip("/") + "/")
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 class _Stream:
@@ -136,12 +198,60 @@ class _Stream:
             self.queues[i + 1].append((patient, None))
 
     def fail(self, i, patient, exc, seconds=None):
+        self.stop_if_run_level(i, patient, exc)
         self.failed_in_run.setdefault(patient, set()).add(self.stages[i])
         err = as_patient_error(exc, patient, self.stages[i])
-        self.store.record_failure(err, stage=self.stages[i])
+        try:
+            self.store.record_failure(err, stage=self.stages[i])
+        except Exception as record_exc:  # a full disk refuses the record too: the run stops
+            self.stop_if_run_level(i, patient, record_exc)
+            raise
         self.summaries[i].failed.append(err.as_record())
         self.notify(i, "failed", patient, seconds, reason=err.reason)
         self.forward(i, patient)
+
+    def stop_if_run_level(self, i, patient, exc):
+        """Raise a RunStopError when ``exc`` would fail every later patient too (nothing is recorded)."""
+        stop = run_stop_error(exc, self.store)
+        if stop is not None:
+            raise RunStopError(f"the run stopped at patient {patient!r} ({self.stages[i]}): {stop}") from exc
+
+    def discard(self, i, pending):
+        """Cancel what is left of a failed patient's computation and drop its staged group.
+
+        Tasks of the same computation may still be running on other workers;
+        :meth:`~lungzarr.io.storage.PendingStage.discard` tolerates their late
+        writes, and whatever it cannot remove (no longer a group: its
+        ``zarr.json`` goes first) is removed by the next run's recovery, under
+        the lock, once these workers are gone. A patient's failure never stops
+        the run: only a failure that stops every patient does.
+        """
+        if pending.future is not None:
+            try:
+                self.client.cancel([pending.future])
+            except Exception:  # the scheduler is going away: nothing left to cancel
+                pass
+        try:
+            pending.discard()
+        except Exception as discard_exc:
+            self.stop_if_run_level(i, pending.patient, discard_exc)
+            # Anything else is left for the next run's recovery (see above); the patient's failure is recorded.
+
+    def cancel_all(self):
+        """Cancel every computation in flight and every prefetch (the run stops: Ctrl-C, a full disk).
+
+        Staged groups in flight are left as they are: their tasks may still
+        be writing, and the next run's recovery (under the lock) removes them.
+        """
+        if self.client is None:
+            return
+        futures = [pending.future for _, pending, _ in self.by_key.values()]
+        futures += [payload for queue in self.queues for _, payload in queue if hasattr(payload, "cancel")]
+        if futures:
+            try:
+                self.client.cancel(futures)
+            except Exception:  # the scheduler is already gone: so is the work
+                pass
 
     # ---------------------------------------------------------------- submitting
     def submit(self, i, pending):
@@ -151,6 +261,7 @@ class _Stream:
         if self.client is not None:
             future = self.client.compute(pending.delayed, optimize_graph=False,
                                          **self.compute_options.get(self.stages[i], {}))
+            pending.future = future
             self.by_key[future.key] = (i, pending, started)
             self.finished.add(future)
             return
@@ -205,6 +316,13 @@ class _Stream:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> list[StageSummary]:
+        try:
+            return self._run()
+        except BaseException:  # KeyboardInterrupt (Ctrl-C, the CLI's SIGTERM), RunStopError, a bug
+            self.cancel_all()
+            raise
+
+    def _run(self) -> list[StageSummary]:
         while True:
             self.admit()
             if not any(self.in_flight):
@@ -221,11 +339,12 @@ class _Stream:
                 pending.add_record(get_result())
                 pending.commit()
             except Exception as exc:
-                pending.discard()
+                self.discard(i, pending)
                 self.fail(i, pending.patient, exc, seconds)
                 continue
             self.summaries[i].done.append(pending.patient)
-            self.notify(i, "done", pending.patient, seconds)
+            self.progress(ProgressEvent(self.stages[i], "done", patient=pending.patient, seconds=seconds,
+                                        warnings=tuple(pending.warnings)))
             self.forward(i, pending.patient)
         for i, summary in enumerate(self.summaries):
             if self.first_start[i] is not None and self.last_end[i] is not None:

@@ -123,11 +123,14 @@ def _prepare(store, patient, payload, options):
         series, files = _read_series_and_files_task(payload, patient, options.strict)
     # What the user must see (another patient's files, dropped edge slices, ignored files):
     # recorded now, replacing the last ingest's, so `lungzarr status` shows what is true.
-    store.record_warnings(patient, "ingest", series.warning_records())
+    warned = series.warning_records()
+    store.record_warnings(patient, "ingest", warned)
     ds = ingest_dataset(series, chunk_slices=options.chunk_slices, store=store.path.resolve(), files=files)
     record = {"series_instance_uid": ds.attrs["series_instance_uid"],
               "selection_reason": ds.attrs["selection_reason"], "chunk_slices": options.chunk_slices}
-    return store.prepare_stage(patient, "ingest", ds, record=record, new_group=True)
+    pending = store.prepare_stage(patient, "ingest", ds, record=record, new_group=True)
+    pending.warnings = list(warned)  # and in the run's own output when the patient is done
+    return pending
 
 
 INGEST = Stage(
