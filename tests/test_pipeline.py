@@ -117,17 +117,27 @@ def test_ingest_on_a_separately_started_scheduler_and_worker(demo_input, tmp_pat
         stop_processes(worker, scheduler)
 
 
+#: The small patients: 16 slices of 64 x 64 pixels, 20 x 64 x 64 at 2 mm, so 12 windows of 64 x 64 through the
+#: UNet (a quarter of the work of 24 x 96 x 96) with a 12 mm nodule it finds (p >= 0.5) in the right lung.
+SMALL_SHAPE, SMALL_SPACING = (16, 64, 64), (2.5, 2.0, 2.0)
+
+
+def _write_small_patient(folder, pid, seed, nodules=()):
+    from lungzarr.algorithms.phantom import chest_phantom
+    from lungzarr.io.dicom import write_series
+
+    hu, origin = chest_phantom(shape=SMALL_SHAPE, spacing=SMALL_SPACING, seed=seed, nodules=nodules)
+    write_series(hu, folder / pid, spacing=SMALL_SPACING, origin=origin, patient_id=pid)
+
+
 @pytest.fixture(scope="module")
 def small_input(tmp_path_factory):
     """Two small phantom patients (fast through the UNet) as DICOM."""
-    from lungzarr.algorithms.phantom import PhantomNodule, chest_phantom
-    from lungzarr.io.dicom import write_series
+    from lungzarr.algorithms.phantom import PhantomNodule
 
     folder = tmp_path_factory.mktemp("small") / "input"
     for pid, seed in (("SMALL-1", 1), ("SMALL-2", 2)):
-        hu, origin = chest_phantom(shape=(24, 96, 96), spacing=(2.5, 2.0, 2.0), seed=seed,
-                                   nodules=(PhantomNodule(-30.0, -5.0, -35.0, 12.0),))
-        write_series(hu, folder / pid, spacing=(2.5, 2.0, 2.0), origin=origin, patient_id=pid)
+        _write_small_patient(folder, pid, seed, nodules=(PhantomNodule(-20.0, -5.0, -25.0, 12.0),))
     return folder
 
 
@@ -253,13 +263,9 @@ def test_detect_stage_completes_on_a_cluster_of_one_gpu_worker(small_input, tmp_
 @pytest.fixture(scope="module")
 def three_small_patients(small_input, tmp_path_factory):
     """small_input plus a third small patient."""
-    from lungzarr.algorithms.phantom import chest_phantom
-    from lungzarr.io.dicom import write_series
-
     folder = tmp_path_factory.mktemp("three") / "input"
     shutil.copytree(small_input, folder)
-    hu, origin = chest_phantom(shape=(24, 96, 96), spacing=(2.5, 2.0, 2.0), seed=3)
-    write_series(hu, folder / "SMALL-3", spacing=(2.5, 2.0, 2.0), origin=origin, patient_id="SMALL-3")
+    _write_small_patient(folder, "SMALL-3", 3)
     return folder
 
 
