@@ -84,3 +84,17 @@ def fixture_hu(folder: str):
     hu = dicom.series_to_hu(series, chunk_slices=16).compute(scheduler="threads")
     hu.setflags(write=False)
     return hu, series.grid
+
+
+@functools.lru_cache(maxsize=2)
+def fixture_hu_2mm(folder: str):
+    """A real fixture's HU resampled to 2 mm (the whole-volume zoom of :func:`fixture_hu`), once per session.
+
+    The RICORD slab's zoom costs as much as its decoding; the resampling, segmentation and 3-D lung
+    mask tests all read it. Returns ``(hu_2mm, grid_2mm)``; the array is read-only.
+    """
+    from lungzarr.algorithms.resample import resample_to_2mm_numpy
+
+    hu_2mm, grid_2mm = resample_to_2mm_numpy(*fixture_hu(folder))
+    hu_2mm.setflags(write=False)
+    return hu_2mm, grid_2mm

@@ -236,11 +236,9 @@ def test_stage_writes_labels_measures_and_qc(tmp_path):
 # --- real slabs ---
 
 def _hu_2mm(folder):
-    from lungzarr.algorithms.resample import resample_to_2mm_numpy
-    from lungzarr.io.dicom import load_hu
+    from dicom_phantoms import fixture_hu_2mm
 
-    hu, grid = load_hu(shared_path(folder))
-    return resample_to_2mm_numpy(hu, grid)
+    return fixture_hu_2mm(str(shared_path(folder)))  # decoded and zoomed once per session, read-only
 
 
 @pytest.mark.requires_shared

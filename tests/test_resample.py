@@ -12,7 +12,7 @@ from scipy import ndimage
 from lungzarr.algorithms.resample import nearest_on_axes, resample_to_2mm, resample_to_2mm_numpy, spline_halo_depth
 from lungzarr.volume import Grid, resampled_shape
 
-from dicom_phantoms import fixture_hu, phantom_volume
+from dicom_phantoms import fixture_hu, fixture_hu_2mm, phantom_volume
 
 
 def agreement(chunked: np.ndarray, whole: np.ndarray) -> tuple[float, int, int]:
@@ -31,11 +31,12 @@ def chunked(hu, grid, *, chunk_slices, halo=None, input_chunks=None):
 @functools.lru_cache(maxsize=4)
 def _whole(folder: str, crop: int | None):
     hu, grid = fixture_hu(folder)
-    if crop is not None:
-        # A central y/x window keeps every z effect (the halo is along z) at a fraction of the cost.
-        y0 = (hu.shape[1] - crop) // 2
-        hu = np.ascontiguousarray(hu[:, y0:y0 + crop, y0:y0 + crop])
-        grid = Grid(hu.shape, grid.origin, grid.step)
+    if crop is None:
+        return (hu, grid, *fixture_hu_2mm(folder))  # the whole slab's zoom, shared with other test modules
+    # A central y/x window keeps every z effect (the halo is along z) at a fraction of the cost.
+    y0 = (hu.shape[1] - crop) // 2
+    hu = np.ascontiguousarray(hu[:, y0:y0 + crop, y0:y0 + crop])
+    grid = Grid(hu.shape, grid.origin, grid.step)
     ref, grid_2mm = resample_to_2mm_numpy(hu, grid)
     return hu, grid, ref, grid_2mm
 

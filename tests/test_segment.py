@@ -210,11 +210,9 @@ def test_dask_stage_reads_only_its_chunk():
 # --- exactness on the real fixtures, every slice after 2 mm resampling ---
 
 def _hu_2mm(folder):
-    from lungzarr.algorithms.resample import resample_to_2mm_numpy
-    from lungzarr.io.dicom import load_hu
+    from dicom_phantoms import fixture_hu_2mm
 
-    hu, grid = load_hu(shared_path(folder))
-    return resample_to_2mm_numpy(hu, grid)[0]
+    return fixture_hu_2mm(str(shared_path(folder)))[0]  # decoded and zoomed once per session, read-only
 
 
 @pytest.mark.requires_shared
