@@ -52,11 +52,13 @@ def _failure(store, patient):
 
 @pytest.fixture(scope="module")
 def local_cluster():
+    """Two workers of one thread behind a real scheduler, in this process: a task key is the scheduler's,
+    so two inputs whose decode tasks share a key collide here as they would across processes."""
     import distributed
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                       dashboard_address=None) as cluster, distributed.Client(cluster) as client:
             yield client
 
