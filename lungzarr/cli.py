@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import os
 import signal
+import warnings
 import sys
 import threading
 import time
@@ -376,6 +377,9 @@ def _interrupted(signum: int, seconds: float, tally: _Tally):
     if tally.last is not None:
         text += f": {len(tally.done)} of {tally.total} patient(s) done"
     console.print(text + "; run the same command again to resume", soft_wrap=True, highlight=False, markup=False)
+    # Work the interrupt abandoned (zarr's asynchronous writes of a stage not committed) leaves coroutines
+    # that were never awaited; Python would report each one as this process exits ("sys:1: RuntimeWarning").
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     raise typer.Exit(128 + signum)
 
 

@@ -215,6 +215,9 @@ class _ClosingNoise(logging.Filter):
 if os.environ.get("LUNGZARR_VERBOSE", "").strip() in ("", "0", "false", "no"):
     for name in ("distributed.worker.state_machine", "distributed.worker"):
         logging.getLogger(name).addFilter(_ClosingNoise())
+    # The state machine's warnings are all of this kind (its errors stay): a level holds where a filter
+    # could be dropped by a logging set-up of the worker's after this preload.
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
 """
 
 #: Runs ``dask scheduler`` in the child process; stdin is a pipe that only the parent holds open.
