@@ -13,11 +13,11 @@ from __future__ import annotations
 import enum
 import os
 import signal
-import warnings
 import sys
 import threading
 import time
 import traceback
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional
