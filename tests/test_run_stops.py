@@ -76,7 +76,9 @@ def slow_cohort(tmp_path):
 @pytest.mark.parametrize("how", ["SIGINT to the process group, local cluster", "SIGTERM, threads"])
 def test_an_interrupt_stops_the_run_in_one_sentence_and_the_same_command_resumes(slow_cohort, tmp_path, how):
     store = tmp_path / "s.zarr"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"}
+    # The default output (no `lungzarr -v` left in this process's environment by another test).
+    env = {**{k: v for k, v in os.environ.items() if k != "LUNGZARR_VERBOSE"}, "PYTHONPATH": str(REPO),
+           "COLUMNS": "300"}
     if how.startswith("SIGINT"):
         sig, scheduler = signal.SIGINT, []
         send = lambda p: os.killpg(p.pid, signal.SIGINT)           # noqa: E731 - as Ctrl-C in a terminal
