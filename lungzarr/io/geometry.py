@@ -242,12 +242,8 @@ class Placement:
         taken at its own z: the geometry is axis-aligned whatever the slice spacing (``in_slice_offset_mm``)."""
         return all(o <= lim for o, lim in zip(self.in_slice_offset_mm, self.limit_mm))
 
-    @property
-    def worst_axis(self) -> int:
-        """The store axis (0 z, 1 y, 2 x) whose offset is largest relative to its half voxel."""
-        return self._worst(self.offset_mm)
-
     def _worst(self, offset) -> int:
+        """The store axis (0 z, 1 y, 2 x) whose ``offset`` is largest relative to its half voxel."""
         return int(np.argmax(np.asarray(offset) / np.asarray(self.limit_mm)))
 
     def what(self) -> str:
