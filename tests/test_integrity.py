@@ -238,7 +238,6 @@ class _Steps:
         switch, pointer, open_dataset = CohortStore._switch_table, CohortStore._table_pointer, xr.open_dataset
         backends = (storage._DirectoryBackend, storage._ObjectBackend)
         rmtrees = {backend: backend.rmtree for backend in backends}
-        self._pointer_calls = 0
 
         def hooked_switch(store, *a, **k):
             self._hit("before-switch")
@@ -252,10 +251,8 @@ class _Steps:
 
         def hooked_pointer(store):
             result = pointer(store)
-            if not self._busy:
-                self._pointer_calls += 1
-                # the first read of a read attempt, then the check after the load
-                self._hit("after-pointer" if self._pointer_calls % 2 else "after-load-checked")
+            # An action runs once (popped): at the reader's first pointer read.
+            self._hit("after-pointer")
             return result
 
         class _Opened:
