@@ -8,7 +8,7 @@ from __future__ import annotations
 from lungzarr._version import __version__
 
 __all__ = ["__version__", "open_cohort", "read_nodules", "read_patients", "read_failures",
-           "read_warnings"]
+           "read_warnings", "patient_nodules"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from lungzarr.io import storage
 
         return getattr(storage, name)
+    if name == "patient_nodules":
+        from lungzarr.pipeline.tables import patient_nodules
+
+        return patient_nodules
     raise AttributeError(f"module 'lungzarr' has no attribute {name!r}")

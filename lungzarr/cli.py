@@ -150,7 +150,7 @@ CropOpt = typer.Option(Crop.fixed, "--crop", case_sensitive=False,
 def _stage_progress():
     """A rich Progress that shows one bar per stage (fed by :func:`_bar_progress`)."""
     columns = (TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"),
+               TextColumn("done, {task.fields[failed]} failed"), TimeElapsedColumn(), TextColumn("ETA"),
                TimeRemainingColumn())
     return Progress(*columns, console=console)
 
@@ -551,7 +551,7 @@ def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path tur
         crop: Crop = CropOpt, fold_upsampling: bool = FoldOpt,
         verify: bool = typer.Option(False, "--verify", help="First read every stored chunk of these patients "
                                                             "and redo the damaged stages (see `lungzarr verify`).")):
-    """The whole pipeline: ingest, 2 mm, segment, crop, detect, nodules, features."""
+    """The whole pipeline: ingest, 2 mm, segment, crop, lungs3d, detect, nodules, features."""
     from lungzarr.pipeline import run as run_pipeline
     from lungzarr.pipeline.stages import stage_names
 

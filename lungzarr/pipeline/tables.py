@@ -51,13 +51,30 @@ PATIENT_COLUMNS: dict[str, str] = {
 
 
 def patient_nodules(store, patient: str):
-    """One patient's stored nodule table (``patients/<id>/nodules``) as a DataFrame (:data:`NODULE_COLUMNS`).
+    """One patient's stored nodule table (``patients/<id>/nodules``) as a DataFrame.
 
     Reads the compact layout (one array, :data:`~lungzarr.algorithms.nodules.NODULE_LAYOUT`) with one
     open and one chunk read; a store written before it (one array per column) through xarray.
+
+    Parameters
+    ----------
+    store : path, str or CohortStore
+        The store: its folder or URL (opened read-only), or a store already open.
+    patient : str
+        The patient id (``patients/<id>``).
+
+    Returns
+    -------
+    DataFrame
+        One row per candidate nodule, the columns of
+        :data:`~lungzarr.algorithms.nodules.NODULE_COLUMNS`.
     """
     from lungzarr.algorithms.nodules import dataset_to_nodules
 
+    if not hasattr(store, "load_patient"):     # a path or URL, as read_nodules takes
+        from lungzarr.io.storage import CohortStore
+
+        store = CohortStore(store, mode="r")
     ds = store.load_patient(patient, ["table"], subgroup="nodules")
     if "table" not in ds:
         ds = store.open_patient(patient, subgroup="nodules").load()
