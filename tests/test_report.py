@@ -177,7 +177,7 @@ def test_truth_needs_its_columns(report_store, tmp_path):
 
 
 def test_readme_example_plots_radiologically(report_store, monkeypatch):
-    """The README's plotting example runs on a store and draws y down, as the QC pictures."""
+    """The store page's plotting example runs on a store and draws y down, as the QC pictures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,12 +187,12 @@ def test_readme_example_plots_radiologically(report_store, monkeypatch):
     from lungzarr.algorithms.nodules import select_nodules
 
     store, _ = report_store
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "user-guide" / "store.md").read_text(encoding="utf-8")
     block = re.search(r"```python\n(import lungzarr\n.*?)```", readme, re.S).group(1)
     code = block.replace('"demo.zarr"', repr(str(store))).replace("DEMO-001", "R-1")
     plt.close("all")
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "store.md", "exec"), scope)
     ax = plt.gca()
     assert ax.yaxis_inverted() and not ax.xaxis_inverted()
     z = float(scope["plane"].z2)
