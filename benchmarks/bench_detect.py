@@ -132,3 +132,22 @@ def cmd_detect(a) -> dict:
     print(markdown_table(result), flush=True)
     write_result(a.name or "detect", result)
     return result
+
+
+def add_commands(sub):
+    """``detect`` as a command of ``python -m benchmarks``."""
+    p = sub.add_parser("detect", help="the detect stage per real patient: Keras-TF as it was vs engine, form, crop")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over every patient and variant")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="ENGINE-(literal|folded)-(fixed|lungs); default: see benchmarks/bench_detect.py")
+    p.add_argument("--name", default=None, help="results/<name>.json (default detect)")
+    p.set_defaults(run=_run)
+
+
+def _run(a):
+    a.variants = a.variants or list(DEFAULT_VARIANTS)
+    return cmd_detect(a)
+
+
+#: The child process of this command (``python -m benchmarks _child detect``).
+CHILDREN = {"detect": child_detect}

@@ -286,3 +286,16 @@ def cmd_engines(a) -> dict:
     result["machine_after"] = {"load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
     write_result(a.name or "engines", result)
     return result
+
+
+def add_commands(sub):
+    """``engines`` as a command of ``python -m benchmarks``."""
+    p = sub.add_parser("engines", help="Keras-TF vs OpenVINO vs ONNX Runtime on real windows, and the detect stage")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every batch and engine")
+    p.add_argument("--stage-rounds", type=int, default=2, help="detect-stage runs per engine (0: none)")
+    p.add_argument("--name", default=None, help="results/<name>.json (default engines)")
+    p.set_defaults(run=cmd_engines)
+
+
+#: The child processes of this command (``python -m benchmarks _child KIND``), by kind.
+CHILDREN = {"engines": child_engines, "engines_stage": child_engines_stage, "engine_memory": child_engine_memory}

@@ -244,3 +244,18 @@ def cmd_lungbox(a) -> dict:
     print(markdown_table(result), flush=True)
     write_result(a.name or "lungbox", result)
     return result
+
+
+def add_commands(sub):
+    """``lungbox`` as a command of ``python -m benchmarks``."""
+    p = sub.add_parser("lungbox", help="detect --crop fixed vs --crop lungs on the real patients, A/B interleaved")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over every patient and variant")
+    p.add_argument("--engine", default="auto", help="the UNet engine (default auto: OpenVINO on CPU)")
+    p.add_argument("--also-margin", type=int, nargs="*", default=[8],
+                   help="extra lung-box margins to compare (smaller than the network's reach: not exact)")
+    p.add_argument("--name", default=None, help="results/<name>.json (default lungbox)")
+    p.set_defaults(run=cmd_lungbox)
+
+
+#: The child process of this command (``python -m benchmarks _child lungbox``).
+CHILDREN = {"lungbox": child_lungbox}

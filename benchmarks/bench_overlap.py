@@ -144,3 +144,18 @@ def cmd_overlap(a) -> dict:
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def add_commands(sub):
+    """``overlap`` as a command of ``python -m benchmarks``."""
+    from benchmarks.harness import add_cohort_options
+
+    p = sub.add_parser("overlap", help="streamed vs stage-by-stage on a CPU worker + a 'GPU' worker")
+    add_cohort_options(p)
+    p.add_argument("--patients", type=int, default=4)
+    p.add_argument("--order", choices=("stagewise-first", "streamed-first"), default="stagewise-first")
+    p.set_defaults(run=cmd_overlap)
+
+
+#: The child process of this command (``python -m benchmarks _child overlap``).
+CHILDREN = {"overlap": child_overlap}

@@ -11,6 +11,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
+#: The pipeline's stages that the synthetic-cohort benchmarks time, in order (``--stages`` takes a prefix).
+STAGES = ("ingest", "segment", "detect", "nodules", "features")
 
 
 def warm_model(engine: str = "keras", fold_upsampling: bool = True):
@@ -74,3 +76,15 @@ def write_result(name: str, result: dict) -> Path:
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {path}", flush=True)
     return path
+
+
+def add_cohort_options(p, workers=2):
+    """The options of a command that runs the pipeline on a synthetic cohort."""
+    p.add_argument("--small", action="store_true", help="256 x 256 x 60 slices of 2.5 mm (quick)")
+    p.add_argument("--workers", type=int, default=workers)
+    p.add_argument("--batch-size", type=int, default=4, help="patients in flight (pipeline batch_size)")
+    p.add_argument("--chunk-slices", type=int, default=16)
+    p.add_argument("--workdir", default=None, help="where the temporary cohort goes")
+    p.add_argument("--name", default=None, help="results/<name>.json")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                   help="a prefix of the stages (e.g. ingest segment: no UNet, say so)")

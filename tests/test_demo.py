@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from lungzarr.algorithms.phantom import DEMO_PATIENTS
-from lungzarr.demo import DEMO_SPACING, demo_truth, match_truth, write_demo_cohort
+from lungzarr.demo import DEMO_SPACING, demo_truth, write_demo_cohort
+from lungzarr.evaluate import match_truth
 from lungzarr.io.dicom import load_hu, read_series
 
 

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lungzarr._version import __version__
-from lungzarr.cli import _LineProgress, app
+from lungzarr.cli import app
+from lungzarr.cli._progress import _LineProgress
 from lungzarr.cluster import worker_environ
 from lungzarr.model import quiet
 from lungzarr.pipeline import ingest
@@ -242,7 +243,7 @@ def test_a_terminal_gets_the_bars_and_anything_else_the_lines(monkeypatch):
     from rich.console import Console
     from rich.progress import Progress
 
-    import lungzarr.cli as cli
+    import lungzarr.cli._progress as cli
 
     monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), force_terminal=True))
     display, make = cli._progress_display()

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lungzarr.cli import _LineProgress, _warning_lines, app
+from lungzarr.cli import app
+from lungzarr.cli._progress import _LineProgress, _warning_lines
 from lungzarr.errors import PatientError, RunConfigError
 from lungzarr.io import volumes
 from lungzarr.io.locations import blank_secrets, describe_error

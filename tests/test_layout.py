@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lungzarr"
 
 LAYERS = {"_version": 0, "errors": 0, "volume": 0, "io": 1, "model": 1, "algorithms": 2, "evaluate": 2,
-          "pipeline": 3, "reports": 4, "cli": 4, "cluster": 4, "demo": 4, "__init__": 4}
+          "pipeline": 3, "reports": 4, "cli": 4, "cluster": 4, "demo": 4, "__init__": 4, "__main__": 4}
 
 
 def _modules():

@@ -35,7 +35,8 @@ builds from the store's coordinates (:meth:`SliceGeometry.from_axes`).
 The parts: ``_lidc`` (reader XML), ``_geometry`` (outlines to millimetres),
 ``_luna`` (LUNA16 CSV), ``_consensus`` (grouping the readers' marks),
 ``_matching`` (hits, ignores, false positives), ``_froc`` (FROC, CPM,
-bootstrap) and ``_result`` (a whole evaluation and its files).
+bootstrap), ``_result`` (a whole evaluation and its files) and ``_verdict``
+(detections against known true nodules: the demo's verdict, the report's truth).
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ from lungzarr.evaluate._lidc import ReaderMark, ReaderMarks, Roi, read_lidc_xml,
 from lungzarr.evaluate._luna import read_luna_annotations, read_luna_candidates, read_luna_csv, read_seriesuids
 from lungzarr.evaluate._matching import match_detections
 from lungzarr.evaluate._result import EvaluationResult, evaluate_detections, evaluate_lidc_patient, write_evaluation
+from lungzarr.evaluate._verdict import DemoVerdict, match_truth
 
 __all__ = [
     "LIDC_NAMESPACE",
@@ -89,4 +91,6 @@ __all__ = [
     "TRUTH_COLUMNS",
     "DETECTION_COLUMNS",
     "UNKNOWN_DIAMETER_MM",
+    "DemoVerdict",
+    "match_truth",
 ]

@@ -246,7 +246,7 @@ def write_report(store_path, output, *, truth=None) -> Path:
         Known nodules, one row each: ``patient, z_mm, y_mm, x_mm, diameter_mm``
         (patient mm; e.g. :func:`lungzarr.demo.demo_truth`). Drawn as squares
         in the pictures, and each patient's card lists its hits, misses and
-        false positives (:func:`lungzarr.demo.match_truth`). Rows of patients
+        false positives (:func:`lungzarr.evaluate.match_truth`). Rows of patients
         not in the store are left out and named. ``truth.attrs`` ``noun`` and
         ``empty_reason`` word the verdict (demo_truth: "phantom nodule", "by design").
     """
@@ -267,7 +267,7 @@ def write_report(store_path, output, *, truth=None) -> Path:
     ids = store.patients()
     verdict = None
     if truth is not None:
-        from lungzarr.demo import match_truth
+        from lungzarr.evaluate import match_truth
 
         # demo_truth() names its nodules in attrs ("phantom nodule", "by design"); other tables get plain words.
         verdict = match_truth(nodules, truth[truth.patient.isin(ids)], patients=ids,

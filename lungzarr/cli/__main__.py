@@ -1,0 +1,4 @@
+"""``python -m lungzarr.cli``."""
+from lungzarr.cli import app
+
+app()
