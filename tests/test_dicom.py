@@ -11,6 +11,7 @@ import pytest
 
 from lungzarr.errors import PatientError
 from lungzarr.io import dicom
+from lungzarr.volume import z_chunks
 
 from dicom_phantoms import SPACING, edit_header, fixture_hu, make_patient, phantom_volume
 
@@ -373,11 +374,11 @@ def test_series_to_hu_is_lazy_and_equals_load_hu(tmp_path, monkeypatch, chunk_sl
         decoded.append(len(paths))
         return real(paths, *args, **kwargs)
 
-    monkeypatch.setattr(dicom, "decode_slices_to_hu", counting)
+    monkeypatch.setattr(dicom.series, "decode_slices_to_hu", counting)  # where series_to_hu looks it up
     hu = dicom.series_to_hu(series, chunk_slices=chunk_slices)
     assert isinstance(hu, dask.array.Array)
     assert hu.dtype == np.int16 and hu.shape == series.shape
-    assert hu.chunks[0] == dicom.z_chunks(12, chunk_slices)
+    assert hu.chunks[0] == z_chunks(12, chunk_slices)
     assert hu.chunks[1:] == ((64,), (64,))
     assert decoded == []                       # building the graph decodes nothing
     one_chunk = hu[:chunk_slices].compute(scheduler="sync")

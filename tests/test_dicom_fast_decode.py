@@ -19,6 +19,7 @@ from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from lungzarr.errors import PatientError
 from lungzarr.io import dicom
+from lungzarr.io.dicom.decode import _decode_one, _native_pixels
 
 from dicom_phantoms import make_patient, phantom_volume
 
@@ -36,7 +37,7 @@ def _same_array(a, b) -> bool:
 def _decode(path):
     """(header, the slice as the ingest decodes it now): the fast path where the header has a layout."""
     header = dicom.read_header(path)
-    return header, dicom._decode_one(str(path), header)
+    return header, _decode_one(str(path), header)
 
 
 def _outcome(fn):
@@ -59,7 +60,7 @@ def test_lidc_slices_take_the_fast_path_and_equal_pydicom(lidc_dir):
         header, array = _decode(path)
         assert header.pixels is not None, path.name          # native Explicit VR LE, int16: covered
         assert (header.bits_allocated, header.bits_stored, header.pixel_representation) == (16, 16, 1)
-        assert dicom._native_pixels(str(path), header.pixels) is not None
+        assert _native_pixels(str(path), header.pixels) is not None
         assert _same_array(array, _pydicom_array(path)), path.name
 
 
@@ -74,7 +75,7 @@ def test_ricord_jpeg_lossless_goes_through_pydicom(ricord_dir, monkeypatch):
     real = pydicom.dcmread
     monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: calls.append(1) or real(*a, **k))
     for path in files:
-        assert _same_array(dicom._decode_one(str(path), dicom.read_header(path)), _pydicom_array(path))
+        assert _same_array(_decode_one(str(path), dicom.read_header(path)), _pydicom_array(path))
     assert len(calls) >= 2 * len(files)   # header + decode (+ the reference) for each
 
 
@@ -105,9 +106,9 @@ def test_pydicom_corpus_fast_decode_equals_pixel_array():
             continue
         (fast if header.pixels is not None else fallback).append(Path(path).name)
         if header.pixels is not None:
-            direct = dicom._native_pixels(path, header.pixels)
+            direct = _native_pixels(path, header.pixels)
             assert direct is not None and _same_array(direct, expected), path
-        kind, array = _outcome(lambda path=path, header=header: dicom._decode_one(path, header))
+        kind, array = _outcome(lambda path=path, header=header: _decode_one(path, header))
         assert kind == "ok" and _same_array(array, expected), path
     print(f"\npydicom corpus, single-frame greyscale files pydicom decodes: {len(fast)} fast path, "
           f"{len(fallback)} through pydicom ({', '.join(sorted(fallback))}), {len(refused)} refused at the "
@@ -213,8 +214,8 @@ def test_edge_case_decodes_as_pydicom_or_falls_back(tmp_path, case):
     assert kind == "ok", header
     assert (header.pixels is not None) == covered
     # The decode before the fast path: pydicom's pixel_array, then the 2-D check.
-    expected = _outcome(lambda: dicom._decode_one(str(path), replace(header, pixels=None)))
-    got = _outcome(lambda: dicom._decode_one(str(path), header))
+    expected = _outcome(lambda: _decode_one(str(path), replace(header, pixels=None)))
+    got = _outcome(lambda: _decode_one(str(path), header))
     assert got[0] == expected[0], (got, expected)
     if expected[0] == "ok":
         assert _same_array(got[1], expected[1]) and _same_array(got[1], _pydicom_array(path))
@@ -228,9 +229,8 @@ def test_unused_high_bits_are_masked_or_sign_extended_as_pydicom(tmp_path):
     values = np.array([0xF800, 0x0FFF, 0x07FF, 0x0800, 0x1234], dtype=np.uint16)
     signed = _write(tmp_path / "s.dcm", stored=12, signed=1, rows=1, cols=5, values=values)
     unsigned = _write(tmp_path / "u.dcm", stored=12, signed=0, rows=1, cols=5, values=values)
-    assert dicom._decode_one(str(signed), dicom.read_header(signed)).tolist() == [[-2048, -1, 2047, -2048, 564]]
-    assert dicom._decode_one(str(unsigned), dicom.read_header(unsigned)).tolist() == [[2048, 4095, 2047, 2048,
-                                                                                      564]]
+    assert _decode_one(str(signed), dicom.read_header(signed)).tolist() == [[-2048, -1, 2047, -2048, 564]]
+    assert _decode_one(str(unsigned), dicom.read_header(unsigned)).tolist() == [[2048, 4095, 2047, 2048, 564]]
     assert _pydicom_array(signed).tolist() == [[-2048, -1, 2047, -2048, 564]]
 
 
@@ -242,7 +242,7 @@ def test_no_transfer_syntax_in_the_file_meta_still_fails_as_before(tmp_path):
     header = dicom.read_header(path)
     assert header.pixels is None   # pydicom refuses the pixels of such a file: so does lungzarr, as before
     with pytest.raises(PatientError, match="Transfer Syntax UID"):
-        dicom._decode_one(str(path), header)
+        _decode_one(str(path), header)
 
 
 # ---------------------------------------------------------------------- files changed after their header was read
@@ -253,7 +253,7 @@ def test_truncated_after_the_header_was_read_is_the_same_clear_error(tmp_path):
     assert header.pixels is not None
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[:-1000])
-    assert dicom._native_pixels(str(paths[1]), header.pixels) is None
+    assert _native_pixels(str(paths[1]), header.pixels) is None
     with pytest.raises(PatientError) as info:
         dicom.decode_slices_to_hu([str(paths[1])], [1.0], [-1024.0], patient="P", layouts=[header.pixels])
     assert info.value.file == str(paths[1]) and info.value.patient == "P" and info.value.stage == "ingest"
@@ -268,8 +268,8 @@ def test_rewritten_after_the_header_was_read_decodes_the_new_file(tmp_path):
     edited = pydicom.dcmread(other)
     edited.StudyDescription = "a longer header moves the pixel data"
     edited.save_as(paths[0])
-    assert dicom._native_pixels(str(paths[0]), header.pixels) is None
-    assert _same_array(dicom._decode_one(str(paths[0]), header), _pydicom_array(paths[0]))
+    assert _native_pixels(str(paths[0]), header.pixels) is None
+    assert _same_array(_decode_one(str(paths[0]), header), _pydicom_array(paths[0]))
 
 
 def test_same_size_and_mtime_but_other_bytes_at_the_pixel_tag_fall_back(tmp_path):
@@ -282,8 +282,8 @@ def test_same_size_and_mtime_but_other_bytes_at_the_pixel_tag_fall_back(tmp_path
         fh.write(b"UN")
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns))
     assert paths[0].stat().st_size == layout.size and paths[0].stat().st_mtime_ns == layout.mtime_ns
-    assert dicom._native_pixels(str(paths[0]), layout) is None
-    assert _outcome(lambda: dicom._decode_one(str(paths[0]), header))[0] == _outcome(
+    assert _native_pixels(str(paths[0]), layout) is None
+    assert _outcome(lambda: _decode_one(str(paths[0]), header))[0] == _outcome(
         lambda: _pydicom_array(paths[0]))[0]
 
 
@@ -293,12 +293,12 @@ def test_object_bytes_take_the_fast_path(tmp_path):
     data = path.read_bytes()
     header = dicom.read_header("s3://bucket/P/0000.dcm", data=data)
     assert header.pixels is not None and header.pixels.mtime_ns is None
-    direct = dicom._native_pixels("s3://bucket/P/0000.dcm", header.pixels, data)
+    direct = _native_pixels("s3://bucket/P/0000.dcm", header.pixels, data)
     assert direct is not None and _same_array(direct, _pydicom_array(path))
-    got = dicom._decode_one("s3://bucket/P/0000.dcm", header, data=data)
+    got = _decode_one("s3://bucket/P/0000.dcm", header, data=data)
     assert _same_array(got, _pydicom_array(path))
     # Other bytes (a rewritten object of another size) go to pydicom.
-    assert dicom._native_pixels("s3://bucket/P/0000.dcm", header.pixels, data[:-2]) is None
+    assert _native_pixels("s3://bucket/P/0000.dcm", header.pixels, data[:-2]) is None
 
 
 # ---------------------------------------------------------------------- HU volumes bit for bit
@@ -347,8 +347,8 @@ def test_a_damaged_image_pixel_value_costs_no_header_and_decodes_as_before(tmp_p
     path.write_bytes(data[:i] + tag[:6] + b"\x03\x00" + data[i + 8:i + 10] + b"\x00" + data[i + 10:])
     header = dicom.read_header(path)
     assert (header.pixels is not None) == fast
-    expected = _outcome(lambda: dicom._decode_one(str(path), replace(header, pixels=None)))
-    got = _outcome(lambda: dicom._decode_one(str(path), header))
+    expected = _outcome(lambda: _decode_one(str(path), replace(header, pixels=None)))
+    got = _outcome(lambda: _decode_one(str(path), header))
     assert got[0] == expected[0]
     if fast:
         assert _same_array(got[1], expected[1]) and header.high_bit is None

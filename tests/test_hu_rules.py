@@ -18,6 +18,7 @@ import pytest
 
 from lungzarr.errors import PatientError
 from lungzarr.io import dicom, plausible, volumes
+from lungzarr.io.dicom.pixel_checks import _check_values_are_hu
 from lungzarr.io.storage import CohortStore, read_failures, read_warnings
 from lungzarr.pipeline import ingest
 from lungzarr.volume import Grid
@@ -127,7 +128,7 @@ def test_missing_intercept_is_refused_on_both_decodes(tmp_path):
     assert info.value.file == str(paths[6])
     headers = [replace(dicom.read_header(p), pixels=None) for p in paths]   # pydicom's decode
     with pytest.raises(PatientError) as again:
-        dicom._check_values_are_hu(headers, "P")
+        _check_values_are_hu(headers, "P")
     assert again.value.reason == reason
 
 
