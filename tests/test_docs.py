@@ -109,12 +109,18 @@ def _run_examples(path: Path, workdir: Path) -> int:
     return ran
 
 
+#: What a page's examples leave in their folder: the tutorial's figures and its labels CSV.
+WRITES = {"docs/tutorials/analysis.md": ("nodule_sizes_per_lung.png", "DEMO-001_nodules.png", "clinical_labels.csv")}
+
+
 @pytest.mark.parametrize("path", FILES_WITH_EXAMPLES, ids=_relative)
 def test_every_python_example_runs(path, demo_folder, tmp_path):
     """The examples run in a fresh folder beside the demo's store, as a reader would run them."""
     (tmp_path / "demo.zarr").symlink_to(demo_folder / "demo.zarr", target_is_directory=True)
     (tmp_path / "input").symlink_to(demo_folder / "input", target_is_directory=True)
     assert _run_examples(path, tmp_path) > 0
+    for name in WRITES.get(_relative(path), ()):
+        assert (tmp_path / name).stat().st_size > 0, name
 
 
 def test_skipped_examples_compile_and_say_why():
