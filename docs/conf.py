@@ -22,7 +22,7 @@ author = "lungzarr developers"
 copyright = "lungzarr developers, MIT licence"
 version = release = __version__
 
-extensions = ["myst_parser", "sphinx.ext.autodoc", "numpydoc", "lungzarr_columns"]
+extensions = ["myst_parser", "sphinx.ext.autodoc", "numpydoc", "lungzarr_columns", "lungzarr_measured"]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
 # docs/README.md is the folder's index for readers of the repository on GitHub, not a page.

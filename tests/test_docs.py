@@ -109,12 +109,18 @@ def _run_examples(path: Path, workdir: Path) -> int:
     return ran
 
 
+#: What a page's examples leave in their folder: the tutorial's figures and its labels CSV.
+WRITES = {"docs/tutorials/analysis.md": ("nodule_sizes_per_lung.png", "DEMO-001_nodules.png", "clinical_labels.csv")}
+
+
 @pytest.mark.parametrize("path", FILES_WITH_EXAMPLES, ids=_relative)
 def test_every_python_example_runs(path, demo_folder, tmp_path):
     """The examples run in a fresh folder beside the demo's store, as a reader would run them."""
     (tmp_path / "demo.zarr").symlink_to(demo_folder / "demo.zarr", target_is_directory=True)
     (tmp_path / "input").symlink_to(demo_folder / "input", target_is_directory=True)
     assert _run_examples(path, tmp_path) > 0
+    for name in WRITES.get(_relative(path), ()):
+        assert (tmp_path / name).stat().st_size > 0, name
 
 
 def test_skipped_examples_compile_and_say_why():
@@ -223,3 +229,87 @@ def test_readme_example_after_the_real_demo(tmp_path):
     finally:
         os.chdir(cwd)
     assert _run_examples(REPO / "README.md", tmp_path) > 0
+
+
+# ---------------------------------------------------------------------- figures that cannot drift
+
+#: A figure with a unit of time, memory, size, CPU or a package count (the units the pages measure in).
+FIGURE = re.compile(r"(?<![\w.§-])~?\d[\d,]*(?:\.\d+)?(?:[–-]\d[\d,]*(?:\.\d+)?)?\s?"
+                    r"(?:ms|s|min|h|GB|GiB|MB|MiB|kB|TB|CPU-s|CPU-seconds|seconds|minutes|hours|packages|"
+                    r"distributions|%)(?![\w])")
+#: A measured figure: checked against its results file when the site is built (docs/_ext/lungzarr_measured.py).
+MEASURED_ROLE = re.compile(r"\{measured\}`[^`]*`")
+#: Figures that are no measurement, each with the reason (page, the text around it, why).
+NOT_MEASURED = [
+    ("README.md", "plan about 2 GB of memory", "a plan rounded up from the measured peak, checked below"),
+    ("docs/getting-started.md", "Plan about 2 GB of memory", "the same plan"),
+    ("docs/getting-started.md", "`ingest P1 done 2.3 s`", "an example of the output's wording"),
+    ("docs/getting-started.md", "after 40.1 s", "an example of the output's wording"),
+    ("docs/getting-started.md", "`after 3.0 min", "an example of the output's wording"),
+    ("docs/user-guide/bad-input.md", "after 41.2 s: 3 of 10", "an example of the message's wording"),
+    ("docs/user-guide/clusters.md", 'memory="64GB"', "a SLURM job's request in an example"),
+    ("docs/user-guide/clusters.md", "waits 5 s for at least one worker", "a timeout of the code"),
+    ("docs/user-guide/clusters.md", "no worker within 5 s", "a timeout of the code"),
+    ("docs/user-guide/commands.md", "within 5 s", "a timeout of the code"),
+    ("docs/user-guide/object-storage.md", "heartbeat every 30 s", "a constant of the code"),
+    ("docs/user-guide/object-storage.md", "120 s (`LOCK_TTL_S`)", "a constant of the code"),
+    ("docs/user-guide/object-storage.md", "for 120 s (suspended", "the same constant"),
+    ("docs/user-guide/engines.md", "plan about 2 GB per worker", "the plan of getting-started.md"),
+    ("docs/user-guide/engines.md", "specks under 5 % of", "a parameter of the algorithm"),
+    ("docs/user-guide/engines.md", "20 % fewer", "arithmetic: multiply-adds of the folded network (algorithms §5)"),
+    ("docs/user-guide/engines.md", "the file is 2.3 MB", "the size of models/d8_2x2x2_best_weights.h5, checked below"),
+    ("docs/user-guide/exports.md", "nodules: 0.9 GB", "arithmetic: 300 x 512 x 512 voxels x 11 segments x 1 byte"),
+    ("docs/user-guide/stages.md", "(70, 86, 91, 95 % of all", "shares of a nodule's voxels kept (validation)"),
+    ("docs/user-guide/stages.md", "39 % and 38 % kept", "shares of a nodule's voxels kept (validation)"),
+    ("docs/algorithms.md", "by more than 5 % (`SPACING_RTOL`)", "a tolerance of the code"),
+    ("docs/algorithms.md", "99.995 %", "agreement of decisions, not a time or a size"),
+    ("docs/algorithms.md", "(−20 %", "arithmetic: multiply-adds of the folded network"),
+    ("docs/algorithms.md", "4 % fewer", "arithmetic: multiply-adds"),
+    ("docs/algorithms.md", "smaller than 5 % of the", "a parameter of the algorithm"),
+    ("docs/algorithms.md", "about 0.3 %", "an effect on lvol stated by the specification"),
+    ("docs/algorithms.md", "at least 5 % of the largest", "a parameter of the algorithm"),
+]
+
+
+def _unmeasured_figures(path: Path) -> list[tuple[int, str]]:
+    """(line, figure) of every figure with a unit outside a ``{measured}`` role and outside NOT_MEASURED."""
+    text = path.read_text(encoding="utf-8")
+    blanked = MEASURED_ROLE.sub(lambda m: " " * len(m.group()), text)
+    for page, context, _ in NOT_MEASURED:
+        if page == _relative(path):
+            assert context in blanked, f"{page}: NOT_MEASURED names {context!r}, which the page no longer says"
+            blanked = blanked.replace(context, " " * len(context))
+    return [(text.count("\n", 0, m.start()) + 1, m.group()) for m in FIGURE.finditer(blanked)]
+
+
+def test_every_figure_comes_from_a_results_file():
+    """A time, size or memory figure on a page is a {measured} role (checked at build time) or named above."""
+    found = {f"{_relative(p)}:{line}": figure for p in MARKDOWN if p.name != "benchmarks.md"
+             for line, figure in _unmeasured_figures(p)}
+    assert not found, ("figures without a results file: write them as {measured}`FIGURE <FILE.json: EXPRESSION>` "
+                       f"(docs/_ext/lungzarr_measured.py) or remove them: {found}")
+
+
+def test_the_figures_that_are_no_measurement_hold():
+    import json
+
+    whole = json.loads((REPO / "benchmarks/results/stages_whole_cpu.json").read_text())
+    peak_gb = whole["rounds"][0]["table"]["end_to_end"]["pipeline_peak_rss_per_worker_mb"] / 1000
+    assert peak_gb <= 2.0, "the plan of 2 GB per worker is below the measured peak: raise it in README and docs"
+    assert round((REPO / "models/d8_2x2x2_best_weights.h5").stat().st_size / 1e6, 1) == 2.3
+    assert round(300 * 512 * 512 * 11 / 1e9, 1) == 0.9
+
+
+def test_a_measured_figure_must_match_its_file():
+    sys.path.insert(0, str(DOCS / "_ext"))
+    import lungzarr_measured as measured
+
+    value = measured.value_of("install_size.json", "total_bytes / 1e9")
+    measured.check_figure(f"{value:.2f} GB", value)
+    with pytest.raises(measured.MeasuredError, match="the results file gives"):
+        measured.check_figure(f"{value + 0.01:.2f} GB", value)
+    with pytest.raises(measured.MeasuredError, match="no 'nope'"):
+        measured.value_of("install_size.json", "per_distribution.nope.bytes")
+    assert measured.provenance("install_size.json").startswith("benchmarks/results/install_size.json, measured 20")
+    text = "x {measured}`3.07 GB <install_size.json: total_bytes / 1e9>` 12 MB"
+    assert FIGURE.findall(MEASURED_ROLE.sub("", text)) == ["12 MB"]

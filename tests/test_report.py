@@ -214,3 +214,58 @@ def test_demo_truth_wording_and_truth_of_other_patients(report_store, tmp_path):
     assert ("Against the truth: 1/1 phantom nodules found, 1 false positive (R-2 has no nodule by design: "
             "nothing was detected there, as it should be)") in text
     assert "2 patient(s) not in this store, left out: DEMO-001, DEMO-002." in text
+
+
+def test_report_tables_scroll_inside_their_box_and_candidates_take_the_card_width(report_store, tmp_path):
+    """No table is cut off: each sits in a box that scrolls sideways, the candidates below the picture.
+
+    Seen in headless Chromium at 1366 px: the candidates beside the picture had a third of the card and lost
+    their right-hand columns; at 390 px every wide table needs to scroll.
+    """
+    from lungzarr.reports.html import write_report
+
+    store, truth = report_store
+    text = write_report(store, tmp_path / "report.html", truth=truth).read_text()
+    css = dict(re.findall(r"\n(\.[\w-]+)\{([^}]*)\}", text))
+    assert "overflow-x:auto" in css[".scroll"]
+    assert "flex:1 1 100%" in css[".candidates"]
+    tables = text.count("<table")
+    assert tables == 2                                   # the patient table and R-1's candidates
+    assert text.count('<div class="scroll"><table>') == tables
+    # R-1's candidates follow its picture and verdict in a box of their own, not inside the picture's column.
+    card = text.split('<section class="card"><h3>R-1</h3>', 1)[1].split("</section>", 1)[0]
+    pic, info, candidates = (card.index(f'<div class="{name}">') for name in ("pic", "info", "candidates"))
+    assert pic < info < candidates < card.index("<table")
+    assert card.count("<div") == card.count("</div>")
+
+
+def test_qc_legend_lies_below_the_planes(tmp_path, monkeypatch):
+    """The PNG's legend (three rows with the 3-D mask and the truth) covers no pixel of any plane."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from lungzarr.reports.qc import qc_figure
+
+    drawn = []
+    savefig = Figure.savefig
+
+    def keep_figure(fig, *args, **kwargs):
+        result = savefig(fig, *args, **kwargs)
+        drawn.append(fig)
+        return result
+
+    monkeypatch.setattr(Figure, "savefig", keep_figure)
+    hu = np.full((40, 60, 60), -850, dtype=np.int16)
+    lungs = np.zeros(hu.shape, dtype=bool)
+    lungs[5:35, 10:50, 5:55] = True
+    labels = np.where(lungs, 1, 0).astype(np.uint8)
+    labels[:, :, 30:] *= 2
+    marker = pd.DataFrame([dict(z_index=20, y_index=30, x_index=20, diameter_mm=8.0)])
+    qc_figure(hu, lungs, path=tmp_path / "q.png", nodules=marker, truth=marker, lung_labels=labels, title="P")
+    (fig,) = drawn
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert len(fig.legends[0].get_texts()) == 7
+    for ax in fig.axes:
+        picture = ax.images[0].get_window_extent(renderer)
+        assert legend.y1 <= picture.y0, (ax.get_title(), legend, picture)

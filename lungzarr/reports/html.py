@@ -26,12 +26,21 @@ table{border-collapse:collapse;font-size:12px;margin:.3em 0}
 td,th{border:1px solid #ccc;padding:2px 5px;text-align:right} th{background:#f3f3f3;font-weight:600}
 td:first-child,th:first-child{text-align:left;white-space:nowrap}
 th[title]{text-decoration:underline dotted;cursor:help}
-.scroll{overflow-x:auto}
+/* Every table sits in a .scroll box: a table wider than its box scrolls sideways inside it instead of being cut
+   off, and the shadows at its edges (local backgrounds over scroll ones) show that there is more to either side. */
+.scroll{overflow-x:auto;max-width:100%;
+ background:linear-gradient(to right,#fff 30%,#fff0) left/2.5em 100% no-repeat local,
+  linear-gradient(to left,#fff 30%,#fff0) right/2.5em 100% no-repeat local,
+  radial-gradient(farthest-side at 0 50%,#0003,#0000) left/.8em 100% no-repeat scroll,
+  radial-gradient(farthest-side at 100% 50%,#0003,#0000) right/.8em 100% no-repeat scroll}
 .top{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,420px),1fr));gap:1em;align-items:start}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,900px),1fr));gap:1em}
 .card{border:1px solid #ddd;border-radius:6px;padding:.7em;background:#fff;min-width:0}
 .card-body{display:flex;flex-wrap:wrap;gap:.6em 1.2em} .pic{flex:3 1 520px;min-width:0}
-.info{flex:2 1 320px;min-width:0} .info ul{padding-left:1.2em;margin:.2em 0} .info p{margin:.3em 0}
+.info{flex:2 1 320px;min-width:0}
+/* The candidates take the card's whole width, below the picture and the verdict: beside the picture they had a
+   third of it and their right-hand columns were cut off. */
+.candidates{flex:1 1 100%;min-width:0} .info ul{padding-left:1.2em;margin:.2em 0} .info p{margin:.3em 0}
 .legend{list-style:none;padding:0;margin:.3em 0;font-size:13px}
 .legend li{display:flex;align-items:center;gap:.5em;margin:.15em 0}
 .legend svg{flex:none;background:#333;border-radius:3px}
@@ -331,7 +340,8 @@ def write_report(store_path, output, *, truth=None) -> Path:
         if len(mine):
             n_pass = int(mine.passes_dsb_filter.sum())
             card.append(f"<p class='muted'>{len(mine)} candidate(s) at p &gt; {REPORTED_THRESHOLD:g}, "
-                        f"{n_pass} passing the DSB filter (drawn in the picture).</p>"
+                        f"{n_pass} passing the DSB filter (drawn in the picture).</p></div>"
+                        '<div class="candidates">'
                         + _table_html(mine[[c for c in _CARD_COLUMNS if c in mine.columns]], descriptions))
         else:
             card.append(f"<p class='muted'>no candidate at p &gt; {REPORTED_THRESHOLD:g}.</p>")

@@ -91,7 +91,9 @@ def _legend(fig, *, truth: bool, sides: bool = False) -> None:
         elif truth or kind != "square":
             style_kw = dict(fill=False, edgecolor=colour, linestyle=style, linewidth=1.2, label=meaning)
             handles.append(Circle((0, 0), 1, **style_kw) if kind == "circle" else Rectangle((0, 0), 1, 1, **style_kw))
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9, handleheight=1.6,
+    # "outside": the constrained layout sets the legend below the planes and gives it its own rows, so no
+    # line of it can lie over a picture however many rows it takes.
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False, fontsize=9, handleheight=1.6,
                handlelength=1.6, columnspacing=1.2,
                handler_map={Circle: HandlerPatch(patch_func=circle), Rectangle: HandlerPatch(patch_func=square)})
 
@@ -159,7 +161,7 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     # (plane, its (row, col) axes in the volume, aspect = row step / col step)
     layout = [("axial", (1, 2), sy / sx), ("coronal", (0, 2), sz / sx), ("sagittal", (0, 1), sz / sy)]
 
-    fig = Figure(figsize=(10, 4.2), dpi=100)
+    fig = Figure(figsize=(10, 4.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     for ax, (name, (row_axis, col_axis), aspect), image, mask, sides in zip(axes, layout, hu_planes, mask_planes,
@@ -210,7 +212,6 @@ def qc_figure(hu_2mm, lungs, *, path, nodules=None, spacing=(2.0, 2.0, 2.0), tit
     if title:
         fig.suptitle(title)
     _legend(fig, truth=truth is not None, sides=lung_labels is not None)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
