@@ -10,9 +10,9 @@ Chunks
     it (:class:`ChunkChannel`); without a cluster (dask's local threads) it
     goes onto a queue of this process. Nothing else changes in the graph: the
     identity is one more call per block, fused into the block's own task (a
-    task of its own where fusion is off, on GPU clusters), and its task name
-    is derived from the block's, so task keys still come from the patient,
-    its files and the store.
+    task of its own, ``chunk-computed-…``, where fusion is off, on GPU
+    clusters), and its task name is derived from the block's, so task keys
+    still come from the patient, its files and the store.
 
 Worker time
     Each patient's stage is submitted inside a :func:`distributed.span`; the
@@ -70,12 +70,34 @@ def chunk_progress(ds, *, store, stage: str, patient: str):
     for name, var in ds.data_vars.items():
         if var.ndim != 3 or not isinstance(var.data, da.Array):
             continue
-        data = var.data.map_blocks(_chunk_computed, channel=channel, stage=stage, patient=patient,
-                                   variable=str(name), total=total, dtype=var.dtype, meta=var.data._meta)
-        reported = var.copy(data=data)
+        reported = var.copy(data=_reported(var.data, channel=channel, stage=stage, patient=patient,
+                                           variable=str(name), total=total))
         reported.encoding = dict(var.encoding)
         out[name] = reported
     return out, total
+
+
+def _reported(data, **where):
+    """``data`` with each block passed through :func:`_chunk_computed`: one task per block, named from the
+    block's own name (its inputs) and ``where``.
+
+    A layer of plain tasks, not a Blockwise one (``map_blocks``): dask fuses
+    adjacent Blockwise layers with their annotations, and the per-key
+    annotations of GPU runs (:func:`lungzarr.model.infer.annotate_gpu`)
+    cannot be merged so.
+    """
+    from functools import partial
+
+    import dask.array as da
+    import numpy as np
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = f"chunk-computed-{tokenize(data.name, sorted(where.items()))}"
+    report = partial(_chunk_computed, **where)
+    tasks = {(name,) + index: (report, (data.name,) + index, index) for index in np.ndindex(*data.numblocks)}
+    graph = HighLevelGraph.from_collections(name, tasks, dependencies=[data])
+    return da.Array(graph, name, data.chunks, meta=data._meta)
 
 
 def prepare_chunked(store, patient: str, stage: str, ds, *, chunk_slices: int, record: dict,
@@ -95,7 +117,7 @@ def prepare_chunked(store, patient: str, stage: str, ds, *, chunk_slices: int, r
     return pending
 
 
-def _chunk_computed(block, *, channel, stage, patient, variable, total, block_id=None):
+def _chunk_computed(block, block_id, *, channel, stage, patient, variable, total):
     """Identity on a block: tell the client that block ``block_id`` of ``variable`` is computed."""
     _emit({"channel": channel, "stage": stage, "patient": patient,
            "chunk": f"{variable}/{'.'.join(str(i) for i in (block_id or ()))}", "total": int(total)})
