@@ -147,7 +147,8 @@ class Engine(str, enum.Enum):
 
 
 EngineOpt = typer.Option(Engine.auto, "--engine", case_sensitive=False,
-                         help="What runs the UNet: auto (OpenVINO on CPU workers when installed, Keras on GPU "
+                         help="What runs the UNet: auto (on CPU workers the faster exact one of Keras and OpenVINO "
+                              "here, calibrated once per machine: see `lungzarr --version -v`; Keras on GPU "
                               "workers), keras, openvino, or onnxruntime (pip install 'lungzarr[onnx]').")
 
 
