@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -24,6 +25,7 @@ from conftest import DSB_PATIENT, DSB_WINDOWS
 from float_tolerance import assert_prob_maps_agree, map_tolerance, prob_tolerance
 
 OTHER_ENGINES = ("openvino", "onnxruntime")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def needs(engine):
@@ -222,3 +224,77 @@ def test_the_literal_network_through_detect_makes_the_same_decisions(lidc_slab, 
     assert_prob_maps_agree(literal, folded, tolerance)
     assert stats["max_dp"] > 0  # another summation order, not the same graph
     assert engines.get_engine("keras", fold_upsampling=False).model is not engines.get_engine("keras").model
+
+
+# ---------------------------------------------------------------------- auto: the fastest exact engine here
+
+def test_calibration_key_follows_the_instruction_set_and_the_versions(monkeypatch):
+    from lungzarr.model.calibration import ISA_ENV, calibration_key, calibration_path
+
+    for name in ISA_ENV:
+        monkeypatch.delenv(name, raising=False)
+    key = calibration_key(weights_sha256=WEIGHTS_SHA256, windows_shape=(2, 8, 176, 176))
+    assert set(key["versions"]) == {"tensorflow", "keras", "openvino"} and key["weights_sha256"] == WEIGHTS_SHA256
+    assert key["cpu"]["model"] and key["cpu"]["logical_cpus"] >= 1
+    assert ("avx2" in key["cpu"]["isa_flags"]) == ("avx2" in open("/proc/cpuinfo").read())
+    paths = {calibration_path(key)}
+    for name, value in (("ONEDNN_MAX_CPU_ISA", "AVX2"), ("OV_CPU_MAX_ISA", "AVX2")):
+        monkeypatch.setenv(name, value)
+        paths.add(calibration_path(calibration_key(weights_sha256=WEIGHTS_SHA256, windows_shape=(2, 8, 176, 176))))
+    paths.add(calibration_path(calibration_key(weights_sha256="0" * 64, windows_shape=(2, 8, 176, 176))))
+    assert len(paths) == 4 and all(p.parent == engines.cache_dir() for p in paths)
+
+
+_CHOOSE = """
+import json, sys
+from lungzarr.model.calibration import calibration_path
+from lungzarr.pipeline.engine_choice import calibration_windows, choose_engine
+name, result = choose_engine("auto", windows=calibration_windows(n=1, size=64))
+print(json.dumps({"engine": name, "cached": result["cached"], "path": str(calibration_path(result["key"])),
+                  "result": {k: v for k, v in result.items() if k != "key"}}))
+"""
+
+
+# Three processes, two of them calibrating (TensorFlow, Keras and OpenVINO started in each): 118 s on the
+# loaded 2-core AVX2 machine of issue 26, so in the slow run.
+@pytest.mark.slow
+def test_auto_calibrates_once_per_machine_and_again_under_another_instruction_set(tmp_path):
+    """Forcing the ISA (oneDNN's and OpenVINO's caps) is another machine to the cache: calibrated again."""
+    import os
+    import shutil
+    import subprocess
+
+    needs("openvino")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for graph in engines.cache_dir().glob("d8-openvino-*"):  # this session's export, not made again
+        shutil.copytree(graph, cache / graph.name)
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "OV_CPU_MAX_ISA")}
+    env.update({engines.CACHE_ENV: str(cache), "PYTHONPATH": str(REPO)})
+
+    def choose(**isa):
+        proc = subprocess.run([sys.executable, "-c", _CHOOSE], env={**env, **isa}, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = choose()
+    assert not first["cached"] and first["engine"] in ("keras", "openvino")
+    figures = first["result"]
+    assert figures["exact"] == (figures["decisions_differ"] == 0 and figures["max_dp"] <= 1e-3)
+    assert figures["choice"] == first["engine"] and all(
+        figures["engines"][e]["cpu_seconds_per_window"] > 0 for e in ("keras", "openvino"))
+    again = choose()
+    assert again["cached"] and again["path"] == first["path"] and again["engine"] == first["engine"]
+    capped = choose(ONEDNN_MAX_CPU_ISA="AVX2", OV_CPU_MAX_ISA="AVX2")
+    assert not capped["cached"] and capped["path"] != first["path"]
+    assert sorted(p.name for p in cache.glob("calibration-*.json")) == sorted(
+        {os.path.basename(first["path"]), os.path.basename(capped["path"])})
+
+
+def test_an_explicit_engine_is_never_calibrated(monkeypatch):
+    from lungzarr.pipeline import engine_choice
+
+    monkeypatch.setattr("lungzarr.model.calibration.calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    assert engine_choice.choose_engine("keras") == ("keras", None)
+    assert engine_choice.choose_engine("auto", gpu=True) == ("keras", None)

@@ -143,7 +143,7 @@ def test_summary_reports_work_and_wall_span_apart(tmp_path):
                                  "--scheduler", "threads"], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output
     assert "ingest P1 done" in result.output                 # CliRunner is no terminal: lines, not bars
-    assert "work s" in result.output and "wall span s" in result.output
+    assert "compute s" in result.output and "wall span s" in result.output
     assert "added up" in result.output and "stages overlap" in result.output
     assert StageSummary("x", seconds=1.0, work_seconds=2.5).as_dict()["work_seconds"] == 2.5
 

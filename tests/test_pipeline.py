@@ -206,7 +206,7 @@ def _detect_task_kind(key) -> str | None:
     if name.startswith(("open-hu_2mm", "original-open-hu_2mm", "open-lungs", "original-open-lungs", "rechunk",
                         "getitem", "normalize_hu", "overlap", "cut-windows-", "place-nodule-prob-", "from-value",
                         "concatenate", "store-map", "_finalize_store", "finalize-", "_lung_box_task",
-                        "after_write")):
+                        "after_write", "chunk-computed-")):
         return "cpu"
     return None
 
@@ -328,7 +328,7 @@ def test_stages_overlap_on_a_cluster_and_cpu_stages_stay_off_the_gpu_worker(thre
             tag in key for tag in ("decode-dicom", "zoom", "segment-lungs", "_nodule_task", "_features_task",
                                    "after_write", "air_in_body", "_whole_volume_steps", "close_lungs",
                                    "cut-windows", "place-nodule-prob", "normalize_hu",
-                                   "_measures_task")) else None
+                                   "_measures_task", "chunk-computed")) else None
         if kind:
             on.setdefault(kind, set()).add(names[task["worker"]])
     assert on == {"predict": {"gpu"}, "cpu": {"cpu"}}, on

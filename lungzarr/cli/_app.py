@@ -36,23 +36,47 @@ NewStoreArg = typer.Argument(..., parser=_store_location, help=_STORE_HELP + " (
                              metavar="STORE")
 
 
-def _show_version(value: bool):
-    if value:
-        from lungzarr._version import __version__
+def _engine_lines() -> list[str]:
+    """What ``--engine auto`` runs on this machine and why (for ``--version -v`` and ``status``)."""
+    from lungzarr.pipeline.engine_choice import engine_report
 
-        typer.echo(f"lungzarr {__version__}")
-        raise typer.Exit(0)
+    report = engine_report()
+    if report["engine"] is None:
+        return [f"engine auto on this machine: {report['reason']}"]
+    return [f"engine auto on this machine: {report['engine']} ({report['reason']})"]
 
 
-@app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", envvar="LUNGZARR_DEBUG",
+def _show_version(verbose: bool):
+    from lungzarr._version import __version__
+
+    typer.echo(f"lungzarr {__version__}")
+    if verbose:
+        from lungzarr.pipeline.engine_choice import engine_report
+
+        report = engine_report()
+        typer.echo("packages: " + ", ".join(f"{p} {v}" for p, v in report["versions"].items()))
+        cpu = report["cpu"]
+        typer.echo(f"cpu: {cpu['model']}, {cpu['logical_cpus']} logical CPUs, {' '.join(cpu['isa_flags'])}")
+        for line in _engine_lines():
+            typer.echo(line)
+    raise typer.Exit(0)
+
+
+@app.callback(invoke_without_command=True)
+def _main(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", envvar="LUNGZARR_DEBUG",
                                      help="Show the traceback of an error (also LUNGZARR_DEBUG=1)."),
           verbose: bool = typer.Option(False, "-v", "--verbose",
                                        help="Show every start-up and shutdown message of TensorFlow, absl, XLA, "
                                             "gRPC and dask (hidden by default; also LUNGZARR_VERBOSE=1)."),
-          version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
-                                       help="Print lungzarr's version and exit.")):
+          version: bool = typer.Option(False, "--version",
+                                       help="Print lungzarr's version and exit (with -v: the engines' versions, "
+                                            "the CPU and what --engine auto runs here).")):
     """Chest-CT DICOM cohorts to a Zarr store, with lung nodule detection."""
+    if version:  # not eager: -v after --version is read too
+        _show_version(verbose)
+    if ctx.invoked_subcommand is None:
+        ctx.fail("Missing command.")
     _debug["on"] = debug
     if verbose:
         from lungzarr.model.quiet import VERBOSE_ENV
@@ -102,7 +126,8 @@ class Engine(str, enum.Enum):
 
 
 EngineOpt = typer.Option(Engine.auto, "--engine", case_sensitive=False,
-                         help="What runs the UNet: auto (OpenVINO on CPU workers when installed, Keras on GPU "
+                         help="What runs the UNet: auto (on CPU workers the faster exact one of Keras and OpenVINO "
+                              "here, calibrated once per machine: see `lungzarr --version -v`; Keras on GPU "
                               "workers), keras, openvino, or onnxruntime (pip install 'lungzarr[onnx]').")
 
 

@@ -7,7 +7,7 @@ import time
 from typing import Callable
 
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lungzarr.cli._app import console
@@ -15,24 +15,39 @@ from lungzarr.cli._app import console
 
 def _stage_progress():
     """A rich Progress that shows one bar per stage (fed by :func:`_bar_progress`)."""
-    columns = (TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("done, {task.fields[failed]} failed"), TimeElapsedColumn(), TextColumn("ETA"),
-               TimeRemainingColumn())
+    columns = (TextColumn("[bold]{task.description:<9}"), BarColumn(), TextColumn("{task.fields[patients]} done,"),
+               TextColumn("{task.fields[failed]} failed"), TextColumn("{task.fields[chunks]}"), TimeElapsedColumn(),
+               TextColumn("ETA {task.fields[eta]}"))
     return Progress(*columns, console=console)
 
 
+def _in_flight(view) -> str:
+    """``chunks 3/8``: the z-chunks computed of the patients a stage computes now (empty when none)."""
+    done, total = view.chunks
+    return f"chunks {done}/{total}" if total else ""
+
+
+def _eta(view) -> str | None:
+    left = view.eta(time.monotonic())
+    return None if left is None else _seconds(left)
+
+
 def _bar_progress(bar: Progress):
-    """The pipeline's progress protocol (:class:`~lungzarr.pipeline.runner.ProgressEvent`) as rich bars."""
-    tasks, failed = {}, {}
+    """The pipeline's progress protocol (:class:`~lungzarr.pipeline.runner.ProgressEvent`) as rich bars: each
+    stage's bar moves with every z-chunk computed; its ETA shows once one of its patients is done."""
+    from lungzarr.pipeline.progress import ProgressBoard
+
+    board, tasks = ProgressBoard(), {}
 
     def progress(event):
+        board(event)
         if event.event == "begin":
-            tasks[event.stage] = bar.add_task(event.stage, total=event.total, failed=0)
-            failed[event.stage] = 0
+            tasks[event.stage] = bar.add_task(event.stage, total=event.total, failed=0,
+                                              patients=f"0/{event.total}", chunks="", eta="-")
             return
-        if event.event == "failed":
-            failed[event.stage] += 1
-        bar.update(tasks[event.stage], advance=1, failed=failed[event.stage])
+        view = board.view(event.stage)
+        bar.update(tasks[event.stage], completed=view.completed, failed=view.counts.get("failed", 0),
+                   patients=f"{view.finished}/{view.total}", chunks=_in_flight(view), eta=_eta(view) or "-")
         for line in _warning_lines(event):  # above the bars, as they come
             bar.console.print(f"[yellow]warning[/yellow] {escape(line)}", soft_wrap=True, highlight=False)
     return progress
@@ -65,15 +80,20 @@ def _seconds(value: float) -> str:
 class _LineProgress:
     """The progress protocol as plain lines, for a stderr that is not a terminal (a log file, CI, a batch job).
 
-    One line per patient and stage as it ends (``ingest P1 done 2.3 s``,
+    One line per patient and stage as it ends (``ingest P1 done 2.3 s``: its
+    computation time, as the summary's ``compute s`` counts it;
     ``detect P2 failed after 1.2 s: reason``), and every ``interval`` seconds
-    one line with each stage's done/failed/left counts, so a log shows that a
-    long run is alive.
+    one line with each stage's done/failed/left counts, the z-chunks of the
+    patients in flight and, once one of its patients is done, the stage's
+    ETA, so a log shows that a long run is alive and moving.
     """
 
     def __init__(self, write: Callable[[str], None], *, interval: float = SUMMARY_INTERVAL_S):
+        from lungzarr.pipeline.progress import ProgressBoard
+
         self.write, self.interval = write, interval
         self.totals, self.counts = {}, {}
+        self.board = ProgressBoard()
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -114,10 +134,18 @@ class _LineProgress:
                 part += f", {c['blocked']} blocked"
             if left:
                 part += f", {left} left"
+                view = self.board.view(stage)
+                if _in_flight(view):
+                    part += f" ({_in_flight(view)} in flight)"
+                if _eta(view):
+                    part += f", ETA {_eta(view)}"
             parts.append(part)
         return f"after {_seconds(time.monotonic() - self.started)}: " + "; ".join(parts)
 
     def __call__(self, event):
+        self.board(event)
+        if event.event in ("started", "chunk"):  # in the summary lines, not a line each
+            return
         with self._lock:
             if event.event == "begin":
                 self.totals[event.stage] = event.total or 0
@@ -154,23 +182,25 @@ def _progress_display():
 def _print_summary(summaries) -> int:
     """The per-stage table, the INPUT entries not used and the failures; the exit code (1 if any failed).
 
-    Per stage two times, labelled: the work (its patients' computations added
-    up) and the wall span (its first start to its last end). Streamed stages
-    overlap, so neither column adds up to the run's duration.
+    Per stage two times, labelled: the compute time (its tasks' time on the
+    workers added up, :attr:`~lungzarr.pipeline.runner.StageSummary.work_seconds`:
+    no queueing) and the wall span (its first start to its last end). Streamed
+    stages overlap, so neither column adds up to the run's duration.
     """
     table = Table(title="lungzarr")
     for col, justify in (("stage", "left"), ("done", "right"), ("skipped", "right"), ("failed", "right"),
-                         ("work s", "right"), ("wall span s", "right")):
+                         ("compute s", "right"), ("wall span s", "right")):
         table.add_column(col, justify=justify)
     failed = []
     for s in summaries:
         d = s.as_dict()
         table.add_row(str(d["stage"]), str(d["done"]), str(d["skipped"]), str(d["failed"]),
-                      f"{s.work_seconds:.1f}", f"{s.seconds:.1f}")
+                      "?" if s.work_seconds is None else f"{s.work_seconds:.1f}", f"{s.seconds:.1f}")
         failed.extend(s.failed)
     console.print(table)
-    console.print("work: a stage's per-patient computations added up (they run in parallel); wall span: its "
-                  "first start to its last end (stages overlap)", soft_wrap=True, highlight=False)
+    console.print("compute: the time a stage's tasks ran on the workers, added up (they run in parallel; "
+                  "queueing not counted; ? where a lost worker took its figures); wall span: its first start to "
+                  "its last end (stages overlap)", soft_wrap=True, highlight=False)
     for s in summaries:
         for rec in s.ignored:
             console.print(f"[yellow]not used[/yellow] {escape(str(rec['file']))}: {escape(rec['reason'])}",

@@ -111,3 +111,5 @@ def status(store: Path = StoreArg):
     for rec in info["warnings"]:
         out.print(f"warning {rec['patient']} ({rec['stage']}): {rec['reason']}"
                   + (f" — file: {rec['file']}" if rec.get("file") else ""), markup=False, highlight=False, soft_wrap=True)
+    for line in _engine_lines():
+        out.print(line, markup=False, highlight=False)

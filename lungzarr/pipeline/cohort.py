@@ -72,10 +72,13 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         stage with every later one (damage in ingest's arrays: the patient
         again from its INPUT entry).
     engine : {"auto", "keras", "openvino", "onnxruntime"}
-        What runs the UNet (:mod:`lungzarr.model.engines`): ``auto`` is
-        OpenVINO when installed and ``gpu`` is False, else Keras. When the
-        ``detect`` stage runs, the engine is checked (and its graph exported
-        to the cache) before any patient.
+        What runs the UNet (:mod:`lungzarr.model.engines`): ``auto`` is, with
+        ``gpu`` False and fp32, the faster of Keras and OpenVINO among those
+        exact on this machine (:func:`lungzarr.pipeline.engine_choice.choose_engine`:
+        a calibration of a few seconds, once per machine and version set,
+        cached beside the exported graphs); Keras with ``gpu``. When the
+        ``detect`` stage runs, the engine is chosen and checked (and its graph
+        exported to the cache) before any patient.
     crop : {"fixed", "lungs"}
         What the UNet predicts: ``fixed``, the whole detection crop (the
         original's; the DSB2017 export needs it), or ``lungs``, one y/x box per
@@ -114,7 +117,11 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
                      create=bool(creates))
     if any(s.uses_model for s in chosen):
         from lungzarr.model.engines import prepare_engine
+        from lungzarr.pipeline.engine_choice import choose_engine
 
+        # auto: the fastest exact engine of this machine (calibrated once per machine and version set).
+        engine, _ = choose_engine(engine, weights=weights, precision=precision, gpu=gpu,
+                                  fold_upsampling=fold_upsampling)
         # A missing or broken engine stops the run here, once, instead of failing every patient.
         engine = prepare_engine(engine, weights=weights, precision=precision, gpu=gpu,
                                 fold_upsampling=fold_upsampling)

@@ -27,12 +27,17 @@ from typing import Callable, Protocol
 
 from lungzarr.errors import PatientError, RunStopError, environment_reason, stops_the_run
 from lungzarr.io.locations import blank_secrets, describe_error
+from lungzarr.pipeline.progress import ChunkChannel, stage_span, worker_seconds
 
 __all__ = ["StageSummary", "ProgressEvent", "Progress", "stream_stages", "as_patient_error", "machine_reason",
-           "run_stop_error", "EVENTS"]
+           "run_stop_error", "EVENTS", "STEPS"]
 
 #: What can happen to one patient in one stage; each patient gives each stage exactly one of them.
 EVENTS = ("done", "skipped", "failed", "blocked")
+#: Events while a patient's stage computes: ``started`` once when it is submitted, ``chunk`` per z-chunk computed.
+STEPS = ("started", "chunk")
+#: Seconds between two looks at the chunk messages while the run waits for a patient's stage to end.
+CHUNK_POLL_S = 0.1
 
 
 @dataclass
@@ -40,8 +45,13 @@ class StageSummary:
     """What a stage did for a cohort.
 
     ``seconds`` is the stage's wall span (first start to last end; spans of
-    streamed stages overlap), ``work_seconds`` the sum of its patients' own
-    computations (submit to result, queueing included).
+    streamed stages overlap), ``work_seconds`` its patients' computation
+    time: on a cluster the time its tasks ran on the workers' threads, added
+    up (:func:`lungzarr.pipeline.progress.worker_seconds`: queueing and
+    waiting for other patients excluded); without one, each patient's
+    computation in this process, start to end (they run one at a time).
+    ``None`` when a worker that ran some of its tasks was lost before they
+    were counted.
     """
 
     stage: str
@@ -49,7 +59,7 @@ class StageSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    work_seconds: float = 0.0
+    work_seconds: float | None = 0.0
     #: INPUT entries not used as patients (``file``, ``reason``): set on the summary of the stage that read INPUT.
     ignored: list[dict] = field(default_factory=list)
     #: Patients done again although complete, because their INPUT changed (``patient``, ``reason``).
@@ -62,7 +72,7 @@ class StageSummary:
     def as_dict(self) -> dict:
         return {"stage": self.stage, "done": len(self.done), "skipped": len(self.skipped),
                 "failed": len(self.failed), "seconds": round(self.seconds, 3),
-                "work_seconds": round(self.work_seconds, 3)}
+                "work_seconds": None if self.work_seconds is None else round(self.work_seconds, 3)}
 
 
 @dataclass(frozen=True)
@@ -71,8 +81,16 @@ class ProgressEvent:
 
     ``event`` is ``"begin"`` once per stage (``total`` patients, no patient),
     then one of :data:`EVENTS` per patient (``seconds``: that patient's
-    computation of the stage, for ``"done"`` and ``"failed"``; ``reason``:
-    why, for ``"failed"``; ``warnings``: the stage's warnings, for ``"done"``).
+    computation of the stage, as :attr:`StageSummary.work_seconds` counts
+    it, and ``wall_seconds``: submission to result, for ``"done"`` and
+    ``"failed"``; ``reason``: why, for ``"failed"``; ``warnings``: the
+    stage's warnings, for ``"done"``).
+
+    Before its outcome, a patient whose stage computes gives :data:`STEPS`:
+    ``"started"`` when it is submitted (``total``: its z-chunks, None for a
+    stage of one task), then ``"chunk"`` each time one more of its z-chunks
+    is computed (``chunks`` of ``total``), as the workers compute them
+    (:mod:`lungzarr.pipeline.progress`).
     """
 
     stage: str
@@ -84,6 +102,10 @@ class ProgressEvent:
     #: For ``"done"``: what the user should know that did not stop the patient (``file``, ``reason`` records,
     #: as ``lungzarr status`` lists them: a dropped edge slice, skipped files, a resampling).
     warnings: tuple = ()
+    #: For ``"chunk"``: the patient's z-chunks of the stage computed so far.
+    chunks: int | None = None
+    #: For ``"done"`` and ``"failed"``: seconds from the stage's submission to its result.
+    wall_seconds: float | None = None
 
 
 class Progress(Protocol):
@@ -179,7 +201,10 @@ class _Stream:
         self.first_start = [None] * len(self.stages)
         self.last_end = [None] * len(self.stages)
         self.prefetched = set()
-        self.ready = deque()  # (stage index, pending, started, get_result) without a client
+        self.ready = deque()  # (stage index, pending, started, get_result, seconds) without a client
+        self.channel = ChunkChannel(client, store.path)
+        self.chunks_seen = {}  # (stage index, patient) -> chunk ids computed
+        self.prefetch_spans = {}  # patient -> span of its prefetch (its time counts in the first stage)
         if client is not None:
             from distributed import as_completed
 
@@ -189,15 +214,28 @@ class _Stream:
             self.progress(ProgressEvent(stage, "begin", total=len(items)))
 
     # ---------------------------------------------------------------- events
-    def notify(self, i, event, patient, seconds=None, reason=None):
-        self.progress(ProgressEvent(self.stages[i], event, patient=patient, seconds=seconds, reason=reason))
+    def notify(self, i, event, patient, seconds=None, reason=None, wall_seconds=None):
+        self.progress(ProgressEvent(self.stages[i], event, patient=patient, seconds=seconds, reason=reason,
+                                    wall_seconds=wall_seconds))
+
+    def pass_chunks(self, messages=None):
+        """Hand the chunk messages that arrived on to ``progress`` (one event per chunk new to its patient)."""
+        index = {s: i for i, s in enumerate(self.stages)}
+        for message in self.channel.drain() if messages is None else messages:
+            i = index.get(message.get("stage"))
+            seen = self.chunks_seen.get((i, message.get("patient")))
+            if seen is None or message.get("chunk") in seen:  # not in flight (a late one), or a task run again
+                continue
+            seen.add(message["chunk"])
+            self.progress(ProgressEvent(self.stages[i], "chunk", patient=message["patient"],
+                                        total=message.get("total"), chunks=len(seen)))
 
     def forward(self, i, patient):
         # Every patient goes on: a later stage's decide() blocks it when a stage it needs is missing.
         if i + 1 < len(self.stages):
             self.queues[i + 1].append((patient, None))
 
-    def fail(self, i, patient, exc, seconds=None):
+    def fail(self, i, patient, exc, seconds=None, wall_seconds=None):
         self.stop_if_run_level(i, patient, exc)
         self.failed_in_run.setdefault(patient, set()).add(self.stages[i])
         err = as_patient_error(exc, patient, self.stages[i])
@@ -207,7 +245,7 @@ class _Stream:
             self.stop_if_run_level(i, patient, record_exc)
             raise
         self.summaries[i].failed.append(err.as_record())
-        self.notify(i, "failed", patient, seconds, reason=err.reason)
+        self.notify(i, "failed", patient, seconds, reason=err.reason, wall_seconds=wall_seconds)
         self.forward(i, patient)
 
     def stop_if_run_level(self, i, patient, exc):
@@ -245,7 +283,7 @@ class _Stream:
         """
         if self.client is None:
             return
-        futures = [pending.future for _, pending, _ in self.by_key.values()]
+        futures = [pending.future for _, pending, _, _ in self.by_key.values()]
         futures += [payload for queue in self.queues for _, payload in queue if hasattr(payload, "cancel")]
         if futures:
             try:
@@ -258,18 +296,30 @@ class _Stream:
         started = time.perf_counter()
         self.first_start[i] = self.first_start[i] or started
         self.in_flight[i] += 1
+        self.chunks_seen[(i, pending.patient)] = set()
+        # A stage computed in z-chunks says how many (lungzarr.pipeline.progress.prepare_chunked).
+        self.progress(ProgressEvent(self.stages[i], "started", patient=pending.patient,
+                                    total=getattr(pending, "chunks", None)))
         if self.client is not None:
-            future = self.client.compute(pending.delayed, optimize_graph=False,
-                                         **self.compute_options.get(self.stages[i], {}))
+            # One span per patient and stage: the workers meter its tasks' time (worker_seconds).
+            with stage_span(self.client, self.stages[i], pending.patient) as span_id:
+                future = self.client.compute(pending.delayed, optimize_graph=False,
+                                             **self.compute_options.get(self.stages[i], {}))
             pending.future = future
-            self.by_key[future.key] = (i, pending, started)
+            spans = [span_id] + ([self.prefetch_spans.pop(pending.patient)] if i == 0 and pending.patient in
+                                 self.prefetch_spans else [])
+            self.by_key[future.key] = (i, pending, started, spans)
             self.finished.add(future)
             return
         try:
-            result = pending.compute()
-            self.ready.append((i, pending, started, lambda: result))
+            # The chunk messages of the local schedulers' tasks are handed on while it computes.
+            with self.channel.while_computing(self.pass_chunks):
+                result = pending.compute()
+            get_result = lambda: result  # noqa: E731
         except Exception as exc:  # raised again where the result is taken
-            self.ready.append((i, pending, started, _raiser(exc)))
+            get_result = _raiser(exc)
+        # Computed here, alone, now: its start to its end is its computation (its result is taken later).
+        self.ready.append((i, pending, started, get_result, time.perf_counter() - started))
 
     def prefetch_ahead(self):
         """Start the first stage's slow per-patient reads for the next ``2 * batch_size`` patients due."""
@@ -280,7 +330,9 @@ class _Stream:
             self.prefetched.add(patient)
             try:
                 if self.decide(patient, self.stages[0]) == "run":
-                    queue[k] = (patient, self.prefetch(patient, payload))
+                    with stage_span(self.client, self.stages[0], patient) as span_id:
+                        queue[k] = (patient, self.prefetch(patient, payload))
+                    self.prefetch_spans[patient] = span_id
             except Exception:  # decided again, and reported, at the patient's turn
                 pass
 
@@ -308,16 +360,23 @@ class _Stream:
                 self.submit(i, pending)
 
     def next_finished(self):
+        """The next patient's stage to end: (stage index, pending, started, get_result, computation seconds)."""
         if self.client is not None:
+            # Chunk messages are handed on while the patients in flight compute.
+            while not self.finished.has_ready():
+                self.pass_chunks()
+                time.sleep(CHUNK_POLL_S)
             future = next(self.finished)
-            i, pending, started = self.by_key.pop(future.key)
-            return i, pending, started, future.result
+            self.pass_chunks()
+            i, pending, started, spans = self.by_key.pop(future.key)
+            return i, pending, started, future.result, worker_seconds(self.client, spans)
         return self.ready.popleft()
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> list[StageSummary]:
         try:
-            return self._run()
+            with self.channel:
+                return self._run()
         except BaseException:  # KeyboardInterrupt (Ctrl-C, the CLI's SIGTERM), RunStopError, a bug
             self.cancel_all()
             raise
@@ -329,22 +388,25 @@ class _Stream:
                 if any(self.queues):
                     continue  # skipped patients moved on to a later stage's queue
                 break
-            i, pending, started, get_result = self.next_finished()
+            i, pending, started, get_result, seconds = self.next_finished()
             self.in_flight[i] -= 1
+            self.chunks_seen.pop((i, pending.patient), None)
             end = self.last_end[i] = time.perf_counter()
-            seconds = end - started
-            self.summaries[i].work_seconds += seconds
+            wall = end - started
+            summary = self.summaries[i]
+            summary.work_seconds = None if seconds is None or summary.work_seconds is None \
+                else summary.work_seconds + seconds
             # Each patient's stage is committed as soon as its own voxels are written.
             try:
                 pending.add_record(get_result())
                 pending.commit()
             except Exception as exc:
                 self.discard(i, pending)
-                self.fail(i, pending.patient, exc, seconds)
+                self.fail(i, pending.patient, exc, seconds, wall_seconds=wall)
                 continue
             self.summaries[i].done.append(pending.patient)
             self.progress(ProgressEvent(self.stages[i], "done", patient=pending.patient, seconds=seconds,
-                                        warnings=tuple(pending.warnings)))
+                                        wall_seconds=wall, warnings=tuple(pending.warnings)))
             self.forward(i, pending.patient)
         for i, summary in enumerate(self.summaries):
             if self.first_start[i] is not None and self.last_end[i] is not None:
@@ -385,7 +447,8 @@ def stream_stages(store, items, stages, prepare: Callable, *, decide: Callable, 
         dask scheduler (same order, no overlap).
     progress : Progress, optional
         Called with a ``"begin"`` :class:`ProgressEvent` per stage, then one
-        event per patient and stage.
+        event per patient and stage (and, while it computes, its
+        :data:`STEPS`: when it started, each z-chunk computed).
     compute_options : dict, optional
         ``compute_options[stage]``: extra keyword arguments of
         ``client.compute`` for that stage (e.g. ``workers=``).

@@ -4,7 +4,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 from lungzarr.pipeline.stage import Stage
-from lungzarr.pipeline.stages._common import DIMS_2MM, encoded, task_slices
+from lungzarr.pipeline.progress import prepare_chunked
+from lungzarr.pipeline.stages._common import DIMS_2MM, task_slices
 
 __all__ = ["DETECT"]
 
@@ -82,7 +83,7 @@ def _build(store, patient, options):
         record["lung_box"] = None
     # Built inside _prepare's annotate_gpu: to_zarr(compute=False) flattens the graph into one layer, which
     # keeps the per-task annotations only because they are asked of each key.
-    pending = store.prepare_stage(patient, "detect", encoded(out, options.chunk_slices), record=record)
+    pending = prepare_chunked(store, patient, "detect", out, chunk_slices=options.chunk_slices, record=record)
     if box is not None:
         pending.then(_record_box, str(store.path), patient, box)
     return pending

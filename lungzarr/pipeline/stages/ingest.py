@@ -9,6 +9,7 @@ import numpy as np
 from lungzarr._version import __version__
 from lungzarr.errors import PatientError
 from lungzarr.model.geometry import MIN_SLICES_2MM
+from lungzarr.pipeline.progress import prepare_chunked
 from lungzarr.pipeline.stage import Stage
 from lungzarr.pipeline.stages._common import encoded, task_slices
 
@@ -128,7 +129,8 @@ def _prepare(store, patient, payload, options):
     ds = ingest_dataset(series, chunk_slices=options.chunk_slices, store=store.path.resolve(), files=files)
     record = {"series_instance_uid": ds.attrs["series_instance_uid"],
               "selection_reason": ds.attrs["selection_reason"], "chunk_slices": options.chunk_slices}
-    pending = store.prepare_stage(patient, "ingest", ds, record=record, new_group=True)
+    pending = prepare_chunked(store, patient, "ingest", ds, chunk_slices=options.chunk_slices, record=record,
+                              new_group=True)
     pending.warnings = list(warned)  # and in the run's own output when the patient is done
     return pending
 

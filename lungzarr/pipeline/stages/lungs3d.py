@@ -7,7 +7,8 @@ patient table (docs/algorithms.md; :mod:`lungzarr.algorithms.lungs3d`).
 from __future__ import annotations
 
 from lungzarr.pipeline.stage import Stage
-from lungzarr.pipeline.stages._common import DIMS_2MM, encoded, task_slices
+from lungzarr.pipeline.progress import prepare_chunked
+from lungzarr.pipeline.stages._common import DIMS_2MM, task_slices
 
 __all__ = ["LUNGS3D"]
 
@@ -38,8 +39,8 @@ def _prepare(store, patient, _, options):
     out = xr.Dataset({"lung_labels": (DIMS_2MM, labels, {
         "long_name": "3-D lung mask: 0 outside, 1 right lung, 2 left lung (no airway, no bowel gas)",
         "flag_values": [0, 1, 2], "flag_meanings": "outside right_lung left_lung"})})
-    pending = store.prepare_stage(patient, "lungs3d", encoded(out, options.chunk_slices),
-                                  record={"algorithm": "lungzarr.algorithms.lungs3d",
+    pending = prepare_chunked(store, patient, "lungs3d", out, chunk_slices=options.chunk_slices,
+                              record={"algorithm": "lungzarr.algorithms.lungs3d",
                                           "keep_nodule_mm": KEEP_NODULE_MM})
     return pending.then(_measures_task, str(store.path), patient)
 

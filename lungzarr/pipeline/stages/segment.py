@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from lungzarr.pipeline.stage import Stage
-from lungzarr.pipeline.stages._common import DIMS_2MM, encoded, task_slices
+from lungzarr.pipeline.progress import prepare_chunked
+from lungzarr.pipeline.stages._common import DIMS_2MM, task_slices
 
 __all__ = ["SEGMENT"]
 
@@ -47,8 +48,8 @@ def _prepare(store, patient, _, options):
                                                  "docs/algorithms.md §3)"}),
         "segmented": (DIMS_2MM, segmented, {"units": "HU", "long_name": "hu_2mm inside the lungs, -2000 outside"}),
     })
-    pending = store.prepare_stage(patient, "segment", encoded(out, options.chunk_slices),
-                                  record={"algorithm": "seperate_lungs_cv2 (docs/algorithms.md §3)"})
+    pending = prepare_chunked(store, patient, "segment", out, chunk_slices=options.chunk_slices,
+                              record={"algorithm": "seperate_lungs_cv2 (docs/algorithms.md §3)"})
     # The crop box needs the whole mask: a worker takes it from the written mask once it is written
     # (a few hundred kB of bool), in the same computation, so the client never waits on it; the same
     # task writes the mask's NGFF label image.

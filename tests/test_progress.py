@@ -1,0 +1,121 @@
+"""Progress that moves: every z-chunk a stage computes is reported before its patient ends, and the per-stage
+time is the tasks' time on the workers (queueing excluded), with and without a cluster."""
+from __future__ import annotations
+
+import dask
+import pytest
+
+from lungzarr.pipeline import run
+from lungzarr.pipeline.progress import ProgressBoard
+from lungzarr.pipeline.runner import ProgressEvent
+
+from dicom_phantoms import make_patient
+
+#: 70 slices of 2.5 mm (48 x 48 of 1.5 mm, 36 x 36 at 2 mm): two ingest tasks of hu (64 + 6 slices), two of
+#: hu_2mm (88 slices at 2 mm).
+SLICES = 70
+
+
+@pytest.fixture(scope="module")
+def two_patients(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("progress") / "input"
+    for k, pid in enumerate(("P1", "P2")):
+        make_patient(folder / pid, n_slices=SLICES, size=48, spacing=(2.5, 1.5, 1.5), seed=k)
+    return folder
+
+
+def _record(events):
+    def progress(event):
+        if event.event != "begin":
+            events.append(event)
+    return progress
+
+
+def _chunks_before_the_end(events, stage, patient):
+    """The patient's chunk counts in order, checked against its started/done events."""
+    mine = [e for e in events if (e.stage, e.patient) == (stage, patient)]
+    kinds = [e.event for e in mine]
+    assert kinds[0] == "started" and kinds[-1] == "done", kinds
+    total = mine[0].total
+    chunks = [e for e in mine if e.event == "chunk"]
+    # Every chunk once, one more each time, all before the patient's stage is done.
+    assert total and [e.chunks for e in chunks] == list(range(1, total + 1)), (total, [e.chunks for e in chunks])
+    assert {e.total for e in chunks} == {total} and kinds.index("done") == len(kinds) - 1
+    return mine[-1]
+
+
+def test_every_chunk_is_reported_before_the_patient_ends_without_a_cluster(two_patients, tmp_path):
+    events = []
+    with dask.config.set(scheduler="threads"):
+        (ingest, segment) = run(two_patients, tmp_path / "s.zarr", stages=["ingest", "segment"], batch_size=1,
+                                progress=_record(events))
+    assert ingest.done == ["P1", "P2"] and segment.done == ["P1", "P2"], (ingest.failed, segment.failed)
+    for stage in ("ingest", "segment"):
+        for patient in ("P1", "P2"):
+            done = _chunks_before_the_end(events, stage, patient)
+            # Computed here, one at a time: its computation is its start to its end, taken as it ends.
+            assert 0 < done.seconds <= done.wall_seconds
+    ingest_started = next(e for e in events if e.event == "started" and e.stage == "ingest")
+    assert ingest_started.total == 4  # hu and hu_2mm, two z-chunks each
+    assert 0 < ingest.work_seconds <= ingest.seconds and 0 < segment.work_seconds <= segment.seconds
+
+
+def test_chunks_and_worker_time_on_a_cluster(two_patients, tmp_path, cpu_gpu_cluster):
+    """With GPU workers the CPU stages run on the one single-threaded CPU worker: their tasks' time there,
+    added up, cannot exceed the stage's wall span, though two patients are in flight (submission to result
+    counted the second one's wait)."""
+    client, _ = cpu_gpu_cluster
+    events = []
+    (ingest, segment) = run(two_patients, tmp_path / "s.zarr", stages=["ingest", "segment"], batch_size=2,
+                            client=client, gpu=True, progress=_record(events))
+    assert sorted(ingest.done) == sorted(segment.done) == ["P1", "P2"], (ingest.failed, segment.failed)
+    for stage in ("ingest", "segment"):
+        for patient in ("P1", "P2"):
+            _chunks_before_the_end(events, stage, patient)
+    for patient in ("P1", "P2"):
+        done = next(e for e in events if (e.stage, e.event, e.patient) == ("segment", "done", patient))
+        assert 0 < done.seconds <= done.wall_seconds
+    assert 0 < segment.work_seconds <= segment.seconds
+    # Submission to result, added up over two patients in flight on one thread, exceeds the wall span.
+    walls = sum(e.wall_seconds for e in events if (e.stage, e.event) == ("segment", "done"))
+    assert segment.work_seconds < walls
+    assert ingest.work_seconds > 0
+
+
+def test_board_moves_with_chunks_and_gives_an_eta_once_a_patient_is_done():
+    now = [100.0]
+    board = ProgressBoard(clock=lambda: now[0])
+    board(ProgressEvent("detect", "begin", total=4))
+    board(ProgressEvent("detect", "skipped", patient="P0"))
+    board(ProgressEvent("detect", "started", patient="P1", total=3))
+    board(ProgressEvent("detect", "started", patient="P2", total=3))
+    now[0] = 130.0
+    board(ProgressEvent("detect", "chunk", patient="P1", total=3, chunks=1))
+    board(ProgressEvent("detect", "chunk", patient="P1", total=3, chunks=2))
+    view = board.view("detect")
+    assert view.finished == 1 and view.chunks == (2, 6) and view.completed == pytest.approx(1 + 2 / 3)
+    assert view.eta(130.0) is None  # no patient done yet: no pace to go by
+    board(ProgressEvent("detect", "chunk", patient="P1", total=3, chunks=3))
+    board(ProgressEvent("detect", "done", patient="P1", seconds=20.0))
+    board(ProgressEvent("detect", "chunk", patient="P2", total=3, chunks=1))
+    view = board.view("detect")
+    assert view.chunks == (1, 3) and view.completed == pytest.approx(2 + 1 / 3)
+    # 4/3 patients of work in 40 s since the first start; 5/3 left (the skipped one took none).
+    assert view.eta(140.0) == pytest.approx((4 - 7 / 3) * 40.0 / (4 / 3))
+
+
+def test_line_summary_shows_chunks_in_flight_and_the_eta():
+    from lungzarr.cli import _LineProgress
+
+    lines = []
+    progress = _LineProgress(lines.append, interval=0)
+    progress(ProgressEvent("detect", "begin", total=3))
+    progress(ProgressEvent("detect", "started", patient="P1", total=2))
+    progress(ProgressEvent("detect", "chunk", patient="P1", total=2, chunks=1))
+    assert lines == []  # started and chunk events: in the summary lines, not a line each
+    assert progress.summary_line().endswith("detect 0/3 done, 3 left (chunks 1/2 in flight)")
+    progress(ProgressEvent("detect", "done", patient="P1", seconds=2.0, wall_seconds=3.0))
+    progress(ProgressEvent("detect", "started", patient="P2", total=2))
+    assert lines == ["detect P1 done 2.0 s"]
+    summary = progress.summary_line()
+    assert "detect 1/3 done, 2 left (chunks 0/2 in flight), ETA " in summary and summary.endswith(" s"), summary
