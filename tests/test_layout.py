@@ -65,7 +65,9 @@ def test_no_import_runs_up_a_layer():
 @pytest.mark.parametrize("library, allowed", [("pydicom", {"io/dicom/discover.py", "io/dicom/headers.py",
                                                            "io/dicom/decode.py", "io/dicom/pixel_checks.py",
                                                            "io/dicom/write.py", "io/dicom_seg.py"}),
-                                              ("highdicom", {"io/dicom_seg.py"}), ("zarr", {"io/storage.py"}),
+                                              ("highdicom", {"io/dicom_seg.py"}),
+                                              ("zarr", {"io/store/cohort.py", "io/store/encoding.py",
+                                                        "io/store/objects.py"}),
                                               ("SimpleITK", {"io/volumes/metaimage.py", "io/volumes/series.py",
                                                              "io/volumes/write.py"}),
                                               ("nibabel", {"io/volumes/nifti.py", "io/volumes/write.py"})])
@@ -99,7 +101,7 @@ def test_registry_is_the_one_stage_list():
 
 
 def _lung_voxels_task(store_path, patient):
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     return {"lung_voxels": int(CohortStore(store_path).open_patient(patient).lungs.sum().values)}
 
@@ -115,7 +117,7 @@ def test_a_new_stage_is_one_stage_object(monkeypatch, tmp_path):
     """Adding a stage = one Stage in the registry: run, resume, status and the patient table pick it up."""
     import dask
 
-    from lungzarr.io.storage import CohortStore, read_patients
+    from lungzarr.io.store import CohortStore, read_patients
     from lungzarr.pipeline import Stage, run, stages, store_status
 
     from dicom_phantoms import make_patient
