@@ -63,19 +63,7 @@ def open_cohort(path):
             root = xr.open_dataset(store._zstore, **options)
             children = {name: xr.open_datatree(store._zstore, group=name, **options)
                         for name in (PATIENTS_GROUP, STAGING_GROUP) if (store.path / name / "zarr.json").exists()}
-    # The cohort tables as ``tables/<name>``, each read whole through its pointer (small; never a
-    # torn or removed table group: see CohortStore.write_table).
-    stored = set(store.patients())
-    tables = {}
-    for name in store.table_names():
-        ds = store._table_dataset(name)
-        if ds is not None and "patient" in ds.variables:
-            kept = _rows_of_stored_patients(store, ds["patient"].values, name, stored, missing="drop",
-                                            stacklevel=2)
-            if not kept.all():
-                ds = ds.isel({ds["patient"].dims[0]: kept})
-        tables[name] = xr.DataTree(dataset=ds)
-    tables = xr.DataTree(children=tables)
+    tables = _tables_tree(store)
     if tree is None:
         return xr.DataTree(dataset=root, children={**children, TABLES_GROUP: tables})
     # Swap only the tables node: building a new tree would copy (and re-align) every patient's node.
@@ -83,6 +71,25 @@ def open_cohort(path):
         del tree[TABLES_GROUP]
     tree[TABLES_GROUP] = tables
     return tree
+
+
+def _tables_tree(store):
+    """The cohort tables as ``tables/<name>``, each read whole through its pointer (small; never a
+    torn or removed table group: see CohortStore.write_table), rows of lost patients left out."""
+    import xarray as xr
+
+    stored = set(store.patients())
+    tables = {}
+    for name in store.table_names():
+        ds = store._table_dataset(name)
+        if ds is not None and "patient" in ds.variables:
+            # stacklevel: the warning names the caller of open_cohort.
+            kept = _rows_of_stored_patients(store, ds["patient"].values, name, stored, missing="drop",
+                                            stacklevel=3)
+            if not kept.all():
+                ds = ds.isel({ds["patient"].dims[0]: kept})
+        tables[name] = xr.DataTree(dataset=ds)
+    return xr.DataTree(children=tables)
 
 
 #: What the readers do with table rows of patients whose group is gone from the store.
