@@ -2,7 +2,7 @@
 
 Ingests the real RICORD slab (``../shared/fixtures/ricord``) into fresh stores in
 ONE process, alternating with and without the checksum codec
-(``lungzarr.io.storage.CHECKSUM_CHUNKS``), pairs in A B / B A order so a drift
+(``lungzarr.io.store.encoding.CHECKSUM_CHUNKS``), pairs in A B / B A order so a drift
 of the machine's speed hits both sides alike. CPU = ``time.process_time()``
 of the process (every thread: dask's threaded scheduler runs the ingest here),
 wall = ``time.perf_counter()``. After each checksummed ingest the store is
@@ -37,19 +37,19 @@ RICORD = SHARED / "fixtures" / "ricord" / "RICORD-1A-chest"
 def _ingest(input_dir, store, *, checksums: bool, chunk_slices: int) -> dict:
     import dask
 
-    from lungzarr.io import storage
+    from lungzarr.io.store import CohortStore, encoding
     from lungzarr.pipeline import ingest
 
-    storage.CHECKSUM_CHUNKS = checksums
+    encoding.CHECKSUM_CHUNKS = checksums
     try:
         cpu, wall = time.process_time(), time.perf_counter()
         with dask.config.set(scheduler="threads"):
             summary = ingest(input_dir, store, chunk_slices=chunk_slices)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     finally:
-        storage.CHECKSUM_CHUNKS = True
+        encoding.CHECKSUM_CHUNKS = True
     assert summary.done and not summary.failed, summary.failed
-    return {"cpu_s": cpu, "wall_s": wall, "store_bytes": storage.CohortStore(store, mode="r").size_bytes()}
+    return {"cpu_s": cpu, "wall_s": wall, "store_bytes": CohortStore(store, mode="r").size_bytes()}
 
 
 def _verify(store) -> dict:

@@ -148,7 +148,7 @@ def cmd_compare(a) -> None:
     import pandas as pd
     import zarr
 
-    from lungzarr.io.storage import CohortStore, read_nodules, read_patients
+    from lungzarr.io.store import CohortStore, read_nodules, read_patients
     from lungzarr.pipeline.tables import patient_nodules
 
     def arrays(path):

@@ -209,7 +209,7 @@ def child_engines_stage(args: dict) -> dict:
     import numpy as np
 
     from lungzarr import pipeline
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
     from lungzarr.model import engines
 
     work = Path(tempfile.mkdtemp(prefix="lungzarr-engine-stage-"))

@@ -38,7 +38,7 @@ def real_patients(work: Path) -> list[dict]:
     import numpy as np
 
     from lungzarr import pipeline
-    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.store import CohortStore, grid_from_attrs
     from lungzarr.volume import Grid
 
     fixtures = _shared()

@@ -58,7 +58,7 @@ def _children_cpu() -> float:
 def run_once(input_dir: Path, store: str, log: Path, server) -> dict:
     import psutil
 
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     cmd = [sys.executable, "-m", "lungzarr.cli", "run", str(input_dir), store, "--scheduler", "threads"]
     server_proc = psutil.Process(server.pid)
@@ -80,7 +80,7 @@ def run_once(input_dir: Path, store: str, log: Path, server) -> dict:
 
 def commit_cost(input_dir: Path, bucket: str) -> dict:
     """An in-process ingest to S3 with the staged commits (server-side copies) timed apart."""
-    from lungzarr.io import storage
+    from lungzarr.io.store import objects as storage
     from lungzarr.pipeline import ingest
 
     spent = {"commits": 0, "objects": 0, "seconds": 0.0}

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from lungzarr.io.storage import CohortStore, open_cohort, read_nodules
+from lungzarr.io.store import CohortStore, open_cohort, read_nodules
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

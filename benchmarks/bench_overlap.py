@@ -105,7 +105,7 @@ def child_overlap(args: dict) -> dict:
 
 
 def pipeline_nodule_count(store, patient):
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     return CohortStore(store, mode="r").stages(patient).get("nodules", {}).get("n_nodules_0.5_filtered")
 

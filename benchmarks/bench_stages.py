@@ -52,7 +52,7 @@ def child_baseline(args: dict) -> dict:
 
 
 def _store_checks(store_path, patients) -> dict:
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     from benchmarks.cohort import folder_bytes
 

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from lungzarr.io import dicom, volumes
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
     from tests.conftest import LIDC_DIR, RICORD_DIR
 
     tmp = Path(tempfile.mkdtemp(prefix="lz-volbench-"))

@@ -57,7 +57,7 @@ def _store_digest(store) -> dict:
 
     import numpy as np
 
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     cs = CohortStore(store, mode="r")
     out = {}

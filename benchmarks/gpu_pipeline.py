@@ -142,7 +142,7 @@ try:
     import torch
 except ImportError:
     torch = None
-from lungzarr.io.storage import CohortStore
+from lungzarr.io.store import CohortStore
 from lungzarr.model.infer import predict_nodule_prob
 ds = CohortStore(store_path, mode="r").open_patient(patient)
 slab = ds.hu_2mm.values[z0:z1]
@@ -349,7 +349,7 @@ def main():
     RESULT["worker_gpu_info"] = {("GPU " if a in gpu_addr else "cpu ") + a: v
                                  for a, v in client.run(worker_gpu_info).items()}
     print("placement", RESULT["task_placement"], flush=True)
-    from lungzarr.io.storage import read_nodules
+    from lungzarr.io.store import read_nodules
 
     nod = read_nodules(store)
     RESULT["nodules"] = {"rows": int(len(nod)),
@@ -365,7 +365,7 @@ def main():
     # ---- one patient: stored GPU nodule_prob vs a CPU prediction on a slab around the nodules
     if not args.skip_cpu_check:
 
-        from lungzarr.io.storage import CohortStore
+        from lungzarr.io.store import CohortStore
 
         pid = jobs[0][0]
         ds = CohortStore(store, mode="r").open_patient(pid)

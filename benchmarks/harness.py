@@ -38,7 +38,7 @@ def preimport():
     import lungzarr.algorithms.resample  # noqa: F401
     import lungzarr.algorithms.segment  # noqa: F401
     import lungzarr.io.dicom  # noqa: F401
-    import lungzarr.io.storage  # noqa: F401
+    import lungzarr.io.store  # noqa: F401
 
 
 def spawn(kind: str, args: dict, *, env_extra: dict | None = None) -> dict:

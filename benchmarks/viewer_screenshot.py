@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     from playwright.sync_api import sync_playwright
 
     from lungzarr.algorithms.nodules import select_nodules
-    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.store import CohortStore, grid_from_attrs
 
     with tempfile.TemporaryDirectory(prefix="lungzarr-viewer-") as tmp:
         store_dir = args.store or _run_pipeline(Path(tmp))

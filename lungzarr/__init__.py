@@ -14,9 +14,9 @@ __all__ = ["__version__", "open_cohort", "read_nodules", "read_patients", "read_
 def __getattr__(name):
     # Keep `import lungzarr` cheap: the store layer pulls in zarr and xarray.
     if name in {"open_cohort", "read_nodules", "read_patients", "read_failures", "read_warnings"}:
-        from lungzarr.io import storage
+        from lungzarr.io import store
 
-        return getattr(storage, name)
+        return getattr(store, name)
     if name == "patient_nodules":
         from lungzarr.pipeline.tables import patient_nodules
 

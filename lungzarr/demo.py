@@ -61,7 +61,7 @@ def run_demo(folder="input/demo", store="demo.zarr", *, client=None, progress=No
         ``report`` (the HTML path, or None; the truth is drawn in its pictures).
     """
     from lungzarr.algorithms.nodules import select_nodules
-    from lungzarr.io.storage import read_nodules
+    from lungzarr.io.store import read_nodules
     from lungzarr.pipeline import run
 
     write_demo_cohort(folder)

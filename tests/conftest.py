@@ -69,7 +69,7 @@ def stop_processes(*procs, timeout: float = 30) -> None:
 def _patients_snapshot(location, ignore_attrs):
     """Per patient of a store: its arrays (nodules and dsb2017 subgroups as ``child:name``), stage markers
     without times, ids and dependencies, and its attrs without ``ignore_attrs``."""
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     store = CohortStore(location, mode="r")
     snap = {}

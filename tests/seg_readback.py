@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungzarr.io.storage import CohortStore, grid_from_attrs, read_nodules
+from lungzarr.io.store import CohortStore, grid_from_attrs, read_nodules
 
 
 def seg_readback(path, sources):

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from lungzarr.cli import app
 from lungzarr.errors import LungzarrError, PatientError
 from lungzarr.io import dicom
-from lungzarr.io.storage import STAGING_GROUP, CohortStore, read_failures
+from lungzarr.io.store import STAGING_GROUP, CohortStore, read_failures
 from lungzarr.pipeline import ingest
 
 from dicom_phantoms import copy_tree, edit_header, make_patient, truncate

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import xarray as xr
 
-from lungzarr.io.storage import CohortStore, open_cohort
+from lungzarr.io.store import CohortStore, open_cohort
 from lungzarr.pipeline import ingest
 
 from dicom_phantoms import make_patient

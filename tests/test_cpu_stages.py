@@ -14,7 +14,7 @@ import pytest
 import xarray as xr
 
 from lungzarr.errors import LungzarrError
-from lungzarr.io.storage import CohortStore, read_nodules, read_patients
+from lungzarr.io.store import CohortStore, read_nodules, read_patients
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def _frames():
 
 @pytest.mark.parametrize("k", range(6))
 def test_table_dataset_is_the_one_from_dataframe_builds(k):
-    from lungzarr.io.storage import _dataset_from_frame
+    from lungzarr.io.store.tables import _dataset_from_frame
 
     frame, dim = _frames()[k]
     frame = frame.reset_index(drop=True)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import lungzarr
 from lungzarr.cli import app
-from lungzarr.io.storage import CohortStore
+from lungzarr.io.store import CohortStore
 
 runner = CliRunner()
 READERS_CENTRE_MM = np.array([-115.80, 86.39, 56.40])

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from lungzarr.cli import app
 from lungzarr.errors import LungzarrError
-from lungzarr.io.storage import CohortStore, grid_from_attrs, read_nodules
+from lungzarr.io.store import CohortStore, grid_from_attrs, read_nodules
 
 runner = CliRunner()
 nib = pytest.importorskip("nibabel")

@@ -19,7 +19,7 @@ import pytest
 from lungzarr.errors import PatientError
 from lungzarr.io import dicom, plausible, volumes
 from lungzarr.io.dicom.pixel_checks import _check_values_are_hu
-from lungzarr.io.storage import CohortStore, read_failures, read_warnings
+from lungzarr.io.store import CohortStore, read_failures, read_warnings
 from lungzarr.pipeline import ingest
 from lungzarr.volume import Grid
 

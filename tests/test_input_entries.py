@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from lungzarr.cli import app
 from lungzarr.errors import LungzarrError
-from lungzarr.io.storage import CohortStore, read_failures, read_warnings
+from lungzarr.io.store import CohortStore, read_failures, read_warnings
 from lungzarr.pipeline import find_patients, ingest
 from lungzarr.pipeline.inputs import scan_input
 

@@ -23,7 +23,7 @@ from lungzarr.cli._progress import _LineProgress, _warning_lines
 from lungzarr.errors import PatientError, RunConfigError
 from lungzarr.io import volumes
 from lungzarr.io.locations import blank_secrets, describe_error
-from lungzarr.io.storage import CohortStore
+from lungzarr.io.store import CohortStore
 from lungzarr.pipeline import ingest
 from lungzarr.pipeline.inputs import scan_input
 from lungzarr.pipeline.runner import ProgressEvent

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import lungzarr
 from lungzarr.cli import app
 from lungzarr.errors import LungzarrError
-from lungzarr.io.storage import CohortStore, read_damage
+from lungzarr.io.store import CohortStore, read_damage
 from lungzarr.pipeline import run, verify_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ class _Steps:
     def __init__(self, monkeypatch):
         import xarray as xr
 
-        from lungzarr.io import storage
+        from lungzarr.io.store import backend as storage
 
         self.at, self.ran, self._busy, self.opens = {}, [], False, 0
         # The store removes folders through its backend (bound when a store is made: make stores after this).
@@ -307,7 +307,7 @@ def test_a_read_at_every_step_of_a_table_write_sees_the_old_or_the_new_table_who
 @pytest.mark.parametrize("remove_old", [True, False], ids=["switch-and-remove", "switch-only"])
 def test_a_table_replaced_during_a_read_is_read_whole(tmp_path, monkeypatch, point, remove_old):
     """The writer replaces the table between the reader's steps: the reader returns one version, whole."""
-    from lungzarr.io import storage
+    from lungzarr.io.store import backend as storage
 
     steps = _Steps(monkeypatch)
     store = CohortStore(tmp_path / "t.zarr")
@@ -359,7 +359,7 @@ def test_tables_of_a_store_written_before_the_pointer_are_read_and_replaced(tmp_
 
 def test_arrays_written_before_checksums_are_read_but_missing_chunks_not_called_damage(tmp_path, monkeypatch):
     """A store of the layout before: no crc32c, fill-value-only chunks never written."""
-    from lungzarr.io import storage
+    from lungzarr.io.store import encoding as storage
     from lungzarr.pipeline import ingest
 
     from dicom_phantoms import make_patient

@@ -95,10 +95,9 @@ def test_no_import_runs_up_a_layer():
     assert upward == []
 
 
-#: The one owner of each file-format library. The store is ``lungzarr.io.storage`` until it becomes the package
-#: ``lungzarr.io.store`` (issue 27); either name is the store.
+#: The one owner (a module, or a package with all its modules) of each file-format library.
 FORMAT_OWNERS = {"pydicom": ("lungzarr.io.dicom", "lungzarr.io.dicom_seg"), "highdicom": ("lungzarr.io.dicom_seg",),
-                 "zarr": ("lungzarr.io.store", "lungzarr.io.storage"), "SimpleITK": ("lungzarr.io.volumes",),
+                 "zarr": ("lungzarr.io.store",), "SimpleITK": ("lungzarr.io.volumes",),
                  "nibabel": ("lungzarr.io.volumes",)}
 
 
@@ -228,7 +227,7 @@ def test_registry_is_the_one_stage_list():
 
 
 def _lung_voxels_task(store_path, patient):
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     return {"lung_voxels": int(CohortStore(store_path).open_patient(patient).lungs.sum().values)}
 
@@ -244,7 +243,7 @@ def test_a_new_stage_is_one_stage_object(monkeypatch, tmp_path):
     """Adding a stage = one Stage in the registry: run, resume, status and the patient table pick it up."""
     import dask
 
-    from lungzarr.io.storage import CohortStore, read_patients
+    from lungzarr.io.store import CohortStore, read_patients
     from lungzarr.pipeline import Stage, run, stages, store_status
 
     from dicom_phantoms import make_patient

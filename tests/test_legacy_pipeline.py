@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import lungzarr
 from lungzarr.cli import app
-from lungzarr.io.storage import CohortStore
+from lungzarr.io.store import CohortStore
 
 from conftest import DSB_PATIENT
 

@@ -217,7 +217,7 @@ def test_crop_lungs_through_the_pipeline(phantom_store):
 
     from lungzarr.algorithms.nodules import select_nodules
     from lungzarr.cli import app
-    from lungzarr.io.storage import CohortStore, read_nodules
+    from lungzarr.io.store import CohortStore, read_nodules
     from lungzarr.pipeline import run
 
     runner = CliRunner()
@@ -292,7 +292,7 @@ def _report(name, fixed, lungs_map, lungs, table_fixed, table_lungs, box, hu):
 def test_real_dicom_patient_same_nodules_with_crop_lungs(fixture, request, tmp_path, capsys):
     """Through the pipeline: detect --crop fixed, nodules; detect --crop lungs, nodules; the same table."""
     from lungzarr.algorithms.nodules import select_nodules
-    from lungzarr.io.storage import CohortStore, read_nodules
+    from lungzarr.io.store import CohortStore, read_nodules
     from lungzarr.pipeline import run
 
     src = request.getfixturevalue(fixture)
@@ -347,7 +347,7 @@ def test_literal_upsampling_through_the_cli_is_recorded(phantom_store):
     from typer.testing import CliRunner
 
     from lungzarr.cli import app
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
     from lungzarr.pipeline import run
 
     probs = {}

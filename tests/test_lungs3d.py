@@ -213,7 +213,7 @@ def test_old_tables_read_with_the_new_columns_unmeasured(thorax):
 def test_stage_writes_labels_measures_and_qc(tmp_path):
     from lungzarr.algorithms.phantom import DEMO_PATIENTS
     from lungzarr.demo import write_demo_cohort
-    from lungzarr.io.storage import CohortStore, read_patients
+    from lungzarr.io.store import CohortStore, read_patients
     from lungzarr.pipeline import run
     from lungzarr.reports.html import qc_patient
 

@@ -261,7 +261,7 @@ def test_compact_table_round_trips_bit_for_bit():
 
 
 def _store_with_patient(tmp_path, df):
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     store = CohortStore(tmp_path / "s.zarr")
     (tmp_path / "s.zarr" / "patients" / "p1").mkdir(parents=True)

@@ -117,7 +117,7 @@ def cluster(s3, tmp_path_factory):
 
 def _store_texts(path) -> str:
     """Every zarr.json (attrs) and every table of a store, as one text."""
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     parts = [p.read_text() for p in Path(path).rglob("zarr.json")]
     store = CohortStore(path, mode="r")
@@ -186,7 +186,7 @@ def test_ingest_from_s3_on_workers_elsewhere_equals_the_local_run_bit_for_bit(s3
     from typer.testing import CliRunner
 
     from lungzarr.cli import app
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
     from lungzarr.pipeline import run
 
     address, _ = cluster
@@ -283,7 +283,7 @@ def test_bad_objects_get_the_same_per_file_errors_as_local_files_naming_the_url(
     local = ingest(bad, tmp_path / "l.zarr")
     remote = ingest(url, tmp_path / "r.zarr")
     assert local.done == remote.done == ["GOOD"]
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     hu = [CohortStore(tmp_path / f"{k}.zarr", mode="r").open_patient("GOOD")["hu"].values for k in "lr"]
     assert np.array_equal(*hu)
@@ -348,7 +348,7 @@ def test_detect_on_workers_elsewhere_uses_the_shipped_weights_and_refuses_a_tamp
         s3, cluster, tmp_path, monkeypatch):
     from distributed import Client
 
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
     from lungzarr.model.d8 import DEFAULT_WEIGHTS, WEIGHTS_SHA256
     from lungzarr.pipeline import run
 

@@ -22,7 +22,7 @@ import pytest
 
 import lungzarr
 from lungzarr.errors import LungzarrError, StoreLockedError
-from lungzarr.io.storage import STAGING_GROUP, CohortStore
+from lungzarr.io.store import STAGING_GROUP, CohortStore
 
 from conftest import assert_same_patients
 from s3_server import moto_s3
@@ -216,7 +216,7 @@ def test_a_second_run_on_an_s3_store_is_refused_naming_the_holder(small_input, s
     CohortStore(url)
     holder = subprocess.Popen([PY, "-c", (
         "import time\n"
-        "from lungzarr.io.storage import CohortStore\n"
+        "from lungzarr.io.store import CohortStore\n"
         f"with CohortStore({url!r}).lock():\n"
         "    print('locked', flush=True); time.sleep(120)\n")], stdout=subprocess.PIPE, text=True, env=s3_env)
     try:
@@ -256,7 +256,7 @@ def test_two_writers_racing_for_the_lock_object_one_wins(bucket):
 def test_a_lock_left_on_another_host_is_taken_over_only_after_its_heartbeat_expires(bucket, monkeypatch):
     import json
 
-    from lungzarr.io import storage
+    from lungzarr.io.store import lock as storage
 
     url = f"s3://{bucket}/stale.zarr"
     store = CohortStore(url)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from lungzarr.io.storage import CohortStore, grid_from_attrs, open_cohort
+from lungzarr.io.store import CohortStore, grid_from_attrs, open_cohort
 from lungzarr.pipeline import ingest
 from lungzarr.pipeline.tables import patient_nodules
 
@@ -116,7 +116,7 @@ def test_ome_zarr_reader_opens_the_patient_at_the_native_grid(store):
 
 
 def test_a_negative_step_is_stored_as_its_magnitude_with_the_origin_as_translation():
-    from lungzarr.io.storage import ome_multiscales
+    from lungzarr.io.store import ome_multiscales
 
     attrs = {"grid_2mm": {"shape": [10, 8, 8], "origin_mm": [50.0, -20.0, -30.0], "step_mm": [-2.0, 1.9, 2.1]}}
     (image,) = ome_multiscales(attrs)["multiscales"]

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from lungzarr.cli import app
 from lungzarr.errors import PatientError
 from lungzarr.io import dicom
-from lungzarr.io.storage import CohortStore, read_failures, read_warnings
+from lungzarr.io.store import CohortStore, read_failures, read_warnings
 from lungzarr.model.geometry import MIN_SLICES_2MM
 from lungzarr.pipeline import ingest, ingest_dataset
 

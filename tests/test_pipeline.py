@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lungzarr.demo import write_demo_cohort
-from lungzarr.io.storage import CohortStore
+from lungzarr.io.store import CohortStore
 
 from conftest import assert_same_patients, free_port, stop_processes
 
@@ -73,7 +73,7 @@ def test_second_run_on_a_locked_store_is_refused(demo_input, tmp_path):
     CohortStore(store)
     holder = subprocess.Popen([PY, "-c", (
         "import sys, time\n"
-        "from lungzarr.io.storage import CohortStore\n"
+        "from lungzarr.io.store import CohortStore\n"
         f"with CohortStore({str(store)!r}).lock():\n"
         "    print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
@@ -217,7 +217,7 @@ def test_detect_stage_runs_only_the_network_on_gpu_workers(small_input, tmp_path
     every other task of the stage (read, normalise, cut, place, box, write) on the CPU-only worker."""
     import distributed
 
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
     from lungzarr.pipeline import ingest, run
 
     store = tmp_path / "gpu.zarr"

@@ -118,7 +118,7 @@ def _ingest(root, store, address, env):
 
 @pytest.mark.slow  # ~40 s: two dask processes and four CLI runs
 def test_tls_scheduler_runs_a_client_with_the_certificate_and_refuses_one_without(tls_cluster, tmp_path):
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     address, files = tls_cluster
     root = tmp_path / "input"
@@ -213,7 +213,7 @@ def test_task_keys_carry_no_dicom_header_values(tmp_path):
     from distributed import LocalCluster, get_task_stream
 
     from lungzarr.cluster import dask_client
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
     from lungzarr.pipeline import run
 
     root = tmp_path / "input"

@@ -26,7 +26,7 @@ def _write_prob(store_path, patient, spheres):
     """nodule_prob from spheres (centre, diameter in patient mm, probability), as the detect stage stores it."""
     import xarray as xr
 
-    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.store import CohortStore, grid_from_attrs
 
     store = CohortStore(store_path)
     ds = store.open_patient(patient)

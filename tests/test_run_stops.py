@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from lungzarr.cli import app
 from lungzarr.errors import PatientError, RunStopError, environment_reason
-from lungzarr.io.storage import CohortStore
+from lungzarr.io.store import CohortStore
 from lungzarr.pipeline import ingest
 from lungzarr.pipeline.runner import as_patient_error, run_stop_error, stream_stages
 

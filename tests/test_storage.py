@@ -20,7 +20,7 @@ from lungzarr.algorithms.resample import resample_to_2mm_numpy
 from lungzarr.cli import app
 from lungzarr.errors import LungzarrError, StoreLockedError
 from lungzarr.io import dicom
-from lungzarr.io.storage import STAGING_GROUP, CohortStore, open_cohort, read_failures
+from lungzarr.io.store import STAGING_GROUP, CohortStore, open_cohort, read_failures
 from lungzarr.pipeline import ingest
 
 from dicom_phantoms import make_patient
@@ -165,7 +165,7 @@ def test_read_failures_of_a_clean_store(tmp_path):
 
 
 def test_warnings_are_replaced_per_patient_and_stage(tmp_path):
-    from lungzarr.io.storage import read_warnings
+    from lungzarr.io.store import read_warnings
 
     make_patient(tmp_path / "in" / "P1")
     ingest(tmp_path / "in", tmp_path / "s.zarr")
@@ -184,7 +184,7 @@ def test_warnings_are_replaced_per_patient_and_stage(tmp_path):
 
 _HOLD_LOCK = """
 import sys
-from lungzarr.io.storage import CohortStore
+from lungzarr.io.store import CohortStore
 store = CohortStore(sys.argv[1])
 with store.lock():
     if len(sys.argv) > 2:

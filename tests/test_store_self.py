@@ -26,10 +26,10 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-import lungzarr.io.storage as storage
+import lungzarr.io.store.directory as storage
 from lungzarr.cli import app
 from lungzarr.errors import LungzarrError
-from lungzarr.io.storage import CohortStore, open_cohort, read_damage, read_nodules, read_patients, read_warnings
+from lungzarr.io.store import CohortStore, open_cohort, read_damage, read_nodules, read_patients, read_warnings
 from lungzarr.pipeline import ingest, run, verify_store
 
 from dicom_phantoms import make_patient

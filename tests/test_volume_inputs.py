@@ -14,7 +14,7 @@ import pytest
 
 from lungzarr.errors import PatientError, RunConfigError
 from lungzarr.io import dicom, volumes
-from lungzarr.io.storage import CohortStore
+from lungzarr.io.store import CohortStore
 from lungzarr.pipeline import ingest
 from lungzarr.pipeline.inputs import scan_input
 from lungzarr.volume import Grid, ScanSeries

@@ -23,7 +23,7 @@ _debug = {"on": False}
 
 def _store_location(value):
     """A STORE argument: a directory path, or an object store's URL (``s3://bucket/cohort.zarr``) kept as text."""
-    from lungzarr.io.storage import is_store_url
+    from lungzarr.io.store import is_store_url
 
     if value is None or isinstance(value, Path):
         return value

@@ -63,7 +63,7 @@ def check_store(path, *, create: bool = True, write: bool = True) -> Path:
         ``path`` is a file, a non-empty folder that is not a lungzarr store,
         missing (``create=False``) or not writable.
     """
-    from lungzarr.io.storage import check_store_url, is_store_url
+    from lungzarr.io.store import check_store_url, is_store_url
 
     if is_store_url(path):
         return check_store_url(path, create=create, write=write)

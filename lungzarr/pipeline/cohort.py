@@ -97,7 +97,7 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
     list of StageSummary, one per stage run
     """
     from lungzarr.io.legacy import read_legacy_labels
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
     from lungzarr.model.geometry import CROPS
 
     if crop not in CROPS:
@@ -168,7 +168,7 @@ def ingest(input_dir, store_path, *, chunk_slices: int = 16, overwrite: bool = F
 def store_status(store_path) -> dict:
     """Per-stage counts, failures, warnings, damage found by :func:`~lungzarr.pipeline.verify.verify_store`,
     and size of a cohort store."""
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     store = CohortStore(store_path, mode="r")
     patients = store.patients()

@@ -10,7 +10,7 @@ __all__ = ["evaluate_store", "evaluate_candidates"]
 
 def _store_detections(store, *, threshold: float, filtered: bool):
     from lungzarr.algorithms.nodules import select_nodules
-    from lungzarr.io.storage import read_nodules
+    from lungzarr.io.store import read_nodules
 
     nodules = read_nodules(store.path)
     if not len(nodules):
@@ -56,7 +56,7 @@ def evaluate_store(store_path, out_dir, *, lidc_xml=None, luna_csv=None, luna_ex
     import pandas as pd
 
     from lungzarr import evaluate as ev
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     if (lidc_xml is None) == (luna_csv is None):
         raise LungzarrError("give exactly one of --lidc-xml DIR_OR_FILE and --luna-csv FILE")

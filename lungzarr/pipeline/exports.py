@@ -26,7 +26,7 @@ def _patients_done(store, store_path, patients, stages, *, has: str, command: st
 
 def _dsb_row_task(store_path, patient, fmt, cancer):
     from lungzarr.algorithms.features import dsb2017_row
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     return dsb2017_row(CohortStore(store_path, mode="r").open_patient(patient), fmt=fmt, cancer=cancer,
                        patient=patient)
@@ -57,7 +57,7 @@ def export_dsb2017(store_path, out, *, fmt: str = "keras8_0313", labels=None, pa
 
     from lungzarr.algorithms.features import FORMATS, dsb2017_table
     from lungzarr.io.legacy import read_legacy_labels
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     if fmt not in FORMATS:
         raise LungzarrError(f"--format must be one of {list(FORMATS)!r}, got {fmt!r}")
@@ -82,7 +82,7 @@ def export_nodules(store_path, out, *, threshold: float | None = None, filtered:
     (:func:`~lungzarr.algorithms.nodules.select_nodules`).
     """
     from lungzarr.algorithms.nodules import select_nodules
-    from lungzarr.io.storage import read_nodules
+    from lungzarr.io.store import read_nodules
 
     table = select_nodules(read_nodules(store_path), threshold=threshold, dsb_filter=filtered)
     out = Path(out)
@@ -128,7 +128,7 @@ def export_luna16(store_path, out, *, threshold: float = 0.5, filtered: bool = F
     import pandas as pd
 
     from lungzarr.algorithms.nodules import select_nodules
-    from lungzarr.io.storage import CohortStore, read_nodules
+    from lungzarr.io.store import CohortStore, read_nodules
 
     store = CohortStore(store_path, mode="r")
     patients = [p for p in store.patients() if store.is_complete(p, "nodules")]
@@ -188,7 +188,7 @@ def export_nifti(store_path, out_dir, *, threshold: float = 0.5, patients=None) 
     """
     import numpy as np
 
-    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.store import CohortStore, grid_from_attrs
     from lungzarr.io.volumes import write_nifti
 
     store = CohortStore(store_path, mode="r")
@@ -388,7 +388,7 @@ def export_dicom_seg(store_path, out_dir, *, threshold: float = 0.5, filtered: b
 
     from lungzarr.errors import PatientError
     from lungzarr.io import dicom_seg
-    from lungzarr.io.storage import CohortStore, read_nodules
+    from lungzarr.io.store import CohortStore, read_nodules
 
     dicom_seg.require_highdicom()
     if Path(out_dir).exists() and not Path(out_dir).is_dir():

@@ -63,7 +63,7 @@ def import_legacy(input_dir, store_path, *, stage: str = "stage1", overwrite: bo
     is kept (the features stage and ``export`` use it when no ``--labels`` is given).
     """
     from lungzarr.io.legacy import list_legacy_patients, read_legacy_patient
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
     from lungzarr.pipeline.checks import check_store
     from lungzarr.pipeline.tables import gather_tables
 

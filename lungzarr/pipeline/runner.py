@@ -1,7 +1,7 @@
 """The streaming runner: patients through stages, each as soon as its previous stage is committed.
 
 Generic: it knows no stage. It is given stage names in order, a ``prepare``
-that starts a patient's stage (a :class:`~lungzarr.io.storage.PendingStage`
+that starts a patient's stage (a :class:`~lungzarr.io.store.PendingStage`
 whose ``delayed`` writes the voxels), and a ``decide`` that says whether a
 patient's stage runs, is skipped (done already) or is blocked (a stage it
 needs is missing). A patient that fails is recorded with its reason and the
@@ -258,7 +258,7 @@ class _Stream:
         """Cancel what is left of a failed patient's computation and drop its staged group.
 
         Tasks of the same computation may still be running on other workers;
-        :meth:`~lungzarr.io.storage.PendingStage.discard` tolerates their late
+        :meth:`~lungzarr.io.store.PendingStage.discard` tolerates their late
         writes, and whatever it cannot remove (no longer a group: its
         ``zarr.json`` goes first) is removed by the next run's recovery, under
         the lock, once these workers are gone. A patient's failure never stops

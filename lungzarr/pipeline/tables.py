@@ -72,7 +72,7 @@ def patient_nodules(store, patient: str):
     from lungzarr.algorithms.nodules import dataset_to_nodules
 
     if not hasattr(store, "load_patient"):     # a path or URL, as read_nodules takes
-        from lungzarr.io.storage import CohortStore
+        from lungzarr.io.store import CohortStore
 
         store = CohortStore(store, mode="r")
     ds = store.load_patient(patient, ["table"], subgroup="nodules")
@@ -90,7 +90,7 @@ def gather_tables(store) -> dict:
     import pandas as pd
 
     from lungzarr.algorithms.nodules import concat_nodule_tables
-    from lungzarr.io.storage import STAGES_KEY
+    from lungzarr.io.store import STAGES_KEY
 
     nodule_tables, rows = [], []
     for patient in store.patients():

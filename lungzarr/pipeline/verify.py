@@ -57,7 +57,7 @@ def _owners():
 
 
 def _verify_task(store_path, patient, owners, creator):
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     return CohortStore(store_path, mode="r").verify_patient(patient, owners=owners, creator=creator)
 
@@ -115,7 +115,7 @@ def store_findings(store) -> tuple[dict, list[dict]]:
     the consolidated metadata names every group there is and no group that
     is gone. Reads metadata and the (small) tables only; writes nothing.
     """
-    from lungzarr.io.storage import PATIENTS_GROUP, TABLES_GROUP
+    from lungzarr.io.store import PATIENTS_GROUP, TABLES_GROUP
     from lungzarr.pipeline.tables import COHORT_TABLES
 
     _, creator = _owners()
@@ -230,7 +230,7 @@ def verify_store(store_path, *, patients: Iterable[str] | None = None, client=No
     -------
     VerifyReport
     """
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     store = CohortStore(store_path, mode="r")  # a clear error when there is no store
     if not repair:

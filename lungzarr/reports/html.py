@@ -94,7 +94,7 @@ def qc_patient(store_path, patient: str, output, *, truth=None) -> Path:
         True nodules (``patient, z_mm, y_mm, x_mm, diameter_mm``, e.g.
         :func:`lungzarr.demo.demo_truth`); this patient's are drawn as squares.
     """
-    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.store import CohortStore, grid_from_attrs
     from lungzarr.reports.qc import qc_figure
 
     store = CohortStore(store_path, mode="r")
@@ -261,7 +261,7 @@ def write_report(store_path, output, *, truth=None) -> Path:
     """
     from lungzarr.algorithms.components import DSB_MAX_MEAN_HU, DSB_MIN_DIAMETER_MM, DSB_THRESHOLDS, MISSING, NO_LABEL
     from lungzarr.algorithms.nodules import REPORTED_THRESHOLD, select_nodules
-    from lungzarr.io.storage import CohortStore, read_failures, read_nodules, read_patients
+    from lungzarr.io.store import CohortStore, read_failures, read_nodules, read_patients
     from lungzarr.pipeline.tables import PATIENT_COLUMNS
 
     if truth is not None:

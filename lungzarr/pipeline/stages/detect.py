@@ -24,7 +24,7 @@ def _lung_box_task(lungs, margin, speck_share):
 
 def _record_box(store_path, patient, box):
     """After the write, on a worker: the box into ``nodule_prob``'s attrs; the stage record's part."""
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     CohortStore(store_path).update_array_attrs(patient, "nodule_prob", box_attrs(box))
     return {"lung_box": box}

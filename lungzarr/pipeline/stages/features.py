@@ -21,7 +21,7 @@ def _features_task(store_path, patient, cancer):
     import xarray as xr
 
     from lungzarr.algorithms.features import dsb2017_arrays, dsb2017_features, lung_measures
-    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.store import CohortStore, grid_from_attrs
     from lungzarr.model.geometry import predicted_slices
 
     store = CohortStore(store_path)

@@ -18,7 +18,7 @@ def _measures_task(store_path, patient):
     import numpy as np
 
     from lungzarr.algorithms.lungs3d import lung_side_measures
-    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.store import CohortStore, grid_from_attrs
 
     ds = CohortStore(store_path, mode="r").load_patient(patient, ["lung_labels", "hu_2mm"])
     step = np.abs(grid_from_attrs(ds.attrs).step)
@@ -30,7 +30,7 @@ def _prepare(store, patient, _, options):
     import xarray as xr
 
     from lungzarr.algorithms.lungs3d import KEEP_NODULE_MM, lung_labels_dask
-    from lungzarr.io.storage import grid_from_attrs
+    from lungzarr.io.store import grid_from_attrs
 
     # Only hu_2mm's graph and the group attrs: no Dataset (coordinates, every variable's metadata) in the client.
     grid = grid_from_attrs(store.patient_attrs(patient))

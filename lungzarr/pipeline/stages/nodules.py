@@ -45,7 +45,7 @@ def _nodule_task(store_path, patient, chunk_slices=16):
     """
     from lungzarr.algorithms.features import unsegmented
     from lungzarr.algorithms.nodules import find_nodules, nodules_to_dataset, select_nodules
-    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.store import CohortStore, grid_from_attrs
 
     store = CohortStore(store_path)
     # One open of the group, the four arrays read whole: no xarray backend reading every coordinate and

@@ -24,7 +24,7 @@ def _after_write_task(store_path, patient, chunk_slices):
     import numpy as np
 
     from lungzarr.algorithms.crop import legacy_crop_box
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.store import CohortStore
 
     store = CohortStore(store_path)
     lungs = store.load_patient(patient, ["lungs"]).lungs.values

@@ -1,0 +1,114 @@
+"""Reading a patient's arrays: lazily as xarray (``open_patient``), whole (``load_patient``), one as dask."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from lungzarr.errors import LungzarrError
+
+
+class _PatientArrays:
+    """Part of :class:`~lungzarr.io.store.CohortStore`: reading the arrays of a patient group."""
+
+    def open_patient(self, patient: str, *, subgroup: str | None = None):
+        """A patient's Dataset, lazily (dask arrays, nothing loaded)."""
+        import xarray as xr
+
+        if not self.has_patient(patient):
+            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                f"`lungzarr status {self.path}` lists the patients")
+        group = self.group_path(patient) + (f"/{subgroup}" if subgroup else "")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            return xr.open_dataset(self._zstore, group=group, engine="zarr", consolidated=False, chunks={},
+                                   zarr_format=3)
+
+    def load_patient(self, patient: str, names, *, subgroup: str | None = None):
+        """Arrays of a patient (or of its child group ``subgroup``), read whole, as an in-memory Dataset.
+
+        For a worker task that needs whole arrays (nodules, features, the
+        lungs3d measures, the crop box): one open of the group with zarr and
+        one read per array, where :meth:`open_patient` has xarray read every
+        coordinate and every variable's metadata and builds a dask graph per
+        array. The values, dtypes and variable attributes are those of
+        ``open_patient(patient)[name].values``: lungzarr's arrays carry no CF
+        encoding but xarray's NaN ``_FillValue`` of float arrays (a no-op
+        mask); an array with any other encoding is read through xarray. The
+        Dataset's attrs are the group's; it has no coordinates. Names the
+        group does not hold are left out (test ``name in ds``).
+
+        Raises
+        ------
+        LungzarrError
+            The patient is not in the store.
+        """
+        import xarray as xr
+
+        if not self.has_patient(patient):
+            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                f"`lungzarr status {self.path}` lists the patients")
+        path = self.group_path(patient) + (f"/{subgroup}" if subgroup else "")
+        group = self._zarr.open_group(self._zstore, path=path, mode="r", zarr_format=3, use_consolidated=False)
+        present = set(group.array_keys())
+        data_vars, encoded = {}, []
+        for name in names:
+            if name not in present:
+                continue
+            array = group[name]
+            attrs = dict(array.attrs)
+            fill = attrs.pop("_FillValue", None)
+            plain = not (set(attrs) & {"scale_factor", "add_offset", "_Unsigned", "dtype", "calendar"}) and (
+                fill is None or (array.dtype.kind == "f" and np.isnan(array.fill_value)))
+            if not plain:
+                encoded.append(name)
+                continue
+            dims = tuple(array.metadata.dimension_names or (f"dim_{i}" for i in range(array.ndim)))
+            data_vars[name] = xr.Variable(dims, array[...], attrs=attrs)
+        ds = xr.Dataset(data_vars, attrs=dict(group.attrs))
+        if encoded:  # not written by lungzarr: let xarray decode it
+            full = self.open_patient(patient, subgroup=subgroup)
+            for name in encoded:
+                ds[name] = full[name].variable.load()
+        return ds
+
+    def lazy_array(self, patient: str, name: str):
+        """One stored array of a patient as a dask array in its stored chunks (nothing loaded).
+
+        For a stage that needs one input array to build its graph (segment's and
+        detect's ``hu_2mm``): :meth:`open_patient` has xarray read every
+        coordinate and every variable's metadata in the client first. The
+        values and dtype are those of ``open_patient(patient)[name].data``
+        (lungzarr's arrays carry no CF encoding). The dask name is derived from
+        the resolved store path, the patient, the array and its metadata file's
+        modification time and size, so a rewritten array never shares a key
+        with the old one.
+
+        Raises
+        ------
+        LungzarrError
+            The patient, or its array ``name``, is not in the store.
+        """
+        import dask.array as da
+        from dask.base import tokenize
+
+        if not self.has_patient(patient):
+            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                f"`lungzarr status {self.path}` lists the patients")
+        path = f"{self.group_path(patient)}/{name}"
+        meta = self.path / path / "zarr.json"
+        try:
+            stat = meta.stat()
+        except FileNotFoundError:
+            raise LungzarrError(f"patient {patient!r} has no array {name!r} in store {str(self.path)!r}; "
+                                f"run the stage that writes it first") from None
+        array = self._zarr.open_array(self._zstore, path=path, mode="r", zarr_format=3)
+        # The stage commits' ids too: unique per write, where an object's mtime has 1 s resolution and
+        # its ETag is that of metadata a rewrite of the same shape leaves unchanged.
+        commits = sorted((stage, record.get("id")) for stage, record in self.stages(patient).items())
+        token = tokenize(str(self.path.resolve()), patient, name, stat.st_mtime_ns, stat.st_size,
+                         getattr(stat, "st_etag", None), commits)
+        return da.from_zarr(array, name=f"open-{name}-{token}")
+
+    def has_subgroup(self, patient: str, subgroup: str) -> bool:
+        return (self.path / self.group_path(patient) / subgroup / "zarr.json").exists()

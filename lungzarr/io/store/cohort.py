@@ -1,0 +1,95 @@
+"""The cohort store's one public class, :class:`CohortStore`: a patient group per patient, composed of its parts.
+
+Each part is a mixin in its own module (one job each, see :mod:`lungzarr.io.store`); this module
+holds what they all stand on: opening the store through its backend, and naming its groups.
+"""
+from __future__ import annotations
+
+from lungzarr._version import __version__
+from lungzarr.errors import LungzarrError
+from lungzarr.io.store.arrays import _PatientArrays
+from lungzarr.io.store.backend import _backend
+from lungzarr.io.store.consolidated import _RootMetadata
+from lungzarr.io.store.integrity import _Integrity
+from lungzarr.io.store.layout import PATIENTS_GROUP, STAGING_GROUP, TABLES_GROUP, _now, check_patient_id
+from lungzarr.io.store.lock import _WriterLock
+from lungzarr.io.store.ngff import _LabelImages
+from lungzarr.io.store.records import _PatientRecords
+from lungzarr.io.store.staging import _Staging
+from lungzarr.io.store.tables import _CohortTables
+
+
+class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _LabelImages, _CohortTables,
+                  _Integrity, _WriterLock):
+    """A cohort's Zarr v3 store.
+
+    Parameters
+    ----------
+    path : path or str
+        The store directory (created on first write), or an object store's
+        URL (``s3://bucket/cohort.zarr``, any fsspec URL; credentials and
+        endpoint from the storage library's environment, never from here).
+    mode : {"a", "r"}
+        ``"r"`` refuses to create the store when it does not exist.
+    """
+
+    def __init__(self, path, *, mode: str = "a"):
+        import zarr
+
+        if mode not in ("a", "r"):
+            raise ValueError(f"mode must be 'a' or 'r', got {mode!r}")
+        self._backend = _backend(path, mode)
+        self.path = self._backend.path
+        self._zstore = self._backend.zarr_store
+        self._rmtree = self._backend.rmtree
+        self.mode = mode
+        if mode == "r" and not (self.path / "zarr.json").exists():
+            raise LungzarrError(f"no lungzarr store at {str(self.path)!r}; run `lungzarr ingest INPUT "
+                                f"{self.path}` or `lungzarr run` first")
+        self._zarr = zarr
+        if mode == "a":
+            root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
+            if "lungzarr:version" not in root.attrs:
+                root.attrs.update({"lungzarr:version": __version__, "lungzarr:created": _now()})
+            for name in (PATIENTS_GROUP, TABLES_GROUP, STAGING_GROUP):
+                if not (self.path / name / "zarr.json").exists():
+                    root.create_group(name)
+
+    # ------------------------------------------------------------------ groups
+    def _root(self, mode=None):
+        return self._zarr.open_group(self._zstore, mode=mode or ("r" if self.mode == "r" else "a"), zarr_format=3,
+                                     use_consolidated=False)
+
+    def _group(self, path: str, mode=None):
+        return self._zarr.open_group(self._zstore, path=path, mode=mode or ("r" if self.mode == "r" else "r+"),
+                                     zarr_format=3)
+
+    @staticmethod
+    def group_path(patient: str) -> str:
+        return f"{PATIENTS_GROUP}/{check_patient_id(patient)}"
+
+    def patients(self) -> list[str]:
+        """Identifiers of the patients with a group in the store, sorted."""
+        folder = self.path / PATIENTS_GROUP
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").exists())
+
+    def patient_folders(self) -> list[str]:
+        """Folders under ``patients/`` that are no group (no ``zarr.json``): what is left of a lost group."""
+        folder = self.path / PATIENTS_GROUP
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not (p / "zarr.json").exists())
+
+    def has_patient(self, patient: str) -> bool:
+        return (self.path / self.group_path(patient) / "zarr.json").exists()
+
+    def patient_attrs(self, patient: str) -> dict:
+        if not self.has_patient(patient):
+            return {}
+        return dict(self._group(self.group_path(patient), mode="r").attrs)
+
+    # ------------------------------------------------------------------ misc
+    def size_bytes(self) -> int:
+        return self._backend.size_bytes()

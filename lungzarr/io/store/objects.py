@@ -1,0 +1,128 @@
+"""The backend of a store on object storage (S3, or any fsspec URL): commits by server-side copies."""
+from __future__ import annotations
+
+from lungzarr.errors import LungzarrError
+from lungzarr.io.store.layout import PATIENTS_GROUP
+from lungzarr.io.store.lock import _ObjectLock
+from lungzarr.io.store.objectpath import _ObjectPath
+
+
+def _check_url(url: str) -> str:
+    """``url`` without a trailing slash; refuse one that carries credentials (they come from the environment)."""
+    from urllib.parse import urlsplit
+
+    from lungzarr.io.locations import check_no_credentials
+
+    check_no_credentials(url, what="store")  # the URL is never echoed: it holds a secret
+    parts = urlsplit(url)
+    if not parts.netloc:
+        raise LungzarrError(f"store URL {url!r} names no bucket: use {parts.scheme}://BUCKET/NAME.zarr")
+    return url.rstrip("/")
+
+
+class _ObjectBackend(_ObjectLock):
+    """A store on object storage (S3, or any fsspec URL): no rename, no flock.
+
+    - A staged patient (``staging/<id>``, complete and marked) is committed by
+      removing ``patients/<id>`` (its ``zarr.json`` first, so it vanishes for
+      readers at once), copying the staged objects server-side with the group's
+      ``zarr.json`` last (until then no reader opens the group: zarr and
+      :meth:`CohortStore.patients` only see a group through its ``zarr.json``),
+      then removing the staged objects. A run killed anywhere in between leaves
+      the marked staged group, which the next writer's recovery swaps in again
+      (every step is idempotent).
+    - A metadata file (root attributes, table pointer) is replaced by one PUT,
+      which S3 makes atomic: readers see the old object or the new one.
+    - The writer lock is an object ``NAME.lock`` beside the store, created
+      with a conditional write (``If-None-Match: *``) that exactly one of two
+      runs wins. It names the holder (pid, host, start) and carries a
+      heartbeat the holder rewrites; it is removed on release. A lock left by
+      a killed run is taken over when its pid is gone on this host, or
+      :data:`LOCK_TTL_S` after its last heartbeat from another host (on S3 by a
+      conditional overwrite ``If-Match`` of the object seen, so only one run wins).
+    """
+
+    def __init__(self, url, mode: str):
+        import fsspec
+        from zarr.storage import FsspecStore
+
+        self.url = _check_url(str(url))
+        # No listing cache: another process (a worker, a second run) changes what is listed.
+        options = {"use_listings_cache": False}
+        self.fs, key = fsspec.url_to_fs(self.url, **options)
+        self.path = _ObjectPath(self.fs, key)
+        self.zarr_store = FsspecStore.from_url(self.url, storage_options=options, read_only=mode == "r")
+
+    def replace_text(self, target: _ObjectPath, text: str) -> None:
+        target.write_text(text)  # one PUT: atomic on S3
+
+    def rmtree(self, path: _ObjectPath, *, ignore_errors: bool = False) -> None:
+        """Remove every object below ``path``, its ``zarr.json`` first (the group vanishes for readers at once)."""
+        try:
+            keys = self.fs.find(path.key)
+            head = f"{path.key}/zarr.json"
+            if head in keys:
+                self.fs.rm_file(head)
+                keys.remove(head)
+            if keys:
+                self.fs.rm(keys)
+        except OSError:  # FileNotFoundError included
+            if not ignore_errors:
+                raise
+
+    def commit_staged(self, staged: _ObjectPath, final: _ObjectPath) -> None:
+        self.rmtree(final)
+        keys = self.fs.find(staged.key)
+        head = f"{staged.key}/zarr.json"
+        body = [k for k in keys if k != head]
+
+        def moved(ks):
+            return [f"{final.key}{k[len(staged.key):]}" for k in ks]
+
+        if body:
+            self.fs.copy(body, moved(body))
+        if head in keys:
+            self.fs.copy(head, moved([head])[0])  # last: the group appears whole
+        self.rmtree(staged)
+
+    def node_metadata(self, skip: str) -> dict:
+        """Like :meth:`_DirectoryBackend.node_metadata`: one listing, then every ``zarr.json`` read at once."""
+        import json
+
+        root = self.path.key
+        metas = {}
+        for key in self.fs.find(root):
+            if key.endswith("/zarr.json"):
+                rel = key[len(root) + 1:-len("/zarr.json")] or "."
+                metas[rel] = key
+        nodes = {}
+        groups = {"."}
+        wanted = []
+        for rel in sorted(metas, key=lambda r: (r.count("/"), r)):
+            if rel == ".":
+                continue
+            parent = rel.rsplit("/", 1)[0] if "/" in rel else "."
+            if parent not in groups or parent == skip:
+                continue  # below an array, a staged group or something that is not a zarr node
+            wanted.append(rel)
+            groups.add(rel)  # provisional: arrays are dropped from ``groups`` once read
+        texts = self.fs.cat([metas[r] for r in wanted]) if wanted else {}
+        for rel in wanted:
+            node = json.loads(texts[metas[rel]])
+            if node.get("node_type") == "array":
+                groups.discard(rel)
+            parent = rel.rsplit("/", 1)[0] if "/" in rel else "."
+            if parent in groups:
+                nodes[rel] = node
+        return nodes
+
+    def present_nodes(self, nodes) -> tuple[set, set]:
+        """Like :meth:`_DirectoryBackend.present_nodes`, from one listing of the store (1,000 keys a
+        request), not one request per node."""
+        root = self.path.key
+        found = {key[len(root) + 1:-len("/zarr.json")] for key in self.fs.find(root) if key.endswith("/zarr.json")}
+        groups = {rel.split("/")[1] for rel in found if rel.startswith(PATIENTS_GROUP + "/") and rel.count("/") == 1}
+        return set(nodes) & found, groups
+
+    def size_bytes(self) -> int:
+        return int(sum(self.fs.du(self.path.key, total=False).values()))
