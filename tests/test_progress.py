@@ -105,7 +105,7 @@ def test_board_moves_with_chunks_and_gives_an_eta_once_a_patient_is_done():
 
 
 def test_line_summary_shows_chunks_in_flight_and_the_eta():
-    from lungzarr.cli import _LineProgress
+    from lungzarr.cli._progress import _LineProgress
 
     lines = []
     progress = _LineProgress(lines.append, interval=0)

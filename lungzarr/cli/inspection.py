@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from lungzarr.cli._app import DashboardOpt, PatientsOpt, SchedulerOpt, StoreArg, app, console, out
+from lungzarr.cli._app import DashboardOpt, PatientsOpt, SchedulerOpt, StoreArg, _engine_lines, app, console, out
 from lungzarr.cli._execute import _execute, _read_checks, _run_checks
 
 
