@@ -54,3 +54,32 @@ def _checksummed(dataset):
 def _encoded_for_store(dataset):
     """Strings variable-length, voxels Blosc-LZ4, every chunk checksummed."""
     return _checksummed(_voxel_compression(_vlen_strings(dataset)))
+
+
+#: How long :func:`settle_writes` waits for zarr's writes in flight (a local disk ends them in milliseconds).
+SETTLE_TIMEOUT_S = 60.0
+
+
+def settle_writes(*, timeout: float = SETTLE_TIMEOUT_S) -> None:
+    """Wait until no write of this process is in flight on zarr's event loop.
+
+    A ``to_zarr`` whose write fails (a full disk) raises at the first failing
+    chunk while the other chunk writes of the same call, gathered on zarr's
+    loop thread, go on. Removing the half-written group before they end lets a
+    late chunk create its folder again: a partial group left behind. So a
+    failed write is cleaned up only after this returns.
+    """
+    import asyncio
+    import concurrent.futures
+
+    from zarr.core.sync import _get_loop
+
+    async def drain():
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
+            await asyncio.wait(others)
+
+    try:
+        asyncio.run_coroutine_threadsafe(drain(), _get_loop()).result(timeout)
+    except concurrent.futures.TimeoutError:  # a write that hangs: clean up what is there, as before
+        pass

@@ -100,6 +100,7 @@ class _CohortTables:
             _checksummed(ds).to_zarr(self._zstore, group=f"{TABLES_GROUP}/{group}", mode="w", **encoding._WRITE)
             self._switch_table(name, group)
         except OSError as exc:
+            encoding.settle_writes()  # the call's other chunk writes end first, or one would land after the removal
             self._rmtree(self.path / TABLES_GROUP / group, ignore_errors=True)
             kept = "the previous table is kept" if self._table_pointer().get(name) else "it has none yet"
             full = exc.errno == errno.ENOSPC
