@@ -73,7 +73,7 @@ def choose_engine(engine: str = "auto", *, weights=None, precision: str = "fp32"
         The engine, and the calibration's result (:func:`lungzarr.model.calibration.calibrate`,
         with ``cached``: whether it was read from the cache).
     """
-    from lungzarr.model.calibration import cached_calibration, calibrate
+    from lungzarr.model.calibration import cached_calibration
     from lungzarr.model.engines import resolve_engine
 
     if engine != "auto" or not _calibrated_here(precision, gpu):
@@ -82,8 +82,24 @@ def choose_engine(engine: str = "auto", *, weights=None, precision: str = "fp32"
     cached = cached_calibration(_key(weights, fold_upsampling, windows.shape[:4]))
     if cached is not None:
         return cached["choice"], {**cached, "cached": True}
-    result = calibrate(windows, weights=weights, fold_upsampling=fold_upsampling)
+    result = _calibrate_apart(windows, weights=weights, fold_upsampling=fold_upsampling)
     return result["choice"], {**result, "cached": False}
+
+
+def _calibrate_apart(windows: np.ndarray, **options) -> dict:
+    """:func:`~lungzarr.model.calibration.calibrate` in a process of its own, which ends with it.
+
+    The run's client never imports TensorFlow or OpenVINO (they would stay in
+    its memory for the whole run: about 1 GB), and the CPU time measured is
+    the engines' alone.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    from lungzarr.model.calibration import calibrate
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as apart:
+        return apart.submit(calibrate, windows, **options).result()
 
 
 def engine_report(*, weights=None, fold_upsampling: bool = True) -> dict:
