@@ -74,6 +74,11 @@ def _agreement(prob, reference, tolerance) -> dict:
             "changed": int((ours != ref)[firm].sum()), "keras_p_ge_0.5": int(ref.sum())}
 
 
+# slow (1-2.5 min each on 2 AVX2 cores, most of it OpenVINO's export): the default run keeps the same property on
+# real windows in tests/test_float_tolerance.py (every engine within its allowance of the float64 network on the
+# LIDC-IDRI-0001 slab's windows, so within the sum of two allowances of each other) and on DSB2017 windows in
+# tests/test_model.py (folded against literal d8).
+@pytest.mark.slow
 @pytest.mark.requires_shared
 @pytest.mark.parametrize("engine", OTHER_ENGINES)
 def test_same_decisions_as_keras_on_dsb2017_windows(engine, cache, keras_engine, dsb_dir, capsys):
@@ -100,6 +105,10 @@ def lidc_slab():
     return hu, infer.predict_nodule_prob(hu, engine="keras").compute()
 
 
+# slow: the default run keeps the engines' agreement on this slab's windows (tests/test_float_tolerance.py) and the
+# whole detect computation on it with the engine `auto` picks on the machine (tests/test_end_to_end.py: the
+# annotated nodule found; the calibration behind `auto` compares Keras and OpenVINO decisions on each machine).
+@pytest.mark.slow
 @pytest.mark.requires_shared
 @pytest.mark.parametrize("engine", OTHER_ENGINES)
 def test_same_nodule_prob_as_keras_on_the_lidc_slab(engine, cache, lidc_slab, capsys):
@@ -209,6 +218,9 @@ def test_predict_nodule_prob_checks_the_engine_name():
         infer.predict_nodule_prob(np.zeros((10, 16, 16), np.int16), engine="tflite")
 
 
+# slow (2 min on 2 AVX2 cores): the default run keeps folded against literal d8 on DSB2017 windows
+# (tests/test_model.py) and the literal network reaching the workers through the CLI (tests/test_lung_box.py).
+@pytest.mark.slow
 @pytest.mark.requires_shared
 def test_the_literal_network_through_detect_makes_the_same_decisions(lidc_slab, capsys):
     """``fold_upsampling=False`` reaches the workers' engine: its own task keys, the same p >= 0.5 voxels."""
