@@ -226,10 +226,39 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-def cmd_ab(a) -> None:
+def _write(a, roots, runs, loads, stores, done: str) -> None:
+    """The results so far (written after every run, so a run cut short keeps what it measured)."""
     from benchmarks.harness import write_result
     from benchmarks.measure import machine
 
+    result = {"machine": {**machine(), "isa": _isa()}, "pairs": a.pairs, "variants": a.variants,
+              "roots": {k: str(v) for k, v in roots.items()}, "load_average_during": [min(loads), max(loads)],
+              "patients": {}}
+    for p in a.patients:
+        if not all(runs[(v, p)] for v in a.variants):
+            continue
+        n = min(len(runs[(v, p)]) for v in a.variants)
+        per = {v: _summary(runs[(v, p)][:n]) for v in a.variants}
+        per["runs"] = {v: runs[(v, p)][:n] for v in a.variants}
+        per["pairs_complete"] = n
+        if "original" in a.variants:
+            base = per["original"]["total_cpu_s"]["median"]
+            per["ratio_original_over"] = {v: round(base / per[v]["total_cpu_s"]["median"], 2)
+                                          for v in a.variants if v != "original"}
+            pairs = {}
+            for v in a.variants:
+                if v != "original":
+                    pairs[v] = [round(o["total_cpu_s"] / r["total_cpu_s"], 2)
+                                for o, r in zip(runs[("original", p)], runs[(v, p)])]
+            per["ratio_original_over_by_pair"] = pairs
+        if len(stores.get(p, {})) > 1:
+            per["nodule_table_p05"] = compare_tables(stores[p])
+        result["patients"][p] = per
+    result["progress"] = done
+    write_result(a.name, result)
+
+
+def cmd_ab(a) -> None:
     work = Path(a.work)
     roots = {"lungzarr": REPO, "before": Path(a.before) if a.before else None, "original": Path(a.reference or REPO)}
     runs = {(v, p): [] for v in a.variants for p in a.patients}
@@ -250,28 +279,9 @@ def cmd_ab(a) -> None:
                 runs[(v, p)].append(out)
                 if not v.startswith("original"):
                     stores.setdefault(p, {})[v] = store
+                _write(a, roots, runs, loads, stores, done=f"pair {k + 1} of {a.pairs}, {p}, {v}")
                 print(f"pair {k} {p} {v}: total {out['total_cpu_s']:.1f} CPU-s, "
                       + ", ".join(f"{s} {d['worker_cpu_s']:.1f}" for s, d in out["stages"].items()), flush=True)
-    result = {"machine": {**machine(), "isa": _isa()}, "pairs": a.pairs, "variants": a.variants,
-              "roots": {k: str(v) for k, v in roots.items()}, "load_average_during": [min(loads), max(loads)],
-              "patients": {}}
-    for p in a.patients:
-        per = {v: _summary(runs[(v, p)]) for v in a.variants}
-        per["runs"] = {v: runs[(v, p)] for v in a.variants}
-        if "original" in a.variants:
-            base = per["original"]["total_cpu_s"]["median"]
-            per["ratio_original_over"] = {v: round(base / per[v]["total_cpu_s"]["median"], 2)
-                                          for v in a.variants if v != "original"}
-            pairs = {}
-            for v in a.variants:
-                if v != "original":
-                    pairs[v] = [round(o["total_cpu_s"] / r["total_cpu_s"], 2)
-                                for o, r in zip(runs[("original", p)], runs[(v, p)])]
-            per["ratio_original_over_by_pair"] = pairs
-        if len(stores.get(p, {})) > 1:
-            per["nodule_table_p05"] = compare_tables(stores[p])
-        result["patients"][p] = per
-    write_result(a.name, result)
     if not a.keep_stores:
         shutil.rmtree(work / "stores", ignore_errors=True)
 

@@ -32,6 +32,13 @@ __all__ = ["dask_client", "gpu_worker_count", "default_worker_layout", "worker_e
 DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:0"
 #: Seconds to wait for an existing scheduler to answer (and to have a worker) before giving up.
 CONNECT_TIMEOUT_S = 5.0
+#: dask settings of the processes lungzarr's own LocalCluster starts (and of this client). Every
+#: distributed process wakes 50 times a second to check its event loop (``tick``) and each worker
+#: samples its running threads' stacks every 10 ms for the dashboard's profile page: an idle
+#: 2-worker cluster cost 3.2 CPU-s per 30 s on the 2-core benchmark machine, 1.0 with these
+#: (benchmarks/README.md, "Whole scans"). A blocked event loop is still reported (after 3 s);
+#: the dashboard's profile page stays empty.
+QUIET_CLUSTER_CONFIG = {"distributed.admin.tick.interval": "1s", "distributed.worker.profile.enabled": False}
 
 
 def _patient_error_names() -> set[str]:
@@ -443,7 +450,7 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
 
     trim_default = worker_environ(malloc_trim=True).get("MALLOC_TRIM_THRESHOLD_")
     # Keep the UNet's GPU annotations: low-level fusion would drop them.
-    with dask.config.set({"optimization.fuse.active": False,
+    with dask.config.set({"optimization.fuse.active": False, **QUIET_CLUSTER_CONFIG,
                           "distributed.nanny.pre-spawn-environ": worker_environ(malloc_trim=malloc_trim)}):
         if scheduler in ("local", None, ""):
             workers, threads = default_worker_layout()
