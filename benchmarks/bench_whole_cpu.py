@@ -29,7 +29,7 @@ Variants, each a fresh child process, interleaved pair by pair (the order rotati
     git archive <commit> | tar -x -C /tmp/lz-before
     python -m benchmarks.bench_whole_cpu ab --work /tmp/lz-whole --before /tmp/lz-before \
         --reference /tmp/lz-before --pairs 2 --variants original before lungzarr
-    python -m benchmarks.bench_whole_cpu profile --work /tmp/lz-whole --patient LIDC-IDRI-0001-whole
+    python -m benchmarks.bench_whole_cpu profile --store STORE --patient LIDC-IDRI-0001 --name whole_cpu_profile
 
 ``ab`` writes ``results/whole_cpu.json`` (``--name``) and compares every lungzarr store's nodule
 table with the first variant's (``compare``). ``profile`` runs cProfile over the per-volume
@@ -295,29 +295,52 @@ def _isa() -> list[str]:
 
 
 def cmd_profile(a) -> None:
-    """cProfile of the per-volume algorithms on one stored patient's 2 mm arrays (no dask, no store writes)."""
+    """cProfile of the per-volume algorithms on one stored patient's 2 mm arrays (no dask, no store writes).
+
+    The store needs ingest and segment (``lungzarr run INPUT STORE --scheduler threads`` or any
+    ``ab --keep-stores`` store); lungs3d, nodules and features are profiled when their inputs are there.
+    """
     import cProfile
+    import io
     import pstats
 
     import numpy as np
 
     from lungzarr.algorithms.features import dsb2017_features, dsb2017_inputs
-    from lungzarr.algorithms.lungs3d import lung_mask_3d
+    from lungzarr.algorithms.lungs3d import lung_labels_numpy
     from lungzarr.algorithms.nodules import find_nodules
     from lungzarr.algorithms.segment import segment_lung_slice
-    from lungzarr.io.storage import CohortStore
+    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.model.geometry import window_maps
 
-    store = CohortStore(a.store)
-    arrays = store.load_patient(a.patient)
-    hu = np.asarray(arrays["hu_2mm"])
-    print({k: getattr(v, "shape", None) for k, v in arrays.items()})
-    steps = {"segment": lambda: [segment_lung_slice(hu[k]) for k in range(hu.shape[0])]}
+    store = CohortStore(a.store, mode="r")
+    ds = store.open_patient(a.patient)
+    hu = np.asarray(ds.hu_2mm.values)
+    grid = grid_from_attrs(ds.attrs)
+    steps = {"segment (per-slice loop)": lambda: [segment_lung_slice(hu[k]) for k in range(hu.shape[0])],
+             "lungs3d (lung_labels_numpy)": lambda: lung_labels_numpy(
+                 hu, spacing=tuple(abs(float(s)) for s in grid.step), x_step=float(grid.step[2]))}
+    if "nodule_prob" in ds:
+        prob, lungs = ds.nodule_prob.values, ds.lungs.values
+        labels = ds.lung_labels.values if "lung_labels" in ds else None
+        steps["nodules (find_nodules)"] = lambda: find_nodules(prob, hu, grid=grid, lungs=lungs, lung_labels=labels)
+        steps["features (dsb2017_features)"] = lambda: dsb2017_features(
+            *dsb2017_inputs(hu, ds.segmented.values, window_maps(prob)))
+    out = {"patient": a.patient, "shape_2mm": list(hu.shape), "steps": {}}
     for name, fn in steps.items():
         c0 = time.process_time()
+        fn()
+        plain = time.process_time() - c0
         prof = cProfile.Profile(time.process_time)
         prof.runcall(fn)
-        print(f"== {name}: {time.process_time() - c0:.2f} CPU-s")
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(a.top)
+        print(f"== {name}: {plain:.2f} CPU-s without the profiler\n{text.getvalue()}", flush=True)
+        out["steps"][name] = {"cpu_s": round(plain, 3), "top_tottime": text.getvalue().splitlines()[-a.top - 1:]}
+    if a.name:
+        from benchmarks.harness import write_result
+
+        write_result(a.name, out)
 
 
 def main(argv=None):
@@ -344,6 +367,8 @@ def main(argv=None):
     p = sub.add_parser("profile")
     p.add_argument("--store", required=True)
     p.add_argument("--patient", required=True)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--name", help="also write results/NAME.json")
     a = parser.parse_args(argv)
     {"prepare": cmd_prepare, "ab": cmd_ab, "child": cmd_child, "profile": cmd_profile}[a.cmd](a)
 

@@ -35,7 +35,7 @@ CONNECT_TIMEOUT_S = 5.0
 #: dask settings of the processes lungzarr's own LocalCluster starts (and of this client). Every
 #: distributed process wakes 50 times a second to check its event loop (``tick``) and each worker
 #: samples its running threads' stacks every 10 ms for the dashboard's profile page: an idle
-#: 2-worker cluster cost 3.2 CPU-s per 30 s on the 2-core benchmark machine, 1.0 with these
+#: 2-worker cluster cost 3.3-3.5 CPU-s per 30 s on the 2-core benchmark machine, 1.1-1.2 with these
 #: (benchmarks/README.md, "Whole scans"). A blocked event loop is still reported (after 3 s);
 #: the dashboard's profile page stays empty.
 QUIET_CLUSTER_CONFIG = {"distributed.admin.tick.interval": "1s", "distributed.worker.profile.enabled": False}
