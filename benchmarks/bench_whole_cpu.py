@@ -25,10 +25,8 @@ Variants, each a fresh child process, interleaved pair by pair (the order rotati
     reaped children, what ``/usr/bin/time`` reports for ``lungzarr run``): imports, cluster
     start, checks, the run, the tables, the cluster's shutdown.
 
-    python -m benchmarks.bench_whole_cpu prepare --work /tmp/lz-whole
-    git archive <commit> | tar -x -C /tmp/lz-before
-    python -m benchmarks.bench_whole_cpu ab --work /tmp/lz-whole --before /tmp/lz-before \
-        --reference /tmp/lz-before --pairs 2 --variants original before lungzarr
+    python -m benchmarks.bench_whole_cpu ab --work /tmp/lz-whole --before 16a8b28 --reference 16a8b28 \
+        --pairs 2 --variants original before lungzarr:lungs        # prepare runs first (idempotent)
     python -m benchmarks.bench_whole_cpu profile --store STORE --patient LIDC-IDRI-0001 --name whole_cpu_profile
 
 ``ab`` writes ``results/whole_cpu.json`` (``--name``) and compares every lungzarr store's nodule
@@ -258,9 +256,23 @@ def _write(a, roots, runs, loads, stores, done: str) -> None:
     write_result(a.name, result)
 
 
+def _checkout(work: Path, ref: str | None) -> Path | None:
+    """``ref`` as a folder with a ``lungzarr`` package: a folder as it is, else a commit of this repository."""
+    if ref is None or Path(ref).is_dir():
+        return None if ref is None else Path(ref)
+    target = work / f"checkout-{ref}"
+    if not (target / "lungzarr").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
 def cmd_ab(a) -> None:
     work = Path(a.work)
-    roots = {"lungzarr": REPO, "before": Path(a.before) if a.before else None, "original": Path(a.reference or REPO)}
+    cmd_prepare(a)
+    roots = {"lungzarr": REPO, "before": _checkout(work, a.before),
+             "original": _checkout(work, a.reference) or REPO}
     runs = {(v, p): [] for v in a.variants for p in a.patients}
     loads = []
     stores = {}
@@ -351,8 +363,9 @@ def main(argv=None):
     p.add_argument("--work", required=True)
     p = sub.add_parser("ab")
     p.add_argument("--work", required=True)
-    p.add_argument("--before", help="a checkout of the code before (git archive of a commit)")
-    p.add_argument("--reference", help="the checkout the original runs on (default this one)")
+    p.add_argument("--before", help="the code before: a folder with its lungzarr package, or a commit of this "
+                                    "repository (extracted into WORK with git archive)")
+    p.add_argument("--reference", help="the code the original runs on, as --before (default this checkout)")
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["original", "lungzarr"])
     p.add_argument("--patients", nargs="+", default=list(PATIENTS))
