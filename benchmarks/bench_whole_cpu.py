@@ -218,8 +218,8 @@ def _summary(runs: list[dict]) -> dict:
     for stage in runs[0]["stages"]:
         vals = [r["stages"][stage]["worker_cpu_s"] for r in runs]
         tree = [r["stages"][stage]["tree_cpu_s"] for r in runs]
-        stages[stage] = {"worker_cpu_s": round(statistics.median(vals), 2), "tree_cpu_s": round(statistics.median(tree), 2),
-                         "all_worker_cpu_s": [round(v, 2) for v in vals]}
+        stages[stage] = {"worker_cpu_s": round(statistics.median(vals), 2),
+                         "tree_cpu_s": round(statistics.median(tree), 2), "all_worker_cpu_s": [round(v, 2) for v in vals]}
     out["stages"] = stages
     return out
 
