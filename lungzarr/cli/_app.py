@@ -143,7 +143,7 @@ FoldOpt = typer.Option(True, "--fold-upsampling/--literal-upsampling",
                             "fewer multiply-adds, the same function to float32 rounding), or the original's "
                             "literal layers.")
 
-CropOpt = typer.Option(Crop.fixed, "--crop", case_sensitive=False,
-                       help="What the UNet predicts: fixed (the whole slice, the original's; the DSB2017 export "
-                            "needs it) or lungs (one box per patient around its lung mask: the same "
-                            "probabilities in the lungs for less work, 0 outside the box).")
+CropOpt = typer.Option(Crop.lungs, "--crop", case_sensitive=False,
+                       help="What the UNet predicts: lungs (default: one box per patient around its lung mask, "
+                            "the same probabilities in the lungs for 1.5x less work, 0 outside the box) or fixed "
+                            "(the whole slice, the original's; the DSB2017 feature export needs it).")

@@ -6,6 +6,7 @@ from typing import Callable
 
 from lungzarr.cluster.local import (
     DEFAULT_DASHBOARD_ADDRESS,
+    QUIET_CLUSTER_CONFIG,
     WORKER_SETUP,
     _process_scheduler_cluster,
     _quiet_shutdown,
@@ -73,7 +74,7 @@ def dask_client(scheduler: str = "local", *, n_workers: int | None = None, threa
 
     trim_default = worker_environ(malloc_trim=True).get("MALLOC_TRIM_THRESHOLD_")
     # Keep the UNet's GPU annotations: low-level fusion would drop them.
-    with dask.config.set({"optimization.fuse.active": False,
+    with dask.config.set({"optimization.fuse.active": False, **QUIET_CLUSTER_CONFIG,
                           "distributed.nanny.pre-spawn-environ": worker_environ(malloc_trim=malloc_trim)}):
         if scheduler in ("local", None, ""):
             workers, threads = default_worker_layout()

@@ -11,6 +11,13 @@ from lungzarr.model.quiet import quiet_environ, verbose
 
 #: Where the LocalCluster's dashboard listens: loopback, a free port.
 DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:0"
+#: dask settings of the processes lungzarr's own LocalCluster starts (and of this client). Every
+#: distributed process wakes 50 times a second to check its event loop (``tick``) and each worker
+#: samples its running threads' stacks every 10 ms for the dashboard's profile page: an idle
+#: 2-worker cluster cost 3.3-3.5 CPU-s per 30 s on the 2-core benchmark machine, 1.1-1.2 with these
+#: (benchmarks/README.md, "Whole scans"). A blocked event loop is still reported (after 3 s);
+#: the dashboard's profile page stays empty.
+QUIET_CLUSTER_CONFIG = {"distributed.admin.tick.interval": "1s", "distributed.worker.profile.enabled": False}
 
 
 def default_worker_layout(n_cores: int | None = None) -> tuple[int, int]:

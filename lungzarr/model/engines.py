@@ -82,6 +82,7 @@ __all__ = [
     "get_engine",
     "prepare_engine",
     "require_engine",
+    "engine_threads",
     "KerasEngine",
     "OpenVINOEngine",
     "OnnxRuntimeEngine",
@@ -288,6 +289,32 @@ def exported_graph(engine: str, *, weights=None, fold_upsampling: bool = True) -
 
 # ---------------------------------------------------------------------- the engines
 
+#: The environment variable that says how many threads a process's native libraries may use.
+THREADS_ENV = "OMP_NUM_THREADS"
+
+
+def engine_threads() -> int | None:
+    """Threads an exported graph's runtime may use in this process: ``$OMP_NUM_THREADS``, else None (all cores).
+
+    distributed starts every LocalCluster worker with ``OMP_NUM_THREADS=1``
+    (one single-threaded worker process per core: the BLAS and OpenMP
+    libraries obey it), but OpenVINO's CPU plugin (TBB) and ONNX Runtime do
+    not read it and run one call on every core. Two such workers on two cores
+    then run four compute threads, which wait for each other at every layer:
+    on the 2-core AVX2 machine of ``benchmarks/README.md`` ("Whole scans")
+    the same windows took 0.67 CPU-s each with two threads per worker and 0.57
+    with one. The probabilities do not depend on the number of threads
+    (bit for bit in tests/test_engine_threads.py: oneDNN splits a
+    convolution over its outputs, not over the sums that make one output).
+    """
+    value = os.environ.get(THREADS_ENV, "").strip()
+    try:
+        threads = int(value)
+    except ValueError:  # unset or not a number: the runtime's own default
+        return None
+    return threads if threads >= 1 else None
+
+
 class KerasEngine:
     """``model.predict`` of the d8 Keras model (:func:`lungzarr.model.d8.get_model`)."""
 
@@ -333,9 +360,12 @@ class OpenVINOEngine(_BatchedEngine):
         self.graph = exported_graph("openvino", weights=weights, fold_upsampling=fold_upsampling)
         self.version = _version("openvino")
         core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision]}
+        self.threads = engine_threads()
+        if self.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = self.threads
         t0 = time.perf_counter()
-        self.compiled = core.compile_model(core.read_model(self.graph), "CPU",
-                                           {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision]})
+        self.compiled = core.compile_model(core.read_model(self.graph), "CPU", config)
         self.compile_seconds = time.perf_counter() - t0
         request = self.compiled.create_infer_request()
         # The request's output tensor is reused by the next call: predict() copies each result.
@@ -356,8 +386,12 @@ class OnnxRuntimeEngine(_BatchedEngine):
                                 f"use --engine openvino or keras for {precision}")
         self.graph = exported_graph("onnxruntime", weights=weights, fold_upsampling=fold_upsampling)
         self.version = _version("onnxruntime")
+        options = ort.SessionOptions()
+        self.threads = engine_threads()
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
         t0 = time.perf_counter()
-        self.session = ort.InferenceSession(str(self.graph), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.graph), options, providers=["CPUExecutionProvider"])
         self.compile_seconds = time.perf_counter() - t0
         first = self.session.get_inputs()[0].name
         self._run = lambda batch: self.session.run(None, {first: batch})[0]

@@ -24,6 +24,32 @@ def _patients_done(store, store_path, patients, stages, *, has: str, command: st
     return ids
 
 
+def detect_crop(store, patient: str) -> str:
+    """What ``patient``'s UNet predicted: ``"fixed"`` (the whole detection crop) or ``"lungs"`` (the lung box).
+
+    From the detect stage's record (``crop``, as asked); a record without it (older stores, imported
+    legacy maps) is the fixed crop, the only one there was.
+    """
+    return str(store.stages(patient).get("detect", {}).get("crop") or "fixed")
+
+
+def _check_whole_crop(store, ids) -> None:
+    """Refuse patients detected inside the lung box: their DSB2017 row would not be the original's.
+
+    The original's features take every p >= 0.5 component of the whole detection crop, inside the lungs
+    or not (``withinsegonly=False``, docs/algorithms.md §6); under ``--crop lungs`` the map is exact
+    inside the lungs only and 0 beyond the box.
+    """
+    boxed = [p for p in ids if detect_crop(store, p) == "lungs"]
+    if boxed:
+        shown = " ".join(f"--patients {p}" for p in boxed[:5]) + (" ..." if len(boxed) > 5 else "")
+        raise LungzarrError(
+            f"{len(boxed)} patient(s) were detected inside the lung box (--crop lungs, the default of `lungzarr "
+            f"run`): {boxed[:5]!r}{' ...' if len(boxed) > 5 else ''}. The DSB2017 features are the original's only "
+            f"on the whole detection crop: run `lungzarr detect --crop fixed --overwrite {shown}` first, or "
+            f"leave them out with --patients")
+
+
 def _dsb_row_task(store_path, patient, fmt, cancer):
     from lungzarr.algorithms.features import dsb2017_row
     from lungzarr.io.store import CohortStore
@@ -65,6 +91,7 @@ def export_dsb2017(store_path, out, *, fmt: str = "keras8_0313", labels=None, pa
     label_map = read_legacy_labels(labels) if labels is not None else None
     ids = _patients_done(store, store_path, patients, ("detect", "segment"), has="completed detection",
                          command="detect")
+    _check_whole_crop(store, ids)
     tasks = [dask.delayed(_dsb_row_task, pure=False)(
         str(store.path), p, fmt, cancer_label(p, labels=label_map, attrs=store.patient_attrs(p))) for p in ids]
     rows = (client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks))

@@ -48,7 +48,9 @@ def _prepare(store, patient, _, options):
     cancer = cancer_label(patient, labels=options.labels, attrs=store.patient_attrs(patient))
     return store.prepare_task(patient, "features",
                               dask.delayed(_features_task, pure=False)(str(store.path), patient, cancer),
-                              record={"format": "keras8_0313"})
+                              # The DSB2017 row is the original's only on the fixed crop's map (exports.detect_crop).
+                              record={"format": "keras8_0313",
+                                      "detect_crop": store.stages(patient).get("detect", {}).get("crop") or "fixed"})
 
 
 FEATURES = Stage(
