@@ -98,7 +98,9 @@ StrictOpt = typer.Option(False, "--strict", help="Every damaged DICOM file is an
                          "slice at either end of the stack is dropped with a warning).")
 WeightsOpt = typer.Option(None, "--weights", help="d8 weights (.h5); default the shipped file, sha256-checked.")
 LabelsOpt = typer.Option(None, "--labels", help="Labels CSV (id,cancer) for the DSB2017 'cancer' column.")
-InferBatchOpt = typer.Option(8, "--infer-batch", min=1, help="8-slice windows per UNet batch (32 suits a GPU).")
+InferBatchOpt = typer.Option(None, "--infer-batch", min=1,
+                             help="8-slice windows per UNet call; default 2 on CPU workers (each window holds "
+                                  "~170 MB of the engine's activations), 8 on GPU workers (32 suits a large GPU).")
 
 
 class Precision(str, enum.Enum):
@@ -545,7 +547,7 @@ def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path tur
         store: Path = NewStoreArg,
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: Precision = PrecisionOpt,
-        infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
+        infer_batch: Optional[int] = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
         overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt,
         dashboard_address: Optional[str] = DashboardOpt, strict: bool = StrictOpt, engine: Engine = EngineOpt,
         crop: Crop = CropOpt, fold_upsampling: bool = FoldOpt,
@@ -592,7 +594,7 @@ def lungs3d(store: Path = StoreArg,
 @app.command(short_help="The d8 UNet's nodule probability maps.")
 def detect(store: Path = StoreArg,
            weights: Optional[Path] = WeightsOpt, precision: Precision = PrecisionOpt,
-           infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
+           infer_batch: Optional[int] = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
            scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt,
            engine: Engine = EngineOpt, crop: Crop = CropOpt, fold_upsampling: bool = FoldOpt):
