@@ -240,6 +240,8 @@ def main(argv=None):
         procs = sorted(sampler.procs.values(), key=lambda r: -r["peak_rss"])
         for r in procs:
             r["role"] = role(r["cmdline"])
+            if r["role"] == "client" and r["pid"] != proc.pid:
+                r["role"] = "fork of the client (short-lived)"
             if r["role"] == "spawned":
                 r["role"] = "worker (engine loaded)" if r["pid"] in engine_pids else "spawned (no engine)"
             r["peak_rss_gib"] = round(r.pop("peak_rss") / GIB, 3)
