@@ -81,7 +81,8 @@ THRESHOLD = 0.5
 #: call holds the network's activations, ~170 MB at 180 x 180 (OpenVINO f32, linear in the windows and the
 #: slice area), kept by the engine for the process's life: 8 windows held 1.4 GB per worker (a whole scan's
 #: largest process 1.83 GiB), 2 hold 0.36 GB, for the same CPU-s per window (within 3 %, the noise) and
-#: bit-identical probabilities (OpenVINO, tests/test_whole_scan.py) (benchmarks/README.md, "Whole scans: memory"). A GPU keeps 8 (32 suits a large one).
+#: bit-identical probabilities (OpenVINO; tests/test_whole_scan.py; benchmarks/README.md, "Whole scans: memory
+#: per process"). A GPU keeps 8 (32 suits a large one).
 INFER_BATCH = {"cpu": 2, "gpu": 8}
 
 

@@ -61,8 +61,9 @@ def _build(store, patient, options):
     # One predict task per z-chunk of task_slices (64+ windows: few large calls, a GPU idles on small ones);
     # tasks of whole store chunks (the last one may take a short remainder): no rechunk to write.
     prob = predict_nodule_prob(hu_2mm.rechunk({0: task_slices(options.chunk_slices)}), weights=options.weights,
-                               batch_size=infer_batch(options.infer_batch, gpu=options.gpu), precision=options.precision, engine=engine,
-                               box=box, fold_upsampling=options.fold_upsampling)
+                               batch_size=infer_batch(options.infer_batch, gpu=options.gpu),
+                               precision=options.precision, engine=engine, box=box,
+                               fold_upsampling=options.fold_upsampling)
     predicted = [int(predicted_slices(hu_2mm.shape[0]).start), int(predicted_slices(hu_2mm.shape[0]).stop)]
     # The fixed crop's box is known now; the lung box is written into the attrs by a worker (_record_box).
     attrs = box_attrs({"crop": "fixed", **fixed_box(hu_2mm.shape)}) if box is None else {"crop": "lungs"}
