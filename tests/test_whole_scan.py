@@ -98,7 +98,8 @@ def test_whole_scan_run_finds_the_luna16_nodule_within_memory(tmp_path):
     distances = np.linalg.norm(xyz - LUNA_NODULE_XYZ_MM, axis=1)
     best = nodules.iloc[int(np.argmin(distances))]
     print(f"nearest component: x {best.x_mm:.2f}, y {best.y_mm:.2f}, z {best.z_mm:.2f} mm, "
-          f"{distances.min():.2f} mm from LUNA16's centre, diameter {best.diameter_mm:.1f} mm, p {best.prob_max:.3f}")
+          f"{distances.min():.2f} mm from LUNA16's centre, diameter {best.diameter_mm:.1f} mm "
+          f"(LUNA16: {LUNA_NODULE_DIAMETER_MM:.1f} mm), p {best.prob_max:.3f}")
     assert distances.min() < 3.0  # the slab's run: 0.6-2.4 mm (issue 26); LUNA16's hit radius is 11.7 mm
     assert 15 < best.diameter_mm < 35
 
