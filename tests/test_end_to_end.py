@@ -106,3 +106,27 @@ def test_dicom_seg_of_the_slab_reads_back_on_the_source_series(lidc_store, tmp_p
     # The readers' nodule is one of the segments, within 3 mm (as the table row is).
     centres = [s["centre_mm"] for s in summary["written"]["LIDC-IDRI-0001"]["segments"] if s["kind"] == "nodule"]
     assert min(np.linalg.norm(np.array(c) - READERS_CENTRE_MM) for c in centres) < 3.0
+
+
+def test_luna16_evaluation_of_the_slab_with_the_excluded_findings(lidc_store, tmp_path):
+    """The slab scored as LUNA16 scores it: LUNA16's own tables (the scan found among its 601 annotated series by
+    SeriesInstanceUID), the one LUNA16 nodule hit, no false positive at p >= 0.5 (the excluded findings in the
+    slab's slices are the nodule's own reader marks), the hit within 3 mm of LUNA16's centre. The whole scan's
+    run is the slow test in tests/test_whole_scan.py."""
+    import pandas as pd
+
+    from conftest import FIXTURES, shared_path
+
+    luna = shared_path(FIXTURES / "luna16")
+    r = runner.invoke(app, ["evaluate", str(lidc_store), "-o", str(tmp_path), "--luna-csv",
+                            str(luna / "annotations.csv"), "--luna-excluded", str(luna / "annotations_excluded.csv"),
+                            "--bootstrap", "0"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["n_scans"] == 1 and summary["n_targets"] == 1
+    assert summary["n_hit_targets"] == 1 and summary["sensitivity"] == 1.0
+    assert summary["n_false_positives"] == 0, pd.read_csv(tmp_path / "detections.csv").to_string()
+    nodules = lungzarr.read_nodules(lidc_store)
+    kept = nodules[np.isclose(nodules.threshold, 0.5)]
+    luna_xyz = np.array([56.20840547, 86.34341278, -115.8675792])  # annotations.csv: coordX, coordY, coordZ (LPS)
+    assert np.linalg.norm(kept[["x_mm", "y_mm", "z_mm"]].to_numpy() - luna_xyz, axis=1).min() < 3.0

@@ -101,7 +101,9 @@ StrictOpt = typer.Option(False, "--strict", help="Every damaged DICOM file is an
                          "slice at either end of the stack is dropped with a warning).")
 WeightsOpt = typer.Option(None, "--weights", help="d8 weights (.h5); default the shipped file, sha256-checked.")
 LabelsOpt = typer.Option(None, "--labels", help="Labels CSV (id,cancer) for the DSB2017 'cancer' column.")
-InferBatchOpt = typer.Option(8, "--infer-batch", min=1, help="8-slice windows per UNet batch (32 suits a GPU).")
+InferBatchOpt = typer.Option(None, "--infer-batch", min=1,
+                             help="8-slice windows per UNet call; default 2 on CPU workers (each window holds "
+                                  "~170 MB of the engine's activations), 8 on GPU workers (32 suits a large GPU).")
 
 
 class Precision(str, enum.Enum):

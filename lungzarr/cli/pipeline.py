@@ -40,7 +40,7 @@ def run(input_dir: str = typer.Argument(..., help=_INPUT_HELP),  # str: Path tur
         store: Path = NewStoreArg,
         labels: Optional[Path] = LabelsOpt, weights: Optional[Path] = WeightsOpt,
         chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt, precision: Precision = PrecisionOpt,
-        infer_batch: int = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
+        infer_batch: Optional[int] = InferBatchOpt, patients: Optional[list[str]] = PatientsOpt,
         overwrite: bool = OverwriteOpt, scheduler: str = SchedulerOpt,
         dashboard_address: Optional[str] = DashboardOpt, strict: bool = StrictOpt, engine: Engine = EngineOpt,
         crop: Crop = CropOpt, fold_upsampling: bool = FoldOpt,
@@ -87,7 +87,7 @@ def lungs3d(store: Path = StoreArg,
 @app.command(short_help="The d8 UNet's nodule probability maps.")
 def detect(store: Path = StoreArg,
            weights: Optional[Path] = WeightsOpt, precision: Precision = PrecisionOpt,
-           infer_batch: int = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
+           infer_batch: Optional[int] = InferBatchOpt, chunk_slices: int = ChunkOpt, batch_size: int = BatchOpt,
            patients: Optional[list[str]] = PatientsOpt, overwrite: bool = OverwriteOpt,
            scheduler: str = SchedulerOpt, dashboard_address: Optional[str] = DashboardOpt,
            engine: Engine = EngineOpt, crop: Crop = CropOpt, fold_upsampling: bool = FoldOpt):

@@ -336,14 +336,17 @@ class _BatchedEngine:
 
     def predict(self, windows, *, batch_size: int = 8) -> np.ndarray:
         """Probabilities ``(n, 1, H, W, 1)`` float32 of windows ``(n, 8, H, W, 1)`` float32."""
-        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        windows = np.asarray(windows)
         if windows.ndim != 5 or windows.shape[1] != 8 or windows.shape[-1] != 1:
             raise ValueError(f"windows must be (n, 8, H, W, 1), got shape {windows.shape!r}")
         out = []
         # One call at a time: the runtime already spreads one call over every core.
         with self._lock:
             for start in range(0, len(windows), batch_size):
-                out.append(np.array(self._run(windows[start:start + batch_size]), dtype=np.float32))
+                # One call's windows copied at a time: the windows are often a strided view of a slab
+                # (lungzarr.model.infer.WindowBatch), 8 times its size when copied whole.
+                batch = np.ascontiguousarray(windows[start:start + batch_size], dtype=np.float32)
+                out.append(np.array(self._run(batch), dtype=np.float32))
         if not out:
             return np.zeros((0, 1) + windows.shape[2:], np.float32)
         return np.concatenate(out)

@@ -70,10 +70,30 @@ __all__ = [
     "WindowBatch",
     "predict_stats",
     "box_in_crop",
+    "INFER_BATCH",
+    "infer_batch",
 ]
 
 #: Probabilities below this are stored as 0.
 THRESHOLD = 0.5
+
+#: 8-slice windows per engine call when none is asked for, on CPU and on GPU workers. On a CPU each window of a
+#: call holds the network's activations, ~170 MB at 180 x 180 (OpenVINO f32, linear in the windows and the
+#: slice area), kept by the engine for the process's life: 8 windows held 1.4 GB per worker (a whole scan's
+#: largest process 1.83 GiB), 2 hold 0.36 GB, for the same CPU-s per window (within 3 %, the noise) and
+#: bit-identical probabilities (OpenVINO; tests/test_whole_scan.py; benchmarks/README.md, "Whole scans: memory
+#: per process"). A GPU keeps 8 (32 suits a large one).
+INFER_BATCH = {"cpu": 2, "gpu": 8}
+
+
+def infer_batch(batch_size: int | None = None, *, gpu: bool = False) -> int:
+    """Windows per engine call: ``batch_size``, or :data:`INFER_BATCH`'s default for CPU or GPU workers."""
+    if batch_size is None:
+        return INFER_BATCH["gpu" if gpu else "cpu"]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
 
 #: The network's tasks are named ``predict-nodule-prob-<token>`` (only they need a GPU).
 PREDICT_TASK_PREFIX = "predict-nodule-prob-"
@@ -248,7 +268,7 @@ def _place_prob(prob, *, k, offsets, shape, box=None) -> np.ndarray:
     return out
 
 
-def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
+def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int | None = None,
                         precision: str = "fp32", patient: str | None = None,
                         engine: str = "keras", box=None, fold_upsampling: bool = True) -> da.Array:
     """Lazy nodule probability map of a 2 mm volume (the "detect" stage).
@@ -265,7 +285,9 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         :class:`~lungzarr.model.shipping.ShippedWeights` (what the pipeline
         passes after shipping) is not checked again here.
     batch_size : int, optional
-        Windows per ``model.predict`` batch.
+        Windows per engine call; default :data:`INFER_BATCH` ``["cpu"]`` (pass
+        ``INFER_BATCH["gpu"]`` or more for GPU workers). It bounds the engine's
+        memory, not the probabilities.
     precision : {"fp32", "bf16", "fp16"}, optional
         Compute precision (16-bit: GPU only).
     patient : str, optional
@@ -302,8 +324,7 @@ def predict_nodule_prob(hu_2mm, *, weights=None, batch_size: int = 8,
         When the volume has 8 slices or fewer (no window) or slices smaller
         than 4 x 4.
     """
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = infer_batch(batch_size)
     _check_precision(precision)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)!r}, got {engine!r}")

@@ -21,7 +21,7 @@ __all__ = ["run", "ingest", "store_status", "stage_decision"]
 def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=None, weights=None,
         chunk_slices: int = 16, batch_size: int = 4, precision: str = "fp32",
         patients: Iterable[str] | None = None, overwrite: bool = False, client=None, gpu: bool = False,
-        infer_batch: int = 8, progress: Progress | None = None, strict: bool = False,
+        infer_batch: int | None = None, progress: Progress | None = None, strict: bool = False,
         verify: bool = False, engine: str = "auto", crop: str = "fixed",
         fold_upsampling: bool = True) -> list[StageSummary]:
     """Run pipeline stages for every patient of a cohort; by default all of them, INPUT to tables.
@@ -58,8 +58,9 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
     gpu : bool
         Annotate the GPU stages to run only on workers with a ``GPU`` resource,
         and keep the other stages on the CPU-only workers when there are any.
-    infer_batch : int
-        8-slice windows per UNet call.
+    infer_batch : int or None
+        8-slice windows per UNet call; None: :data:`lungzarr.model.infer.INFER_BATCH`
+        (2 on CPU workers, 8 on GPU workers).
     progress : Progress, optional
         Called with every :class:`~lungzarr.pipeline.runner.ProgressEvent`.
     strict : bool

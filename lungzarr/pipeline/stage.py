@@ -29,8 +29,9 @@ class StageOptions:
         d8 weights; None is the shipped file.
     precision : str
         UNet precision (``fp32``, ``bf16``, ``fp16``).
-    infer_batch : int
-        8-slice windows per UNet call.
+    infer_batch : int or None
+        8-slice windows per UNet call; None: :data:`lungzarr.model.infer.INFER_BATCH`
+        (2 on CPU workers, 8 on GPU workers).
     gpu : bool
         The cluster has GPU workers: GPU stages are annotated to run there.
     labels : dict or None
@@ -59,7 +60,7 @@ class StageOptions:
     chunk_slices: int = 16
     weights: object = None
     precision: str = "fp32"
-    infer_batch: int = 8
+    infer_batch: int | None = None
     gpu: bool = False
     labels: dict | None = None
     strict: bool = False

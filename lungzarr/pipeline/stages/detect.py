@@ -48,7 +48,7 @@ def _build(store, patient, options):
     from lungzarr.algorithms.crop import SPECK_SHARE
     from lungzarr.model.engines import get_version, resolve_engine
     from lungzarr.model.geometry import LUNG_BOX_MARGIN, detection_crop, fixed_box, predicted_slices
-    from lungzarr.model.infer import predict_nodule_prob
+    from lungzarr.model.infer import infer_batch, predict_nodule_prob
 
     # Only hu_2mm's graph is needed here: no Dataset (coordinates, every variable's metadata) in the client.
     hu_2mm = store.lazy_array(patient, "hu_2mm")
@@ -62,8 +62,9 @@ def _build(store, patient, options):
     # One predict task per z-chunk of task_slices (64+ windows: few large calls, a GPU idles on small ones);
     # tasks of whole store chunks (the last one may take a short remainder): no rechunk to write.
     prob = predict_nodule_prob(hu_2mm.rechunk({0: task_slices(options.chunk_slices)}), weights=options.weights,
-                               batch_size=options.infer_batch, precision=options.precision, engine=engine,
-                               box=box, fold_upsampling=options.fold_upsampling)
+                               batch_size=infer_batch(options.infer_batch, gpu=options.gpu),
+                               precision=options.precision, engine=engine, box=box,
+                               fold_upsampling=options.fold_upsampling)
     predicted = [int(predicted_slices(hu_2mm.shape[0]).start), int(predicted_slices(hu_2mm.shape[0]).stop)]
     # The fixed crop's box is known now; the lung box is written into the attrs by a worker (_record_box).
     attrs = box_attrs({"crop": "fixed", **fixed_box(hu_2mm.shape)}) if box is None else {"crop": "lungs"}
