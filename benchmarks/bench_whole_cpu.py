@@ -180,7 +180,7 @@ def compare_tables(stores: dict) -> dict:
     """Each store's nodule table at p >= 0.5 against the first's: equal rows, max |difference| per column."""
     import numpy as np
 
-    from lungzarr.io.storage import read_nodules
+    from lungzarr.io.store import read_nodules
 
     tables = {}
     for name, store in stores.items():
@@ -322,7 +322,7 @@ def cmd_profile(a) -> None:
     from lungzarr.algorithms.lungs3d import lung_labels_numpy
     from lungzarr.algorithms.nodules import find_nodules
     from lungzarr.algorithms.segment import segment_lung_slice
-    from lungzarr.io.storage import CohortStore, grid_from_attrs
+    from lungzarr.io.store import CohortStore, grid_from_attrs
     from lungzarr.model.geometry import window_maps
 
     store = CohortStore(a.store, mode="r")

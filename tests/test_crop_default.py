@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 
 from lungzarr.errors import LungzarrError
-from lungzarr.io.storage import CohortStore
+from lungzarr.io.store import CohortStore
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def store(tmp_path_factory):
 
 
 def test_the_cli_predicts_inside_the_lungs_by_default():
-    from lungzarr.cli import Crop, CropOpt
+    from lungzarr.cli._app import Crop, CropOpt
 
     assert CropOpt.default == Crop.lungs
 
