@@ -43,7 +43,7 @@ def test_thorax_phantom_dice_per_structure(thorax, record_property):
               "left": dice(labels == LEFT, truth == TRUTH_LEFT),
               "airway": dice(details["airway"], truth == TRUTH_AIRWAY)}
     for k, v in scores.items():
-        record_property(f"dice_{k}", v)
+        record_property(f"dice_{k}", float(v))
     print(f"\nthorax phantom Dice: {scores}")
     assert scores["right"] > 0.98 and scores["left"] > 0.98
     assert scores["airway"] > 0.8
@@ -144,7 +144,7 @@ def test_demo_phantom_dice_against_its_truth(record_property):
     print(f"\n{pid} Dice at 2 mm: {scores}; trachea voxels in the mask: "
           f"{int((labels[truth == TRUTH_AIRWAY] > 0).sum())} of {int((truth == TRUTH_AIRWAY).sum())}")
     for k, v in scores.items():
-        record_property(f"dice_{k}", v)
+        record_property(f"dice_{k}", float(v))
     assert min(scores.values()) > 0.95
     assert (labels[truth == TRUTH_AIRWAY] > 0).mean() < 0.01
 
@@ -262,7 +262,7 @@ def test_ricord_trachea_and_bowel_gas_leave_the_mask(record_property):
     print(f"\nRICORD: legacy {legacy.sum() * ml:.0f} ml, new {(labels > 0).sum() * ml:.0f} ml (right "
           f"{(labels == RIGHT).sum() * ml:.0f}, left {(labels == LEFT).sum() * ml:.0f}); airway {airway_ml:.0f} ml, "
           f"gas outside the lungs in the legacy mask {bowel_in_legacy_ml:.0f} ml")
-    record_property("airway_ml", airway_ml)
+    record_property("airway_ml", float(airway_ml))
     assert airway_ml > 20  # trachea and main bronchi, ~ 15 cm of a 2 cm tube
     assert bowel_in_legacy_ml > 20 and not (labels[bowel] > 0).any()
     assert not (labels[details["airway"]] > 0).any()

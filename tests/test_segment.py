@@ -222,7 +222,7 @@ def test_real_fixture_masks_equal_opencv_reference_on_every_slice(folder, record
     ours = np.stack([segment_lung_slice(s) for s in hu_2mm])
     reference = np.stack([reference_lungfilter(s) for s in hu_2mm])
     identical = float((ours == reference).mean())
-    record_property("identical_voxel_share", identical)
+    record_property("identical_voxel_share", float(identical))
     print(f"\n{folder.name}: {hu_2mm.shape} at 2 mm, lung voxels {int(reference.sum())}, "
           f"identical mask voxels {identical:.6%}")
     assert reference.any(axis=(1, 2)).mean() > 0.5  # the comparison covers real lungs
