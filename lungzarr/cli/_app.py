@@ -36,11 +36,13 @@ NewStoreArg = typer.Argument(..., parser=_store_location, help=_STORE_HELP + " (
                              metavar="STORE")
 
 
-def _engine_lines() -> list[str]:
-    """What ``--engine auto`` runs on this machine and why (for ``--version -v`` and ``status``)."""
-    from lungzarr.pipeline.engine_choice import engine_report
+def _engine_lines(report: dict | None = None) -> list[str]:
+    """What ``--engine auto`` runs on this machine and why (for ``--version -v`` and ``status``), from
+    ``report`` (:func:`~lungzarr.pipeline.engine_choice.engine_report`; made here when not given)."""
+    if report is None:
+        from lungzarr.pipeline.engine_choice import engine_report
 
-    report = engine_report()
+        report = engine_report()
     if report["engine"] is None:
         return [f"engine auto on this machine: {report['reason']}"]
     return [f"engine auto on this machine: {report['engine']} ({report['reason']})"]
@@ -57,7 +59,7 @@ def _show_version(verbose: bool):
         typer.echo("packages: " + ", ".join(f"{p} {v}" for p, v in report["versions"].items()))
         cpu = report["cpu"]
         typer.echo(f"cpu: {cpu['model']}, {cpu['logical_cpus']} logical CPUs, {' '.join(cpu['isa_flags'])}")
-        for line in _engine_lines():
+        for line in _engine_lines(report):
             typer.echo(line)
     raise typer.Exit(0)
 

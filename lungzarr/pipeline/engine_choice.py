@@ -21,6 +21,8 @@ __all__ = ["CALIBRATION_WINDOWS", "CALIBRATION_SIZE", "calibration_windows", "ch
 
 #: Windows each engine predicts (twice) in the calibration, and their rows and columns at 2 mm.
 CALIBRATION_WINDOWS, CALIBRATION_SIZE = 2, 176
+#: The shape (windows, slices, rows, columns) of :func:`calibration_windows`' default windows.
+_DEFAULT_SHAPE = (CALIBRATION_WINDOWS, 8, CALIBRATION_SIZE, CALIBRATION_SIZE)
 
 
 def calibration_windows(n: int = CALIBRATION_WINDOWS, size: int = CALIBRATION_SIZE) -> np.ndarray:
@@ -78,10 +80,12 @@ def choose_engine(engine: str = "auto", *, weights=None, precision: str = "fp32"
 
     if engine != "auto" or not _calibrated_here(precision, gpu):
         return resolve_engine(engine, gpu=gpu), None
-    windows = calibration_windows() if windows is None else windows
-    cached = cached_calibration(_key(weights, fold_upsampling, windows.shape[:4]))
+    # The key needs only the windows' shape: the phantom is drawn only when a calibration is due.
+    shape = _DEFAULT_SHAPE if windows is None else windows.shape[:4]
+    cached = cached_calibration(_key(weights, fold_upsampling, shape))
     if cached is not None:
         return cached["choice"], {**cached, "cached": True}
+    windows = calibration_windows() if windows is None else windows
     result = _calibrate_apart(windows, weights=weights, fold_upsampling=fold_upsampling)
     return result["choice"], {**result, "cached": False}
 
@@ -120,8 +124,7 @@ def engine_report(*, weights=None, fold_upsampling: bool = True) -> dict:
     if not _calibrated_here("fp32", False):
         out.update(engine=resolve_engine("auto"), reason="OpenVINO is not installed: auto runs Keras")
         return out
-    calibration = cached_calibration(_key(weights, fold_upsampling, (CALIBRATION_WINDOWS, 8, CALIBRATION_SIZE,
-                                                                    CALIBRATION_SIZE)))
+    calibration = cached_calibration(_key(weights, fold_upsampling, _DEFAULT_SHAPE))
     if calibration is None:
         out.update(engine=None, reason="not calibrated on this machine and version set yet; the next run that "
                                        "detects calibrates it (a few seconds)")
