@@ -4,8 +4,9 @@
 reader runs it: ``python slurm_dask.py --jobs N --cores 1 ... -- run INPUT STORE``
 on a one-node cluster of Debian's slurmctld, slurmd and munged started by a
 fixture (``tests/slurm_cluster.py``). Its workers are SLURM jobs (``squeue``
-shows them RUNNING while ``lungzarr run`` works), and the store they write
-equals the one a run on the default local cluster writes.
+shows them RUNNING while ``lungzarr run`` works), the store they write
+equals the one a run on the default local cluster writes, and stopping the
+recipe stops lungzarr cleanly and cancels every job.
 
 Without ``slurm-wlm``/``munge`` or dask-jobqueue the slow test is skipped with
 the install command, under ``CI=true`` too: CI's run deselects slow tests and
@@ -287,3 +288,31 @@ def test_recipe_runs_lungzarr_on_slurm_jobs_and_gives_the_local_runs_store(slurm
         Path(target).write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nSLURM recipe: {jobs} jobs; local run {t_local:.0f} s, recipe on SLURM {t_slurm:.0f} s; "
           f"squeue while running:\n{snapshot['squeue']}")
+
+
+@pytest.mark.slow  # ~30-60 s: two jobs start, lungzarr begins, the recipe is stopped
+def test_recipe_stopped_with_sigterm_stops_lungzarr_cleanly_and_cancels_its_jobs(slurm, cohort, tmp_path):
+    """SIGTERM to the recipe while lungzarr works (a batch system's stop, `kill`): lungzarr gets one SIGINT and
+    stops cleanly (its sentence, exit 130), and every job the recipe submitted leaves the queue."""
+    args = ["--jobs", "1", "--cores", "1", "--memory", "5GB", "--walltime", "00:30:00", "--interface", "lo",
+            "--log-directory", str(tmp_path / "slurm-logs"), "--", "run", str(cohort), str(tmp_path / "s.zarr")]
+    proc = subprocess.Popen([PY, str(RECIPE), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path, env=_env())
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600
+    while _progress_lines(lines) == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _progress_lines(lines) > 0, "\n".join(lines)
+    running = {job for job, (name, state) in slurm.jobs().items() if name == "lungzarr-cpu" and state == "RUNNING"}
+    assert len(running) == 1, slurm.squeue()
+    proc.terminate()
+    assert proc.wait(120) == 130
+    reader.join(30)
+    output = "\n".join(lines)
+    assert "interrupted (SIGINT) after" in output and "interrupted again" not in output, output
+    deadline = time.monotonic() + 60
+    while slurm.jobs() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert slurm.jobs() == {}, slurm.squeue()
