@@ -2,8 +2,8 @@
 
 Every ```` ```python ```` block of README.md and of the site's pages (``docs/**/*.md``) is executed, in
 order, one namespace per file, in a fresh folder that holds the demo store as ``demo.zarr``, the
-folder where a reader ran ``lungzarr demo``. A block that cannot run in a test (a SLURM cluster, a
-server) is opened with ```` ```python skip (why) ```` and is only compiled.
+folder where a reader ran ``lungzarr demo``. A block that cannot run in a test (a server, a
+cluster) is opened with ```` ```python skip (why) ```` and is only compiled.
 
 The demo store here is the demo's real DICOM cohort through every stage but one: its ``nodule_prob``
 is written from the phantom's known nodules (p 0.99 inside each) instead of the UNet, which takes
@@ -130,8 +130,9 @@ def test_skipped_examples_compile_and_say_why():
             if skip is not None:
                 compile("\n" * (line - 1) + code, str(path), "exec")
                 skipped.append(_relative(path))
-    # The SLURM recipe is the one block that needs a cluster; a new skip should be a conscious choice.
-    assert skipped == ["docs/user-guide/clusters.md"], skipped
+    # None: the SLURM recipe, which needs a cluster, is a file that tests/test_slurm.py runs and the page
+    # includes (docs/recipes/slurm_dask.py). A new skip should be a conscious choice.
+    assert skipped == [], skipped
 
 
 def test_python_blocks_are_found_however_they_are_fenced():
@@ -247,8 +248,8 @@ NOT_MEASURED = [
     ("docs/getting-started.md", "after 40.1 s", "an example of the output's wording"),
     ("docs/getting-started.md", "`after 3.0 min", "an example of the output's wording"),
     ("docs/user-guide/bad-input.md", "after 41.2 s: 3 of 10", "an example of the message's wording"),
-    ("docs/user-guide/clusters.md", 'memory="64GB"', "a SLURM job's request in an example"),
-    ("docs/user-guide/clusters.md", "waits 5 s for at least one worker", "a timeout of the code"),
+    ("docs/user-guide/clusters.md", "--memory 64GB", "a SLURM job's request in an example"),
+    ("docs/user-guide/clusters.md", "--memory 5GB", "the SLURM jobs' request in tests/test_slurm.py"),
     ("docs/user-guide/clusters.md", "no worker within 5 s", "a timeout of the code"),
     ("docs/user-guide/commands.md", "within 5 s", "a timeout of the code"),
     ("docs/user-guide/object-storage.md", "heartbeat every 30 s", "a constant of the code"),
