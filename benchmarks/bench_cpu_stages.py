@@ -88,7 +88,9 @@ def cmd_build(a) -> None:
                 continue
             t0 = time.perf_counter()
             pipeline.run(_input_dir(work, p), base, stages=["ingest"])
-            pipeline.run(None, base, stages=["segment", "lungs3d", "detect"])
+            # The fixed crop's map, as the recorded figures' base stores (then the library's default; now the
+            # lung box): the nodules and features stages measured on it depend on the map.
+            pipeline.run(None, base, stages=["segment", "lungs3d", "detect"], crop="fixed")
             print(f"{p}: base store in {time.perf_counter() - t0:.0f} s", flush=True)
         base = work / "base" / f"{DSB}.zarr"
         if not (base / "zarr.json").exists():

@@ -234,7 +234,8 @@ def child_engines_stage(args: dict) -> dict:
         for rd in range(args["stage_rounds"]):
             for engine in (("keras", "auto") if rd % 2 == 0 else ("auto", "keras")):
                 summary, wall, cpu = _timed(lambda e=engine: pipeline.run(None, store, stages=["detect"],
-                                                                         engine=e, overwrite=True)[0])
+                                                                         engine=e, crop="fixed",
+                                                                         overwrite=True)[0])
                 assert summary.done == [src.name], summary.failed
                 runs[engine].append({"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                                      "stage_s": round(summary.seconds, 2)})

@@ -25,6 +25,7 @@ to write the same store. Writes ``benchmarks/results/control_plane.json``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -105,15 +106,18 @@ def child(args: dict) -> dict:
         # One patient first: imports and first-call costs on the client and the workers are not per-patient.
         # "all": each tree's own full stage list (pipeline.run's default), which older trees may not share.
         stages = None if args.get("stages") == "all" else (args.get("stages") or STAGES)
+        # With detect among them, one crop in every tree: fixed, the only one (and the default) of the trees
+        # older than --crop; newer trees default to the lung box, and the variants must write the same store.
+        crop = {"crop": "fixed"} if "crop" in inspect.signature(pipeline.run).parameters else {}
         pipeline.run(args["input"], warm_store, stages=stages, client=client, chunk_slices=16,
-                     patients=[args["warm"]])
+                     patients=[args["warm"]], **crop)
         c0 = _cpu_self()
         time.sleep(IDLE_PROBE_S)
         idle = (_cpu_self() - c0) / IDLE_PROBE_S
         patients = [p for p in args["patients"]]
         c0, s0, w0 = _cpu_self(), scheduler_cpu(), time.perf_counter()
         summaries = pipeline.run(args["input"], store, stages=stages, client=client, chunk_slices=16,
-                                 patients=patients)
+                                 patients=patients, **crop)
         client_s, scheduler_s, wall = _cpu_self() - c0, scheduler_cpu() - s0, time.perf_counter() - w0
     n = len(patients)
     return {"variant": args["variant"], "workers": args["workers"], "round": args["round"],

@@ -174,6 +174,9 @@ def main():
                          "patient through one stage before the next stage starts (the order before streaming)")
     ap.add_argument("--literal-upsampling", action="store_true",
                     help="the original's literal d8 layers instead of the folded upsampling (the default)")
+    ap.add_argument("--crop", choices=("fixed", "lungs"), default="fixed",
+                    help="the detect crop (default fixed: the crop of the recorded results, when it was the "
+                         "library's default; lungzarr's default is now lungs)")
     ap.add_argument("--malloc-trim", action="store_true",
                     help="CPU workers with distributed's MALLOC_TRIM_THRESHOLD_=65536 (lungzarr drops it)")
     args = ap.parse_args()
@@ -270,7 +273,8 @@ def main():
 
     client.run(predict_stats, reset=True, workers=gpu_addr)  # count this run only
     opts = dict(client=client, gpu=True, batch_size=args.batch_size, precision="fp32",
-                infer_batch=args.infer_batch, progress=progress, fold_upsampling=not args.literal_upsampling)
+                infer_batch=args.infer_batch, progress=progress, fold_upsampling=not args.literal_upsampling,
+                crop=args.crop)
     with get_task_stream(client) as ts, dask.config.set({"optimization.fuse.active": False}):
         if args.mode == "streamed":
             summaries = pipeline.run(input_dir, store, **opts)

@@ -1,9 +1,10 @@
-"""Small synthetic DICOM patients for the ingest tests (not a test module).
+"""Small synthetic DICOM patients for the ingest tests, and stores built from them (not a test module).
 
 Volumes are tiny (12 slices of 64 x 64 by default) so a whole cohort of them
 ingests in well under a second. Every helper writes real DICOM files with
 :func:`lungzarr.io.dicom.write_series` and edits headers with pydicom, the way a
-broken archive would look.
+broken archive would look. :func:`detected_store` builds a store past the UNet
+(a written probability map) for the tests of the stages and exports after it.
 """
 from __future__ import annotations
 
@@ -98,3 +99,52 @@ def fixture_hu_2mm(folder: str):
     hu_2mm, grid_2mm = resample_to_2mm_numpy(*fixture_hu(folder))
     hu_2mm.setflags(write=False)
     return hu_2mm, grid_2mm
+
+
+def detected_store(base, blobs: dict, *, crops: dict | None = None, stages=("nodules",)) -> Path:
+    """A real store whose ``nodule_prob`` is written by the test instead of predicted: ``base / "cohort.zarr"``.
+
+    Chest phantoms as DICOM (24 x 96² at 2.5 x 2 x 2 mm; patient ``i``, counted from 1 in the order of
+    ``blobs``, is seed ``i``) go through ingest and segment; each patient's map is then 0 but for its
+    probability blobs, committed as the detect stage, and ``stages`` run on it. The UNet would take minutes
+    on two cores; these tests are about what comes after it.
+
+    Parameters
+    ----------
+    base : Path
+        An empty folder: the DICOM go in ``input/``, the store is ``cohort.zarr``.
+    blobs : dict
+        ``{patient: [((z, y, x slices), value), ...]}``; the first voxel of each blob is its peak
+        (``value + 0.03``, at most 0.999).
+    crops : dict, optional
+        ``{patient: "fixed" | "lungs"}``, the crop the detect record says the map was predicted on; a
+        patient left out gets a record without one (as stores older than ``--crop`` and imported legacy maps).
+    stages : sequence of str
+        The stages run on the written maps.
+    """
+    import xarray as xr
+
+    from lungzarr.algorithms.phantom import chest_phantom
+    from lungzarr.io.store import CohortStore
+    from lungzarr.pipeline import run
+    from lungzarr.pipeline.stages._common import DIMS_2MM, encoded
+
+    base = Path(base)
+    for seed, pid in enumerate(blobs, start=1):
+        hu, origin = chest_phantom(shape=(24, 96, 96), spacing=(2.5, 2.0, 2.0), seed=seed)
+        write_series(hu, base / "input" / pid, spacing=(2.5, 2.0, 2.0), origin=origin, patient_id=pid)
+    path = base / "cohort.zarr"
+    run(base / "input", path, stages=["ingest", "segment"])
+    cs = CohortStore(path)
+    for p, patient_blobs in blobs.items():
+        prob = np.zeros(cs.open_patient(p).lungs.shape, np.float32)
+        for box, value in patient_blobs:
+            prob[box] = value
+            prob[tuple(slice(b.start, b.start + 1) for b in box)] = min(value + 0.03, 0.999)
+        record = {"synthetic": True, **({"crop": crops[p]} if crops and p in crops else {})}
+        pending = cs.prepare_stage(p, "detect", encoded(xr.Dataset({"nodule_prob": (DIMS_2MM, prob)}), 16),
+                                   record=record)
+        pending.compute()
+        pending.commit()
+    run(None, path, stages=list(stages))
+    return path

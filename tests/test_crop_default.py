@@ -1,48 +1,39 @@
-"""`lungzarr run` predicts inside the lung box by default; the DSB2017 export then refuses those patients by name.
+"""One default crop, the lung box, from Python and the command line; the DSB2017 export then refuses those
+patients by name and says how to get their table.
 
-The store is real (phantom DICOM through ingest and segment), with a written ``nodule_prob`` and detect
-record in place of the UNet's (which takes minutes on two cores): one patient as detected with
-``--crop lungs``, one with ``--crop fixed``.
+The store is real (phantom DICOM through ingest and segment, ``tests/dicom_phantoms.detected_store``), with a
+written ``nodule_prob`` and detect record in place of the UNet's: one patient as detected with ``--crop lungs``,
+one with ``--crop fixed``.
 """
 from __future__ import annotations
 
-import numpy as np
+import inspect
+
 import pytest
-import xarray as xr
+from dicom_phantoms import detected_store
 
 from lungzarr.errors import LungzarrError
 from lungzarr.io.store import CohortStore
 
+BLOB = [((slice(12, 15), slice(40, 44), slice(30, 34)), 0.9)]
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from lungzarr.algorithms.phantom import chest_phantom
-    from lungzarr.io.dicom import write_series
-    from lungzarr.pipeline import run
-    from lungzarr.pipeline.stages._common import DIMS_2MM, encoded
-
-    base = tmp_path_factory.mktemp("crop")
-    for pid, seed in (("BOXED", 1), ("WHOLE", 2)):
-        hu, origin = chest_phantom(shape=(24, 96, 96), spacing=(2.5, 2.0, 2.0), seed=seed)
-        write_series(hu, base / "input" / pid, spacing=(2.5, 2.0, 2.0), origin=origin, patient_id=pid)
-    path = base / "cohort.zarr"
-    run(base / "input", path, stages=["ingest", "segment"])
-    cs = CohortStore(path)
-    for p, crop in (("BOXED", "lungs"), ("WHOLE", "fixed")):
-        prob = np.zeros(cs.open_patient(p).lungs.shape, np.float32)
-        prob[12:15, 40:44, 30:34] = 0.9
-        pending = cs.prepare_stage(p, "detect", encoded(xr.Dataset({"nodule_prob": (DIMS_2MM, prob)}), 16),
-                                   record={"synthetic": True, "crop": crop})
-        pending.compute()
-        pending.commit()
-    run(None, path, stages=["nodules", "features"])
-    return path
+    return detected_store(tmp_path_factory.mktemp("crop"), {"BOXED": BLOB, "WHOLE": BLOB},
+                          crops={"BOXED": "lungs", "WHOLE": "fixed"}, stages=["nodules", "features"])
 
 
-def test_the_cli_predicts_inside_the_lungs_by_default():
+def test_python_and_the_cli_predict_inside_the_lungs_by_default():
     from lungzarr.cli._app import Crop, CropOpt
+    from lungzarr.model.geometry import CROPS, DEFAULT_CROP
+    from lungzarr.pipeline import StageOptions, run
 
-    assert CropOpt.default == Crop.lungs
+    assert DEFAULT_CROP == "lungs" and DEFAULT_CROP in CROPS
+    assert CropOpt.default == Crop.lungs and CropOpt.default.value == DEFAULT_CROP
+    assert [c.value for c in Crop] == list(CROPS)
+    assert inspect.signature(run).parameters["crop"].default == DEFAULT_CROP
+    assert StageOptions().crop == DEFAULT_CROP
 
 
 def test_features_record_the_crop_their_map_was_predicted_on(store):
@@ -55,8 +46,12 @@ def test_dsb2017_export_refuses_lung_box_patients_by_name(store, tmp_path):
     from lungzarr.pipeline import export_dsb2017
 
     out = tmp_path / "dsb.csv"
-    with pytest.raises(LungzarrError, match=r"'BOXED'.*lungzarr detect --crop fixed --overwrite --patients BOXED"):
+    with pytest.raises(LungzarrError) as err:
         export_dsb2017(store, out)
+    message = str(err.value)
+    assert "1 patient(s) were detected inside the lung box" in message and "['BOXED']" in message
+    assert f"`lungzarr detect {store} --crop fixed --overwrite --patients BOXED`" in message
+    assert "`lungzarr run INPUT STORE --crop fixed`" in message and 'crop="fixed"' in message
     assert not out.exists()
     table = export_dsb2017(store, out, patients=["WHOLE"])
     assert list(table.index) == ["WHOLE"]

@@ -1,7 +1,7 @@
 """`lungzarr export --format luna16|nifti` read back with pandas / nibabel, and the LUNA16 export scored like the store.
 
 The store is real (phantom DICOM through ingest and segment, the nodules stage), with a written
-``nodule_prob`` in place of the UNet's (which takes minutes on two cores).
+``nodule_prob`` in place of the UNet's (``tests/dicom_phantoms.detected_store``).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import xarray as xr
+from dicom_phantoms import detected_store
 from seg_readback import check_seg_against_store, seg_readback
 from typer.testing import CliRunner
 
@@ -32,29 +32,7 @@ BLOBS = {
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from lungzarr.algorithms.phantom import chest_phantom
-    from lungzarr.io.dicom import write_series
-    from lungzarr.pipeline import run
-    from lungzarr.pipeline.stages._common import DIMS_2MM, encoded
-
-    base = tmp_path_factory.mktemp("exports")
-    for pid, seed in (("P-1", 1), ("P-2", 2)):
-        hu, origin = chest_phantom(shape=(24, 96, 96), spacing=(2.5, 2.0, 2.0), seed=seed)
-        write_series(hu, base / "input" / pid, spacing=(2.5, 2.0, 2.0), origin=origin, patient_id=pid)
-    path = base / "cohort.zarr"
-    run(base / "input", path, stages=["ingest", "segment"])
-    cs = CohortStore(path)
-    for p in cs.patients():
-        prob = np.zeros(cs.open_patient(p).lungs.shape, np.float32)
-        for box, value in BLOBS[p]:
-            prob[box] = value
-            prob[tuple(slice(b.start, b.start + 1) for b in box)] = min(value + 0.03, 0.999)
-        pending = cs.prepare_stage(p, "detect", encoded(xr.Dataset({"nodule_prob": (DIMS_2MM, prob)}), 16),
-                                   record={"synthetic": True})
-        pending.compute()
-        pending.commit()
-    run(None, path, stages=["nodules"])
-    return path
+    return detected_store(tmp_path_factory.mktemp("exports"), BLOBS)
 
 
 def test_luna16_export_reads_back_as_the_nodule_table(store, tmp_path):

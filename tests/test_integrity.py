@@ -106,10 +106,10 @@ def _damage_and_repair(input_dir, clean, store, damaged_array, expect_kind, redo
     assert CohortStore(store, mode="r").stages(PATIENT) == before
 
     if cli:
-        # The clean store was made by the library's run (its default crop, fixed); the CLI's default is the
-        # lung box: the redo asks for what the clean store holds.
+        # The clean store was made by the library's run: the CLI's run with the same (default) options
+        # redoes the damaged stages into the same store.
         result = runner.invoke(app, ["run", str(input_dir), str(store), "--verify", "--chunk-slices", "8",
-                                     "--crop", "fixed", "--scheduler", "threads"])
+                                     "--scheduler", "threads"])
         assert result.exit_code == 0, result.output
     else:
         result = runner.invoke(app, ["verify", str(store), "--repair", "--scheduler", "threads"])

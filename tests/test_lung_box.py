@@ -225,7 +225,8 @@ def test_crop_lungs_through_the_pipeline(phantom_store):
     with dask.config.set(scheduler="threads"):
         for crop in ("fixed", "lungs"):
             if crop == "fixed":
-                summaries = run(None, phantom_store, stages=["detect"], engine="keras", overwrite=True)
+                summaries = run(None, phantom_store, stages=["detect"], engine="keras", crop="fixed",
+                                overwrite=True)
                 assert summaries[0].done == ["PH-1"]
             else:
                 r = runner.invoke(app, ["detect", str(phantom_store), "--scheduler", "threads", "--engine", "keras",

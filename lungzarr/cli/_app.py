@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from lungzarr.model.geometry import CROPS, DEFAULT_CROP
+
 
 # rich_markup_mode=None: Typer's rich help shows every flag as "--overwrite <bool>"; Click's plain help
 # shows flags as flags (and fits an 80-column terminal as well).
@@ -135,11 +137,8 @@ EngineOpt = typer.Option(Engine.auto, "--engine", case_sensitive=False,
                               "workers), keras, openvino, or onnxruntime (pip install 'lungzarr[onnx]').")
 
 
-class Crop(str, enum.Enum):
-    """``--crop`` choices (lungzarr.model.geometry.CROPS)."""
-
-    fixed = "fixed"
-    lungs = "lungs"
+#: ``--crop`` choices, one member per :data:`lungzarr.model.geometry.CROPS` (``Crop.lungs``, ``Crop.fixed``).
+Crop = enum.Enum("Crop", [(c, c) for c in CROPS], type=str, module=__name__, qualname="Crop")
 
 
 FoldOpt = typer.Option(True, "--fold-upsampling/--literal-upsampling",
@@ -147,7 +146,8 @@ FoldOpt = typer.Option(True, "--fold-upsampling/--literal-upsampling",
                             "fewer multiply-adds, the same function to float32 rounding), or the original's "
                             "literal layers.")
 
-CropOpt = typer.Option(Crop.lungs, "--crop", case_sensitive=False,
-                       help="What the UNet predicts: lungs (default: one box per patient around its lung mask, "
-                            "the same probabilities in the lungs for 1.5x less work, 0 outside the box) or fixed "
-                            "(the whole slice, the original's; the DSB2017 feature export needs it).")
+CropOpt = typer.Option(Crop(DEFAULT_CROP), "--crop", case_sensitive=False,
+                       help="What the UNet predicts: lungs (one box per patient around its lung mask, the same "
+                            "probabilities in the lungs for 1.5x less work, 0 outside the box) or fixed (the "
+                            "whole slice, the original's; the DSB2017 feature export needs it). The default, "
+                            f"{DEFAULT_CROP}, is the library's too (lungzarr.pipeline.run(crop=...)).")

@@ -1,14 +1,15 @@
 """The d8 network's geometry: one place for its window, halo and crop (docs/algorithms.md §5).
 
-Plain arithmetic (no Keras), so every layer that needs these facts — the
-inference, the DSB2017 features, the pipeline's checks — imports them from here.
+Plain arithmetic (no Keras, no numpy), so every layer that needs these facts — the
+inference, the DSB2017 features, the pipeline's checks, the command line's options — imports
+them from here (the CLI at start-up, which stays numpy-free).
 """
 from __future__ import annotations
 
-import numpy as np
+from numbers import Integral
 
 __all__ = ["WINDOW", "WINDOW_CENTRE", "HALO", "MIN_SLICES_2MM", "ROW_COL_MULTIPLE", "LUNG_BOX_MARGIN", "CROPS",
-           "detection_crop", "predicted_slices", "window_maps", "fixed_box", "box_around", "check_box"]
+           "DEFAULT_CROP", "detection_crop", "predicted_slices", "window_maps", "fixed_box", "box_around", "check_box"]
 
 #: Slices of one input window of the network.
 WINDOW = 8
@@ -40,6 +41,10 @@ LUNG_BOX_MARGIN = 23
 #: ``--crop`` choices: ``fixed`` predicts the whole detection crop (the original; the DSB2017 export needs
 #: it), ``lungs`` one y/x box per patient around its lung mask (:func:`box_around`).
 CROPS = ("fixed", "lungs")
+#: The crop of a run that names none, from Python (``pipeline.run``) and the command line (``lungzarr run``,
+#: ``lungzarr detect``) alike: the lung box, exact inside the lungs and cheaper on whole scans
+#: (docs/user-guide/engines.md). The DSB2017 export refuses its patients: ask for ``fixed`` to get that table.
+DEFAULT_CROP = "lungs"
 
 
 def detection_crop(shape) -> tuple[int, int]:
@@ -116,7 +121,7 @@ def box_around(bbox, shape, *, margin: int = LUNG_BOX_MARGIN) -> dict:
         multiple of 4 from the detection crop and spans a multiple of 4,
         within the detection crop.
     """
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+    if isinstance(margin, bool) or not isinstance(margin, Integral) or margin < 0:
         raise ValueError(f"margin must be an integer >= 0, got {margin!r}")
     z0, y0, x0, z1, y1, x1 = (int(v) for v in bbox)
     nz, h, w = (int(n) for n in shape)

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Iterable
 
 from lungzarr.errors import LungzarrError, PatientError
+from lungzarr.model.geometry import CROPS, DEFAULT_CROP
 from lungzarr.pipeline.checks import check_run_config
 from lungzarr.pipeline.inputs import record_input, scan_input
 from lungzarr.pipeline.placement import compute_options, cpu_task_workers
@@ -22,7 +23,7 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         chunk_slices: int = 16, batch_size: int = 4, precision: str = "fp32",
         patients: Iterable[str] | None = None, overwrite: bool = False, client=None, gpu: bool = False,
         infer_batch: int | None = None, progress: Progress | None = None, strict: bool = False,
-        verify: bool = False, engine: str = "auto", crop: str = "fixed",
+        verify: bool = False, engine: str = "auto", crop: str = DEFAULT_CROP,
         fold_upsampling: bool = True) -> list[StageSummary]:
     """Run pipeline stages for every patient of a cohort; by default all of them, INPUT to tables.
 
@@ -80,13 +81,15 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         cached beside the exported graphs); Keras with ``gpu``. When the
         ``detect`` stage runs, the engine is chosen and checked (and its graph
         exported to the cache) before any patient.
-    crop : {"fixed", "lungs"}
-        What the UNet predicts: ``fixed``, the whole detection crop (the
-        original's; the DSB2017 export needs it), or ``lungs``, one y/x box per
-        patient around its lung mask and the slices whose window holds lung
-        (:func:`lungzarr.algorithms.crop.lung_box`): the same probabilities
-        inside the lungs for less work, 0 outside the box
-        (docs/algorithms.md §5).
+    crop : {"lungs", "fixed"}
+        What the UNet predicts: ``lungs`` (by default,
+        :data:`lungzarr.model.geometry.DEFAULT_CROP`, as ``lungzarr run``),
+        one y/x box per patient around its lung mask and the slices whose
+        window holds lung (:func:`lungzarr.algorithms.crop.lung_box`): the
+        same probabilities inside the lungs for less work, 0 outside the box
+        (docs/algorithms.md §5); or ``fixed``, the whole detection crop (the
+        original's): pass ``crop="fixed"`` for patients whose DSB2017 table
+        (:func:`~lungzarr.pipeline.exports.export_dsb2017`) you want.
     fold_upsampling : bool
         The d8 network's form (:func:`lungzarr.model.d8.build_d8`): each
         upsampling folded into the convolution after it (default: 20 % fewer
@@ -99,7 +102,6 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
     """
     from lungzarr.io.legacy import read_legacy_labels
     from lungzarr.io.store import CohortStore
-    from lungzarr.model.geometry import CROPS
 
     if crop not in CROPS:
         raise LungzarrError(f"crop must be one of {list(CROPS)!r}, got {crop!r}")

@@ -42,12 +42,14 @@ def _check_whole_crop(store, ids) -> None:
     """
     boxed = [p for p in ids if detect_crop(store, p) == "lungs"]
     if boxed:
-        shown = " ".join(f"--patients {p}" for p in boxed[:5]) + (" ..." if len(boxed) > 5 else "")
+        more = " ..." if len(boxed) > 5 else ""
+        shown = " ".join(f"--patients {p}" for p in boxed[:5]) + more
         raise LungzarrError(
-            f"{len(boxed)} patient(s) were detected inside the lung box (--crop lungs, the default of `lungzarr "
-            f"run`): {boxed[:5]!r}{' ...' if len(boxed) > 5 else ''}. The DSB2017 features are the original's only "
-            f"on the whole detection crop: run `lungzarr detect --crop fixed --overwrite {shown}` first, or "
-            f"leave them out with --patients")
+            f"{len(boxed)} patient(s) were detected inside the lung box (crop 'lungs', the default of `lungzarr run` "
+            f"and `lungzarr.pipeline.run`): {boxed[:5]!r}{more}. The DSB2017 features are the original's only on "
+            f"the whole detection crop: detect them again with it, `lungzarr detect {store.path} --crop fixed "
+            f"--overwrite {shown}` (a cohort not yet run: `lungzarr run INPUT STORE --crop fixed`, or "
+            f"`lungzarr.pipeline.run(..., crop=\"fixed\")`), or leave them out with --patients")
 
 
 def _dsb_row_task(store_path, patient, fmt, cancer):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from lungzarr.model.geometry import DEFAULT_CROP
+
 __all__ = ["Stage", "StageOptions", "PLACEMENTS"]
 
 #: Where a stage's tasks may run: ``"cpu"`` (CPU-only workers when the cluster has GPU workers too) or
@@ -49,9 +51,10 @@ class StageOptions:
         :func:`lungzarr.pipeline.run`); a GPU stage's CPU tasks are annotated
         to run only there. Empty: anywhere.
     crop : str
-        What the UNet predicts (:data:`lungzarr.model.geometry.CROPS`): ``fixed``
-        (the whole detection crop, the original's) or ``lungs`` (one box per
-        patient around its lung mask; 0 outside it).
+        What the UNet predicts (:data:`lungzarr.model.geometry.CROPS`): ``lungs``
+        (one box per patient around its lung mask; 0 outside it; the default,
+        :data:`~lungzarr.model.geometry.DEFAULT_CROP`) or ``fixed`` (the whole
+        detection crop, the original's).
     fold_upsampling : bool
         The d8 network's form (:func:`lungzarr.model.d8.build_d8`): upsampling
         folded into the next convolution (default), or the original's literal layers.
@@ -65,7 +68,7 @@ class StageOptions:
     labels: dict | None = None
     strict: bool = False
     engine: str = "auto"
-    crop: str = "fixed"
+    crop: str = DEFAULT_CROP
     cpu_workers: tuple = ()
     fold_upsampling: bool = True
 
