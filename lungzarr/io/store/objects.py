@@ -48,7 +48,7 @@ class _ObjectBackend(_ObjectLock):
 
         self.url = _check_url(str(url))
         # No listing cache: another process (a worker, a second run) changes what is listed.
-        options = {"use_listings_cache": False}
+        options = self._options = {"use_listings_cache": False}
         self.fs, key = fsspec.url_to_fs(self.url, **options)
         self.path = _ObjectPath(self.fs, key)
         self.zarr_store = FsspecStore.from_url(self.url, storage_options=options, read_only=mode == "r")
@@ -89,7 +89,8 @@ class _ObjectBackend(_ObjectLock):
         """A zarr store whose root is the group ``rel`` (a patient's own), read-only."""
         from zarr.storage import FsspecStore
 
-        return FsspecStore(self.fs, path=f"{self.path.key}/{rel}", read_only=True)
+        # From the URL, as the store's own: zarr makes the filesystem on its own event loop.
+        return FsspecStore.from_url(f"{self.url.rstrip('/')}/{rel}", storage_options=self._options, read_only=True)
 
     def _keys_below(self, group: str) -> dict:
         """``{path relative to group: key}`` of every ``zarr.json`` below ``group``: one listing of its
