@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from lungzarr._version import __version__
 
-__all__ = ["__version__", "open_cohort", "read_nodules", "read_patients", "read_failures",
-           "read_warnings", "patient_nodules"]
+_STORE_READERS = ("open_cohort", "open_patient", "open_patients", "read_nodules", "read_patients",
+                  "read_failures", "read_warnings")
+__all__ = ["__version__", *_STORE_READERS, "patient_nodules"]
 
 
 def __getattr__(name):
     # Keep `import lungzarr` cheap: the store layer pulls in zarr and xarray.
-    if name in {"open_cohort", "read_nodules", "read_patients", "read_failures", "read_warnings"}:
+    if name in _STORE_READERS:
         from lungzarr.io import store
 
         return getattr(store, name)

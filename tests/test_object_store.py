@@ -114,7 +114,7 @@ def test_ingest_and_segment_on_a_local_cluster_to_s3_match_a_directory(small_inp
                 [s.failed for s in summaries]
     _assert_same(directory, url)
     store = CohortStore(url, mode="r")
-    assert store.is_consolidated()
+    assert all(store.listing(p) and not store.stale_listing(p) for p in store.patients())
     assert not CohortStore(url).lock_path.exists()  # released
     tree = lungzarr.open_cohort(url)
     assert sorted(tree["patients"].children) == ["SMALL-1", "SMALL-2", "SMALL-3"]
@@ -125,9 +125,11 @@ def test_ingest_and_segment_on_a_local_cluster_to_s3_match_a_directory(small_inp
 def _visible_patients_are_whole(url, reference):
     """Every patient a reader sees has its ingest marker and the reference's voxels; their ids."""
     store = CohortStore(url, mode="r")
-    seen = store.patients()
+    before = set(store.patients())
     tree = lungzarr.open_cohort(url)
-    assert set(tree["patients"].children) == set(seen)
+    seen = sorted(tree["patients"].children)
+    # The run goes on meanwhile: a patient committed during the open may or may not be in the tree.
+    assert before <= set(seen) <= set(store.patients())
     for pid in seen:
         assert store.is_complete(pid, "ingest"), f"{pid} is visible without its ingest marker"
         np.testing.assert_array_equal(store.open_patient(pid).hu_2mm.values, reference[pid], err_msg=pid)
@@ -207,7 +209,7 @@ def test_a_patient_caught_mid_commit_is_invisible_and_swapped_in_by_the_next_wri
     for name in before.variables:
         np.testing.assert_array_equal(before[name].values, after[name].values, err_msg=name)
     assert not fs.find(staged)
-    assert reader.is_consolidated()
+    assert "hu" in reader.listing("SMALL-2")  # the staged group was listed at its commit
 
 
 @pytest.mark.slow  # 40-75 s on the shared 2-core VM: CLI processes over the loopback S3 server
@@ -337,7 +339,7 @@ def test_whole_run_on_the_lidc_slab_to_s3_on_a_local_cluster_matches_a_directory
     assert len(nodules) and nodules.equals(lungzarr.read_nodules(directory))
     tree = lungzarr.open_cohort(url)
     assert list(tree["patients"].children) == [lidc_dir.name]
-    assert CohortStore(url, mode="r").is_consolidated()
+    assert "nodule_prob" in CohortStore(url, mode="r").listing(lidc_dir.name)
     _assert_no_secret(bucket=bucket)
 
 

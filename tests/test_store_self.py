@@ -1,9 +1,9 @@
 """A store that knows itself, and inputs that change (issue 25: defects 6, 8, the table write of 9, 12's verify).
 
-- ``verify`` names every patient the tables or the consolidated metadata know whose group (or its
-  ``zarr.json``) is gone, a group nobody wrote whole, stale tables and stale consolidated metadata;
+- ``verify`` names every patient the tables know whose group (or its ``zarr.json``) is gone, a group
+  nobody wrote whole, stale tables and a patient's stale consolidated metadata (its listing);
   it writes nothing (``--repair`` does).
-- ``open_cohort`` never serves a patient from stale consolidated metadata; the readers leave out
+- ``open_cohort`` never serves a patient from a stale listing; the readers leave out
   (with a warning) or refuse the rows of a patient whose group is gone; a store without tables
   says so in one sentence.
 - A table write that fails (a full disk) keeps the previous table.
@@ -87,31 +87,28 @@ def test_verify_names_a_removed_patient_and_a_group_that_lost_its_metadata(cohor
     assert not report.ok
     lost = {(d["patient"], d["stage"], d["array"], d["kind"]): d for d in report.damage}
     assert set(lost) == {("P2", "ingest", None, "missing"), ("P3", "ingest", None, "missing")}
-    assert "the group of patient 'P2' is gone from the store (named by the patients table, the consolidated " \
-           "metadata)" in lost["P2", "ingest", None, "missing"]["reason"]
+    assert "the group of patient 'P2' is gone from the store (named by the patients table)" in \
+           lost["P2", "ingest", None, "missing"]["reason"]
     assert "patients/P3/zarr.json, which holds its stage markers) is gone" in \
            lost["P3", "ingest", None, "missing"]["reason"]
     assert report.damaged_stages() == {"P2": "ingest", "P3": "ingest"}
     found = {(d["array"], d["kind"]) for d in report.store_damage}
-    assert found == {("tables/patients", "stale"), ("consolidated metadata", "stale")}
+    assert found == {("tables/patients", "stale")}
     said = " ".join(d["reason"] for d in report.store_damage)
     assert "rows of 2 patient(s) whose group is gone ('P2', 'P3')" in said
-    assert "patients/P2/zarr.json is gone" in said and "patients/P3/zarr.json is gone" in said
     assert _snapshot(store) == before                    # report only: nothing written, no lock file
 
     result = runner.invoke(app, ["verify", str(store), "--scheduler", "threads"])
     assert result.exit_code == 1, result.output
     flat = _flat(result.output)
-    assert "2 patient(s) damaged, 2 problem(s) of the store itself" in flat
+    assert "2 patient(s) damaged, 1 problem(s) of the store itself" in flat
     assert "damaged P2 (ingest): the group of patient 'P2' is gone from the store" in flat
     assert "`lungzarr run INPUT" in flat and "ingests it again" in flat
-    assert "damaged store (consolidated metadata): the consolidated metadata is stale" in flat
     assert read_damage(store).empty
 
-    # --repair records it, rebuilds the tables and the consolidated metadata; a run ingests them again.
+    # --repair records it and rebuilds the tables; a run ingests them again.
     result = runner.invoke(app, ["verify", str(store), "--repair", "--scheduler", "threads"])
     assert result.exit_code == 1, result.output
-    assert "repaired: consolidated metadata written afresh" in _flat(result.output)
     assert "repaired: cohort table(s) patients rebuilt from the patient groups (1 patient(s)" in _flat(result.output)
     assert sorted(read_damage(store).patient) == ["P2", "P3"]
     assert "damaged P2 (ingest)" in _flat(runner.invoke(app, ["status", str(store)]).output)
@@ -119,7 +116,7 @@ def test_verify_names_a_removed_patient_and_a_group_that_lost_its_metadata(cohor
         warnings.simplefilter("error")                   # the rebuilt table names no lost patient
         assert read_patients(store).patient.tolist() == ["P1"]
     s = CohortStore(store, mode="r")
-    assert s.is_consolidated() and s.stale_consolidated() == []
+    assert s.listing("P1") is not None and s.stale_listing("P1") == []
     with dask.config.set(scheduler="threads"):
         summary = ingest(input_dir, store, chunk_slices=4)
     assert summary.done == ["P2", "P3"] and summary.skipped == ["P1"]
@@ -138,8 +135,15 @@ def test_verify_names_a_lost_array_metadata_and_a_group_nobody_wrote(cohort):
     assert ("P1", "hu", "missing") in kinds and ("P9", None, "unrecorded") in kinds
     p9 = next(d for d in report.damage if d["patient"] == "P9")
     assert "has no completed stage (no stage marker" in p9["reason"]
-    said = " ".join(d["reason"] for d in report.store_damage)
-    assert "patients/P1/hu/zarr.json is gone" in said and "patients/P9 is not listed in it" in said
+    (stale,) = report.store_damage
+    assert stale["array"] == "patients/P1 consolidated metadata" and stale["kind"] == "stale"
+    assert "the consolidated metadata of patient 'P1' is stale (patients/P1/hu/zarr.json is gone)" in stale["reason"]
+    assert report.stale_listings == ["P1"]
+    # --repair lists P1's group afresh (without the lost array); P9, never listed, is left unlisted.
+    result = runner.invoke(app, ["verify", str(store), "--repair", "--scheduler", "threads"])
+    assert "repaired: consolidated metadata of 1 patient(s) written afresh (P1)" in _flat(result.output)
+    s = CohortStore(store, mode="r")
+    assert "hu" not in s.listing("P1") and "hu_2mm" in s.listing("P1") and s.listing("P9") is None
     with pytest.raises(LungzarrError, match=r"--patients \['NOPE'\] are not in store"):
         _verify(store, patients=["NOPE"])
     # Only the chosen patients: no store-wide findings.
@@ -148,14 +152,14 @@ def test_verify_names_a_lost_array_metadata_and_a_group_nobody_wrote(cohort):
 
 def test_open_cohort_never_serves_a_patient_or_an_array_from_stale_consolidated_metadata(cohort):
     _, store = cohort
-    assert CohortStore(store, mode="r").is_consolidated()
+    assert CohortStore(store, mode="r").listing("P1") is not None
     shutil.rmtree(store / "patients" / "P2")
     shutil.rmtree(store / "patients" / "P1" / "hu_2mm")
     with pytest.warns(UserWarning) as caught:
         tree = open_cohort(store)
     said = [str(w.message) for w in caught]
-    assert any("consolidated metadata" in m and "is stale (patients/P1/hu_2mm/zarr.json is gone; "
-               "patients/P2/zarr.json is gone)" in m and "not used" in m for m in said), said
+    assert any("the consolidated metadata of patient 'P1'" in m and "is stale (patients/P1/hu_2mm/zarr.json is "
+               "gone)" in m and "not used" in m for m in said), said
     assert any("patients table" in m and "('P2'): those rows are left out" in m for m in said), said
     assert sorted(tree["patients"].children) == ["P1", "P3"]
     assert "hu_2mm" not in tree["patients/P1"].to_dataset()
@@ -165,7 +169,7 @@ def test_open_cohort_never_serves_a_patient_or_an_array_from_stale_consolidated_
             values = var.values
             assert values.min() != values.max(), (pid, name)   # no array read back as its fill value
     assert tree["tables/patients"].to_dataset().patient.values.tolist() == ["P1", "P3"]
-    assert CohortStore(store, mode="r").is_consolidated()       # reading wrote nothing
+    assert "hu_2mm" in CohortStore(store, mode="r").listing("P1")   # reading wrote nothing
 
 
 def test_readers_leave_out_or_refuse_rows_of_a_removed_patient(cohort):
@@ -192,9 +196,7 @@ def test_readers_on_a_store_without_tables_say_so_in_one_sentence(cohort, tmp_pa
         assert text == (f"store {str(store)!r} has no cohort tables (its tables/ group is gone); `lungzarr verify "
                         f"--repair {store}` rebuilds them from the patient groups")
     report = _verify(store)
-    assert [(d["array"], d["kind"]) for d in report.store_damage] == [("tables", "missing"),
-                                                                      ("consolidated metadata", "stale")]
-    assert "tables/zarr.json is gone" in report.store_damage[1]["reason"]
+    assert [(d["array"], d["kind"]) for d in report.store_damage] == [("tables", "missing")]
     result = runner.invoke(app, ["verify", str(store), "--repair", "--scheduler", "threads"])
     assert result.exit_code == 0, result.output
     assert read_patients(store).patient.tolist() == list(PATIENTS) and read_nodules(store).empty

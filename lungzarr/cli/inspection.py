@@ -34,7 +34,7 @@ def report(store: Path = StoreArg,
 
 
 def _damage_line(rec) -> str:
-    if rec.get("patient") is None:  # the store's own: a cohort table, the consolidated metadata
+    if rec.get("patient") is None:  # the store's own: a cohort table, a patient's listing
         return f"damaged store ({rec['array']}): {rec['reason']} — file: {rec['file']}"
     array = f" {rec['array']}" if rec.get("array") else ""
     return f"damaged {rec['patient']} ({rec['stage']}){array}: {rec['reason']} — file: {rec['file']}"
@@ -46,10 +46,11 @@ def verify(store: Path = StoreArg,
            dashboard_address: Optional[str] = DashboardOpt,
            repair: bool = typer.Option(False, "--repair", help="Record what is found (`lungzarr status` lists it), "
                                                                "unmark the damaged stages for the next run, rebuild "
-                                                               "the cohort tables and the consolidated metadata. "
-                                                               "Without it nothing is written.")):
+                                                               "the cohort tables and stale per-patient "
+                                                               "consolidated metadata. Without it nothing is "
+                                                               "written.")):
     """Read every chunk of every completed stage and check what the store knows of itself (patients the
-    tables or the consolidated metadata name, the tables); list what is damaged (exit 1 if any).
+    tables name, the tables, each patient's consolidated metadata); list what is damaged (exit 1 if any).
 
     Writes nothing (a read-only store can be verified) unless ``--repair``.
     """
@@ -79,9 +80,9 @@ def verify(store: Path = StoreArg,
         out.print(f"repaired: {line}", soft_wrap=True, markup=False, highlight=False)
     if found and not repair:
         console.print("`lungzarr verify --repair STORE` records this (`lungzarr status` lists it), rebuilds the "
-                      "tables and the consolidated metadata and unmarks the damaged stages; `lungzarr run INPUT "
-                      "STORE --verify` redoes the damaged stages (and every later one) and ingests lost patients "
-                      "again", soft_wrap=True)
+                      "tables and stale per-patient consolidated metadata and unmarks the damaged stages; "
+                      "`lungzarr run INPUT STORE --verify` redoes the damaged stages (and every later one) and "
+                      "ingests lost patients again", soft_wrap=True)
     elif damaged:
         console.print("`lungzarr run INPUT STORE --verify` redoes the damaged stages (and every later one) and "
                       "ingests lost patients again", soft_wrap=True)

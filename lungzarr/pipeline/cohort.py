@@ -14,7 +14,7 @@ from lungzarr.pipeline.sources import FINGERPRINT_KEY, input_changed, input_fing
 from lungzarr.pipeline.stage import StageOptions
 from lungzarr.pipeline.stages import ordered_stages, stage_names
 from lungzarr.pipeline.tables import gather_tables
-from lungzarr.pipeline.verify import redo_damaged, verify_patients
+from lungzarr.pipeline.verify import redo_damaged, stale_listings, verify_patients
 
 __all__ = ["run", "ingest", "store_status", "stage_decision"]
 
@@ -146,10 +146,10 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
         else:
             items, bad = [(p, None) for p in _stored_patients(store, store_path, patients)], []
         if verify:
-            redo_damaged(store, verify_patients(store, [p for p, _ in items if store.has_patient(p)],
-                                                client=client))
-            if store.stale_consolidated():
-                store.drop_consolidated()  # changed outside lungzarr: written afresh at the lock's release
+            present = [p for p, _ in items if store.has_patient(p)]
+            redo_damaged(store, verify_patients(store, present, client=client))
+            # Changed outside lungzarr: listed afresh now (a patient whose stages rerun is listed at its commits).
+            store.consolidate(list(stale_listings(store, present)))
         summaries = _stream(store, items, chosen, options, overwrite=overwrite, batch_size=batch_size,
                             client=client, progress=progress, sources=dict(items) if creates else None)
         gather_tables(store)

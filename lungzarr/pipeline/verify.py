@@ -1,5 +1,5 @@
 """Checking a store: every chunk of the completed stages, every patient anything names, the cohort tables
-and the consolidated metadata; what ``verify --repair`` and ``run --verify`` redo."""
+and each patient's consolidated metadata; what ``verify --repair`` and ``run --verify`` redo."""
 from __future__ import annotations
 
 import time
@@ -9,7 +9,8 @@ from typing import Iterable
 from lungzarr.errors import LungzarrError
 from lungzarr.pipeline.stages import STAGES, stage_names
 
-__all__ = ["VerifyReport", "verify_store", "verify_patients", "redo_damaged", "dependent_stages", "store_findings"]
+__all__ = ["VerifyReport", "verify_store", "verify_patients", "redo_damaged", "dependent_stages", "store_findings",
+           "stale_listings"]
 
 
 @dataclass
@@ -26,8 +27,10 @@ class VerifyReport:
     seconds: float = 0.0
     #: ``patient/array`` names written before lungzarr checksummed every chunk (see CohortStore.verify_patient).
     unchecksummed: list[str] = field(default_factory=list)
-    #: The store's own damage (the same fields, ``patient`` None): the cohort tables, the consolidated metadata.
+    #: The store's own damage (the same fields, ``patient`` None): the cohort tables, stale patient listings.
     store_damage: list[dict] = field(default_factory=list)
+    #: Patients whose listing (consolidated metadata) names nodes that are gone (see :func:`stale_listings`).
+    stale_listings: list[str] = field(default_factory=list)
     #: What ``repair=True`` did, one line each.
     repaired: list[str] = field(default_factory=list)
     #: The holder of the writer lock while a report-only verification read the store (a run writing it).
@@ -105,15 +108,14 @@ def _table_patients(frame) -> set:
 def store_findings(store) -> tuple[dict, list[dict]]:
     """What the store knows of itself that does not hold: ``({patient: damage records}, store records)``.
 
-    Every patient that the cohort tables, the consolidated metadata or a
+    Every patient that the cohort tables or a
     folder under ``patients/`` name must have its group metadata
     (``zarr.json``, which holds its stage markers) and at least one completed
     stage; a stage's arrays are checked by CohortStore.verify_patient. For
     the store: the tables group is there, each cohort table's pointer
     resolves and the table reads, every row's patient has a group and every
-    patient with a completed stage has its row (with the stages it has);
-    the consolidated metadata names every group there is and no group that
-    is gone. Reads metadata and the (small) tables only; writes nothing.
+    patient with a completed stage has its row (with the stages it has).
+    Reads metadata and the (small) tables only; writes nothing.
     """
     from lungzarr.io.store import PATIENTS_GROUP, TABLES_GROUP
     from lungzarr.pipeline.tables import COHORT_TABLES
@@ -138,13 +140,10 @@ def store_findings(store) -> tuple[dict, list[dict]]:
                 tables[name] = store.read_table(name)
             except LungzarrError as exc:
                 store_record("unreadable", f"{TABLES_GROUP}/{name}", store.path / TABLES_GROUP, str(exc))
-    listed = store.consolidated_patients()
     known = {}  # patient -> what names it
     for name, frame in tables.items():
         for p in _table_patients(frame):
             known.setdefault(p, []).append(f"the {name} table")
-    for p in listed:
-        known.setdefault(p, []).append("the consolidated metadata")
     folders = store.patient_folders()
     for p in folders:
         known.setdefault(p, []).append(f"the folder {PATIENTS_GROUP}/{p}")
@@ -184,13 +183,24 @@ def store_findings(store) -> tuple[dict, list[dict]]:
                 store_record("stale", f"{TABLES_GROUP}/patients", store.path / TABLES_GROUP,
                              f"the patients table {problem} {len(ids)} patient(s) "
                              f"({', '.join(map(repr, ids[:5]))}{' ...' if len(ids) > 5 else ''}); {tables_fix}")
-    stale = store.stale_consolidated()
-    if stale:
-        more = f" and {len(stale) - 5} more" if len(stale) > 5 else ""
-        store_record("stale", "consolidated metadata", store.path / "zarr.json",
-                     f"the consolidated metadata is stale ({'; '.join(stale[:5])}{more}): readers do not use it; "
-                     f"`lungzarr verify --repair {where}` writes it afresh (a run does at its end)")
     return found, table_damage
+
+
+def stale_listings(store, patients) -> dict[str, dict]:
+    """``{patient: store damage record}`` of the ``patients`` whose listing (consolidated metadata) names a
+    node that is gone: readers do not use it (they read each node's own), ``--repair`` writes it afresh."""
+    from lungzarr.io.store import PATIENTS_GROUP
+
+    found = {}
+    for p in patients:
+        stale = store.stale_listing(p)
+        if stale:
+            more = f" and {len(stale) - 5} more" if len(stale) > 5 else ""
+            found[p] = _record(None, None, "stale", store.path / PATIENTS_GROUP / p / "zarr.json",
+                               f"the consolidated metadata of patient {p!r} is stale ({'; '.join(stale[:5])}{more}): "
+                               f"readers do not use it; `lungzarr verify --repair {store.path}` writes it afresh",
+                               array=f"{PATIENTS_GROUP}/{p} consolidated metadata")
+    return found
 
 
 def verify_store(store_path, *, patients: Iterable[str] | None = None, client=None,
@@ -199,11 +209,11 @@ def verify_store(store_path, *, patients: Iterable[str] | None = None, client=No
 
     A chunk is damaged when its file is missing, its checksum (crc32c, on
     every chunk lungzarr writes) does not match, or it cannot be decoded. A
-    patient is damaged when its group is gone while the tables or the
-    consolidated metadata still name it, when its group lost its metadata,
-    or when it has no completed stage (:func:`store_findings`). The store is
-    damaged when its cohort tables or its consolidated metadata do not match
-    the patient groups.
+    patient is damaged when its group is gone while the tables still name
+    it, when its group lost its metadata, or when it has no completed stage
+    (:func:`store_findings`). The store is damaged when its cohort tables do
+    not match the patient groups, or a patient's listing (consolidated
+    metadata) names a node that is gone (:func:`stale_listings`).
 
     Without ``repair`` nothing is written (no lock taken, no record kept):
     a read-only store can be verified. With ``repair``, under the writer
@@ -212,15 +222,15 @@ def verify_store(store_path, *, patients: Iterable[str] | None = None, client=No
     records of patients nothing names any more), each damaged stage is
     unmarked with every stage computed from it (the next run redoes them),
     the cohort tables are rebuilt from the patient groups and stale
-    consolidated metadata is written afresh. ``run(..., verify=True)`` does
+    listings are written afresh. ``run(..., verify=True)`` does
     the recording and unmarking, then redoes the stages.
 
     Parameters
     ----------
     store_path : path
     patients : iterable of str, optional
-        Only these patients (all of the store by default; the tables and the
-        consolidated metadata are checked only then); an unknown one is an error.
+        Only these patients (all of the store by default; the tables are
+        checked only then); an unknown one is an error.
     client : distributed.Client, optional
         One task per patient on the cluster; without one, the current dask scheduler.
     repair : bool
@@ -264,6 +274,9 @@ def _verify(store, patients, client, *, record: bool) -> VerifyReport:
         report.damage.extend(found[p])
     if patients is None:
         report.store_damage = table_damage
+    listings = stale_listings(store, ids)
+    report.stale_listings = sorted(listings)
+    report.store_damage += [listings[p] for p in report.stale_listings]
     if record:
         by_patient = {p: [] for p in report.patients}
         if patients is None:  # the whole store: records of patients nothing names any more go too
@@ -276,17 +289,18 @@ def _verify(store, patients, client, *, record: bool) -> VerifyReport:
 
 
 def _repair(store, report: VerifyReport) -> list[str]:
-    """Unmark the damaged stages, rebuild the tables, drop stale consolidated metadata (the lock's release
-    writes it afresh); one line per thing done."""
+    """Unmark the damaged stages, rebuild the tables, write stale listings afresh; one line per thing done."""
     from lungzarr.pipeline.tables import gather_tables
 
     done = []
     for patient, stages in redo_damaged(store, report).items():
         if stages:
             done.append(f"{patient}: stage(s) {', '.join(stages)} unmarked; the next `lungzarr run` redoes them")
-    if any(rec["array"] == "consolidated metadata" for rec in report.store_damage):
-        store.drop_consolidated()  # (if the unmarking has not) the lock's release writes it afresh
-        done.append("consolidated metadata written afresh")
+    fresh = [p for p in report.stale_listings if store.has_patient(p)]
+    if fresh:
+        store.consolidate(fresh)
+        done.append(f"consolidated metadata of {len(fresh)} patient(s) written afresh ({', '.join(fresh[:5])}"
+                    f"{' ...' if len(fresh) > 5 else ''})")
     counts = gather_tables(store)
     if counts["written"]:
         done.append(f"cohort table(s) {', '.join(counts['written'])} rebuilt from the patient groups "

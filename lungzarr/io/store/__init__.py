@@ -30,18 +30,12 @@ stage marker (group attribute ``lungzarr:stages``) is set after the write, so
 an interrupted write leaves an incomplete stage, which the next run removes and
 redoes (the next run that holds the writer lock: a refused writer touches nothing). Failures are kept in the root attribute ``lungzarr:failures``.
 
-Consolidated metadata (zarr 3's inline ``consolidated_metadata`` in the root
-``zarr.json``: every group's and array's metadata in one file) lets a reader
-open a big cohort with one read instead of one per group. It is never stale:
-the first write of a run to a patient group or a table drops it (one atomic
-replace of the root ``zarr.json``), and the end of the run, once every task
-has finished, writes it afresh (:meth:`CohortStore.consolidate`, again one
-atomic replace). In between, and after a run that was killed, a reader finds
-no consolidated metadata and reads every group's own (as slow as without it,
-never wrong). Staged groups are left out of it. What lungzarr does not write
-(a patient folder removed by hand, files a disk lost) can still make it stale:
-:func:`open_cohort` checks it against the groups it names first
-(:meth:`CohortStore.stale_consolidated`) and does not use it then.
+Consolidated metadata (zarr 3's inline ``consolidated_metadata``) is kept per
+patient, in each patient group's ``zarr.json``: a reader opens a patient with
+one metadata read, at any cohort size, and nothing lists the whole cohort. The
+first write to a patient group drops its listing; the stage's commit writes it
+afresh with the stage marker (one atomic replace). See
+:mod:`~lungzarr.io.store.consolidated`.
 
 One job per module; :class:`CohortStore` is composed of their parts (one mixin class each):
 
@@ -55,20 +49,20 @@ One job per module; :class:`CohortStore` is composed of their parts (one mixin c
 ``lock``            the writer lock: ``flock``, the lock object with its heartbeat, ``lock()``
 ``staging``         writing a stage, staged patient groups, the atomic commit (``PendingStage``)
 ``records``         stage markers; failures, damage and warnings records
-``consolidated``    the root ``zarr.json``: root attributes and consolidated metadata
+``consolidated``    each patient's listing (consolidated metadata); the root ``zarr.json``'s attributes
 ``tables``          the cohort tables and their pointer
 ``integrity``       reading every chunk (``verify_patient``)
 ``encoding``        codecs and write options: Blosc-LZ4, a CRC-32C on every chunk
 ``ngff``            NGFF (OME-Zarr) metadata and label images
 ``arrays``          reading a patient's arrays
-``api``             the read API: ``open_cohort``, ``read_nodules``, ``read_patients``, ...
+``api``             the read API: ``open_cohort``, ``open_patients``, ``read_nodules``, ...
 ==================  =========================================================================
 """
 from __future__ import annotations
 
 # Besides ``__all__`` (the read API of analysis code): what the rest of lungzarr imports from the store.
-from lungzarr.io.store.api import (MISSING_ROWS, open_cohort, read_damage, read_failures, read_nodules,
-                                   read_patients, read_warnings)
+from lungzarr.io.store.api import (MISSING_ROWS, PatientTrees, open_cohort, open_patient, open_patients,
+                                   read_damage, read_failures, read_nodules, read_patients, read_warnings)
 from lungzarr.io.store.backend import check_store_url, is_store_url
 from lungzarr.io.store.cohort import CohortStore
 from lungzarr.io.store.layout import (CONSOLIDATED_KEY, DAMAGE_KEY, FAILURES_KEY, PATIENTS_GROUP, STAGES_KEY,
@@ -81,6 +75,9 @@ from lungzarr.io.store.staging import PendingStage
 __all__ = [
     "CohortStore",
     "open_cohort",
+    "open_patient",
+    "open_patients",
+    "PatientTrees",
     "read_nodules",
     "read_patients",
     "read_failures",

@@ -2,34 +2,42 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
 from lungzarr.errors import LungzarrError
 from lungzarr.io.store.cohort import CohortStore
-from lungzarr.io.store.layout import CONSOLIDATED_KEY, PATIENTS_GROUP, STAGING_GROUP, TABLES_GROUP
+from lungzarr.io.store.layout import PATIENTS_GROUP, TABLES_GROUP
 
 
-def open_cohort(path):
-    """The whole cohort as a lazy :class:`xarray.DataTree` (no voxel is loaded).
+def open_cohort(path, *, patients=None):
+    """The cohort as a lazy :class:`xarray.DataTree` (no voxel is loaded).
 
-    With the store's consolidated metadata (written at the end of each run)
-    every group's metadata comes from one file; without it (a run in
-    progress, a killed one, a store of an older lungzarr) each group's own is
-    read, the same tree, only slower.
+    ``patients/<id>`` for each patient, ``tables/<name>`` for the cohort
+    tables, the root attributes (failures, warnings) at the root. Each
+    patient's group is opened with one metadata read (its listing, see
+    :mod:`lungzarr.io.store.consolidated`), so the time this takes grows with
+    the patients opened: about 10 ms each on a local disk. For a cohort of
+    thousands, open only the patients you need (``patients=``) or use
+    :func:`open_patients`, which opens each on access.
 
-    The consolidated metadata is checked against the groups it names first
-    (:meth:`CohortStore.stale_consolidated`: a stat per node, no voxel read).
-    When the store changed outside lungzarr (a patient's folder or an array
-    removed, a group copied in), it is not used: the tree is read from each
-    group's own metadata, so a patient whose group is gone is not listed and
-    no array is served whose chunks are gone (zarr would read them as zeros),
-    and a warning says so. Reading never writes the store (a reader may have
-    no write access, and a run may hold it): ``lungzarr verify --repair``
-    writes the consolidated metadata afresh.
+    A patient's listing is checked against the nodes it names first (a stat
+    each, no voxel read); when the store changed outside lungzarr (an array's
+    folder removed by hand), it is not used: that patient is read from each
+    node's own metadata, so no array is served whose chunks are gone (zarr
+    would read them as zeros), and a warning says so. Reading never writes
+    the store: ``lungzarr verify --repair`` writes the listing afresh.
 
     The cohort tables (``tables/<name>``) leave out the rows of patients
     whose group is gone, with a warning, as :func:`read_nodules` does.
+
+    Parameters
+    ----------
+    path : path or str
+        The store.
+    patients : iterable of str, optional
+        Only these patients (each must be in the store); default all.
 
     Examples
     --------
@@ -40,37 +48,100 @@ def open_cohort(path):
     import xarray as xr
 
     store = CohortStore(path, mode="r")
-    options = {"engine": "zarr", "chunks": {}, "zarr_format": 3}
-    tree = None
-    meta = store._root_meta()
-    consolidated = meta.get(CONSOLIDATED_KEY) is not None
-    stale = store.stale_consolidated(meta) if consolidated else []
+    ids = store.patients() if patients is None else [_check_listed(store, p) for p in patients]
+    trees = {p: _patient_tree(store, p, stacklevel=3) for p in ids}
+    root = xr.Dataset(attrs=store._root_attrs())
+    return xr.DataTree(dataset=root, children={PATIENTS_GROUP: xr.DataTree(children=trees),
+                                               TABLES_GROUP: _tables_tree(store)})
+
+
+def open_patient(path, patient: str):
+    """One patient's group (and its child groups, e.g. ``nodules``) as a lazy :class:`xarray.DataTree`.
+
+    The same node as ``open_cohort(path)["patients/<id>"]``, read with one
+    metadata read whatever the cohort's size (see :func:`open_cohort` for
+    the check of the patient's listing).
+
+    Parameters
+    ----------
+    path : path or str
+        The store.
+    patient : str
+        The patient's identifier (``lungzarr status`` lists them).
+
+    Examples
+    --------
+    >>> ds = lungzarr.open_patient("cohort.zarr", "LIDC-IDRI-0001").to_dataset()  # doctest: +SKIP
+    """
+    store = CohortStore(path, mode="r")
+    return _patient_tree(store, _check_listed(store, patient), stacklevel=3)
+
+
+class PatientTrees(Mapping):
+    """The patients of a store as a read-only mapping ``{id: DataTree}``; each group is opened on access.
+
+    Made by :func:`open_patients`. The identifiers are listed once, when it
+    is made (one listing of ``patients/``); nothing else is read until a
+    patient is looked up, and a patient is opened afresh at each lookup
+    (nothing is kept: iterating over 75,000 patients holds one at a time).
+    """
+
+    def __init__(self, store: CohortStore):
+        self._store = store
+        self._ids = store.patients()
+        self._known = frozenset(self._ids)
+
+    def __getitem__(self, patient: str):
+        if patient not in self._known:
+            raise KeyError(patient)
+        return _patient_tree(self._store, patient, stacklevel=3)
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, patient) -> bool:
+        return patient in self._known
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self._ids[:3]) + (", ..." if len(self._ids) > 3 else "")
+        return f"<PatientTrees of {str(self._store.path)!r}: {len(self._ids)} patients ({shown})>"
+
+
+def open_patients(path) -> PatientTrees:
+    """Every patient of a store as a lazy mapping ``{id: DataTree}``: a group is opened when looked up.
+
+    The way through a cohort of any size: making it lists the patients'
+    identifiers only, and each lookup costs what :func:`open_patient` costs
+    (one metadata read), whatever the cohort's size.
+
+    Examples
+    --------
+    >>> for pid, tree in lungzarr.open_patients("cohort.zarr").items():   # doctest: +SKIP
+    ...     print(pid, float(tree["hu_2mm"].mean()))
+    """
+    return PatientTrees(CohortStore(path, mode="r"))
+
+
+def _check_listed(store, patient) -> str:
+    if not isinstance(patient, str) or not store.has_patient(patient):
+        raise LungzarrError(f"patient {patient!r} is not in store {str(store.path)!r}; "
+                            f"`lungzarr status {store.path}` lists the patients")
+    return patient
+
+
+def _patient_tree(store, patient: str, *, stacklevel: int):
+    source = store.patient_source(patient)
+    stale = source[2]
     if stale:
         more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
-        warnings.warn(f"the consolidated metadata of store {str(store.path)!r} is stale ({'; '.join(stale[:3])}"
-                      f"{more}): not used, every group's own metadata is read instead; `lungzarr verify "
-                      f"{store.path}` lists what the store lost, `lungzarr verify --repair {store.path}` "
-                      f"writes the consolidated metadata afresh", UserWarning, stacklevel=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        if consolidated and not stale:
-            try:
-                tree = xr.open_datatree(store._zstore, consolidated=True, **options)
-            except (ValueError, KeyError, FileNotFoundError):
-                tree = None  # dropped by a run that started meanwhile: read each group's own
-        if tree is None:
-            options["consolidated"] = False
-            root = xr.open_dataset(store._zstore, **options)
-            children = {name: xr.open_datatree(store._zstore, group=name, **options)
-                        for name in (PATIENTS_GROUP, STAGING_GROUP) if (store.path / name / "zarr.json").exists()}
-    tables = _tables_tree(store)
-    if tree is None:
-        return xr.DataTree(dataset=root, children={**children, TABLES_GROUP: tables})
-    # Swap only the tables node: building a new tree would copy (and re-align) every patient's node.
-    if TABLES_GROUP in tree.children:
-        del tree[TABLES_GROUP]
-    tree[TABLES_GROUP] = tables
-    return tree
+        warnings.warn(f"the consolidated metadata of patient {patient!r} in store {str(store.path)!r} is stale "
+                      f"({'; '.join(stale[:3])}{more}): not used, each node's own metadata is read instead; "
+                      f"`lungzarr verify {store.path}` lists what the store lost, `lungzarr verify --repair "
+                      f"{store.path}` writes the listing afresh", UserWarning, stacklevel=stacklevel + 1)
+    return store.open_patient_tree(patient, source=source)
 
 
 def _tables_tree(store):

@@ -6,23 +6,49 @@ import warnings
 import numpy as np
 
 from lungzarr.errors import LungzarrError
+from lungzarr.io.store.layout import CONSOLIDATED_KEY
 
 
 class _PatientArrays:
     """Part of :class:`~lungzarr.io.store.CohortStore`: reading the arrays of a patient group."""
 
     def open_patient(self, patient: str, *, subgroup: str | None = None):
-        """A patient's Dataset, lazily (dask arrays, nothing loaded)."""
+        """A patient's Dataset (or its child group ``subgroup``'s), lazily (dask arrays, nothing loaded).
+
+        One metadata read when the patient's group has its listing (see
+        :mod:`~lungzarr.io.store.consolidated`) and it is current; each
+        node's own metadata otherwise.
+        """
         import xarray as xr
 
-        if not self.has_patient(patient):
-            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
-                                f"`lungzarr status {self.path}` lists the patients")
-        group = self.group_path(patient) + (f"/{subgroup}" if subgroup else "")
+        store, consolidated, _ = self.patient_source(patient)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
-            return xr.open_dataset(self._zstore, group=group, engine="zarr", consolidated=False, chunks={},
+            return xr.open_dataset(store, group=subgroup, engine="zarr", consolidated=consolidated, chunks={},
                                    zarr_format=3)
+
+    def open_patient_tree(self, patient: str, *, source: tuple | None = None):
+        """A patient's group and its child groups as a lazy :class:`xarray.DataTree` (like
+        :meth:`open_patient`); ``source``: its :meth:`patient_source` when found already."""
+        import xarray as xr
+
+        store, consolidated, _ = source or self.patient_source(patient)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            return xr.open_datatree(store, engine="zarr", consolidated=consolidated, chunks={}, zarr_format=3)
+
+    def patient_source(self, patient: str) -> tuple:
+        """``(zarr store, use the listing, stale)``: a store whose root is the patient's group, whether its
+        listing is there and current, and why it is stale (``[]`` when it is not)."""
+        group = self.group_path(patient)
+        meta = self._group_meta(group)
+        if meta is None:
+            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                f"`lungzarr status {self.path}` lists the patients")
+        listed = (meta.get(CONSOLIDATED_KEY) or {}).get("metadata")
+        # A listing naming a node that is gone is not used: zarr would serve that array's chunks as zeros.
+        stale = self.stale_listing(patient, listed) if listed is not None else []
+        return self._backend.store_at(group), listed is not None and not stale, stale
 
     def load_patient(self, patient: str, names, *, subgroup: str | None = None):
         """Arrays of a patient (or of its child group ``subgroup``), read whole, as an in-memory Dataset.

@@ -61,8 +61,10 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
                                      use_consolidated=False)
 
     def _group(self, path: str, mode=None):
+        # Without the group's listing: a write through it would put a stale one back (zarr rewrites
+        # the metadata it read), and a read must see the nodes themselves.
         return self._zarr.open_group(self._zstore, path=path, mode=mode or ("r" if self.mode == "r" else "r+"),
-                                     zarr_format=3)
+                                     zarr_format=3, use_consolidated=False)
 
     @staticmethod
     def group_path(patient: str) -> str:

@@ -1,16 +1,48 @@
-"""The root ``zarr.json``: the root attributes, and the consolidated metadata kept inline in it."""
+"""Consolidated metadata, one listing per patient group; the root ``zarr.json`` (root attributes).
+
+Each patient group's ``zarr.json`` holds zarr 3's inline ``consolidated_metadata``:
+the metadata of every array and child group of that patient (the same layout
+``zarr.consolidate_metadata(store, path="patients/<id>")`` writes). So a reader
+opens a patient with one metadata read, and what that costs does not grow with
+the cohort; no document in the store lists the whole cohort (a root listing
+at NLST scale, 75,000 patients, would be ~700 MB, read by every open and
+rewritten by every run).
+
+A patient's listing is never stale because of lungzarr: every write to the
+patient's group (a stage's arrays, a child group, an array's attributes, a
+stage marker) first drops it (:meth:`_RootMetadata._changing`, one atomic
+replace of the group's ``zarr.json``), and the stage's commit writes it afresh
+with the stage marker, in the same atomic replace. A patient whose stage
+failed or whose run was killed has none: readers read each node's own
+metadata then (slower, never wrong). What lungzarr does not write (an array's
+folder removed by hand, files a disk lost) can make it stale: lungzarr's
+readers check the nodes it names first (:meth:`_RootMetadata.stale_listing`,
+a stat per node) and do not use it then; ``lungzarr verify`` names it and
+``--repair`` writes it afresh.
+
+Stores of earlier lungzarr versions kept one listing of the whole cohort in the root
+``zarr.json``; the first write to such a store drops it.
+"""
 from __future__ import annotations
 
-from lungzarr.io.store.layout import CONSOLIDATED_KEY, PATIENTS_GROUP, STAGING_GROUP, _jsonable
+from lungzarr.io.store.layout import CONSOLIDATED_KEY, _jsonable
+
+
+def _listing(entries: dict) -> dict:
+    """zarr's inline consolidated metadata of ``entries`` (``{path relative to the group: zarr.json}``)."""
+    for node in entries.values():
+        if node.get("node_type") != "array":
+            # zarr marks a child group's own (empty) listing: its children are in the parent's.
+            node[CONSOLIDATED_KEY] = {"kind": "inline", "must_understand": False, "metadata": {}}
+    return {"kind": "inline", "must_understand": False, "metadata": dict(sorted(entries.items()))}
 
 
 class _RootMetadata:
-    """Part of :class:`~lungzarr.io.store.CohortStore`: its root attributes and consolidated metadata."""
+    """Part of :class:`~lungzarr.io.store.CohortStore`: root attributes and each patient's listing."""
 
     # ------------------------------------------------------------------ root metadata
     # The root attributes (failures, warnings, damage) are read and replaced as the JSON of
-    # the root ``zarr.json``: one parse, no zarr node objects for the consolidated metadata
-    # beside them, which is kept as it is (root attributes are not part of it).
+    # the root ``zarr.json``: one parse, no zarr node objects.
 
     def _root_meta(self) -> dict:
         import json
@@ -28,85 +60,109 @@ class _RootMetadata:
 
     def _update_root_attrs(self, update: dict) -> None:
         meta = self._root_meta()
+        meta.pop(CONSOLIDATED_KEY, None)  # an older lungzarr's listing of the whole cohort: stale from now on
         meta["attributes"] = {**meta.get("attributes", {}), **_jsonable(update)}
         self._put_root_meta(meta)
 
-    # ------------------------------------------------------------------ consolidated metadata
-    def is_consolidated(self) -> bool:
-        """Whether the root holds consolidated metadata (a current one: see the module's notes)."""
-        return self._root_meta().get(CONSOLIDATED_KEY) is not None
+    # ------------------------------------------------------------------ listings
+    def _group_meta(self, group: str) -> dict | None:
+        import json
 
-    def _changing(self) -> None:
-        """Drop the consolidated metadata before a change to a patient group or a table.
+        try:
+            return json.loads((self.path / group / "zarr.json").read_text())
+        except FileNotFoundError:
+            return None
 
-        Dropped, not updated: rewriting a listing of the whole cohort at every
-        stage of every patient would cost O(cohort) per write; the writer
-        writes it once at the end of its run (:meth:`lock`). Once dropped, this
-        reads only the (then small) root ``zarr.json``.
+    def _put_group_meta(self, group: str, meta: dict) -> None:
+        import json
+
+        self._backend.replace_text(self.path / group / "zarr.json", json.dumps(meta, indent=2))
+
+    def _changing(self, patient: str | None = None) -> None:
+        """Before a write to ``patient``'s group (or to the tables: ``None``), drop what it makes stale.
+
+        The patient's listing (its ``zarr.json`` rewritten without it, when
+        it has one: a read, and a replace only then), and, once per
+        CohortStore object, the whole-cohort listing an older lungzarr kept
+        in the root ``zarr.json``.
         """
-        meta = self._root_meta()
-        if meta.pop(CONSOLIDATED_KEY, None) is not None:
-            self._put_root_meta(meta)
+        if not getattr(self, "_root_listing_checked", False):
+            meta = self._root_meta()
+            if meta.pop(CONSOLIDATED_KEY, None) is not None:
+                self._put_root_meta(meta)
+            self._root_listing_checked = True
+        if patient is not None:
+            group = self.group_path(patient)
+            meta = self._group_meta(group)
+            if meta is not None and meta.pop(CONSOLIDATED_KEY, None) is not None:
+                self._put_group_meta(group, meta)
 
-    def consolidate(self) -> dict:
-        """Write the consolidated metadata of every group and array (staged groups left out), atomically.
+    def listing(self, patient: str) -> dict | None:
+        """The patient's consolidated metadata (``{path relative to its group: zarr.json}``); None without."""
+        listing = (self._group_meta(self.group_path(patient)) or {}).get(CONSOLIDATED_KEY)
+        return None if listing is None else dict(listing.get("metadata") or {})
 
-        The same layout as ``zarr.consolidate_metadata`` (inline, in the root
-        ``zarr.json``), read from each node's own ``zarr.json``; the new root
-        file replaces the old one in one ``os.replace``, so a reader never sees
-        half of it. Call it only while holding the writer lock with nothing
-        else writing (:meth:`lock` does, at the end of a run).
+    def consolidate_patient(self, patient: str, *, group: str | None = None, attrs: dict | None = None) -> int:
+        """Write the listing of a patient's group into its ``zarr.json`` (one atomic replace).
+
+        Parameters
+        ----------
+        patient : str
+        group : str, optional
+            Where the group is now (a staged group, before its swap); default
+            ``patients/<id>``.
+        attrs : dict, optional
+            New group attributes, written in the same replace (a stage's
+            commit: its marker and its listing appear together).
+
+        Returns
+        -------
+        int
+            The nodes listed.
+        """
+        group = group or self.group_path(patient)
+        entries = self._backend.node_metadata(group)
+        meta = entries.pop(".")
+        if attrs is not None:
+            meta["attributes"] = _jsonable(attrs)
+        meta[CONSOLIDATED_KEY] = _listing(entries)
+        self._put_group_meta(group, meta)
+        return len(entries)
+
+    def stale_listing(self, patient: str, listed: dict | None = None) -> list[str]:
+        """Why the patient's listing no longer describes its group; empty when it does (or there is none).
+
+        Stale when a node it names has lost its ``zarr.json`` (an array's
+        folder removed by hand, a disk that lost files): zarr would read the
+        missing chunks as the fill value. A stat per named node on a
+        directory, one listing of the group's prefix on object storage.
+        ``listed``: the listing when read already.
+        """
+        listed = self.listing(patient) if listed is None else listed
+        if not listed:
+            return []
+        group = self.group_path(patient)
+        gone = set(listed) - self._backend.present_nodes(group, listed)
+        # Name the highest node gone only (a child group, not each of its arrays).
+        tops = sorted(rel for rel in gone if not any(a in gone for a in _ancestors(rel)))
+        return [f"{group}/{rel}/zarr.json is gone" for rel in tops]
+
+    def consolidate(self, patients=None) -> dict:
+        """Write every patient's listing afresh (``verify --repair``; a run writes each patient's own).
+
+        Hold the writer lock with nothing else writing.
 
         Returns
         -------
         dict
-            ``nodes`` (groups and arrays listed) and ``seconds`` it took.
+            ``patients`` and ``nodes`` listed, ``seconds`` it took.
         """
         import time
 
         start = time.perf_counter()
-        entries = self._backend.node_metadata(STAGING_GROUP)
-        for node in entries.values():
-            if node.get("node_type") != "array":
-                node[CONSOLIDATED_KEY] = {"kind": "inline", "must_understand": False, "metadata": {}}
-        meta = self._root_meta()
-        meta[CONSOLIDATED_KEY] = {"kind": "inline", "must_understand": False,
-                                  "metadata": dict(sorted(entries.items()))}
-        self._put_root_meta(meta)
-        return {"nodes": len(entries), "seconds": time.perf_counter() - start}
-
-    def drop_consolidated(self) -> None:
-        """Drop the consolidated metadata (the writer lock's release writes it afresh); hold the lock."""
         self._changing()
-
-    def consolidated_patients(self) -> list[str]:
-        """The patients the consolidated metadata names (none without it)."""
-        listed = (self._root_meta().get(CONSOLIDATED_KEY) or {}).get("metadata") or {}
-        return sorted(rel.split("/")[1] for rel in listed if rel.startswith(PATIENTS_GROUP + "/")
-                      and rel.count("/") == 1)
-
-    def stale_consolidated(self, meta: dict | None = None) -> list[str]:
-        """Why the consolidated metadata no longer describes the store; empty when it does (or there is none).
-
-        Stale when a node it names (a patient group, an array, a child group)
-        has lost its ``zarr.json`` (removed by hand, a disk that lost files) or
-        a patient group on disk is not named in it (copied in by hand). Costs
-        a stat per named node on a directory, one listing of the store on
-        object storage; no voxel is read. ``meta``: the root metadata when
-        read already. A run never leaves it stale (it drops
-        it at its first write and writes it afresh at its end); this catches
-        what happened to the store outside lungzarr.
-        """
-        listed = ((meta or self._root_meta()).get(CONSOLIDATED_KEY) or {}).get("metadata") or {}
-        if not listed:
-            return []
-        present, groups = self._backend.present_nodes(listed)
-        gone = set(listed) - present
-        # Name the highest node gone only (a patient group, not each of its arrays).
-        tops = sorted(rel for rel in gone if not any(g in gone for g in _ancestors(rel)))
-        named = {rel.split("/")[1] for rel in listed if rel.startswith(PATIENTS_GROUP + "/") and rel.count("/") == 1}
-        return ([f"{rel}/zarr.json is gone" for rel in tops]
-                + [f"{PATIENTS_GROUP}/{p} is not listed in it" for p in sorted(groups - named)])
+        done = [self.consolidate_patient(p) for p in (self.patients() if patients is None else patients)]
+        return {"patients": len(done), "nodes": sum(done), "seconds": time.perf_counter() - start}
 
 
 def _ancestors(rel: str) -> list[str]:

@@ -6,7 +6,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-from lungzarr.io.store.layout import PATIENTS_GROUP
 from lungzarr.io.store.lock import _FlockLock
 
 
@@ -35,19 +34,21 @@ class _DirectoryBackend(_FlockLock):
             shutil.rmtree(final)
         os.rename(staged, final)
 
-    def node_metadata(self, skip: str) -> dict:
-        """``{relative path: zarr.json}`` of every group and array below the root (not below ``skip``)."""
+    def store_at(self, rel: str):
+        """What zarr and xarray open as a store whose root is the group ``rel`` (a patient's own)."""
+        return self.path / rel
+
+    def node_metadata(self, group: str) -> dict:
+        """``{path relative to group: zarr.json}`` of the group ``group`` (as ``"."``) and every group and
+        array below it; ``{}`` when it is no group. Chunks are not listed (nothing below an array)."""
         import json
 
         entries = {}
-        root = str(self.path)
-        for dirpath, dirnames, filenames in os.walk(root):
-            rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-            if rel == skip:
-                dirnames[:] = []  # a staged patient is not in the cohort until its swap
-            if rel == "." or "zarr.json" not in filenames:
-                if rel != ".":
-                    dirnames[:] = []  # not a zarr node: nothing below belongs to the hierarchy
+        top = os.path.join(self.path, group)
+        for dirpath, dirnames, filenames in os.walk(top):
+            rel = os.path.relpath(dirpath, top).replace(os.sep, "/")
+            if "zarr.json" not in filenames:
+                dirnames[:] = []  # not a zarr node: nothing below belongs to the hierarchy
                 continue
             with open(os.path.join(dirpath, "zarr.json")) as fh:
                 node = json.load(fh)
@@ -57,13 +58,10 @@ class _DirectoryBackend(_FlockLock):
             dirnames.sort()
         return entries
 
-    def present_nodes(self, nodes) -> tuple[set, set]:
-        """Which of ``nodes`` (paths relative to the root) still have their ``zarr.json`` (a stat each), and
-        the patient groups on disk."""
-        present = {rel for rel in nodes if os.path.isfile(os.path.join(self.path, rel, "zarr.json"))}
-        folder = self.path / PATIENTS_GROUP
-        groups = {p.name for p in folder.iterdir() if (p / "zarr.json").is_file()} if folder.is_dir() else set()
-        return present, groups
+    def present_nodes(self, group: str, nodes) -> set:
+        """Which of ``nodes`` (paths relative to the group ``group``) still have their ``zarr.json``: a stat
+        each."""
+        return {rel for rel in nodes if os.path.isfile(os.path.join(self.path, group, rel, "zarr.json"))}
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

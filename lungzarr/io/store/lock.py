@@ -4,7 +4,7 @@ On a directory, an OS-level ``flock`` on ``NAME.lock`` beside the store's
 resolved path (:class:`_FlockLock`); on an object store, a lock object
 created by a conditional write, with a heartbeat (:class:`_ObjectLock`). Each
 backend holds its own kind; :class:`_WriterLock` is the store's side: take
-the lock, recover what a killed run left staged, consolidate at the end.
+the lock, recover what a killed run left staged.
 """
 from __future__ import annotations
 
@@ -272,10 +272,3 @@ class _WriterLock:
             if self.mode == "a":
                 self._recover_staging()
             yield self
-            # Every task of the run has finished (an exception skips this: tasks may still be
-            # writing, and a store without consolidated metadata is read correctly, only slower).
-            if self.mode == "a" and not self.is_consolidated():
-                try:
-                    self.consolidate()
-                except PermissionError:
-                    pass  # a read-only store a run had nothing to write to: readers list its groups instead

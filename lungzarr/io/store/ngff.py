@@ -125,7 +125,7 @@ class _LabelImages:
             raise ValueError(f"labels shape {labels.shape!r} must be the 2 mm grid's {tuple(grid.shape)!r}")
         group = f"{self.group_path(patient)}/{LABELS_GROUP}"
         target = f"{group}/{name}"
-        self._changing()  # on a worker: the run's client dropped it already, so this only reads
+        self._changing(patient)  # on a worker: the run's client dropped it already, so this only reads
         if (self.path / target).exists():
             self._rmtree(self.path / target)
         ds = xr.Dataset({"0": (_DIMS_2MM, labels)})

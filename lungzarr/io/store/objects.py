@@ -48,7 +48,7 @@ class _ObjectBackend(_ObjectLock):
 
         self.url = _check_url(str(url))
         # No listing cache: another process (a worker, a second run) changes what is listed.
-        options = {"use_listings_cache": False}
+        options = self._options = {"use_listings_cache": False}
         self.fs, key = fsspec.url_to_fs(self.url, **options)
         self.path = _ObjectPath(self.fs, key)
         self.zarr_store = FsspecStore.from_url(self.url, storage_options=options, read_only=mode == "r")
@@ -85,44 +85,52 @@ class _ObjectBackend(_ObjectLock):
             self.fs.copy(head, moved([head])[0])  # last: the group appears whole
         self.rmtree(staged)
 
-    def node_metadata(self, skip: str) -> dict:
-        """Like :meth:`_DirectoryBackend.node_metadata`: one listing, then every ``zarr.json`` read at once."""
+    def store_at(self, rel: str):
+        """A zarr store whose root is the group ``rel`` (a patient's own), read-only."""
+        from zarr.storage import FsspecStore
+
+        # From the URL, as the store's own: zarr makes the filesystem on its own event loop.
+        return FsspecStore.from_url(f"{self.url.rstrip('/')}/{rel}", storage_options=self._options, read_only=True)
+
+    def _keys_below(self, group: str) -> dict:
+        """``{path relative to group: key}`` of every ``zarr.json`` below ``group``: one listing of its
+        prefix (1,000 keys a request; a patient's chunks are listed too)."""
+        top = f"{self.path.key}/{group}"
+        return {key[len(top) + 1:-len("/zarr.json")] or ".": key
+                for key in self.fs.find(top) if key == f"{top}/zarr.json" or key.endswith("/zarr.json")}
+
+    def node_metadata(self, group: str) -> dict:
+        """Like :meth:`_DirectoryBackend.node_metadata`: one listing of the group's prefix, then every
+        ``zarr.json`` of its hierarchy read at once."""
         import json
 
-        root = self.path.key
-        metas = {}
-        for key in self.fs.find(root):
-            if key.endswith("/zarr.json"):
-                rel = key[len(root) + 1:-len("/zarr.json")] or "."
-                metas[rel] = key
-        nodes = {}
-        groups = {"."}
-        wanted = []
+        metas = self._keys_below(group)
+        if "." not in metas:
+            return {}
+        groups, wanted = {"."}, ["."]
         for rel in sorted(metas, key=lambda r: (r.count("/"), r)):
             if rel == ".":
                 continue
             parent = rel.rsplit("/", 1)[0] if "/" in rel else "."
-            if parent not in groups or parent == skip:
-                continue  # below an array, a staged group or something that is not a zarr node
-            wanted.append(rel)
-            groups.add(rel)  # provisional: arrays are dropped from ``groups`` once read
-        texts = self.fs.cat([metas[r] for r in wanted]) if wanted else {}
-        for rel in wanted:
+            if parent in groups:  # not below an array or a folder that is no zarr node
+                wanted.append(rel)
+                groups.add(rel)  # provisional: arrays are dropped once read
+        texts = self.fs.cat([metas[r] for r in wanted])
+        nodes = {}
+        for rel in sorted(wanted, key=lambda r: (r.count("/"), r)):
             node = json.loads(texts[metas[rel]])
+            parent = rel.rsplit("/", 1)[0] if "/" in rel else "."
+            if rel != "." and parent not in groups:
+                continue
             if node.get("node_type") == "array":
                 groups.discard(rel)
-            parent = rel.rsplit("/", 1)[0] if "/" in rel else "."
-            if parent in groups:
-                nodes[rel] = node
+            nodes[rel] = node
         return nodes
 
-    def present_nodes(self, nodes) -> tuple[set, set]:
-        """Like :meth:`_DirectoryBackend.present_nodes`, from one listing of the store (1,000 keys a
-        request), not one request per node."""
-        root = self.path.key
-        found = {key[len(root) + 1:-len("/zarr.json")] for key in self.fs.find(root) if key.endswith("/zarr.json")}
-        groups = {rel.split("/")[1] for rel in found if rel.startswith(PATIENTS_GROUP + "/") and rel.count("/") == 1}
-        return set(nodes) & found, groups
+    def present_nodes(self, group: str, nodes) -> set:
+        """Like :meth:`_DirectoryBackend.present_nodes`, from one listing of the group's prefix, not one
+        request per node."""
+        return set(nodes) & set(self._keys_below(group))
 
     def size_bytes(self) -> int:
         return int(sum(self.fs.du(self.path.key, total=False).values()))

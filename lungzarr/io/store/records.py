@@ -35,7 +35,7 @@ class _PatientRecords:
         marked = dict(attrs.get(STAGES_KEY, {}))
         dropped = [s for s in stages if s in marked]
         if dropped:
-            self._changing()
+            self._changing(patient)
             attrs[STAGES_KEY] = {k: v for k, v in marked.items() if k not in dropped}
             self._group(self.group_path(patient)).attrs.put(_jsonable(attrs))
         return dropped

@@ -39,7 +39,6 @@ class _Staging:
         """Delete a patient's group (used to redo an incomplete ingest)."""
         folder = self.path / self.group_path(patient)
         if folder.exists():
-            self._changing()
             self._rmtree(folder)
 
     def _remove_arrays(self, group_path: str, names) -> None:
@@ -72,7 +71,8 @@ class _Staging:
         """
         _check_stage_name(stage)
         gpath = self.group_path(patient)
-        self._changing()
+        # A new group is staged aside: the patient's current group (and its listing) stays until the swap.
+        self._changing(None if new_group else patient)
         if new_group:
             # A new patient group is written aside and swapped in on commit, so an
             # existing group survives a failed or interrupted rewrite.
@@ -110,14 +110,14 @@ class _Staging:
         worker runs it) and return a dict merged into the stage record.
         """
         _check_stage_name(stage)
-        self._changing()
+        self._changing(patient)
         self._unmark_stage(patient, stage)
         return PendingStage(self, patient, stage, delayed, record or {}, group_path=self.group_path(patient))
 
     def write_subgroup(self, patient: str, name: str, dataset) -> None:
         """Replace the child group ``patients/<id>/<name>`` with ``dataset`` (computed now)."""
         target = f"{self.group_path(patient)}/{name}"
-        self._changing()  # on a worker: the run's client dropped it already, so this only reads
+        self._changing(patient)  # on a worker: the run's client dropped it already, so this only reads
         if (self.path / target).exists():
             self._rmtree(self.path / target)
         _encoded_for_store(dataset.copy()).to_zarr(self._zstore, group=target, mode="w", **encoding._WRITE)
@@ -128,7 +128,7 @@ class _Staging:
         For figures known only once a stage's voxels are computed (detect's
         lung box): called by the task that follows the write, on a worker.
         """
-        self._changing()
+        self._changing(patient)
         array = self._zarr.open_array(self._zstore, path=f"{self.group_path(patient)}/{name}", mode="r+",
                                       zarr_format=3)
         array.attrs.update(_jsonable(dict(attrs)))
@@ -184,7 +184,6 @@ class PendingStage:
 
     def commit(self) -> None:
         """Mark the stage complete (call only after ``delayed`` has been computed)."""
-        self.store._changing()
         group = self.store._group(self.group_path)
         attrs = dict(group.attrs)
         stages = dict(attrs.get(STAGES_KEY, {}))
@@ -194,7 +193,8 @@ class PendingStage:
         ome = ome_multiscales(attrs, arrays=set(group.array_keys()))
         if ome is not None:
             attrs[OME_KEY] = ome
-        group.attrs.put(_jsonable(attrs))
+        # The marker and the group's listing (every array it now has) in one atomic replace.
+        self.store.consolidate_patient(self.patient, group=self.group_path, attrs=attrs)
         if self.staged:
             self.store._swap_in(self.patient)
         self.store._clear_committed(self.patient, self.stage, whole_patient=self.staged)
