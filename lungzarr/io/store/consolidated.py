@@ -36,17 +36,19 @@ class _RootMetadata:
         """Whether the root holds consolidated metadata (a current one: see the module's notes)."""
         return self._root_meta().get(CONSOLIDATED_KEY) is not None
 
-    def _changing(self) -> None:
+    def _changing(self) -> dict:
         """Drop the consolidated metadata before a change to a patient group or a table.
 
         Dropped, not updated: rewriting a listing of the whole cohort at every
         stage of every patient would cost O(cohort) per write; the writer
         writes it once at the end of its run (:meth:`lock`). Once dropped, this
-        reads only the (then small) root ``zarr.json``.
+        reads only the (then small) root ``zarr.json``. Returns the root
+        metadata as it is now.
         """
         meta = self._root_meta()
         if meta.pop(CONSOLIDATED_KEY, None) is not None:
             self._put_root_meta(meta)
+        return meta
 
     def consolidate(self) -> dict:
         """Write the consolidated metadata of every group and array (staged groups left out), atomically.

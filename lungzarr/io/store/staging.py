@@ -8,7 +8,7 @@ import lungzarr.io.store.encoding as encoding
 from lungzarr._version import __version__
 from lungzarr.io.store.encoding import _encoded_for_store
 from lungzarr.io.store.layout import STAGES_KEY, STAGING_GROUP, _check_stage_name, _jsonable, _now
-from lungzarr.io.store.ngff import OME_KEY, ome_multiscales
+from lungzarr.io.store.ngff import IMAGE_ARRAYS, OME_KEY, ome_multiscales
 
 
 class _Staging:
@@ -158,6 +158,9 @@ class PendingStage:
         self.staged = staged
         self.warnings: list[dict] = []
         self.future = None
+        #: The patient's stage markers as :meth:`commit` wrote them (None before): what a caller that
+        #: decides the next stage needs not read again.
+        self.committed: dict | None = None
 
     def compute(self, **kwargs):
         return self.delayed.compute(**kwargs)
@@ -184,20 +187,24 @@ class PendingStage:
 
     def commit(self) -> None:
         """Mark the stage complete (call only after ``delayed`` has been computed)."""
-        self.store._changing()
-        group = self.store._group(self.group_path)
-        attrs = dict(group.attrs)
+        root = self.store._changing()
+        # The group's zarr.json read and replaced as JSON (the marker and the ome attributes in one atomic
+        # write): a few small file operations, no zarr objects (the client commits every patient's stages).
+        meta = self.store._node_meta(self.group_path)
+        attrs = dict(meta.get("attributes", {}))
         stages = dict(attrs.get(STAGES_KEY, {}))
         stages[self.stage] = _jsonable({"completed": _now(), "id": uuid.uuid4().hex,
                                         "lungzarr_version": __version__, **self.record})
         attrs[STAGES_KEY] = stages
-        ome = ome_multiscales(attrs, arrays=set(group.array_keys()))
+        ome = ome_multiscales(attrs, arrays=self.store._present(self.group_path, IMAGE_ARRAYS))
         if ome is not None:
             attrs[OME_KEY] = ome
-        group.attrs.put(_jsonable(attrs))
+        meta["attributes"] = _jsonable(attrs)
+        self.store._put_node_meta(self.group_path, meta)
         if self.staged:
             self.store._swap_in(self.patient)
-        self.store._clear_committed(self.patient, self.stage, whole_patient=self.staged)
+        self.store._clear_committed(self.patient, self.stage, whole_patient=self.staged, root=root)
+        self.committed = stages
 
     def discard(self) -> None:
         """Drop what a failed write left (staged groups only; stage arrays are redone next run).
