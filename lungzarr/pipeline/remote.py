@@ -123,15 +123,23 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
 
 
 def _wait(future, worker, key):
-    """The result of ``future``; raises _Cancelled as soon as the task ``key`` is no longer wanted."""
-    while True:
-        try:
-            return future.result(timeout=WAIT_S)
-        except TimeoutError:
-            pass
+    """The result of ``future``; raises _Cancelled as soon as the task ``key`` is no longer wanted.
+
+    A done-callback sets an event this thread waits on, a look at its own
+    task's state every :data:`WAIT_S`. Not ``future.result(timeout=)`` in a
+    loop: on Python 3.11 its ``asyncio.wait_for`` can end in a CancelledError
+    that distributed's ``sync`` turns into an UnboundLocalError (once in about
+    200 patient stages of ``benchmarks/control_plane.py``: a patient failed).
+    """
+    import threading
+
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    while not done.wait(WAIT_S):
         task = worker.state.tasks.get(key)
         if task is None or task.state in ("cancelled", "released", "forgotten"):
             raise _Cancelled(f"{key} was cancelled")
+    return future.result()
 
 
 def _failed(exc, store, patient, stage, seconds, warnings) -> dict:
