@@ -60,41 +60,52 @@ RUN_FIELDS = ("completed", "id", "depends_on", "lungzarr_version")
 
 
 def _store_digest(store) -> dict:
-    """Per patient, sha256 of its stored arrays and of its stage records (:data:`RUN_FIELDS` left out), apart."""
+    """Per patient: sha256 of each stored variable's values and of each stage record (:data:`RUN_FIELDS` left
+    out), and of all of them (``arrays``, ``records``)."""
     import hashlib
 
     import numpy as np
 
-    from lungzarr.io.store import CohortStore
+    try:
+        from lungzarr.io.store import CohortStore
+    except ImportError:  # a tree from before io/store/ (one module then)
+        from lungzarr.io.storage import CohortStore
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
 
     cs = CohortStore(store, mode="r")
     out = {}
     for patient in cs.patients():
         ds = cs.open_patient(patient).load()
-        arrays = hashlib.sha256()
+        variables = {}
         for name in sorted(ds.variables):
             values = ds[name].values
-            arrays.update(name.encode())
-            arrays.update(values.astype(str).tobytes() if values.dtype == object
-                          else np.ascontiguousarray(values).tobytes())
-        records = {s: {k: v for k, v in r.items() if k not in RUN_FIELDS} for s, r in cs.stages(patient).items()}
-        out[patient] = {"arrays": arrays.hexdigest()[:16],
-                        "records": hashlib.sha256(json.dumps(records, sort_keys=True, default=str)
-                                                  .encode()).hexdigest()[:16]}
+            variables[str(name)] = sha(values.astype(str).tobytes() if values.dtype == object
+                                       else np.ascontiguousarray(values).tobytes())
+        stages = {s: sha(json.dumps({k: v for k, v in r.items() if k not in RUN_FIELDS}, sort_keys=True,
+                                    default=str).encode()) for s, r in cs.stages(patient).items()}
+        out[patient] = {"arrays": sha(json.dumps(variables, sort_keys=True).encode()),
+                        "records": sha(json.dumps(stages, sort_keys=True).encode()),
+                        "variables": variables, "stages": stages}
     return out
 
 
 def _differences(rows) -> list[dict]:
-    """(patient, part) whose digest is not the same in every row, with the variants' digests."""
+    """Per patient whose ``arrays`` or ``records`` digest is not the same in every row: which variables and
+    which stage records differ (or exist in some rows only), and the rows of each digest."""
     out = []
-    patients = sorted({p for r in rows for p in r["digest"]})
-    for patient in patients:
-        for part in ("arrays", "records"):
+    for patient in sorted({p for r in rows for p in r["digest"]}):
+        digests = [r["digest"].get(patient, {}) for r in rows]
+        for part, items in (("arrays", "variables"), ("records", "stages")):
             seen = {}
-            for r in rows:
-                seen.setdefault(r["digest"].get(patient, {}).get(part), set()).add(f"{r['variant']}-{r['workers']}w")
+            for r, d in zip(rows, digests):
+                seen.setdefault(d.get(part), []).append(f"{r['variant']}-{r['workers']}w-{r['round']}")
             if len(seen) > 1:
-                out.append({"patient": patient, "part": part, "digests": {str(k): sorted(v) for k, v in seen.items()}})
+                names = sorted({n for d in digests for n in d.get(items, {})})
+                differ = [n for n in names if len({d.get(items, {}).get(n) for d in digests}) > 1]
+                out.append({"patient": patient, "part": part, items: differ,
+                            "rows": {str(k): v for k, v in seen.items()}})
     return out
 
 
@@ -105,7 +116,6 @@ def child(args: dict) -> dict:
 
     from lungzarr import pipeline
     from lungzarr.cluster import dask_client
-    from lungzarr.pipeline.progress import ProgressBoard
 
     kwargs = {}
     if "scheduler_process" in inspect.signature(dask_client).parameters:
@@ -136,7 +146,11 @@ def child(args: dict) -> dict:
         idle = (_cpu_self() - c0) / IDLE_PROBE_S
         patients = [p for p in args["patients"]]
         events = {}
-        board = ProgressBoard() if args.get("progress", True) else None
+        try:
+            from lungzarr.pipeline.progress import ProgressBoard
+        except ImportError:  # a tree older than the progress board (issue 26): run without progress
+            ProgressBoard = None
+        board = ProgressBoard() if args.get("progress", True) and ProgressBoard is not None else None
 
         def progress(event):
             events[event.event] = events.get(event.event, 0) + 1
