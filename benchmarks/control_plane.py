@@ -1,26 +1,30 @@
-"""The client process's CPU per patient: lungzarr before and after the control plane left it.
+"""The client process's CPU per patient: lungzarr before and after a change to its control plane.
 
-    python -m benchmarks.control_plane [--before REV] [--patients 6] [--workers 2 16] [--rounds 2] [--out NAME]
+    python -m benchmarks.control_plane [--before REV] [--patients 6] [--workers 2 16] [--rounds 2]
+                                       [--stages all] [--variants before after] [--out NAME]
 
-Each variant runs ``pipeline.run`` (ingest, segment) on the default local
-cluster in a fresh child process, interleaved round by round (the order
-alternates), on the same synthetic cohort (``tests/dicom_phantoms.make_patient``,
-48 slices of 128²):
+Each variant runs ``pipeline.run`` (by default ingest, segment; ``--stages
+all``: every stage) on the default local cluster in a fresh child process,
+interleaved round by round (the order alternates), on the same synthetic
+cohort (``tests/dicom_phantoms.make_patient``, 48 slices of 128²), with a
+:class:`~lungzarr.pipeline.progress.ProgressBoard` as its progress (what the
+CLI's display is fed; ``--no-progress``: none):
 
 * ``before``: the lungzarr of ``REV`` (default the merge base with ``main``),
-  extracted with ``git archive``: its LocalCluster runs the scheduler in the
-  client process.
-* ``after``: this tree (the scheduler in its own process, see
-  :class:`lungzarr.cluster.SchedulerProcess`).
-* ``after-inprocess``: this tree with ``scheduler_process=False``, which
-  tells the scheduler's share from the client-path cuts.
+  extracted with ``git archive``.
+* ``after``: this tree.
+* ``after-inprocess``: this tree with ``scheduler_process=False`` (the
+  scheduler in the client process, as a plain LocalCluster has it).
 
 The client's CPU is ``getrusage(RUSAGE_SELF)`` of the child (children, i.e.
 the workers and the scheduler process, excluded) around the run, after one
-warm-up patient; the idle rate (heartbeats) is sampled for 5 s first. The
-scheduler process's CPU is reported beside it. Each child also hashes the
-stored arrays and stage records of every patient, so the variants are shown
-to write the same store. Writes ``benchmarks/results/control_plane.json``.
+warm-up patient; the idle rate (heartbeats) is sampled for 5 s first and
+``above_idle`` subtracts it over the run's wall time (the marginal CPU per
+patient). The scheduler process's CPU is reported beside it, and the
+progress events the run gave (``chunk`` events per patient: the display
+moved). Each child hashes, per patient, the stored arrays (every variable's
+values) and the stage records (times, ids and versions left out) apart, so
+a difference names what differs. Writes ``benchmarks/results/<OUT>.json``.
 """
 from __future__ import annotations
 
@@ -52,27 +56,57 @@ def _cpu_self() -> float:
     return r.ru_utime + r.ru_stime
 
 
+#: Stage record fields left out of the digest: when and by which run (and version) a stage was committed.
+RUN_FIELDS = ("completed", "id", "depends_on", "lungzarr_version")
+
+
 def _store_digest(store) -> dict:
-    """sha256 per patient of its stored arrays and its stage records (ids and times left out)."""
+    """Per patient: sha256 of each stored variable's values and of each stage record (:data:`RUN_FIELDS` left
+    out), and of all of them (``arrays``, ``records``)."""
     import hashlib
 
     import numpy as np
 
-    from lungzarr.io.store import CohortStore
+    try:
+        from lungzarr.io.store import CohortStore
+    except ImportError:  # a tree from before io/store/ (one module then)
+        from lungzarr.io.storage import CohortStore
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
 
     cs = CohortStore(store, mode="r")
     out = {}
     for patient in cs.patients():
         ds = cs.open_patient(patient).load()
-        h = hashlib.sha256()
+        variables = {}
         for name in sorted(ds.variables):
             values = ds[name].values
-            h.update(name.encode())
-            h.update(values.astype(str).tobytes() if values.dtype == object else np.ascontiguousarray(values).tobytes())
-        records = {s: {k: v for k, v in r.items() if k not in ("completed", "id", "depends_on", "lungzarr_version")}
-                   for s, r in cs.stages(patient).items()}
-        h.update(json.dumps(records, sort_keys=True, default=str).encode())
-        out[patient] = h.hexdigest()[:16]
+            variables[str(name)] = sha(values.astype(str).tobytes() if values.dtype == object
+                                       else np.ascontiguousarray(values).tobytes())
+        stages = {s: sha(json.dumps({k: v for k, v in r.items() if k not in RUN_FIELDS}, sort_keys=True,
+                                    default=str).encode()) for s, r in cs.stages(patient).items()}
+        out[patient] = {"arrays": sha(json.dumps(variables, sort_keys=True).encode()),
+                        "records": sha(json.dumps(stages, sort_keys=True).encode()),
+                        "variables": variables, "stages": stages}
+    return out
+
+
+def _differences(rows) -> list[dict]:
+    """Per patient whose ``arrays`` or ``records`` digest is not the same in every row: which variables and
+    which stage records differ (or exist in some rows only), and the rows of each digest."""
+    out = []
+    for patient in sorted({p for r in rows for p in r["digest"]}):
+        digests = [r["digest"].get(patient, {}) for r in rows]
+        for part, items in (("arrays", "variables"), ("records", "stages")):
+            seen = {}
+            for r, d in zip(rows, digests):
+                seen.setdefault(d.get(part), []).append(f"{r['variant']}-{r['workers']}w-{r['round']}")
+            if len(seen) > 1:
+                names = sorted({n for d in digests for n in d.get(items, {})})
+                differ = [n for n in names if len({d.get(items, {}).get(n) for d in digests}) > 1]
+                out.append({"patient": patient, "part": part, items: differ,
+                            "rows": {str(k): v for k, v in seen.items()}})
     return out
 
 
@@ -115,9 +149,20 @@ def child(args: dict) -> dict:
         time.sleep(IDLE_PROBE_S)
         idle = (_cpu_self() - c0) / IDLE_PROBE_S
         patients = [p for p in args["patients"]]
+        events = {}
+        try:
+            from lungzarr.pipeline.progress import ProgressBoard
+        except ImportError:  # a tree older than the progress board (issue 26): run without progress
+            ProgressBoard = None
+        board = ProgressBoard() if args.get("progress", True) and ProgressBoard is not None else None
+
+        def progress(event):
+            events[event.event] = events.get(event.event, 0) + 1
+            board(event)
+
         c0, s0, w0 = _cpu_self(), scheduler_cpu(), time.perf_counter()
         summaries = pipeline.run(args["input"], store, stages=stages, client=client, chunk_slices=16,
-                                 patients=patients, **crop)
+                                 patients=patients, progress=progress if board is not None else None, **crop)
         client_s, scheduler_s, wall = _cpu_self() - c0, scheduler_cpu() - s0, time.perf_counter() - w0
     n = len(patients)
     return {"variant": args["variant"], "workers": args["workers"], "round": args["round"],
@@ -127,10 +172,25 @@ def child(args: dict) -> dict:
             "client_idle_cpu_per_s": round(idle, 4),
             "client_cpu_s_per_patient_above_idle": round(max(0.0, client_s - idle * wall) / n, 3),
             "scheduler_process_cpu_s_per_patient": round(scheduler_s / n, 3) if scheduler else None,
+            "progress_events": events,
+            "failed": {s.stage: [f.get("reason") for f in s.failed] for s in summaries if s.failed},
             "digest": _store_digest(store)}
 
 
 # ---------------------------------------------------------------------- parent
+
+def _cpu_model() -> str:
+    """The CPU's model name and whether it has AVX2 / AVX-512 (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {isa}"
+
 
 def _extract(rev: str, folder: Path) -> Path:
     folder.mkdir(parents=True)
@@ -159,7 +219,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 16])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=["before", "after", "after-inprocess"])
+    parser.add_argument("--variants", nargs="+", default=["before", "after"])
+    parser.add_argument("--no-progress", action="store_true", help="run without a progress callable")
     parser.add_argument("--stages", nargs="+", default=STAGES,
                         help="the stages run (default ingest segment; 'all': the whole pipeline, ingest to features)")
     parser.add_argument("--skip", nargs="*", default=[],
@@ -177,6 +238,7 @@ def main(argv=None) -> None:
                                            capture_output=True, text=True).stdout.strip()
     stages = "all" if args.stages == ["all"] else list(args.stages)
     work = Path(tempfile.mkdtemp(prefix="lungzarr-control-plane-"))
+    load_at_start = os.getloadavg()
     try:
         trees = {"before": _extract(before, work / "before"), "after": REPO, "after-inprocess": REPO}
         ids = [f"CP{i:02d}" for i in range(args.patients)]
@@ -190,12 +252,13 @@ def main(argv=None) -> None:
                     if f"{variant}-{workers}w" in args.skip:
                         continue
                     row = _spawn(trees[variant], {"variant": variant, "workers": workers, "round": r,
-                                                  "scheduler_process": variant == "after",
+                                                  "scheduler_process": variant != "after-inprocess",
                                                   "work": str(work), "input": str(work / "input"),
-                                                  "patients": ids, "warm": "WARM", "stages": stages})
+                                                  "patients": ids, "warm": "WARM", "stages": stages,
+                                                  "progress": not args.no_progress})
                     print(json.dumps({k: v for k, v in row.items() if k != "digest"}), flush=True)
                     rows.append(row)
-        digests = {json.dumps(r["digest"], sort_keys=True) for r in rows}
+        differences = _differences(rows)
         summary = {}
         for workers in args.workers:
             for variant in args.variants:
@@ -207,20 +270,25 @@ def main(argv=None) -> None:
                                   "client_idle_cpu_per_s", "wall_s")} | {
                         "scheduler_process_cpu_s_per_patient": (
                             round(statistics.median(r["scheduler_process_cpu_s_per_patient"] for r in mine), 3)
-                            if mine[0]["scheduler_process_cpu_s_per_patient"] is not None else None)}
+                            if mine[0]["scheduler_process_cpu_s_per_patient"] is not None else None),
+                        "chunk_events_per_patient": round(statistics.median(
+                            r["progress_events"].get("chunk", 0) for r in mine) / args.patients, 1)}
         result = {"what": f"client-process CPU per patient of pipeline.run ({stages}), median over rounds",
                   "stages": stages,
                   "before_rev": before, "after_rev": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
                                                                     capture_output=True, text=True).stdout.strip(),
                   "cohort": {"patients": args.patients, "slices": args.slices, "size": args.size},
-                  "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                              "load_avg_at_end": os.getloadavg()},
-                  "stores_identical": len(digests) == 1, "summary": summary, "rows": rows}
+                  "progress": not args.no_progress,
+                  "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version(),
+                              "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg()},
+                  "digest_leaves_out": list(RUN_FIELDS),
+                  "stores_identical": not differences, "differences": differences,
+                  "summary": summary, "rows": rows}
         out = HERE / "results" / f"{args.out}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(summary, indent=1))
-        print(f"stores identical: {len(digests) == 1}; wrote {out}")
+        print(f"stores identical: {not differences}; wrote {out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -206,7 +206,9 @@ def _detect_task_kind(key) -> str | None:
     if name.startswith(("open-hu_2mm", "original-open-hu_2mm", "open-lungs", "original-open-lungs", "rechunk",
                         "getitem", "normalize_hu", "overlap", "cut-windows-", "place-nodule-prob-", "from-value",
                         "concatenate", "store-map", "_finalize_store", "finalize-", "_lung_box_task",
-                        "after_write", "chunk-computed-")):
+                        "after_write", "chunk-computed-",
+                        # the task that builds the patient's graph on a worker, the run's tables at its end
+                        "lungzarr-detect-", "lungzarr-finish-")):
         return "cpu"
     return None
 

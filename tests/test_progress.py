@@ -2,6 +2,8 @@
 time is the tasks' time on the workers (queueing excluded), with and without a cluster."""
 from __future__ import annotations
 
+import threading
+
 import dask
 import pytest
 
@@ -80,6 +82,53 @@ def test_chunks_and_worker_time_on_a_cluster(two_patients, tmp_path, cpu_gpu_clu
     walls = sum(e.wall_seconds for e in events if (e.stage, e.event) == ("segment", "done"))
     assert segment.work_seconds < walls
     assert ingest.work_seconds > 0
+
+
+def test_on_a_cluster_the_client_submits_one_task_per_patient_and_stage(two_patients, tmp_path, cpu_gpu_cluster):
+    """The graphs are built on the workers (lungzarr.pipeline.remote): the client computes no graph and
+    submits, per patient, its header read and one task per stage, then one task at the run's end; the
+    chunks are still reported as they are computed, and the store is the one a run without a cluster writes."""
+    import numpy as np
+
+    from lungzarr.io.store import CohortStore
+
+    client, _ = cpu_gpu_cluster
+    calls = {"submit": [], "compute": 0}
+    submit, compute = client.submit, client.compute
+    # The workers of this in-process cluster use the same Client object: only the run's own thread counts.
+    here = threading.get_ident()
+
+    def counted_submit(func, *args, **kwargs):
+        if threading.get_ident() == here:
+            calls["submit"].append(getattr(func, "__name__", str(func)))
+        return submit(func, *args, **kwargs)
+
+    def counted_compute(*args, **kwargs):
+        calls["compute"] += threading.get_ident() == here
+        return compute(*args, **kwargs)
+
+    client.submit, client.compute = counted_submit, counted_compute
+    events = []
+    try:
+        summaries = run(two_patients, tmp_path / "s.zarr", stages=["ingest", "segment"], batch_size=2,
+                        client=client, gpu=True, progress=_record(events))
+    finally:
+        del client.submit, client.compute
+    assert all(sorted(s.done) == ["P1", "P2"] for s in summaries), [s.failed for s in summaries]
+    assert calls["compute"] == 0
+    assert sorted(calls["submit"]) == sorted(["_read_series_and_files_task"] * 2 + ["stage_task"] * 4
+                                             + ["_finish_task"]), calls
+    for stage in ("ingest", "segment"):
+        for patient in ("P1", "P2"):
+            _chunks_before_the_end(events, stage, patient)
+    with dask.config.set(scheduler="threads"):
+        run(two_patients, tmp_path / "t.zarr", stages=["ingest", "segment"])
+    for patient in ("P1", "P2"):
+        got = CohortStore(tmp_path / "s.zarr", mode="r").open_patient(patient).load()
+        want = CohortStore(tmp_path / "t.zarr", mode="r").open_patient(patient).load()
+        for name in ("hu", "hu_2mm", "lungs", "segmented"):
+            np.testing.assert_array_equal(got[name].values, want[name].values)
+        assert CohortStore(tmp_path / "s.zarr", mode="r").is_consolidated()
 
 
 def test_board_moves_with_chunks_and_gives_an_eta_once_a_patient_is_done():

@@ -157,6 +157,26 @@ def test_a_full_disk_stops_the_run_once_records_nothing_and_the_next_run_resumes
     assert not summary.failed
 
 
+def test_a_full_disk_on_the_workers_stops_the_run_once_records_nothing_and_the_next_run_resumes(three,
+                                                                                               monkeypatch):
+    """On a cluster the patients' stages are built and written from the workers (lungzarr.pipeline.remote):
+    a full disk there stops the run as in the client. The cluster runs in this process, so the patch
+    reaches its workers' threads."""
+    distributed = pytest.importorskip("distributed")
+    root, store = three
+    _disk_full_at(monkeypatch, "P2", "/hu/c/")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        with pytest.raises(RunStopError, match=r"the run stopped at patient 'P2' \(ingest\): no space left on "
+                                               r"the device") as info:
+            ingest(root, store, chunk_slices=4, client=client)
+        assert "unexpected" not in str(info.value)
+        written = CohortStore(store, mode="r")
+        assert written.failures() == [] and "P2" not in written.patients()   # no patient blamed, P2 not kept
+        monkeypatch.undo()
+        summary = ingest(root, store, chunk_slices=4, client=client)
+    assert sorted(summary.done + summary.skipped) == ["P1", "P2", "P3"] and not summary.failed
+
+
 def test_a_full_disk_in_the_cli_is_one_sentence_and_exit_2(three, monkeypatch):
     root, store = three
     _disk_full_at(monkeypatch, "P1")

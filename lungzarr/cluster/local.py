@@ -285,13 +285,45 @@ class SchedulerProcess(ProcessInterface):
         await super().close()
 
 
+#: Seconds between two looks of a local worker's nanny at its worker's memory (distributed's default: 0.1).
+NANNY_MEMORY_CHECK_S = 0.5
+
+
+def _nanny_class():
+    """:class:`distributed.Nanny` without the system monitor every distributed server runs.
+
+    The nannies of a local cluster live in lungzarr's own process (each
+    starts one worker process and watches its memory). Each also sampled
+    this process's CPU, memory, disk and network counters twice a second for
+    a dashboard that never shows them (a worker's own monitor, in the
+    worker's process, is what it shows): with 16 workers, 32 psutil samples
+    a second, most of the client's 0.13 CPU-s per second while it waited
+    (``benchmarks/results/control_plane_whole.json``). The memory watch that
+    restarts a worker above its limit (95 %) is kept, every
+    :data:`NANNY_MEMORY_CHECK_S` instead of 0.1 s: it is the last resort, the
+    worker's own watch (every 0.1 s, in its process) spills at 70 % and
+    pauses it at 80 % first.
+    """
+    from distributed import Nanny
+
+    class _Nanny(Nanny):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.periodic_callbacks.pop("monitor", None)  # started with the others, so never started
+            watch = self.periodic_callbacks.get("memory_monitor")
+            if watch is not None:
+                watch.callback_time = max(watch.callback_time, NANNY_MEMORY_CHECK_S * 1000)
+
+    return _Nanny
+
+
 def _process_scheduler_cluster(*, n_workers: int, threads_per_worker: int, memory_limit, dashboard_address):
     """A SpecCluster: a :class:`SchedulerProcess` and ``n_workers`` Nanny workers, as LocalCluster makes them."""
-    from distributed import Nanny, SpecCluster
+    from distributed import SpecCluster
     from distributed.security import Security
 
     # What LocalCluster(processes=True) gives each Nanny, on loopback like its scheduler.
-    worker = {"cls": Nanny, "options": {"host": "127.0.0.1", "nthreads": threads_per_worker,
+    worker = {"cls": _nanny_class(), "options": {"host": "127.0.0.1", "nthreads": threads_per_worker,
                                         "memory_limit": memory_limit, "services": {}, "dashboard": False,
                                         "dashboard_address": None, "interface": None, "protocol": "tcp://",
                                         "security": Security(), "silence_logs": logging.WARN,

@@ -14,6 +14,8 @@ Read it in this order:
     The entry points: :func:`run` (any stages; INPUT to tables by default),
     :func:`ingest`, :func:`store_status`; which patient's stage runs, is
     skipped or is blocked.
+``remote``
+    On a cluster: a patient's stage built and computed from a worker, one future per patient and stage.
 ``inputs``, ``placement``, ``tables``
     INPUT folders, which workers run which stage, the cohort tables.
 ``verify``

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Iterable
 
 from lungzarr.errors import LungzarrError, PatientError
@@ -9,6 +10,7 @@ from lungzarr.model.geometry import CROPS, DEFAULT_CROP
 from lungzarr.pipeline.checks import check_run_config
 from lungzarr.pipeline.inputs import record_input, scan_input
 from lungzarr.pipeline.placement import compute_options, cpu_task_workers
+from lungzarr.pipeline.remote import RemoteStage
 from lungzarr.pipeline.runner import Progress, StageSummary, stream_stages
 from lungzarr.pipeline.sources import FINGERPRINT_KEY, input_changed, input_fingerprint
 from lungzarr.pipeline.stage import StageOptions
@@ -152,7 +154,7 @@ def run(input_dir, store_path, *, stages: Iterable[str] | None = None, labels=No
             store.consolidate(list(stale_listings(store, present)))
         summaries = _stream(store, items, chosen, options, overwrite=overwrite, batch_size=batch_size,
                             client=client, progress=progress, sources=dict(items) if creates else None)
-        gather_tables(store)
+        _finish(store, client, gpu=gpu)
     summaries[0].failed = bad + summaries[0].failed
     if scan is not None:
         summaries[0].ignored = [entry.as_record() for entry in scan.ignored]
@@ -223,23 +225,32 @@ def _recorded_dependencies(record: dict, stage) -> dict:
 def _stream(store, items, stages, options, *, overwrite, batch_size, client, progress, sources=None):
     by_name = {s.name: s for s in stages}
 
-    # The runner calls prepare right after decide for the same patient and stage: the markers decide read
-    # are still the patient's, so prepare takes them from here instead of reading the group's attrs again.
-    last = {}
+    # The patients' stage markers as this run last read or wrote them. Only this run writes them (it holds
+    # the lock), so each patient's are read once, then known from its commits; a stage that did not commit
+    # (it failed, or its prepare had unmarked it) has them read again.
+    known, prepared = {}, {}
     # The INPUT entry's fingerprint, taken once per patient before its files are read (a file changed
     # while it is ingested is then seen by the next run), and why its ingest is redone, if it changed.
     fingerprints, changed = {}, {}
+    # On a cluster a patient's stage is built and computed from a worker (lungzarr.pipeline.remote): an
+    # older store's listing of the whole cohort is dropped here first, once, before any worker writes.
+    remote, dropped = client is not None, []
 
     def fingerprint(patient):
         if patient not in fingerprints:
             fingerprints[patient] = input_fingerprint(sources[patient])
         return fingerprints[patient]
 
+    def markers(patient):
+        last = prepared.pop(patient, None)
+        if last is not None and getattr(last, "committed", None) is not None:
+            known[patient] = last.committed
+        if patient not in known:
+            known[patient] = store.stages(patient)
+        return known[patient]
+
     def decide(patient, name):
-        # The patient's markers are read once per decision (the client makes one per patient and stage).
-        done = store.stages(patient)
-        last.clear()
-        last[(patient, name)] = done
+        done = markers(patient)
         stage = by_name[name]
         source = fingerprint(patient) if stage.creates_patient and sources is not None else None
         decision = stage_decision(done, stage, overwrite=overwrite, source=source)
@@ -249,22 +260,40 @@ def _stream(store, items, stages, options, *, overwrite, batch_size, client, pro
                 changed[patient] = why
         return decision
 
+    def record_warnings(patient, name, warned):
+        # Replacing the stage's last ones; with the note of why the patient is ingested again: `lungzarr
+        # status` shows it.
+        note = [{"file": str(sources[patient]),
+                 "reason": f"{changed[patient]}: ingested again, with every stage computed from it"}] \
+            if sources is not None and patient in changed and by_name[name].creates_patient else []
+        store.record_warnings(patient, name, list(warned) + note)
+
     def prepare(name, patient, payload):
         stage = by_name[name]
-        done = last.pop((patient, name), None)
-        dependencies = _dependencies(done if done is not None else store.stages(patient), stage) \
-            if stage.requires else None
-        pending = stage.prepare(store, patient, payload, options)
-        if dependencies is not None:
-            pending.record["depends_on"] = dependencies
+        done = markers(patient)
+        del known[patient]  # the stage changes them: read again unless its commit tells them
+        record = {}
+        if stage.requires:
+            record["depends_on"] = _dependencies(done, stage)
         if stage.creates_patient and sources is not None:
-            pending.record[FINGERPRINT_KEY] = fingerprint(patient)
-            if patient in changed:
-                # Beside the warnings ingest recorded for the files it read: `lungzarr status` shows it.
-                note = {"file": str(sources[patient]),
-                        "reason": f"{changed[patient]}: ingested again, with every stage computed from it"}
-                kept = [w for w in store.warnings() if (w.get("patient"), w.get("stage")) == (patient, name)]
-                store.record_warnings(patient, name, kept + [note])
+            record[FINGERPRINT_KEY] = fingerprint(patient)
+        if remote:
+            if not dropped:
+                store._changing()
+                dropped.append(True)
+            pending = RemoteStage(store, patient, stage, payload, options, record=record,
+                                  on_warnings=lambda warned: record_warnings(patient, name, warned))
+        else:
+            try:
+                pending = stage.prepare(store, patient, payload, options)
+            except PatientError as exc:
+                if stage.records_warnings and getattr(exc, "warnings", None) is not None:
+                    record_warnings(patient, name, exc.warnings)
+                raise
+            pending.record.update(record)
+            if stage.records_warnings:
+                record_warnings(patient, name, pending.warnings)
+        prepared[patient] = pending
         return pending
 
     placement = compute_options(client, stages, gpu=options.gpu)
@@ -281,6 +310,28 @@ def _stream(store, items, stages, options, *, overwrite, batch_size, client, pro
         if by_name[summary.stage].creates_patient:
             summary.redone = [{"patient": p, "reason": changed[p]} for p in summary.done if p in changed]
     return summaries
+
+
+def _finish_task(store_path: str) -> None:
+    """On a worker: the cohort tables (nothing else writes any more)."""
+    from lungzarr.io.store import CohortStore
+
+    gather_tables(CohortStore(store_path))
+
+
+def _finish(store, client, *, gpu: bool) -> None:
+    """The end of a run, under its lock: the cohort tables.
+
+    They read every patient's group (about 40 ms of CPU per patient): on a
+    cluster one task does it on a CPU worker, so the client's own work stays
+    a few small reads and writes per patient.
+    """
+    if client is None:
+        gather_tables(store)
+        return
+    workers = list(cpu_task_workers(client, gpu=gpu))
+    client.submit(_finish_task, str(store.path), pure=False, key=f"lungzarr-finish-{uuid.uuid4().hex}",
+                  **({"workers": workers, "allow_other_workers": False} if workers else {})).result()
 
 
 def _stored_patients(store, store_path, patients) -> list[str]:

@@ -12,7 +12,10 @@ Chunks
     identity is one more call per block, fused into the block's own task (a
     task of its own, ``chunk-computed-…``, where fusion is off, on GPU
     clusters), and its task name is derived from the block's, so task keys
-    still come from the patient, its files and the store.
+    still come from the patient, its files and the store. A stage built on a
+    worker (:mod:`lungzarr.pipeline.remote`) sends one more message on the
+    same channel when its graph is built (``prepared``, with its number of
+    chunks).
 
 Worker time
     Each patient's stage is submitted inside a :func:`distributed.span`; the
@@ -38,7 +41,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
-__all__ = ["TOPIC", "prepare_chunked", "chunk_progress", "ChunkChannel", "stage_span", "worker_seconds",
+__all__ = ["TOPIC", "prepare_chunked", "chunk_progress", "emit", "ChunkChannel", "stage_span", "worker_seconds",
            "ProgressBoard", "StageView"]
 
 #: The structured-event topic chunk messages are logged under on the workers.
@@ -119,12 +122,14 @@ def prepare_chunked(store, patient: str, stage: str, ds, *, chunk_slices: int, r
 
 def _chunk_computed(block, block_id, *, channel, stage, patient, variable, total):
     """Identity on a block: tell the client that block ``block_id`` of ``variable`` is computed."""
-    _emit({"channel": channel, "stage": stage, "patient": patient,
-           "chunk": f"{variable}/{'.'.join(str(i) for i in (block_id or ()))}", "total": int(total)})
+    emit({"channel": channel, "stage": stage, "patient": patient,
+          "chunk": f"{variable}/{'.'.join(str(i) for i in (block_id or ()))}", "total": int(total)})
     return block
 
 
-def _emit(message: dict) -> None:
+def emit(message: dict) -> None:
+    """Send ``message`` (with its ``channel``, the store path) to the run's :class:`ChunkChannel`: from a
+    dask.distributed worker as a structured event, from dask's local threads onto this process's queue."""
     worker = _current_worker()
     if worker is not None:
         worker.log_event(TOPIC, message)

@@ -2,7 +2,9 @@
 
 Generic: it knows no stage. It is given stage names in order, a ``prepare``
 that starts a patient's stage (a :class:`~lungzarr.io.store.PendingStage`
-whose ``delayed`` writes the voxels), and a ``decide`` that says whether a
+whose ``delayed`` writes the voxels, or, on a cluster, a
+:class:`~lungzarr.pipeline.remote.RemoteStage` that has a worker build and
+compute it: one future per patient and stage), and a ``decide`` that says whether a
 patient's stage runs, is skipped (done already) or is blocked (a stage it
 needs is missing). A patient that fails is recorded with its reason and the
 cohort goes on.
@@ -204,6 +206,8 @@ class _Stream:
         self.ready = deque()  # (stage index, pending, started, get_result, seconds) without a client
         self.channel = ChunkChannel(client, store.path)
         self.chunks_seen = {}  # (stage index, patient) -> chunk ids computed
+        self.computing = {}  # (stage index, patient) -> its pending stage, while it computes
+        self.announced = set()  # (stage index, patient) whose "started" was given
         self.prefetch_spans = {}  # patient -> span of its prefetch (its time counts in the first stage)
         if client is not None:
             from distributed import as_completed
@@ -218,16 +222,36 @@ class _Stream:
         self.progress(ProgressEvent(self.stages[i], event, patient=patient, seconds=seconds, reason=reason,
                                     wall_seconds=wall_seconds))
 
+    def announce(self, i, patient, total):
+        """Give the patient's ``"started"`` event, once."""
+        if (i, patient) not in self.announced:
+            self.announced.add((i, patient))
+            self.progress(ProgressEvent(self.stages[i], "started", patient=patient, total=total))
+
     def pass_chunks(self, messages=None):
-        """Hand the chunk messages that arrived on to ``progress`` (one event per chunk new to its patient)."""
+        """Hand the chunk messages that arrived on to ``progress`` (one event per chunk new to its patient).
+
+        A stage built on a worker (:mod:`lungzarr.pipeline.remote`) first says that its graph is built and
+        how many chunks it has (``prepared``): its ``"started"`` event, given then (or with its first chunk
+        when another worker's chunk message comes first).
+        """
         index = {s: i for i, s in enumerate(self.stages)}
         for message in self.channel.drain() if messages is None else messages:
-            i = index.get(message.get("stage"))
-            seen = self.chunks_seen.get((i, message.get("patient")))
-            if seen is None or message.get("chunk") in seen:  # not in flight (a late one), or a task run again
+            i, patient = index.get(message.get("stage")), message.get("patient")
+            seen = self.chunks_seen.get((i, patient))
+            if seen is None:  # not in flight (a late one)
                 continue
+            if "prepared" in message:
+                pending = self.computing.get((i, patient))
+                if hasattr(pending, "prepared"):
+                    pending.prepared(message)
+                self.announce(i, patient, message.get("total"))
+                continue
+            if message.get("chunk") in seen:  # a task run again
+                continue
+            self.announce(i, patient, message.get("total"))
             seen.add(message["chunk"])
-            self.progress(ProgressEvent(self.stages[i], "chunk", patient=message["patient"],
+            self.progress(ProgressEvent(self.stages[i], "chunk", patient=patient,
                                         total=message.get("total"), chunks=len(seen)))
 
     def forward(self, i, patient):
@@ -297,9 +321,18 @@ class _Stream:
         self.first_start[i] = self.first_start[i] or started
         self.in_flight[i] += 1
         self.chunks_seen[(i, pending.patient)] = set()
+        self.computing[(i, pending.patient)] = pending
+        if self.client is not None and hasattr(pending, "submit"):
+            # Built and computed from a worker (lungzarr.pipeline.remote): one future, whose task meters its
+            # own tasks' time; "started" comes with its first message (pass_chunks).
+            spans = [self.prefetch_spans.pop(pending.patient)] if i == 0 and pending.patient in \
+                self.prefetch_spans else []
+            future = pending.submit(self.client, self.compute_options.get(self.stages[i], {}), spans)
+            self.by_key[future.key] = (i, pending, started, None)
+            self.finished.add(future)
+            return
         # A stage computed in z-chunks says how many (lungzarr.pipeline.progress.prepare_chunked).
-        self.progress(ProgressEvent(self.stages[i], "started", patient=pending.patient,
-                                    total=getattr(pending, "chunks", None)))
+        self.announce(i, pending.patient, getattr(pending, "chunks", None))
         if self.client is not None:
             # One span per patient and stage: the workers meter its tasks' time (worker_seconds).
             with stage_span(self.client, self.stages[i], pending.patient) as span_id:
@@ -369,7 +402,14 @@ class _Stream:
             future = next(self.finished)
             self.pass_chunks()
             i, pending, started, spans = self.by_key.pop(future.key)
-            return i, pending, started, future.result, worker_seconds(self.client, spans)
+            if spans is not None:
+                return i, pending, started, future.result, worker_seconds(self.client, spans)
+            try:
+                value = future.result()
+            except Exception as exc:  # the task itself was lost (its worker died): so is its time
+                return i, pending, started, _raiser(exc), None
+            get_result, seconds = pending.outcome(value)
+            return i, pending, started, get_result, seconds
         return self.ready.popleft()
 
     # ---------------------------------------------------------------- the loop
@@ -391,6 +431,9 @@ class _Stream:
             i, pending, started, get_result, seconds = self.next_finished()
             self.in_flight[i] -= 1
             self.chunks_seen.pop((i, pending.patient), None)
+            self.computing.pop((i, pending.patient), None)
+            announced = (i, pending.patient) in self.announced
+            self.announced.discard((i, pending.patient))
             end = self.last_end[i] = time.perf_counter()
             wall = end - started
             summary = self.summaries[i]
@@ -404,6 +447,9 @@ class _Stream:
                 self.discard(i, pending)
                 self.fail(i, pending.patient, exc, seconds, wall_seconds=wall)
                 continue
+            if not announced:  # a stage whose "prepared" message did not come: every done patient started
+                self.progress(ProgressEvent(self.stages[i], "started", patient=pending.patient,
+                                            total=getattr(pending, "chunks", None)))
             self.summaries[i].done.append(pending.patient)
             self.progress(ProgressEvent(self.stages[i], "done", patient=pending.patient, seconds=seconds,
                                         wall_seconds=wall, warnings=tuple(pending.warnings)))
@@ -435,7 +481,9 @@ def stream_stages(store, items, stages, prepare: Callable, *, decide: Callable, 
     stages : list of str
         In order.
     prepare : callable
-        ``prepare(stage, patient, payload) -> PendingStage``.
+        ``prepare(stage, patient, payload) -> PendingStage`` (or, with a client, an object with
+        ``submit``, ``outcome``, ``commit`` and ``discard`` like
+        :class:`~lungzarr.pipeline.remote.RemoteStage`: built and computed from a worker).
     decide : callable
         ``decide(patient, stage)`` returns ``"run"``, ``"skip"`` (done
         already: go on to the next stage) or ``"blocked"`` (a stage it needs

@@ -104,7 +104,12 @@ class Stage:
         It runs the d8 network: the weights and precision are checked before any patient.
     prefetch : callable, optional
         ``prefetch(client, patient, payload, strict, compute_options) -> payload``: slow
-        per-patient reads started on the workers before the patient's turn.
+        per-patient reads started on the workers before the patient's turn; the stage's
+        prepare gets what it returned, or its future.
+    records_warnings : bool
+        Its prepare lists what the user should know about the patient's input (the
+        PendingStage's ``warnings``; on a PatientError it raises, the error's ``warnings``):
+        they replace the stage's recorded warnings each time it runs.
     """
 
     name: str
@@ -117,6 +122,7 @@ class Stage:
     creates_patient: bool = False
     uses_model: bool = False
     prefetch: Callable | None = field(default=None, compare=False)
+    records_warnings: bool = False
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:

@@ -90,7 +90,23 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
     def patient_attrs(self, patient: str) -> dict:
         if not self.has_patient(patient):
             return {}
-        return dict(self._group(self.group_path(patient), mode="r").attrs)
+        return dict(self._node_meta(self.group_path(patient)).get("attributes", {}))
+
+    # ------------------------------------------------------------------ a node's zarr.json
+    # A group's attributes are read and replaced as the JSON of its ``zarr.json``: one read and one parse
+    # (or one atomic replace), no zarr node objects, which cost the run's client ~10 ms per stage commit.
+
+    def _node_meta(self, path: str) -> dict:
+        """The ``zarr.json`` of the node at ``path`` (below the root), parsed."""
+        import json
+
+        return json.loads((self.path / path / "zarr.json").read_text())
+
+    def _put_node_meta(self, path: str, meta: dict) -> None:
+        """Replace the ``zarr.json`` of the node at ``path`` atomically (a reader sees the old or the new)."""
+        import json
+
+        self._backend.replace_text(self.path / path / "zarr.json", json.dumps(meta, separators=(",", ":")))
 
     # ------------------------------------------------------------------ misc
     def size_bytes(self) -> int:

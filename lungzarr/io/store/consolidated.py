@@ -66,17 +66,11 @@ class _RootMetadata:
 
     # ------------------------------------------------------------------ listings
     def _group_meta(self, group: str) -> dict | None:
-        import json
-
+        """The group's ``zarr.json`` parsed (:meth:`CohortStore._node_meta`); None when it has none."""
         try:
-            return json.loads((self.path / group / "zarr.json").read_text())
+            return self._node_meta(group)
         except FileNotFoundError:
             return None
-
-    def _put_group_meta(self, group: str, meta: dict) -> None:
-        import json
-
-        self._backend.replace_text(self.path / group / "zarr.json", json.dumps(meta, indent=2))
 
     def _changing(self, patient: str | None = None) -> None:
         """Before a write to ``patient``'s group (or to the tables: ``None``), drop what it makes stale.
@@ -95,7 +89,7 @@ class _RootMetadata:
             group = self.group_path(patient)
             meta = self._group_meta(group)
             if meta is not None and meta.pop(CONSOLIDATED_KEY, None) is not None:
-                self._put_group_meta(group, meta)
+                self._put_node_meta(group, meta)
 
     def listing(self, patient: str) -> dict | None:
         """The patient's consolidated metadata (``{path relative to its group: zarr.json}``); None without."""
@@ -126,7 +120,7 @@ class _RootMetadata:
         if attrs is not None:
             meta["attributes"] = _jsonable(attrs)
         meta[CONSOLIDATED_KEY] = _listing(entries)
-        self._put_group_meta(group, meta)
+        self._put_node_meta(group, meta)
         return len(entries)
 
     def stale_listing(self, patient: str, listed: dict | None = None) -> list[str]:

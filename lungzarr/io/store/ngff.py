@@ -19,6 +19,10 @@ LABEL_IMAGES = ("lungs", "nodules")
 #: Dimension names of the native and the 2 mm arrays (the NGFF axes must carry the arrays' dimension names).
 _NATIVE_DIMS = ("z", "y", "x")
 _DIMS_2MM = ("z2", "y2", "x2")
+#: The images of a patient group's ``ome`` attributes, in order: (array, the grid attribute, its dimensions).
+_IMAGES = (("hu", "grid_native", _NATIVE_DIMS), ("hu_2mm", "grid_2mm", _DIMS_2MM))
+#: The arrays :func:`ome_multiscales` may name.
+IMAGE_ARRAYS = tuple(name for name, _, _ in _IMAGES)
 
 
 def _ngff_axes(names) -> list[dict]:
@@ -66,7 +70,7 @@ def ome_multiscales(attrs: dict, arrays=None) -> dict | None:
         None when the group has neither image.
     """
     images = []
-    for name, grid_key, dims in (("hu", "grid_native", _NATIVE_DIMS), ("hu_2mm", "grid_2mm", _DIMS_2MM)):
+    for name, grid_key, dims in _IMAGES:
         if grid_key in attrs and (arrays is None or name in arrays):
             images.append({"name": name, "axes": _ngff_axes(dims),
                            "datasets": [_ngff_level(name, grid_from_attrs(attrs, grid_key))]})

@@ -8,7 +8,7 @@ import lungzarr.io.store.encoding as encoding
 from lungzarr._version import __version__
 from lungzarr.io.store.encoding import _encoded_for_store
 from lungzarr.io.store.layout import STAGES_KEY, STAGING_GROUP, _check_stage_name, _jsonable, _now
-from lungzarr.io.store.ngff import OME_KEY, ome_multiscales
+from lungzarr.io.store.ngff import IMAGE_ARRAYS, OME_KEY, ome_multiscales
 
 
 class _Staging:
@@ -158,6 +158,9 @@ class PendingStage:
         self.staged = staged
         self.warnings: list[dict] = []
         self.future = None
+        #: The patient's stage markers as :meth:`commit` wrote them (None before): what a caller that
+        #: decides the next stage needs not read again.
+        self.committed: dict | None = None
 
     def compute(self, **kwargs):
         return self.delayed.compute(**kwargs)
@@ -182,22 +185,41 @@ class PendingStage:
         self.delayed = dask.delayed(after_write, pure=False)(self.delayed, *args)
         return self
 
-    def commit(self) -> None:
-        """Mark the stage complete (call only after ``delayed`` has been computed)."""
-        group = self.store._group(self.group_path)
-        attrs = dict(group.attrs)
+    def commit(self, *, listing: dict | None = None) -> None:
+        """Mark the stage complete (call only after ``delayed`` has been computed).
+
+        The marker, the ``ome`` attributes and the group's listing (its
+        consolidated metadata: every node it now has) are written in one
+        atomic replace of the group's ``zarr.json``, read and written as JSON
+        (no zarr objects: the run's client commits every patient's stages).
+
+        Parameters
+        ----------
+        listing : dict, optional
+            The group's nodes (``{path: zarr.json}``, the group itself left
+            out) as the worker that wrote them read them, so the client reads
+            only the group's own ``zarr.json``; read here when not given.
+        """
+        if listing is None:
+            entries = self.store._backend.node_metadata(self.group_path)
+            meta = entries.pop(".")
+        else:
+            entries, meta = listing, self.store._node_meta(self.group_path)
+        attrs = dict(meta.get("attributes", {}))
         stages = dict(attrs.get(STAGES_KEY, {}))
         stages[self.stage] = _jsonable({"completed": _now(), "id": uuid.uuid4().hex,
                                         "lungzarr_version": __version__, **self.record})
         attrs[STAGES_KEY] = stages
-        ome = ome_multiscales(attrs, arrays=set(group.array_keys()))
+        ome = ome_multiscales(attrs, arrays={name for name in IMAGE_ARRAYS
+                                             if entries.get(name, {}).get("node_type") == "array"})
         if ome is not None:
             attrs[OME_KEY] = ome
-        # The marker and the group's listing (every array it now has) in one atomic replace.
-        self.store.consolidate_patient(self.patient, group=self.group_path, attrs=attrs)
+        meta["attributes"] = _jsonable(attrs)
+        self.store._put_listed(self.group_path, meta, entries)
         if self.staged:
             self.store._swap_in(self.patient)
         self.store._clear_committed(self.patient, self.stage, whole_patient=self.staged)
+        self.committed = stages
 
     def discard(self) -> None:
         """Drop what a failed write left (staged groups only; stage arrays are redone next run).

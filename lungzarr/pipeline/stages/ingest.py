@@ -117,16 +117,22 @@ def _prefetch(client, patient, folder, strict, compute_options):
 
 
 def _prepare(store, patient, payload, options):
-    # payload: the patient's folder, or a future of its (series, files) (see _prefetch)
+    # payload: the patient's folder, or what _prefetch read: its (series, files), or the future of them
     if hasattr(payload, "result"):
-        series, files = payload.result()
+        payload = payload.result()
+    if isinstance(payload, tuple):
+        series, files = payload
     else:
         series, files = _read_series_and_files_task(payload, patient, options.strict)
-    # What the user must see (another patient's files, dropped edge slices, ignored files):
-    # recorded now, replacing the last ingest's, so `lungzarr status` shows what is true.
+    # What the user must see (another patient's files, dropped edge slices, ignored files): whoever runs the
+    # stage records them (Stage.records_warnings), replacing the last ingest's, so `lungzarr status` shows
+    # what is true; also when the patient is refused below.
     warned = series.warning_records()
-    store.record_warnings(patient, "ingest", warned)
-    ds = ingest_dataset(series, chunk_slices=options.chunk_slices, store=store.path.resolve(), files=files)
+    try:
+        ds = ingest_dataset(series, chunk_slices=options.chunk_slices, store=store.path.resolve(), files=files)
+    except PatientError as exc:
+        exc.warnings = list(warned)
+        raise
     record = {"series_instance_uid": ds.attrs["series_instance_uid"],
               "selection_reason": ds.attrs["selection_reason"], "chunk_slices": options.chunk_slices}
     pending = prepare_chunked(store, patient, "ingest", ds, chunk_slices=options.chunk_slices, record=record,
@@ -142,5 +148,6 @@ INGEST = Stage(
     summary="DICOM series or volume file → hu (native grid, int16) and hu_2mm (2 × 2 × 2 mm cubic spline)",
     arrays=("hu", "hu_2mm"),
     creates_patient=True,
+    records_warnings=True,
     prefetch=_prefetch,
 )
