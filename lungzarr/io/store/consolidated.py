@@ -119,9 +119,14 @@ class _RootMetadata:
         meta = entries.pop(".")
         if attrs is not None:
             meta["attributes"] = _jsonable(attrs)
-        meta[CONSOLIDATED_KEY] = _listing(entries)
-        self._put_node_meta(group, meta)
+        self._put_listed(group, meta, entries)
         return len(entries)
+
+    def _put_listed(self, group: str, meta: dict, entries: dict) -> None:
+        """Replace the group's ``zarr.json`` with ``meta`` and the listing of ``entries`` (its nodes, as
+        the backend's ``node_metadata`` reads them, without ``"."``), in one atomic replace."""
+        meta[CONSOLIDATED_KEY] = _listing({rel: dict(node) for rel, node in entries.items()})
+        self._put_node_meta(group, meta)
 
     def stale_listing(self, patient: str, listed: dict | None = None) -> list[str]:
         """Why the patient's listing no longer describes its group; empty when it does (or there is none).
