@@ -28,7 +28,7 @@ class _Staging:
             if attrs.get(STAGES_KEY):
                 self._swap_in(folder.name)
             else:
-                self._rmtree(folder)
+                _remove_while_written(self, folder)
 
     def _swap_in(self, patient: str) -> None:
         self._changing()
@@ -134,6 +134,27 @@ class _Staging:
         array.attrs.update(_jsonable(dict(attrs)))
 
 
+def _remove_while_written(store, folder, *, attempts: int = 25, pause_s: float = 0.2) -> bool:
+    """Remove ``folder``, retried while late tasks of a stopped run still write chunks into it (a folder
+    ``rmtree`` is emptying is then "not empty"); its ``zarr.json`` first, so what is left is no group.
+    Returns whether it is gone; one still written after ``attempts`` is left to the next writer's recovery."""
+    import errno
+    import time
+
+    for _ in range(attempts):
+        try:
+            if isinstance(folder, Path):  # the object store's rmtree removes zarr.json first itself
+                (folder / "zarr.json").unlink(missing_ok=True)
+            if folder.exists():
+                store._rmtree(folder)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.ENOENT, errno.EEXIST, errno.EBUSY):
+                raise
+            time.sleep(pause_s)
+    return False
+
+
 class PendingStage:
     """A stage whose metadata is written; ``delayed`` writes the voxels, ``commit`` marks it complete.
 
@@ -233,21 +254,8 @@ class PendingStage:
         writes after that is removed by the next writer's recovery
         (:meth:`CohortStore.lock`), which runs once this run's workers are gone.
         """
-        import errno
-        import time
-
         if not self.staged:
             return
-        folder = self.store.path / self.group_path
-        for attempt in range(self.DISCARD_ATTEMPTS):
-            try:
-                if isinstance(folder, Path):  # the object store's rmtree removes zarr.json first itself
-                    (folder / "zarr.json").unlink(missing_ok=True)
-                if folder.exists():
-                    self.store._rmtree(folder)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.ENOENT, errno.EEXIST, errno.EBUSY):
-                    raise
-                time.sleep(self.DISCARD_PAUSE_S)
-        # Late tasks still writing: the headless folder is left to the next writer's recovery.
+        # Late tasks still writing: a headless folder is left to the next writer's recovery.
+        _remove_while_written(self.store, self.store.path / self.group_path, attempts=self.DISCARD_ATTEMPTS,
+                              pause_s=self.DISCARD_PAUSE_S)
