@@ -125,9 +125,10 @@ def test_ingest_and_segment_on_a_local_cluster_to_s3_match_a_directory(small_inp
 def _visible_patients_are_whole(url, reference):
     """Every patient a reader sees has its ingest marker and the reference's voxels; their ids."""
     store = CohortStore(url, mode="r")
-    seen = store.patients()
+    listed = store.patients()
     tree = lungzarr.open_cohort(url)
-    assert set(tree["patients"].children) == set(seen)
+    seen = sorted(tree["patients"].children)
+    assert set(listed) <= set(seen)  # the writer may commit one more between the two reads, never take one away
     for pid in seen:
         assert store.is_complete(pid, "ingest"), f"{pid} is visible without its ingest marker"
         np.testing.assert_array_equal(store.open_patient(pid).hu_2mm.values, reference[pid], err_msg=pid)

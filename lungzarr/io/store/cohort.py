@@ -68,12 +68,23 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
     def group_path(patient: str) -> str:
         return f"{PATIENTS_GROUP}/{check_patient_id(patient)}"
 
+    def _patient_group(self, patient: str, mode=None):
+        """The patient's zarr group, or None without it: one read of its ``zarr.json``.
+
+        Not ``has_patient`` first: on object storage that is one more request for what the read tells.
+        """
+        try:
+            return self._group(self.group_path(patient), mode=mode)
+        except self._zarr.errors.GroupNotFoundError:
+            return None
+
     def patients(self) -> list[str]:
         """Identifiers of the patients with a group in the store, sorted."""
         folder = self.path / PATIENTS_GROUP
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").exists())
+        # is_dir first: the listing says it (no request), and skips the group's own zarr.json.
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "zarr.json").exists())
 
     def patient_folders(self) -> list[str]:
         """Folders under ``patients/`` that are no group (no ``zarr.json``): what is left of a lost group."""
@@ -86,9 +97,9 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
         return (self.path / self.group_path(patient) / "zarr.json").exists()
 
     def patient_attrs(self, patient: str) -> dict:
-        if not self.has_patient(patient):
-            return {}
-        return dict(self._group(self.group_path(patient), mode="r").attrs)
+        """The patient group's attributes; {} without the group."""
+        group = self._patient_group(patient, mode="r")
+        return {} if group is None else dict(group.attrs)
 
     # ------------------------------------------------------------------ misc
     def size_bytes(self) -> int:

@@ -32,6 +32,10 @@ def _ngff_level(path: str, grid: Grid) -> dict:
         {"type": "translation", "translation": [float(o) for o in grid.origin]}]}
 
 
+#: The arrays of a patient group that :func:`ome_multiscales` lists as NGFF images, in order.
+OME_IMAGES = ("hu", "hu_2mm")
+
+
 def ome_multiscales(attrs: dict, arrays=None) -> dict | None:
     """NGFF 0.5 ``ome`` attributes of a patient group: the native ``hu`` image, then ``hu_2mm``.
 
@@ -66,7 +70,7 @@ def ome_multiscales(attrs: dict, arrays=None) -> dict | None:
         None when the group has neither image.
     """
     images = []
-    for name, grid_key, dims in (("hu", "grid_native", _NATIVE_DIMS), ("hu_2mm", "grid_2mm", _DIMS_2MM)):
+    for name, grid_key, dims in zip(OME_IMAGES, ("grid_native", "grid_2mm"), (_NATIVE_DIMS, _DIMS_2MM)):
         if grid_key in attrs and (arrays is None or name in arrays):
             images.append({"name": name, "axes": _ngff_axes(dims),
                            "datasets": [_ngff_level(name, grid_from_attrs(attrs, grid_key))]})
@@ -130,7 +134,8 @@ class _LabelImages:
             self._rmtree(self.path / target)
         ds = xr.Dataset({"0": (_DIMS_2MM, labels)})
         ds["0"].encoding["chunks"] = (min(int(chunk_slices), labels.shape[0]),) + tuple(labels.shape[1:])
-        _encoded_for_store(ds).to_zarr(self._zstore, group=target, mode="w", **encoding._WRITE)
+        # "w-": the image was removed just above (see prepare_stage).
+        _encoded_for_store(ds).to_zarr(self._zstore, group=target, mode="w-", **encoding._WRITE)
         self._group(target).attrs.put(_jsonable({OME_KEY: ome_label_image(attrs, name, colors=colors,
                                                                            properties=properties)}))
         present = [n for n in LABEL_IMAGES if (self.path / group / n / "zarr.json").is_file()]

@@ -8,7 +8,7 @@ import lungzarr.io.store.encoding as encoding
 from lungzarr._version import __version__
 from lungzarr.io.store.encoding import _encoded_for_store
 from lungzarr.io.store.layout import STAGES_KEY, STAGING_GROUP, _check_stage_name, _jsonable, _now
-from lungzarr.io.store.ngff import OME_KEY, ome_multiscales
+from lungzarr.io.store.ngff import OME_IMAGES, OME_KEY, ome_multiscales
 
 
 class _Staging:
@@ -41,13 +41,6 @@ class _Staging:
         if folder.exists():
             self._changing()
             self._rmtree(folder)
-
-    def _remove_arrays(self, group_path: str, names) -> None:
-        folder = self.path / group_path
-        for name in names:
-            target = folder / name
-            if target.is_dir():
-                self._rmtree(target)
 
     def prepare_stage(self, patient: str, stage: str, dataset, *, record: dict | None = None,
                       new_group: bool = False, subgroup: str | None = None) -> "PendingStage":
@@ -82,19 +75,24 @@ class _Staging:
             attrs = _jsonable(dict(dataset.attrs))
         else:
             attrs = self._unmark_stage(patient, stage)
+        # A group removed just before is created with "w-", not "w": "w" has zarr clear each new
+        # array's prefix first, five requests per array on object storage for nothing to clear.
         if subgroup is not None:
             target = f"{gpath}/{subgroup}"
             if (self.path / target).exists():
                 self._rmtree(self.path / target)
-            mode = "w"
+            mode = "w-"
         elif new_group:
-            target, mode = gpath, "w"
+            target, mode = gpath, "w-"
         else:
             target, mode = gpath, "a"
-            self._remove_arrays(target, list(dataset.data_vars))
+            # One listing of the group: the stage's old arrays to remove, and the coordinates already there.
+            children = {p.name: p for p in (self.path / gpath).iterdir()}
+            for name in dataset.data_vars:
+                if name in children and children[name].is_dir():
+                    self._rmtree(children[name])
             # Coordinates written by an earlier stage stay as they are.
-            existing = {p.name for p in (self.path / gpath).iterdir()}
-            dataset = dataset.drop_vars([c for c in dataset.coords if c in existing])
+            dataset = dataset.drop_vars([c for c in dataset.coords if c in children])
             dataset.attrs = {}
         delayed = _encoded_for_store(dataset).to_zarr(self._zstore, group=target, mode=mode, compute=False,
                                                       **encoding._WRITE)
@@ -120,7 +118,7 @@ class _Staging:
         self._changing()  # on a worker: the run's client dropped it already, so this only reads
         if (self.path / target).exists():
             self._rmtree(self.path / target)
-        _encoded_for_store(dataset.copy()).to_zarr(self._zstore, group=target, mode="w", **encoding._WRITE)
+        _encoded_for_store(dataset.copy()).to_zarr(self._zstore, group=target, mode="w-", **encoding._WRITE)
 
     def update_array_attrs(self, patient: str, name: str, attrs: dict) -> None:
         """Merge ``attrs`` into the attributes of the patient's array ``name`` (its metadata file only).
@@ -191,7 +189,10 @@ class PendingStage:
         stages[self.stage] = _jsonable({"completed": _now(), "id": uuid.uuid4().hex,
                                         "lungzarr_version": __version__, **self.record})
         attrs[STAGES_KEY] = stages
-        ome = ome_multiscales(attrs, arrays=set(group.array_keys()))
+        # Only the image arrays matter here: zarr's array_keys() reads every member's zarr.json
+        # (one request each on object storage), these are two existence checks.
+        folder = self.store.path / self.group_path
+        ome = ome_multiscales(attrs, arrays={name for name in OME_IMAGES if (folder / name / "zarr.json").exists()})
         if ome is not None:
             attrs[OME_KEY] = ome
         group.attrs.put(_jsonable(attrs))
