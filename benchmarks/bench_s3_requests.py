@@ -1,6 +1,6 @@
 """S3 requests per patient per stage: what a run costs on object storage, counted by the server.
 
-    python -m benchmarks.bench_s3_requests [--sizes 5 20] [--before REV] [--rounds 1]
+    python -m benchmarks.bench_s3_requests [--sizes 5 20] [--before REV] [--variants before after]
 
 A moto S3 server on loopback (a separate process, ``tests/s3_server.py`` with ``record``) writes one
 line per HTTP request it receives: method, key, whether a PUT is a server-side copy, the keys of a
@@ -8,9 +8,11 @@ batch delete. Each stage of the registry then runs alone, in a fresh process
 (``lungzarr.pipeline.run(..., stages=[stage])``, no dask cluster: ``--scheduler threads``), on a
 cohort of N tiny phantom patients (24 x 96 x 96 DICOM) in a fresh bucket: ingest first, then each
 stage over the store. After the last stage, ``read_nodules`` and ``read_patients`` read the two cohort
-tables (``read``). Each request is counted by method (GET, PUT, COPY, HEAD, LIST, DELETE: a batch
-delete counts once) and by the part of the store it names (``root`` zarr.json, ``tables/``,
-``patients/<id>/``, ``staging/``, ``lock``, the run check's probe, the bucket).
+tables (``read``), and the consolidated metadata is dropped and written afresh under the lock
+(``consolidate``: what the end of every run costs). Each request is counted by method (GET, PUT,
+COPY, HEAD, LIST, DELETE: a batch delete counts once) and by the part of the store it names
+(``root`` zarr.json, ``tables/``, ``patients/<id>/``, ``staging/``, ``lock``, the run check's
+probe, the bucket).
 
 Two code trees run against the same server, interleaved per cohort size: ``after`` is this checkout,
 ``before`` the lungzarr package of ``--before`` (default: the merge base with main), extracted with
@@ -41,12 +43,24 @@ STORE = "cohort.zarr"
 # One stage alone, in a fresh process; a patient's failure fails the benchmark.
 _DRIVER = """
 import sys
+import lungzarr
 from lungzarr.pipeline import run
-inp, url, stage = sys.argv[1:4]
+inp, url, stage, tree = sys.argv[1:5]
+assert lungzarr.__file__.startswith(tree), (lungzarr.__file__, tree)  # the code tree asked for
 summaries = run(inp or None, url, stages=[stage])
 failed = [f for s in summaries for f in s.failed]
 if failed:
     sys.exit(f"stage {stage} failed: {failed}")
+"""
+# What the end of every run costs for the consolidated metadata: the lock taken, the metadata dropped,
+# the lock released (which writes it afresh from every node's zarr.json).
+_CONSOLIDATE = """
+import sys
+from lungzarr.io.store import CohortStore
+store = CohortStore(sys.argv[1])
+with store.lock():
+    store.drop_consolidated()
+assert store.is_consolidated()
 """
 _READER = """
 import sys
@@ -136,13 +150,15 @@ def one_cohort(code: Path, input_dir: Path, n: int, bucket: str, record: Path, s
     url = f"s3://{bucket}/{STORE}"
     env = {**os.environ, "PYTHONPATH": str(code)}
     out = {}
-    steps = [(s, [sys.executable, "-c", _DRIVER, str(input_dir) if i == 0 else "", url, s])
+    steps = [(s, [sys.executable, "-c", _DRIVER, str(input_dir) if i == 0 else "", url, s, str(code)])
              for i, s in enumerate(stages)]
     steps.append(("read", [sys.executable, "-c", _READER, url, str(n)]))
+    steps.append(("consolidate", [sys.executable, "-c", _CONSOLIDATE, url]))
     for name, cmd in steps:
         before = _lines(record)
         start = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        # In the tree's folder: ``python -c`` puts the working directory first on the path.
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
         if r.returncode != 0:
             raise RuntimeError(f"{name} ({code}) failed:\n{r.stderr[-3000:]}")
         # The last requests of a process are answered before it exits, and recorded before they are answered.
@@ -157,19 +173,32 @@ def _lines(record: Path) -> list[str]:
         return []
 
 
-def _marginal(by_n: dict, lo: int, hi: int) -> dict:
-    """Per stage: per patient at ``hi`` and the marginal cost of one more patient, by part and by method."""
+def per_stage(by_n: dict, stages: list[str], lo: int, hi: int) -> dict:
+    """Per stage, and for ``all_stages`` (their sum: the pipeline run stage by stage), at ``hi`` patients:
+    ``per_patient`` (count / N), ``marginal`` (what one more patient costs: the counts' difference over
+    the sizes' difference) and ``fixed`` (what a run costs whatever its size: the count at ``lo`` less
+    ``lo`` marginals); each also by part of the store and by method."""
+    def summed(counts: dict) -> dict:
+        out = {"total": sum(counts[s]["total"] for s in stages)}
+        for kind in ("part", "method"):
+            out[kind] = dict(sum((Counter(counts[s][kind]) for s in stages), Counter()))
+        return out
+
+    def row(a: dict, b: dict, key=None) -> dict:
+        x, y = (a["total"], b["total"]) if key is None else (a.get(key, 0), b.get(key, 0))
+        marginal = (y - x) / (hi - lo)
+        return {"per_patient": round(y / hi, 1), "marginal": round(marginal, 1), "fixed": round(x - lo * marginal, 1)}
+
     out = {}
-    for stage in by_n[hi]:
-        a, b = by_n[lo][stage], by_n[hi][stage]
-        row = {"per_patient": round(b["total"] / hi, 1), "marginal": round((b["total"] - a["total"]) / (hi - lo), 1),
-               "fixed": round(a["total"] - lo * (b["total"] - a["total"]) / (hi - lo), 1)}
+    for stage in [*by_n[hi], "all_stages"]:
+        a, b = ((by_n[lo][stage], by_n[hi][stage]) if stage != "all_stages"
+                else (summed(by_n[lo]), summed(by_n[hi])))
+        out[stage] = row(a, b)
         for kind in ("part", "method"):
             keys = sorted(set(a[kind]) | set(b[kind]))
-            row[f"marginal_by_{kind}"] = {k: round((b[kind].get(k, 0) - a[kind].get(k, 0)) / (hi - lo), 1)
-                                          for k in keys}
-            row[f"per_patient_by_{kind}"] = {k: round(b[kind].get(k, 0) / hi, 1) for k in keys}
-        out[stage] = row
+            rows = {k: row(a[kind], b[kind], k) for k in keys}
+            for figure in ("marginal", "per_patient", "fixed"):
+                out[stage][f"{figure}_by_{kind}"] = {k: r[figure] for k, r in rows.items()}
     return out
 
 
@@ -215,13 +244,15 @@ def main(argv=None) -> dict:
                     print(variant, n, {s: r["total"] for s, r in results[variant][n].items()}, flush=True)
     result = {"benchmark": "s3_requests", "command": "python -m benchmarks.bench_s3_requests "
               + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "sizes": [lo, hi], "stages": [*stages, "read"],
+              "machine": machine(), "sizes": [lo, hi], "stages": [*stages, "read", "consolidate"],
               "before_rev": before_rev,
               "note": "moto server on 127.0.0.1 recording each request it receives; each stage alone in a fresh "
                       "process (lungzarr.pipeline.run, no dask cluster), tiny phantom patients (24 x 96 x 96); "
-                      "'read': read_patients + read_nodules after the last stage; a batch delete counts once",
+                      "'read': read_patients + read_nodules after the last stage; 'consolidate': the lock taken, "
+                      "the consolidated metadata dropped and written afresh at the lock's release (what ends every "
+                      "run); a batch delete counts once",
               "variants": {v: {"counts": {str(n): r for n, r in by_n.items()},
-                               **({"per_stage": _marginal(by_n, lo, hi)} if len(by_n) == 2 else {})}
+                               **({"per_stage": per_stage(by_n, stages, lo, hi)} if len(by_n) == 2 else {})}
                            for v, by_n in results.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
