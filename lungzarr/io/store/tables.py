@@ -264,11 +264,13 @@ class _CohortTables:
         """
         import pandas as pd
 
-        if not self.has_tables():
-            raise LungzarrError(f"store {str(self.path)!r} has no cohort tables (its {TABLES_GROUP}/ group is "
-                                f"gone); `lungzarr verify --repair {self.path}` rebuilds them from the patient groups")
         loaded = self._current_table(name)
         if loaded is None:
+            # Asked only now: on object storage each check is a request, and a table read says it.
+            if not self.has_tables():
+                raise LungzarrError(f"store {str(self.path)!r} has no cohort tables (its {TABLES_GROUP}/ group is "
+                                    f"gone); `lungzarr verify --repair {self.path}` rebuilds them from the patient "
+                                    f"groups")
             if self.patients():
                 raise LungzarrError(f"store {str(self.path)!r} has patients but no {name} table (a run writes it "
                                     f"at its end; did the last one stop before?); `lungzarr verify --repair "
