@@ -336,12 +336,12 @@ def test_tables_are_replaced_through_the_pointer_and_read_by_every_reader(tmp_pa
     assert int(tree["tables/nodules"]["c00"].values[0]) == 2
 
 
-def _write_per_column_table(store, group: str, frame, dim: str) -> None:
+def _write_per_column_table(store, group: str, frame, dim: str, attrs: dict | None = None) -> None:
     """A table group as lungzarr wrote it before the packed layout: one array per column, through xarray."""
     from lungzarr.io.store import encoding
     from lungzarr.io.store.tables import _frame_dataset
 
-    ds = _frame_dataset(frame, dim=dim, attrs={"columns": [str(c) for c in frame.columns]})
+    ds = _frame_dataset(frame, dim=dim, attrs={**(attrs or {}), "columns": [str(c) for c in frame.columns]})
     encoding._checksummed(ds).to_zarr(store._zstore, group=f"tables/{group}", mode="w", **encoding._WRITE)
 
 
@@ -355,6 +355,32 @@ def test_tables_of_a_store_written_before_the_pointer_are_read_and_replaced(tmp_
     store.write_table("nodules", _versioned_frame(4), dim="nodule")
     pd.testing.assert_frame_equal(lungzarr.read_nodules(store.path), _versioned_frame(4), check_dtype=False)
     assert not (store.path / "tables" / "nodules").exists()
+
+
+def test_a_run_writes_a_per_column_table_again_packed_even_when_its_content_is_unchanged(one_small, tmp_path):
+    """The migration of a store of the older layout: the end of the next run (gather_tables) writes each
+    table packed, with the same rows."""
+    import uuid
+
+    from lungzarr.io.store.tablelayout import TABLE_LAYOUT
+    from lungzarr.pipeline.tables import DIGEST_KEY, gather_tables
+
+    _, clean = one_small
+    path = shutil.copytree(clean, tmp_path / "old.zarr")
+    store = CohortStore(path)
+    frames = {}
+    for name, dim in (("nodules", "nodule"), ("patients", "patient")):
+        frames[name] = store.read_table(name)
+        group = f"{name}.{uuid.uuid4().hex}"
+        # As the older lungzarr left it: the same content and its digest, one array per column.
+        _write_per_column_table(store, group, frames[name], dim, {DIGEST_KEY: store.table_attrs(name)[DIGEST_KEY]})
+        store._switch_table(name, group)
+        assert "layout" not in store.table_attrs(name)
+    assert gather_tables(store)["written"] == ["nodules", "patients"]
+    for name, frame in frames.items():
+        assert store.table_attrs(name)["layout"] == TABLE_LAYOUT
+        pd.testing.assert_frame_equal(store.read_table(name), frame)
+    assert gather_tables(store)["written"] == []      # packed and unchanged: left in place
 
 
 @pytest.mark.parametrize("k", range(6))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from lungzarr.algorithms.components import NO_LABEL
+from lungzarr.io.store.tablelayout import TABLE_LAYOUT
 from lungzarr.pipeline.stages import stage_names
 
 __all__ = ["gather_tables", "patient_nodules", "LUNG_MEASURES", "LUNG3D_MEASURES", "PATIENT_COLUMNS",
@@ -126,7 +127,9 @@ def gather_tables(store) -> dict:
         # Writing a table (one array per column) is most of what a run's end costs; a run that did not
         # change it (a segment run leaves the nodule table as it was) leaves it in place.
         content = frame_digest(frame)
-        if store.table_attrs(name).get(DIGEST_KEY) != content or not _readable(store, name):
+        stored = store.table_attrs(name)
+        # A table of the older one-array-per-column layout is written again, packed, whatever its content.
+        if stored.get(DIGEST_KEY) != content or stored.get("layout") != TABLE_LAYOUT or not _readable(store, name):
             store.write_table(name, frame, dim=dim, attrs={DIGEST_KEY: content})
             written.append(name)
     return {"nodules": len(nodules), "patients": len(patients), "written": written}
