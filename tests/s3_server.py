@@ -1,6 +1,8 @@
 """A real S3-compatible server on loopback (moto in server mode) for the tests and the object-store benchmarks.
 
-Started as a separate process on a free port; while the context is open this
+Started as a separate process on a free port (with ``record``, this file run as a script:
+moto's server app behind a WSGI layer that writes one JSON line per request it
+receives, so a benchmark counts requests on the server's side); while the context is open this
 process's environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``; no ``AWS_PROFILE`` or
 ``AWS_SESSION_TOKEN``) points at it — the only way lungzarr and its storage
@@ -30,7 +32,7 @@ def clear_fs_cache() -> None:
 
 
 @contextmanager
-def moto_s3(*, key_id: str, secret: str, log=None, timeout: float = 60):
+def moto_s3(*, key_id: str, secret: str, log=None, record=None, timeout: float = 60):
     """Run a moto S3 server on loopback and point ``AWS_*`` at it.
 
     Parameters
@@ -41,6 +43,9 @@ def moto_s3(*, key_id: str, secret: str, log=None, timeout: float = 60):
     log : path-like, optional
         File for the server's output (its request log, one line per request);
         discarded when None.
+    record : path-like, optional
+        File the server appends one JSON line to per request it receives
+        (:func:`serve_recording`); None: plain ``moto.server``.
     timeout : float
         Seconds to wait for the server to accept connections.
 
@@ -55,8 +60,9 @@ def moto_s3(*, key_id: str, secret: str, log=None, timeout: float = 60):
     port = free_port()
     out = open(log, "wb") if log is not None else subprocess.DEVNULL
     try:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+        cmd = ([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)] if record is None
+               else [sys.executable, __file__, "--port", str(port), "--record", str(record)])
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     finally:
         if log is not None:
             out.close()
@@ -87,3 +93,54 @@ def moto_s3(*, key_id: str, secret: str, log=None, timeout: float = 60):
             else:
                 os.environ[k] = v
         clear_fs_cache()
+
+
+def serve_recording(port: int, record) -> None:
+    """Serve moto's S3 on ``127.0.0.1:port`` as ``python -m moto.server`` does, recording every request.
+
+    Each request the server receives appends one JSON line to ``record`` before its response is sent
+    (so a client that got its answer finds its line written): ``method``, ``path`` (``/bucket/key``,
+    URL-decoded), ``query``, ``copy`` (a server-side copy: ``x-amz-copy-source`` present), ``status``,
+    and for a batch delete (``POST ?delete``) ``keys``: the keys it names.
+    """
+    import io
+    import json
+    import re
+    import threading
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import run_simple
+
+    os.environ.setdefault("MOTO_PORT", str(port))
+    app = DomainDispatcherApplication(create_backend_app)
+    lock = threading.Lock()
+    out = open(record, "a", buffering=1)
+
+    def recording(environ, start_response):
+        entry = {"method": environ["REQUEST_METHOD"], "path": environ.get("PATH_INFO", ""),
+                 "query": environ.get("QUERY_STRING", ""), "copy": "HTTP_X_AMZ_COPY_SOURCE" in environ}
+        if entry["method"] == "POST" and re.search(r"(^|&)delete(=|&|$)", entry["query"]):
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"].read(length)
+            environ["wsgi.input"] = io.BytesIO(body)  # moto reads it again
+            entry["keys"] = re.findall(r"<Key>([^<]*)</Key>", body.decode(errors="replace"))
+
+        def start(status, headers, exc_info=None):
+            entry["status"] = int(status.split()[0])
+            with lock:
+                out.write(json.dumps(entry) + "\n")
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    run_simple("127.0.0.1", port, recording, threaded=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=serve_recording.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--record", required=True)
+    args = parser.parse_args()
+    serve_recording(args.port, args.record)

@@ -111,7 +111,7 @@ def test_a_damaged_table_is_written_again_even_when_its_content_is_unchanged(lid
     store = CohortStore(path)
     frame = read_patients(path)
     group = path / "tables" / store._table_pointer()["patients"]
-    chunk = next(p for p in sorted((group / "n_slices").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk = next(p for p in sorted((group / "float64").rglob("*")) if p.is_file() and p.name != "zarr.json")
     raw = bytearray(chunk.read_bytes())
     raw[0] ^= 0xFF
     chunk.write_bytes(bytes(raw))

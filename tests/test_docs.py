@@ -255,6 +255,8 @@ NOT_MEASURED = [
     ("docs/user-guide/object-storage.md", "heartbeat every 30 s", "a constant of the code"),
     ("docs/user-guide/object-storage.md", "120 s (`LOCK_TTL_S`)", "a constant of the code"),
     ("docs/user-guide/object-storage.md", "for 120 s (suspended", "the same constant"),
+    ("docs/user-guide/object-storage.md", "chunks of at most 8 MB", "a constant of the code (tablelayout.CHUNK_BYTES)"),
+    ("docs/user-guide/object-storage.md", "split reads above 50 MB", "s3fs's default block size"),
     ("docs/user-guide/engines.md", "plan about 2 GB per worker", "the plan of getting-started.md"),
     ("docs/user-guide/engines.md", "specks under 5 % of", "a parameter of the algorithm"),
     ("docs/user-guide/engines.md", "20 % fewer", "arithmetic: multiply-adds of the folded network (algorithms §5)"),

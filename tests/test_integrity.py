@@ -225,19 +225,18 @@ class _Steps:
 
     The writer's steps (``write_table``): the new group written whole, ``before-switch``, the pointer moved,
     ``after-switch``, then for the old group ``before-remove`` and ``after-remove``. The reader's
-    (``_table_dataset``): ``after-pointer`` (the pointer read), ``after-open`` (the group opened, not yet
+    (``_current_table``): ``after-pointer`` (the pointer read), ``after-open`` (the group opened, not yet
     loaded), ``after-load`` (loaded, before the pointer is read again). Deterministic: the other party's
     action runs synchronously inside the hook, once, with the hooks off.
     """
 
     def __init__(self, monkeypatch):
-        import xarray as xr
-
         from lungzarr.io.store import backend as storage
 
         self.at, self.ran, self._busy, self.opens = {}, [], False, 0
         # The store removes folders through its backend (bound when a store is made: make stores after this).
-        switch, pointer, open_dataset = CohortStore._switch_table, CohortStore._table_pointer, xr.open_dataset
+        switch, pointer = CohortStore._switch_table, CohortStore._table_pointer
+        open_group, load_group = CohortStore._open_table_group, CohortStore._load_table_group
         backends = (storage._DirectoryBackend, storage._ObjectBackend)
         rmtrees = {backend: backend.rmtree for backend in backends}
 
@@ -257,30 +256,24 @@ class _Steps:
             self._hit("after-pointer")
             return result
 
-        class _Opened:
-            def __init__(inner, ds):
-                inner.ds = ds
-
-            def __getattr__(inner, name):
-                return getattr(inner.ds, name)
-
-            def load(inner):
-                loaded = inner.ds.load()
-                self._hit("after-load")
-                return loaded
-
-        def hooked_open(*a, **k):
+        def hooked_open(store, *a, **k):
             if not self._busy:
                 self.opens += 1
-            ds = open_dataset(*a, **k)
+            opened = open_group(store, *a, **k)
             self._hit("after-open")
-            return _Opened(ds)
+            return opened
+
+        def hooked_load(store, *a, **k):
+            loaded = load_group(store, *a, **k)
+            self._hit("after-load")
+            return loaded
 
         monkeypatch.setattr(CohortStore, "_switch_table", hooked_switch)
         for backend in backends:
             monkeypatch.setattr(backend, "rmtree", hooked_rmtree)
         monkeypatch.setattr(CohortStore, "_table_pointer", hooked_pointer)
-        monkeypatch.setattr(xr, "open_dataset", hooked_open)
+        monkeypatch.setattr(CohortStore, "_open_table_group", hooked_open)
+        monkeypatch.setattr(CohortStore, "_load_table_group", hooked_load)
 
     def _hit(self, point):
         action = None if self._busy else self.at.pop(point, None)
@@ -343,20 +336,112 @@ def test_tables_are_replaced_through_the_pointer_and_read_by_every_reader(tmp_pa
     assert int(tree["tables/nodules"]["c00"].values[0]) == 2
 
 
+def _write_per_column_table(store, group: str, frame, dim: str, attrs: dict | None = None) -> None:
+    """A table group as lungzarr wrote it before the packed layout: one array per column, through xarray."""
+    from lungzarr.io.store import encoding
+    from lungzarr.io.store.tables import _frame_dataset
+
+    ds = _frame_dataset(frame, dim=dim, attrs={**(attrs or {}), "columns": [str(c) for c in frame.columns]})
+    encoding._checksummed(ds).to_zarr(store._zstore, group=f"tables/{group}", mode="w", **encoding._WRITE)
+
+
 def test_tables_of_a_store_written_before_the_pointer_are_read_and_replaced(tmp_path):
     store = CohortStore(tmp_path / "old.zarr")
     old = _versioned_frame(3)
-    # The layout before: the table in place at tables/nodules.
-    store.write_table("nodules", old, dim="nodule")
-    group = next(p for p in (store.path / "tables").iterdir() if p.is_dir())
-    group.rename(group.with_name("nodules"))
-    meta = json.loads((store.path / "tables" / "zarr.json").read_text())
-    meta["attributes"] = {}
-    (store.path / "tables" / "zarr.json").write_text(json.dumps(meta))
+    # The layout before: the table in place at tables/nodules, one array per column, no pointer.
+    _write_per_column_table(store, "nodules", old, "nodule")
+    assert store._table_pointer() == {} and store.table_names() == ["nodules"]
     pd.testing.assert_frame_equal(lungzarr.read_nodules(store.path), old, check_dtype=False)
     store.write_table("nodules", _versioned_frame(4), dim="nodule")
     pd.testing.assert_frame_equal(lungzarr.read_nodules(store.path), _versioned_frame(4), check_dtype=False)
     assert not (store.path / "tables" / "nodules").exists()
+
+
+def test_a_run_writes_a_per_column_table_again_packed_even_when_its_content_is_unchanged(one_small, tmp_path):
+    """The migration of a store of the older layout: the end of the next run (gather_tables) writes each
+    table packed, with the same rows."""
+    import uuid
+
+    from lungzarr.io.store.tablelayout import TABLE_LAYOUT
+    from lungzarr.pipeline.tables import DIGEST_KEY, gather_tables
+
+    _, clean = one_small
+    path = shutil.copytree(clean, tmp_path / "old.zarr")
+    store = CohortStore(path)
+    frames = {}
+    for name, dim in (("nodules", "nodule"), ("patients", "patient")):
+        frames[name] = store.read_table(name)
+        group = f"{name}.{uuid.uuid4().hex}"
+        # As the older lungzarr left it: the same content and its digest, one array per column.
+        _write_per_column_table(store, group, frames[name], dim, {DIGEST_KEY: store.table_attrs(name)[DIGEST_KEY]})
+        store._switch_table(name, group)
+        assert "layout" not in store.table_attrs(name)
+    assert gather_tables(store)["written"] == ["nodules", "patients"]
+    for name, frame in frames.items():
+        assert store.table_attrs(name)["layout"] == TABLE_LAYOUT
+        pd.testing.assert_frame_equal(store.read_table(name), frame)
+    assert gather_tables(store)["written"] == []      # packed and unchanged: left in place
+
+
+@pytest.mark.parametrize("k", range(6))
+def test_a_packed_table_reads_back_as_the_one_array_per_column_table_did(tmp_path, k):
+    """Each of test_cpu_stages' frames (mixed dtypes, -0.0, NaN, None, repeated index values), written in the
+    packed layout and in the layout before it: the same DataFrame (dtypes included) and the same Dataset
+    in open_cohort's tables node; a missing string reads as "" in both."""
+    import uuid
+
+    import xarray as xr
+    from test_cpu_stages import _frames
+
+    from lungzarr.io.store.tablelayout import TABLE_LAYOUT
+
+    frame, dim = _frames()[k]
+    frame = frame.reset_index(drop=True)
+    packed, before = CohortStore(tmp_path / "packed.zarr"), CohortStore(tmp_path / "before.zarr")
+    packed.write_table("nodules", frame, dim=dim)
+    group = f"nodules.{uuid.uuid4().hex}"
+    _write_per_column_table(before, group, frame, dim)
+    before._switch_table("nodules", group)
+    assert packed.table_attrs("nodules")["layout"] == TABLE_LAYOUT and "layout" not in before.table_attrs("nodules")
+    a, b = packed.read_table("nodules"), before.read_table("nodules")
+    if len(frame):
+        pd.testing.assert_frame_equal(a, b)
+        xr.testing.assert_equal(packed._table_dataset("nodules"), before._table_dataset("nodules"))
+    else:  # the layout before read an empty string column as float64; the packed one keeps it a string
+        assert list(a.columns) == list(b.columns) == [str(c) for c in frame.columns] and a.empty
+    expected = frame.copy()
+    for c in frame.columns:
+        if frame[c].dtype == object or str(frame[c].dtype).startswith("str"):
+            expected[c] = pd.Series([v if isinstance(v, str) else "" for v in frame[c]], dtype=object)
+    pd.testing.assert_frame_equal(a, expected)
+    # Floats bit for bit (-0.0 is not 0.0).
+    for c in frame.columns:
+        if frame[c].dtype.kind == "f":
+            assert a[c].to_numpy().tobytes() == frame[c].to_numpy().tobytes(), c
+
+
+def test_a_packed_table_is_a_few_arrays_in_few_chunks(tmp_path, monkeypatch):
+    """The nodule and patient tables of a run: at most three arrays each, split into chunks of at most
+    tablelayout.CHUNK_BYTES by rows, every chunk checksummed and each column read back in its dtype."""
+    import zarr
+
+    from lungzarr.io.store import tablelayout
+
+    store = CohortStore(tmp_path / "t.zarr")
+    n = 1000
+    frame = pd.DataFrame({"patient": [f"P{i % 7}" for i in range(n)], "v": np.linspace(0, 1, n),
+                          "big": np.arange(n, dtype=np.int64) + 2 ** 60, "ok": np.arange(n) % 2 == 0})
+    monkeypatch.setattr(tablelayout, "CHUNK_BYTES", 8 * 2 * 300)  # 300 rows of a 2-column block
+    store.write_table("nodules", frame, dim="nodule")
+    group = zarr.open_group(store._zstore, path=f"tables/{store._table_pointer()['nodules']}", mode="r")
+    arrays = dict(group.arrays())
+    assert sorted(arrays) == ["float64", "int64", "str"]
+    assert arrays["float64"].shape == (n, 2) and arrays["float64"].chunks == (300, 2)
+    assert arrays["int64"].chunks == arrays["str"].chunks == (600, 1) and arrays["str"].shape == (n, 1)
+    assert all(type(a.compressors[-1]).__name__ == "Crc32cCodec" for a in arrays.values())
+    chunks = [p for p in (store.path / "tables").rglob("c/*/*") if p.is_file()]
+    assert len(chunks) == 4 + 2 + 2
+    pd.testing.assert_frame_equal(store.read_table("nodules"), frame.astype({"patient": object}))
 
 
 def test_arrays_written_before_checksums_are_read_but_missing_chunks_not_called_damage(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from lungzarr.algorithms.components import NO_LABEL
+from lungzarr.io.store.tablelayout import TABLE_LAYOUT
 from lungzarr.pipeline.stages import stage_names
 
 __all__ = ["gather_tables", "patient_nodules", "LUNG_MEASURES", "LUNG3D_MEASURES", "PATIENT_COLUMNS",
@@ -96,8 +97,11 @@ def gather_tables(store) -> dict:
     for patient in store.patients():
         attrs = store.patient_attrs(patient)
         stages = attrs.get(STAGES_KEY, {})
-        if "nodules" in stages and store.has_subgroup(patient, "nodules"):
-            nodule_tables.append(patient_nodules(store, patient))
+        if "nodules" in stages:
+            try:  # not has_subgroup first: on object storage that is a request per patient per run
+                nodule_tables.append(patient_nodules(store, patient))
+            except FileNotFoundError:
+                pass  # its nodules group is gone (`lungzarr verify` reports it): no rows
         feat = stages.get("features", {})
         grid2 = attrs.get("grid_2mm", {})
         rows.append({
@@ -123,7 +127,9 @@ def gather_tables(store) -> dict:
         # Writing a table (one array per column) is most of what a run's end costs; a run that did not
         # change it (a segment run leaves the nodule table as it was) leaves it in place.
         content = frame_digest(frame)
-        if store.table_attrs(name).get(DIGEST_KEY) != content or not _readable(store, name):
+        stored = store.table_attrs(name)
+        # A table of the older one-array-per-column layout is written again, packed, whatever its content.
+        if stored.get(DIGEST_KEY) != content or stored.get("layout") != TABLE_LAYOUT or not _readable(store, name):
             store.write_table(name, frame, dim=dim, attrs={DIGEST_KEY: content})
             written.append(name)
     return {"nodules": len(nodules), "patients": len(patients), "written": written}

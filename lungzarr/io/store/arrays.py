@@ -71,17 +71,23 @@ class _PatientArrays:
         """
         import xarray as xr
 
-        if not self.has_patient(patient):
-            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
-                                f"`lungzarr status {self.path}` lists the patients")
         path = self.group_path(patient) + (f"/{subgroup}" if subgroup else "")
-        group = self._zarr.open_group(self._zstore, path=path, mode="r", zarr_format=3, use_consolidated=False)
-        present = set(group.array_keys())
+        try:
+            group = self._zarr.open_group(self._zstore, path=path, mode="r", zarr_format=3, use_consolidated=False)
+        except self._zarr.errors.GroupNotFoundError:
+            if subgroup is not None and self.has_patient(patient):
+                raise
+            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                f"`lungzarr status {self.path}` lists the patients") from None
         data_vars, encoded = {}, []
         for name in names:
-            if name not in present:
+            # One read of the array's zarr.json; zarr's array_keys() would read every member's.
+            try:
+                array = group[name]
+            except KeyError:
                 continue
-            array = group[name]
+            if not isinstance(array, self._zarr.Array):
+                continue
             attrs = dict(array.attrs)
             fill = attrs.pop("_FillValue", None)
             plain = not (set(attrs) & {"scale_factor", "add_offset", "_Unsigned", "dtype", "calendar"}) and (
@@ -118,14 +124,14 @@ class _PatientArrays:
         import dask.array as da
         from dask.base import tokenize
 
-        if not self.has_patient(patient):
-            raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
-                                f"`lungzarr status {self.path}` lists the patients")
         path = f"{self.group_path(patient)}/{name}"
         meta = self.path / path / "zarr.json"
         try:
             stat = meta.stat()
         except FileNotFoundError:
+            if not self.has_patient(patient):  # asked only now: on object storage each check is a request
+                raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
+                                    f"`lungzarr status {self.path}` lists the patients") from None
             raise LungzarrError(f"patient {patient!r} has no array {name!r} in store {str(self.path)!r}; "
                                 f"run the stage that writes it first") from None
         array = self._zarr.open_array(self._zstore, path=path, mode="r", zarr_format=3)

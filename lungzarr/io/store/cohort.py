@@ -70,12 +70,23 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
     def group_path(patient: str) -> str:
         return f"{PATIENTS_GROUP}/{check_patient_id(patient)}"
 
+    def _patient_group(self, patient: str, mode=None):
+        """The patient's zarr group, or None without it: one read of its ``zarr.json``.
+
+        Not ``has_patient`` first: on object storage that is one more request for what the read tells.
+        """
+        try:
+            return self._group(self.group_path(patient), mode=mode)
+        except self._zarr.errors.GroupNotFoundError:
+            return None
+
     def patients(self) -> list[str]:
         """Identifiers of the patients with a group in the store, sorted."""
         folder = self.path / PATIENTS_GROUP
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").exists())
+        # is_dir first: the listing says it (no request), and skips the group's own zarr.json.
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "zarr.json").exists())
 
     def patient_folders(self) -> list[str]:
         """Folders under ``patients/`` that are no group (no ``zarr.json``): what is left of a lost group."""
@@ -88,9 +99,8 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
         return (self.path / self.group_path(patient) / "zarr.json").exists()
 
     def patient_attrs(self, patient: str) -> dict:
-        if not self.has_patient(patient):
-            return {}
-        return dict(self._node_meta(self.group_path(patient)).get("attributes", {}))
+        """The patient group's attributes; {} without the group (one read: no existence check first)."""
+        return dict((self._group_meta(self.group_path(patient)) or {}).get("attributes", {}))
 
     # ------------------------------------------------------------------ a node's zarr.json
     # A group's attributes are read and replaced as the JSON of its ``zarr.json``: one read and one parse

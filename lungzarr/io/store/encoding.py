@@ -51,6 +51,14 @@ def _checksummed(dataset):
     return dataset
 
 
+def table_compressors() -> tuple:
+    """The compressors of a cohort table's blocks (written through zarr, not xarray): zstd, then the
+    crc32c checksum of :func:`_checksummed`."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return (ZstdCodec(), Crc32cCodec()) if CHECKSUM_CHUNKS else (ZstdCodec(),)
+
+
 def _encoded_for_store(dataset):
     """Strings variable-length, voxels Blosc-LZ4, every chunk checksummed."""
     return _checksummed(_voxel_compression(_vlen_strings(dataset)))

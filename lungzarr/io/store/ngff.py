@@ -36,6 +36,7 @@ def _ngff_level(path: str, grid: Grid) -> dict:
         {"type": "translation", "translation": [float(o) for o in grid.origin]}]}
 
 
+
 def ome_multiscales(attrs: dict, arrays=None) -> dict | None:
     """NGFF 0.5 ``ome`` attributes of a patient group: the native ``hu`` image, then ``hu_2mm``.
 
@@ -134,7 +135,8 @@ class _LabelImages:
             self._rmtree(self.path / target)
         ds = xr.Dataset({"0": (_DIMS_2MM, labels)})
         ds["0"].encoding["chunks"] = (min(int(chunk_slices), labels.shape[0]),) + tuple(labels.shape[1:])
-        _encoded_for_store(ds).to_zarr(self._zstore, group=target, mode="w", **encoding._WRITE)
+        # "w-": the image was removed just above (see prepare_stage).
+        _encoded_for_store(ds).to_zarr(self._zstore, group=target, mode="w-", **encoding._WRITE)
         self._group(target).attrs.put(_jsonable({OME_KEY: ome_label_image(attrs, name, colors=colors,
                                                                            properties=properties)}))
         present = [n for n in LABEL_IMAGES if (self.path / group / n / "zarr.json").is_file()]

@@ -20,6 +20,22 @@ def _check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _request_options(url: str) -> dict:
+    """Storage options that spare a request per object read, for the filesystems that need them.
+
+    s3fs reads a whole object (``cat_file``, what zarr's ``FsspecStore.get`` calls for every
+    ``zarr.json`` and chunk) with a HEAD for its size first, then the GET, unless
+    ``max_concurrency`` is 1: the size only decides whether to split a read above its block
+    size (50 MB) into parallel ranged GETs. lungzarr's objects are chunks of a few MB and
+    metadata files, so the HEAD was every second request of a run
+    (``benchmarks/bench_s3_requests.py``). The option also caps the parallel parts of one
+    multipart upload, which only objects above 100 MB use.
+    """
+    from fsspec.utils import get_protocol
+
+    return {"max_concurrency": 1} if get_protocol(url) in ("s3", "s3a") else {}
+
+
 class _ObjectBackend(_ObjectLock):
     """A store on object storage (S3, or any fsspec URL): no rename, no flock.
 
@@ -48,7 +64,7 @@ class _ObjectBackend(_ObjectLock):
 
         self.url = _check_url(str(url))
         # No listing cache: another process (a worker, a second run) changes what is listed.
-        options = self._options = {"use_listings_cache": False}
+        options = self._options = {"use_listings_cache": False, **_request_options(self.url)}
         self.fs, key = fsspec.url_to_fs(self.url, **options)
         self.path = _ObjectPath(self.fs, key)
         self.zarr_store = FsspecStore.from_url(self.url, storage_options=options, read_only=mode == "r")

@@ -18,15 +18,16 @@ class _PatientRecords:
 
     def _unmark_stage(self, patient: str, stage: str) -> dict:
         """Drop ``stage``'s completion marker on disk before redoing it; return the group attrs."""
-        if not self.has_patient(patient):
+        group = self._patient_group(patient, mode="r+")
+        if group is None:
             raise PatientError(f"patient {patient!r} is not in the store; ingest it first", patient=patient,
                                stage=stage)
-        attrs = self.patient_attrs(patient)
+        attrs = dict(group.attrs)
         stages = dict(attrs.get(STAGES_KEY, {}))
         if stage in stages:
             stages.pop(stage)
             attrs[STAGES_KEY] = stages
-            self._group(self.group_path(patient)).attrs.put(attrs)
+            group.attrs.put(attrs)
         return attrs
 
     def unmark_stages(self, patient: str, stages) -> list[str]:

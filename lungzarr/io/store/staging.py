@@ -41,13 +41,6 @@ class _Staging:
         if folder.exists():
             self._rmtree(folder)
 
-    def _remove_arrays(self, group_path: str, names) -> None:
-        folder = self.path / group_path
-        for name in names:
-            target = folder / name
-            if target.is_dir():
-                self._rmtree(target)
-
     def prepare_stage(self, patient: str, stage: str, dataset, *, record: dict | None = None,
                       new_group: bool = False, subgroup: str | None = None) -> "PendingStage":
         """Start writing one stage of a patient: metadata now, voxels when computed.
@@ -82,19 +75,24 @@ class _Staging:
             attrs = _jsonable(dict(dataset.attrs))
         else:
             attrs = self._unmark_stage(patient, stage)
+        # A group removed just before is created with "w-", not "w": "w" has zarr clear each new
+        # array's prefix first, five requests per array on object storage for nothing to clear.
         if subgroup is not None:
             target = f"{gpath}/{subgroup}"
             if (self.path / target).exists():
                 self._rmtree(self.path / target)
-            mode = "w"
+            mode = "w-"
         elif new_group:
-            target, mode = gpath, "w"
+            target, mode = gpath, "w-"
         else:
             target, mode = gpath, "a"
-            self._remove_arrays(target, list(dataset.data_vars))
+            # One listing of the group: the stage's old arrays to remove, and the coordinates already there.
+            children = {p.name: p for p in (self.path / gpath).iterdir()}
+            for name in dataset.data_vars:
+                if name in children and children[name].is_dir():
+                    self._rmtree(children[name])
             # Coordinates written by an earlier stage stay as they are.
-            existing = {p.name for p in (self.path / gpath).iterdir()}
-            dataset = dataset.drop_vars([c for c in dataset.coords if c in existing])
+            dataset = dataset.drop_vars([c for c in dataset.coords if c in children])
             dataset.attrs = {}
         delayed = _encoded_for_store(dataset).to_zarr(self._zstore, group=target, mode=mode, compute=False,
                                                       **encoding._WRITE)
@@ -120,7 +118,7 @@ class _Staging:
         self._changing(patient)  # on a worker: the run's client dropped it already, so this only reads
         if (self.path / target).exists():
             self._rmtree(self.path / target)
-        _encoded_for_store(dataset.copy()).to_zarr(self._zstore, group=target, mode="w", **encoding._WRITE)
+        _encoded_for_store(dataset.copy()).to_zarr(self._zstore, group=target, mode="w-", **encoding._WRITE)
 
     def update_array_attrs(self, patient: str, name: str, attrs: dict) -> None:
         """Merge ``attrs`` into the attributes of the patient's array ``name`` (its metadata file only).

@@ -11,8 +11,9 @@ import numpy as np
 import lungzarr.io.store.encoding as encoding
 from lungzarr._version import __version__
 from lungzarr.errors import LungzarrError
-from lungzarr.io.store.encoding import _checksummed
 from lungzarr.io.store.layout import TABLE_POINTER_KEY, TABLES_GROUP, _jsonable, _now
+from lungzarr.io.store.tablelayout import BLOCKS, LAYOUT_KEYS, TABLE_LAYOUT, blocks_to_frame, frame_to_blocks, \
+    rows_per_chunk
 
 _TABLE_READ_ATTEMPTS = 20
 
@@ -34,6 +35,48 @@ def _dataset_from_frame(indexed):
                       coords={dim: np.asarray(indexed.index)})
 
 
+def _frame_dataset(frame, *, dim: str, attrs: dict):
+    """A table as the xarray Dataset ``open_cohort`` shows: one variable per column, ``dim`` its index.
+
+    A column named like the dimension (the patient id) becomes its coordinate; strings are ``object``.
+    """
+    indexed = frame.set_index(dim) if dim in frame.columns else frame.rename_axis(dim)
+    ds = _dataset_from_frame(indexed)
+    for col in frame.columns:
+        if frame[col].dtype == object or str(frame[col].dtype).startswith(("string", "str")):
+            ds[col] = ds[col].astype(object)
+    if dim in frame.columns:
+        ds = ds.assign_coords({dim: ds[dim].astype(object)})
+    ds.attrs = dict(attrs)
+    return ds
+
+
+class _LoadedTable:
+    """A table read whole: the frame and attributes of the packed layout, or the Dataset of the layout before."""
+
+    def __init__(self, *, frame=None, attrs: dict | None = None, dataset=None):
+        self.frame, self.attrs, self.dataset = frame, attrs or {}, dataset
+
+    def as_frame(self):
+        if self.frame is not None:
+            return self.frame
+        ds = self.dataset
+        columns = ds.attrs.get("columns")
+        frame = ds.to_dataframe()
+        frame = frame.reset_index(drop=not (columns and frame.index.name in columns))
+        frame = frame[[c for c in ds.attrs.get("columns", frame.columns) if c in frame.columns]]
+        for col in frame.columns:
+            if frame[col].dtype == object or str(frame[col].dtype).startswith("str"):
+                frame[col] = frame[col].astype(object)
+        return frame
+
+    def as_dataset(self):
+        if self.dataset is not None:
+            return self.dataset
+        kept = {k: v for k, v in self.attrs.items() if k not in LAYOUT_KEYS}
+        return _frame_dataset(self.frame, dim=self.attrs["dim"], attrs=kept)
+
+
 class _CohortTables:
     """Part of :class:`~lungzarr.io.store.CohortStore`: the cohort-wide tables."""
 
@@ -49,7 +92,10 @@ class _CohortTables:
     # removed (zarr reads a vanished chunk as the fill value), so it reads the new
     # one. Group names are never reused, so "unchanged" cannot be a new table of
     # the same name. Stores written before this layout have ``tables/<name>``
-    # itself, read when the pointer does not name the table.
+    # itself, read when the pointer does not name the table. A group holds the
+    # table's columns packed into a few arrays (``tablelayout.py``); one written
+    # before that holds one array per column and is read through xarray; the
+    # next run's table write replaces it with the packed layout.
 
     def _tables_meta_path(self) -> Path:
         return self.path / TABLES_GROUP / "zarr.json"
@@ -77,27 +123,20 @@ class _CohortTables:
     def write_table(self, name: str, frame, *, dim: str, attrs: dict | None = None) -> None:
         """Store a pandas DataFrame as the cohort table ``name`` (dimension ``dim``), replacing it atomically.
 
+        The columns are packed into a few 2-D arrays (:mod:`lungzarr.io.store.tablelayout`).
         A concurrent :meth:`read_table` sees the old table or the new one, whole.
         ``attrs`` are kept with the table (:meth:`table_attrs`), written in the same switch.
         """
         frame = frame.reset_index(drop=True)
-        columns = [str(c) for c in frame.columns]
-        # A column named like the dimension (the patient id) becomes its coordinate.
-        indexed = frame.set_index(dim) if dim in frame.columns else frame.rename_axis(dim)
-        ds = _dataset_from_frame(indexed)
-        for col in frame.columns:
-            if frame[col].dtype == object or str(frame[col].dtype).startswith(("string", "str")):
-                ds[col] = ds[col].astype(object)
-        if dim in frame.columns:
-            ds = ds.assign_coords({dim: ds[dim].astype(object)})
-        ds.attrs = {**_jsonable(attrs or {}), "lungzarr:written": _now(), "lungzarr_version": __version__,
-                    "columns": columns}
+        blocks, layout = frame_to_blocks(frame)
+        group_attrs = {**_jsonable(attrs or {}), "lungzarr:written": _now(), "lungzarr_version": __version__,
+                       **layout, "dim": dim}
         group = f"{name}.{uuid.uuid4().hex}"
         self._changing()
         try:
             # The new group is written whole before the pointer moves to it: a write that fails (a full
             # disk) leaves the previous table current and readable.
-            _checksummed(ds).to_zarr(self._zstore, group=f"{TABLES_GROUP}/{group}", mode="w", **encoding._WRITE)
+            self._write_table_group(f"{TABLES_GROUP}/{group}", blocks, group_attrs, dim=dim)
             self._switch_table(name, group)
         except OSError as exc:
             encoding.settle_writes()  # the call's other chunk writes end first, or one would land after the removal
@@ -116,20 +155,38 @@ class _CohortTables:
                                             and folder.name[len(name) + 1:].isalnum())):
                 self._rmtree(folder, ignore_errors=True)
 
+    def _write_table_group(self, path: str, blocks: dict, attrs: dict, *, dim: str) -> None:
+        """Write a table's group: its metadata, then each block (every chunk written, checksummed).
+
+        Straight through zarr, not ``Dataset.to_zarr``: xarray writes each array's metadata
+        twice and clears the group's prefix first, requests a fresh group does not need.
+        """
+        group = self._zarr.create_group(self._zstore, path=path, attributes=_jsonable(attrs), zarr_format=3)
+        for block in BLOCKS:
+            if block not in blocks:
+                continue
+            data = blocks[block]
+            n, k = data.shape
+            array = group.create_array(block, shape=data.shape, dtype=str if block == "str" else block,
+                                       chunks=(rows_per_chunk(n, k), max(k, 1)),
+                                       compressors=encoding.table_compressors(),
+                                       dimension_names=(dim, f"{block}_column"),
+                                       config={"write_empty_chunks": True})
+            if n:
+                array[...] = data
+
     def has_tables(self) -> bool:
         """Whether the store has its ``tables`` group (every store lungzarr creates has one)."""
         return self._tables_meta_path().exists()
 
-    def _table_dataset(self, name: str):
-        """The current Dataset of table ``name``, loaded whole and checked to be current throughout; or None.
+    def _current_table(self, name: str) -> "_LoadedTable | None":
+        """The current table ``name``, loaded whole and checked to be current throughout; or None.
 
         Raises
         ------
         LungzarrError
             The table the pointer names cannot be read (gone, damaged).
         """
-        import xarray as xr
-
         for _ in range(_TABLE_READ_ATTEMPTS):
             group = self._table_pointer().get(name)
             if group is None:
@@ -137,10 +194,7 @@ class _CohortTables:
                     return None
                 group = name  # a store written before the pointer
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", category=UserWarning)
-                    ds = xr.open_dataset(self._zstore, group=f"{TABLES_GROUP}/{group}", engine="zarr",
-                                         consolidated=False, zarr_format=3).load()
+                loaded = self._load_table_group(self._open_table_group(group))
             except (FileNotFoundError, KeyError, ValueError, self._zarr.errors.BaseZarrError) as exc:
                 if self._table_pointer().get(name, name) == group:
                     # The current table itself cannot be read: damage, not a race.
@@ -149,9 +203,39 @@ class _CohortTables:
                                         f"{self.path}` writes it again from the patient groups") from None
                 continue  # replaced (and removed) while we opened it: read the new one
             if self._table_pointer().get(name, name) == group:
-                return ds
+                return loaded
         raise LungzarrError(f"table {name!r} of {str(self.path)!r} was replaced {_TABLE_READ_ATTEMPTS} times "
                             f"while being read; read it again once the run writing the store has finished")
+
+    def _open_table_group(self, group: str):
+        """The reader's first step: a table group opened (its metadata read), nothing loaded yet."""
+        path = f"{TABLES_GROUP}/{group}"
+        opened = self._zarr.open_group(self._zstore, path=path, mode="r", zarr_format=3, use_consolidated=False)
+        if opened.attrs.get("layout") is not None:
+            return opened
+        import xarray as xr
+
+        with warnings.catch_warnings():  # the layout before: one array per column
+            warnings.simplefilter("ignore", category=UserWarning)
+            return xr.open_dataset(self._zstore, group=path, engine="zarr", consolidated=False, zarr_format=3)
+
+    def _load_table_group(self, opened) -> "_LoadedTable":
+        """The reader's second step: every block (or, in the layout before, every column) read."""
+        if not isinstance(opened, self._zarr.Group):
+            return _LoadedTable(dataset=opened.load())
+        attrs = dict(opened.attrs)
+        if attrs["layout"] != TABLE_LAYOUT:
+            raise LungzarrError(f"cohort table {opened.path!r} of store {str(self.path)!r} has layout "
+                                f"{attrs['layout']!r}, which this lungzarr does not read ({TABLE_LAYOUT!r}): "
+                                f"a newer lungzarr wrote it; upgrade, or `lungzarr verify --repair {self.path}` "
+                                f"writes the tables again in this version's layout")
+        blocks = {block: opened[block][...] for block in attrs["blocks"]}
+        return _LoadedTable(frame=blocks_to_frame(blocks, attrs), attrs=attrs)
+
+    def _table_dataset(self, name: str):
+        """The current table ``name`` as an xarray Dataset (one variable per column, ``dim`` the index); or None."""
+        loaded = self._current_table(name)
+        return None if loaded is None else loaded.as_dataset()
 
     def table_attrs(self, name: str) -> dict:
         """The attributes the current table ``name`` was written with (one metadata read); {} without it."""
@@ -180,24 +264,19 @@ class _CohortTables:
         """
         import pandas as pd
 
-        if not self.has_tables():
-            raise LungzarrError(f"store {str(self.path)!r} has no cohort tables (its {TABLES_GROUP}/ group is "
-                                f"gone); `lungzarr verify --repair {self.path}` rebuilds them from the patient groups")
-        ds = self._table_dataset(name)
-        if ds is None:
+        loaded = self._current_table(name)
+        if loaded is None:
+            # Asked only now: on object storage each check is a request, and a table read says it.
+            if not self.has_tables():
+                raise LungzarrError(f"store {str(self.path)!r} has no cohort tables (its {TABLES_GROUP}/ group is "
+                                    f"gone); `lungzarr verify --repair {self.path}` rebuilds them from the patient "
+                                    f"groups")
             if self.patients():
                 raise LungzarrError(f"store {str(self.path)!r} has patients but no {name} table (a run writes it "
                                     f"at its end; did the last one stop before?); `lungzarr verify --repair "
                                     f"{self.path}` writes it from the patient groups")
             return pd.DataFrame()
-        columns = ds.attrs.get("columns")
-        frame = ds.to_dataframe()
-        frame = frame.reset_index(drop=not (columns and frame.index.name in columns))
-        frame = frame[[c for c in ds.attrs.get("columns", frame.columns) if c in frame.columns]]
-        for col in frame.columns:
-            if frame[col].dtype == object or str(frame[col].dtype).startswith("str"):
-                frame[col] = frame[col].astype(object)
-        return frame
+        return loaded.as_frame()
 
     def table_names(self) -> list[str]:
         """Names of the cohort tables in the store."""
