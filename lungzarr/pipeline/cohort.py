@@ -232,9 +232,8 @@ def _stream(store, items, stages, options, *, overwrite, batch_size, client, pro
     # The INPUT entry's fingerprint, taken once per patient before its files are read (a file changed
     # while it is ingested is then seen by the next run), and why its ingest is redone, if it changed.
     fingerprints, changed = {}, {}
-    # On a cluster a patient's stage is built and computed from a worker (lungzarr.pipeline.remote): an
-    # older store's listing of the whole cohort is dropped here first, once, before any worker writes.
-    remote, dropped = client is not None, []
+    # On a cluster a patient's stage is built and computed from a worker (lungzarr.pipeline.remote).
+    remote = client is not None
 
     def fingerprint(patient):
         if patient not in fingerprints:
@@ -278,9 +277,9 @@ def _stream(store, items, stages, options, *, overwrite, batch_size, client, pro
         if stage.creates_patient and sources is not None:
             record[FINGERPRINT_KEY] = fingerprint(patient)
         if remote:
-            if not dropped:
-                store._changing()
-                dropped.append(True)
+            # An older store's listing of the whole cohort, dropped before any worker writes (once per
+            # CohortStore: later calls only check a flag).
+            store._changing()
             pending = RemoteStage(store, patient, stage, payload, options, record=record,
                                   on_warnings=lambda warned: record_warnings(patient, name, warned))
         else:

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 
 from lungzarr.errors import LungzarrError
-from lungzarr.io.store.layout import CONSOLIDATED_KEY
+from lungzarr.io.store.consolidated import listed_nodes
 
 
 class _PatientArrays:
@@ -45,7 +45,7 @@ class _PatientArrays:
         if meta is None:
             raise LungzarrError(f"patient {patient!r} is not in store {str(self.path)!r}; "
                                 f"`lungzarr status {self.path}` lists the patients")
-        listed = (meta.get(CONSOLIDATED_KEY) or {}).get("metadata")
+        listed = listed_nodes(meta)
         # A listing naming a node that is gone is not used: zarr would serve that array's chunks as zeros.
         stale = self.stale_listing(patient, listed) if listed is not None else []
         return self._backend.store_at(group), listed is not None and not stale, stale

@@ -37,6 +37,13 @@ def _listing(entries: dict) -> dict:
     return {"kind": "inline", "must_understand": False, "metadata": dict(sorted(entries.items()))}
 
 
+def listed_nodes(meta: dict) -> dict | None:
+    """The listing a group's parsed ``zarr.json`` holds (``{path relative to the group: zarr.json}``);
+    None when it holds none."""
+    listing = meta.get(CONSOLIDATED_KEY)
+    return None if listing is None else dict(listing.get("metadata") or {})
+
+
 class _RootMetadata:
     """Part of :class:`~lungzarr.io.store.CohortStore`: root attributes and each patient's listing."""
 
@@ -93,32 +100,14 @@ class _RootMetadata:
 
     def listing(self, patient: str) -> dict | None:
         """The patient's consolidated metadata (``{path relative to its group: zarr.json}``); None without."""
-        listing = (self._group_meta(self.group_path(patient)) or {}).get(CONSOLIDATED_KEY)
-        return None if listing is None else dict(listing.get("metadata") or {})
+        return listed_nodes(self._group_meta(self.group_path(patient)) or {})
 
-    def consolidate_patient(self, patient: str, *, group: str | None = None, attrs: dict | None = None) -> int:
-        """Write the listing of a patient's group into its ``zarr.json`` (one atomic replace).
-
-        Parameters
-        ----------
-        patient : str
-        group : str, optional
-            Where the group is now (a staged group, before its swap); default
-            ``patients/<id>``.
-        attrs : dict, optional
-            New group attributes, written in the same replace (a stage's
-            commit: its marker and its listing appear together).
-
-        Returns
-        -------
-        int
-            The nodes listed.
-        """
-        group = group or self.group_path(patient)
+    def consolidate_patient(self, patient: str) -> int:
+        """Write the listing of a patient's group into its ``zarr.json`` (one atomic replace); the nodes
+        listed. (A stage's commit writes it with the marker: :meth:`PendingStage.commit`.)"""
+        group = self.group_path(patient)
         entries = self._backend.node_metadata(group)
         meta = entries.pop(".")
-        if attrs is not None:
-            meta["attributes"] = _jsonable(attrs)
         self._put_listed(group, meta, entries)
         return len(entries)
 

@@ -79,12 +79,9 @@ class _PatientRecords:
         if new or len(kept) != len(old):
             self._update_root_attrs({DAMAGE_KEY: kept + new})
 
-    def _clear_committed(self, patient: str, stage: str, *, whole_patient: bool, root: dict | None = None) -> None:
-        """After a commit: drop the stage's failure and its damage (every damage of a new patient group).
-
-        ``root``: the root metadata when the commit has just read it (nothing else writes it meanwhile).
-        """
-        attrs = dict((root if root is not None else self._root_meta()).get("attributes", {}))
+    def _clear_committed(self, patient: str, stage: str, *, whole_patient: bool) -> None:
+        """After a commit: drop the stage's failure and its damage (every damage of a new patient group)."""
+        attrs = self._root_attrs()
         update = {}
         failures = attrs.get(FAILURES_KEY, [])
         kept = [f for f in failures if (f.get("patient"), f.get("stage")) != (patient, stage)]
