@@ -120,6 +120,31 @@ def test_open_patients_lists_ids_only_and_opens_each_on_access(cohort, monkeypat
     with pytest.raises(lungzarr.errors.LungzarrError, match=r"patient 'NOPE' is not in store .*`lungzarr status"):
         open_patient(store, "NOPE")
     assert sorted(open_cohort(store, patients=["P3", "P1"])["patients"].children) == ["P1", "P3"]
+    with pytest.raises(lungzarr.errors.LungzarrError, match=r"patient 'NOPE' is not in store"):
+        open_cohort(store, patients=["P1", "NOPE"])
+    with pytest.raises(lungzarr.errors.LungzarrError, match=r"patient id '\.\./P1' cannot name a store group"):
+        open_patient(store, "../P1")
+
+
+def test_opening_a_patient_reads_its_group_metadata_once(cohort, monkeypatch):
+    """One read of the group's zarr.json decides whether the patient is there and gives its listing (on
+    object storage each read is a request: no existence check first)."""
+    root, store = cohort
+    ingest(root, store)
+    reads = []
+    original = CohortStore._node_meta
+
+    def counting(self, path):
+        reads.append(path)
+        return original(self, path)
+
+    monkeypatch.setattr(CohortStore, "_node_meta", counting)
+    monkeypatch.setattr(CohortStore, "has_patient", lambda self, p: pytest.fail("an existence check first"))
+    assert open_patient(store, "P2").attrs["patient"] == "P2"
+    assert reads == ["patients/P2"]
+    reads.clear()
+    assert sorted(open_cohort(store, patients=["P3", "P1"])["patients"].children) == ["P1", "P3"]
+    assert sorted(r for r in reads if r.startswith("patients/")) == ["patients/P1", "patients/P3"]
 
 
 def test_open_cohort_is_the_same_tree_with_and_without_the_listings(cohort):

@@ -48,7 +48,8 @@ def open_cohort(path, *, patients=None):
     import xarray as xr
 
     store = CohortStore(path, mode="r")
-    ids = store.patients() if patients is None else [_check_listed(store, p) for p in patients]
+    # An unknown patient is refused by its group's read (patient_source): no existence check first.
+    ids = store.patients() if patients is None else list(patients)
     trees = {p: _patient_tree(store, p, stacklevel=3) for p in ids}
     root = xr.Dataset(attrs=store._root_attrs())
     return xr.DataTree(dataset=root, children={PATIENTS_GROUP: xr.DataTree(children=trees),
@@ -74,7 +75,7 @@ def open_patient(path, patient: str):
     >>> ds = lungzarr.open_patient("cohort.zarr", "LIDC-IDRI-0001").to_dataset()  # doctest: +SKIP
     """
     store = CohortStore(path, mode="r")
-    return _patient_tree(store, _check_listed(store, patient), stacklevel=3)
+    return _patient_tree(store, patient, stacklevel=3)
 
 
 class PatientTrees(Mapping):
@@ -123,13 +124,6 @@ def open_patients(path) -> PatientTrees:
     ...     print(pid, float(tree["hu_2mm"].mean()))
     """
     return PatientTrees(CohortStore(path, mode="r"))
-
-
-def _check_listed(store, patient) -> str:
-    if not isinstance(patient, str) or not store.has_patient(patient):
-        raise LungzarrError(f"patient {patient!r} is not in store {str(store.path)!r}; "
-                            f"`lungzarr status {store.path}` lists the patients")
-    return patient
 
 
 def _patient_tree(store, patient: str, *, stacklevel: int):

@@ -67,7 +67,7 @@ class _RootMetadata:
 
     def _update_root_attrs(self, update: dict) -> None:
         meta = self._root_meta()
-        meta.pop(CONSOLIDATED_KEY, None)  # an older lungzarr's listing of the whole cohort: stale from now on
+        self._drop_root_listing(meta)  # the root is rewritten anyway: the same replace drops it
         meta["attributes"] = {**meta.get("attributes", {}), **_jsonable(update)}
         self._put_root_meta(meta)
 
@@ -89,14 +89,20 @@ class _RootMetadata:
         """
         if not getattr(self, "_root_listing_checked", False):
             meta = self._root_meta()
-            if meta.pop(CONSOLIDATED_KEY, None) is not None:
+            if self._drop_root_listing(meta):
                 self._put_root_meta(meta)
-            self._root_listing_checked = True
         if patient is not None:
             group = self.group_path(patient)
             meta = self._group_meta(group)
             if meta is not None and meta.pop(CONSOLIDATED_KEY, None) is not None:
                 self._put_node_meta(group, meta)
+
+    def _drop_root_listing(self, meta: dict) -> bool:
+        """Drop the listing of the whole cohort that an older lungzarr kept in the root's ``zarr.json``
+        (``meta``, parsed) from it, and note that this object has done so; whether there was one. Stale once
+        anything is written: the caller writes ``meta`` back when this says True."""
+        self._root_listing_checked = True
+        return meta.pop(CONSOLIDATED_KEY, None) is not None
 
     def listing(self, patient: str) -> dict | None:
         """The patient's consolidated metadata (``{path relative to its group: zarr.json}``); None without."""
