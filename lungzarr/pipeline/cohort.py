@@ -302,9 +302,16 @@ def _stream(store, items, stages, options, *, overwrite, batch_size, client, pro
     if client is not None and first.prefetch is not None:
         def prefetch(patient, payload):
             return first.prefetch(client, patient, payload, options.strict, placement.get(first.name))
+    def leave(patient):
+        # Through every stage: nothing of it is needed again. Kept, the last stage's pending object of each
+        # patient (its graph, or on a cluster its stage's payload) grew the client by ~50 kB per tiny patient
+        # (benchmarks/results/cohort_scale_ingest_10000.json).
+        for kept in (prepared, known, fingerprints):
+            kept.pop(patient, None)
+
     summaries = stream_stages(store, items, [s.name for s in stages], prepare, decide=decide,
                               batch_size=batch_size, client=client, progress=progress, compute_options=placement,
-                              prefetch=prefetch, requires={s.name: s.requires for s in stages})
+                              prefetch=prefetch, requires={s.name: s.requires for s in stages}, on_leave=leave)
     for summary in summaries:
         if by_name[summary.stage].creates_patient:
             summary.redone = [{"patient": p, "reason": changed[p]} for p in summary.done if p in changed]

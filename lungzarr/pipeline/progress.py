@@ -235,25 +235,37 @@ def stage_span(client, stage: str, patient: str):
         yield span_id
 
 
-def _execute_seconds(span_ids, dask_worker=None) -> float:
-    """On a worker: seconds its threads ran the tasks of ``span_ids`` (execute context, task activities)."""
+def _take_execute_seconds(span_ids, dask_worker=None) -> float:
+    """On a worker: seconds its threads ran the tasks of ``span_ids`` (execute context, task activities),
+    and the worker's counters of those spans dropped.
+
+    A worker keeps a counter per span, task prefix and activity
+    (``Worker.digests_total``) for its whole life and nothing else of
+    lungzarr's reads them: one span per patient and stage would grow a
+    worker's memory with the cohort (36 kB per tiny patient over a 10,000
+    patient ingest, ``benchmarks/results/cohort_scale_ingest_10000.json``)
+    and make this scan longer at every patient. Asked once the spans'
+    computations have ended, so no task adds to them afterwards.
+    """
     wanted = set(span_ids)
+    digests = dask_worker.digests_total
     total = 0.0
-    for label, value in list(dask_worker.digests_total.items()):
-        if (isinstance(label, tuple) and len(label) == 5 and label[0] == "execute" and label[1] in wanted
-                and label[3] in _TASK_ACTIVITIES and label[4] == "seconds"):
+    for label in [lb for lb in list(digests) if isinstance(lb, tuple) and len(lb) == 5 and lb[1] in wanted]:
+        value = digests.pop(label, 0.0)
+        if label[0] == "execute" and label[3] in _TASK_ACTIVITIES and label[4] == "seconds":
             total += float(value)
     return total
 
 
 def worker_seconds(client, span_ids) -> float | None:
     """Seconds the workers' threads ran the tasks of ``span_ids``, added up over every worker; None when a
-    worker did not answer (it is gone: its tasks' time is lost with it)."""
+    worker did not answer (it is gone: its tasks' time is lost with it). Once per span: the workers forget
+    a span's counters as they answer (:func:`_take_execute_seconds`)."""
     span_ids = [s for s in span_ids if s is not None]
     if not span_ids:
         return 0.0
     try:
-        per_worker = client.run(_execute_seconds, span_ids)
+        per_worker = client.run(_take_execute_seconds, span_ids)
     except Exception:  # a worker died or the cluster is closing
         return None
     return float(sum(per_worker.values()))

@@ -186,8 +186,9 @@ class _Stream:
     """The state of one :func:`stream_stages` call (queues, counts, timings per stage)."""
 
     def __init__(self, store, items, stages, prepare, decide, batch_size, client, progress, compute_options,
-                 prefetch, requires):
+                 prefetch, requires, on_leave=None):
         self.store, self.stages, self.prepare, self.decide = store, list(stages), prepare, decide
+        self.on_leave = on_leave
         # Stages each stage needs, directly or not (default: every earlier stage).
         requires = requires if requires is not None else {s: self.stages[:k] for k, s in enumerate(self.stages)}
         self.needs = {s: _closure(s, requires) for s in self.stages}
@@ -258,6 +259,8 @@ class _Stream:
         # Every patient goes on: a later stage's decide() blocks it when a stage it needs is missing.
         if i + 1 < len(self.stages):
             self.queues[i + 1].append((patient, None))
+        elif self.on_leave is not None:
+            self.on_leave(patient)
 
     def fail(self, i, patient, exc, seconds=None, wall_seconds=None):
         self.stop_if_run_level(i, patient, exc)
@@ -376,6 +379,8 @@ class _Stream:
                 if i == 0 and self.prefetch is not None:
                     self.prefetch_ahead()
                 patient, payload = self.queues[i].popleft()
+                if i == 0:
+                    self.prefetched.discard(patient)  # out of the first queue: never prefetched again
                 try:
                     # A stage that failed in this run blocks what needs it, whatever its old marker says.
                     failed = self.failed_in_run.get(patient, set()) & self.needs[self.stages[i]]
@@ -462,7 +467,8 @@ class _Stream:
 
 def stream_stages(store, items, stages, prepare: Callable, *, decide: Callable, batch_size: int = 4, client=None,
                   progress: Progress | None = None, compute_options: dict | None = None,
-                  prefetch: Callable | None = None, requires: dict | None = None) -> list[StageSummary]:
+                  prefetch: Callable | None = None, requires: dict | None = None,
+                  on_leave: Callable | None = None) -> list[StageSummary]:
     """Stream patients through several stages, each patient as soon as its previous stage is committed.
 
     A patient's next stage is submitted the moment its previous one is
@@ -509,6 +515,10 @@ def stream_stages(store, items, stages, prepare: Callable, *, decide: Callable, 
         ``requires[stage]``: the stages it needs. A patient that fails a
         stage in this run is blocked in every stage that needs it, directly
         or not. Default: each stage needs every earlier one.
+    on_leave : callable, optional
+        ``on_leave(patient)`` when a patient is through the last stage (done,
+        skipped, blocked or failed): the caller drops what it kept of the
+        patient, so nothing held per patient grows with the cohort.
 
     Returns
     -------
@@ -517,7 +527,7 @@ def stream_stages(store, items, stages, prepare: Callable, *, decide: Callable, 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     return _Stream(store, list(items), stages, prepare, decide, batch_size, client, progress, compute_options,
-                   prefetch, requires).run()
+                   prefetch, requires, on_leave).run()
 
 
 def _closure(stage, requires) -> set:
