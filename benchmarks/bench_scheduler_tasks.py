@@ -8,10 +8,11 @@ for a whole cluster). For one patient, each stage is run as ``lungzarr run``
 runs it (the stage's own ``prepare``, the same graph
 :func:`lungzarr.pipeline.remote.stage_task` submits, with
 ``optimize_graph=False`` as there), here on dask's local threads; before
-each computation the graph is counted: the keys the scheduler runs (and those it gets),
-their dependencies, and both per key prefix (``dask.utils.key_split``), so
-a count names the code it comes from. Not counted: the one
-``stage_task`` per patient and stage, and ingest's one prefetch task.
+each computation the graph is counted: the tasks the scheduler runs (what
+the result key needs; ``graph_tasks``: all the graph holds), their
+dependencies, and the tasks per key prefix (``dask.utils.key_split``), so a
+count names the code it comes from. Not counted: the one ``stage_task`` per
+patient and stage, and ingest's one prefetch task.
 
 Patients: a tiny phantom (``tests/dicom_phantoms.make_patient``, 48 slices of
 128², as ``benchmarks/control_plane.py``) and, with ``--whole``, the whole
