@@ -20,7 +20,8 @@ The client's CPU is ``getrusage(RUSAGE_SELF)`` of the child (children, i.e.
 the workers and the scheduler process, excluded) around the run, after one
 warm-up patient; the idle rate (heartbeats) is sampled for 5 s first and
 ``above_idle`` subtracts it over the run's wall time (the marginal CPU per
-patient). The scheduler process's CPU is reported beside it, and the
+patient). The scheduler process's CPU is reported beside it (and above its
+own idle rate, sampled over the same 5 s), and the
 progress events the run gave (``chunk`` events per patient: the display
 moved). Each child hashes, per patient, the stored arrays (every variable's
 values) and the stage records (times, ids and versions left out) apart, so
@@ -142,12 +143,15 @@ def child(args: dict) -> dict:
         stages = None if args.get("stages") == "all" else (args.get("stages") or STAGES)
         # With detect among them, one crop in every tree: fixed, the only one (and the default) of the trees
         # older than --crop; newer trees default to the lung box, and the variants must write the same store.
-        crop = {"crop": "fixed"} if "crop" in inspect.signature(pipeline.run).parameters else {}
+        # --crop lungs (the default of `lungzarr run` now) for trees that all have it.
+        crop = {"crop": args.get("crop") or "fixed"} if "crop" in inspect.signature(pipeline.run).parameters \
+            else {}
         pipeline.run(args["input"], warm_store, stages=stages, client=client, chunk_slices=16,
                      patients=[args["warm"]], **crop)
-        c0 = _cpu_self()
+        c0, s0 = _cpu_self(), scheduler_cpu()
         time.sleep(IDLE_PROBE_S)
         idle = (_cpu_self() - c0) / IDLE_PROBE_S
+        scheduler_idle = (scheduler_cpu() - s0) / IDLE_PROBE_S  # heartbeats of the workers, the idle loop
         patients = [p for p in args["patients"]]
         events = {}
         try:
@@ -172,6 +176,9 @@ def child(args: dict) -> dict:
             "client_idle_cpu_per_s": round(idle, 4),
             "client_cpu_s_per_patient_above_idle": round(max(0.0, client_s - idle * wall) / n, 3),
             "scheduler_process_cpu_s_per_patient": round(scheduler_s / n, 3) if scheduler else None,
+            "scheduler_idle_cpu_per_s": round(scheduler_idle, 4) if scheduler else None,
+            "scheduler_process_cpu_s_per_patient_above_idle": (
+                round(max(0.0, scheduler_s - scheduler_idle * wall) / n, 3) if scheduler else None),
             "progress_events": events,
             "failed": {s.stage: [f.get("reason") for f in s.failed] for s in summaries if s.failed},
             "digest": _store_digest(store)}
@@ -223,6 +230,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="run without a progress callable")
     parser.add_argument("--stages", nargs="+", default=STAGES,
                         help="the stages run (default ingest segment; 'all': the whole pipeline, ingest to features)")
+    parser.add_argument("--crop", choices=["fixed", "lungs"], default="fixed",
+                        help="detect's crop (default fixed: the only one of trees older than --crop)")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="VARIANT-WORKERSw pairs not to run (e.g. before-16w: 16 TensorFlow workers may not fit)")
     parser.add_argument("--out", default="control_plane", help="results/<OUT>.json")
@@ -255,7 +264,7 @@ def main(argv=None) -> None:
                                                   "scheduler_process": variant != "after-inprocess",
                                                   "work": str(work), "input": str(work / "input"),
                                                   "patients": ids, "warm": "WARM", "stages": stages,
-                                                  "progress": not args.no_progress})
+                                                  "progress": not args.no_progress, "crop": args.crop})
                     print(json.dumps({k: v for k, v in row.items() if k != "digest"}), flush=True)
                     rows.append(row)
         differences = _differences(rows)
@@ -271,10 +280,15 @@ def main(argv=None) -> None:
                         "scheduler_process_cpu_s_per_patient": (
                             round(statistics.median(r["scheduler_process_cpu_s_per_patient"] for r in mine), 3)
                             if mine[0]["scheduler_process_cpu_s_per_patient"] is not None else None),
+                        "scheduler_process_cpu_s_per_patient_above_idle": (
+                            round(statistics.median(r.get("scheduler_process_cpu_s_per_patient_above_idle")
+                                                    for r in mine), 3)
+                            if mine[0].get("scheduler_process_cpu_s_per_patient_above_idle") is not None
+                            else None),
                         "chunk_events_per_patient": round(statistics.median(
                             r["progress_events"].get("chunk", 0) for r in mine) / args.patients, 1)}
         result = {"what": f"client-process CPU per patient of pipeline.run ({stages}), median over rounds",
-                  "stages": stages,
+                  "stages": stages, "crop": args.crop,
                   "before_rev": before, "after_rev": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
                                                                     capture_output=True, text=True).stdout.strip(),
                   "cohort": {"patients": args.patients, "slices": args.slices, "size": args.size},

@@ -203,10 +203,10 @@ def _detect_task_kind(key) -> str | None:
     name = key[0] if isinstance(key, tuple) else str(key)
     if name.startswith("predict-nodule-prob-"):
         return "predict"
-    if name.startswith(("open-hu_2mm", "original-open-hu_2mm", "open-lungs", "original-open-lungs", "rechunk",
-                        "getitem", "normalize_hu", "overlap", "cut-windows-", "place-nodule-prob-", "from-value",
-                        "concatenate", "store-map", "_finalize_store", "finalize-", "_lung_box_task",
-                        "after_write", "chunk-computed-",
+    if name.startswith(("open-hu_2mm", "original-open-hu_2mm", "rechunk", "getitem", "normalize_hu", "overlap",
+                        "cut-windows-",
+                        "place-nodule-prob-", "from-value", "concatenate", "store-map", "_finalize_store",
+                        "finalize-", "chunk-computed-",
                         # the task that builds the patient's graph on a worker, the run's tables at its end
                         "lungzarr-detect-", "lungzarr-finish-")):
         return "cpu"

@@ -104,8 +104,8 @@ class _PatientArrays:
                 ds[name] = full[name].variable.load()
         return ds
 
-    def lazy_array(self, patient: str, name: str):
-        """One stored array of a patient as a dask array in its stored chunks (nothing loaded).
+    def lazy_array(self, patient: str, name: str, *, z_chunk: int | None = None):
+        """One stored array of a patient as a dask array (nothing loaded).
 
         For a stage that needs one input array to build its graph (segment's and
         detect's ``hu_2mm``): :meth:`open_patient` has xarray read every
@@ -115,6 +115,18 @@ class _PatientArrays:
         the resolved store path, the patient, the array and its metadata file's
         modification time and size, so a rewritten array never shares a key
         with the old one.
+
+        Parameters
+        ----------
+        patient, name : str
+        z_chunk : int, optional
+            Slices per dask chunk (y and x whole), read by one task each, the
+            zarr array inlined in it: a stage reading in tasks of
+            :func:`~lungzarr.pipeline.stages._common.task_slices` gets one read
+            task per task, not one per stored chunk, one task holding the
+            array and the rechunk merging them (the scheduler's CPU grows with
+            its tasks: issue 29; 13 -> 3 tasks for a whole-scan ``hu_2mm``).
+            Default: the stored chunks, the array in a task of its own.
 
         Raises
         ------
@@ -138,9 +150,14 @@ class _PatientArrays:
         # The stage commits' ids too: unique per write, where an object's mtime has 1 s resolution and
         # its ETag is that of metadata a rewrite of the same shape leaves unchanged.
         commits = sorted((stage, record.get("id")) for stage, record in self.stages(patient).items())
+        # The chunking too: two stages' reads of one array in other chunks never share a key.
         token = tokenize(str(self.path.resolve()), patient, name, stat.st_mtime_ns, stat.st_size,
-                         getattr(stat, "st_etag", None), commits)
-        return da.from_zarr(array, name=f"open-{name}-{token}")
+                         getattr(stat, "st_etag", None), commits, z_chunk)
+        if z_chunk is None:
+            return da.from_zarr(array, name=f"open-{name}-{token}")
+        if int(z_chunk) < 1:
+            raise ValueError(f"z_chunk must be >= 1 slice, got {z_chunk!r}")
+        return da.from_zarr(array, chunks=(int(z_chunk),) + tuple(array.shape[1:]), name=f"open-{name}-{token}")
 
     def has_subgroup(self, patient: str, subgroup: str) -> bool:
         return (self.path / self.group_path(patient) / subgroup / "zarr.json").exists()

@@ -120,17 +120,6 @@ class _Staging:
             self._rmtree(self.path / target)
         _encoded_for_store(dataset.copy()).to_zarr(self._zstore, group=target, mode="w-", **encoding._WRITE)
 
-    def update_array_attrs(self, patient: str, name: str, attrs: dict) -> None:
-        """Merge ``attrs`` into the attributes of the patient's array ``name`` (its metadata file only).
-
-        For figures known only once a stage's voxels are computed (detect's
-        lung box): called by the task that follows the write, on a worker.
-        """
-        self._changing(patient)
-        array = self._zarr.open_array(self._zstore, path=f"{self.group_path(patient)}/{name}", mode="r+",
-                                      zarr_format=3)
-        array.attrs.update(_jsonable(dict(attrs)))
-
 
 def _remove_while_written(store, folder, *, attempts: int = 25, pause_s: float = 0.2) -> bool:
     """Remove ``folder``, retried while late tasks of a stopped run still write chunks into it (a folder

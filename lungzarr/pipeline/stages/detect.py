@@ -16,20 +16,6 @@ def box_attrs(box: dict) -> dict:
             "box_cols": list(box["x"])}
 
 
-def _lung_box_task(lungs, margin, speck_share):
-    from lungzarr.algorithms.crop import lung_box
-
-    return lung_box(lungs, margin=margin, speck_share=speck_share)
-
-
-def _record_box(store_path, patient, box):
-    """After the write, on a worker: the box into ``nodule_prob``'s attrs; the stage record's part."""
-    from lungzarr.io.store import CohortStore
-
-    CohortStore(store_path).update_array_attrs(patient, "nodule_prob", box_attrs(box))
-    return {"lung_box": box}
-
-
 def _prepare(store, patient, _, options):
     from lungzarr.model.infer import annotate_gpu
 
@@ -42,32 +28,36 @@ def _prepare(store, patient, _, options):
 
 
 def _build(store, patient, options):
-    import dask
     import xarray as xr
 
-    from lungzarr.algorithms.crop import SPECK_SHARE
+    from lungzarr.algorithms.crop import SPECK_SHARE, lung_box
     from lungzarr.model.engines import get_version, resolve_engine
     from lungzarr.model.geometry import LUNG_BOX_MARGIN, detection_crop, fixed_box, predicted_slices
     from lungzarr.model.infer import infer_batch, predict_nodule_prob
 
     # Only hu_2mm's graph is needed here: no Dataset (coordinates, every variable's metadata) in the client.
-    hu_2mm = store.lazy_array(patient, "hu_2mm")
+    # Read in the tasks' z-chunks: one read task per task (lazy_array's z_chunk). Not under the GPU
+    # annotations: dask's blockwise fusion of that read with normalize_hu merges their per-key annotations
+    # (annotate_gpu's callables) as if they were dicts, and fails; the stored chunks' rechunk keeps them apart.
+    per_task = task_slices(options.chunk_slices)
+    hu_2mm = store.lazy_array(patient, "hu_2mm", z_chunk=None if options.gpu else per_task)
     box = None
     if options.crop == "lungs":
-        # One task on a worker reads the (small) lung mask and computes the box; every prediction task gets
-        # it. pure=True: its key is derived from the mask's dask name (store path, patient, file stat).
-        box = dask.delayed(_lung_box_task, pure=True)(store.lazy_array(patient, "lungs"), LUNG_BOX_MARGIN,
-                                                      SPECK_SHARE)
+        # The box now, from the (small: a few MB) lung mask, where the graph is built: on a cluster a worker
+        # (lungzarr.pipeline.remote). Not a task of the graph: the mask's read tasks, the box task and the
+        # attrs task after the write were ~40 of a whole scan's 126 tasks, and xarray's to_zarr graph held
+        # a renamed copy of the box task beside the after-write's (two box tasks, the mask read twice).
+        box = lung_box(store.load_patient(patient, ["lungs"]).lungs.values, margin=LUNG_BOX_MARGIN,
+                       speck_share=SPECK_SHARE)
     engine = resolve_engine(options.engine, gpu=options.gpu)
     # One predict task per z-chunk of task_slices (64+ windows: few large calls, a GPU idles on small ones);
     # tasks of whole store chunks (the last one may take a short remainder): no rechunk to write.
-    prob = predict_nodule_prob(hu_2mm.rechunk({0: task_slices(options.chunk_slices)}), weights=options.weights,
+    prob = predict_nodule_prob(hu_2mm.rechunk({0: per_task}), weights=options.weights,
                                batch_size=infer_batch(options.infer_batch, gpu=options.gpu),
                                precision=options.precision, engine=engine, box=box,
                                fold_upsampling=options.fold_upsampling)
     predicted = [int(predicted_slices(hu_2mm.shape[0]).start), int(predicted_slices(hu_2mm.shape[0]).stop)]
-    # The fixed crop's box is known now; the lung box is written into the attrs by a worker (_record_box).
-    attrs = box_attrs({"crop": "fixed", **fixed_box(hu_2mm.shape)}) if box is None else {"crop": "lungs"}
+    attrs = box_attrs({"crop": "fixed", **fixed_box(hu_2mm.shape)} if box is None else box)
     out = xr.Dataset({"nodule_prob": (DIMS_2MM, prob, {
         "long_name": "d8 UNet nodule probability (values < 0.5 stored as 0)",
         "predicted_slices": predicted,
@@ -80,14 +70,10 @@ def _build(store, patient, options):
               "predicted_slices": predicted, "gpu": bool(options.gpu),
               "engine": engine, "engine_version": get_version(engine), "crop": options.crop,
               "fold_upsampling": bool(options.fold_upsampling)}
-    if box is None:
-        record["lung_box"] = None
+    record["lung_box"] = box
     # Built inside _prepare's annotate_gpu: to_zarr(compute=False) flattens the graph into one layer, which
     # keeps the per-task annotations only because they are asked of each key.
-    pending = prepare_chunked(store, patient, "detect", out, chunk_slices=options.chunk_slices, record=record)
-    if box is not None:
-        pending.then(_record_box, str(store.path), patient, box)
-    return pending
+    return prepare_chunked(store, patient, "detect", out, chunk_slices=options.chunk_slices, record=record)
 
 
 DETECT = Stage(

@@ -34,7 +34,7 @@ def _prepare(store, patient, _, options):
 
     # Only hu_2mm's graph and the group attrs: no Dataset (coordinates, every variable's metadata) in the client.
     grid = grid_from_attrs(store.patient_attrs(patient))
-    labels = lung_labels_dask(store.lazy_array(patient, "hu_2mm").rechunk({0: task_slices(options.chunk_slices)}),
+    labels = lung_labels_dask(store.lazy_array(patient, "hu_2mm", z_chunk=task_slices(options.chunk_slices)),
                               spacing=tuple(float(s) for s in np.abs(grid.step)), x_step=float(grid.step[2]))
     out = xr.Dataset({"lung_labels": (DIMS_2MM, labels, {
         "long_name": "3-D lung mask: 0 outside, 1 right lung, 2 left lung (no airway, no bowel gas)",

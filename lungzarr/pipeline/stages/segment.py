@@ -41,8 +41,9 @@ def _prepare(store, patient, _, options):
     from lungzarr.algorithms.segment import segment_lungs
 
     # Only hu_2mm's graph is needed here: no Dataset (coordinates, every variable's metadata) in the client.
-    hu_2mm = store.lazy_array(patient, "hu_2mm")
-    lungs, segmented = segment_lungs(hu_2mm.rechunk({0: task_slices(options.chunk_slices)}))
+    # Read in the tasks' z-chunks: one read task per task (lazy_array's z_chunk).
+    hu_2mm = store.lazy_array(patient, "hu_2mm", z_chunk=task_slices(options.chunk_slices))
+    lungs, segmented = segment_lungs(hu_2mm)
     out = xr.Dataset({
         "lungs": (DIMS_2MM, lungs, {"long_name": "lung mask (DSB2017 per-slice segmentation, "
                                                  "docs/algorithms.md §3)"}),
