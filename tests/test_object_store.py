@@ -392,3 +392,58 @@ def test_a_cohort_table_on_s3_costs_the_same_few_requests_whatever_its_columns(t
     # The pointer twice (before and after), the group, and each of the two arrays' metadata and chunk.
     assert [(r["method"], r["path"].rsplit("/", 2)[-2:]) for r in read if r["method"] != "GET"] == []
     assert len(read) == 7, [r["path"] for r in read]
+
+
+def test_reading_a_cohort_on_s3_costs_the_same_requests_whatever_its_patients(tmp_path):
+    """Counted by the server: open_patients and read_patients list the patients with one LIST, not a
+    request per patient (a HEAD of each group's zarr.json made them 1,005 requests at 1,000 patients); a
+    folder caught mid-commit (its zarr.json not yet copied) is listed, and its open refused by name."""
+    import json
+
+    import boto3
+    import pandas as pd
+    import xarray as xr
+
+    record = tmp_path / "requests.jsonl"
+    with moto_s3(key_id=KEY_ID, secret=SECRET, record=record):
+        boto3.client("s3").create_bucket(Bucket="lz-read")
+        url = "s3://lz-read/c.zarr"
+        store = CohortStore(url)
+
+        def add(pid):
+            ds = xr.Dataset({"hu": (("z", "y", "x"), np.zeros((4, 4, 4), np.int16))},
+                            coords={"z": np.arange(4) * 2.5, "y": np.arange(4.0), "x": np.arange(4.0)},
+                            attrs={"patient": pid}).chunk({"z": 2})
+            with store.lock():
+                pending = store.prepare_stage(pid, "ingest", ds, new_group=True)
+                pending.compute(scheduler="sync")
+                pending.commit()
+                ids = store.patients()
+                store.write_table("patients", pd.DataFrame({"patient": ids, "x": np.arange(len(ids))}),
+                                  dim="patient")
+
+        def requests(action) -> int:
+            before = len(record.read_text().splitlines())
+            action()
+            return len(record.read_text().splitlines()) - before
+
+        def reads():
+            return (requests(lambda: len(lungzarr.open_patients(url))),
+                    requests(lambda: lungzarr.read_patients(url)))
+
+        for pid in ("P1", "P2"):
+            add(pid)
+        two = reads()
+        for pid in ("P3", "P4", "P5", "P6"):
+            add(pid)
+        six = reads()
+        assert six == two, (two, six)
+        assert list(lungzarr.open_patients(url)) == ["P1", "P2", "P3", "P4", "P5", "P6"]
+        # P6 caught between the staged copy and its group's zarr.json: listed, its rows kept, its open refused.
+        fs = store._backend.fs
+        fs.rm_file((store.path / store.group_path("P6")).key + "/zarr.json")
+        trees = lungzarr.open_patients(url)
+        assert "P6" in trees and len(lungzarr.read_patients(url)) == 6
+        with pytest.raises(LungzarrError, match=r"patient 'P6' is not in store"):
+            trees["P6"]
+        assert CohortStore(url, mode="r").patients() == ["P1", "P2", "P3", "P4", "P5"]

@@ -85,11 +85,15 @@ class PatientTrees(Mapping):
     is made (one listing of ``patients/``); nothing else is read until a
     patient is looked up, and a patient is opened afresh at each lookup
     (nothing is kept: iterating over 75,000 patients holds one at a time).
+    On object storage the listing does not check each group's ``zarr.json``
+    (a request per patient): a patient whose commit is under way is listed
+    and its lookup refused (:class:`~lungzarr.errors.LungzarrError`, "not in
+    store") until the commit ends.
     """
 
     def __init__(self, store: CohortStore):
         self._store = store
-        self._ids = store.patients()
+        self._ids = store.patients(checked=False)  # a lookup's open refuses a folder that is no group
         self._known = frozenset(self._ids)
 
     def __getitem__(self, patient: str):
@@ -143,7 +147,7 @@ def _tables_tree(store):
     torn or removed table group: see CohortStore.write_table), rows of lost patients left out."""
     import xarray as xr
 
-    stored = set(store.patients())
+    stored = set(store.patients(checked=False))
     tables = {}
     for name in store.table_names():
         ds = store._table_dataset(name)
@@ -187,7 +191,7 @@ def _read_cohort_table(path, name: str, missing: str):
     frame = store.read_table(name)
     if frame.empty or "patient" not in frame.columns:
         return frame
-    keep = _rows_of_stored_patients(store, frame["patient"].to_numpy(), name, set(store.patients()),
+    keep = _rows_of_stored_patients(store, frame["patient"].to_numpy(), name, set(store.patients(checked=False)),
                                     missing=missing, stacklevel=3)
     return frame if keep.all() else frame[keep].reset_index(drop=True)
 

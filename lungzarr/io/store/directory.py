@@ -58,6 +58,11 @@ class _DirectoryBackend(_FlockLock):
             dirnames.sort()
         return entries
 
+    def group_names(self, folder: Path, *, checked: bool = True) -> list[str]:
+        """Names of the groups in ``folder`` (sub-folders with a ``zarr.json``), sorted. A stat per folder:
+        checked whatever ``checked`` says (see :meth:`CohortStore.patients`)."""
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "zarr.json").exists())
+
     def present_nodes(self, group: str, nodes) -> set:
         """Which of ``nodes`` (paths relative to the group ``group``) still have their ``zarr.json``: a stat
         each."""

@@ -143,6 +143,12 @@ class _ObjectBackend(_ObjectLock):
             nodes[rel] = node
         return nodes
 
+    def group_names(self, folder: _ObjectPath, *, checked: bool = True) -> list[str]:
+        """Names of the groups below the prefix ``folder``, sorted: from one listing (is_dir from it, no
+        request), each one's ``zarr.json`` found with a request of its own unless ``checked=False``."""
+        folders = [p for p in folder.iterdir() if p.is_dir()]
+        return sorted(p.name for p in folders if not checked or (p / "zarr.json").exists())
+
     def present_nodes(self, group: str, nodes) -> set:
         """Like :meth:`_DirectoryBackend.present_nodes`, from one listing of the group's prefix, not one
         request per node."""
