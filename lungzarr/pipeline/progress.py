@@ -18,14 +18,19 @@ Chunks
     chunks).
 
 Worker time
-    Each patient's stage is submitted inside a :func:`distributed.span`; the
-    workers meter every task they execute per span (distributed's fine
-    performance metrics), and :func:`worker_seconds` adds up the
-    ``thread-cpu`` and ``thread-noncpu`` seconds of the ``execute`` context:
-    the time the stage's tasks ran on the workers' threads, queueing
-    excluded. It is a task's wall time on its thread, not CPU time alone: an
-    engine that spreads a call over every core (OpenVINO, TensorFlow) keeps
-    its task's thread waiting while its own threads work.
+    Each patient's stage is submitted with a task annotation of its own
+    (:func:`stage_span`: :data:`METER_ANNOTATION`, a token per patient and
+    stage); a worker plugin, :class:`TaskMeter`, adds up per token how long
+    each task it executed ran on its thread (the ``compute`` start to stop
+    the worker records), and :func:`worker_seconds` takes those sums from
+    every worker: the time the stage's tasks ran on the workers' threads,
+    queueing excluded. It is a task's wall time on its thread, not CPU time
+    alone: an engine that spreads a call over every core (OpenVINO,
+    TensorFlow) keeps its task's thread waiting while its own threads work.
+    Not :func:`distributed.span`: the scheduler keeps every span (with its
+    task groups and counters) for its whole life, ~30 kB per patient of an
+    ingest (``benchmarks/results/cohort_scale_ingest_2000_after.json``), and
+    a token taken from the workers leaves nothing behind anywhere.
 
 Displays
     :class:`ProgressBoard` turns the events into what a progress display
@@ -41,13 +46,13 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
-__all__ = ["TOPIC", "prepare_chunked", "chunk_progress", "emit", "ChunkChannel", "stage_span", "worker_seconds",
-           "ProgressBoard", "StageView"]
+__all__ = ["TOPIC", "METER_ANNOTATION", "prepare_chunked", "chunk_progress", "emit", "ChunkChannel", "stage_span",
+           "TaskMeter", "ensure_meter", "worker_seconds", "ProgressBoard", "StageView"]
 
 #: The structured-event topic chunk messages are logged under on the workers.
 TOPIC = "lungzarr-chunk"
-#: Execute-context activities of distributed's metrics that are a task's own run (not the executor's queue).
-_TASK_ACTIVITIES = ("thread-cpu", "thread-noncpu")
+#: The task annotation naming the patient's stage a task belongs to, for the workers' :class:`TaskMeter`.
+METER_ANNOTATION = "lungzarr_meter"
 
 #: Queues of this process's runs without a cluster, by store.
 _LOCAL: dict[str, queue.SimpleQueue] = {}
@@ -224,43 +229,73 @@ class ChunkChannel:
 
 @contextmanager
 def stage_span(client, stage: str, patient: str):
-    """Submit inside it: the tasks are metered as one span of the workers' metrics. Yields its id (None
-    without a client)."""
+    """Submit inside it: the tasks submitted are annotated with a token of this patient's stage, which the
+    workers' :class:`TaskMeter` meters. Yields the token (None without a client)."""
     if client is None:
         yield None
         return
-    from distributed import span
+    import uuid
 
-    with span(f"lungzarr {stage} {patient}") as span_id:
-        yield span_id
+    import dask
+
+    token = f"lungzarr {stage} {patient} {uuid.uuid4().hex}"
+    with dask.annotate(**{METER_ANNOTATION: token}):
+        yield token
 
 
-def _take_execute_seconds(span_ids, dask_worker=None) -> float:
-    """On a worker: seconds its threads ran the tasks of ``span_ids`` (execute context, task activities),
-    and the worker's counters of those spans dropped.
+try:
+    from distributed import WorkerPlugin as _WorkerPlugin
+except ImportError:  # no dask.distributed: runs without a cluster need no meter
+    _WorkerPlugin = object
 
-    A worker keeps a counter per span, task prefix and activity
-    (``Worker.digests_total``) for its whole life and nothing else of
-    lungzarr's reads them: one span per patient and stage would grow a
-    worker's memory with the cohort (36 kB per tiny patient over a 10,000
-    patient ingest, ``benchmarks/results/cohort_scale_ingest_10000.json``)
-    and make this scan longer at every patient. Asked once the spans'
-    computations have ended, so no task adds to them afterwards.
-    """
-    wanted = set(span_ids)
-    digests = dask_worker.digests_total
-    total = 0.0
-    for label in [lb for lb in list(digests) if isinstance(lb, tuple) and len(lb) == 5 and lb[1] in wanted]:
-        value = digests.pop(label, 0.0)
-        if label[0] == "execute" and label[3] in _TASK_ACTIVITIES and label[4] == "seconds":
-            total += float(value)
-    return total
+
+class TaskMeter(_WorkerPlugin):
+    """A worker plugin: seconds its threads ran the tasks of each :data:`METER_ANNOTATION` token, kept until
+    :func:`worker_seconds` takes them (so nothing stays per patient)."""
+
+    name = "lungzarr-task-meter"
+    #: Registered again (a second run with the same client): the plugin in place is kept, with its sums.
+    idempotent = True
+
+    def setup(self, worker):
+        self.worker = worker
+        self.seconds: dict[str, float] = {}
+
+    def transition(self, key, start, finish, **kwargs):
+        if start != "executing":
+            return
+        ts = self.worker.state.tasks.get(key)
+        token = (ts.annotations or {}).get(METER_ANNOTATION) if ts is not None else None
+        if token is None:
+            return
+        # The last run only: a task run again (its worker lost, a retry) was counted at its first end.
+        run = next((s for s in reversed(ts.startstops) if s.get("action") == "compute"), None)
+        if run is not None:
+            self.seconds[token] = self.seconds.get(token, 0.0) + (run["stop"] - run["start"])
+
+    def take(self, tokens) -> float:
+        return sum(self.seconds.pop(t, 0.0) for t in tokens)
+
+
+def ensure_meter(client) -> None:
+    """Register :class:`TaskMeter` on the cluster of ``client`` (once per client; workers that join later
+    get it too)."""
+    if not getattr(client, "_lungzarr_meter", False):
+        client.register_plugin(TaskMeter())
+        client._lungzarr_meter = True
+
+
+def _take_execute_seconds(tokens, dask_worker=None) -> float:
+    """On a worker: seconds its threads ran the tasks of ``tokens``, taken from its :class:`TaskMeter`
+    (asked once the stage's computation has ended, so no task adds to them afterwards)."""
+    meter = dask_worker.plugins.get(TaskMeter.name)
+    return 0.0 if meter is None else meter.take(tokens)
 
 
 def worker_seconds(client, span_ids) -> float | None:
-    """Seconds the workers' threads ran the tasks of ``span_ids``, added up over every worker; None when a
-    worker did not answer (it is gone: its tasks' time is lost with it). Once per span: the workers forget
-    a span's counters as they answer (:func:`_take_execute_seconds`)."""
+    """Seconds the workers' threads ran the tasks of the tokens ``span_ids`` (:func:`stage_span`), added up
+    over every worker; None when a worker did not answer (it is gone: its tasks' time is lost with it). Once
+    per token: the workers forget it as they answer."""
     span_ids = [s for s in span_ids if s is not None]
     if not span_ids:
         return 0.0

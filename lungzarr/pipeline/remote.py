@@ -81,10 +81,10 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
         :class:`~lungzarr.errors.PatientError` unless it stops the run
         (:func:`~lungzarr.pipeline.runner.run_stop_error`).
     """
-    from distributed import get_client, get_worker, secede, span
+    from distributed import get_client, get_worker, secede
 
     from lungzarr.io.store import CohortStore
-    from lungzarr.pipeline.progress import emit, worker_seconds
+    from lungzarr.pipeline.progress import emit, stage_span, worker_seconds
     from lungzarr.pipeline.stages import get_stage
 
     start = time.perf_counter()
@@ -99,10 +99,10 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
     emit({**where, "prepared": True, "total": getattr(pending, "chunks", None)})
     try:
         client = get_client()
-        # One span per patient and stage (dask annotations are per thread: other stage tasks of this worker
-        # have their own): the workers meter its tasks' time (worker_seconds). No graph optimisation, as the
-        # client computed it: low-level fusion would drop the detect stage's per-task GPU annotations.
-        with span(f"lungzarr {stage} {patient}") as span_id:
+        # One meter token per patient and stage (dask annotations are per thread: other stage tasks of this
+        # worker have their own): the workers meter its tasks' time (worker_seconds). No graph optimisation, as
+        # the client computed it: low-level fusion would drop the detect stage's per-task GPU annotations.
+        with stage_span(client, stage, patient) as span_id:
             future = client.compute(pending.delayed, optimize_graph=False, **(compute_options or {}))
     except Exception as exc:  # the graph could not be submitted (the scheduler is going away)
         return _failed(exc, store, patient, stage, time.perf_counter() - start, pending.warnings)

@@ -29,7 +29,7 @@ from typing import Callable, Protocol
 
 from lungzarr.errors import PatientError, RunStopError, environment_reason, stops_the_run
 from lungzarr.io.locations import blank_secrets, describe_error
-from lungzarr.pipeline.progress import ChunkChannel, stage_span, worker_seconds
+from lungzarr.pipeline.progress import ChunkChannel, ensure_meter, stage_span, worker_seconds
 
 __all__ = ["StageSummary", "ProgressEvent", "Progress", "stream_stages", "as_patient_error", "machine_reason",
            "run_stop_error", "EVENTS", "STEPS"]
@@ -212,6 +212,8 @@ class _Stream:
         self.prefetch_spans = {}  # patient -> span of its prefetch (its time counts in the first stage)
         if client is not None:
             from distributed import as_completed
+
+            ensure_meter(client)  # before any task: each stage's time on the workers (worker_seconds)
 
             self.finished = as_completed()
             self.by_key = {}
