@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -262,7 +261,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from benchmarks.bench_whole_scan import cpu_isa
-    from benchmarks.harness import write_result
+    from benchmarks.harness import remove_unless_kept, write_result
     from benchmarks.measure import machine
     from lungzarr.pipeline.stages import STAGE_NAMES
 
@@ -300,10 +299,7 @@ def main(argv=None) -> dict:
         print("written", path)
         return result
     finally:
-        if not os.environ.get("LZ_KEEP"):
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print("kept", work)
+        remove_unless_kept(work)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,6 +187,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
+    from benchmarks.harness import remove_unless_kept
     from benchmarks.measure import machine
 
     work = Path(tempfile.mkdtemp(prefix="lz-whole-", dir="/tmp"))
@@ -279,10 +279,7 @@ def main(argv=None):
                   f"CPU {r['cpu_s']} s")
         print("written", path)
     finally:
-        if not os.environ.get("LZ_KEEP"):
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print("kept", work)
+        remove_unless_kept(work)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -64,6 +65,14 @@ def make_cohort(work: Path, n: int, *, small: bool, prefix: str = "SYN"):
     print(f"cohort: {n} patient(s), {sum(sizes.values()) / 1e6:.0f} MB of DICOM, written in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     return specs, sizes
+
+
+def remove_unless_kept(work) -> None:
+    """Remove a benchmark's temporary folder, or keep it (and say where) when ``LZ_KEEP`` is set."""
+    if os.environ.get("LZ_KEEP"):
+        print("kept", work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def rounded(x, n=3):

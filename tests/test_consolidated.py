@@ -98,17 +98,22 @@ def test_a_patient_opens_without_reading_any_other_patient(cohort):
     assert CohortStore(store, mode="r").open_patient("P1").hu.shape == expected.hu.shape
 
 
+def _calls(monkeypatch, method: str) -> list:
+    """The first argument of each call of ``CohortStore.<method>`` from now on (the method still runs)."""
+    calls, original = [], getattr(CohortStore, method)
+
+    def counting(self, first, *args, **kwargs):
+        calls.append(first)
+        return original(self, first, *args, **kwargs)
+
+    monkeypatch.setattr(CohortStore, method, counting)
+    return calls
+
+
 def test_open_patients_lists_ids_only_and_opens_each_on_access(cohort, monkeypatch):
     root, store = cohort
     ingest(root, store)
-    opened = []
-    original = CohortStore.patient_source
-
-    def counting(self, patient):
-        opened.append(patient)
-        return original(self, patient)
-
-    monkeypatch.setattr(CohortStore, "patient_source", counting)
+    opened = _calls(monkeypatch, "patient_source")
     trees = open_patients(store)
     assert opened == [] and list(trees) == list(PATIENTS) and len(trees) == 3 and "P2" in trees
     assert "NOPE" not in trees and "P2" in repr(trees)
@@ -131,14 +136,7 @@ def test_opening_a_patient_reads_its_group_metadata_once(cohort, monkeypatch):
     object storage each read is a request: no existence check first)."""
     root, store = cohort
     ingest(root, store)
-    reads = []
-    original = CohortStore._node_meta
-
-    def counting(self, path):
-        reads.append(path)
-        return original(self, path)
-
-    monkeypatch.setattr(CohortStore, "_node_meta", counting)
+    reads = _calls(monkeypatch, "_node_meta")
     monkeypatch.setattr(CohortStore, "has_patient", lambda self, p: pytest.fail("an existence check first"))
     assert open_patient(store, "P2").attrs["patient"] == "P2"
     assert reads == ["patients/P2"]

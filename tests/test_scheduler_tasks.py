@@ -1,8 +1,8 @@
 """How many tasks a patient's stages hand the dask scheduler: few per z-chunk of a task, none per stored chunk.
 
-The scheduler is one thread for the whole cluster and its CPU grows with the
-tasks it handles (issue 29: 1.6 CPU-s per whole scan, ~32 hours of one core for
-75,000 scans). The counts are of the graph ``client.compute(optimize_graph=False)``
+The scheduler is one thread for the whole cluster and handles every task of
+every patient (issue 29; at ~0.3 ms a task its per-patient cost is mostly per
+stage, see ``benchmarks/README.md``, "The scheduler's tasks per patient"). The counts are of the graph ``client.compute(optimize_graph=False)``
 sends (:mod:`lungzarr.pipeline.remote`), for a fixed phantom patient; each bound
 is derived from its number of task z-chunks (``task_slices``), so a read per
 stored chunk, a rechunk merging them, or a task duplicated by the store write
@@ -12,29 +12,18 @@ key prefix: ``benchmarks/results/scheduler_tasks.json``).
 from __future__ import annotations
 
 import math
+import sys
 
 import dask
 import pytest
 
-from tests.dicom_phantoms import make_patient
+from conftest import REPO
+from dicom_phantoms import make_patient
 
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-def _submitted(delayed) -> dict:
-    """The tasks ``client.compute(delayed, optimize_graph=False)`` has the scheduler run (the same steps; the
-    graph sent may hold more, which no wanted key needs: the scheduler never runs those)."""
-    from dask._expr import FinalizeCompute
-    from dask.base import collections_to_expr
-    from dask.core import flatten, get_dependencies
-
-    expr = FinalizeCompute(collections_to_expr([delayed], False)).optimize()
-    dsk = dict(expr.__dask_graph__())
-    wanted, work = {}, list(flatten(expr.__dask_keys__()))
-    while work:
-        key = work.pop()
-        if key not in wanted and key in dsk:
-            wanted[key] = dsk[key]
-            work.extend(get_dependencies(dsk, key))
-    return wanted
+from benchmarks.bench_scheduler_tasks import graph_submitted  # noqa: E402  (one count of the submitted graph)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +39,7 @@ def graphs(tmp_path_factory):
     original = PendingStage.compute
 
     def counted(self, **kwargs):
-        seen[self.stage] = _submitted(self.delayed)
+        seen[self.stage] = graph_submitted(self.delayed)[1]  # what the scheduler runs
         return original(self, **kwargs)
 
     PendingStage.compute = counted
