@@ -278,11 +278,9 @@ class TaskMeter(_WorkerPlugin):
 
 
 def ensure_meter(client) -> None:
-    """Register :class:`TaskMeter` on the cluster of ``client`` (once per client; workers that join later
-    get it too)."""
-    if not getattr(client, "_lungzarr_meter", False):
-        client.register_plugin(TaskMeter())
-        client._lungzarr_meter = True
+    """Register :class:`TaskMeter` on the cluster of ``client`` (workers that join later get it too; a
+    meter in place is kept: :attr:`TaskMeter.idempotent`)."""
+    client.register_plugin(TaskMeter())
 
 
 def _take_execute_seconds(tokens, dask_worker=None) -> float:

@@ -94,7 +94,9 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
         folder = self.path / PATIENTS_GROUP
         if not folder.is_dir():
             return []
-        return self._backend.group_names(folder, checked=checked)
+        # is_dir first: the listing says it (no request), and skips the group's own zarr.json.
+        check = checked or not self._backend.checks_are_requests
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and (not check or (p / "zarr.json").exists()))
 
     def patient_folders(self) -> list[str]:
         """Folders under ``patients/`` that are no group (no ``zarr.json``): what is left of a lost group."""

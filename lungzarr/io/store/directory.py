@@ -12,6 +12,9 @@ from lungzarr.io.store.lock import _FlockLock
 class _DirectoryBackend(_FlockLock):
     """A store in a POSIX directory: a staged patient is committed by one rename, the lock is ``flock``."""
 
+    #: Whether a file's existence costs a request (:meth:`CohortStore.patients`): a stat here.
+    checks_are_requests = False
+
     def __init__(self, path, mode: str):
         self.path = Path(path)
         self.zarr_store = self.path  # zarr and xarray open a local path themselves
@@ -57,11 +60,6 @@ class _DirectoryBackend(_FlockLock):
             entries[rel] = node
             dirnames.sort()
         return entries
-
-    def group_names(self, folder: Path, *, checked: bool = True) -> list[str]:
-        """Names of the groups in ``folder`` (sub-folders with a ``zarr.json``), sorted. A stat per folder:
-        checked whatever ``checked`` says (see :meth:`CohortStore.patients`)."""
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "zarr.json").exists())
 
     def present_nodes(self, group: str, nodes) -> set:
         """Which of ``nodes`` (paths relative to the group ``group``) still have their ``zarr.json``: a stat

@@ -58,6 +58,9 @@ class _ObjectBackend(_ObjectLock):
       conditional overwrite ``If-Match`` of the object seen, so only one run wins).
     """
 
+    #: Whether a file's existence costs a request (:meth:`CohortStore.patients`): one HEAD each here.
+    checks_are_requests = True
+
     def __init__(self, url, mode: str):
         import fsspec
         from zarr.storage import FsspecStore
@@ -142,12 +145,6 @@ class _ObjectBackend(_ObjectLock):
                 groups.discard(rel)
             nodes[rel] = node
         return nodes
-
-    def group_names(self, folder: _ObjectPath, *, checked: bool = True) -> list[str]:
-        """Names of the groups below the prefix ``folder``, sorted: from one listing (is_dir from it, no
-        request), each one's ``zarr.json`` found with a request of its own unless ``checked=False``."""
-        folders = [p for p in folder.iterdir() if p.is_dir()]
-        return sorted(p.name for p in folders if not checked or (p / "zarr.json").exists())
 
     def present_nodes(self, group: str, nodes) -> set:
         """Like :meth:`_DirectoryBackend.present_nodes`, from one listing of the group's prefix, not one
