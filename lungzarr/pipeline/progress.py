@@ -19,7 +19,7 @@ Chunks
 
 Worker time
     Each patient's stage is submitted with a task annotation of its own
-    (:func:`stage_span`: :data:`METER_ANNOTATION`, a token per patient and
+    (:func:`metered_stage`: :data:`METER_ANNOTATION`, a token per patient and
     stage); a worker plugin, :class:`TaskMeter`, adds up per token how long
     each task it executed ran on its thread (the ``compute`` start to stop
     the worker records), and :func:`worker_seconds` takes those sums from
@@ -46,7 +46,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
-__all__ = ["TOPIC", "METER_ANNOTATION", "prepare_chunked", "chunk_progress", "emit", "ChunkChannel", "stage_span",
+__all__ = ["TOPIC", "METER_ANNOTATION", "prepare_chunked", "chunk_progress", "emit", "ChunkChannel", "metered_stage",
            "TaskMeter", "ensure_meter", "worker_seconds", "ProgressBoard", "StageView"]
 
 #: The structured-event topic chunk messages are logged under on the workers.
@@ -228,7 +228,7 @@ class ChunkChannel:
 
 
 @contextmanager
-def stage_span(client, stage: str, patient: str):
+def metered_stage(client, stage: str, patient: str):
     """Submit inside it: the tasks submitted are annotated with a token of this patient's stage, which the
     workers' :class:`TaskMeter` meters. Yields the token (None without a client)."""
     if client is None:
@@ -290,15 +290,15 @@ def _take_execute_seconds(tokens, dask_worker=None) -> float:
     return 0.0 if meter is None else meter.take(tokens)
 
 
-def worker_seconds(client, span_ids) -> float | None:
-    """Seconds the workers' threads ran the tasks of the tokens ``span_ids`` (:func:`stage_span`), added up
+def worker_seconds(client, tokens) -> float | None:
+    """Seconds the workers' threads ran the tasks of the tokens ``tokens`` (:func:`metered_stage`), added up
     over every worker; None when a worker did not answer (it is gone: its tasks' time is lost with it). Once
     per token: the workers forget it as they answer."""
-    span_ids = [s for s in span_ids if s is not None]
-    if not span_ids:
+    tokens = [s for s in tokens if s is not None]
+    if not tokens:
         return 0.0
     try:
-        per_worker = client.run(_take_execute_seconds, span_ids)
+        per_worker = client.run(_take_execute_seconds, tokens)
     except Exception:  # a worker died or the cluster is closing
         return None
     return float(sum(per_worker.values()))

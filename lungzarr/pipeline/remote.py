@@ -54,7 +54,7 @@ class _Cancelled(Exception):
 # ---------------------------------------------------------------------- on a worker
 
 def stage_task(store_path: str, patient: str, stage: str, payload, options, record: dict, compute_options: dict,
-               spans: tuple = ()) -> dict:
+               earlier_tokens: tuple = ()) -> dict:
     """On a worker: prepare ``patient``'s ``stage``, compute its graph on the cluster, return what the client needs.
 
     Parameters
@@ -69,8 +69,9 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
         The client's part of the stage record (``depends_on``, the INPUT fingerprint).
     compute_options : dict
         ``client.compute`` options of the patient's graph (``workers=`` of a CPU stage on a GPU cluster).
-    spans : tuple of str
-        Earlier spans whose tasks' time counts in this stage's (the first stage's prefetch).
+    earlier_tokens : tuple of str
+        Meter tokens (:func:`~lungzarr.pipeline.progress.metered_stage`) of earlier submissions whose tasks'
+        time counts in this stage's (the first stage's prefetch).
 
     Returns
     -------
@@ -84,7 +85,7 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
     from distributed import get_client, get_worker, secede
 
     from lungzarr.io.store import CohortStore
-    from lungzarr.pipeline.progress import emit, stage_span, worker_seconds
+    from lungzarr.pipeline.progress import emit, metered_stage, worker_seconds
     from lungzarr.pipeline.stages import get_stage
 
     start = time.perf_counter()
@@ -102,7 +103,7 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
         # One meter token per patient and stage (dask annotations are per thread: other stage tasks of this
         # worker have their own): the workers meter its tasks' time (worker_seconds). No graph optimisation, as
         # the client computed it: low-level fusion would drop the detect stage's per-task GPU annotations.
-        with stage_span(client, stage, patient) as span_id:
+        with metered_stage(client, stage, patient) as token:
             future = client.compute(pending.delayed, optimize_graph=False, **(compute_options or {}))
     except Exception as exc:  # the graph could not be submitted (the scheduler is going away)
         return _failed(exc, store, patient, stage, time.perf_counter() - start, pending.warnings)
@@ -119,9 +120,9 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
         raise
     except Exception as exc:
         client.cancel([future])  # its tasks not yet run are not run
-        seconds = worker_seconds(client, [span_id, *spans])
+        seconds = worker_seconds(client, [token, *earlier_tokens])
         return _failed(exc, store, patient, stage, None if seconds is None else built + seconds, pending.warnings)
-    seconds = worker_seconds(client, [span_id, *spans])
+    seconds = worker_seconds(client, [token, *earlier_tokens])
     pending.add_record(result)
     # The group's nodes as written, for its listing (consolidated metadata) in the client's commit: read
     # here, so the client reads only the group's own zarr.json.
@@ -206,7 +207,7 @@ class RemoteStage:
         self.committed = None
         self.listing = None  # the group's nodes, read by the worker that wrote them
 
-    def submit(self, client, compute_options: dict | None = None, spans=()):
+    def submit(self, client, compute_options: dict | None = None, earlier_tokens=()):
         """Submit :func:`stage_task`; the patient's graph gets ``compute_options``. Returns the future."""
         compute_options = dict(compute_options or {})
         # The task builds a graph: CPU work, on the workers a CPU stage may use; on a cluster with GPU and
@@ -216,7 +217,7 @@ class RemoteStage:
             {"workers": cpu, "allow_other_workers": False} if cpu else {})
         self.future = client.submit(stage_task, str(self.store.path), self.patient, self.stage.name, self.payload,
                                     self.options, self.record, compute_options,
-                                    tuple(s for s in spans if s is not None),
+                                    tuple(t for t in earlier_tokens if t is not None),
                                     key=f"lungzarr-{self.stage.name}-{self.patient}-{uuid.uuid4().hex}",
                                     **placed)
         return self.future

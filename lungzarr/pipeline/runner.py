@@ -29,7 +29,7 @@ from typing import Callable, Protocol
 
 from lungzarr.errors import PatientError, RunStopError, environment_reason, stops_the_run
 from lungzarr.io.locations import blank_secrets, describe_error
-from lungzarr.pipeline.progress import ChunkChannel, ensure_meter, stage_span, worker_seconds
+from lungzarr.pipeline.progress import ChunkChannel, ensure_meter, metered_stage, worker_seconds
 
 __all__ = ["StageSummary", "ProgressEvent", "Progress", "stream_stages", "as_patient_error", "machine_reason",
            "run_stop_error", "EVENTS", "STEPS"]
@@ -209,7 +209,7 @@ class _Stream:
         self.chunks_seen = {}  # (stage index, patient) -> chunk ids computed
         self.computing = {}  # (stage index, patient) -> its pending stage, while it computes
         self.announced = set()  # (stage index, patient) whose "started" was given
-        self.prefetch_spans = {}  # patient -> span of its prefetch (its time counts in the first stage)
+        self.prefetch_tokens = {}  # patient -> meter token of its prefetch (its time counts in the first stage)
         if client is not None:
             from distributed import as_completed
 
@@ -330,23 +330,23 @@ class _Stream:
         if self.client is not None and hasattr(pending, "submit"):
             # Built and computed from a worker (lungzarr.pipeline.remote): one future, whose task meters its
             # own tasks' time; "started" comes with its first message (pass_chunks).
-            spans = [self.prefetch_spans.pop(pending.patient)] if i == 0 and pending.patient in \
-                self.prefetch_spans else []
-            future = pending.submit(self.client, self.compute_options.get(self.stages[i], {}), spans)
+            earlier = [self.prefetch_tokens.pop(pending.patient)] if i == 0 and pending.patient in \
+                self.prefetch_tokens else []
+            future = pending.submit(self.client, self.compute_options.get(self.stages[i], {}), earlier)
             self.by_key[future.key] = (i, pending, started, None)
             self.finished.add(future)
             return
         # A stage computed in z-chunks says how many (lungzarr.pipeline.progress.prepare_chunked).
         self.announce(i, pending.patient, getattr(pending, "chunks", None))
         if self.client is not None:
-            # One span per patient and stage: the workers meter its tasks' time (worker_seconds).
-            with stage_span(self.client, self.stages[i], pending.patient) as span_id:
+            # One meter token per patient and stage: the workers meter its tasks' time (worker_seconds).
+            with metered_stage(self.client, self.stages[i], pending.patient) as token:
                 future = self.client.compute(pending.delayed, optimize_graph=False,
                                              **self.compute_options.get(self.stages[i], {}))
             pending.future = future
-            spans = [span_id] + ([self.prefetch_spans.pop(pending.patient)] if i == 0 and pending.patient in
-                                 self.prefetch_spans else [])
-            self.by_key[future.key] = (i, pending, started, spans)
+            tokens = [token] + ([self.prefetch_tokens.pop(pending.patient)] if i == 0 and pending.patient in
+                                self.prefetch_tokens else [])
+            self.by_key[future.key] = (i, pending, started, tokens)
             self.finished.add(future)
             return
         try:
@@ -368,9 +368,9 @@ class _Stream:
             self.prefetched.add(patient)
             try:
                 if self.decide(patient, self.stages[0]) == "run":
-                    with stage_span(self.client, self.stages[0], patient) as span_id:
+                    with metered_stage(self.client, self.stages[0], patient) as token:
                         queue[k] = (patient, self.prefetch(patient, payload))
-                    self.prefetch_spans[patient] = span_id
+                    self.prefetch_tokens[patient] = token
             except Exception:  # decided again, and reported, at the patient's turn
                 pass
 
@@ -408,9 +408,9 @@ class _Stream:
                 time.sleep(CHUNK_POLL_S)
             future = next(self.finished)
             self.pass_chunks()
-            i, pending, started, spans = self.by_key.pop(future.key)
-            if spans is not None:
-                return i, pending, started, future.result, worker_seconds(self.client, spans)
+            i, pending, started, tokens = self.by_key.pop(future.key)
+            if tokens is not None:
+                return i, pending, started, future.result, worker_seconds(self.client, tokens)
             try:
                 value = future.result()
             except Exception as exc:  # the task itself was lost (its worker died): so is its time

@@ -91,19 +91,20 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
         counts; opening it is refused, as for any id not in the store. On a directory the check is a stat
         and is always made.
         """
-        folder = self.path / PATIENTS_GROUP
-        if not folder.is_dir():
-            return []
-        # is_dir first: the listing says it (no request), and skips the group's own zarr.json.
         check = checked or not self._backend.checks_are_requests
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and (not check or (p / "zarr.json").exists()))
+        return sorted(p.name for p in self._listed_folders() if not check or (p / "zarr.json").exists())
 
     def patient_folders(self) -> list[str]:
         """Folders under ``patients/`` that are no group (no ``zarr.json``): what is left of a lost group."""
+        return sorted(p.name for p in self._listed_folders() if not (p / "zarr.json").exists())
+
+    def _listed_folders(self) -> list:
+        """The folders one listing of ``patients/`` names ([] without it)."""
         folder = self.path / PATIENTS_GROUP
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not (p / "zarr.json").exists())
+        # is_dir: the listing says it (no request), and it skips the group's own zarr.json.
+        return [p for p in folder.iterdir() if p.is_dir()]
 
     def has_patient(self, patient: str) -> bool:
         return (self.path / self.group_path(patient) / "zarr.json").exists()
