@@ -8,6 +8,7 @@ from typing import Iterable
 from lungzarr.errors import LungzarrError, PatientError
 from lungzarr.model.geometry import CROPS, DEFAULT_CROP
 from lungzarr.pipeline.checks import check_run_config
+from lungzarr.pipeline.forget_groups import TASK_KEY_PREFIX
 from lungzarr.pipeline.inputs import record_input, scan_input
 from lungzarr.pipeline.placement import compute_options, cpu_task_workers
 from lungzarr.pipeline.remote import RemoteStage
@@ -336,7 +337,7 @@ def _finish(store, client, *, gpu: bool) -> None:
         gather_tables(store)
         return
     workers = list(cpu_task_workers(client, gpu=gpu))
-    client.submit(_finish_task, str(store.path), pure=False, key=f"lungzarr-finish-{uuid.uuid4().hex}",
+    client.submit(_finish_task, str(store.path), pure=False, key=f"{TASK_KEY_PREFIX}finish-{uuid.uuid4().hex}",
                   **({"workers": workers, "allow_other_workers": False} if workers else {})).result()
 
 

@@ -41,6 +41,8 @@ import dataclasses
 import time
 import uuid
 
+from lungzarr.pipeline.forget_groups import TASK_KEY_PREFIX
+
 __all__ = ["WAIT_S", "RemoteStage", "stage_task"]
 
 #: Seconds between two looks, while a patient's stage computes, at whether the run still wants it.
@@ -218,7 +220,7 @@ class RemoteStage:
         self.future = client.submit(stage_task, str(self.store.path), self.patient, self.stage.name, self.payload,
                                     self.options, self.record, compute_options,
                                     tuple(t for t in earlier_tokens if t is not None),
-                                    key=f"lungzarr-{self.stage.name}-{self.patient}-{uuid.uuid4().hex}",
+                                    key=f"{TASK_KEY_PREFIX}{self.stage.name}-{self.patient}-{uuid.uuid4().hex}",
                                     **placed)
         return self.future
 

@@ -29,6 +29,7 @@ from typing import Callable, Protocol
 
 from lungzarr.errors import PatientError, RunStopError, environment_reason, stops_the_run
 from lungzarr.io.locations import blank_secrets, describe_error
+from lungzarr.pipeline.forget_groups import ensure_forgetting
 from lungzarr.pipeline.progress import ChunkChannel, ensure_meter, metered_stage, worker_seconds
 
 __all__ = ["StageSummary", "ProgressEvent", "Progress", "stream_stages", "as_patient_error", "machine_reason",
@@ -214,6 +215,8 @@ class _Stream:
             from distributed import as_completed
 
             ensure_meter(client)  # before any task: each stage's time on the workers (worker_seconds)
+            # Before any task too: the scheduler lets go of each patient's task groups once it forgot them.
+            ensure_forgetting(client)
 
             self.finished = as_completed()
             self.by_key = {}
