@@ -294,7 +294,7 @@ def worker_seconds(client, tokens) -> float | None:
     """Seconds the workers' threads ran the tasks of the tokens ``tokens`` (:func:`metered_stage`), added up
     over every worker; None when a worker did not answer (it is gone: its tasks' time is lost with it). Once
     per token: the workers forget it as they answer."""
-    tokens = [s for s in tokens if s is not None]
+    tokens = [t for t in tokens if t is not None]
     if not tokens:
         return 0.0
     try:

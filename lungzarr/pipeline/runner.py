@@ -333,9 +333,8 @@ class _Stream:
         if self.client is not None and hasattr(pending, "submit"):
             # Built and computed from a worker (lungzarr.pipeline.remote): one future, whose task meters its
             # own tasks' time; "started" comes with its first message (pass_chunks).
-            earlier = [self.prefetch_tokens.pop(pending.patient)] if i == 0 and pending.patient in \
-                self.prefetch_tokens else []
-            future = pending.submit(self.client, self.compute_options.get(self.stages[i], {}), earlier)
+            future = pending.submit(self.client, self.compute_options.get(self.stages[i], {}),
+                                    self.take_prefetch_tokens(i, pending.patient))
             self.by_key[future.key] = (i, pending, started, None)
             self.finished.add(future)
             return
@@ -347,8 +346,7 @@ class _Stream:
                 future = self.client.compute(pending.delayed, optimize_graph=False,
                                              **self.compute_options.get(self.stages[i], {}))
             pending.future = future
-            tokens = [token] + ([self.prefetch_tokens.pop(pending.patient)] if i == 0 and pending.patient in
-                                self.prefetch_tokens else [])
+            tokens = [token, *self.take_prefetch_tokens(i, pending.patient)]
             self.by_key[future.key] = (i, pending, started, tokens)
             self.finished.add(future)
             return
@@ -361,6 +359,10 @@ class _Stream:
             get_result = _raiser(exc)
         # Computed here, alone, now: its start to its end is its computation (its result is taken later).
         self.ready.append((i, pending, started, get_result, time.perf_counter() - started))
+
+    def take_prefetch_tokens(self, i, patient) -> list:
+        """The meter token of ``patient``'s prefetch, once, for its first stage ([] otherwise)."""
+        return [self.prefetch_tokens.pop(patient)] if i == 0 and patient in self.prefetch_tokens else []
 
     def prefetch_ahead(self):
         """Start the first stage's slow per-patient reads for the next ``2 * batch_size`` patients due."""
