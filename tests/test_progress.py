@@ -224,3 +224,74 @@ def test_a_run_keeps_nothing_of_the_patients_it_is_done_with(two_patients, tmp_p
     client.submit(int, 1, key=f"probe-{uuid.uuid4().hex}").result()
     held_after = client.run_on_scheduler(_dropped_groups_held)
     assert {name for name, _ in held_after - held_before} <= {"probe"}, held_after - held_before
+
+
+
+def _sleep_then_time(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return time.time()
+
+
+class _SleepingStage:
+    """A patient's stage computed on the cluster as one task that sleeps (the runner's remote-stage protocol);
+    ``late``: seconds from the task's end to the runner's commit."""
+
+    def __init__(self, patient, seconds):
+        self.patient, self.seconds = patient, seconds
+        self.future, self.warnings, self.chunks, self.late = None, [], None, None
+
+    def submit(self, client, compute_options=None, earlier_tokens=()):
+        import uuid
+
+        self.future = client.submit(_sleep_then_time, self.seconds, key=f"sleep-{self.patient}-{uuid.uuid4().hex}")
+        return self.future
+
+    def outcome(self, ended):
+        return (lambda: ended), self.seconds
+
+    def add_record(self, ended):
+        import time
+
+        self.late = time.time() - ended
+
+    def commit(self):
+        pass
+
+    def discard(self):
+        pass
+
+
+def test_the_run_sleeps_while_the_cluster_computes_and_wakes_when_a_stage_ends(tmp_path, cpu_gpu_cluster,
+                                                                                monkeypatch):
+    """Cohort scale (issue 29, the client's CPU per patient): while the patients' stages compute on the
+    cluster the client looks at its messages when one comes, not on a clock (it looked 10 times a second),
+    and a stage that ends is taken at once, not at the next look."""
+    import time
+    from types import SimpleNamespace
+
+    from lungzarr.pipeline import runner
+
+    client, _ = cpu_gpu_cluster
+    looks = []
+    pass_chunks = runner._Stream.pass_chunks
+    monkeypatch.setattr(runner._Stream, "pass_chunks",
+                        lambda self, messages=None: (looks.append(1), pass_chunks(self, messages))[1])
+    stages = {}
+
+    def prepare(stage, patient, payload):
+        stages[patient] = _SleepingStage(patient, 2.0)
+        return stages[patient]
+
+    start = time.perf_counter()
+    (only,) = runner.stream_stages(SimpleNamespace(path=tmp_path / "s.zarr"), [("P1", None), ("P2", None)],
+                                   ["sleep"], prepare, decide=lambda patient, stage: "run", batch_size=2,
+                                   client=client)
+    took = time.perf_counter() - start
+    assert sorted(only.done) == ["P1", "P2"]
+    # A look at least every runner.WAKE_CHECK_S and one per stage that ended; a 10 Hz poll looked ~20 times
+    # in the ~2 s these two take on two workers.
+    assert len(looks) <= 2 * (1 + took / runner.WAKE_CHECK_S) + 2, (len(looks), took)
+    assert all(stage.late < runner.WAKE_CHECK_S / 2 for stage in stages.values()), \
+        {p: stage.late for p, stage in stages.items()}

@@ -164,13 +164,17 @@ class ChunkChannel:
     With a ``client`` it subscribes to :data:`TOPIC` (the scheduler forwards
     the workers' events); without one it registers a queue the local
     schedulers' tasks put their messages on. :meth:`drain` returns what
-    arrived since the last call, in the caller's thread.
+    arrived since the last call, in the caller's thread; ``arrived`` (a
+    ``threading.Event``, the caller's own when given) is set when a message
+    from the cluster comes.
     """
 
-    def __init__(self, client, store_path):
+    def __init__(self, client, store_path, *, arrived: threading.Event | None = None):
         self.client, self.channel = client, str(store_path)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._open = False
+        # Set when a message comes: the caller waits on it rather than looking at the queue on a clock.
+        self.arrived = arrived if arrived is not None else threading.Event()
 
     def __enter__(self):
         if self.client is not None:
@@ -199,6 +203,7 @@ class ChunkChannel:
         message = event[1] if isinstance(event, (tuple, list)) and len(event) == 2 else event
         if isinstance(message, dict) and message.get("channel") == self.channel:
             self._queue.put(message)
+            self.arrived.set()
 
     def drain(self) -> list[dict]:
         """The messages that arrived since the last call (``stage``, ``patient``, ``chunk``, ``total``)."""

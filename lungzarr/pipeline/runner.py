@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
+import threading
 import time
 import traceback
 from collections import deque
@@ -39,8 +41,9 @@ __all__ = ["StageSummary", "ProgressEvent", "Progress", "stream_stages", "as_pat
 EVENTS = ("done", "skipped", "failed", "blocked")
 #: Events while a patient's stage computes: ``started`` once when it is submitted, ``chunk`` per z-chunk computed.
 STEPS = ("started", "chunk")
-#: Seconds between two looks at the chunk messages while the run waits for a patient's stage to end.
-CHUNK_POLL_S = 0.1
+#: Seconds the run waits at most before it looks again for a finished stage or a chunk message. Either
+#: wakes it at once; the limit only keeps the wait short where a signal cannot end it (Ctrl-C on Windows).
+WAKE_CHECK_S = 1.0
 
 
 @dataclass
@@ -206,19 +209,18 @@ class _Stream:
         self.last_end = [None] * len(self.stages)
         self.prefetched = set()
         self.ready = deque()  # (stage index, pending, started, get_result, seconds) without a client
-        self.channel = ChunkChannel(client, store.path)
+        self.wake = threading.Event()  # a chunk message came, or a patient's stage finished on the cluster
+        self.channel = ChunkChannel(client, store.path, arrived=self.wake)
         self.chunks_seen = {}  # (stage index, patient) -> chunk ids computed
         self.computing = {}  # (stage index, patient) -> its pending stage, while it computes
         self.announced = set()  # (stage index, patient) whose "started" was given
         self.prefetch_tokens = {}  # patient -> meter token of its prefetch (its time counts in the first stage)
         if client is not None:
-            from distributed import as_completed
-
             ensure_meter(client)  # before any task: each stage's time on the workers (worker_seconds)
             # Before any task too: the scheduler lets go of each patient's task groups once it forgot them.
             ensure_forgetting(client)
 
-            self.finished = as_completed()
+            self.finished = _FinishedFutures(self.wake)
             self.by_key = {}
         for stage in self.stages:
             self.progress(ProgressEvent(stage, "begin", total=len(items)))
@@ -407,12 +409,14 @@ class _Stream:
     def next_finished(self):
         """The next patient's stage to end: (stage index, pending, started, get_result, computation seconds)."""
         if self.client is not None:
-            # Chunk messages are handed on while the patients in flight compute.
-            while not self.finished.has_ready():
+            # Chunk messages are handed on while the patients in flight compute; the run sleeps between them.
+            while True:
+                self.wake.clear()  # before looking: what comes after the look ends the wait below
                 self.pass_chunks()
-                time.sleep(CHUNK_POLL_S)
-            future = next(self.finished)
-            self.pass_chunks()
+                future = self.finished.take()
+                if future is not None:
+                    break
+                self.wake.wait(WAKE_CHECK_S)
             i, pending, started, tokens = self.by_key.pop(future.key)
             if tokens is not None:
                 return i, pending, started, future.result, worker_seconds(self.client, tokens)
@@ -535,6 +539,32 @@ def stream_stages(store, items, stages, prepare: Callable, *, decide: Callable, 
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     return _Stream(store, list(items), stages, prepare, decide, batch_size, client, progress, compute_options,
                    prefetch, requires, on_leave).run()
+
+
+class _FinishedFutures:
+    """The futures of the patients' stages in the order they finish; ``wake`` is set as each one does.
+
+    distributed calls a future's done callbacks once, whether it finished,
+    failed or was cancelled, so every future added is taken exactly once.
+    """
+
+    def __init__(self, wake: threading.Event):
+        self.wake = wake
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def add(self, future) -> None:
+        future.add_done_callback(self._on_done)
+
+    def _on_done(self, future) -> None:  # in distributed's callback thread
+        self._done.put(future)
+        self.wake.set()
+
+    def take(self):
+        """The next finished future, or None when none is waiting."""
+        try:
+            return self._done.get_nowait()
+        except queue.Empty:
+            return None
 
 
 def _closure(stage, requires) -> set:

@@ -221,8 +221,9 @@ class PendingStage:
         ome = ome_multiscales(attrs, arrays={name for name in IMAGE_ARRAYS
                                              if entries.get(name, {}).get("node_type") == "array"})
         if ome is not None:
-            attrs[OME_KEY] = ome
-        meta["attributes"] = _jsonable(attrs)
+            attrs[OME_KEY] = _jsonable(ome)
+        # The rest was read from JSON: only what is new here is made JSON (the client commits every stage).
+        meta["attributes"] = attrs
         self.store._put_listed(self.group_path, meta, entries)
         if self.staged:
             self.store._swap_in(self.patient)
