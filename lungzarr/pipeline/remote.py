@@ -38,6 +38,7 @@ Stopping
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 
@@ -80,7 +81,8 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
     dict
         ``record`` (the stage record: prepare's part and what the computation returned), ``warnings``,
         ``seconds`` (the stage's time on the workers' threads, this task's own building included, or
-        None when a worker did not answer) and, when the stage failed, ``error``: the exception, a
+        None when a worker did not answer), ``listing`` (the JSON text of the group's nodes'
+        ``zarr.json``, for its consolidated metadata) and, when the stage failed, ``error``: the exception, a
         :class:`~lungzarr.errors.PatientError` unless it stops the run
         (:func:`~lungzarr.pipeline.runner.run_stop_error`).
     """
@@ -127,11 +129,12 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
     seconds = worker_seconds(client, [token, *earlier_tokens])
     pending.add_record(result)
     # The group's nodes as written, for its listing (consolidated metadata) in the client's commit: read
-    # here, so the client reads only the group's own zarr.json.
+    # here, so the client reads only the group's own zarr.json. Sent as one JSON text, not as nested dicts
+    # (tens of kB by the last stages): distributed sizes, packs and unpacks one string on its way back.
     listing = store._backend.node_metadata(pending.group_path)
     listing.pop(".", None)
     return {"record": pending.record, "warnings": _jsonable_warnings(pending.warnings),
-            "seconds": None if seconds is None else built + seconds, "listing": listing}
+            "seconds": None if seconds is None else built + seconds, "listing": json.dumps(listing)}
 
 
 def _wait(future, worker, key):
@@ -245,7 +248,8 @@ class RemoteStage:
                 raise error
             return get_result, seconds
         record = value.get("record")
-        self.listing = value.get("listing")
+        listing = value.get("listing")
+        self.listing = None if listing is None else json.loads(listing)
         return (lambda: record), seconds
 
     def add_record(self, record) -> None:
