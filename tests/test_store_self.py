@@ -447,3 +447,15 @@ def test_an_object_changed_on_object_storage_redoes_its_patient(tmp_path):
             summary = ingest(url, store, chunk_slices=4)
         assert summary.done == ["P1"] and "its INPUT files changed" in summary.redone[0]["reason"]
         np.testing.assert_array_equal(_slice_of(store, "P1", files[3]), new_hu)
+
+
+def test_the_size_status_gives_is_every_file_below_the_store(cohort):
+    """``lungzarr status`` says the store's size: every file at every depth (chunks are several folders down),
+    as a walk of the folder counts them, whatever a file outside the store holds."""
+    _, store = cohort
+    (store.parent / "beside.bin").write_bytes(b"x" * 12345)  # not in the store
+    walked = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(store)
+                 for name in names)
+    deepest = max(len(Path(folder).relative_to(store).parts) for folder, _, names in os.walk(store) if names)
+    assert deepest >= 4 and walked > 0
+    assert CohortStore(store, mode="r").size_bytes() == walked
