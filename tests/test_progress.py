@@ -295,3 +295,33 @@ def test_the_run_sleeps_while_the_cluster_computes_and_wakes_when_a_stage_ends(t
     assert len(looks) <= 2 * (1 + took / runner.WAKE_CHECK_S) + 2, (len(looks), took)
     assert all(stage.late < runner.WAKE_CHECK_S / 2 for stage in stages.values()), \
         {p: stage.late for p, stage in stages.items()}
+
+
+def test_a_prefetched_patient_that_does_not_run_at_its_turn_leaves_nothing_on_the_workers(tmp_path, cpu_gpu_cluster):
+    """The first stage's prefetch starts before a patient's turn and is metered under a token the stage then
+    takes. When the patient does not run after all (done by another run meanwhile, or its prepare fails),
+    the prefetch is dropped and the workers forget its token: they kept it until the run ended before."""
+    from types import SimpleNamespace
+
+    from lungzarr.pipeline import runner
+
+    client, _ = cpu_gpu_cluster
+    decided = []
+
+    def decide(patient, stage):
+        decided.append(patient)
+        # Run when the prefetch asks; at its turn P1 is done already and P2's prepare fails.
+        return "run" if decided.count(patient) == 1 else ("skip" if patient == "P1" else "run")
+
+    def prefetch(patient, payload):
+        return client.submit(sum, [1, 2], key=f"prefetch-{patient}")
+
+    def prepare(stage, patient, payload):
+        payload.result()  # the prefetch ran (and was metered) before the patient's turn
+        raise runner.PatientError("its header is gone", patient=patient)
+
+    store = SimpleNamespace(path=tmp_path / "s.zarr", record_failure=lambda err, stage: None)
+    (only,) = runner.stream_stages(store, [("P1", None), ("P2", None)], ["ingest"], prepare, decide=decide,
+                                   batch_size=1, client=client, prefetch=prefetch)
+    assert only.skipped == ["P1"] and [f["patient"] for f in only.failed] == ["P2"], (only.skipped, only.failed)
+    assert client.run(_metered) == {w: {} for w in client.scheduler_info()["workers"]}

@@ -366,6 +366,24 @@ class _Stream:
         """The meter token of ``patient``'s prefetch, once, for its first stage ([] otherwise)."""
         return [self.prefetch_tokens.pop(patient)] if i == 0 and patient in self.prefetch_tokens else []
 
+    def drop_prefetch(self, patient, payload):
+        """A prefetched patient whose first stage does not run at its turn (done or blocked by then, or its
+        prepare failed): once its prefetch has ended, the workers forget its meter token, which they would
+        otherwise keep until the run ends (its time counts in no stage). Not cancelled: a prefetch that ended
+        while the cancel was on its way would be metered after the token was taken. Rare (the decision
+        changed since the prefetch), and a prefetch is one patient's header read."""
+        token = self.prefetch_tokens.pop(patient, None)
+        if token is None:
+            return
+        if hasattr(payload, "cancel"):
+            from distributed import wait
+
+            try:
+                wait(payload)
+            except Exception:  # the scheduler is going away: so are the workers' sums
+                return
+        worker_seconds(self.client, [token])
+
     def prefetch_ahead(self):
         """Start the first stage's slow per-patient reads for the next ``2 * batch_size`` patients due."""
         queue = self.queues[0]
@@ -395,6 +413,8 @@ class _Stream:
                     failed = self.failed_in_run.get(patient, set()) & self.needs[self.stages[i]]
                     decision = "blocked" if failed else self.decide(patient, self.stages[i])
                     if decision in ("blocked", "skip"):
+                        if i == 0:
+                            self.drop_prefetch(patient, payload)
                         if decision == "skip":
                             self.summaries[i].skipped.append(patient)
                         self.notify(i, "blocked" if decision == "blocked" else "skipped", patient)
@@ -402,6 +422,8 @@ class _Stream:
                         continue
                     pending = self.prepare(self.stages[i], patient, payload)
                 except Exception as exc:  # one broken patient never stops the cohort
+                    if i == 0:
+                        self.drop_prefetch(patient, payload)
                     self.fail(i, patient, exc)
                     continue
                 self.submit(i, pending)
