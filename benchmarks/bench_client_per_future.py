@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -136,8 +137,7 @@ def main(argv=None) -> int:
                 print(f"round {k + 1} {v:14s} client {r['client_cpu_ms']:.2f} ms (idle part "
                       f"{r['client_idle_part_ms']:.2f}), scheduler {r['scheduler_cpu_ms']:.2f} ms, "
                       f"wall {r['wall_ms']:.1f} ms per future", flush=True)
-    median = {v: {key: sorted(r[v][key] for r in rounds)[len(rounds) // 2] for key in rounds[0][v]}
-              for v in VARIANTS}
+    median = {v: {key: statistics.median(r[v][key] for r in rounds) for key in rounds[0][v]} for v in VARIANTS}
     result = {"benchmark": "bench_client_per_future", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "futures_per_variant": args.futures, "rounds": rounds, "median": median,
               "listing_nodes": len(listing), "listing_json_bytes": len(json.dumps(listing)),
