@@ -72,6 +72,10 @@ class _ObjectBackend(_ObjectLock):
         self.path = _ObjectPath(self.fs, key)
         self.zarr_store = FsspecStore.from_url(self.url, storage_options=options, read_only=mode == "r")
 
+    def file_signature(self, target: _ObjectPath):
+        """None: asking costs a request, as much as reading the object (see :meth:`_DirectoryBackend.file_signature`)."""
+        return None
+
     def replace_text(self, target: _ObjectPath, text: str) -> None:
         target.write_text(text)  # one PUT: atomic on S3
 
