@@ -46,8 +46,8 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
-__all__ = ["TOPIC", "METER_ANNOTATION", "prepare_chunked", "chunk_progress", "emit", "ChunkChannel", "metered_stage",
-           "TaskMeter", "ensure_meter", "worker_seconds", "ProgressBoard", "StageView"]
+__all__ = ["TOPIC", "METER_ANNOTATION", "prepare_chunked", "chunk_progress", "emit", "ChunkChannel", "FinishedFutures",
+           "metered_stage", "TaskMeter", "ensure_meter", "worker_seconds", "ProgressBoard", "StageView"]
 
 #: The structured-event topic chunk messages are logged under on the workers.
 TOPIC = "lungzarr-chunk"
@@ -230,6 +230,32 @@ class ChunkChannel:
             if messages:
                 on_messages(messages)
         return Callback(posttask=posttask)
+
+
+class FinishedFutures:
+    """The futures of the patients' stages in the order they finish; ``wake`` is set as each one does.
+
+    distributed calls a future's done callbacks once, whether it finished,
+    failed or was cancelled, so every future added is taken exactly once.
+    """
+
+    def __init__(self, wake: threading.Event):
+        self.wake = wake
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def add(self, future) -> None:
+        future.add_done_callback(self._on_done)
+
+    def _on_done(self, future) -> None:  # in distributed's callback thread
+        self._done.put(future)
+        self.wake.set()
+
+    def take(self):
+        """The next finished future, or None when none is waiting."""
+        try:
+            return self._done.get_nowait()
+        except queue.Empty:
+            return None
 
 
 @contextmanager

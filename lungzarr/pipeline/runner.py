@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import threading
 import time
 import traceback
@@ -32,7 +31,7 @@ from typing import Callable, Protocol
 from lungzarr.errors import PatientError, RunStopError, environment_reason, stops_the_run
 from lungzarr.io.locations import blank_secrets, describe_error
 from lungzarr.pipeline.forget_groups import ensure_forgetting
-from lungzarr.pipeline.progress import ChunkChannel, ensure_meter, metered_stage, worker_seconds
+from lungzarr.pipeline.progress import ChunkChannel, FinishedFutures, ensure_meter, metered_stage, worker_seconds
 
 __all__ = ["StageSummary", "ProgressEvent", "Progress", "stream_stages", "as_patient_error", "machine_reason",
            "run_stop_error", "EVENTS", "STEPS"]
@@ -220,7 +219,7 @@ class _Stream:
             # Before any task too: the scheduler lets go of each patient's task groups once it forgot them.
             ensure_forgetting(client)
 
-            self.finished = _FinishedFutures(self.wake)
+            self.finished = FinishedFutures(self.wake)
             self.by_key = {}
         for stage in self.stages:
             self.progress(ProgressEvent(stage, "begin", total=len(items)))
@@ -561,32 +560,6 @@ def stream_stages(store, items, stages, prepare: Callable, *, decide: Callable, 
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     return _Stream(store, list(items), stages, prepare, decide, batch_size, client, progress, compute_options,
                    prefetch, requires, on_leave).run()
-
-
-class _FinishedFutures:
-    """The futures of the patients' stages in the order they finish; ``wake`` is set as each one does.
-
-    distributed calls a future's done callbacks once, whether it finished,
-    failed or was cancelled, so every future added is taken exactly once.
-    """
-
-    def __init__(self, wake: threading.Event):
-        self.wake = wake
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-
-    def add(self, future) -> None:
-        future.add_done_callback(self._on_done)
-
-    def _on_done(self, future) -> None:  # in distributed's callback thread
-        self._done.put(future)
-        self.wake.set()
-
-    def take(self):
-        """The next finished future, or None when none is waiting."""
-        try:
-            return self._done.get_nowait()
-        except queue.Empty:
-            return None
 
 
 def _closure(stage, requires) -> set:

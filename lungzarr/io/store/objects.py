@@ -73,7 +73,8 @@ class _ObjectBackend(_ObjectLock):
         self.zarr_store = FsspecStore.from_url(self.url, storage_options=options, read_only=mode == "r")
 
     def file_signature(self, target: _ObjectPath):
-        """None: asking costs a request, as much as reading the object (see :meth:`_DirectoryBackend.file_signature`)."""
+        """None: asking costs a request, as much as reading the object
+        (:meth:`_DirectoryBackend.file_signature` is one stat)."""
         return None
 
     def replace_text(self, target: _ObjectPath, text: str) -> None:
