@@ -226,7 +226,6 @@ def test_a_run_keeps_nothing_of_the_patients_it_is_done_with(two_patients, tmp_p
     assert {name for name, _ in held_after - held_before} <= {"probe"}, held_after - held_before
 
 
-
 def _sleep_then_time(seconds: float) -> float:
     import time
 
@@ -274,6 +273,9 @@ def test_the_run_sleeps_while_the_cluster_computes_and_wakes_when_a_stage_ends(t
     from lungzarr.pipeline import runner
 
     client, _ = cpu_gpu_cluster
+    # Far longer than the stages: a run that ended its waits by the clock, not by the stages' ends, would
+    # take it (so the machine's load cannot pass or fail this).
+    monkeypatch.setattr(runner, "WAKE_CHECK_S", 60.0)
     looks = []
     pass_chunks = runner._Stream.pass_chunks
     monkeypatch.setattr(runner._Stream, "pass_chunks",

@@ -371,8 +371,8 @@ class _Stream:
         otherwise keep until the run ends (its time counts in no stage). Not cancelled: a prefetch that ended
         while the cancel was on its way would be metered after the token was taken. Rare (the decision
         changed since the prefetch), and a prefetch is one patient's header read."""
-        token = self.prefetch_tokens.pop(patient, None)
-        if token is None:
+        tokens = self.take_prefetch_tokens(0, patient)
+        if not tokens:
             return
         if hasattr(payload, "cancel"):
             from distributed import wait
@@ -381,7 +381,7 @@ class _Stream:
                 wait(payload)
             except Exception:  # the scheduler is going away: so are the workers' sums
                 return
-        worker_seconds(self.client, [token])
+        worker_seconds(self.client, tokens)
 
     def prefetch_ahead(self):
         """Start the first stage's slow per-patient reads for the next ``2 * batch_size`` patients due."""

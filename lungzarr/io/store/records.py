@@ -82,8 +82,8 @@ class _PatientRecords:
         if new or len(kept) != len(old):
             self._update_root_attrs({DAMAGE_KEY: kept + new})
 
-    def _patients_recorded(self, key: str) -> frozenset | None:
-        """The patients with a record under the root attribute ``key`` (failures, damage, warnings), or None
+    def _recorded_patients(self) -> dict | None:
+        """``{root attribute: patients with a record under it}`` for failures, damage and warnings, or None
         where that is not known cheaply (an object store).
 
         The records are in the root ``zarr.json``, which grows with them (~300 bytes a failure), while every
@@ -99,12 +99,12 @@ class _PatientRecords:
             attrs = self._root_attrs()
             cached = self._recorded_index = (signature, {
                 k: frozenset(r.get("patient") for r in attrs.get(k, [])) for k in RECORD_KEYS})
-        return cached[1][key]
+        return cached[1]
 
     def _clear_committed(self, patient: str, stage: str, *, whole_patient: bool) -> None:
         """After a commit: drop the stage's failure and its damage (every damage of a new patient group)."""
-        known = [self._patients_recorded(key) for key in (FAILURES_KEY, DAMAGE_KEY)]
-        if all(patients is not None and patient not in patients for patients in known):
+        recorded = self._recorded_patients()
+        if recorded is not None and patient not in recorded[FAILURES_KEY] | recorded[DAMAGE_KEY]:
             return  # nothing of this patient's to drop: the root is neither parsed nor written
         attrs = self._root_attrs()
         update = {}
@@ -135,8 +135,8 @@ class _PatientRecords:
         """
         records = list(records)
         if not records:
-            warned = self._patients_recorded(WARNINGS_KEY)
-            if warned is not None and patient not in warned:
+            recorded = self._recorded_patients()
+            if recorded is not None and patient not in recorded[WARNINGS_KEY]:
                 return  # no warning to clear: the root is neither parsed nor written
         now = _now()
         new = [_jsonable({"patient": patient, "stage": stage, "file": None if r.get("file") is None
