@@ -12,6 +12,8 @@ The only package of lungzarr that imports zarr. Layout::
       tables/patients.<uuid>  cohort-wide patient table (dimension ``patient``)
       tables/nodules.<uuid>   cohort-wide nodule table (dimension ``nodule``); the ``tables``
                               group's attribute ``lungzarr:tables`` names each current group
+      records/<id>/           the patient's failures, warnings and damage (group attributes), only while
+                              it has any (:mod:`~lungzarr.io.store.records`)
     STORE.lock                held while a run writes (refuses a second writer); beside the
                               store's resolved path
 
@@ -22,13 +24,13 @@ object created by a conditional write (see :class:`~lungzarr.io.store.objects._O
 
 Every chunk of every array ends in a CRC-32C and every chunk is written (none
 left implicit as the fill value), so :meth:`CohortStore.verify_patient` finds a
-changed, undecodable or missing chunk; damage found is kept in the root attribute
-``lungzarr:damage``.
+changed, undecodable or missing chunk; damage found is kept in the patient's record
+(``records/<id>``, attribute ``lungzarr:damage``).
 
 A stage of a patient is *complete* only once all its arrays are written: the
 stage marker (group attribute ``lungzarr:stages``) is set after the write, so
 an interrupted write leaves an incomplete stage, which the next run removes and
-redoes (the next run that holds the writer lock: a refused writer touches nothing). Failures are kept in the root attribute ``lungzarr:failures``.
+redoes (the next run that holds the writer lock: a refused writer touches nothing). Failures are kept in the patient's record (``records/<id>``, attribute ``lungzarr:failures``).
 
 Consolidated metadata (zarr 3's inline ``consolidated_metadata``) is kept per
 patient, in each patient group's ``zarr.json``: a reader opens a patient with

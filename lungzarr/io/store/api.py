@@ -9,13 +9,17 @@ import numpy as np
 from lungzarr.errors import LungzarrError
 from lungzarr.io.store.cohort import CohortStore
 from lungzarr.io.store.layout import PATIENTS_GROUP, TABLES_GROUP
+from lungzarr.io.store.records import RECORD_KEYS
 
 
 def open_cohort(path, *, patients=None):
     """The cohort as a lazy :class:`xarray.DataTree` (no voxel is loaded).
 
     ``patients/<id>`` for each patient, ``tables/<name>`` for the cohort
-    tables, the root attributes (failures, warnings) at the root. Each
+    tables, the store's own attributes (lungzarr's version, when it was
+    created) at the root; the records of failures, warnings and damage are
+    tables of their own (:func:`read_failures`, :func:`read_warnings`,
+    :func:`read_damage`). Each
     patient's group is opened with one metadata read (its listing, see
     :mod:`lungzarr.io.store.consolidated`), so the time this takes grows with
     the patients opened: about 10 ms each on a local disk. For a cohort of
@@ -51,7 +55,8 @@ def open_cohort(path, *, patients=None):
     # An unknown patient is refused by its group's read (patient_source): no existence check first.
     ids = store.patients() if patients is None else list(patients)
     trees = {p: _patient_tree(store, p, stacklevel=3) for p in ids}
-    root = xr.Dataset(attrs=store._root_attrs())
+    # Without the records an older store still keeps in its root (until its next writer moves them).
+    root = xr.Dataset(attrs={k: v for k, v in store._root_attrs().items() if k not in RECORD_KEYS})
     return xr.DataTree(dataset=root, children={PATIENTS_GROUP: xr.DataTree(children=trees),
                                                TABLES_GROUP: _tables_tree(store)})
 

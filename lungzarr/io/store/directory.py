@@ -29,14 +29,9 @@ class _DirectoryBackend(_FlockLock):
             tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
             raise
 
-    def file_signature(self, target: Path):
-        """What changes whenever ``target`` is replaced or written (inode, mtime, size: :meth:`replace_text`
-        makes a new inode each time); None when it is missing. One stat."""
-        try:
-            st = os.stat(target)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+    def make_folder(self, path: Path) -> None:
+        """``path`` and its parents as folders, for a node written by its ``zarr.json`` alone."""
+        path.mkdir(parents=True, exist_ok=True)
 
     def rmtree(self, path: Path, *, ignore_errors: bool = False) -> None:
         shutil.rmtree(path, ignore_errors=ignore_errors)

@@ -19,6 +19,8 @@ DAMAGE_KEY = "lungzarr:damage"
 PATIENTS_GROUP = "patients"
 TABLES_GROUP = "tables"
 STAGING_GROUP = "staging"
+#: One small document per patient with failures, damage or warnings (:mod:`lungzarr.io.store.records`).
+RECORDS_GROUP = "records"
 TABLE_POINTER_KEY = "lungzarr:tables"
 CONSOLIDATED_KEY = "consolidated_metadata"
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")

@@ -72,13 +72,11 @@ class _ObjectBackend(_ObjectLock):
         self.path = _ObjectPath(self.fs, key)
         self.zarr_store = FsspecStore.from_url(self.url, storage_options=options, read_only=mode == "r")
 
-    def file_signature(self, target: _ObjectPath):
-        """None: asking costs a request, as much as reading the object
-        (:meth:`_DirectoryBackend.file_signature` is one stat)."""
-        return None
-
     def replace_text(self, target: _ObjectPath, text: str) -> None:
         target.write_text(text)  # one PUT: atomic on S3
+
+    def make_folder(self, path) -> None:
+        """Nothing: an object store has no folders, only keys."""
 
     def rmtree(self, path: _ObjectPath, *, ignore_errors: bool = False) -> None:
         """Remove every object below ``path``, its ``zarr.json`` first (the group vanishes for readers at once)."""

@@ -1,0 +1,131 @@
+"""Failures, damage and warnings: one small document per patient under ``records/``, never the root."""
+from __future__ import annotations
+
+import json
+import os
+
+import xarray as xr
+
+from lungzarr.errors import PatientError
+from lungzarr.io.store import (DAMAGE_KEY, FAILURES_KEY, WARNINGS_KEY, CohortStore, open_cohort, read_damage,
+                               read_failures, read_warnings)
+from lungzarr.io.store.records import record_document_name
+
+
+def _root(path):
+    return json.loads((path / "zarr.json").read_text())
+
+
+def _fail(store, patient, stage, reason="unreadable", file=None):
+    store.record_failure(PatientError(reason, patient=patient, stage=stage, file=file))
+
+
+def test_a_record_is_its_patients_document_and_the_root_does_not_change(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = CohortStore(path)
+    store._ready_to_record()
+    before = os.stat(path / "zarr.json")
+    for k in range(50):
+        _fail(store, f"P{k:02d}", "ingest")
+    store.record_warnings("P01", "ingest", [{"file": "a.dcm", "reason": "edge slice dropped"}])
+    store.record_damage({"P02": [{"stage": "segment", "array": "lungs", "chunk": "0/0/0", "kind": "checksum",
+                                  "file": "c/0/0/0", "reason": "changed"}]})
+    after = os.stat(path / "zarr.json")
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    doc = json.loads((path / "records" / "P01" / "zarr.json").read_text())
+    assert doc["node_type"] == "group"
+    assert [f["stage"] for f in doc["attributes"][FAILURES_KEY]] == ["ingest"]
+    assert [w["reason"] for w in doc["attributes"][WARNINGS_KEY]] == ["edge slice dropped"]
+    assert len(store.failures()) == 50 and len(read_failures(path)) == 50
+    assert read_damage(path)[["patient", "chunk"]].values.tolist() == [["P02", "0/0/0"]]
+    # zarr sees the documents as groups of the store
+    assert xr.open_datatree(path, engine="zarr", group="records/P01", consolidated=False).attrs[FAILURES_KEY][0]["patient"] == "P01"
+
+
+def test_a_failure_per_patient_and_stage_the_latest_and_a_cleared_patient_leaves_no_document(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = CohortStore(path)
+    _fail(store, "P1", "ingest", "first")
+    _fail(store, "P1", "segment", "other stage")
+    _fail(store, "P1", "ingest", "second")
+    assert sorted((f["stage"], f["reason"]) for f in store.failures()) == [("ingest", "second"),
+                                                                          ("segment", "other stage")]
+    store.clear_failure("P1", "ingest")
+    store._clear_committed("P1", "segment", whole_patient=False)
+    assert store.failures() == []
+    assert not (path / "records" / "P1").exists()  # the documents present are the patients with records
+    store.record_warnings("P1", "ingest", [])  # nothing to clear: nothing written
+    assert not (path / "records" / "P1").exists()
+
+
+def test_an_id_that_cannot_name_a_group_gets_a_digest_document(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = CohortStore(path)
+    for bad in ("bad name", "__x", "zarr.json", "../up", None):
+        _fail(store, bad, "ingest", f"refused {bad}")
+    names = sorted(p.name for p in (path / "records").iterdir() if p.is_dir())
+    assert len(names) == 5 and all(n.startswith("__") and len(n) == 26 for n in names)
+    assert sorted(str(f["patient"]) for f in store.failures()) == sorted(
+        ["bad name", "__x", "zarr.json", "../up", "None"])
+    assert record_document_name("P-1.a_b") == "P-1.a_b"
+    assert record_document_name("bad name") != record_document_name("bad_name")
+
+
+def test_an_older_stores_root_records_are_read_then_moved_by_its_next_writer(tmp_path):
+    path = tmp_path / "s.zarr"
+    CohortStore(path)
+    # What lungzarr before issue 29 kept in the root zarr.json.
+    legacy = {
+        FAILURES_KEY: [{"patient": "P1", "stage": "ingest", "file": "a", "reason": "old", "time": "2026-01-01T00:00:00"},
+                       {"patient": "bad name", "stage": "ingest", "file": None, "reason": "name",
+                        "time": "2026-01-01T00:00:01"}],
+        WARNINGS_KEY: [{"patient": "P2", "stage": "input", "file": "x.zip", "reason": "an archive",
+                        "time": "2026-01-01T00:00:02"}],
+        DAMAGE_KEY: [{"patient": "P3", "stage": "segment", "array": "lungs", "chunk": "0/0/0", "kind": "checksum",
+                      "file": "f", "reason": "changed", "time": "2026-01-01T00:00:03"}],
+    }
+    meta = _root(path)
+    meta["attributes"].update(legacy)
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+    reader = CohortStore(path, mode="r")
+    assert [f["reason"] for f in reader.failures()] == ["old", "name"]
+    assert reader.warnings() == legacy[WARNINGS_KEY] and reader.damage() == legacy[DAMAGE_KEY]
+    assert FAILURES_KEY not in open_cohort(path).attrs  # records are tables of their own
+    assert not (path / "records").exists()  # reading wrote nothing
+
+    writer = CohortStore(path)
+    _fail(writer, "P1", "segment", "new")  # the first record write moves the root's records first
+    assert not set(legacy) & set(_root(path)["attributes"])
+    assert sorted((f["patient"], f["stage"], f["reason"]) for f in read_failures(path).to_dict("records")) == [
+        ("P1", "ingest", "old"), ("P1", "segment", "new"), ("bad name", "ingest", "name")]
+    assert read_warnings(path).to_dict("records") == legacy[WARNINGS_KEY]
+    assert read_damage(path)["patient"].tolist() == ["P3"]
+
+
+def test_a_commit_after_an_older_stores_records_drops_the_patients_moved_failure(tmp_path):
+    path = tmp_path / "s.zarr"
+    CohortStore(path)
+    meta = _root(path)
+    meta["attributes"][FAILURES_KEY] = [{"patient": "P1", "stage": "ingest", "file": None, "reason": "old",
+                                         "time": "2026-01-01T00:00:00"}]
+    (path / "zarr.json").write_text(json.dumps(meta))
+    # A run whose first record write is a commit's look (no failure or warning before it).
+    CohortStore(path)._clear_committed("P1", "ingest", whole_patient=True)
+    assert read_failures(path).empty
+    assert FAILURES_KEY not in _root(path)["attributes"]
+
+
+def test_a_move_killed_half_way_moves_again_and_the_newer_record_wins(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = CohortStore(path)
+    _fail(store, "P1", "ingest", "newer")  # moved already (a run killed before the root was rewritten)
+    meta = _root(path)
+    meta["attributes"][FAILURES_KEY] = [
+        {"patient": "P1", "stage": "ingest", "file": None, "reason": "older", "time": "2026-01-01T00:00:00"},
+        {"patient": "P2", "stage": "ingest", "file": None, "reason": "p2", "time": "2026-01-01T00:00:00"}]
+    (path / "zarr.json").write_text(json.dumps(meta))
+    assert sorted(f["reason"] for f in CohortStore(path, mode="r").failures()) == ["newer", "p2"]
+    assert CohortStore(path)._move_root_records() == 2
+    assert sorted(f["reason"] for f in CohortStore(path, mode="r").failures()) == ["newer", "p2"]
+    assert CohortStore(path)._move_root_records() == 0
