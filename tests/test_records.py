@@ -129,3 +129,33 @@ def test_a_move_killed_half_way_moves_again_and_the_newer_record_wins(tmp_path):
     assert CohortStore(path)._move_root_records() == 2
     assert sorted(f["reason"] for f in CohortStore(path, mode="r").failures()) == ["newer", "p2"]
     assert CohortStore(path)._move_root_records() == 0
+
+
+def test_records_on_an_object_store_are_one_object_per_patient(tmp_path):
+    """On a real S3 server (moto on loopback): the same documents as objects, read back, cleared."""
+    import uuid
+
+    import boto3
+
+    from s3_server import moto_s3
+
+    with moto_s3(key_id=f"LZRECKEY{uuid.uuid4().hex[:10].upper()}", secret=f"lz-{uuid.uuid4().hex}"):
+        bucket = f"lz-{uuid.uuid4().hex[:12]}"
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=bucket)
+        url = f"s3://{bucket}/c.zarr"
+        store = CohortStore(url)
+        _fail(store, "P1", "ingest", "unreadable")
+        _fail(store, "bad name", "ingest", "its name")
+        store.record_warnings("P2", "input", [{"file": "x.zip", "reason": "an archive"}])
+        keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="c.zarr/records/")["Contents"])
+        assert keys[0] == "c.zarr/records/P1/zarr.json" and len(keys) == 4  # P1, P2, the digest, the group
+        assert FAILURES_KEY not in json.loads(s3.get_object(Bucket=bucket, Key="c.zarr/zarr.json")["Body"].read())[
+            "attributes"]
+        reader = CohortStore(url, mode="r")
+        assert sorted(f["reason"] for f in reader.failures()) == ["its name", "unreadable"]
+        assert [w["file"] for w in reader.warnings()] == ["x.zip"]
+        store._clear_committed("P1", "ingest", whole_patient=True)
+        store.record_warnings("P2", "input", [])
+        left = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="c.zarr/records/")["Contents"])
+        assert len(left) == 2 and "c.zarr/records/P1/zarr.json" not in left
