@@ -23,11 +23,19 @@ more at most), so the literal spread bounds both.
 An evaluation is allowed :data:`LAMBDA` = 8 of these standard deviations from the exact function, times its
 engine's :data:`ENGINE_SPREAD`; two evaluations may differ by the sum of their allowances (the triangle
 inequality). Under a normal tail 8 sd are passed with probability 1e-15 per voxel; measured against a float64
-evaluation of the same network (:func:`exact_prob`), Keras-TF and ONNX Runtime stay within 5.2 sd on the tests'
-windows, batch sizes 1 and 4 (the model is a little optimistic: rounding errors are not quite independent),
-hence 8 rather than the 6 a normal tail would need. OpenVINO's CPU plugin runs kernels of its own whose error
-is larger than plain summation's (11.7 sd on the synthetic windows, 9.1 on the LIDC slab's, AVX2): its
-allowance is twice the others'. A wrong window, row or slice moves a probability by 1e-2 or more, a thousand
+evaluation of the same network (:func:`exact_prob`), ONNX Runtime, and Keras-TF on TensorFlow's own (Eigen)
+kernels (``TF_ENABLE_ONEDNN_OPTS=0``), stay within 5.2 sd on the tests' windows, batch sizes 1 and 4 (the model
+is a little optimistic: rounding errors are not quite independent), hence 8 rather than the 6 a normal tail
+would need. Two engines run kernels of their own whose error is larger than plain summation's, and are allowed
+twice as much:
+
+* OpenVINO's CPU plugin: 11.7 sd on the synthetic windows, 9.1 on the LIDC slab's (AVX2);
+* Keras-TF with oneDNN, TensorFlow's default on x86: its blocked ``brg_conv_fwd`` kernels reached 10.0 sd on the
+  synthetic windows and 10.6 on the LIDC slab's on an AMD EPYC with AVX-512 (``ONEDNN_MAX_CPU_ISA=AVX2`` there:
+  the same 10.0), where Eigen's kernels stay at 4.0 on the same windows; the tests passed at 8 sd on an
+  AVX2-only EPYC, where oneDNN picks other blockings (2026-12-08).
+
+A wrong window, row or slice moves a probability by 1e-2 or more, a thousand
 times the tolerances here (1e-5 to 1e-4).
 
 ``tests/test_float_tolerance.py`` checks the model on every run of the suite: every engine installed stays
@@ -47,7 +55,7 @@ U = 2.0 ** -24
 #: Standard deviations (of :func:`rounding_sd`) an evaluation may be from the exact function.
 LAMBDA = 8.0
 #: Each engine's allowance in units of LAMBDA standard deviations (module docstring).
-ENGINE_SPREAD = {"keras": 1.0, "onnxruntime": 1.0, "openvino": 2.0}
+ENGINE_SPREAD = {"keras": 2.0, "onnxruntime": 1.0, "openvino": 2.0}
 #: Threshold below which lungzarr stores a probability as 0 (lungzarr.model.infer.THRESHOLD).
 THRESHOLD = 0.5
 
