@@ -218,3 +218,34 @@ def test_an_older_stores_cohort_listing_is_dropped_by_the_first_write(cohort):
     assert CohortStore(store, mode="r").warnings()[0]["file"] == "x.zip"
     for pid in PATIENTS:
         _assert_listing_is_current(store, pid)
+
+
+def test_a_listing_made_by_a_worker_is_spliced_in_as_the_same_document(cohort):
+    """The client writes the worker's listing text into the group's zarr.json without parsing it: the file
+    is the one a listing given as nodes writes (but for the marker's time and id), and zarr and xarray read it as consolidated."""
+    from lungzarr.io.store import ListingText, PendingStage
+
+    root, store = cohort
+    ingest(root, store)
+    s = CohortStore(store)
+    group = s.group_path("P1")
+    entries = s._backend.node_metadata(group)
+    meta = entries.pop(".")
+    record = {"depends_on": {"ingest": "x"}}
+    PendingStage(s, "P1", "probe", None, record, group_path=group).commit()  # the listing read by the client
+    as_nodes = (store / group / "zarr.json").read_text()
+    s.unmark_stages("P1", ["probe"])
+    PendingStage(s, "P1", "probe", None, record, group_path=group).commit(listing=ListingText(entries))
+    as_text = (store / group / "zarr.json").read_text()
+    drop_time = lambda text: {**json.loads(text), "attributes": {  # noqa: E731
+        k: v if k != "lungzarr:stages" else {st: {**r, "completed": None, "id": None} for st, r in v.items()}
+        for k, v in json.loads(text)["attributes"].items()}}
+    assert drop_time(as_text) == drop_time(as_nodes)
+    assert as_text.index('"consolidated_metadata"') > as_text.index('"attributes"')
+    assert json.loads(as_text)["consolidated_metadata"] == json.loads(as_nodes)["consolidated_metadata"]
+    assert meta["node_type"] == "group"
+    _assert_listing_is_current(store, "P1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "failed to open consolidated metadata" warning
+        ds = xr.open_zarr(store / group, consolidated=True)
+    assert "hu" in ds and ds.hu.shape == open_patient(store, "P1").to_dataset().hu.shape

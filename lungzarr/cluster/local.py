@@ -286,7 +286,9 @@ class SchedulerProcess(ProcessInterface):
 
 
 #: Seconds between two looks of a local worker's nanny at its worker's memory (distributed's default: 0.1).
-NANNY_MEMORY_CHECK_S = 0.5
+#: Each look costs this process ~0.35 ms of CPU: at 0.5 s, two nannies took ~1.5 ms a second, a quarter of
+#: the run's client CPU per patient at ~3 s of wall per patient (``benchmarks/README.md``).
+NANNY_MEMORY_CHECK_S = 1.0
 
 
 def _nanny_class():
@@ -317,6 +319,11 @@ def _nanny_class():
     return _Nanny
 
 
+#: Seconds between two copies of the cluster's description (its name and type, for a client or dashboard that
+#: looks) sent to the scheduler; distributed's default 1 s cost this process ~0.35 ms of CPU a second.
+CLUSTER_INFO_SYNC_S = 10
+
+
 def _process_scheduler_cluster(*, n_workers: int, threads_per_worker: int, memory_limit, dashboard_address):
     """A SpecCluster: a :class:`SchedulerProcess` and ``n_workers`` Nanny workers, as LocalCluster makes them."""
     from distributed import SpecCluster
@@ -331,4 +338,5 @@ def _process_scheduler_cluster(*, n_workers: int, threads_per_worker: int, memor
     return SpecCluster(scheduler={"cls": SchedulerProcess,
                                   "options": {"host": "127.0.0.1", "dashboard_address": dashboard_address}},
                        workers={i: worker for i in range(n_workers)}, worker=worker,
-                       silence_logs=logging.WARN, name="lungzarr")
+                       silence_logs=logging.WARN, name="lungzarr",
+                       scheduler_sync_interval=CLUSTER_INFO_SYNC_S)

@@ -38,7 +38,6 @@ Stopping
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import uuid
 
@@ -81,14 +80,14 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
     dict
         ``record`` (the stage record: prepare's part and what the computation returned), ``warnings``,
         ``seconds`` (the stage's time on the workers' threads, this task's own building included, or
-        None when a worker did not answer), ``listing`` (the JSON text of the group's nodes'
-        ``zarr.json``, for its consolidated metadata) and, when the stage failed, ``error``: the exception, a
+        None when a worker did not answer), ``listing`` (the group's consolidated metadata as JSON
+        text: a :class:`~lungzarr.io.store.ListingText`) and, when the stage failed, ``error``: the exception, a
         :class:`~lungzarr.errors.PatientError` unless it stops the run
         (:func:`~lungzarr.pipeline.runner.run_stop_error`).
     """
     from distributed import get_client, get_worker, secede
 
-    from lungzarr.io.store import CohortStore
+    from lungzarr.io.store import CohortStore, ListingText
     from lungzarr.pipeline.progress import emit, metered_stage, worker_seconds
     from lungzarr.pipeline.stages import get_stage
 
@@ -129,12 +128,13 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
     seconds = worker_seconds(client, [token, *earlier_tokens])
     pending.add_record(result)
     # The group's nodes as written, for its listing (consolidated metadata) in the client's commit: read
-    # here, so the client reads only the group's own zarr.json. Sent as one JSON text, not as nested dicts
-    # (tens of kB by the last stages): distributed sizes, packs and unpacks one string on its way back.
+    # here, so the client reads only the group's own zarr.json. Sent as the listing's JSON text, not as nested
+    # dicts (tens of kB by the last stages): distributed sizes, packs and unpacks one string on its way back,
+    # and the client splices it into the group's zarr.json without parsing it.
     listing = store._backend.node_metadata(pending.group_path)
     listing.pop(".", None)
     return {"record": pending.record, "warnings": _jsonable_warnings(pending.warnings),
-            "seconds": None if seconds is None else built + seconds, "listing": json.dumps(listing)}
+            "seconds": None if seconds is None else built + seconds, "listing": ListingText(listing)}
 
 
 def _wait(future, worker, key):
@@ -210,7 +210,7 @@ class RemoteStage:
         self.chunks = None
         self.future = None
         self.committed = None
-        self.listing = None  # the group's nodes, read by the worker that wrote them
+        self.listing = None  # the group's listing (ListingText), made by the worker that wrote its nodes
 
     def submit(self, client, compute_options: dict | None = None, earlier_tokens=()):
         """Submit :func:`stage_task`; the patient's graph gets ``compute_options``. Returns the future."""
@@ -248,8 +248,7 @@ class RemoteStage:
                 raise error
             return get_result, seconds
         record = value.get("record")
-        listing = value.get("listing")
-        self.listing = None if listing is None else json.loads(listing)
+        self.listing = value.get("listing")
         return (lambda: record), seconds
 
     def add_record(self, record) -> None:

@@ -67,6 +67,7 @@ from lungzarr.io.store.api import (MISSING_ROWS, PatientTrees, open_cohort, open
                                    read_damage, read_failures, read_nodules, read_patients, read_warnings)
 from lungzarr.io.store.backend import check_store_url, is_store_url
 from lungzarr.io.store.cohort import CohortStore
+from lungzarr.io.store.consolidated import ListingText
 from lungzarr.io.store.layout import (CONSOLIDATED_KEY, DAMAGE_KEY, FAILURES_KEY, PATIENTS_GROUP, STAGES_KEY,
                                       STAGING_GROUP, TABLE_POINTER_KEY, TABLES_GROUP, WARNINGS_KEY,
                                       check_patient_id, grid_from_attrs)

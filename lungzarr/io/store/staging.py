@@ -203,28 +203,32 @@ class PendingStage:
 
         Parameters
         ----------
-        listing : dict, optional
-            The group's nodes (``{path: zarr.json}``, the group itself left
-            out) as the worker that wrote them read them, so the client reads
-            only the group's own ``zarr.json``; read here when not given.
+        listing : ListingText, optional
+            The group's listing as the worker that wrote its nodes made it
+            (:class:`~lungzarr.io.store.consolidated.ListingText`), so the
+            client reads only the group's own ``zarr.json`` and splices the
+            listing in as text; read here when not given.
         """
         if listing is None:
             entries = self.store._backend.node_metadata(self.group_path)
             meta = entries.pop(".")
+            arrays = {rel for rel, node in entries.items() if node.get("node_type") == "array"}
         else:
-            entries, meta = listing, self.store._node_meta(self.group_path)
+            meta, arrays = self.store._node_meta(self.group_path), listing.arrays
         attrs = dict(meta.get("attributes", {}))
         stages = dict(attrs.get(STAGES_KEY, {}))
         stages[self.stage] = _jsonable({"completed": _now(), "id": uuid.uuid4().hex,
                                         "lungzarr_version": __version__, **self.record})
         attrs[STAGES_KEY] = stages
-        ome = ome_multiscales(attrs, arrays={name for name in IMAGE_ARRAYS
-                                             if entries.get(name, {}).get("node_type") == "array"})
+        ome = ome_multiscales(attrs, arrays={name for name in IMAGE_ARRAYS if name in arrays})
         if ome is not None:
             attrs[OME_KEY] = _jsonable(ome)
         # The rest was read from JSON: only what is new here is made JSON (the client commits every stage).
         meta["attributes"] = attrs
-        self.store._put_listed(self.group_path, meta, entries)
+        if listing is None:
+            self.store._put_listed(self.group_path, meta, entries)
+        else:
+            self.store._put_listed_text(self.group_path, meta, listing)
         if self.staged:
             self.store._swap_in(self.patient)
         self.store._clear_committed(self.patient, self.stage, whole_patient=self.staged)
