@@ -159,3 +159,23 @@ def test_records_on_an_object_store_are_one_object_per_patient(tmp_path):
         store.record_warnings("P2", "input", [])
         left = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="c.zarr/records/")["Contents"])
         assert len(left) == 2 and "c.zarr/records/P1/zarr.json" not in left
+
+
+def test_reading_every_record_while_a_writer_removes_one_reads_again(tmp_path, monkeypatch):
+    path = tmp_path / "s.zarr"
+    store = CohortStore(path)
+    _fail(store, "P1", "ingest")
+    _fail(store, "P2", "ingest")
+    reader = CohortStore(path, mode="r")
+    listed = reader._backend.node_metadata
+    calls = []
+
+    def racing(group):
+        calls.append(group)
+        if len(calls) == 1:  # the writer clears P1 between this reader's listing and its read
+            store.clear_failure("P1", "ingest")
+            raise FileNotFoundError(str(path / group / "P1" / "zarr.json"))
+        return listed(group)
+
+    monkeypatch.setattr(reader._backend, "node_metadata", racing)
+    assert [f["patient"] for f in reader.failures()] == ["P2"] and len(calls) == 2

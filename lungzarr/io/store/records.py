@@ -151,7 +151,13 @@ class _PatientRecords:
     def _all_records(self, kind: str) -> list[dict]:
         """Every record of ``kind``, oldest first: each patient's document (one listing and one read each),
         and what an older store still keeps in its root."""
-        docs = self._backend.node_metadata(RECORDS_GROUP)
+        for attempt in range(3):
+            try:
+                docs = self._backend.node_metadata(RECORDS_GROUP)
+                break
+            except FileNotFoundError:  # a run removed a document between the listing and its read: again
+                if attempt == 2:
+                    raise
         docs.pop(".", None)
         found = [r for _, doc in sorted(docs.items()) for r in doc.get("attributes", {}).get(kind, [])]
         if not getattr(self, "_records_ready", False):  # a writer moved them at its first record write
