@@ -66,6 +66,13 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
         return self._zarr.open_group(self._zstore, path=path, mode=mode or ("r" if self.mode == "r" else "r+"),
                                      zarr_format=3, use_consolidated=False)
 
+    def _group_store(self, path: str):
+        """A writable zarr store whose root is the group at ``path``, for xarray's ``to_zarr`` of a patient's
+        group or child group: zarr checks, before each array it creates, that every group above it exists (a
+        read of each ``zarr.json`` up to the store's root: on object storage ~2 requests per array); rooted at
+        the group, there is none above it to check."""
+        return self._backend.store_at(path, writable=True)
+
     @staticmethod
     def group_path(patient: str) -> str:
         return f"{PATIENTS_GROUP}/{check_patient_id(patient)}"

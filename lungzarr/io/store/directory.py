@@ -41,7 +41,7 @@ class _DirectoryBackend(_FlockLock):
             shutil.rmtree(final)
         os.rename(staged, final)
 
-    def store_at(self, rel: str):
+    def store_at(self, rel: str, *, writable: bool = False):
         """What zarr and xarray open as a store whose root is the group ``rel`` (a patient's own)."""
         return self.path / rel
 

@@ -107,12 +107,13 @@ class _ObjectBackend(_ObjectLock):
             self.fs.copy(head, moved([head])[0])  # last: the group appears whole
         self.rmtree(staged)
 
-    def store_at(self, rel: str):
-        """A zarr store whose root is the group ``rel`` (a patient's own), read-only."""
+    def store_at(self, rel: str, *, writable: bool = False):
+        """A zarr store whose root is the group ``rel`` (a patient's own), read-only unless ``writable``."""
         from zarr.storage import FsspecStore
 
         # From the URL, as the store's own: zarr makes the filesystem on its own event loop.
-        return FsspecStore.from_url(f"{self.url.rstrip('/')}/{rel}", storage_options=self._options, read_only=True)
+        return FsspecStore.from_url(f"{self.url.rstrip('/')}/{rel}", storage_options=self._options,
+                                    read_only=not writable)
 
     def _keys_below(self, group: str) -> dict:
         """``{path relative to group: key}`` of every ``zarr.json`` below ``group``: one listing of its

@@ -94,7 +94,7 @@ class _Staging:
             # Coordinates written by an earlier stage stay as they are.
             dataset = dataset.drop_vars([c for c in dataset.coords if c in children])
             dataset.attrs = {}
-        delayed = _encoded_for_store(dataset).to_zarr(self._zstore, group=target, mode=mode, compute=False,
+        delayed = _encoded_for_store(dataset).to_zarr(self._group_store(target), mode=mode, compute=False,
                                                       **encoding._WRITE)
         # xarray rewrites the group's attributes on every write: put ours back at once.
         self._group(gpath).attrs.put(_jsonable(attrs))
@@ -118,7 +118,7 @@ class _Staging:
         self._changing(patient)  # on a worker: the run's client dropped it already, so this only reads
         if (self.path / target).exists():
             self._rmtree(self.path / target)
-        _encoded_for_store(dataset.copy()).to_zarr(self._zstore, group=target, mode="w-", **encoding._WRITE)
+        _encoded_for_store(dataset.copy()).to_zarr(self._group_store(target), mode="w-", **encoding._WRITE)
 
 
 def _remove_while_written(store, folder, *, attempts: int = 25, pause_s: float = 0.2) -> bool:
