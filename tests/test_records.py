@@ -179,3 +179,21 @@ def test_reading_every_record_while_a_writer_removes_one_reads_again(tmp_path, m
 
     monkeypatch.setattr(reader._backend, "node_metadata", racing)
     assert [f["patient"] for f in reader.failures()] == ["P2"] and len(calls) == 2
+
+
+def test_a_task_opens_the_store_without_looking_for_it(tmp_path, monkeypatch):
+    """A task on a worker (mode "r+") writes the store its run made without opening the root or looking for
+    its groups, which "a" does (five requests per task on object storage)."""
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    CohortStore(path)
+    opened = []
+    real = zarr.open_group
+    monkeypatch.setattr(zarr, "open_group", lambda *a, **k: opened.append(k.get("path")) or real(*a, **k))
+    task_store = CohortStore(path, mode="r+")
+    assert opened == []
+    CohortStore(path)
+    assert opened == [None]  # "a": the root
+    _fail(task_store, "P1", "ingest")  # and it writes
+    assert [f["patient"] for f in CohortStore(path, mode="r").failures()] == ["P1"]

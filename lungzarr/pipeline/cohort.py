@@ -323,7 +323,7 @@ def _finish_task(store_path: str) -> None:
     """On a worker: the cohort tables (nothing else writes any more)."""
     from lungzarr.io.store import CohortStore
 
-    gather_tables(CohortStore(store_path))
+    gather_tables(CohortStore(store_path, mode="r+"))
 
 
 def _finish(store, client, *, gpu: bool) -> None:

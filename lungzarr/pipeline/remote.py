@@ -92,7 +92,7 @@ def stage_task(store_path: str, patient: str, stage: str, payload, options, reco
     from lungzarr.pipeline.stages import get_stage
 
     start = time.perf_counter()
-    store = CohortStore(store_path)
+    store = CohortStore(store_path, mode="r+")  # made by the run's client: not looked for
     where = {"channel": str(store.path), "stage": stage, "patient": patient}
     try:
         pending = get_stage(stage).prepare(store, patient, payload, options)

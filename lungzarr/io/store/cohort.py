@@ -29,16 +29,19 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
         The store directory (created on first write), or an object store's
         URL (``s3://bucket/cohort.zarr``, any fsspec URL; credentials and
         endpoint from the storage library's environment, never from here).
-    mode : {"a", "r"}
-        ``"r"`` refuses to create the store when it does not exist.
+    mode : {"a", "r", "r+"}
+        ``"r"`` refuses to create the store when it does not exist. ``"r+"``
+        writes a store a run has made, without looking first (a task on a
+        worker: the run's client made it): ``"a"`` opens the root and looks
+        for its three groups, five requests on object storage for each task.
     """
 
     def __init__(self, path, *, mode: str = "a"):
         import zarr
 
-        if mode not in ("a", "r"):
-            raise ValueError(f"mode must be 'a' or 'r', got {mode!r}")
-        self._backend = _backend(path, mode)
+        if mode not in ("a", "r", "r+"):
+            raise ValueError(f"mode must be 'a', 'r' or 'r+', got {mode!r}")
+        self._backend = _backend(path, "r" if mode == "r" else "a")
         self.path = self._backend.path
         self._zstore = self._backend.zarr_store
         self._rmtree = self._backend.rmtree

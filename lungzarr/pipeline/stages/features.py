@@ -24,7 +24,7 @@ def _features_task(store_path, patient, cancer):
     from lungzarr.io.store import CohortStore, grid_from_attrs
     from lungzarr.model.geometry import predicted_slices
 
-    store = CohortStore(store_path)
+    store = CohortStore(store_path, mode="r+")  # made by the run's client: not looked for
     ds = store.load_patient(patient, ["nodule_prob", "hu_2mm", "segmented", "lungs"])
     images, segmented_norm, pmav = dsb2017_arrays(ds, patient=patient)
     row = dsb2017_features(images, segmented_norm, pmav, cancer=cancer, fmt="keras8_0313", patient=patient)

@@ -47,7 +47,7 @@ def _nodule_task(store_path, patient, chunk_slices=16):
     from lungzarr.algorithms.nodules import find_nodules, nodules_to_dataset, select_nodules
     from lungzarr.io.store import CohortStore, grid_from_attrs
 
-    store = CohortStore(store_path)
+    store = CohortStore(store_path, mode="r+")  # made by the run's client: not looked for
     # One open of the group, the four arrays read whole: no xarray backend reading every coordinate and
     # every variable's metadata, no dask graph (issue 15's profile: ~0.3 CPU-s per realistic patient).
     ds = store.load_patient(patient, ["nodule_prob", "hu_2mm", "lungs", "lung_labels"])

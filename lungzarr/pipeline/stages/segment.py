@@ -26,7 +26,7 @@ def _after_write_task(store_path, patient, chunk_slices):
     from lungzarr.algorithms.crop import legacy_crop_box
     from lungzarr.io.store import CohortStore
 
-    store = CohortStore(store_path)
+    store = CohortStore(store_path, mode="r+")  # made by the run's client: not looked for
     lungs = store.load_patient(patient, ["lungs"]).lungs.values
     store.write_labels(patient, "lungs", lungs.astype(np.uint8), chunk_slices=chunk_slices,
                        colors=[{"label-value": 1, "rgba": list(LUNG_LABEL_RGBA)}],
