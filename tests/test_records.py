@@ -197,3 +197,43 @@ def test_a_task_opens_the_store_without_looking_for_it(tmp_path, monkeypatch):
     assert opened == [None]  # "a": the root
     _fail(task_store, "P1", "ingest")  # and it writes
     assert [f["patient"] for f in CohortStore(path, mode="r").failures()] == ["P1"]
+
+
+_ROOT_READS = {"target": None, "count": 0}
+
+
+def _count_root_reads(event, args):
+    if event == "open" and _ROOT_READS["target"] is not None and args and str(args[0]) == _ROOT_READS["target"]:
+        mode = args[1] if len(args) > 1 and isinstance(args[1], str) else "r"
+        if "r" in mode and "+" not in mode:
+            _ROOT_READS["count"] += 1
+
+
+def test_a_patients_stages_do_not_read_the_roots_metadata(tmp_path):
+    """Writing a patient's stages reads no ``zarr.json`` above its group: zarr's look for parent groups
+    before each array (through a store rooted at the group), a task's look for an older store's listing, a
+    commit's look for records (one small document). On S3 each was a request; the root's reads of a run are
+    the same for 1 patient as for 3."""
+    import dask
+
+    from dicom_phantoms import make_patient
+    from lungzarr.pipeline import run
+
+    import sys
+
+    sys.addaudithook(_count_root_reads)  # stays for the process: inert while no target is set
+    counts = {}
+    for n in (1, 3):
+        for k in range(n):
+            make_patient(tmp_path / f"in{n}" / f"P{k}", seed=k)
+        store = (tmp_path / f"s{n}.zarr").resolve()
+        run(tmp_path / f"in{n}", store, stages=["ingest"])  # the store made: its root written
+        _ROOT_READS.update(target=str(store / "zarr.json"), count=0)
+        try:
+            with dask.config.set(scheduler="synchronous"):
+                summaries = run(tmp_path / f"in{n}", store, stages=["ingest", "segment"], overwrite=True)
+        finally:
+            counts[n] = _ROOT_READS["count"]
+            _ROOT_READS["target"] = None
+        assert all(len(s.done) == n for s in summaries)
+    assert counts[3] == counts[1], counts

@@ -50,6 +50,9 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
             raise LungzarrError(f"no lungzarr store at {str(self.path)!r}; run `lungzarr ingest INPUT "
                                 f"{self.path}` or `lungzarr run` first")
         self._zarr = zarr
+        # A task's store: its run's client dropped an older store's whole-cohort listing before any task
+        # (consolidated._RootMetadata._changing), so the task does not read the root to look for it.
+        self._root_listing_checked = mode == "r+"
         if mode == "a":
             root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
             if "lungzarr:version" not in root.attrs:
