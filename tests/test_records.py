@@ -214,12 +214,12 @@ def test_a_patients_stages_do_not_read_the_roots_metadata(tmp_path):
     before each array (through a store rooted at the group), a task's look for an older store's listing, a
     commit's look for records (one small document). On S3 each was a request; the root's reads of a run are
     the same for 1 patient as for 3."""
+    import sys
+
     import dask
 
     from dicom_phantoms import make_patient
     from lungzarr.pipeline import run
-
-    import sys
 
     sys.addaudithook(_count_root_reads)  # stays for the process: inert while no target is set
     counts = {}

@@ -142,6 +142,12 @@ class CohortStore(_Staging, _PatientRecords, _RootMetadata, _PatientArrays, _Lab
 
         self._backend.replace_text(self.path / path / "zarr.json", json.dumps(meta, separators=(",", ":")))
 
+    def _put_group(self, path: str, attributes: dict) -> None:
+        """Write (or replace) the group at ``path`` with ``attributes``, without zarr: its folder, then its
+        ``zarr.json`` (one atomic replace)."""
+        self._backend.make_folder(self.path / path)
+        self._put_node_meta(path, {"zarr_format": 3, "node_type": "group", "attributes": attributes})
+
     # ------------------------------------------------------------------ misc
     def size_bytes(self) -> int:
         return self._backend.size_bytes()

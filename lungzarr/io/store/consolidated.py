@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 
-from lungzarr.io.store.layout import CONSOLIDATED_KEY, _jsonable
+from lungzarr.io.store.layout import CONSOLIDATED_KEY
 
 
 def _listing(entries: dict) -> dict:
@@ -42,7 +42,7 @@ def _listing(entries: dict) -> dict:
 class ListingText:
     """A group's listing as the JSON text of zarr's inline consolidated metadata, with the names of its array
     nodes: what a worker that wrote the group sends the client that commits it
-    (:meth:`_RootMetadata._put_listed_text`), which then neither parses nor serialises the listing (tens of
+    (:meth:`_RootMetadata._put_listed`), which then neither parses nor serialises the listing (tens of
     kB by the last stages: ~2.5 ms of the client's CPU per patient, ``benchmarks/README.md``)."""
 
     __slots__ = ("text", "arrays")
@@ -63,8 +63,8 @@ class _RootMetadata:
     """Part of :class:`~lungzarr.io.store.CohortStore`: root attributes and each patient's listing."""
 
     # ------------------------------------------------------------------ root metadata
-    # The root attributes (failures, warnings, damage) are read and replaced as the JSON of
-    # the root ``zarr.json``: one parse, no zarr node objects.
+    # The root attributes are read and replaced as the JSON of the root ``zarr.json``: one parse, no zarr
+    # node objects.
 
     def _root_meta(self) -> dict:
         return json.loads((self.path / "zarr.json").read_text())
@@ -75,12 +75,6 @@ class _RootMetadata:
 
     def _root_attrs(self) -> dict:
         return dict(self._root_meta().get("attributes", {}))
-
-    def _update_root_attrs(self, update: dict) -> None:
-        meta = self._root_meta()
-        self._drop_root_listing(meta)  # the root is rewritten anyway: the same replace drops it
-        meta["attributes"] = {**meta.get("attributes", {}), **_jsonable(update)}
-        self._put_root_meta(meta)
 
     # ------------------------------------------------------------------ listings
     def _group_meta(self, group: str) -> dict | None:
@@ -125,18 +119,13 @@ class _RootMetadata:
         group = self.group_path(patient)
         entries = self._backend.node_metadata(group)
         meta = entries.pop(".")
-        self._put_listed(group, meta, entries)
+        self._put_listed(group, meta, ListingText(entries))
         return len(entries)
 
-    def _put_listed(self, group: str, meta: dict, entries: dict) -> None:
-        """Replace the group's ``zarr.json`` with ``meta`` and the listing of ``entries`` (its nodes, as
-        the backend's ``node_metadata`` reads them, without ``"."``), in one atomic replace."""
-        meta[CONSOLIDATED_KEY] = _listing({rel: dict(node) for rel, node in entries.items()})
-        self._put_node_meta(group, meta)
-
-    def _put_listed_text(self, group: str, meta: dict, listing: ListingText) -> None:
-        """:meth:`_put_listed` with the listing as the worker made it: its text spliced into the group's
-        ``zarr.json`` after ``meta``'s own (the same document ``json.dumps`` of both would give)."""
+    def _put_listed(self, group: str, meta: dict, listing: ListingText) -> None:
+        """Replace the group's ``zarr.json`` with ``meta`` and ``listing``, in one atomic replace: the
+        listing's text spliced in after ``meta``'s own (the document ``json.dumps`` of both would give), so a
+        listing a worker made is neither parsed nor serialised again."""
         meta.pop(CONSOLIDATED_KEY, None)
         head = json.dumps(meta, separators=(",", ":"))[:-1]  # without its closing brace
         comma = "," if len(head) > 1 else ""

@@ -136,8 +136,7 @@ class _LabelImages:
         ds = xr.Dataset({"0": (_DIMS_2MM, labels)})
         ds["0"].encoding["chunks"] = (min(int(chunk_slices), labels.shape[0]),) + tuple(labels.shape[1:])
         if self._group_meta(group) is None:  # the labels group, which zarr would make for a write from the root
-            self._backend.make_folder(self.path / group)
-            self._put_node_meta(group, {"zarr_format": 3, "node_type": "group", "attributes": {}})
+            self._put_group(group, {})
         # "w-": the image was removed just above (see prepare_stage). Through a store rooted at the image, as
         # a patient's group is written (CohortStore._group_store): no read of the groups above it per array.
         _encoded_for_store(ds).to_zarr(self._group_store(target), mode="w-", **encoding._WRITE)

@@ -94,8 +94,7 @@ class _PatientRecords:
         if not records:
             self._rmtree(self.path / path, ignore_errors=True)
             return
-        self._backend.make_folder(self.path / path)
-        self._put_node_meta(path, {"zarr_format": 3, "node_type": "group", "attributes": _jsonable(records)})
+        self._put_group(path, _jsonable(records))
 
     def _update_patient_records(self, patient, kind: str, keep, new=()) -> None:
         """Keep the records of ``kind`` of ``patient`` for which ``keep(record)`` holds, add ``new``; one
@@ -114,24 +113,26 @@ class _PatientRecords:
         out of the root (once per CohortStore object; only a writer writes records)."""
         if getattr(self, "_records_ready", False):
             return
-        self._changing()  # an older store's root listing goes before anything is written
         if self._group_meta(RECORDS_GROUP) is None:
-            self._backend.make_folder(self.path / RECORDS_GROUP)
-            self._put_node_meta(RECORDS_GROUP, {"zarr_format": 3, "node_type": "group", "attributes": {}})
+            self._put_group(RECORDS_GROUP, {})
         self._records_ready = True
         self._move_root_records()
 
     def _move_root_records(self) -> int:
         """Move the records a store of lungzarr before issue 29 kept in its root ``zarr.json`` into each
-        patient's document; the patients moved.
+        patient's document; the patients moved. The same rewrite of the root drops an older store's
+        listing of the whole cohort (:meth:`_RootMetadata._changing`'s, once per object).
 
         Each patient's document first (a record already in it is newer and wins), then the root without
         them, in one replace: a run killed in between moves them again, to the same end.
         """
         meta = self._root_meta()
+        listed = self._drop_root_listing(meta)
         attrs = meta.get("attributes", {})
         legacy = {k: attrs[k] for k in RECORD_KEYS if k in attrs}
         if not legacy:
+            if listed:
+                self._put_root_meta(meta)
             return 0
         by_patient = {}
         for kind, records in legacy.items():
@@ -144,7 +145,6 @@ class _PatientRecords:
                 records[kind] = records.get(kind, []) + [r for r in old if _identity(kind, r) not in have]
             self._put_patient_records(patient, records)
         meta["attributes"] = {k: v for k, v in attrs.items() if k not in RECORD_KEYS}
-        self._drop_root_listing(meta)
         self._put_root_meta(meta)
         return len(by_patient)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lungzarr.io.store.encoding as encoding
 from lungzarr._version import __version__
+from lungzarr.io.store.consolidated import ListingText
 from lungzarr.io.store.encoding import _encoded_for_store
 from lungzarr.io.store.layout import STAGES_KEY, STAGING_GROUP, _check_stage_name, _jsonable, _now
 from lungzarr.io.store.ngff import IMAGE_ARRAYS, OME_KEY, ome_multiscales
@@ -211,24 +212,20 @@ class PendingStage:
         """
         if listing is None:
             entries = self.store._backend.node_metadata(self.group_path)
-            meta = entries.pop(".")
-            arrays = {rel for rel, node in entries.items() if node.get("node_type") == "array"}
+            meta, listing = entries.pop("."), ListingText(entries)
         else:
-            meta, arrays = self.store._node_meta(self.group_path), listing.arrays
+            meta = self.store._node_meta(self.group_path)
         attrs = dict(meta.get("attributes", {}))
         stages = dict(attrs.get(STAGES_KEY, {}))
         stages[self.stage] = _jsonable({"completed": _now(), "id": uuid.uuid4().hex,
                                         "lungzarr_version": __version__, **self.record})
         attrs[STAGES_KEY] = stages
-        ome = ome_multiscales(attrs, arrays={name for name in IMAGE_ARRAYS if name in arrays})
+        ome = ome_multiscales(attrs, arrays={name for name in IMAGE_ARRAYS if name in listing.arrays})
         if ome is not None:
             attrs[OME_KEY] = _jsonable(ome)
         # The rest was read from JSON: only what is new here is made JSON (the client commits every stage).
         meta["attributes"] = attrs
-        if listing is None:
-            self.store._put_listed(self.group_path, meta, entries)
-        else:
-            self.store._put_listed_text(self.group_path, meta, listing)
+        self.store._put_listed(self.group_path, meta, listing)
         if self.staged:
             self.store._swap_in(self.patient)
         self.store._clear_committed(self.patient, self.stage, whole_patient=self.staged)
